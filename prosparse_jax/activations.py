@@ -1,0 +1,85 @@
+"""Registry of gated-FFN activations: the single place where x1 = act(gate) * up is formed.
+
+Every FFN in the model calls :func:`ffn_product` exactly once per layer; adding an activation means adding one entry
+to ``ACTIVATIONS``.
+
+FATReLU convention (REFERENCE §1, public implementations disagree): ``fatrelu_t(z) = z if z >= t else 0``. A gate
+pre-activation exactly equal to the threshold is *kept*. With t = 0 FATReLU equals ReLU.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+
+def _silu(z: Array, threshold: float) -> Array:
+    del threshold
+    return jax.nn.silu(z)
+
+
+def _relu(z: Array, threshold: float) -> Array:
+    del threshold
+    return jax.nn.relu(z)
+
+
+def _fatrelu(z: Array, threshold: float) -> Array:
+    return jnp.where(z >= threshold, z, jnp.zeros_like(z))
+
+
+def _relu2(z: Array, threshold: float) -> Array:
+    del threshold
+    return jnp.square(jax.nn.relu(z))
+
+
+def _gelu(z: Array, threshold: float) -> Array:
+    del threshold
+    return jax.nn.gelu(z, approximate=False)
+
+
+# name -> (act applied to the gate pre-activation, also applied to the up projection?)
+ACTIVATIONS: dict[str, tuple[Callable[[Array, float], Array], bool]] = {
+    "silu": (_silu, False),  # SwiGLU, the dense baseline
+    "relu": (_relu, False),  # ReGLU, ProSparse step 1
+    "fatrelu": (_fatrelu, False),  # ProSparse step 3 (threshold shifting), z >= t kept
+    "drelu": (_relu, True),  # dReLU (Bamboo / TurboSparse): relu(gate) * relu(up)
+    "relu2": (_relu2, False),  # squared ReLU on the gate
+    "gelu": (_gelu, False),  # GeGLU (exact erf GELU)
+}
+
+#: Activations whose gate output is exactly zero for a whole half-line (ProSparse's sparsity measure makes sense).
+RELU_FAMILY = frozenset({"relu", "fatrelu", "drelu", "relu2"})
+
+
+def check_activation(name: str) -> None:
+    """Raises ValueError naming the choices if ``name`` is not a registered activation."""
+    if name not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {name!r}; choose one of: {', '.join(ACTIVATIONS)}")
+
+
+def gate_activation(name: str, gate: Array, threshold: float = 0.0) -> Array:
+    """act(gate) for the named activation (for dReLU: relu(gate))."""
+    check_activation(name)
+    fn, _ = ACTIVATIONS[name]
+    return fn(gate, threshold)
+
+
+def ffn_product(name: str, gate: Array, up: Array, threshold: float = 0.0) -> tuple[Array, Array]:
+    """Returns (x1, act(gate)) with x1 = act(gate) * up (dReLU: relu(gate) * relu(up)).
+
+    Args:
+      name: activation name from ``ACTIVATIONS``.
+      gate: x @ W_gate, any shape.
+      up: x @ W_up, same shape as ``gate``.
+      threshold: FATReLU threshold t (ignored by the other activations).
+    """
+    check_activation(name)
+    fn, on_up = ACTIVATIONS[name]
+    act_gate = fn(gate, threshold)
+    if on_up:
+        up = jax.nn.relu(up)
+    return act_gate * up, act_gate

@@ -1,0 +1,244 @@
+"""Pure functional LLaMA / MiniCPM decoder with a gated FFN and per-layer activation statistics.
+
+Parameters are a plain pytree (nested dicts of float32 arrays) whose leaf names carry their shapes; the layer
+parameters are stacked on a leading ``L`` axis and the layers run under ``jax.lax.scan`` (fast compiles at 52 layers,
+one place for rematerialisation). ``forward`` is a pure function of (params, token ids, config) that returns logits
+*and* the FFN statistics measured where the activation is applied -- no second pass.
+
+Shape letters: B batch, T sequence, D d_model, N query heads, K kv heads, G = N / K, H head_dim, F d_ff, V vocab,
+L layers.
+
+Forward (REFERENCE §4): h0 = embed(ids) * scale_emb; per layer
+h += attn(RMSNorm(h)) * r and h += ffn(RMSNorm(h)) * r with r = scale_depth / sqrt(L) (1 for LLaMA);
+logits = RMSNorm(h) / (d_model / dim_model_base) @ head. RMSNorm and softmax in float32, half-split RoPE.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from prosparse_jax.activations import ffn_product
+from prosparse_jax.config import ModelConfig
+
+Array = jax.Array
+Params = dict[str, Any]
+
+_NEG_INF = -1e30
+
+
+class FFNStats(NamedTuple):
+    """Per-layer FFN statistics, each with a leading layer axis ``L``.
+
+    l1: mean |x1| over valid tokens x d_ff (the ProSparse regulariser term of that layer, before lambda).
+    zero_frac: fraction of exact zeros of x1 over valid tokens x d_ff (ProSparse activation sparsity).
+    x1 / act_gate: the full [L, B, T, F] tensors, only when ``capture=True`` (else None).
+    """
+
+    l1: Array
+    zero_frac: Array
+    x1: Array | None = None
+    act_gate: Array | None = None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Parameters
+# ---------------------------------------------------------------------------------------------------------------
+def init_params(cfg: ModelConfig, rng: Array) -> Params:
+    """Random float32 parameters: matrices ~ N(0, init_std), norms = 1 (MiniCPM/µP style init)."""
+    D, L, N, K, H, F, V = cfg.d_model, cfg.n_layers, cfg.n_heads, cfg.n_kv_heads, cfg.hd, cfg.d_ff, cfg.vocab_size
+    keys = iter(jax.random.split(rng, 9))
+
+    def normal(shape: tuple[int, ...]) -> Array:
+        return cfg.init_std * jax.random.normal(next(keys), shape, jnp.float32)
+
+    params: Params = {
+        "embed_VxD": normal((V, D)),
+        "layers": {
+            "attn_norm_LxD": jnp.ones((L, D), jnp.float32),
+            "wq_LxDxNxH": normal((L, D, N, H)),
+            "wk_LxDxKxH": normal((L, D, K, H)),
+            "wv_LxDxKxH": normal((L, D, K, H)),
+            "wo_LxNxHxD": normal((L, N, H, D)),
+            "ffn_norm_LxD": jnp.ones((L, D), jnp.float32),
+            "w_gate_LxDxF": normal((L, D, F)),
+            "w_up_LxDxF": normal((L, D, F)),
+            "w_down_LxFxD": normal((L, F, D)),
+        },
+        "final_norm_D": jnp.ones((D,), jnp.float32),
+    }
+    if not cfg.tie_embeddings:
+        params["lm_head_DxV"] = normal((D, V))
+    return params
+
+
+def abstract_params(cfg: ModelConfig) -> Params:
+    """Shapes and dtypes of the parameters without allocating them."""
+    return jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Building blocks
+# ---------------------------------------------------------------------------------------------------------------
+def rms_norm(x: Array, w: Array, eps: float) -> Array:
+    """RMSNorm computed in float32, cast back to the input dtype."""
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + eps)
+    return (y * w.astype(jnp.float32)).astype(x.dtype)
+
+
+def rope(x_BxTxNxH: Array, positions_BxT: Array, theta: float) -> Array:
+    """Half-split rotary embedding (HF ``rotate_half``): pairs (i, i + H/2)."""
+    H = x_BxTxNxH.shape[-1]
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, H, 2, dtype=jnp.float32) / H))
+    ang_BxTxH2 = positions_BxT.astype(jnp.float32)[..., None] * inv_freq
+    cos, sin = jnp.cos(ang_BxTxH2)[:, :, None, :], jnp.sin(ang_BxTxH2)[:, :, None, :]
+    x32 = x_BxTxNxH.astype(jnp.float32)
+    x1, x2 = x32[..., : H // 2], x32[..., H // 2 :]
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x_BxTxNxH.dtype)
+
+
+def attention_mask(segment_ids_BxT: Array | None, T: int, B: int) -> Array:
+    """Boolean [B, 1, T, T] mask: causal, and within the same segment when segment ids are given."""
+    causal_TxT = jnp.tril(jnp.ones((T, T), dtype=bool))
+    mask = jnp.broadcast_to(causal_TxT, (B, T, T))
+    if segment_ids_BxT is not None:
+        same_BxTxT = segment_ids_BxT[:, :, None] == segment_ids_BxT[:, None, :]
+        mask = mask & same_BxTxT
+    return mask[:, None]
+
+
+def attention(
+    x_BxTxD: Array, lp: Params, mask_Bx1xTxT: Array, positions_BxT: Array, cfg: ModelConfig
+) -> Array:
+    """Grouped-query causal self-attention (no biases), softmax in float32."""
+    dt = x_BxTxD.dtype
+    B, T, _ = x_BxTxD.shape
+    N, K, H = cfg.n_heads, cfg.n_kv_heads, cfg.hd
+    G = N // K
+    q_BxTxNxH = jnp.einsum("btd,dnh->btnh", x_BxTxD, lp["wq_LxDxNxH"].astype(dt))
+    k_BxTxKxH = jnp.einsum("btd,dkh->btkh", x_BxTxD, lp["wk_LxDxKxH"].astype(dt))
+    v_BxTxKxH = jnp.einsum("btd,dkh->btkh", x_BxTxD, lp["wv_LxDxKxH"].astype(dt))
+    q_BxTxNxH = rope(q_BxTxNxH, positions_BxT, cfg.rope_theta)
+    k_BxTxKxH = rope(k_BxTxKxH, positions_BxT, cfg.rope_theta)
+    q_BxTxKxGxH = q_BxTxNxH.reshape(B, T, K, G, H)
+    s_BxKxGxTxS = jnp.einsum("btkgh,bskh->bkgts", q_BxTxKxGxH, k_BxTxKxH, preferred_element_type=jnp.float32)
+    s_BxKxGxTxS = s_BxKxGxTxS * (H**-0.5)
+    s_BxKxGxTxS = jnp.where(mask_Bx1xTxT[:, :, None], s_BxKxGxTxS, _NEG_INF)
+    p_BxKxGxTxS = jax.nn.softmax(s_BxKxGxTxS, axis=-1).astype(dt)
+    o_BxTxKxGxH = jnp.einsum("bkgts,bskh->btkgh", p_BxKxGxTxS, v_BxTxKxH)
+    o_BxTxNxH = o_BxTxKxGxH.reshape(B, T, N, H)
+    return jnp.einsum("btnh,nhd->btd", o_BxTxNxH, lp["wo_LxNxHxD"].astype(dt))
+
+
+def ffn(
+    x_BxTxD: Array, lp: Params, cfg: ModelConfig, neuron_thr: Array | None
+) -> tuple[Array, Array, Array]:
+    """Gated FFN. Returns (out, x1, act(gate)); x1 is where activation sparsity lives.
+
+    ``neuron_thr`` (per-neuron, shape [F]) zeroes x1_i where |x1_i| < thr_i (sparse mode / CETT).
+    """
+    dt = x_BxTxD.dtype
+    gate_BxTxF = jnp.einsum("btd,df->btf", x_BxTxD, lp["w_gate_LxDxF"].astype(dt))
+    up_BxTxF = jnp.einsum("btd,df->btf", x_BxTxD, lp["w_up_LxDxF"].astype(dt))
+    x1_BxTxF, act_BxTxF = ffn_product(cfg.activation, gate_BxTxF, up_BxTxF, cfg.activation_threshold)
+    if neuron_thr is not None:
+        x1_BxTxF = jnp.where(jnp.abs(x1_BxTxF) < neuron_thr.astype(dt), jnp.zeros_like(x1_BxTxF), x1_BxTxF)
+    out_BxTxD = jnp.einsum("btf,fd->btd", x1_BxTxF, lp["w_down_LxFxD"].astype(dt))
+    return out_BxTxD, x1_BxTxF, act_BxTxF
+
+
+def neuron_thresholds_from_norms(params: Params, taus_L: Array) -> Array:
+    """Per-neuron |x1| thresholds [L, F] = tau_l / ||W_down[i, :]|| (CETT: neuron output norm <= tau is truncated)."""
+    norms_LxF = jnp.linalg.norm(params["layers"]["w_down_LxFxD"].astype(jnp.float32), axis=-1)
+    return jnp.asarray(taus_L, jnp.float32)[:, None] / jnp.maximum(norms_LxF, 1e-30)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Forward pass
+# ---------------------------------------------------------------------------------------------------------------
+def forward(
+    params: Params,
+    ids_BxT: Array,
+    cfg: ModelConfig,
+    *,
+    segment_ids_BxT: Array | None = None,
+    positions_BxT: Array | None = None,
+    x1_thresholds: Array | None = None,
+    capture: bool = False,
+) -> tuple[Array, FFNStats]:
+    """Runs the decoder.
+
+    Args:
+      params: parameter pytree from :func:`init_params`.
+      ids_BxT: int token ids.
+      cfg: model config.
+      segment_ids_BxT: packed-sequence ids; attention stays within a segment; id 0 marks padding (excluded from the
+        statistics). None = one sequence per row.
+      positions_BxT: RoPE positions (restart at 0 per segment when packing). None = 0..T-1.
+      x1_thresholds: per-layer threshold on |x1|, shape [L] (one per layer) or [L, F] (per neuron); x1 entries with
+        |x1| < threshold are zeroed. None uses ``cfg.neuron_thresholds`` (sparse mode) if set, else dense.
+      capture: also return the full x1 and act(gate) tensors in the stats.
+
+    Returns:
+      (logits [B, T, V] float32, FFNStats with [L]-shaped statistics).
+    """
+    dt = jnp.dtype(cfg.dtype)
+    B, T = ids_BxT.shape
+    L, F = cfg.n_layers, cfg.d_ff
+    if positions_BxT is None:
+        positions_BxT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+    mask_Bx1xTxT = attention_mask(segment_ids_BxT, T, B)
+    valid_BxT = (
+        jnp.ones((B, T), jnp.float32) if segment_ids_BxT is None else (segment_ids_BxT != 0).astype(jnp.float32)
+    )
+    n_valid = jnp.maximum(valid_BxT.sum(), 1.0) * F
+
+    if x1_thresholds is None and cfg.neuron_thresholds:
+        x1_thresholds = neuron_thresholds_from_norms(params, jnp.asarray(cfg.neuron_thresholds))
+    thr_LxF = None
+    if x1_thresholds is not None:
+        thr = jnp.asarray(x1_thresholds, jnp.float32)
+        thr_LxF = jnp.broadcast_to(thr[:, None] if thr.ndim == 1 else thr, (L, F))
+
+    h_BxTxD = (params["embed_VxD"][ids_BxT] * cfg.scale_emb).astype(dt)
+    r = cfg.residual_scale
+
+    def layer(h_BxTxD: Array, xs: tuple[Params, Array | None]) -> tuple[Array, tuple[Array, ...]]:
+        lp, thr_F = xs
+        a = attention(rms_norm(h_BxTxD, lp["attn_norm_LxD"], cfg.norm_eps), lp, mask_Bx1xTxT, positions_BxT, cfg)
+        h_BxTxD = h_BxTxD + (a * r).astype(dt)
+        f, x1_BxTxF, act_BxTxF = ffn(rms_norm(h_BxTxD, lp["ffn_norm_LxD"], cfg.norm_eps), lp, cfg, thr_F)
+        h_BxTxD = h_BxTxD + (f * r).astype(dt)
+        w_BxTx1 = valid_BxT[..., None]
+        l1 = jnp.sum(jnp.abs(x1_BxTxF).astype(jnp.float32) * w_BxTx1) / n_valid
+        zeros = jnp.sum((x1_BxTxF == 0).astype(jnp.float32) * w_BxTx1) / n_valid
+        outs = (l1, zeros) + ((x1_BxTxF, act_BxTxF) if capture else ())
+        return h_BxTxD, outs
+
+    if cfg.remat:
+        layer = jax.checkpoint(layer, prevent_cse=False)
+    h_BxTxD, outs = jax.lax.scan(layer, h_BxTxD, (params["layers"], thr_LxF))
+
+    h_BxTxD = rms_norm(h_BxTxD, params["final_norm_D"], cfg.norm_eps)
+    h_BxTxD = h_BxTxD / jnp.asarray(cfg.logits_divisor, dt)
+    head_DxV = params["embed_VxD"].T if cfg.tie_embeddings else params["lm_head_DxV"]
+    logits_BxTxV = jnp.einsum("btd,dv->btv", h_BxTxD, head_DxV.astype(dt), preferred_element_type=jnp.float32)
+    stats = FFNStats(l1=outs[0], zero_frac=outs[1], x1=outs[2] if capture else None,
+                     act_gate=outs[3] if capture else None)
+    return logits_BxTxV, stats
+
+
+def cross_entropy(
+    logits_BxTxV: Array, targets_BxT: Array, weights_BxT: Array | None = None
+) -> Array:
+    """Mean next-token cross-entropy (float32) over tokens with non-zero weight."""
+    logp_BxTxV = jax.nn.log_softmax(logits_BxTxV.astype(jnp.float32), axis=-1)
+    nll_BxT = -jnp.take_along_axis(logp_BxTxV, targets_BxT[..., None], axis=-1)[..., 0]
+    if weights_BxT is None:
+        return nll_BxT.mean()
+    w = weights_BxT.astype(jnp.float32)
+    return jnp.sum(nll_BxT * w) / jnp.maximum(w.sum(), 1.0)
