@@ -242,3 +242,23 @@ def cross_entropy(
         return nll_BxT.mean()
     w = weights_BxT.astype(jnp.float32)
     return jnp.sum(nll_BxT * w) / jnp.maximum(w.sum(), 1.0)
+
+
+def fold_minicpm_scales(params: Params, cfg: ModelConfig) -> tuple[Params, ModelConfig]:
+    """Folds MiniCPM's scale_emb, scale_depth/sqrt(L) and logits divisor into the weights (REFERENCE §5).
+
+    Returns an equivalent plain LLaMA model (all scales 1, untied head): embed *= scale_emb;
+    lm_head = (original head) / (d_model / dim_model_base); wo and w_down *= scale_depth / sqrt(L).
+    """
+    head_DxV = params["embed_VxD"].T if cfg.tie_embeddings else params["lm_head_DxV"]
+    r = cfg.residual_scale
+    layers = dict(params["layers"])
+    layers["wo_LxNxHxD"] = layers["wo_LxNxHxD"] * r
+    layers["w_down_LxFxD"] = layers["w_down_LxFxD"] * r
+    folded = {
+        "embed_VxD": params["embed_VxD"] * cfg.scale_emb,
+        "layers": layers,
+        "final_norm_D": params["final_norm_D"],
+        "lm_head_DxV": head_DxV / cfg.logits_divisor,
+    }
+    return folded, cfg.replace(scale_emb=1.0, scale_depth=0.0, dim_model_base=0, tie_embeddings=False)

@@ -1,0 +1,74 @@
+"""ProSparse runs (arXiv 2402.13516): ReLU substitution + progressive L1 regularisation + FATReLU shifting.
+
+Usage: ``--config=configs/prosparse.py:<name>`` with name in ``tiny`` (trains on 2 CPU cores on the built-in
+corpus), ``minicpm-1b``, ``llama2-7b``, ``llama2-13b`` (paper shapes, stage tables and batch sizes; start them from
+an imported SiLU checkpoint with ``--config.init_from=<workdir>``).
+
+The regulariser is lambda(t) * sum over layers of mean|x1| (mean over tokens x d_ff). The paper does not state its
+normalisation, so its lambda values do not transfer to ours 1:1 (REFERENCE §8): at the tiny scale, lambdas of order
+0.1-1 balance the LM loss.
+"""
+
+from prosparse_jax.config import ConfigError
+from prosparse_jax.run_config import base_config
+from prosparse_jax.schedules import PROSPARSE_STAGES
+
+NAMES = ("tiny", "minicpm-1b", "llama2-7b", "llama2-13b")
+
+# Tiny stage table (steps of the miniature run): substitution, warmup, two sine ramps.
+TINY_STAGES = [[0.0, 40], [0.05, 80], [0.2, 160], [0.2, 200], [0.5, 300]]
+
+
+def get_config(arg: str = "tiny"):
+    name = arg.lower()
+    if name not in NAMES:
+        raise ConfigError(f"prosparse config: unknown name {arg!r}; choose one of: {', '.join(NAMES)}")
+    c = base_config()
+    m = c.model
+    m.activation = "relu"
+    if name == "tiny":
+        m.update(dict(vocab_size=4096, d_model=256, n_layers=4, n_heads=4, n_kv_heads=4, d_ff=704))
+        c.data.vocab_size = 4096
+        c.data.seq_len = 256
+        c.train.batch_size = 8
+        c.train.eval_every = 100
+        c.train.checkpoint_every = 100
+        c.train.log_every = 10
+        c.optim.lr = 1e-3
+        c.optim.warmup_steps = 20
+        c.optim.schedule = "constant"
+        c.sparsity.stages = TINY_STAGES
+        c.sparsity.final_threshold = 0.01
+    elif name == "minicpm-1b":
+        m.update(dict(vocab_size=73440, d_model=1536, n_layers=52, n_heads=24, n_kv_heads=8, d_ff=3840,
+                      tie_embeddings=True, scale_emb=12.0, scale_depth=1.4, dim_model_base=256,
+                      init_std=0.1 / (1536 / 256) ** 0.5, dtype="bfloat16", remat=True))
+        c.data.vocab_size = 73440
+        c.data.seq_len = 4096
+        c.train.batch_size = 1200  # 4.92M tokens per step
+        c.optim.lr = 0.01
+        c.optim.schedule = "wsd"
+        c.optim.mup = True
+        c.sparsity.stages = [list(s) for s in PROSPARSE_STAGES["minicpm-1b"]]
+        c.sparsity.final_threshold = 0.03
+    else:
+        d, n_layers, heads, d_ff, batch, lr, thr = {
+            "llama2-7b": (4096, 32, 32, 11008, 512, 3e-5, 0.01),
+            "llama2-13b": (5120, 40, 40, 13824, 2048, 5e-5, 0.01),
+        }[name]
+        m.update(dict(vocab_size=32000, d_model=d, n_layers=n_layers, n_heads=heads, n_kv_heads=heads, d_ff=d_ff,
+                      dtype="bfloat16", remat=True))
+        c.data.vocab_size = 32000
+        c.data.seq_len = 4096
+        c.train.batch_size = batch
+        c.optim.lr = lr
+        c.optim.schedule = "cosine"
+        c.optim.warmup_steps = 100
+        c.sparsity.stages = [list(s) for s in PROSPARSE_STAGES[name]]
+        c.sparsity.final_threshold = thr
+    c.train.steps = int(c.sparsity.stages[-1][1])
+    if name != "tiny":
+        c.train.eval_every = 500
+        c.train.checkpoint_every = 500
+        c.train.log_every = 10
+    return c

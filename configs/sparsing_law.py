@@ -1,0 +1,67 @@
+"""Sparsing Law scaling study (arXiv 2411.02335): MiniCPM-style models from 0.1B to 1.2B, any activation.
+
+Usage: ``--config=configs/sparsing_law.py:<scale>-<act>``, e.g. ``0.4b-relu`` or ``1.2b-silu``.
+Shapes from REFERENCE §4 (d_ff = 2.5 d, MHA, head_dim 128 -- the head count is our guess except at 0.4B, where the
+published config has 10 heads; vocab 122753, tied embeddings). Training follows the paper: WSD schedule, LR 0.01,
+betas (0.9, 0.95), weight decay 0.1, MiniCPM µP. No sparsity regularisation (stages [[0, steps]]).
+"""
+
+from prosparse_jax.activations import ACTIVATIONS
+from prosparse_jax.config import ConfigError
+from prosparse_jax.run_config import base_config
+
+# scale -> (d_model, n_layers, tokens per batch in the paper)
+SCALES = {
+    "0.1b": (768, 16, 327_680),
+    "0.2b": (1024, 20, 491_520),
+    "0.4b": (1280, 24, 786_432),
+    "0.8b": (1536, 28, 1_179_648),
+    "1.2b": (1792, 32, 2_097_152),
+}
+HEAD_DIM = 128
+VOCAB = 122_753
+
+
+def get_config(arg: str = "0.1b-relu"):
+    try:
+        scale, act = arg.lower().split("-", 1)
+    except ValueError:
+        raise ConfigError(f"sparsing_law config arg {arg!r}: expected '<scale>-<act>', e.g. '0.4b-relu'") from None
+    if scale not in SCALES:
+        raise ConfigError(f"sparsing_law: unknown scale {scale!r}; choose one of: {', '.join(SCALES)}")
+    if act not in ACTIVATIONS:
+        raise ConfigError(f"sparsing_law: unknown activation {act!r}; choose one of: {', '.join(ACTIVATIONS)}")
+    d, n_layers, batch_tokens = SCALES[scale]
+    c = base_config()
+    m = c.model
+    m.vocab_size = VOCAB  # paper tokenizer size; set data.tokenizer to its tokenizer.json to train on real data
+    m.d_model = d
+    m.n_layers = n_layers
+    m.n_heads = d // HEAD_DIM
+    m.n_kv_heads = d // HEAD_DIM  # MHA
+    m.d_ff = int(2.5 * d)
+    m.activation = act
+    m.tie_embeddings = True
+    m.scale_emb = 12.0
+    m.scale_depth = 1.4
+    m.dim_model_base = 256
+    m.init_std = 0.1 / (d / 256) ** 0.5
+    m.dtype = "bfloat16"
+    m.remat = True
+
+    c.data.seq_len = 4096
+    c.data.vocab_size = VOCAB
+    c.train.batch_size = batch_tokens // c.data.seq_len
+    c.train.steps = 100_000
+    c.train.eval_every = 1000
+    c.train.checkpoint_every = 1000
+    c.train.log_every = 50
+    c.optim.lr = 0.01
+    c.optim.schedule = "wsd"
+    c.optim.warmup_steps = 2000
+    c.optim.decay_fraction = 0.1
+    c.optim.b1, c.optim.b2 = 0.9, 0.95
+    c.optim.weight_decay = 0.1
+    c.optim.mup = True
+    c.sparsity.stages = [[0.0, c.train.steps]]
+    return c

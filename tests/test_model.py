@@ -1,0 +1,221 @@
+"""Behavioural tests of the decoder: causality, GQA, MiniCPM folding, packing, dtype, remat, statistics."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import tiny_model_config
+
+from prosparse_jax.model import (
+    cross_entropy,
+    fold_minicpm_scales,
+    forward,
+    init_params,
+    neuron_thresholds_from_norms,
+    rope,
+)
+
+MINICPM = dict(scale_emb=12.0, scale_depth=1.4, dim_model_base=8, tie_embeddings=True, init_std=0.05)
+
+
+def _ids(cfg, B=2, T=12, seed=1):
+    return jax.random.randint(jax.random.key(seed), (B, T), 0, cfg.vocab_size)
+
+
+def _loss(params, ids, cfg):
+    logits, stats = forward(params, ids[:, :-1], cfg)
+    return cross_entropy(logits, ids[:, 1:]) + 0.1 * stats.l1.sum()
+
+
+@pytest.mark.parametrize("act", ["silu", "relu", "drelu"])
+def test_causality_token_change(act):
+    cfg = tiny_model_config(activation=act)
+    params = init_params(cfg, jax.random.key(0))
+    ids = _ids(cfg, B=1, T=16)
+    t = 9
+    ids2 = ids.at[0, t].set((ids[0, t] + 1) % cfg.vocab_size)
+    l1, _ = forward(params, ids, cfg)
+    l2, _ = forward(params, ids2, cfg)
+    np.testing.assert_array_equal(np.asarray(l1[:, :t]), np.asarray(l2[:, :t]))
+    assert not np.allclose(np.asarray(l1[:, t:]), np.asarray(l2[:, t:]))
+
+
+def test_causality_gradients():
+    cfg = tiny_model_config(activation="silu")
+    params = init_params(cfg, jax.random.key(0))
+    T, t = 10, 6
+    x_BxTxD = jax.random.normal(jax.random.key(2), (1, T, cfg.d_model))
+
+    def out_at_t(x):  # logit at position t as a function of the input embeddings
+        p = dict(params, embed_VxD=x[0])  # each position gets its own embedding row
+        logits, _ = forward(p, jnp.arange(T)[None], cfg)
+        return logits[0, t].sum()
+
+    g = jax.grad(out_at_t)(x_BxTxD)
+    norms = np.asarray(jnp.abs(g[0]).sum(-1))
+    assert np.all(norms[t + 1 :] == 0) and np.all(norms[: t + 1] > 0)
+
+
+def _naive_mha_logits(params, ids, cfg):
+    """Independent per-head numpy implementation of a LLaMA forward pass (fp64)."""
+    p = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
+    L, N, K, H = cfg.n_layers, cfg.n_heads, cfg.n_kv_heads, cfg.hd
+    T = ids.shape[1]
+    h = p["embed_VxD"][np.asarray(ids[0])]
+
+    def norm(x, w):
+        return x / np.sqrt((x**2).mean(-1, keepdims=True) + cfg.norm_eps) * w
+
+    pos = np.arange(T)
+    inv = 1.0 / cfg.rope_theta ** (np.arange(0, H, 2) / H)
+    ang = pos[:, None] * inv
+    cos, sin = np.cos(ang), np.sin(ang)
+
+    def rot(x):
+        a, b = x[:, : H // 2], x[:, H // 2 :]
+        return np.concatenate([a * cos - b * sin, b * cos + a * sin], -1)
+
+    for layer in range(L):
+        lp = {k: v[layer] for k, v in p["layers"].items()}
+        x = norm(h, lp["attn_norm_LxD"])
+        out = np.zeros_like(h)
+        for n in range(N):
+            kv = n // (N // K)
+            q = rot(x @ lp["wq_LxDxNxH"][:, n])
+            k = rot(x @ lp["wk_LxDxKxH"][:, kv])
+            v = x @ lp["wv_LxDxKxH"][:, kv]
+            s = q @ k.T / np.sqrt(H)
+            s = np.where(np.tril(np.ones((T, T))) > 0, s, -np.inf)
+            a = np.exp(s - s.max(-1, keepdims=True))
+            a /= a.sum(-1, keepdims=True)
+            out += (a @ v) @ lp["wo_LxNxHxD"][n]
+        h = h + out
+        x = norm(h, lp["ffn_norm_LxD"])
+        g = x @ lp["w_gate_LxDxF"]
+        act = np.maximum(g, 0) if cfg.activation == "relu" else g / (1 + np.exp(-g))
+        h = h + (act * (x @ lp["w_up_LxDxF"])) @ lp["w_down_LxFxD"]
+    h = norm(h, p["final_norm_D"])
+    head = p["embed_VxD"].T if cfg.tie_embeddings else p["lm_head_DxV"]
+    return h @ head
+
+
+@pytest.mark.parametrize("kv", [4, 2, 1])
+def test_attention_matches_naive_reference(kv):
+    cfg = tiny_model_config(n_heads=4, n_kv_heads=kv, activation="silu", init_std=0.1)
+    params = init_params(cfg, jax.random.key(3))
+    ids = _ids(cfg, B=1, T=9)
+    logits, _ = forward(params, ids, cfg)
+    np.testing.assert_allclose(np.asarray(logits[0]), _naive_mha_logits(params, ids, cfg), atol=1e-5, rtol=1e-5)
+
+
+def test_gqa_equals_mha_with_repeated_kv():
+    gqa = tiny_model_config(n_heads=4, n_kv_heads=2)
+    mha = gqa.replace(n_kv_heads=4)
+    p = init_params(gqa, jax.random.key(0))
+    lp = dict(p["layers"])
+    lp["wk_LxDxKxH"] = jnp.repeat(lp["wk_LxDxKxH"], 2, axis=2)
+    lp["wv_LxDxKxH"] = jnp.repeat(lp["wv_LxDxKxH"], 2, axis=2)
+    p_mha = dict(p, layers=lp)
+    ids = _ids(gqa)
+    np.testing.assert_allclose(forward(p, ids, gqa)[0], forward(p_mha, ids, mha)[0], atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_minicpm_equals_folded_llama(tied):
+    cfg = tiny_model_config(**dict(MINICPM, tie_embeddings=tied))
+    params = init_params(cfg, jax.random.key(4))
+    folded, llama_cfg = fold_minicpm_scales(params, cfg)
+    assert not llama_cfg.is_minicpm and not llama_cfg.tie_embeddings
+    ids = _ids(cfg)
+    a, sa = forward(params, ids, cfg)
+    b, sb = forward(folded, ids, llama_cfg)
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(sa.zero_frac, sb.zero_frac, atol=1e-6)
+    # the scales really do something: the unfolded params under the LLaMA config differ
+    c, _ = forward(params, ids, cfg.replace(scale_emb=1.0, scale_depth=0.0, dim_model_base=0))
+    assert not np.allclose(np.asarray(a), np.asarray(c), atol=1e-3)
+
+
+def test_bf16_close_to_fp32():
+    cfg = tiny_model_config(activation="silu", d_model=64, d_ff=128, init_std=0.05)
+    params = init_params(cfg, jax.random.key(5))
+    ids = _ids(cfg, T=32)
+    l32, _ = forward(params, ids, cfg)
+    l16, _ = forward(params, ids, cfg.replace(dtype="bfloat16"))
+    assert l16.dtype == jnp.float32  # logits always float32
+    # bf16 has 8 mantissa bits (rel. eps 7.8e-3); tolerance: 3% of the logit scale
+    scale = float(jnp.abs(l32).max())
+    assert float(jnp.abs(l16 - l32).max()) < 0.03 * scale
+    ce32 = cross_entropy(l32[:, :-1], ids[:, 1:])
+    ce16 = cross_entropy(l16[:, :-1], ids[:, 1:])
+    assert abs(float(ce32 - ce16)) < 1e-2 * float(ce32)
+
+
+def test_remat_same_loss_and_grads():
+    cfg = tiny_model_config(activation="relu")
+    params = init_params(cfg, jax.random.key(6))
+    ids = _ids(cfg, T=16)
+    l0, g0 = jax.value_and_grad(_loss)(params, ids, cfg)
+    l1, g1 = jax.value_and_grad(_loss)(params, ids, cfg.replace(remat=True))
+    np.testing.assert_allclose(l0, l1, rtol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), g0, g1)
+
+
+def test_packed_segments_equal_separate_sequences():
+    cfg = tiny_model_config(activation="silu")
+    params = init_params(cfg, jax.random.key(7))
+    a, b = _ids(cfg, B=1, T=5, seed=10), _ids(cfg, B=1, T=7, seed=11)
+    packed = jnp.concatenate([a, b], axis=1)
+    seg = jnp.array([[1] * 5 + [2] * 7])
+    pos = jnp.array([list(range(5)) + list(range(7))])
+    lp, _ = forward(params, packed, cfg, segment_ids_BxT=seg, positions_BxT=pos)
+    la, _ = forward(params, a, cfg)
+    lb, _ = forward(params, b, cfg)
+    np.testing.assert_allclose(lp[:, :5], la, atol=1e-5)
+    np.testing.assert_allclose(lp[:, 5:], lb, atol=1e-5)
+
+
+def test_stats_match_captured_x1_and_ignore_padding():
+    cfg = tiny_model_config(activation="relu")
+    params = init_params(cfg, jax.random.key(8))
+    ids = _ids(cfg, T=10)
+    seg = jnp.array([[1] * 10, [1] * 6 + [0] * 4])
+    _, st = forward(params, ids, cfg, segment_ids_BxT=seg, capture=True)
+    assert st.x1.shape == (cfg.n_layers, 2, 10, cfg.d_ff)
+    valid = np.asarray(seg != 0)
+    x1 = np.asarray(st.x1)[:, valid]  # [L, tokens, F]
+    np.testing.assert_allclose(st.zero_frac, (x1 == 0).mean(axis=(1, 2)), rtol=1e-6)
+    np.testing.assert_allclose(st.l1, np.abs(x1).mean(axis=(1, 2)), rtol=1e-5)
+    assert 0.2 < float(st.zero_frac.mean()) < 0.8  # random init ReLU: about half
+    _, st_silu = forward(params, ids, cfg.replace(activation="silu"))
+    assert float(st_silu.zero_frac.max()) == 0.0
+
+
+def test_threshold_hook():
+    cfg = tiny_model_config(activation="silu")
+    params = init_params(cfg, jax.random.key(9))
+    ids = _ids(cfg)
+    dense, sd = forward(params, ids, cfg)
+    zero_thr, _ = forward(params, ids, cfg, x1_thresholds=jnp.zeros(cfg.n_layers))
+    np.testing.assert_array_equal(dense, zero_thr)
+    _, s_big = forward(params, ids, cfg, x1_thresholds=jnp.full((cfg.n_layers,), 1e9))
+    np.testing.assert_array_equal(s_big.zero_frac, np.ones(cfg.n_layers))
+    _, s_mid = forward(params, ids, cfg, x1_thresholds=jnp.array([0.0, 1e-3]))
+    assert float(s_mid.zero_frac[0]) == 0.0 and float(s_mid.zero_frac[1]) > float(sd.zero_frac[1])
+    # sparse mode from config equals passing the per-neuron thresholds explicitly
+    taus = (1e-3, 2e-3)
+    sparse_cfg = cfg.replace(neuron_thresholds=taus)
+    a, _ = forward(params, ids, sparse_cfg)
+    b, _ = forward(params, ids, cfg, x1_thresholds=neuron_thresholds_from_norms(params, jnp.array(taus)))
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(np.asarray(a), np.asarray(dense))
+
+
+def test_rope_is_relative():
+    x = jax.random.normal(jax.random.key(0), (1, 1, 1, 8))
+    y = jax.random.normal(jax.random.key(1), (1, 1, 1, 8))
+
+    def dot(p, q):
+        return float((rope(x, jnp.array([[p]]), 1e4) * rope(y, jnp.array([[q]]), 1e4)).sum())
+
+    assert abs(dot(3, 1) - dot(12, 10)) < 1e-5
