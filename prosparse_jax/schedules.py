@@ -184,7 +184,7 @@ def lambda_schedule(stages: Sequence[Sequence[float]]) -> Schedule:
 # ---------------------------------------------------------------------------------------------------------------
 def _check_common(peak: float, warmup_steps: int) -> None:
     if not (math.isfinite(peak) and peak > 0):
-        raise ValueError(f"lr: peak learning rate must be finite and > 0, got {peak!r}")
+        raise ValueError(f"peak: learning rate must be finite and > 0, got {peak!r}")
     if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
         raise ValueError(f"warmup_steps: must be an integer >= 0, got {warmup_steps!r}")
 
@@ -197,7 +197,7 @@ def _check_total(warmup_steps: int, total_steps: int, min_ratio: float) -> None:
             f"warmup_steps: {warmup_steps} exceeds total_steps={total_steps}; lower warmup_steps or train longer"
         )
     if not 0 <= min_ratio <= 1:
-        raise ValueError(f"min_lr_ratio: must be in [0, 1], got {min_ratio!r}")
+        raise ValueError(f"min_ratio: must be in [0, 1], got {min_ratio!r}")
 
 
 def _warmup(t: jax.Array, peak: float, warmup_steps: int) -> jax.Array:
@@ -251,7 +251,7 @@ def wsd(peak: float, warmup_steps: int, total_steps: int, decay_fraction: float 
         raise ValueError(f"decay_fraction: must be in [0, 1], got {decay_fraction!r}")
     if min_ratio <= 0:
         raise ValueError(
-            f"min_lr_ratio: the wsd decay is exponential and needs a final ratio > 0, got {min_ratio!r} "
+            f"min_ratio: the wsd decay is exponential and needs a final ratio > 0, got {min_ratio!r} "
             "(use e.g. 0.01, or the cosine schedule to decay to 0)"
         )
     decay_steps = round(decay_fraction * total_steps)

@@ -1,0 +1,60 @@
+"""Imports a local HuggingFace LLaMA / Mistral / MiniCPM / ProSparse folder into a prosparse_jax workdir.
+
+    python -m prosparse_jax.import_hf --hf=path/to/hf_folder --workdir=runs/imported
+
+Writes ``<workdir>/config.json`` (``model`` section) and a params-only checkpoint at step 0, and copies
+``tokenizer.json`` when the folder has one. Unsupported features (rope_scaling, biases, other model types) and
+weights that disagree with the config are errors naming the field or tensor. See :mod:`prosparse_jax.hf`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+from absl import flags
+
+from prosparse_jax import checkpoint, hf
+from prosparse_jax.config import ConfigError
+
+FLAGS = flags.FlagValues()  # own flag set: the CLI modules can be imported together (tests)
+_HF = flags.DEFINE_string("hf", None, "Local HuggingFace model folder (config.json + weights).", flag_values=FLAGS)
+_WORKDIR = flags.DEFINE_string("workdir", None, "New (empty) workdir to write.", flag_values=FLAGS)
+flags.mark_flags_as_required(["hf", "workdir"], flag_values=FLAGS)
+
+
+def import_hf(hf_path: str | os.PathLike, workdir: str | os.PathLike) -> Path:
+    """Converts the HF folder ``hf_path`` into a new workdir; returns the workdir."""
+    hf_path, workdir = Path(hf_path), Path(workdir)
+    if checkpoint.latest_step(workdir) is not None or (workdir / "config.json").exists():
+        raise checkpoint.CheckpointError(
+            f"{workdir} already holds a run; choose an empty --workdir (nothing was overwritten)")
+    mcfg, params = hf.load_hf_folder(hf_path)
+    raw = json.loads((hf_path / "config.json").read_text())
+    source = {"hf_folder": str(hf_path.absolute()), "model_type": raw.get("model_type"),
+              "architectures": raw.get("architectures")}
+    checkpoint.write_params_workdir(workdir, mcfg, params, run_config={"imported_from": source})
+    tok = hf_path / "tokenizer.json"
+    if tok.is_file():
+        shutil.copyfile(tok, workdir / "tokenizer.json")
+    return workdir
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI entry point: parses ``argv`` (default ``sys.argv``) into this module's flags; returns the exit code."""
+    FLAGS.unparse_flags()
+    try:
+        FLAGS(sys.argv if argv is None else argv)
+        wd = import_hf(_HF.value, _WORKDIR.value)
+    except (flags.Error, hf.HFConversionError, checkpoint.CheckpointError, ConfigError) as e:
+        print(f"import_hf: error: {e}", file=sys.stderr)
+        return 1
+    print(f"imported {_HF.value} -> {wd}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
