@@ -1,0 +1,343 @@
+"""LM data pipeline: text corpus (TFDS array_record) -> byte-level BPE -> packed [batch, seq_len] batches via grain.
+
+Sources (see `DataConfig.source`): the running interpreter's standard library ('stdlib', default, no download), local
+text files ('files:<glob>') or a TFDS dataset already prepared in array_record form ('tfds:<name>'). Local sources are
+written once into a fingerprinted TFDS dataset (`data_tfds.py`); later runs just read it.
+
+Pipeline per host (grain, all lazy): documents of the split -> shard `process_index::process_count` -> shuffle (seed,
+reshuffled every epoch) -> repeat forever -> tokenize + append EOS -> concat-then-split into rows of seq_len + 1
+tokens (no padding; long documents continue in the next row) -> batch -> model features. A row's first seq_len tokens
+are the inputs and its last seq_len tokens the targets, so the last token of a row is only ever a target.
+
+Model features, each [batch, seq_len]:
+  inputs, targets (int32): targets[i] = the token after inputs[i] in the token stream.
+  segment_ids (int32): 1, 2, 3... per document piece within a row; 0 = padding (only possible in principle).
+  positions (int32): 0 at the start of each segment of the row (a document continued from the previous row restarts
+    at 0 too, since rows are independent sequences for attention).
+  weights (float32): 1 where the target belongs to the same document as the input, 0 for padding and for the EOS ->
+    next-document transition. Predicting the EOS that ends a document does count.
+
+Cache layout: TFDS data under `data_dir/text_files_builder/fp<corpus fingerprint>/1.0.0/`; the tokenizer under
+`<cache_dir>/tokenizer.json` with `<cache_dir>/tokenizer_fingerprint.json` beside it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import grain
+import numpy as np
+import tokenizers
+from tokenizers import decoders, models, pre_tokenizers, trainers
+
+from prosparse_jax.config import ConfigError
+from prosparse_jax.data_tfds import EVAL_SPLIT, TRAIN_SPLIT, Corpus, DataError, load_corpus
+
+EOS_TOKEN = "<|endoftext|>"  # id 0: document separator, appended to every document
+_STATE_VERSION = 1
+_TOKENIZER_FORMAT = 1
+_PREFETCH_DOCS = 16
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Where the text comes from and how it becomes batches."""
+
+    source: str = "stdlib"  # 'stdlib' | 'files:<glob>' (** allowed) | 'tfds:<name>' (prepared as array_record)
+    data_dir: str = ""  # TFDS data dir; '' -> $PROSPARSE_DATA_DIR or ~/.cache/prosparse_jax/tfds
+    text_key: str = "text"  # feature holding the text ('tfds:' sources)
+    tokenizer: str = ""  # path to a tokenizer.json; '' -> train a byte-level BPE on the train split, cached
+    vocab_size: int = 4096  # vocab size of the trained BPE (>= 257: 256 bytes + EOS)
+    seq_len: int = 256  # tokens per packed sequence
+    eval_fraction: float = 0.01  # fraction of documents held out for eval, by a hash of the document id
+    seed: int = 0  # shuffling seed
+
+    def __post_init__(self) -> None:
+        _validate(self)
+
+
+def _validate(cfg: DataConfig) -> None:
+    def is_int(v: Any) -> bool:
+        return isinstance(v, int | np.integer) and not isinstance(v, bool)
+
+    src = cfg.source
+    kind, _, rest = src.partition(":") if isinstance(src, str) else ("", "", "")
+    if not (src == "stdlib" or (kind in ("files", "tfds") and rest.strip())):
+        raise ConfigError(f"data.source: must be 'stdlib', 'files:<glob>' or 'tfds:<name>', got {src!r}")
+    for name in ("data_dir", "text_key", "tokenizer"):
+        if not isinstance(getattr(cfg, name), str):
+            raise ConfigError(f"data.{name}: must be a string, got {getattr(cfg, name)!r}")
+    if not cfg.text_key:
+        raise ConfigError("data.text_key: must be a non-empty feature name, got ''")
+    if not is_int(cfg.vocab_size) or cfg.vocab_size < 257:
+        raise ConfigError(f"data.vocab_size: must be an integer >= 257 (256 bytes + EOS), got {cfg.vocab_size!r}")
+    if not is_int(cfg.seq_len) or cfg.seq_len <= 0:
+        raise ConfigError(f"data.seq_len: must be a positive integer, got {cfg.seq_len!r}")
+    ef = cfg.eval_fraction
+    if isinstance(ef, bool) or not isinstance(ef, int | float) or not 0.0 <= ef < 1.0:
+        raise ConfigError(f"data.eval_fraction: must be a number in [0, 1), got {ef!r}")
+    if not is_int(cfg.seed) or not 0 <= cfg.seed < 2**32:
+        raise ConfigError(f"data.seed: must be an integer in [0, 2**32), got {cfg.seed!r}")
+
+
+def data_config_from_dict(d: Mapping[str, Any] | Any) -> DataConfig:
+    """Builds a validated `DataConfig` from a dict or ml_collections ConfigDict; unknown keys are errors."""
+    d = dict(d.to_dict() if hasattr(d, "to_dict") else d)
+    known = [f.name for f in dataclasses.fields(DataConfig)]
+    for key in d:
+        if key not in known:
+            raise ConfigError(f"data.{key}: unknown field; known fields: {', '.join(known)}")
+    if isinstance(d.get("eval_fraction"), int) and not isinstance(d.get("eval_fraction"), bool):
+        d["eval_fraction"] = float(d["eval_fraction"])
+    return DataConfig(**d)
+
+
+# ---- corpus + tokenizer -------------------------------------------------------------------------------------------
+def _corpus(cfg: DataConfig) -> Corpus:
+    return load_corpus(cfg.source, cfg.data_dir, cfg.eval_fraction, cfg.text_key)
+
+
+def _text(record: Mapping[str, Any], text_key: str) -> str:
+    if text_key not in record:
+        raise DataError(f"data.text_key: feature {text_key!r} not in records (features: {sorted(record)})")
+    t = record[text_key]
+    return t.decode("utf-8", errors="replace") if isinstance(t, bytes) else str(t)
+
+
+def corpus_stats(cfg: DataConfig, cache_dir: str | Path | None = None) -> dict[str, Any]:
+    """Documents and stored bytes per split, plus the corpus fingerprint (prepares the corpus on first use)."""
+    del cache_dir  # The corpus lives under cfg.data_dir; kept for API symmetry.
+    c = _corpus(cfg)
+    return {
+        "source": cfg.source,
+        "fingerprint": c.fingerprint,
+        "train_documents": c.num_documents(TRAIN_SPLIT),
+        "eval_documents": c.num_documents(EVAL_SPLIT),
+        "train_bytes": c.num_bytes(TRAIN_SPLIT),
+        "eval_bytes": c.num_bytes(EVAL_SPLIT),
+    }
+
+
+def eos_id(tokenizer: tokenizers.Tokenizer) -> int:
+    """Id of the EOS / document-separator token '<|endoftext|>'."""
+    i = tokenizer.token_to_id(EOS_TOKEN)
+    if i is None:
+        raise DataError(f"tokenizer has no {EOS_TOKEN!r} token; it is needed as the document separator")
+    return int(i)
+
+
+def get_tokenizer(cfg: DataConfig, cache_dir: str | Path) -> tokenizers.Tokenizer:
+    """Loads `cfg.tokenizer`, or trains (once) and caches a byte-level BPE on the train split.
+
+    The trained BPE has vocab `cfg.vocab_size`: special token '<|endoftext|>' (id 0, EOS), the 256 byte symbols, then
+    merges (fewer tokens if a tiny corpus runs out of merges; ids are always < vocab_size). No '<unk>' token:
+    byte-level BPE can encode any text. It is cached at `<cache_dir>/tokenizer.json` with a
+    fingerprint (corpus, vocab size) in `tokenizer_fingerprint.json`; a later call with the same fingerprint loads it,
+    one with a different fingerprint raises instead of overwriting it.
+    """
+    if cfg.tokenizer:
+        path = Path(cfg.tokenizer).expanduser()
+        if not path.is_file():
+            raise DataError(f"data.tokenizer: {str(path)!r} does not exist; give a tokenizer.json or ''")
+        tok = tokenizers.Tokenizer.from_file(str(path))
+        eos_id(tok)
+        return tok
+    corpus = _corpus(cfg)
+    fingerprint = {"format": _TOKENIZER_FORMAT, "corpus": corpus.fingerprint, "vocab_size": cfg.vocab_size}
+    cache = Path(cache_dir)
+    tok_path, fp_path = cache / "tokenizer.json", cache / "tokenizer_fingerprint.json"
+    if tok_path.exists():
+        stored = json.loads(fp_path.read_text()) if fp_path.exists() else None
+        if stored != fingerprint:
+            raise DataError(
+                f"cached tokenizer {tok_path} was trained for {stored} but this run needs {fingerprint}; "
+                "use another cache dir, delete the cached tokenizer, or set data.tokenizer to its path")
+        return tokenizers.Tokenizer.from_file(str(tok_path))
+    tok = tokenizers.Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=cfg.vocab_size, special_tokens=[EOS_TOKEN], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False)
+    src = corpus.data_source(TRAIN_SPLIT)
+    tok.train_from_iterator((_text(src[i], corpus.text_key) for i in range(len(src))), trainer=trainer)
+    cache.mkdir(parents=True, exist_ok=True)
+    tmp = tok_path.with_suffix(".json.tmp")
+    tok.save(str(tmp))
+    fp_path.write_text(json.dumps(fingerprint, indent=1))
+    tmp.replace(tok_path)
+    return tok
+
+
+# ---- grain pipeline -----------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class _Tokenize:
+    """Record -> {'tokens': int32 [n + 1]}: the document's ids followed by EOS."""
+
+    tokenizer: tokenizers.Tokenizer
+    text_key: str
+    eos: int
+
+    def __call__(self, record: Mapping[str, Any]) -> dict[str, np.ndarray]:
+        ids = self.tokenizer.encode(_text(record, self.text_key), add_special_tokens=False).ids
+        ids.append(self.eos)
+        return {"tokens": np.asarray(ids, dtype=np.int32)}
+
+
+def _to_features(packed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Packed rows of seq_len + 1 tokens -> model features of [batch, seq_len]."""
+    tokens_BxT1, seg_BxT1 = packed["tokens"], packed["tokens_segment_ids"].astype(np.int32)
+    B, T = tokens_BxT1.shape[0], tokens_BxT1.shape[1] - 1
+    seg_BxT = seg_BxT1[:, :T]
+    starts_BxT = np.ones((B, T), dtype=bool)
+    starts_BxT[:, 1:] = seg_BxT[:, 1:] != seg_BxT[:, :-1]
+    idx_T = np.arange(T, dtype=np.int32)
+    last_start_BxT = np.maximum.accumulate(np.where(starts_BxT, idx_T, 0), axis=1)
+    positions_BxT = np.where(seg_BxT > 0, idx_T - last_start_BxT, 0).astype(np.int32)
+    weights_BxT = ((seg_BxT > 0) & (seg_BxT == seg_BxT1[:, 1:])).astype(np.float32)
+    return {
+        "inputs": tokens_BxT1[:, :T].astype(np.int32),
+        "targets": tokens_BxT1[:, 1:].astype(np.int32),
+        "segment_ids": seg_BxT,
+        "positions": positions_BxT,
+        "weights": weights_BxT,
+    }
+
+
+def _batches(
+    source: Sequence[Any], tokenizer: tokenizers.Tokenizer, text_key: str, *, seq_len: int, batch_size: int,
+    seed: int | None, process_index: int = 0, process_count: int = 1,
+) -> grain.IterDataset:
+    ds = grain.MapDataset.source(source)[process_index::process_count]
+    if seed is not None:
+        ds = ds.shuffle(seed)
+    ds = ds.repeat().map(_Tokenize(tokenizer, text_key, eos_id(tokenizer)))
+    # One background thread tokenizes a few documents ahead: ample for training speed, leaves the cores to the model.
+    docs = ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=_PREFETCH_DOCS))
+    packed = grain.experimental.ConcatThenSplitIterDataset(docs, length_struct={"tokens": seq_len + 1})
+    return packed.batch(batch_size, drop_remainder=True).map(_to_features)
+
+
+def _tokenizer_hash(tokenizer: tokenizers.Tokenizer) -> str:
+    return hashlib.sha256(tokenizer.to_str().encode()).hexdigest()[:16]
+
+
+class TrainIterator:
+    """Infinite iterator over training batches (dicts of [batch, seq_len] numpy arrays) with exact resume.
+
+    `get_state()` returns a JSON-serialisable dict; `set_state(state)` on an iterator built with the same config,
+    tokenizer, batch size and host makes the next batch equal to the one the original iterator would have produced
+    next. Resume uses grain's own iterator checkpointing (source index + packing remainder).
+    """
+
+    def __init__(self, dataset: grain.IterDataset, identity: dict[str, Any]):
+        self._iter = iter(dataset)
+        self._identity = identity
+
+    def __iter__(self) -> TrainIterator:
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        return next(self._iter)
+
+    def get_state(self) -> dict[str, Any]:
+        """JSON-serialisable position of the iterator."""
+        return {"version": _STATE_VERSION, "identity": self._identity, "grain": _jsonable(self._iter.get_state())}
+
+    def set_state(self, state: Mapping[str, Any]) -> None:
+        """Restores a position from `get_state()`; raises if it came from a differently configured iterator."""
+        if state.get("version") != _STATE_VERSION:
+            raise DataError(f"data iterator state version {state.get('version')} != {_STATE_VERSION}")
+        if dict(state["identity"]) != self._identity:
+            raise DataError(
+                f"data iterator state belongs to a different pipeline: saved {state['identity']}, "
+                f"this one {self._identity}")
+        self._iter.set_state(_from_jsonable(state["grain"]))
+
+
+def _jsonable(x: Any) -> Any:
+    """grain state -> JSON: tuples are tagged so they come back as tuples."""
+    if isinstance(x, Mapping):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, tuple):
+        return {"__tuple__": [_jsonable(v) for v in x]}
+    if isinstance(x, list):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, np.integer | np.floating | np.bool_):
+        return x.item()
+    return x
+
+
+def _from_jsonable(x: Any) -> Any:
+    if isinstance(x, Mapping):
+        if set(x) == {"__tuple__"}:
+            return tuple(_from_jsonable(v) for v in x["__tuple__"])
+        return {k: _from_jsonable(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_from_jsonable(v) for v in x]
+    return x
+
+
+def make_train_iterator(
+    cfg: DataConfig, tokenizer: tokenizers.Tokenizer, *, batch_size: int, cache_dir: str | Path | None = None,
+    process_index: int = 0, process_count: int = 1,
+) -> TrainIterator:
+    """Training batches of this host: train documents `process_index::process_count`, shuffled per epoch, packed.
+
+    `batch_size` is per host. `cache_dir` is accepted for symmetry with `get_tokenizer` (the corpus lives under
+    `cfg.data_dir`).
+    """
+    del cache_dir
+    if batch_size <= 0:
+        raise DataError(f"batch_size: must be a positive integer, got {batch_size}")
+    if not 0 <= process_index < process_count:
+        raise DataError(f"process_index {process_index} not in [0, process_count={process_count})")
+    corpus = _corpus(cfg)
+    n = corpus.num_documents(TRAIN_SPLIT)
+    if n < process_count:
+        raise DataError(f"train split of {cfg.source!r} has {n} documents, fewer than process_count={process_count}")
+    ds = _batches(
+        corpus.data_source(TRAIN_SPLIT), tokenizer, corpus.text_key, seq_len=cfg.seq_len, batch_size=batch_size,
+        seed=cfg.seed, process_index=process_index, process_count=process_count)
+    identity = {
+        "corpus": corpus.fingerprint, "tokenizer": _tokenizer_hash(tokenizer), "seq_len": cfg.seq_len,
+        "seed": cfg.seed, "batch_size": batch_size, "process_index": process_index, "process_count": process_count,
+    }
+    return TrainIterator(ds, identity)
+
+
+def make_eval_batches(
+    cfg: DataConfig, tokenizer: tokenizers.Tokenizer, *, batch_size: int, num_batches: int,
+    cache_dir: str | Path | None = None,
+) -> list[dict[str, np.ndarray]]:
+    """`num_batches` deterministic batches from the held-out split, packed like training batches.
+
+    Documents are read in stored order without shuffling; if the eval split holds fewer than
+    batch_size * num_batches * seq_len tokens it is cycled (documents repeat). Raises if the eval split is empty
+    (raise `data.eval_fraction`).
+    """
+    del cache_dir
+    corpus = _corpus(cfg)
+    if corpus.num_documents(EVAL_SPLIT) == 0:
+        raise DataError(
+            f"eval split of {cfg.source!r} is empty (data.eval_fraction={cfg.eval_fraction}); "
+            "raise data.eval_fraction or add documents")
+    ds = _batches(corpus.data_source(EVAL_SPLIT), tokenizer, corpus.text_key, seq_len=cfg.seq_len,
+                  batch_size=batch_size, seed=None)
+    it = iter(ds)
+    return [next(it) for _ in range(num_batches)]
+
+
+def iter_documents(cfg: DataConfig, split: str = TRAIN_SPLIT) -> Iterator[dict[str, str]]:
+    """Yields {'id', 'text'} of every document of `split` ('train' or 'validation') in stored order (for tests)."""
+    corpus = _corpus(cfg)
+    src = corpus.data_source(split)
+    for i in range(len(src)):
+        r = src[i]
+        doc_id = r.get("id", str(i))
+        yield {"id": doc_id.decode() if isinstance(doc_id, bytes) else str(doc_id), "text": _text(r, corpus.text_key)}

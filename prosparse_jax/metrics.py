@@ -1,0 +1,78 @@
+"""Run metrics: ``<workdir>/metrics.jsonl`` (one JSON object per entry), TensorBoard events, matmul peak.
+
+Each line has ``step`` and ``kind`` ('train', 'eval' or 'final_fatrelu') plus the values. On resume, entries
+written after the restored checkpoint's step (by the interrupted run) are moved to ``metrics.discarded.jsonl`` --
+never deleted -- so metrics.jsonl reads as one uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+
+class MetricsWriter:
+    """Appends metric entries to metrics.jsonl and TensorBoard (tensorboardX, no TensorFlow needed)."""
+
+    def __init__(self, workdir: str | Path, *, resume_step: int = 0, enabled: bool = True) -> None:
+        self.enabled = enabled
+        self.path = Path(workdir) / "metrics.jsonl"
+        self._tb = None
+        if not enabled:
+            return
+        if self.path.exists():
+            keep, drop = [], []
+            for line in self.path.read_text().splitlines():
+                if line.strip():
+                    (drop if json.loads(line).get("step", 0) > resume_step else keep).append(line)
+            if drop:
+                with open(Path(workdir) / "metrics.discarded.jsonl", "a") as f:
+                    f.write("\n".join(drop) + "\n")
+                self.path.write_text("".join(x + "\n" for x in keep))
+        from tensorboardX import SummaryWriter
+
+        self._tb = SummaryWriter(str(Path(workdir) / "tb"))
+
+    def write(self, step: int, values: dict[str, Any], kind: str = "train") -> None:
+        if not self.enabled:
+            return
+        entry = {"step": int(step), "kind": kind, "time": time.time(), **values}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(entry) + "\n")
+        if self._tb is not None:
+            for k, v in values.items():
+                if isinstance(v, (int, float)) and not isinstance(v, bool):
+                    self._tb.add_scalar(f"{kind}/{k}", v, step)
+                elif isinstance(v, list) and v and all(isinstance(x, (int, float)) for x in v):
+                    for i, x in enumerate(v):
+                        self._tb.add_scalar(f"{kind}/{k}/{i}", x, step)
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+
+
+def read_metrics(workdir: str | Path, kind: str | None = None) -> list[dict[str, Any]]:
+    """Entries of ``<workdir>/metrics.jsonl`` (optionally only one kind)."""
+    path = Path(workdir) / "metrics.jsonl"
+    rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.exists() else []
+    return [r for r in rows if kind is None or r.get("kind") == kind]
+
+
+def measure_matmul_peak(n: int = 1024, repeats: int = 5, dtype: str = "float32") -> float:
+    """Measured FLOP/s of one device on a square matmul (the MFU denominator on CPU, where no spec sheet applies)."""
+    dev = jax.devices()[0]
+    a = jax.device_put(jnp.ones((n, n), dtype), dev)
+    f = jax.jit(lambda x: x @ x)
+    f(a).block_until_ready()
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        f(a).block_until_ready()
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best

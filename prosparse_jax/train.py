@@ -1,0 +1,452 @@
+"""ProSparse training: LM loss + lambda(t) * sum_layers mean|x1|, orbax resume, metrics, FATReLU evaluation.
+
+    python -m prosparse_jax.train --config=configs/prosparse.py:tiny --workdir=/tmp/run
+
+One run = (optionally) start from ``init_from`` with the activation of ``model.activation`` substituted, train
+through the sparsity stage table, then evaluate with FATReLU threshold shifting (``sparsity.final_threshold``).
+Re-running the same command on the same workdir resumes from its latest checkpoint; SIGTERM saves and exits 0.
+
+Objective (documented normalisation): loss = CE(next token) + lambda(t) * sum_l mean_{tokens x d_ff} |x1_l|,
+lambda(t) evaluated from the step stored in the train state inside the jitted step (so it resumes exactly).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import queue
+import shutil
+import signal
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from prosparse_jax import checkpoint as ckpt
+from prosparse_jax import data as data_lib
+from prosparse_jax import optim as optim_lib
+from prosparse_jax import schedules
+from prosparse_jax import sharding as shard_lib
+from prosparse_jax.config import ConfigError, ModelConfig
+from prosparse_jax.metrics import MetricsWriter, measure_matmul_peak
+from prosparse_jax.model import Params, abstract_params, cross_entropy, forward, init_params
+from prosparse_jax.run_config import RunConfig, resolve
+
+# Fields that may change between a run and its resumption (they do not change the numbers).
+RESUMABLE_CHANGES = {
+    "train.log_every", "train.eval_every", "train.checkpoint_every", "train.keep_checkpoints",
+    "train.async_checkpoint", "train.progress_bar", "data.data_dir",
+}
+
+
+class TrainError(RuntimeError):
+    """The run cannot start or continue; the message says why and what to do."""
+
+
+class NonFiniteLossError(TrainError):
+    """Loss or gradients became NaN/Inf; the update was not applied and the last good checkpoint is kept."""
+
+
+@dataclasses.dataclass
+class TrainResult:
+    workdir: Path
+    step: int
+    final_eval: dict[str, Any]
+    interrupted: bool
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Loss and step
+# ---------------------------------------------------------------------------------------------------------------
+def loss_fn(params: Params, batch: dict[str, jax.Array], cfg: ModelConfig, reg_factor: jax.Array
+            ) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Total loss = lm_loss + reg_factor * sum over layers of mean|x1| (mean over valid tokens x d_ff)."""
+    logits, stats = forward(params, batch["inputs"], cfg, segment_ids_BxT=batch["segment_ids"],
+                            positions_BxT=batch["positions"])
+    lm_loss = cross_entropy(logits, batch["targets"], batch["weights"])
+    reg_loss = reg_factor * jnp.sum(stats.l1)
+    return lm_loss + reg_loss, {"lm_loss": lm_loss, "reg_loss": reg_loss, "sparsity_per_layer": stats.zero_frac,
+                                "l1_per_layer": stats.l1}
+
+
+def make_train_step(rc: RunConfig, tx: Any, lr_fn: Any, lam_fn: Any):
+    """Builds ``step(state, batch) -> (state, metrics)``; batch leaves are [grad_accum, micro_batch, T]."""
+    cfg = rc.model
+
+    def step(state: dict[str, Any], batch: dict[str, jax.Array]) -> tuple[dict[str, Any], dict[str, jax.Array]]:
+        t = state["step"]
+        lam = lam_fn(t)
+        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+        def micro(carry: Any, mb: dict[str, jax.Array]) -> tuple[Any, None]:
+            g_acc, aux_acc = carry
+            (loss, aux), g = grad_fn(state["params"], mb, cfg, lam)
+            aux = dict(aux, loss=loss)
+            return (jax.tree.map(jnp.add, g_acc, g), jax.tree.map(jnp.add, aux_acc, aux)), None
+
+        zeros_g = jax.tree.map(jnp.zeros_like, state["params"])
+        zeros_aux = {"loss": 0.0, "lm_loss": 0.0, "reg_loss": 0.0,
+                     "sparsity_per_layer": jnp.zeros(cfg.n_layers), "l1_per_layer": jnp.zeros(cfg.n_layers)}
+        zeros_aux = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), zeros_aux)
+        (g_sum, aux_sum), _ = jax.lax.scan(micro, (zeros_g, zeros_aux), batch)
+        n = rc.train.grad_accum
+        grads = jax.tree.map(lambda g: g / n, g_sum)
+        aux = jax.tree.map(lambda a: a / n, aux_sum)
+        grad_norm = optim_lib_global_norm(grads)
+        finite = jnp.isfinite(aux["loss"]) & jnp.isfinite(grad_norm)
+        updates, new_opt = tx.update(grads, state["opt_state"], state["params"])
+        new_params = jax.tree.map(lambda p, u: p + u, state["params"], updates)
+        # A non-finite step is not applied: the state stays the last good one and the host stops the run.
+        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
+        new_state = {"params": keep(new_params, state["params"]), "opt_state": keep(new_opt, state["opt_state"]),
+                     "step": jnp.where(finite, t + 1, t)}
+        metrics = dict(aux, reg_factor=lam, lr=lr_fn(t), grad_norm=grad_norm, finite=finite,
+                       sparsity=jnp.mean(aux["sparsity_per_layer"]))
+        return new_state, metrics
+
+    return step
+
+
+def optim_lib_global_norm(tree: Any) -> jax.Array:
+    return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
+
+
+def make_eval_fn(cfg: ModelConfig):
+    def ev(params: Params, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+        logits, stats = forward(params, batch["inputs"], cfg, segment_ids_BxT=batch["segment_ids"],
+                                positions_BxT=batch["positions"])
+        w = batch["weights"]
+        return {"nll_sum": cross_entropy(logits, batch["targets"], w) * jnp.maximum(w.sum(), 1.0),
+                "tokens": w.sum(), "zero_frac": stats.zero_frac}
+
+    return jax.jit(ev)
+
+
+def evaluate(params: Params, cfg: ModelConfig, batches: list[dict[str, np.ndarray]]) -> dict[str, Any]:
+    """Held-out loss / perplexity / activation sparsity (mean over layers and per layer)."""
+    ev = make_eval_fn(cfg)
+    nll, tok, zf = 0.0, 0.0, np.zeros(cfg.n_layers)
+    for b in batches:
+        out = jax.device_get(ev(params, b))
+        nll += float(out["nll_sum"])
+        tok += float(out["tokens"])
+        zf += np.asarray(out["zero_frac"])
+    zf /= max(len(batches), 1)
+    loss = nll / max(tok, 1.0)
+    return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0)), "eval_sparsity": float(zf.mean()),
+            "eval_sparsity_per_layer": [float(x) for x in zf], "eval_tokens": int(tok)}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Workdir / config handling
+# ---------------------------------------------------------------------------------------------------------------
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def _json_config(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    return json.loads(config.to_json_best_effort())
+
+
+def check_workdir_config(workdir: Path, config_json: dict[str, Any]) -> None:
+    """Refuses to resume a workdir written with a different config (nothing is overwritten)."""
+    path = workdir / "config.json"
+    if not path.exists():
+        return
+    saved = _flatten(json.loads(path.read_text()))
+    new = _flatten(config_json)
+    diffs = sorted(k for k in set(saved) | set(new) if saved.get(k) != new.get(k) and k not in RESUMABLE_CHANGES)
+    if diffs:
+        shown = ", ".join(f"{k}: saved {saved.get(k)!r} vs now {new.get(k)!r}" for k in diffs[:6])
+        raise TrainError(
+            f"workdir {workdir} holds a run with a different config ({shown}{' ...' if len(diffs) > 6 else ''}). "
+            "Resume it with its own config (see its config.json) or choose a new --workdir; nothing was changed."
+        )
+
+
+def _prepare_tokenizer(rc: RunConfig, workdir: Path) -> Any:
+    """Tokenizer of the run: data.tokenizer, else the init_from checkpoint's, else a BPE trained on the corpus."""
+    dcfg = rc.data
+    if not dcfg.tokenizer and rc.init_from and not (workdir / "tokenizer.json").exists():
+        src = Path(rc.init_from) / "tokenizer.json"
+        if src.is_file():
+            workdir.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(src, workdir / "tokenizer.json")
+            dcfg = dataclasses.replace(dcfg, tokenizer=str(workdir / "tokenizer.json"))
+    elif not dcfg.tokenizer and rc.init_from and (workdir / "tokenizer.json").exists():
+        dcfg = dataclasses.replace(dcfg, tokenizer=str(workdir / "tokenizer.json"))
+    tok = data_lib.get_tokenizer(dcfg, workdir)
+    if dcfg.tokenizer and Path(dcfg.tokenizer).resolve() != (workdir / "tokenizer.json").resolve():
+        shutil.copyfile(dcfg.tokenizer, workdir / "tokenizer.json")
+    if tok.get_vocab_size() > rc.model.vocab_size:
+        raise TrainError(f"tokenizer has {tok.get_vocab_size()} tokens but model.vocab_size="
+                         f"{rc.model.vocab_size}; raise model.vocab_size")
+    return tok, dcfg
+
+
+def _init_params_from(rc: RunConfig, rng: jax.Array) -> Params:
+    if not rc.init_from:
+        return init_params(rc.model, rng)
+    src_cfg, params, _ = ckpt.load_model(rc.init_from)
+    want = jax.tree.map(lambda x: x.shape, abstract_params(rc.model))
+    have = jax.tree.map(lambda x: tuple(x.shape), params)
+    if want != have:
+        raise TrainError(
+            f"init_from={rc.init_from} has a different model shape than model.* of this config "
+            f"(init_from: d_model={src_cfg.d_model}, n_layers={src_cfg.n_layers}, d_ff={src_cfg.d_ff}, "
+            f"vocab={src_cfg.vocab_size}, tied={src_cfg.tie_embeddings}); make the model section match it"
+        )
+    logging.info("initialised from %s (activation %s -> %s)", rc.init_from, src_cfg.activation,
+                 rc.model.activation)
+    return params
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Data prefetch (batch paired with the iterator state *after* it, so checkpoints resume exactly)
+# ---------------------------------------------------------------------------------------------------------------
+def _prefetch(it: data_lib.TrainIterator, depth: int = 2) -> Iterator[tuple[dict[str, np.ndarray], dict]]:
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            while not stop.is_set():
+                b = next(it)
+                q.put((b, it.get_state()))
+        except BaseException as e:  # noqa: BLE001 - surfaced in the consumer
+            q.put(e)
+
+    th = threading.Thread(target=produce, daemon=True)
+    th.start()
+    try:
+        while True:
+            item = q.get()
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The run
+# ---------------------------------------------------------------------------------------------------------------
+def train(config: ml_collections.ConfigDict, workdir: str | Path, *, stop_after: int | None = None) -> TrainResult:
+    """Runs (or resumes) one training run in ``workdir``. ``stop_after`` simulates a kill after that step."""
+    workdir = Path(workdir)
+    rc = resolve(config)
+    config_json = _json_config(config)
+    check_workdir_config(workdir, config_json)
+    shard_lib.maybe_initialize_distributed()
+    is_main = jax.process_index() == 0
+
+    tokenizer, dcfg = _prepare_tokenizer(rc, workdir)
+    rc = dataclasses.replace(rc, data=dcfg)
+    workdir.mkdir(parents=True, exist_ok=True)
+    if is_main and not (workdir / "config.json").exists():
+        (workdir / "config.json").write_text(json.dumps(config_json, indent=2))
+
+    # ---- mesh and batch semantics ----
+    mesh = shard_lib.make_mesh(rc.train.mesh_data, rc.train.mesh_fsdp)
+    n_dev, n_proc = jax.device_count(), jax.process_count()
+    B, A, T = rc.train.batch_size, rc.train.grad_accum, rc.data.seq_len
+    micro = B // A
+    if micro % n_dev:
+        raise ConfigError(f"train.batch_size / train.grad_accum = {micro} must be divisible by the {n_dev} devices")
+    if B % n_proc:
+        raise ConfigError(f"train.batch_size={B} must be divisible by the {n_proc} processes")
+    if is_main:
+        print(json.dumps({"global_batch": B, "grad_accum_steps": A, "micro_batch": micro,
+                          "per_device_batch": micro // n_dev, "devices": n_dev, "processes": n_proc,
+                          "mesh": dict(mesh.shape), "seq_len": T, "tokens_per_step": B * T,
+                          "steps": rc.train.steps, "activation": rc.model.activation,
+                          "params": rc.model.params_total}), flush=True)
+
+    # ---- state ----
+    tx, lr_fn = optim_lib.make_optimizer(rc.optim, rc.train.steps, rc.model.d_model)
+    lam_fn = schedules.lambda_schedule(rc.sparsity.stages)
+    p_shard = shard_lib.shardings_like(abstract_params(rc.model), mesh)
+    rng = jax.random.key(rc.train.seed)
+
+    start = ckpt.latest_step(workdir)
+    if start is not None and start >= rc.train.steps and (workdir / "final_eval.json").exists():
+        if is_main:
+            print(f"{workdir} already finished at step {start}; nothing to do", flush=True)
+        final = json.loads((workdir / "final_eval.json").read_text())
+        return TrainResult(workdir=workdir, step=start, final_eval=final, interrupted=False)
+    mgr = ckpt.manager(workdir, keep=rc.train.keep_checkpoints, async_save=rc.train.async_checkpoint)
+    abs_params = abstract_params(rc.model)
+    abs_opt = jax.eval_shape(tx.init, abs_params)
+    o_shard = shard_lib.shardings_like(abs_opt, mesh)
+    data_state = None
+    if start is not None:
+        with_sh = lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s)  # noqa: E731
+        params, opt_state, extra = ckpt.restore(mgr, start, jax.tree.map(with_sh, abs_params, p_shard),
+                                                jax.tree.map(with_sh, abs_opt, o_shard))
+        data_state = extra.get("data_state")
+        if is_main:
+            print(f"resuming {workdir} from step {start}", flush=True)
+    else:
+        if rc.init_from:
+            params = jax.device_put(_init_params_from(rc, rng), p_shard)
+        else:
+            params = jax.jit(lambda r: init_params(rc.model, r), out_shardings=p_shard)(rng)
+        opt_state = jax.jit(tx.init, out_shardings=o_shard)(params)
+        start = 0
+    state = {"params": params, "opt_state": opt_state, "step": jnp.asarray(start, jnp.int32)}
+
+    # ---- data ----
+    it = data_lib.make_train_iterator(rc.data, tokenizer, batch_size=B // n_proc, cache_dir=workdir,
+                                      process_index=jax.process_index(), process_count=n_proc)
+    if data_state is not None:
+        it.set_state(data_state)
+    eval_batches = data_lib.make_eval_batches(rc.data, tokenizer, batch_size=min(B, 8),
+                                              num_batches=rc.train.eval_batches, cache_dir=workdir)
+    def to_device(b: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+        # [B_host, T] -> [A, micro_host, T]; the micro-batch dimension is sharded over the devices.
+        out = {}
+        sh = shard_lib.accum_batch_sharding(mesh)
+        for k, v in b.items():
+            v = v.reshape(A, v.shape[0] // A, *v.shape[1:])
+            out[k] = jax.make_array_from_process_local_data(sh, v) if n_proc > 1 else jax.device_put(v, sh)
+        return out
+
+    step_fn = jax.jit(make_train_step(rc, tx, lr_fn, lam_fn), donate_argnums=(0,))
+
+    # ---- metrics ----
+    writer = MetricsWriter(workdir, resume_step=start, enabled=is_main)
+    peak = measure_matmul_peak() * n_dev
+    flops_per_step = rc.model.flops_per_token(T) * B * T
+
+    stop_requested = {"flag": False}
+
+    def on_sigterm(signum: int, frame: Any) -> None:
+        del signum, frame
+        stop_requested["flag"] = True
+
+    prev_handler = signal.signal(signal.SIGTERM, on_sigterm) if threading.current_thread() is threading.main_thread() \
+        else None
+
+    def save(step: int, force: bool = False) -> None:
+        ckpt.save(mgr, step, state["params"], state["opt_state"],
+                  {"step": step, "data_state": last_data_state, "model": dataclasses.asdict(rc.model)},
+                  force=force)
+
+    pbar = None
+    if is_main and rc.train.progress_bar:
+        from tqdm import tqdm
+
+        pbar = tqdm(total=rc.train.steps, initial=start, desc="train", file=sys.stderr, dynamic_ncols=True)
+
+    last_data_state = data_state if data_state is not None else it.get_state()
+    batches = _prefetch(it)
+    step = start
+    interrupted = False
+    t_last, tokens_since = time.perf_counter(), 0
+    try:
+        while step < rc.train.steps:
+            batch, next_data_state = next(batches)
+            state, m = step_fn(state, to_device(batch))
+            m = jax.device_get(m)  # blocks each step: also avoids collective deadlocks on simulated devices
+            if not bool(m["finite"]):
+                mgr.wait_until_finished()
+                raise NonFiniteLossError(
+                    f"non-finite loss/gradient at step {step} (loss={float(m['loss'])}, grad_norm="
+                    f"{float(m['grad_norm'])}); the update was not applied. Last good checkpoint: "
+                    f"{ckpt.latest_step(workdir)} in {workdir}/checkpoints. Lower optim.lr or the sparsity lambdas."
+                )
+            last_data_state = next_data_state
+            step += 1
+            tokens_since += B * T
+            if pbar is not None:
+                pbar.update(1)
+                pbar.set_postfix(loss=f"{float(m['loss']):.3f}", sp=f"{float(m['sparsity']):.3f}")
+            if step % rc.train.log_every == 0 or step == rc.train.steps:
+                dt = time.perf_counter() - t_last
+                tps = tokens_since / max(dt, 1e-9)
+                writer.write(step, {
+                    "loss": float(m["loss"]), "lm_loss": float(m["lm_loss"]), "reg_loss": float(m["reg_loss"]),
+                    "reg_factor": float(m["reg_factor"]), "lr": float(m["lr"]), "grad_norm": float(m["grad_norm"]),
+                    "sparsity": float(m["sparsity"]),
+                    "sparsity_per_layer": [float(x) for x in m["sparsity_per_layer"]],
+                    "l1_per_layer": [float(x) for x in m["l1_per_layer"]],
+                    "tokens_per_sec": tps, "mfu": flops_per_step / (B * T) * tps / peak,
+                    "tokens_seen": step * B * T,
+                })
+                t_last, tokens_since = time.perf_counter(), 0
+            if rc.train.eval_every and step % rc.train.eval_every == 0 and step != rc.train.steps:
+                writer.write(step, evaluate(state["params"], rc.model, eval_batches), kind="eval")
+                t_last = time.perf_counter()
+            if step % rc.train.checkpoint_every == 0 or step == rc.train.steps:
+                save(step)
+            if stop_requested["flag"] or (stop_after is not None and step >= stop_after):
+                if step % rc.train.checkpoint_every and step != rc.train.steps:
+                    save(step, force=True)
+                interrupted = True
+                if is_main:
+                    print(f"stopping at step {step}: checkpoint saved in {workdir}", flush=True)
+                break
+    finally:
+        mgr.wait_until_finished()
+        if pbar is not None:
+            pbar.close()
+        if prev_handler is not None:
+            signal.signal(signal.SIGTERM, prev_handler)
+
+    final: dict[str, Any] = {}
+    if not interrupted:
+        final = evaluate(state["params"], rc.model, eval_batches)
+        writer.write(step, final, kind="eval")
+        t = rc.sparsity.final_threshold
+        if t > 0 and rc.model.activation in ("relu", "fatrelu"):
+            fat_cfg = rc.model.replace(activation="fatrelu", activation_threshold=t)
+            fat = evaluate(state["params"], fat_cfg, eval_batches)
+            fat = {f"fatrelu_{k}": v for k, v in fat.items()}
+            fat["fatrelu_threshold"] = t
+            writer.write(step, fat, kind="final_fatrelu")
+            final.update(fat)
+        if is_main:
+            (workdir / "final_eval.json").write_text(json.dumps(dict(final, step=step), indent=2))
+    writer.close()
+    mgr.close()
+    return TrainResult(workdir=workdir, step=step, final_eval=final, interrupted=interrupted)
+
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config (file.py:arg).", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, metrics, config); resumed if it exists.")
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    logging.set_verbosity(logging.WARNING)  # orbax / tfds INFO lines drown the progress bar; -v=1 brings them back
+    if not _WORKDIR.value:
+        print("error: --workdir is required (a directory for checkpoints and metrics)", file=sys.stderr)
+        sys.exit(2)
+    try:
+        res = train(_CONFIG.value, _WORKDIR.value)
+    except (ConfigError, TrainError, ckpt.CheckpointError, data_lib.DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    if res.final_eval:
+        print(json.dumps({"step": res.step, **{k: v for k, v in res.final_eval.items() if "per_layer" not in k}}))
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,97 @@
+"""Every config file and arg builds (jax.eval_shape), describe matches REFERENCE numbers, bad configs fail clearly."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import pytest
+from ml_collections import config_flags
+
+from prosparse_jax.config import ConfigError
+from prosparse_jax.describe import describe
+from prosparse_jax.model import abstract_params
+from prosparse_jax.run_config import resolve
+
+ROOT = Path(__file__).resolve().parents[1]
+SL_ARGS = [f"{s}-{a}" for s in ("0.1b", "0.2b", "0.4b", "0.8b", "1.2b") for a in ("relu", "silu")] + [
+    "0.1b-fatrelu", "0.1b-drelu", "0.1b-relu2", "0.1b-gelu"]
+PS_ARGS = ["tiny", "minicpm-1b", "llama2-7b", "llama2-13b"]
+
+
+def load(file: str, arg: str):
+    return config_flags.config_flags._LoadConfigModule("cfg", str(ROOT / "configs" / file)).get_config(arg)
+
+
+@pytest.mark.parametrize("file,arg", [("sparsing_law.py", a) for a in SL_ARGS] + [("prosparse.py", a) for a in PS_ARGS])
+def test_every_config_builds_abstractly(file, arg):
+    rc = resolve(load(file, arg))
+    shapes = abstract_params(rc.model)
+    assert sum(x.size for x in jax.tree.leaves(shapes)) == rc.model.params_total
+    assert rc.sparsity.stages[-1][1] == rc.train.steps
+
+
+@pytest.mark.parametrize("file,arg,key,expected,tol", [
+    ("sparsing_law.py", "0.1b-relu", "params_non_embedding", 1.085e8, 0.01),
+    ("sparsing_law.py", "1.2b-silu", "params_non_embedding", 1.182e9, 0.01),
+    ("prosparse.py", "llama2-7b", "params_total", 6.74e9, 0.01),
+    ("prosparse.py", "minicpm-1b", "params_total", 1.36e9, 0.02),
+])
+def test_describe_matches_reference(file, arg, key, expected, tol):
+    d = describe(resolve(load(file, arg)))
+    assert abs(d[key] - expected) / expected < tol, d[key]
+
+
+def test_flops_per_token_formula():
+    rc = resolve(load("prosparse.py", "llama2-7b"))
+    m = rc.model
+    d = describe(rc)
+    n_matmul = d["params_non_embedding"] - (2 * m.n_layers + 1) * m.d_model + m.d_model * m.vocab_size
+    assert d["flops_per_token"] == 6 * n_matmul + 6 * m.n_layers * m.d_model * (4096 + 1)
+
+
+def test_sparsing_law_0_4b_published_shape():
+    m = resolve(load("sparsing_law.py", "0.4b-relu")).model
+    assert (m.d_model, m.n_layers, m.n_heads, m.n_kv_heads, m.d_ff, m.vocab_size) == (1280, 24, 10, 10, 3200, 122753)
+
+
+@pytest.mark.parametrize("override,field", [
+    (dict(activation="rleu"), "model.activation"),
+    (dict(n_heads=5), "model.n_heads"),
+    (dict(n_kv_heads=3), "model.n_kv_heads"),
+    (dict(d_ff=0), "model.d_ff"),
+    (dict(activation_threshold=-0.1), "model.activation_threshold"),
+    (dict(dtype="fp8"), "model.dtype"),
+])
+def test_bad_model_config_names_field(override, field):
+    c = load("prosparse.py", "tiny")
+    c.model.update(override)
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+        resolve(c)
+
+
+def test_bad_config_arg():
+    with pytest.raises(ConfigError, match="unknown scale"):
+        load("sparsing_law.py", "3b-relu")
+    with pytest.raises(ConfigError, match="unknown activation"):
+        load("sparsing_law.py", "0.1b-swish")
+
+
+def _describe_cli(*args):
+    return subprocess.run([sys.executable, "-m", "prosparse_jax.describe", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_describe_cli_and_bad_config_exit_codes():
+    ok = _describe_cli("--config=configs/sparsing_law.py:0.4b-relu")
+    assert ok.returncode == 0, ok.stderr
+    d = json.loads(ok.stdout)
+    for k in ("params_total", "params_non_embedding", "flops_per_token", "d_model", "n_layers", "d_ff",
+              "vocab_size", "activation"):
+        assert k in d
+    assert d["activation"] == "relu"
+    bad = _describe_cli("--config=configs/prosparse.py:tiny", "--config.model.activation=rleu")
+    assert bad.returncode != 0 and "model.activation" in bad.stderr and "choose one of" in bad.stderr
+    bad = _describe_cli("--config=configs/prosparse.py:tiny", "--config.model.n_heads=3")
+    assert bad.returncode != 0 and "model.n_heads" in bad.stderr

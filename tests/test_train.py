@@ -1,0 +1,206 @@
+"""Training: objective, exact resume, SIGTERM, NaN guard, config errors, init_from substitution."""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from conftest import tiny_model_config
+
+from prosparse_jax import checkpoint as ckpt
+from prosparse_jax import train as train_mod
+from prosparse_jax.config import ConfigError
+from prosparse_jax.metrics import read_metrics
+from prosparse_jax.model import forward, init_params
+from prosparse_jax.run_config import base_config
+from prosparse_jax.schedules import lambda_numpy
+
+ROOT = Path(__file__).resolve().parents[1]
+WORDS = ("alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma "
+         "tau").split()
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    d = tmp_path_factory.mktemp("corpus")
+    rng = np.random.default_rng(0)
+    for i in range(40):
+        text = " ".join(rng.choice(WORDS, size=rng.integers(50, 200)))
+        (d / f"doc{i:03d}.txt").write_text(f"def f{i}():\n    return '{text}'\n")
+    return d
+
+
+def small_config(corpus, steps=8, **train_kw):
+    c = base_config()
+    c.model.update(dict(vocab_size=320, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64,
+                        activation="relu"))
+    c.data.source = f"files:{corpus}/*.txt"
+    c.data.data_dir = str(corpus.parent / "tfds")
+    c.data.vocab_size = 320
+    c.data.seq_len = 32
+    c.data.eval_fraction = 0.1
+    c.train.update(dict(steps=steps, batch_size=4, log_every=1, eval_every=0, eval_batches=2,
+                        checkpoint_every=2, progress_bar=False, async_checkpoint=False))
+    c.train.update(train_kw)
+    c.optim.update(dict(lr=3e-3, warmup_steps=2, schedule="cosine"))
+    c.sparsity.stages = [[0.0, 2], [0.05, 4], [0.2, 8]] if steps >= 4 else [[0.0, steps]]  # rescaled to steps
+    return c
+
+
+def _params(workdir, step=None):
+    _, p, _ = ckpt.load_model(workdir, step)
+    return p
+
+
+def test_l1_gradient_matches_written_formula():
+    cfg = tiny_model_config(activation="relu")
+    params = init_params(cfg, jax.random.key(0))
+    ids = jax.random.randint(jax.random.key(1), (2, 9), 0, cfg.vocab_size)
+    batch = {"inputs": ids[:, :-1], "targets": ids[:, 1:], "segment_ids": jnp.ones((2, 8), jnp.int32),
+             "positions": jnp.broadcast_to(jnp.arange(8), (2, 8)), "weights": jnp.ones((2, 8))}
+    lam = 0.37
+
+    def reg_only(p):
+        _, aux = train_mod.loss_fn(p, batch, cfg, jnp.float32(lam))
+        return aux["reg_loss"]
+
+    def written(p):  # lambda * sum_l mean_{tokens x d_ff} |x1_l|, from the captured x1
+        _, st = forward(p, batch["inputs"], cfg, capture=True)
+        return lam * sum(jnp.mean(jnp.abs(st.x1[i])) for i in range(cfg.n_layers))
+
+    g1, g2 = jax.grad(reg_only)(params), jax.grad(written)(params)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-8), g1, g2)
+    # analytic: d/dW_up of mean|relu(g) * u| = x^T (relu(g) * sign(x1)) / (tokens * F), checked on layer 0's FFN
+    x = jax.random.normal(jax.random.key(2), (5, cfg.d_model))
+    wg, wu = params["layers"]["w_gate_LxDxF"][0], params["layers"]["w_up_LxDxF"][0]
+    f = lambda w: jnp.mean(jnp.abs(jax.nn.relu(x @ wg) * (x @ w)))  # noqa: E731
+    x1 = jax.nn.relu(x @ wg) * (x @ wu)
+    analytic = x.T @ (jax.nn.relu(x @ wg) * jnp.sign(x1)) / x1.size
+    np.testing.assert_allclose(jax.grad(f)(wu), analytic, rtol=1e-5, atol=1e-8)
+
+
+def test_train_writes_metrics_and_sparsity_rises_with_lambda(corpus, tmp_path):
+    c = small_config(corpus, steps=8)
+    res = train_mod.train(c, tmp_path / "run")
+    rows = read_metrics(tmp_path / "run", "train")
+    assert [r["step"] for r in rows] == list(range(1, 9))
+    for k in ("step", "loss", "lm_loss", "reg_loss", "reg_factor", "lr", "sparsity", "sparsity_per_layer",
+              "tokens_per_sec", "mfu"):
+        assert k in rows[0]
+    # the entry of step s logs the update with index t = s - 1 (0-based), whose lambda is lambda(t)
+    stages = [tuple(x) for x in c.sparsity.stages]
+    for r in rows:
+        assert r["reg_factor"] == pytest.approx(lambda_numpy(stages, r["step"] - 1), rel=1e-6, abs=1e-9)
+    assert rows[0]["reg_factor"] == 0.0 and rows[-1]["reg_factor"] > 0.15
+    assert all(np.isfinite(r["loss"]) for r in rows)
+    assert abs(rows[-1]["loss"] - rows[-1]["lm_loss"] - rows[-1]["reg_loss"]) < 1e-5
+    assert "eval_loss" in res.final_eval and "eval_sparsity" in res.final_eval
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["model"]["activation"] == "relu"
+    assert list((tmp_path / "run" / "tb").glob("events.*"))
+    assert ckpt.latest_step(tmp_path / "run") == 8
+
+
+def test_resume_is_bitwise_identical(corpus, tmp_path):
+    c = small_config(corpus, steps=8, grad_accum=2)
+    train_mod.train(c, tmp_path / "full")
+    r1 = train_mod.train(c, tmp_path / "split", stop_after=5)  # 'killed' after step 5 (forced checkpoint)
+    assert r1.interrupted and ckpt.latest_step(tmp_path / "split") == 5
+    train_mod.train(c, tmp_path / "split")
+    a, b = _params(tmp_path / "full"), _params(tmp_path / "split")
+    jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)), a, b)
+    la = [r["loss"] for r in read_metrics(tmp_path / "full", "train")]
+    lb = [r["loss"] for r in read_metrics(tmp_path / "split", "train")]
+    assert la == lb
+
+
+def test_nan_guard_stops_and_keeps_last_good_checkpoint(corpus, tmp_path, monkeypatch):
+    real = train_mod.schedules.lambda_schedule
+    monkeypatch.setattr(train_mod.schedules, "lambda_schedule",
+                        lambda stages: (lambda t: jnp.where(t >= 5, jnp.nan, real(stages)(t))))
+    c = small_config(corpus, steps=8)
+    with pytest.raises(train_mod.NonFiniteLossError, match="step 5"):
+        train_mod.train(c, tmp_path / "run")
+    assert ckpt.latest_step(tmp_path / "run") == 4
+    p = _params(tmp_path / "run")
+    assert all(bool(jnp.isfinite(x).all()) for x in jax.tree.leaves(p))
+
+
+def test_resume_with_different_config_refused(corpus, tmp_path):
+    c = small_config(corpus, steps=4)
+    train_mod.train(c, tmp_path / "run")
+    before = (tmp_path / "run" / "config.json").read_text()
+    c2 = small_config(corpus, steps=4)
+    c2.model.d_ff = 96
+    with pytest.raises(train_mod.TrainError, match="model.d_ff"):
+        train_mod.train(c2, tmp_path / "run")
+    assert (tmp_path / "run" / "config.json").read_text() == before
+
+
+def test_init_from_substitutes_activation(corpus, tmp_path):
+    c = small_config(corpus, steps=4)
+    c.model.activation = "silu"
+    train_mod.train(c, tmp_path / "silu")
+    c2 = small_config(corpus, steps=2)
+    c2.init_from = str(tmp_path / "silu")
+    c2.sparsity.stages = [[0.0, 2]]
+    c2.optim.lr = 1e-9  # (almost) no update: the step-0 ReLU model is the SiLU weights with ReLU substituted
+    train_mod.train(c2, tmp_path / "relu")
+    rows = read_metrics(tmp_path / "relu", "train")
+    assert rows[0]["sparsity"] > 0.2  # SiLU has no exact zeros; ReLU on the same weights has many
+    assert read_metrics(tmp_path / "silu", "train")[-1]["sparsity"] == 0.0
+    assert (tmp_path / "relu" / "tokenizer.json").read_text() == (tmp_path / "silu" / "tokenizer.json").read_text()
+
+
+@pytest.mark.parametrize("stages,msg", [([[0.0, 4], [0.1, 4]], "increasing"), ([[0.0, 2], [-0.1, 4]], ">= 0")])
+def test_bad_stage_tables(corpus, tmp_path, stages, msg):
+    c = small_config(corpus, steps=4)
+    c.sparsity.stages = stages
+    with pytest.raises(ConfigError, match=msg):
+        train_mod.train(c, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+def test_missing_corpus_and_unknown_tfds(corpus, tmp_path):
+    from prosparse_jax import data as data_lib
+
+    c = small_config(corpus, steps=2)
+    c.data.source = f"files:{tmp_path}/nothing/*.txt"
+    with pytest.raises(data_lib.DataError, match="nothing"):
+        train_mod.train(c, tmp_path / "run")
+    c.data.source = "tfds:no_such_dataset_xyz"
+    c.data.tokenizer = str(tmp_path / "missing.json")
+    with pytest.raises(data_lib.DataError):
+        train_mod.train(c, tmp_path / "run2")
+
+
+@pytest.mark.slow
+def test_sigterm_saves_restorable_checkpoint(corpus, tmp_path):
+    wd = tmp_path / "run"
+    cmd = [sys.executable, "-m", "prosparse_jax.train", "--config=configs/prosparse.py:tiny", f"--workdir={wd}",
+           f"--config.data.source=files:{corpus}/*.txt", f"--config.data.data_dir={tmp_path}/tfds",
+           "--config.data.vocab_size=320", "--config.model.vocab_size=320", "--config.model.d_model=32",
+           "--config.model.d_ff=64", "--config.model.n_layers=2", "--config.data.seq_len=32",
+           "--config.train.steps=100000", "--config.train.checkpoint_every=100000", "--config.train.log_every=1",
+           "--config.train.progress_bar=False", "--config.data.eval_fraction=0.1"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if (wd / "metrics.jsonl").exists() and len(read_metrics(wd)) >= 3:
+            break
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, out
+    step = ckpt.latest_step(wd)
+    assert step is not None and step >= 3
+    mgr = ocp.CheckpointManager((wd / "checkpoints").absolute())
+    assert step in mgr.all_steps()
+    p = _params(wd)
+    assert all(bool(jnp.isfinite(x).all()) for x in jax.tree.leaves(p))
