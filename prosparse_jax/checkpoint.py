@@ -108,7 +108,13 @@ def load_model(path: str | os.PathLike, step: int | None = None) -> tuple[ModelC
     mgr = ocp.CheckpointManager(path.absolute() / CKPT_DIR)
     if step not in mgr.all_steps():
         raise CheckpointError(f"step {step} not in {path / CKPT_DIR} (have {sorted(mgr.all_steps())})")
-    params = mgr.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract_params(mcfg))))
+    # restore onto this process's first device whatever topology the checkpoint was written with
+    dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=dev), abstract_params(mcfg))
+    try:
+        params = mgr.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target)))
+    except (ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{path / CKPT_DIR}/{step} does not match the model in {cfg_file}: {e}") from e
     mgr.close()
     tok = path / "tokenizer.json"
     return mcfg, params["params"], tok if tok.is_file() else None

@@ -1,0 +1,239 @@
+"""Training throughput: our jitted step vs HF transformers LlamaForCausalLM (PyTorch CPU), same shapes, fp32, AdamW.
+
+    python experiments/bench_train.py --shapes=tiny,0.1b --out=bench.json
+
+For every shape, in ONE process: (a) ``prosparse_jax.train.make_train_step`` with the optimizer of
+``prosparse_jax.optim.make_optimizer`` (AdamW + global-norm clipping), the real loss (CE + lambda * sum_l mean|x1_l|,
+lambda > 0), grad_accum = 1, jitted with the state donated exactly as ``train.train`` does; (b) HF
+``LlamaForCausalLM`` (hidden_act relu, no biases, untied head, attn_implementation='sdpa') with ``torch.optim.AdamW``
+and the same clipping; its loss is CE + lambda * sum_l mean|x1_l| too, x1 (the input of ``down_proj``) being taken
+by a forward pre-hook, so both sides do the same work. Timed repetitions alternate between the two (warm-up steps
+excluded); the table reports the median tokens/s of each, the ratio ours / PyTorch and the MFU of each against the
+matmul peak measured in this run (``measure_matmul_peak`` for JAX; torch's own peak is printed for reference).
+
+Threads: torch is set to ``torch.get_num_threads() == os.cpu_count()`` (``--torch_threads``), the number of cores the
+XLA CPU client uses. XLA flags: whatever ``prosparse_jax`` applies (see ``prosparse_jax/xla_flags.py``) unless
+XLA_FLAGS is set in the environment; the flags in effect are printed and saved.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from configs import prosparse as prosparse_configs  # noqa: E402
+from prosparse_jax import optim as optim_lib  # noqa: E402
+from prosparse_jax import schedules  # noqa: E402
+from prosparse_jax.metrics import measure_matmul_peak  # noqa: E402
+from prosparse_jax.model import init_params  # noqa: E402
+from prosparse_jax.run_config import resolve  # noqa: E402
+from prosparse_jax.train import make_train_step  # noqa: E402
+
+# name -> (model fields, batch, seq_len)
+SHAPES = {
+    "tiny": (dict(vocab_size=4096, d_model=256, n_layers=4, n_heads=4, n_kv_heads=4, d_ff=704), 8, 256),
+    "0.1b": (dict(vocab_size=4096, d_model=768, n_layers=16, n_heads=6, n_kv_heads=6, head_dim=128, d_ff=1920),
+             4, 256),
+}
+
+
+def run_config(shape: str, batch: int, seq: int, lam: float, steps: int):
+    c = prosparse_configs.get_config("tiny")
+    fields, _, _ = SHAPES[shape]
+    c.model.update(fields)
+    c.data.vocab_size = fields["vocab_size"]
+    c.data.seq_len = seq
+    c.train.batch_size = batch
+    c.train.grad_accum = 1
+    c.train.steps = steps
+    c.optim.schedule = "constant"
+    c.optim.warmup_steps = 0
+    c.sparsity.stages = [[lam, steps]]  # constant lambda > 0 from step 0
+    return resolve(c)
+
+
+class JaxBench:
+    def __init__(self, shape: str, batch: int, seq: int, lam: float, seed: int = 0) -> None:
+        self.rc = rc = run_config(shape, batch, seq, lam, steps=10**6)
+        tx, lr_fn = optim_lib.make_optimizer(rc.optim, rc.train.steps, rc.model.d_model)
+        lam_fn = schedules.lambda_schedule(rc.sparsity.stages)
+        params = jax.jit(lambda r: init_params(rc.model, r))(jax.random.key(seed))
+        self.state = {"params": params, "opt_state": jax.jit(tx.init)(params), "step": jnp.asarray(0, jnp.int32)}
+        self.step_fn = jax.jit(make_train_step(rc, tx, lr_fn, lam_fn), donate_argnums=(0,))
+        rng = np.random.default_rng(seed)
+        toks = rng.integers(0, rc.model.vocab_size, size=(1, batch, seq + 1), dtype=np.int32)
+        self.batch = jax.device_put({
+            "inputs": toks[..., :-1], "targets": toks[..., 1:],
+            "segment_ids": np.ones((1, batch, seq), np.int32),
+            "positions": np.broadcast_to(np.arange(seq, dtype=np.int32), (1, batch, seq)).copy(),
+            "weights": np.ones((1, batch, seq), np.float32),
+        })
+        self.loss = None
+
+    def run(self, n: int) -> float:
+        """Runs n steps; returns the seconds they took (host blocked on the last one)."""
+        t0 = time.perf_counter()
+        m = None
+        for _ in range(n):
+            self.state, m = self.step_fn(self.state, self.batch)
+        jax.block_until_ready((self.state, m))
+        dt = time.perf_counter() - t0
+        self.loss = float(m["loss"])
+        return dt
+
+
+class TorchBench:
+    def __init__(self, rc, batch: int, seq: int, lam: float, seed: int = 0) -> None:
+        import torch
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        m, o = rc.model, rc.optim
+        torch.manual_seed(seed)
+        hf_cfg = LlamaConfig(
+            vocab_size=m.vocab_size, hidden_size=m.d_model, intermediate_size=m.d_ff, num_hidden_layers=m.n_layers,
+            num_attention_heads=m.n_heads, num_key_value_heads=m.n_kv_heads, head_dim=m.hd, hidden_act="relu",
+            max_position_embeddings=max(seq, 512), rms_norm_eps=m.norm_eps, rope_theta=m.rope_theta,
+            attention_bias=False, mlp_bias=False, tie_word_embeddings=False, initializer_range=m.init_std,
+            use_cache=False, attn_implementation="sdpa",
+        )
+        self.model = LlamaForCausalLM(hf_cfg).float().train()
+        self.attn_impl = self.model.config._attn_implementation
+        decay = [p for n, p in self.model.named_parameters() if "norm" not in n and "embed" not in n]
+        no_decay = [p for n, p in self.model.named_parameters() if "norm" in n or "embed" in n]
+        self.opt = torch.optim.AdamW([{"params": decay, "weight_decay": o.weight_decay},
+                                      {"params": no_decay, "weight_decay": 0.0}],
+                                     lr=o.lr, betas=(o.b1, o.b2), eps=o.eps, foreach=True)
+        self.clip = o.clip_norm
+        self.lam = lam
+        self._l1: list = []
+        for layer in self.model.model.layers:  # x1 = act(gate) * up is the input of down_proj
+            layer.mlp.down_proj.register_forward_pre_hook(lambda mod, args: self._l1.append(args[0].abs().mean()))
+        g = torch.Generator().manual_seed(seed)
+        toks = torch.randint(0, m.vocab_size, (batch, seq + 1), generator=g)
+        self.inputs, self.targets = toks[:, :-1].contiguous(), toks[:, 1:].contiguous()
+        self.torch = torch
+        self.loss = None
+
+    def run(self, n: int) -> float:
+        torch = self.torch
+        t0 = time.perf_counter()
+        for _ in range(n):
+            self._l1.clear()
+            logits = self.model(input_ids=self.inputs).logits
+            ce = torch.nn.functional.cross_entropy(logits.view(-1, logits.shape[-1]), self.targets.view(-1))
+            loss = ce + self.lam * torch.stack(self._l1).sum()
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if self.clip > 0:
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip, foreach=True)
+            self.opt.step()
+        dt = time.perf_counter() - t0
+        self.loss = float(loss)
+        return dt
+
+
+def torch_matmul_peak(n: int = 1024, repeats: int = 5) -> float:
+    import torch
+
+    a = torch.ones(n, n)
+    a @ a
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        a @ a
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best
+
+
+def bench_shape(shape: str, args: argparse.Namespace, peaks: dict[str, float]) -> dict:
+    _, batch, seq = SHAPES[shape]
+    batch = args.batch or batch
+    seq = args.seq or seq
+    t_c = time.perf_counter()
+    jb = JaxBench(shape, batch, seq, args.lam)
+    jb.run(1)
+    compile_s = time.perf_counter() - t_c
+    tb = TorchBench(jb.rc, batch, seq, args.lam)
+    jb.run(args.warmup)
+    tb.run(args.warmup + 1)
+    tokens = batch * seq * args.steps
+    ours, theirs = [], []
+    for rep in range(args.reps):
+        order = (jb, tb) if rep % 2 == 0 else (tb, jb)  # alternate who goes first
+        for b in order:
+            dt = b.run(args.steps)
+            (ours if b is jb else theirs).append(tokens / dt)
+    flops_tok = jb.rc.model.flops_per_token(seq)
+    o, t = statistics.median(ours), statistics.median(theirs)
+    return {
+        "shape": shape, "batch": batch, "seq_len": seq, "params": jb.rc.model.params_total,
+        "flops_per_token": flops_tok, "lambda": args.lam, "steps_per_rep": args.steps, "warmup": args.warmup,
+        "reps": args.reps, "jax_compile_plus_first_step_s": compile_s,
+        "ours_tokens_per_s": o, "torch_tokens_per_s": t, "ratio": o / t,
+        "ours_mfu": flops_tok * o / peaks["jax"], "torch_mfu": flops_tok * t / peaks["jax"],
+        "torch_mfu_vs_torch_peak": flops_tok * t / peaks["torch"],
+        "ours_all": ours, "torch_all": theirs, "ours_final_loss": jb.loss, "torch_final_loss": tb.loss,
+        "torch_attn_implementation": tb.attn_impl,
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shapes", default="tiny,0.1b", help=f"comma-separated, from {sorted(SHAPES)}")
+    p.add_argument("--steps", type=int, default=5, help="timed steps per repetition")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps before timing (after compilation)")
+    p.add_argument("--reps", type=int, default=5, help="timed repetitions per framework (alternating); median")
+    p.add_argument("--batch", type=int, default=0, help="override the shape's batch size")
+    p.add_argument("--seq", type=int, default=0, help="override the shape's sequence length")
+    p.add_argument("--lam", type=float, default=0.1, help="L1 regulariser weight (> 0 so the L1 term is computed)")
+    p.add_argument("--torch_threads", type=int, default=0, help="torch threads; 0 = os.cpu_count() (as XLA)")
+    p.add_argument("--out", default="", help="write the results JSON here")
+    args = p.parse_args()
+
+    import torch
+    import transformers
+
+    n_threads = args.torch_threads or os.cpu_count()
+    torch.set_num_threads(n_threads)
+    peaks = {"jax": measure_matmul_peak(), "torch": torch_matmul_peak()}
+    env = {"jax": jax.__version__, "torch": torch.__version__, "transformers": transformers.__version__,
+           "cpu_count": os.cpu_count(), "jax_devices": str(jax.devices()), "torch_threads": torch.get_num_threads(),
+           "XLA_FLAGS": os.environ.get("XLA_FLAGS", ""), "peak_flops_jax": peaks["jax"],
+           "peak_flops_torch": peaks["torch"]}
+    print(json.dumps(env), flush=True)
+    rows = []
+    for shape in args.shapes.split(","):
+        if shape not in SHAPES:
+            raise SystemExit(f"unknown shape {shape!r}; choose from {sorted(SHAPES)}")
+        rows.append(bench_shape(shape, args, peaks))
+        print(json.dumps({k: v for k, v in rows[-1].items() if not k.endswith("_all")}), flush=True)
+    peaks = {"jax": measure_matmul_peak(), "torch": torch_matmul_peak()}
+    env.update(peak_flops_jax_end=peaks["jax"], peak_flops_torch_end=peaks["torch"])
+
+    print(f"\nfp32, AdamW, torch threads {env['torch_threads']}, torch attention "
+          f"{rows[0]['torch_attn_implementation']}; matmul peak (1024^3) JAX {env['peak_flops_jax'] / 1e9:.0f} "
+          f"GFLOP/s, torch {env['peak_flops_torch'] / 1e9:.0f} GFLOP/s; MFU vs the JAX peak")
+    print(f"{'shape':6} {'B x T':>8} {'ours tok/s':>11} {'torch tok/s':>12} {'ours/torch':>10} "
+          f"{'ours MFU':>9} {'torch MFU':>10}")
+    for r in rows:
+        print(f"{r['shape']:6} {r['batch']:>3}x{r['seq_len']:<4} {r['ours_tokens_per_s']:>11.0f} "
+              f"{r['torch_tokens_per_s']:>12.0f} {r['ratio']:>10.2f} {r['ours_mfu']:>9.1%} {r['torch_mfu']:>10.1%}")
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps({"env": env, "results": rows}, indent=2))
+        print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,72 @@
+"""Data-parallel + FSDP on simulated CPU devices gives the same training as one device."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from prosparse_jax import checkpoint as ckpt
+from prosparse_jax.sharding import param_specs
+
+ROOT = Path(__file__).resolve().parents[1]
+
+SCRIPT = r"""
+import json, sys
+from pathlib import Path
+sys.path.insert(0, {tests!r})
+from test_train import small_config
+from prosparse_jax.train import train
+import jax
+c = small_config(Path({corpus!r}), steps=4)
+c.train.mesh_fsdp = {fsdp}
+c.train.batch_size = 8
+train(c, {workdir!r})
+print(json.dumps({{"devices": jax.device_count()}}))
+"""
+
+
+def _run(corpus, workdir, n_devices, fsdp):
+    env = {"XLA_FLAGS": f"--xla_force_host_platform_device_count={n_devices}", "PATH": "/usr/bin:/bin",
+           "HF_HUB_OFFLINE": "1", "JAX_PLATFORMS": "cpu"}
+    code = SCRIPT.format(tests=str(ROOT / "tests"), corpus=str(corpus), fsdp=fsdp, workdir=str(workdir))
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert json.loads(out.stdout.strip().splitlines()[-1])["devices"] == n_devices
+
+
+def test_param_specs_table():
+    shapes = {"embed_VxD": jax.ShapeDtypeStruct((64, 32), np.float32),
+              "layers": {"w_down_LxFxD": jax.ShapeDtypeStruct((2, 48, 32), np.float32),
+                         "attn_norm_LxD": jax.ShapeDtypeStruct((2, 32), np.float32)}}
+    specs = param_specs(shapes, 4)
+    assert tuple(specs["embed_VxD"]) == ("fsdp", None)
+    assert tuple(specs["layers"]["w_down_LxFxD"]) == (None, "fsdp", None)
+    assert tuple(specs["layers"]["attn_norm_LxD"]) == ()
+    assert tuple(param_specs(shapes, 1)["embed_VxD"]) == ()
+
+
+@pytest.mark.slow
+def test_fsdp_on_4_devices_matches_single_device(tmp_path):
+    from test_train import WORDS
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(40):
+        (corpus / f"doc{i:03d}.txt").write_text(" ".join(rng.choice(WORDS, size=rng.integers(50, 200))))
+    _run(corpus, tmp_path / "one", 1, 1)
+    _run(corpus, tmp_path / "four", 4, 2)
+    _, a, _ = ckpt.load_model(tmp_path / "one")
+    _, b, _ = ckpt.load_model(tmp_path / "four")
+    # same math, different reduction order across devices: equal to float32 round-off
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=2e-4, atol=2e-6), a, b)
+    la = [json.loads(x)["loss"] for x in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()
+          if json.loads(x)["kind"] == "train"]
+    lb = [json.loads(x)["loss"] for x in (tmp_path / "four" / "metrics.jsonl").read_text().splitlines()
+          if json.loads(x)["kind"] == "train"]
+    np.testing.assert_allclose(la, lb, rtol=1e-5)
