@@ -14,14 +14,12 @@ import sys
 from typing import Any
 
 import jax
-from absl import app
+from absl import app, flags
 from ml_collections import config_flags
 
 from prosparse_jax.config import ConfigError
 from prosparse_jax.model import abstract_params
 from prosparse_jax.run_config import RunConfig, resolve
-
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (file.py:arg).", lock_config=True)
 
 
 def describe(rc: RunConfig) -> dict[str, Any]:
@@ -71,7 +69,7 @@ def describe(rc: RunConfig) -> dict[str, Any]:
 def main(argv: list[str]) -> None:
     del argv
     try:
-        rc = resolve(_CONFIG.value)
+        rc = resolve(flags.FLAGS.config)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
@@ -79,4 +77,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    config_flags.DEFINE_config_file("config", None, "Experiment config file (file.py:arg).", lock_config=True)
     app.run(main)

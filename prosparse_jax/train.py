@@ -429,18 +429,15 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, stop_after:
     return TrainResult(workdir=workdir, step=step, final_eval=final, interrupted=interrupted)
 
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config (file.py:arg).", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, metrics, config); resumed if it exists.")
-
-
 def main(argv: list[str]) -> None:
     del argv
-    logging.set_verbosity(logging.WARNING)  # orbax / tfds INFO lines drown the progress bar; -v=1 brings them back
-    if not _WORKDIR.value:
+    logging.set_verbosity(logging.WARNING)  # orbax / tfds INFO lines drown the progress bar
+    FLAGS = flags.FLAGS
+    if not FLAGS.workdir:
         print("error: --workdir is required (a directory for checkpoints and metrics)", file=sys.stderr)
         sys.exit(2)
     try:
-        res = train(_CONFIG.value, _WORKDIR.value)
+        res = train(FLAGS.config, FLAGS.workdir)
     except (ConfigError, TrainError, ckpt.CheckpointError, data_lib.DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
@@ -449,4 +446,7 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    # flags are defined only when run as a program, so the module can be imported next to other CLIs
+    config_flags.DEFINE_config_file("config", None, "Experiment config (file.py:arg).", lock_config=True)
+    flags.DEFINE_string("workdir", None, "Run directory (checkpoints, metrics, config); resumed if it exists.")
     app.run(main)
