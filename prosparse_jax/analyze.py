@@ -236,7 +236,8 @@ def analyze(checkpoint: str | Path, data: str, metric: str, value: float | None,
     L, F = cfg.n_layers, cfg.d_ff
     n_batches = sum(len(b) for b in by_src.values())
 
-    pbar = tqdm(total=n_batches * (1 if metric == "exact" else 2), desc=f"analyze {metric}", disable=not progress,
+    sweeps = {"exact": 0, "pplp": pplp_steps}.get(metric, 1)
+    pbar = tqdm(total=n_batches * (1 + sweeps), desc=f"analyze {metric}", disable=not progress,
                 file=sys.stderr)
     fwd = {"capture": 0, "sparse": 0}
 
@@ -301,8 +302,9 @@ def analyze(checkpoint: str | Path, data: str, metric: str, value: float | None,
             result["threshold_kind"] = "|act(gate)| >= eps kept"
         else:
             thresholds = [float(x) for x in thr_sum_L / max(thr_n, 1)]
-            result["threshold_kind"] = ("smallest kept |act(gate)| per layer, mean over batches" if topk_mode == "global"
-                                        else "smallest kept |act(gate)| per token, mean over tokens and batches")
+            result["threshold_kind"] = (
+                "smallest kept |act(gate)| per layer, mean over batches" if topk_mode == "global"
+                else "smallest kept |act(gate)| per token, mean over tokens and batches")
     else:
         w_down = params["layers"]["w_down_LxFxD"]
         cache = sparsity.CETTCache(w_down, [(x1, v) for _, x1, v, _ in cached])
@@ -312,8 +314,6 @@ def analyze(checkpoint: str | Path, data: str, metric: str, value: float | None,
             sparse = run_sparse(tau_fwd, taus_L)
             target = value
         else:
-            pbar.total = n_batches * (1 + pplp_steps)
-            pbar.refresh()
             limit = 1.0 + value / 100.0
             lo, hi = 0.0, 1.0
             best: tuple[np.ndarray, np.ndarray, dict] | None = None
@@ -408,6 +408,7 @@ def _plots(out: Path, heat_LxT: np.ndarray, res: dict[str, Any]) -> None:
     im = ax.imshow(np.ma.masked_invalid(heat_LxT), aspect="auto", interpolation="nearest", cmap="viridis")
     ax.set_xlabel("token position (within document)")
     ax.set_ylabel("layer")
+    ax.set_yticks(range(heat_LxT.shape[0]))
     ax.set_title(f"activation ratio per layer x position — {title}")
     fig.colorbar(im, ax=ax)
     fig.tight_layout()
@@ -448,7 +449,8 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps({k: res[k] for k in keys}))
     if "sparse_mode" in res:
         taus = ", ".join(repr(t) for t in res["sparse_mode"]["model.neuron_thresholds"])
-        print(f"sparse mode: --config.model.neuron_thresholds='({taus},)'  (also in {Path(_OUT.value) / 'sparse_mode.json'})")
+        where = Path(_OUT.value) / "sparse_mode.json"
+        print(f"sparse mode: --config.model.neuron_thresholds='({taus},)'  (also in {where})")
     return 0
 
 

@@ -175,9 +175,13 @@ def test_missing_corpus_and_unknown_tfds(corpus, tmp_path):
     with pytest.raises(data_lib.DataError, match="nothing"):
         train_mod.train(c, tmp_path / "run")
     c.data.source = "tfds:no_such_dataset_xyz"
-    c.data.tokenizer = str(tmp_path / "missing.json")
-    with pytest.raises(data_lib.DataError):
+    with pytest.raises(data_lib.DataError, match="no_such_dataset_xyz"):
         train_mod.train(c, tmp_path / "run2")
+    c.data.source = f"files:{corpus}/*.txt"
+    c.data.tokenizer = str(tmp_path / "missing.json")
+    with pytest.raises(data_lib.DataError, match="missing.json"):
+        train_mod.train(c, tmp_path / "run3")
+    assert not (tmp_path / "run3" / "checkpoints").exists()
 
 
 @pytest.mark.slow

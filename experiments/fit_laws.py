@@ -1,0 +1,262 @@
+"""Fits the Sparsing Law curves of activation ratio versus training tokens (arXiv 2411.02335, REFERENCE §3).
+
+    python experiments/fit_laws.py --form=relu|silu --out=fit.png <workdir> [<workdir> ...]
+    python experiments/fit_laws.py --selftest [--out=selftest.png]
+
+D = tokens_seen / 1e9 and A = 1 - sparsity from the ``train`` entries of each workdir's metrics.jsonl; each workdir
+is fitted on its own (one curve per run) and all are drawn on one plot.
+
+- ReLU: A(D) = exp(-c * D^alpha + b) + A0
+- SiLU: A(D) = -c * D^(-alpha) + A0
+
+Fits use ``scipy.optimize.least_squares(method='lm')`` (Levenberg-Marquardt) started from the best of a small grid
+over alpha, where the other coefficients enter linearly (SiLU) or log-linearly (ReLU) and are solved in closed form.
+1-sigma uncertainties come from the covariance s^2 (J^T J)^-1 at the optimum, s^2 = residual sum of squares / dof.
+
+--selftest samples both forms at the five published scales at 200 points evenly spaced in log D on D in [5, 250]
+(an assumed token range like the paper's curves; checkpoints logged often) with 0.5% multiplicative Gaussian noise and
+checks, for every scale: the truth lies within 4 sigma of the fit for A0 and alpha (the reported uncertainties are
+calibrated); the fitted curve is within 1% of the true one over the range; SiLU A0 within 2% and alpha within 20%;
+ReLU A0 within 10%. Measured over 20 noise seeds (worst case): SiLU A0 <= 1.0%, alpha <= 17% at 0.1B and <= 8% above;
+ReLU A0 <= 4% (0.1B-0.8B) and 6.4% (1.2B, whose tail has not reached A0 by 250B tokens), alpha <= 10% from 0.2B up,
+while at 0.1B (alpha = 0.1) the form is nearly degenerate (exp(b - c) * D^(-c * alpha)) and alpha, b, c are not
+identifiable (alpha off by up to 85%); truth within 3.4 sigma throughout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from scipy.optimize import least_squares
+
+#: Published coefficients (REFERENCE §3): scale -> (alpha, b, c, A0) for ReLU and (alpha, c, A0) for SiLU.
+PUBLISHED_RELU = {
+    "0.1B": (0.101, -0.0151, 3.20, 0.0614), "0.2B": (0.449, -3.05, 0.286, 0.0674),
+    "0.4B": (0.683, -3.46, 0.0790, 0.0690), "0.8B": (1.01, -3.49, 7.97e-3, 0.0721),
+    "1.2B": (1.33, -3.89, 9.03e-4, 0.0782),
+}
+PUBLISHED_SILU = {
+    "0.1B": (0.479, 0.102, 0.409), "0.2B": (0.844, 0.208, 0.390), "0.4B": (1.03, 0.420, 0.385),
+    "0.8B": (0.995, 0.562, 0.383), "1.2B": (0.967, 0.538, 0.382),
+}
+RELU_PARAMS = ("c", "alpha", "b", "A0")
+SILU_PARAMS = ("c", "alpha", "A0")
+_ALPHA_GRID = (0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0, 1.3, 1.7, 2.2)
+
+
+def relu_law(D: np.ndarray, c: float, alpha: float, b: float, A0: float) -> np.ndarray:
+    """A(D) = exp(-c * D^alpha + b) + A0."""
+    return np.exp(-c * np.power(D, alpha) + b) + A0
+
+
+def silu_law(D: np.ndarray, c: float, alpha: float, A0: float) -> np.ndarray:
+    """A(D) = -c * D^(-alpha) + A0."""
+    return -c * np.power(D, -alpha) + A0
+
+
+def _finish(res: Any, names: Sequence[str], n: int) -> dict[str, Any]:
+    J = res.jac
+    dof = max(n - len(names), 1)
+    s2 = 2.0 * res.cost / dof
+    try:
+        cov = np.linalg.inv(J.T @ J) * s2
+        err = np.sqrt(np.clip(np.diag(cov), 0.0, None))
+    except np.linalg.LinAlgError:
+        err = np.full(len(names), np.nan)
+    return {"params": dict(zip(names, map(float, res.x), strict=True)),
+            "stderr": dict(zip(names, map(float, err), strict=True)),
+            "rmse": float(np.sqrt(2.0 * res.cost / n)), "n": int(n), "success": bool(res.success)}
+
+
+def _check(D: np.ndarray, A: np.ndarray, n_params: int) -> tuple[np.ndarray, np.ndarray]:
+    D, A = np.asarray(D, np.float64).ravel(), np.asarray(A, np.float64).ravel()
+    if D.shape != A.shape or D.size <= n_params:
+        raise ValueError(f"need more than {n_params} (D, A) points of equal length, got {D.size} and {A.size}")
+    if np.any(D <= 0) or not np.all(np.isfinite(A)):
+        raise ValueError("D must be > 0 and A finite")
+    return D, A
+
+
+def fit_silu_law(D: Sequence[float], A: Sequence[float]) -> dict[str, Any]:
+    """Fits A(D) = -c * D^(-alpha) + A0 (Levenberg-Marquardt).
+
+    Returns:
+      {"params": {c, alpha, A0}, "stderr": {...} (1 sigma), "rmse", "n", "success"}.
+    """
+    D, A = _check(D, A, 3)
+    best = None
+    for a in _ALPHA_GRID:  # for fixed alpha, A = A0 - c * D^-alpha is linear in (A0, c)
+        X = np.stack([np.ones_like(D), -np.power(D, -a)], axis=1)
+        (a0, c), *_ = np.linalg.lstsq(X, A, rcond=None)
+        sse = float(np.sum((X @ np.array([a0, c]) - A) ** 2))
+        if best is None or sse < best[0]:
+            best = (sse, np.array([c, a, a0]))
+    res = least_squares(lambda p: silu_law(D, *p) - A, best[1], method="lm", x_scale="jac", max_nfev=20000)
+    return _finish(res, SILU_PARAMS, D.size)
+
+
+def fit_relu_law(D: Sequence[float], A: Sequence[float]) -> dict[str, Any]:
+    """Fits A(D) = exp(-c * D^alpha + b) + A0 (Levenberg-Marquardt), from the best of a grid over (alpha, A0).
+
+    Returns:
+      {"params": {c, alpha, b, A0}, "stderr": {...} (1 sigma), "rmse", "n", "success"}.
+    """
+    D, A = _check(D, A, 4)
+    amin, span = float(A.min()), float(A.max() - A.min())
+    best = None
+    for frac in (0.5, 0.8, 0.9, 0.95, 0.99):  # A0 just below the lowest point
+        a0 = amin - (1.0 - frac) * max(span, 1e-6) - 1e-9
+        y = np.log(A - a0)
+        for a in _ALPHA_GRID:  # log(A - A0) = b - c * D^alpha: linear in (b, c)
+            X = np.stack([np.ones_like(D), -np.power(D, a)], axis=1)
+            (b, c), *_ = np.linalg.lstsq(X, y, rcond=None)
+            p = np.array([c, a, b, a0])
+            sse = float(np.sum((relu_law(D, *p) - A) ** 2))
+            if np.isfinite(sse) and (best is None or sse < best[0]):
+                best = (sse, p)
+    with np.errstate(over="ignore", invalid="ignore"):
+        res = least_squares(lambda p: relu_law(D, *p) - A, best[1], method="lm", x_scale="jac", max_nfev=20000)
+    return _finish(res, RELU_PARAMS, D.size)
+
+
+FORMS: dict[str, tuple[Callable[..., dict[str, Any]], Callable[..., np.ndarray], tuple[str, ...]]] = {
+    "relu": (fit_relu_law, relu_law, RELU_PARAMS),
+    "silu": (fit_silu_law, silu_law, SILU_PARAMS),
+}
+
+
+def load_run(workdir: str | Path, min_tokens: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+    """(D in billions of tokens, activation ratio) from the train entries of ``<workdir>/metrics.jsonl``."""
+    path = Path(workdir) / "metrics.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: pass training workdirs")
+    D, A = [], []
+    for line in path.read_text().splitlines():
+        if not line.strip():
+            continue
+        r = json.loads(line)
+        is_train = r.get("kind", "train") == "train" and "tokens_seen" in r and "sparsity" in r
+        if is_train and r["tokens_seen"] > min_tokens:
+            D.append(r["tokens_seen"] / 1e9)
+            A.append(1.0 - r["sparsity"])
+    return np.asarray(D), np.asarray(A)
+
+
+def format_fit(name: str, fit: dict[str, Any]) -> str:
+    """One line: coefficient +- 1 sigma for each parameter."""
+    parts = [f"{k} = {v:.4g} ± {fit['stderr'][k]:.2g}" for k, v in fit["params"].items()]
+    return f"{name}: " + ", ".join(parts) + f"  (rmse {fit['rmse']:.3g}, n {fit['n']})"
+
+
+def plot_fits(curves: list[tuple[str, np.ndarray, np.ndarray, dict[str, Any]]], form: str, out: str | Path) -> None:
+    """Data points and fitted curves (one colour per run) to a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    law = FORMS[form][1]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for i, (name, D, A, fit) in enumerate(curves):
+        col = f"C{i % 10}"
+        ax.plot(D, A, ".", color=col, ms=3, alpha=0.5)
+        Dg = np.geomspace(D.min(), D.max(), 200)
+        ax.plot(Dg, law(Dg, *fit["params"].values()), "-", color=col,
+                label=f"{name}: A0={fit['params']['A0']:.4f}±{fit['stderr']['A0']:.1g}")
+    ax.set_xlabel("training tokens D (B)")
+    ax.set_ylabel("activation ratio A")
+    ax.set_title(f"Sparsing Law fit ({form})")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
+def sample_published(form: str, scale: str, *, D_range: tuple[float, float] = (5.0, 250.0), n: int = 200,
+                     noise: float = 0.005, seed: int = 0) -> tuple[np.ndarray, np.ndarray, tuple[float, ...]]:
+    """Samples a published curve with multiplicative Gaussian noise; returns (D, A, true params in fit order)."""
+    rng = np.random.default_rng(seed)
+    D = np.geomspace(*D_range, n)
+    if form == "relu":
+        alpha, b, c, a0 = PUBLISHED_RELU[scale]
+        true = (c, alpha, b, a0)
+    else:
+        alpha, c, a0 = PUBLISHED_SILU[scale]
+        true = (c, alpha, a0)
+    A = FORMS[form][1](D, *true)
+    return D, A * (1.0 + noise * rng.standard_normal(n)), true
+
+
+def selftest(noise: float = 0.005, seed: int = 0, out: str | Path | None = None, verbose: bool = True) -> list[str]:
+    """Recovers the published coefficients of all scales and both forms; returns the failures (empty = pass)."""
+    failures = []
+    for form, table in (("relu", PUBLISHED_RELU), ("silu", PUBLISHED_SILU)):
+        curves = []
+        for scale in table:
+            D, A, true = sample_published(form, scale, noise=noise, seed=seed)
+            fit = FORMS[form][0](D, A)
+            names = FORMS[form][2]
+            got = fit["params"]
+            t = dict(zip(names, true, strict=True))
+            Dg = np.geomspace(D.min(), D.max(), 200)
+            rel = np.max(np.abs(FORMS[form][1](Dg, *got.values()) / FORMS[form][1](Dg, *true) - 1))
+            checks = {"curve": rel <= 0.01, "A0": abs(got["A0"] / t["A0"] - 1) <= (0.02 if form == "silu" else 0.10)}
+            if form == "silu":
+                checks["alpha"] = abs(got["alpha"] / t["alpha"] - 1) <= 0.20
+            for k in ("A0", "alpha"):
+                checks[f"{k} within 4 sigma"] = abs(got[k] - t[k]) <= 4 * fit["stderr"][k]
+            bad = [k for k, ok in checks.items() if not ok]
+            if verbose:
+                truth = ", ".join(f"{k}={v:.4g}" for k, v in t.items())
+                print(format_fit(f"{form} {scale}", fit) + f"\n    true: {truth}; max curve error {rel:.2%}"
+                      + (f"  FAIL {bad}" if bad else "  ok"))
+            failures += [f"{form} {scale}: {k}" for k in bad]
+            curves.append((f"{scale} ({form})", D, A, fit))
+        if out is not None:
+            plot_fits(curves, form, Path(out).with_name(f"{Path(out).stem}_{form}{Path(out).suffix or '.png'}"))
+    return failures
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """CLI entry point; returns the exit code."""
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("workdirs", nargs="*", help="training workdirs with metrics.jsonl")
+    ap.add_argument("--form", choices=sorted(FORMS), help="law to fit: relu or silu")
+    ap.add_argument("--out", help="PNG to write")
+    ap.add_argument("--min_tokens", type=float, default=0.0, help="ignore entries with tokens_seen <= this")
+    ap.add_argument("--selftest", action="store_true", help="recover the published coefficients from noisy samples")
+    ap.add_argument("--noise", type=float, default=0.005, help="selftest: relative noise")
+    args = ap.parse_args(argv)
+    if args.selftest:
+        failures = selftest(args.noise, out=args.out)
+        print("selftest: " + ("ok" if not failures else f"FAILED {failures}"))
+        return 1 if failures else 0
+    if not args.form:
+        print("fit_laws: error: --form is required (relu or silu)", file=sys.stderr)
+        return 2
+    if not args.workdirs or not args.out:
+        print("fit_laws: error: give --out=<png> and at least one workdir", file=sys.stderr)
+        return 2
+    curves = []
+    try:
+        for wd in args.workdirs:
+            D, A = load_run(wd, args.min_tokens)
+            fit = FORMS[args.form][0](D, A)
+            print(format_fit(str(wd), fit))
+            curves.append((Path(wd).name, D, A, fit))
+    except (OSError, ValueError) as e:
+        print(f"fit_laws: error: {e}", file=sys.stderr)
+        return 1
+    plot_fits(curves, args.form, args.out)
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,171 @@
+"""analyze CLI on a trained tiny SiLU model: exact vs PPL-p%, CETT, top-k / FAT, sparse mode, per-dataset, errors."""
+
+import json
+
+import numpy as np
+import pytest
+
+from prosparse_jax import analyze as an
+from prosparse_jax import checkpoint as ckpt
+from prosparse_jax import data as data_lib
+from prosparse_jax import train as train_mod
+from prosparse_jax.run_config import base_config
+
+WORDS = ("alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma "
+         "tau").split()
+STEPS = 40
+EVAL = dict(batch_size=4, num_batches=2, progress=False)
+
+
+def small_config(corpus, steps):
+    """A 2-layer SiLU model on a tiny file corpus (pattern of tests/test_train.py)."""
+    c = base_config()
+    c.model.update(dict(vocab_size=320, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64,
+                        activation="silu"))
+    c.data.source = f"files:{corpus}/*.txt"
+    c.data.data_dir = str(corpus.parent / "tfds")
+    c.data.vocab_size = 320
+    c.data.seq_len = 32
+    c.data.eval_fraction = 0.1
+    c.train.update(dict(steps=steps, batch_size=8, log_every=1, eval_every=0, eval_batches=2,
+                        checkpoint_every=steps, progress_bar=False, async_checkpoint=False))
+    c.optim.update(dict(lr=3e-3, warmup_steps=2, schedule="cosine"))
+    c.sparsity.stages = [[0.0, steps]]
+    return c
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """(workdir, corpus dir) of a SiLU model trained for STEPS steps (~30 s)."""
+    root = tmp_path_factory.mktemp("analyze")
+    corpus = root / "corpus"
+    corpus.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(60):
+        text = " ".join(rng.choice(WORDS, size=rng.integers(50, 200)))
+        (corpus / f"doc{i:03d}.txt").write_text(f"def f{i}():\n    return '{text}'\n")
+    res = train_mod.train(small_config(corpus, STEPS), root / "run")
+    assert res.final_eval["eval_loss"] < 4.5  # well below ln(320) = 5.77: not a random model
+    return root / "run", corpus
+
+
+@pytest.fixture(scope="module")
+def exact_and_pplp(run, tmp_path_factory):
+    wd, corpus = run
+    out = tmp_path_factory.mktemp("out")
+    src = f"files:{corpus}/*.txt"
+    return (an.analyze(wd, src, "exact", None, out / "exact", **EVAL),
+            an.analyze(wd, src, "pplp", 1.0, out / "pplp", **EVAL), out)
+
+
+def test_pplp_is_within_budget_and_far_sparser_than_exact_for_silu(exact_and_pplp):
+    exact, pplp, out = exact_and_pplp
+    assert exact["activation_ratio"] > 0.99  # SiLU has (almost) no exact zeros
+    assert exact["sparse_loss"] == exact["dense_loss"] and exact["forward_passes"] == 2
+    assert pplp["ppl_ratio"] <= 1.01
+    assert pplp["activation_ratio"] < 0.5 * exact["activation_ratio"]
+    assert 0 < pplp["cett_target"] < 1 and len(pplp["thresholds_per_layer"]) == 2
+    assert pplp["forward_passes"] == 2 * (1 + 12)  # capture + one sweep per bisection step, 2 batches each
+    assert pplp["dense_loss"] == pytest.approx(exact["dense_loss"], rel=1e-6)
+    for k in ("activation_ratio_per_layer", "dead_neuron_fraction_per_layer", "dead_neuron_fraction",
+              "tokens_measured", "sparse_run_activation_ratio", "pplp_search", "cett_achieved_per_layer"):
+        assert k in pplp
+    assert pplp["tokens_measured"] == 4 * 32 * 2
+    on_disk = json.loads((out / "pplp" / "sparsity.json").read_text())
+    assert on_disk["ppl_ratio"] == pplp["ppl_ratio"]
+    for f in ("heatmap.png", "per_layer.png", "sparse_mode.json"):
+        assert (out / "pplp" / f).stat().st_size > 0
+    assert not (out / "exact" / "sparse_mode.json").exists()
+
+
+def test_sparse_mode_reproduces_the_reported_sparse_loss(run, exact_and_pplp):
+    wd, corpus = run
+    _, pplp, out = exact_and_pplp
+    taus = json.loads((out / "pplp" / "sparse_mode.json").read_text())["model.neuron_thresholds"]
+    assert taus == pplp["thresholds_per_layer"]
+    mcfg, params, tok_path = ckpt.load_model(wd)
+    dcfg = data_lib.DataConfig(source=f"files:{corpus}/*.txt", data_dir=str(corpus.parent / "tfds"),
+                               tokenizer=str(tok_path), seq_len=32, eval_fraction=0.1)
+    batches = data_lib.make_eval_batches(dcfg, data_lib.get_tokenizer(dcfg, wd), batch_size=4, num_batches=2)
+    sparse = train_mod.evaluate(params, mcfg.replace(neuron_thresholds=tuple(taus)), batches)
+    assert sparse["eval_loss"] == pytest.approx(pplp["sparse_loss"], rel=1e-5)
+    dense = train_mod.evaluate(params, mcfg, batches)
+    assert dense["eval_loss"] == pytest.approx(pplp["dense_loss"], rel=1e-5)
+    assert 1 - sparse["eval_sparsity"] == pytest.approx(pplp["sparse_run_activation_ratio"], abs=1e-6)
+
+
+def test_cett_hits_target_without_extra_forward_passes(run, tmp_path):
+    wd, corpus = run
+    r = an.analyze(wd, f"files:{corpus}/*.txt", "cett", 0.2, tmp_path, **EVAL)
+    assert r["forward_passes_detail"] == {"capture": 2, "sparse": 2}
+    assert all(0.19 <= c <= 0.2 for c in r["cett_achieved_per_layer"])
+    assert all(a < 0.9 for a in r["activation_ratio_per_layer"])
+    assert (tmp_path / "sparse_mode.json").exists()
+
+
+@pytest.mark.parametrize("metric,value,mode",
+                         [("topk", 0.5, "global"), ("topk", 0.25, "token"), ("fat", 0.05, "global")])
+def test_topk_and_fat_sparse_loss(run, tmp_path, metric, value, mode):
+    wd, corpus = run
+    r = an.analyze(wd, f"files:{corpus}/*.txt", metric, value, tmp_path, topk_mode=mode, **EVAL)
+    assert r["forward_passes"] == 4 and r["sparse_loss"] != r["dense_loss"]
+    if metric == "topk":
+        assert r["topk_mode"] == mode
+        assert r["activation_ratio_per_layer"] == pytest.approx([value] * 2)
+        assert r["sparse_run_activation_ratio"] == pytest.approx(value)
+        assert all(t > 0 for t in r["thresholds_per_layer"])
+    else:
+        assert r["topk_mode"] is None and r["thresholds_per_layer"] == [value, value]
+        assert 0.2 < r["activation_ratio"] < 1.0
+    assert not (tmp_path / "sparse_mode.json").exists()
+
+
+def test_per_dataset_breakdown(run, tmp_path):
+    wd, corpus = run
+    srcs = [f"files:{corpus}/doc00*.txt", f"files:{corpus}/doc0[1-5]*.txt"]
+    r = an.analyze(wd, ",".join(srcs), "cett", 0.1, tmp_path, **EVAL)
+    assert sorted(r["per_dataset"]) == sorted(srcs) and r["data"] == srcs
+    parts = r["per_dataset"]
+    assert sum(p["tokens_measured"] for p in parts.values()) == r["tokens_measured"]
+    pooled = np.mean([p["activation_ratio_per_layer"] for p in parts.values()], axis=0)
+    np.testing.assert_allclose(pooled, r["activation_ratio_per_layer"], rtol=1e-9)  # equal token counts
+    assert r["forward_passes"] == 2 * 2 * 2
+
+
+def test_cli_runs_and_prints_the_override(run, tmp_path, capsys):
+    wd, corpus = run
+    rc = an.main(["analyze", f"--checkpoint={wd}", f"--data=files:{corpus}/*.txt", "--metric=cett", "--value=0.1",
+                  f"--out={tmp_path}", "--batch_size=2", "--num_batches=1", "--noprogress"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "--config.model.neuron_thresholds='(" in out
+    assert json.loads(out.splitlines()[0])["metric"] == "cett"
+    before = (tmp_path / "sparsity.json").read_text()
+    rc = an.main(["analyze", f"--checkpoint={wd}", "--metric=exact", f"--out={tmp_path}"])
+    assert rc == 1 and "--overwrite" in capsys.readouterr().err
+    assert (tmp_path / "sparsity.json").read_text() == before  # nothing lost
+
+
+@pytest.mark.parametrize("args,flag", [
+    (["--metric=sparse", "--value=1"], "--metric"),
+    (["--metric=topk", "--value=0"], "--value"),
+    (["--metric=topk", "--value=1.5"], "--value"),
+    (["--metric=topk"], "--value"),
+    (["--metric=pplp", "--value=-1"], "--value"),
+    (["--metric=cett", "--value=1.2"], "--value"),
+    (["--metric=fat", "--value=-0.1"], "--value"),
+    (["--metric=topk", "--value=0.5", "--topk_mode=row"], "--topk_mode"),
+    (["--metric=exact", "--batch_size=0"], "--batch_size"),
+])
+def test_bad_arguments_name_the_flag(tmp_path, capsys, args, flag):
+    rc = an.main(["analyze", f"--checkpoint={tmp_path}", f"--out={tmp_path / 'o'}", *args])
+    assert rc != 0 and flag in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_missing_checkpoint_names_the_flag(tmp_path, capsys):
+    rc = an.main(["analyze", f"--checkpoint={tmp_path / 'nope'}", "--metric=exact", f"--out={tmp_path / 'o'}"])
+    assert rc != 0 and "--checkpoint" in capsys.readouterr().err
+    rc = an.main(["analyze", "--metric=exact", f"--out={tmp_path / 'o'}"])
+    assert rc != 0 and "--checkpoint" in capsys.readouterr().err
+    with pytest.raises(an.AnalyzeError, match="--checkpoint"):
+        an.analyze(tmp_path / "nope", "stdlib", "exact", None, tmp_path / "o")
