@@ -127,7 +127,10 @@ def attention(
     q_BxTxKxGxH = q_BxTxNxH.reshape(B, T, K, G, H)
     s_BxKxGxTxS = jnp.einsum("btkgh,bskh->bkgts", q_BxTxKxGxH, k_BxTxKxH, preferred_element_type=jnp.float32)
     s_BxKxGxTxS = s_BxKxGxTxS * (H**-0.5)
-    s_BxKxGxTxS = jnp.where(mask_Bx1xTxT[:, :, None], s_BxKxGxTxS, _NEG_INF)
+    # Additive mask (0 / -1e30): same values as a select (|s| << ulp(1e30)) but its gradient is the identity, so
+    # the backward pass needs no select over the [B, K, G, T, S] scores.
+    bias_Bx1x1xTxS = jnp.where(mask_Bx1xTxT, 0.0, _NEG_INF).astype(jnp.float32)[:, :, None]
+    s_BxKxGxTxS = s_BxKxGxTxS + bias_Bx1x1xTxS
     p_BxKxGxTxS = jax.nn.softmax(s_BxKxGxTxS, axis=-1).astype(dt)
     o_BxTxKxGxH = jnp.einsum("bkgts,bskh->btkgh", p_BxKxGxTxS, v_BxTxKxH)
     o_BxTxNxH = o_BxTxKxGxH.reshape(B, T, N, H)
@@ -236,8 +239,13 @@ def cross_entropy(
     logits_BxTxV: Array, targets_BxT: Array, weights_BxT: Array | None = None
 ) -> Array:
     """Mean next-token cross-entropy (float32) over tokens with non-zero weight."""
-    logp_BxTxV = jax.nn.log_softmax(logits_BxTxV.astype(jnp.float32), axis=-1)
-    nll_BxT = -jnp.take_along_axis(logp_BxTxV, targets_BxT[..., None], axis=-1)[..., 0]
+    # Fused form: nll = logsumexp(z) - z[target]; the target logit is picked by a compare against an iota (its
+    # gradient is an elementwise select, not a scatter into a [B, T, V] buffer of zeros).
+    z_BxTxV = logits_BxTxV.astype(jnp.float32)
+    m_BxT = jax.lax.stop_gradient(jnp.max(z_BxTxV, axis=-1))
+    lse_BxT = jnp.log(jnp.sum(jnp.exp(z_BxTxV - m_BxT[..., None]), axis=-1)) + m_BxT
+    hit_BxTxV = jax.lax.broadcasted_iota(jnp.int32, z_BxTxV.shape, 2) == targets_BxT[..., None]
+    nll_BxT = lse_BxT - jnp.sum(jnp.where(hit_BxTxV, z_BxTxV, 0.0), axis=-1)
     if weights_BxT is None:
         return nll_BxT.mean()
     w = weights_BxT.astype(jnp.float32)

@@ -94,14 +94,18 @@ def make_train_step(rc: RunConfig, tx: Any, lr_fn: Any, lam_fn: Any):
             aux = dict(aux, loss=loss)
             return (jax.tree.map(jnp.add, g_acc, g), jax.tree.map(jnp.add, aux_acc, aux)), None
 
-        zeros_g = jax.tree.map(jnp.zeros_like, state["params"])
-        zeros_aux = {"loss": 0.0, "lm_loss": 0.0, "reg_loss": 0.0,
-                     "sparsity_per_layer": jnp.zeros(cfg.n_layers), "l1_per_layer": jnp.zeros(cfg.n_layers)}
-        zeros_aux = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), zeros_aux)
-        (g_sum, aux_sum), _ = jax.lax.scan(micro, (zeros_g, zeros_aux), batch)
         n = rc.train.grad_accum
-        grads = jax.tree.map(lambda g: g / n, g_sum)
-        aux = jax.tree.map(lambda a: a / n, aux_sum)
+        if n == 1:  # no accumulation buffers (zeros + g == g): saves a pass over the parameters
+            (loss, aux), grads = grad_fn(state["params"], jax.tree.map(lambda x: x[0], batch), cfg, lam)
+            aux = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), dict(aux, loss=loss))
+        else:
+            zeros_g = jax.tree.map(jnp.zeros_like, state["params"])
+            zeros_aux = {"loss": 0.0, "lm_loss": 0.0, "reg_loss": 0.0,
+                         "sparsity_per_layer": jnp.zeros(cfg.n_layers), "l1_per_layer": jnp.zeros(cfg.n_layers)}
+            zeros_aux = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), zeros_aux)
+            (g_sum, aux_sum), _ = jax.lax.scan(micro, (zeros_g, zeros_aux), batch)
+            grads = jax.tree.map(lambda g: g / n, g_sum)
+            aux = jax.tree.map(lambda a: a / n, aux_sum)
         grad_norm = optim_lib_global_norm(grads)
         finite = jnp.isfinite(aux["loss"]) & jnp.isfinite(grad_norm)
         updates, new_opt = tx.update(grads, state["opt_state"], state["params"])
