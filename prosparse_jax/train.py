@@ -364,6 +364,9 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, stop_after:
     step = start
     interrupted = False
     t_last, tokens_since = time.perf_counter(), 0
+    mean_keys = ("loss", "lm_loss", "reg_loss", "grad_norm", "sparsity", "sparsity_per_layer", "l1_per_layer")
+    acc: dict[str, Any] = {}  # sums since the last metrics entry (entries report interval means)
+    n_acc = 0
     try:
         while step < rc.train.steps:
             batch, next_data_state = next(batches)
@@ -379,22 +382,31 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, stop_after:
             last_data_state = next_data_state
             step += 1
             tokens_since += B * T
+            for k in mean_keys:
+                acc[k] = acc.get(k, 0.0) + np.asarray(m[k], np.float64)
+            n_acc += 1
             if pbar is not None:
                 pbar.update(1)
                 pbar.set_postfix(loss=f"{float(m['loss']):.3f}", sp=f"{float(m['sparsity']):.3f}")
             if step % rc.train.log_every == 0 or step == rc.train.steps:
                 dt = time.perf_counter() - t_last
                 tps = tokens_since / max(dt, 1e-9)
+                mean = {k: v / n_acc for k, v in acc.items()}
                 writer.write(step, {
-                    "loss": float(m["loss"]), "lm_loss": float(m["lm_loss"]), "reg_loss": float(m["reg_loss"]),
-                    "reg_factor": float(m["reg_factor"]), "lr": float(m["lr"]), "grad_norm": float(m["grad_norm"]),
-                    "sparsity": float(m["sparsity"]),
-                    "sparsity_per_layer": [float(x) for x in m["sparsity_per_layer"]],
-                    "l1_per_layer": [float(x) for x in m["l1_per_layer"]],
+                    # interval means over the steps since the previous entry
+                    "loss": float(mean["loss"]), "lm_loss": float(mean["lm_loss"]),
+                    "reg_loss": float(mean["reg_loss"]), "grad_norm": float(mean["grad_norm"]),
+                    "sparsity": float(mean["sparsity"]),
+                    "sparsity_per_layer": [float(x) for x in mean["sparsity_per_layer"]],
+                    "l1_per_layer": [float(x) for x in mean["l1_per_layer"]],
+                    # values of the update with index step - 1
+                    "reg_factor": float(m["reg_factor"]), "lr": float(m["lr"]),
+                    "last_loss": float(m["loss"]), "last_sparsity": float(m["sparsity"]),
                     "tokens_per_sec": tps, "mfu": flops_per_step / (B * T) * tps / peak,
-                    "tokens_seen": step * B * T,
+                    "tokens_seen": step * B * T, "steps_averaged": n_acc,
                 })
                 t_last, tokens_since = time.perf_counter(), 0
+                acc, n_acc = {}, 0
             if rc.train.eval_every and step % rc.train.eval_every == 0 and step != rc.train.steps:
                 writer.write(step, evaluate(state["params"], rc.model, eval_batches), kind="eval")
                 t_last = time.perf_counter()
