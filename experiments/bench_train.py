@@ -12,8 +12,8 @@ excluded); the table reports the median tokens/s of each, the ratio ours / PyTor
 matmul peak measured in this run (``measure_matmul_peak`` for JAX; torch's own peak is printed for reference).
 
 Threads: torch is set to ``torch.get_num_threads() == os.cpu_count()`` (``--torch_threads``), the number of cores the
-XLA CPU client uses. XLA flags: those in the XLA_FLAGS environment variable (none by default; prosparse_jax sets none); the flags in
-effect are printed and saved.
+XLA CPU client uses. XLA flags: those in the XLA_FLAGS environment variable (none by default; prosparse_jax sets
+none); the flags in effect are printed and saved.
 """
 
 from __future__ import annotations

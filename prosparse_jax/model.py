@@ -119,9 +119,11 @@ def attention(
     B, T, _ = x_BxTxD.shape
     N, K, H = cfg.n_heads, cfg.n_kv_heads, cfg.hd
     G = N // K
-    q_BxTxNxH = jnp.einsum("btd,dnh->btnh", x_BxTxD, lp["wq_LxDxNxH"].astype(dt))
-    k_BxTxKxH = jnp.einsum("btd,dkh->btkh", x_BxTxD, lp["wk_LxDxKxH"].astype(dt))
-    v_BxTxKxH = jnp.einsum("btd,dkh->btkh", x_BxTxD, lp["wv_LxDxKxH"].astype(dt))
+    D = x_BxTxD.shape[-1]
+    x_MxD = x_BxTxD.reshape(B * T, D)  # 2-D GEMMs: XLA:CPU emits no transposes for their gradients
+    q_BxTxNxH = (x_MxD @ lp["wq_LxDxNxH"].reshape(D, N * H).astype(dt)).reshape(B, T, N, H)
+    k_BxTxKxH = (x_MxD @ lp["wk_LxDxKxH"].reshape(D, K * H).astype(dt)).reshape(B, T, K, H)
+    v_BxTxKxH = (x_MxD @ lp["wv_LxDxKxH"].reshape(D, K * H).astype(dt)).reshape(B, T, K, H)
     q_BxTxNxH = rope(q_BxTxNxH, positions_BxT, cfg.rope_theta)
     k_BxTxKxH = rope(k_BxTxKxH, positions_BxT, cfg.rope_theta)
     q_BxTxKxGxH = q_BxTxNxH.reshape(B, T, K, G, H)
@@ -134,7 +136,7 @@ def attention(
     p_BxKxGxTxS = jax.nn.softmax(s_BxKxGxTxS, axis=-1).astype(dt)
     o_BxTxKxGxH = jnp.einsum("bkgts,bskh->btkgh", p_BxKxGxTxS, v_BxTxKxH)
     o_BxTxNxH = o_BxTxKxGxH.reshape(B, T, N, H)
-    return jnp.einsum("btnh,nhd->btd", o_BxTxNxH, lp["wo_LxNxHxD"].astype(dt))
+    return (o_BxTxNxH.reshape(B * T, N * H) @ lp["wo_LxNxHxD"].reshape(N * H, D).astype(dt)).reshape(B, T, D)
 
 
 def ffn(
@@ -145,12 +147,14 @@ def ffn(
     ``neuron_thr`` (per-neuron, shape [F]) zeroes x1_i where |x1_i| < thr_i (sparse mode / CETT).
     """
     dt = x_BxTxD.dtype
-    gate_BxTxF = jnp.einsum("btd,df->btf", x_BxTxD, lp["w_gate_LxDxF"].astype(dt))
-    up_BxTxF = jnp.einsum("btd,df->btf", x_BxTxD, lp["w_up_LxDxF"].astype(dt))
+    B, T, D = x_BxTxD.shape
+    x_MxD = x_BxTxD.reshape(B * T, D)  # 2-D GEMMs: XLA:CPU emits no transposes for their gradients
+    gate_BxTxF = (x_MxD @ lp["w_gate_LxDxF"].astype(dt)).reshape(B, T, -1)
+    up_BxTxF = (x_MxD @ lp["w_up_LxDxF"].astype(dt)).reshape(B, T, -1)
     x1_BxTxF, act_BxTxF = ffn_product(cfg.activation, gate_BxTxF, up_BxTxF, cfg.activation_threshold)
     if neuron_thr is not None:
         x1_BxTxF = jnp.where(jnp.abs(x1_BxTxF) < neuron_thr.astype(dt), jnp.zeros_like(x1_BxTxF), x1_BxTxF)
-    out_BxTxD = jnp.einsum("btf,fd->btd", x1_BxTxF, lp["w_down_LxFxD"].astype(dt))
+    out_BxTxD = (x1_BxTxF.reshape(B * T, -1) @ lp["w_down_LxFxD"].astype(dt)).reshape(B, T, D)
     return out_BxTxD, x1_BxTxF, act_BxTxF
 
 
@@ -229,7 +233,8 @@ def forward(
     h_BxTxD = rms_norm(h_BxTxD, params["final_norm_D"], cfg.norm_eps)
     h_BxTxD = h_BxTxD / jnp.asarray(cfg.logits_divisor, dt)
     head_DxV = params["embed_VxD"].T if cfg.tie_embeddings else params["lm_head_DxV"]
-    logits_BxTxV = jnp.einsum("btd,dv->btv", h_BxTxD, head_DxV.astype(dt), preferred_element_type=jnp.float32)
+    logits_BxTxV = jnp.dot(h_BxTxD.reshape(B * T, -1), head_DxV.astype(dt),
+                           preferred_element_type=jnp.float32).reshape(B, T, -1)
     stats = FFNStats(l1=outs[0], zero_frac=outs[1], x1=outs[2] if capture else None,
                      act_gate=outs[3] if capture else None)
     return logits_BxTxV, stats

@@ -108,12 +108,16 @@ def make_train_step(rc: RunConfig, tx: Any, lr_fn: Any, lam_fn: Any):
             aux = jax.tree.map(lambda a: a / n, aux_sum)
         grad_norm = optim_lib_global_norm(grads)
         finite = jnp.isfinite(aux["loss"]) & jnp.isfinite(grad_norm)
-        updates, new_opt = tx.update(grads, state["opt_state"], state["params"])
-        new_params = jax.tree.map(lambda p, u: p + u, state["params"], updates)
+
+        def apply(operands: tuple[Any, Any, Any]) -> tuple[Any, Any]:
+            params, opt_state, grads = operands
+            updates, new_opt = tx.update(grads, opt_state, params)
+            return jax.tree.map(lambda p, u: p + u, params, updates), new_opt
+
         # A non-finite step is not applied: the state stays the last good one and the host stops the run.
-        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
-        new_state = {"params": keep(new_params, state["params"]), "opt_state": keep(new_opt, state["opt_state"]),
-                     "step": jnp.where(finite, t + 1, t)}
+        new_params, new_opt = jax.lax.cond(finite, apply, lambda ops: (ops[0], ops[1]),
+                                           (state["params"], state["opt_state"], grads))
+        new_state = {"params": new_params, "opt_state": new_opt, "step": jnp.where(finite, t + 1, t)}
         metrics = dict(aux, reg_factor=lam, lr=lr_fn(t), grad_norm=grad_norm, finite=finite,
                        sparsity=jnp.mean(aux["sparsity_per_layer"]))
         return new_state, metrics
