@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from typing import Any
 
 import ml_collections
@@ -182,7 +183,13 @@ def resolve(c: ml_collections.ConfigDict) -> RunConfig:
     except ValueError as e:
         raise ConfigError(str(e)) from None
     if stages[-1][1] != train.steps:
-        stages = schedules.scale_stages(stages, train.steps)
+        try:
+            stages = schedules.scale_stages(stages, train.steps)
+        except ConfigError:  # a quick check far shorter than the table: merge colliding stages, say so
+            merged = schedules.scale_stages(stages, train.steps, merge=True)
+            warnings.warn(f"sparsity.stages: {len(stages)} stages do not fit in train.steps={train.steps}; "
+                          f"colliding stages merged to {merged}", stacklevel=2)
+            stages = merged
     sparsity = SparsityConfig(stages=tuple(stages), final_threshold=float(s["final_threshold"]))
     if data.vocab_size > model.vocab_size and not data.tokenizer:
         raise ConfigError(

@@ -107,13 +107,16 @@ def validate_stages(stages: Sequence[Sequence[float]]) -> Stages:
     return out
 
 
-def scale_stages(stages: Sequence[Sequence[float]], total_steps: int) -> Stages:
+def scale_stages(stages: Sequence[Sequence[float]], total_steps: int, *, merge: bool = False) -> Stages:
     """Rescales the cumulative steps proportionally so that the last one equals ``total_steps``.
 
     For shortened (or lengthened) runs: ``T_i' = round(T_i * total_steps / T_last)``; the factors are unchanged.
+    With ``merge=True`` (quick checks far shorter than the table) stages whose scaled ends collide are merged: at each
+    end step only the last stage ending there is kept, and stages ending at step 0 are dropped.
 
     Raises:
-        ConfigError: if the table is invalid or ``total_steps`` is too small to keep the steps distinct and positive.
+        ConfigError: if the table is invalid or (without ``merge``) ``total_steps`` is too small to keep the steps
+            distinct and positive.
     """
     st = validate_stages(stages)
     if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps <= 0:
@@ -122,6 +125,16 @@ def scale_stages(stages: Sequence[Sequence[float]], total_steps: int) -> Stages:
     # Round half up in exact integer arithmetic.
     scaled = [(lam, (2 * T * total_steps + last) // (2 * last)) for lam, T in st]
     steps = [T for _, T in scaled]
+    if merge:
+        merged: Stages = []
+        for lam, T in scaled:
+            if T <= 0:
+                continue
+            if merged and merged[-1][1] == T:
+                merged[-1] = (lam, T)
+            else:
+                merged.append((lam, T))
+        return merged
     if steps[0] <= 0 or any(b <= a for a, b in zip(steps, steps[1:], strict=False)):
         # A scaled gap >= 1 before rounding keeps the rounded ends distinct, hence this sufficient bound.
         min_gap = min(b - a for a, b in zip([0] + [T for _, T in st], [T for _, T in st], strict=False))

@@ -207,3 +207,16 @@ def test_lr_errors() -> None:
         wsd(PEAK, WARM, TOTAL, min_ratio=0.0)
     with pytest.raises(ValueError, match="peak"):
         constant(-1.0)
+
+
+def test_scale_stages_merge_for_very_short_runs():
+    from prosparse_jax.schedules import scale_stages
+
+    table = [(0.0, 40), (0.05, 80), (0.2, 160), (0.2, 200), (0.5, 300)]
+    # ends 40..300 -> 0.4, 0.8, 1.6, 2, 3 -> rounded 0, 1, 2, 2, 3: the step-0 stage is dropped, the two stages
+    # ending at 2 merge into the later one
+    assert scale_stages(table, 3, merge=True) == [(0.05, 1), (0.2, 2), (0.5, 3)]
+    with pytest.raises(ValueError, match="collide"):
+        scale_stages(table, 3)
+    # without collisions merge changes nothing
+    assert scale_stages(table, 300, merge=True) == scale_stages(table, 300)
