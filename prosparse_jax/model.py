@@ -15,6 +15,7 @@ logits = RMSNorm(h) / (d_model / dim_model_base) @ head. RMSNorm and softmax in 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
@@ -140,11 +141,13 @@ def attention(
 
 
 def ffn(
-    x_BxTxD: Array, lp: Params, cfg: ModelConfig, neuron_thr: Array | None
+    x_BxTxD: Array, lp: Params, cfg: ModelConfig, neuron_thr: Array | None,
+    keep_fn: Callable[[Array], Array] | None = None,
 ) -> tuple[Array, Array, Array]:
     """Gated FFN. Returns (out, x1, act(gate)); x1 is where activation sparsity lives.
 
-    ``neuron_thr`` (per-neuron, shape [F]) zeroes x1_i where |x1_i| < thr_i (sparse mode / CETT).
+    ``neuron_thr`` (per-neuron, shape [F]) zeroes x1_i where |x1_i| < thr_i (sparse mode / CETT); ``keep_fn(act)``
+    (a boolean [B, T, F] mask from act(gate)) zeroes x1 where it is False (Top-k / FAT evaluation).
     """
     dt = x_BxTxD.dtype
     B, T, D = x_BxTxD.shape
@@ -154,6 +157,8 @@ def ffn(
     x1_BxTxF, act_BxTxF = ffn_product(cfg.activation, gate_BxTxF, up_BxTxF, cfg.activation_threshold)
     if neuron_thr is not None:
         x1_BxTxF = jnp.where(jnp.abs(x1_BxTxF) < neuron_thr.astype(dt), jnp.zeros_like(x1_BxTxF), x1_BxTxF)
+    if keep_fn is not None:
+        x1_BxTxF = jnp.where(keep_fn(act_BxTxF), x1_BxTxF, jnp.zeros_like(x1_BxTxF))
     out_BxTxD = (x1_BxTxF.reshape(B * T, -1) @ lp["w_down_LxFxD"].astype(dt)).reshape(B, T, D)
     return out_BxTxD, x1_BxTxF, act_BxTxF
 
@@ -176,6 +181,8 @@ def forward(
     positions_BxT: Array | None = None,
     x1_thresholds: Array | None = None,
     capture: bool = False,
+    gate_rule: Callable[[Array, Array, Array], Array] | None = None,
+    gate_rule_params_L: Array | None = None,
 ) -> tuple[Array, FFNStats]:
     """Runs the decoder.
 
@@ -189,6 +196,9 @@ def forward(
       x1_thresholds: per-layer threshold on |x1|, shape [L] (one per layer) or [L, F] (per neuron); x1 entries with
         |x1| < threshold are zeroed. None uses ``cfg.neuron_thresholds`` (sparse mode) if set, else dense.
       capture: also return the full x1 and act(gate) tensors in the stats.
+      gate_rule: optional ``rule(act_gate_BxTxF, valid_BxT, param) -> keep_BxTxF``; x1 is zeroed where it is False
+        (Top-k / FAT-eps evaluation on |act(gate)|, see :mod:`prosparse_jax.sparsity`). ``gate_rule_params_L`` gives
+        each layer's ``param``.
 
     Returns:
       (logits [B, T, V] float32, FFNStats with [L]-shaped statistics).
@@ -214,11 +224,20 @@ def forward(
     h_BxTxD = (params["embed_VxD"][ids_BxT] * cfg.scale_emb).astype(dt)
     r = cfg.residual_scale
 
-    def layer(h_BxTxD: Array, xs: tuple[Params, Array | None]) -> tuple[Array, tuple[Array, ...]]:
-        lp, thr_F = xs
+    keep_fn = None
+    if gate_rule is not None:
+        valid_bool_BxT = valid_BxT > 0
+        keep_fn = lambda act, p: gate_rule(act, valid_bool_BxT, p)  # noqa: E731
+        if gate_rule_params_L is None:
+            raise ValueError("gate_rule needs gate_rule_params_L (one parameter per layer)")
+    rule_L = None if gate_rule is None else jnp.asarray(gate_rule_params_L, jnp.float32)
+
+    def layer(h_BxTxD: Array, xs: tuple[Params, Array | None, Array | None]) -> tuple[Array, tuple[Array, ...]]:
+        lp, thr_F, rule_p = xs
         a = attention(rms_norm(h_BxTxD, lp["attn_norm_LxD"], cfg.norm_eps), lp, mask_Bx1xTxT, positions_BxT, cfg)
         h_BxTxD = h_BxTxD + (a * r).astype(dt)
-        f, x1_BxTxF, act_BxTxF = ffn(rms_norm(h_BxTxD, lp["ffn_norm_LxD"], cfg.norm_eps), lp, cfg, thr_F)
+        keep = None if keep_fn is None else (lambda act: keep_fn(act, rule_p))
+        f, x1_BxTxF, act_BxTxF = ffn(rms_norm(h_BxTxD, lp["ffn_norm_LxD"], cfg.norm_eps), lp, cfg, thr_F, keep)
         h_BxTxD = h_BxTxD + (f * r).astype(dt)
         w_BxTx1 = valid_BxT[..., None]
         l1 = jnp.sum(jnp.abs(x1_BxTxF).astype(jnp.float32) * w_BxTx1) / n_valid
@@ -228,7 +247,7 @@ def forward(
 
     if cfg.remat:
         layer = jax.checkpoint(layer, prevent_cse=False)
-    h_BxTxD, outs = jax.lax.scan(layer, h_BxTxD, (params["layers"], thr_LxF))
+    h_BxTxD, outs = jax.lax.scan(layer, h_BxTxD, (params["layers"], thr_LxF, rule_L))
 
     h_BxTxD = rms_norm(h_BxTxD, params["final_norm_D"], cfg.norm_eps)
     h_BxTxD = h_BxTxD / jnp.asarray(cfg.logits_divisor, dt)

@@ -34,9 +34,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from prosparse_jax.activations import ffn_product
 from prosparse_jax.config import ModelConfig
-from prosparse_jax.model import Params, attention, attention_mask, rms_norm
+from prosparse_jax.model import Params, forward
 
 Array = jax.Array
 
@@ -294,43 +293,12 @@ def forward_gate_masked(
 ) -> tuple[Array, Array]:
     """:func:`prosparse_jax.model.forward` with x1 zeroed where ``rule(act_gate, valid, rule_param_L[l])`` is False.
 
-    Mirrors ``model.forward`` step for step (same blocks, same dtypes); a test checks that a keep-all rule gives the
-    same logits. ``cfg.neuron_thresholds`` is ignored (the rule replaces sparse mode).
+    A thin wrapper of ``model.forward(..., gate_rule=...)``; a test checks that a keep-all rule gives the same logits.
+    ``cfg.neuron_thresholds`` is ignored (the rule replaces sparse mode).
 
     Returns:
       (logits [B, T, V] float32, activation ratio per layer [L] of the sparse run: non-zero x1 over valid tokens).
     """
-    dt = jnp.dtype(cfg.dtype)
-    B, T = ids_BxT.shape
-    F = cfg.d_ff
-    if positions_BxT is None:
-        positions_BxT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-    mask_Bx1xTxT = attention_mask(segment_ids_BxT, T, B)
-    valid_BxT = jnp.ones((B, T), bool) if segment_ids_BxT is None else segment_ids_BxT != 0
-    n_valid = jnp.maximum(valid_BxT.astype(jnp.float32).sum(), 1.0) * F
-    h_BxTxD = (params["embed_VxD"][ids_BxT] * cfg.scale_emb).astype(dt)
-    r = cfg.residual_scale
-
-    def layer(h_BxTxD: Array, xs: tuple[Params, Array]) -> tuple[Array, Array]:
-        lp, p = xs
-        a = attention(rms_norm(h_BxTxD, lp["attn_norm_LxD"], cfg.norm_eps), lp, mask_Bx1xTxT, positions_BxT, cfg)
-        h_BxTxD = h_BxTxD + (a * r).astype(dt)
-        x_BxTxD = rms_norm(h_BxTxD, lp["ffn_norm_LxD"], cfg.norm_eps)
-        gate_BxTxF = jnp.einsum("btd,df->btf", x_BxTxD, lp["w_gate_LxDxF"].astype(dt))
-        up_BxTxF = jnp.einsum("btd,df->btf", x_BxTxD, lp["w_up_LxDxF"].astype(dt))
-        x1_BxTxF, act_BxTxF = ffn_product(cfg.activation, gate_BxTxF, up_BxTxF, cfg.activation_threshold)
-        keep_BxTxF = rule(act_BxTxF, valid_BxT, p)
-        x1_BxTxF = jnp.where(keep_BxTxF, x1_BxTxF, jnp.zeros_like(x1_BxTxF))
-        f = jnp.einsum("btf,fd->btd", x1_BxTxF, lp["w_down_LxFxD"].astype(dt))
-        h_BxTxD = h_BxTxD + (f * r).astype(dt)
-        active = jnp.sum((x1_BxTxF != 0).astype(jnp.float32) * valid_BxT[..., None]) / n_valid
-        return h_BxTxD, active
-
-    if cfg.remat:
-        layer = jax.checkpoint(layer, prevent_cse=False)
-    h_BxTxD, active_L = jax.lax.scan(layer, h_BxTxD, (params["layers"], jnp.asarray(rule_param_L, jnp.float32)))
-    h_BxTxD = rms_norm(h_BxTxD, params["final_norm_D"], cfg.norm_eps)
-    h_BxTxD = h_BxTxD / jnp.asarray(cfg.logits_divisor, dt)
-    head_DxV = params["embed_VxD"].T if cfg.tie_embeddings else params["lm_head_DxV"]
-    logits_BxTxV = jnp.einsum("btd,dv->btv", h_BxTxD, head_DxV.astype(dt), preferred_element_type=jnp.float32)
-    return logits_BxTxV, active_L
+    logits_BxTxV, stats = forward(params, ids_BxT, cfg.replace(neuron_thresholds=()), segment_ids_BxT=segment_ids_BxT,
+                                  positions_BxT=positions_BxT, gate_rule=rule, gate_rule_params_L=rule_param_L)
+    return logits_BxTxV, 1.0 - stats.zero_frac
