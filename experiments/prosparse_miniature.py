@@ -116,19 +116,14 @@ def main(argv: list[str]) -> None:
         b_cfg.sparsity.final_threshold = _THRESHOLD.value
     prosparse = run("b_prosparse", b_cfg, workdir)
 
-    results = {
-        "SiLU (dense baseline)": {"sparsity": silu["eval_sparsity"], "eval_loss": silu["eval_loss"],
-                                  "ppl": silu["eval_ppl"], "per_layer": silu["eval_sparsity_per_layer"]},
-        "(a) ReLU substitution": {"sparsity": relu["eval_sparsity"], "eval_loss": relu["eval_loss"],
-                                  "ppl": relu["eval_ppl"], "per_layer": relu["eval_sparsity_per_layer"]},
-        "(b) ProSparse (progressive L1)": {"sparsity": prosparse["eval_sparsity"],
-                                           "eval_loss": prosparse["eval_loss"], "ppl": prosparse["eval_ppl"],
-                                           "per_layer": prosparse["eval_sparsity_per_layer"]},
-    }
+    def row(final: dict, prefix: str = "") -> dict:
+        return {"sparsity": final[f"{prefix}eval_sparsity"], "eval_loss": final[f"{prefix}eval_loss"],
+                "ppl": final[f"{prefix}eval_ppl"], "per_layer": final[f"{prefix}eval_sparsity_per_layer"]}
+
+    results = {"SiLU (dense baseline)": row(silu), "(a) ReLU substitution": row(relu),
+               "(b) ProSparse (progressive L1)": row(prosparse)}
     if "fatrelu_eval_loss" in prosparse:
-        results[f"(c) (b) + FATReLU t={prosparse['fatrelu_threshold']}"] = {
-            "sparsity": prosparse["fatrelu_eval_sparsity"], "eval_loss": prosparse["fatrelu_eval_loss"],
-            "ppl": prosparse["fatrelu_eval_ppl"], "per_layer": prosparse["fatrelu_eval_sparsity_per_layer"]}
+        results[f"(c) (b) + FATReLU t={prosparse['fatrelu_threshold']}"] = row(prosparse, "fatrelu_")
 
     print("\n| setting | activation sparsity | eval loss | eval ppl |")
     print("|---|---|---|---|")

@@ -81,15 +81,7 @@ def shardings_like(tree: Any, mesh: Mesh) -> Any:
     return jax.tree.map(lambda s: NamedSharding(mesh, s), param_specs(tree, fsdp))
 
 
-def batch_sharding(mesh: Mesh) -> NamedSharding:
-    """Leading (batch) dimension split over data x fsdp."""
-    return NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
-
-
 def accum_batch_sharding(mesh: Mesh) -> NamedSharding:
     """[grad_accum, micro_batch, ...] arrays: the micro-batch dimension split over data x fsdp."""
     return NamedSharding(mesh, PartitionSpec(None, ("data", "fsdp")))
 
-
-def replicated(mesh: Mesh) -> NamedSharding:
-    return NamedSharding(mesh, PartitionSpec())

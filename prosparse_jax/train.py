@@ -13,6 +13,7 @@ lambda(t) evaluated from the step stored in the train state inside the jitted st
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import queue
@@ -29,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -106,7 +108,7 @@ def make_train_step(rc: RunConfig, tx: Any, lr_fn: Any, lam_fn: Any):
             (g_sum, aux_sum), _ = jax.lax.scan(micro, (zeros_g, zeros_aux), batch)
             grads = jax.tree.map(lambda g: g / n, g_sum)
             aux = jax.tree.map(lambda a: a / n, aux_sum)
-        grad_norm = optim_lib_global_norm(grads)
+        grad_norm = optax.global_norm(grads)
         finite = jnp.isfinite(aux["loss"]) & jnp.isfinite(grad_norm)
 
         def apply(operands: tuple[Any, Any, Any]) -> tuple[Any, Any]:
@@ -125,11 +127,10 @@ def make_train_step(rc: RunConfig, tx: Any, lr_fn: Any, lam_fn: Any):
     return step
 
 
-def optim_lib_global_norm(tree: Any) -> jax.Array:
-    return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
-
-
+@functools.lru_cache(maxsize=8)
 def make_eval_fn(cfg: ModelConfig):
+    """Jitted held-out evaluation of one model config (cached: evaluate() runs every eval_every steps)."""
+
     def ev(params: Params, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
         logits, stats = forward(params, batch["inputs"], cfg, segment_ids_BxT=batch["segment_ids"],
                                 positions_BxT=batch["positions"])
@@ -189,29 +190,33 @@ def check_workdir_config(workdir: Path, config_json: dict[str, Any]) -> None:
         )
 
 
-def _prepare_tokenizer(rc: RunConfig, workdir: Path) -> Any:
-    """Tokenizer of the run: data.tokenizer, else the init_from checkpoint's, else a BPE trained on the corpus."""
+def _prepare_tokenizer(rc: RunConfig, workdir: Path) -> tuple[Any, Any]:
+    """Tokenizer of the run, kept as ``<workdir>/tokenizer.json``: data.tokenizer, else the init_from checkpoint's,
+    else a BPE trained on the corpus. An existing workdir tokenizer is never replaced by a different one."""
     dcfg = rc.data
-    if not dcfg.tokenizer and rc.init_from and not (workdir / "tokenizer.json").exists():
+    local = workdir / "tokenizer.json"
+    if not dcfg.tokenizer and rc.init_from:
         src = Path(rc.init_from) / "tokenizer.json"
-        if src.is_file():
+        if not local.exists() and src.is_file():
             workdir.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(src, workdir / "tokenizer.json")
-            dcfg = dataclasses.replace(dcfg, tokenizer=str(workdir / "tokenizer.json"))
-    elif not dcfg.tokenizer and rc.init_from and (workdir / "tokenizer.json").exists():
-        dcfg = dataclasses.replace(dcfg, tokenizer=str(workdir / "tokenizer.json"))
+            shutil.copyfile(src, local)
+        if local.exists():
+            dcfg = dataclasses.replace(dcfg, tokenizer=str(local))
     tok = data_lib.get_tokenizer(dcfg, workdir)
-    if dcfg.tokenizer and Path(dcfg.tokenizer).resolve() != (workdir / "tokenizer.json").resolve():
-        shutil.copyfile(dcfg.tokenizer, workdir / "tokenizer.json")
+    if dcfg.tokenizer and Path(dcfg.tokenizer).resolve() != local.resolve():
+        if not local.exists():
+            shutil.copyfile(dcfg.tokenizer, local)
+        elif local.read_bytes() != Path(dcfg.tokenizer).read_bytes():
+            raise TrainError(f"{local} differs from data.tokenizer={dcfg.tokenizer}; this workdir was trained with "
+                             "its own tokenizer: use it, or choose a new --workdir (nothing was changed)")
     if tok.get_vocab_size() > rc.model.vocab_size:
         raise TrainError(f"tokenizer has {tok.get_vocab_size()} tokens but model.vocab_size="
                          f"{rc.model.vocab_size}; raise model.vocab_size")
     return tok, dcfg
 
 
-def _init_params_from(rc: RunConfig, rng: jax.Array) -> Params:
-    if not rc.init_from:
-        return init_params(rc.model, rng)
+def _load_init_params(rc: RunConfig) -> Params:
+    """Params of ``rc.init_from`` for this run's model (its activation substituted); shapes must match."""
     src_cfg, params, _ = ckpt.load_model(rc.init_from)
     want = jax.tree.map(lambda x: x.shape, abstract_params(rc.model))
     have = jax.tree.map(lambda x: tuple(x.shape), params)
@@ -313,7 +318,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, stop_after:
             print(f"resuming {workdir} from step {start}", flush=True)
     else:
         if rc.init_from:
-            params = jax.device_put(_init_params_from(rc, rng), p_shard)
+            params = jax.device_put(_load_init_params(rc), p_shard)
         else:
             params = jax.jit(lambda r: init_params(rc.model, r), out_shardings=p_shard)(rng)
         opt_state = jax.jit(tx.init, out_shardings=o_shard)(params)

@@ -6,9 +6,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import jax  # noqa: E402
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 from prosparse_jax.config import ModelConfig  # noqa: E402
+from prosparse_jax.run_config import base_config  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
@@ -22,3 +24,34 @@ def tiny_model_config(**kw) -> ModelConfig:
 @pytest.fixture
 def tiny_cfg() -> ModelConfig:
     return tiny_model_config()
+
+
+WORDS = ("alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma "
+         "tau").split()
+
+
+def write_corpus(d, n_docs: int = 40):
+    """A tiny file corpus of n_docs Python-like text files in directory ``d`` (created); returns ``d``."""
+    d.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i in range(n_docs):
+        text = " ".join(rng.choice(WORDS, size=rng.integers(50, 200)))
+        (d / f"doc{i:03d}.txt").write_text(f"def f{i}():\n    return '{text}'\n")
+    return d
+
+
+def small_run_config(corpus, steps, *, activation="relu", batch_size=4, checkpoint_every=2, stages=None):
+    """A 2-layer model training in seconds on a ``write_corpus`` corpus (tfds data next to the corpus)."""
+    c = base_config()
+    c.model.update(dict(vocab_size=320, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64,
+                        activation=activation))
+    c.data.source = f"files:{corpus}/*.txt"
+    c.data.data_dir = str(corpus.parent / "tfds")
+    c.data.vocab_size = 320
+    c.data.seq_len = 32
+    c.data.eval_fraction = 0.1
+    c.train.update(dict(steps=steps, batch_size=batch_size, log_every=1, eval_every=0, eval_batches=2,
+                        checkpoint_every=checkpoint_every, progress_bar=False, async_checkpoint=False))
+    c.optim.update(dict(lr=3e-3, warmup_steps=2, schedule="cosine"))
+    c.sparsity.stages = stages if stages is not None else [[0.0, steps]]
+    return c

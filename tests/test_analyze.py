@@ -4,46 +4,27 @@ import json
 
 import numpy as np
 import pytest
+from conftest import small_run_config, write_corpus
 
 from prosparse_jax import analyze as an
 from prosparse_jax import checkpoint as ckpt
 from prosparse_jax import data as data_lib
 from prosparse_jax import train as train_mod
-from prosparse_jax.run_config import base_config
 
-WORDS = ("alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma "
-         "tau").split()
 STEPS = 40
 EVAL = dict(batch_size=4, num_batches=2, progress=False)
 
 
 def small_config(corpus, steps):
-    """A 2-layer SiLU model on a tiny file corpus (pattern of tests/test_train.py)."""
-    c = base_config()
-    c.model.update(dict(vocab_size=320, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64,
-                        activation="silu"))
-    c.data.source = f"files:{corpus}/*.txt"
-    c.data.data_dir = str(corpus.parent / "tfds")
-    c.data.vocab_size = 320
-    c.data.seq_len = 32
-    c.data.eval_fraction = 0.1
-    c.train.update(dict(steps=steps, batch_size=8, log_every=1, eval_every=0, eval_batches=2,
-                        checkpoint_every=steps, progress_bar=False, async_checkpoint=False))
-    c.optim.update(dict(lr=3e-3, warmup_steps=2, schedule="cosine"))
-    c.sparsity.stages = [[0.0, steps]]
-    return c
+    """A 2-layer SiLU model on a tiny file corpus."""
+    return small_run_config(corpus, steps, activation="silu", batch_size=8, checkpoint_every=steps)
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     """(workdir, corpus dir) of a SiLU model trained for STEPS steps (~30 s)."""
     root = tmp_path_factory.mktemp("analyze")
-    corpus = root / "corpus"
-    corpus.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(60):
-        text = " ".join(rng.choice(WORDS, size=rng.integers(50, 200)))
-        (corpus / f"doc{i:03d}.txt").write_text(f"def f{i}():\n    return '{text}'\n")
+    corpus = write_corpus(root / "corpus", 60)
     res = train_mod.train(small_config(corpus, STEPS), root / "run")
     assert res.final_eval["eval_loss"] < 4.5  # well below ln(320) = 5.77: not a random model
     return root / "run", corpus

@@ -52,13 +52,9 @@ def test_param_specs_table():
 
 @pytest.mark.slow
 def test_fsdp_on_4_devices_matches_single_device(tmp_path):
-    from test_train import WORDS
+    from conftest import write_corpus
 
-    corpus = tmp_path / "corpus"
-    corpus.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(40):
-        (corpus / f"doc{i:03d}.txt").write_text(" ".join(rng.choice(WORDS, size=rng.integers(50, 200))))
+    corpus = write_corpus(tmp_path / "corpus")
     _run(corpus, tmp_path / "one", 1, 1)
     _run(corpus, tmp_path / "four", 4, 2)
     _, a, _ = ckpt.load_model(tmp_path / "one")

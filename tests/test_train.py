@@ -12,45 +12,25 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from conftest import tiny_model_config
+from conftest import small_run_config, tiny_model_config, write_corpus
 
 from prosparse_jax import checkpoint as ckpt
 from prosparse_jax import train as train_mod
 from prosparse_jax.config import ConfigError
 from prosparse_jax.metrics import read_metrics
 from prosparse_jax.model import forward, init_params
-from prosparse_jax.run_config import base_config
 from prosparse_jax.schedules import lambda_numpy
 
 ROOT = Path(__file__).resolve().parents[1]
-WORDS = ("alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma "
-         "tau").split()
-
-
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    d = tmp_path_factory.mktemp("corpus")
-    rng = np.random.default_rng(0)
-    for i in range(40):
-        text = " ".join(rng.choice(WORDS, size=rng.integers(50, 200)))
-        (d / f"doc{i:03d}.txt").write_text(f"def f{i}():\n    return '{text}'\n")
-    return d
+    return write_corpus(tmp_path_factory.mktemp("c") / "corpus")
 
 
 def small_config(corpus, steps=8, **train_kw):
-    c = base_config()
-    c.model.update(dict(vocab_size=320, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64,
-                        activation="relu"))
-    c.data.source = f"files:{corpus}/*.txt"
-    c.data.data_dir = str(corpus.parent / "tfds")
-    c.data.vocab_size = 320
-    c.data.seq_len = 32
-    c.data.eval_fraction = 0.1
-    c.train.update(dict(steps=steps, batch_size=4, log_every=1, eval_every=0, eval_batches=2,
-                        checkpoint_every=2, progress_bar=False, async_checkpoint=False))
+    stages = [[0.0, 2], [0.05, 4], [0.2, 8]] if steps >= 4 else None  # rescaled to steps
+    c = small_run_config(corpus, steps, stages=stages)
     c.train.update(train_kw)
-    c.optim.update(dict(lr=3e-3, warmup_steps=2, schedule="cosine"))
-    c.sparsity.stages = [[0.0, 2], [0.05, 4], [0.2, 8]] if steps >= 4 else [[0.0, steps]]  # rescaled to steps
     return c
 
 
