@@ -27,7 +27,8 @@ def get_config(arg: str = "tiny"):
     m = c.model
     m.activation = "relu"
     if name == "tiny":
-        m.update(dict(vocab_size=4096, d_model=256, n_layers=4, n_heads=4, n_kv_heads=4, d_ff=704))
+        # 4 layers: the per-layer (unrolled) training layout is ~10% faster on CPU than the scan and compiles fast.
+        m.update(dict(vocab_size=4096, d_model=256, n_layers=4, n_heads=4, n_kv_heads=4, d_ff=704, scan_layers=False))
         c.data.vocab_size = 4096
         c.data.seq_len = 256
         c.train.batch_size = 8

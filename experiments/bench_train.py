@@ -38,7 +38,8 @@ from prosparse_jax import schedules  # noqa: E402
 from prosparse_jax.metrics import measure_matmul_peak  # noqa: E402
 from prosparse_jax.model import init_params  # noqa: E402
 from prosparse_jax.run_config import resolve  # noqa: E402
-from prosparse_jax.train import make_train_step  # noqa: E402
+from prosparse_jax.sharding import make_mesh  # noqa: E402
+from prosparse_jax.train import make_train_step, to_per_layer  # noqa: E402
 
 # name -> (model fields, batch, seq_len)
 SHAPES = {
@@ -69,7 +70,10 @@ class JaxBench:
         tx, lr_fn = optim_lib.make_optimizer(rc.optim, rc.train.steps, rc.model.d_model)
         lam_fn = schedules.lambda_schedule(rc.sparsity.stages)
         params = jax.jit(lambda r: init_params(rc.model, r))(jax.random.key(seed))
-        self.state = {"params": params, "opt_state": jax.jit(tx.init)(params), "step": jnp.asarray(0, jnp.int32)}
+        opt_state = jax.jit(tx.init)(params)
+        if not rc.model.scan_layers:  # the training layout of train.train (per-layer groups, unrolled)
+            params, opt_state = to_per_layer((params, opt_state), make_mesh())
+        self.state = {"params": params, "opt_state": opt_state, "step": jnp.asarray(0, jnp.int32)}
         self.step_fn = jax.jit(make_train_step(rc, tx, lr_fn, lam_fn), donate_argnums=(0,))
         rng = np.random.default_rng(seed)
         toks = rng.integers(0, rc.model.vocab_size, size=(1, batch, seq + 1), dtype=np.int32)

@@ -44,6 +44,10 @@ class ModelConfig:
     init_std: float = 0.02  # std of the matrix init (MiniCPM µP: 0.1 / sqrt(d_model / 256))
     dtype: str = "float32"  # compute dtype; parameters are always stored in float32
     remat: bool = False  # rematerialise each layer in the backward pass
+    # Training layout: True keeps the layers stacked under lax.scan (compile time independent of depth); False trains
+    # one parameter group per layer, unrolled (no scan buffers: faster for shallow models, compiles grow with depth).
+    # Checkpoints are stacked either way.
+    scan_layers: bool = True
     # Sparse mode (PPL-p% / CETT): per-layer threshold tau_l on the neuron output norm |x1_i| * ||W_down[i, :]||;
     # neurons below it are zeroed. Empty tuple = dense.
     neuron_thresholds: tuple[float, ...] = ()
@@ -136,6 +140,9 @@ def _validate(c: ModelConfig) -> None:
         bad("init_std", f"must be > 0, got {c.init_std}")
     if c.scale_depth < 0 or c.dim_model_base < 0 or not c.scale_emb > 0:
         bad("scale_*", "scale_emb must be > 0; scale_depth and dim_model_base must be >= 0 (0 disables them)")
+    for f in ("remat", "scan_layers", "tie_embeddings"):
+        if not isinstance(getattr(c, f), bool):
+            bad(f, f"must be true or false, got {getattr(c, f)!r}")
     if c.neuron_thresholds:
         if len(c.neuron_thresholds) != c.n_layers:
             bad("neuron_thresholds", f"needs one value per layer ({c.n_layers}), got {len(c.neuron_thresholds)}")

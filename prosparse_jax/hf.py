@@ -215,8 +215,8 @@ def model_config_from_hf(raw: Mapping[str, Any]) -> ModelConfig:
 def _apply_provenance(cfg: ModelConfig, block: Any) -> ModelConfig:
     """Restores our own fields from an export's provenance block when they agree with the HF fields.
 
-    Fields HF has no name for (dtype, remat) are always taken from it; the whole block is taken when it describes the
-    same computation (same architecture and activation, scales equal up to MiniCPM's "0 = off" spellings).
+    Fields HF has no name for (dtype, remat, scan_layers) are always taken from it; the whole block is taken when it
+    describes the same computation (same architecture and activation, scales equal up to MiniCPM's "0 = off" spellings).
     """
     if not isinstance(block, Mapping):
         return cfg
@@ -224,7 +224,7 @@ def _apply_provenance(cfg: ModelConfig, block: Any) -> ModelConfig:
         ours = model_config_from_dict(block)
     except ConfigError:
         return cfg
-    cfg = cfg.replace(dtype=ours.dtype, remat=ours.remat)
+    cfg = cfg.replace(dtype=ours.dtype, remat=ours.remat, scan_layers=ours.scan_layers)
     same = (
         all(getattr(ours, f) == getattr(cfg, f) for f in (
             "vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "activation",

@@ -41,13 +41,22 @@ from prosparse_jax import schedules
 from prosparse_jax import sharding as shard_lib
 from prosparse_jax.config import ConfigError, ModelConfig
 from prosparse_jax.metrics import MetricsWriter, measure_matmul_peak
-from prosparse_jax.model import Params, abstract_params, cross_entropy, forward, init_params
+from prosparse_jax.model import (
+    Params,
+    abstract_params,
+    cross_entropy,
+    forward,
+    init_params,
+    stack_layers,
+    unstack_layers,
+)
 from prosparse_jax.run_config import RunConfig, resolve
 
-# Fields that may change between a run and its resumption (they do not change the numbers).
+# Fields that may change between a run and its resumption (they do not change the numbers; model.scan_layers only
+# changes the layout of the state in memory -- checkpoints are stacked either way -- and float round-off).
 RESUMABLE_CHANGES = {
     "train.log_every", "train.eval_every", "train.checkpoint_every", "train.keep_checkpoints",
-    "train.async_checkpoint", "train.progress_bar", "data.data_dir",
+    "train.async_checkpoint", "train.progress_bar", "data.data_dir", "model.scan_layers",
 }
 
 
@@ -125,6 +134,20 @@ def make_train_step(rc: RunConfig, tx: Any, lr_fn: Any, lam_fn: Any):
         return new_state, metrics
 
     return step
+
+
+def to_per_layer(tree: Any, mesh: jax.sharding.Mesh) -> Any:
+    """The per-layer training layout of stacked params / optimizer state (``model.scan_layers = False``).
+
+    Each layer group keeps the FSDP sharding rule of its stacked leaf."""
+    out_sh = shard_lib.shardings_like(jax.eval_shape(unstack_layers, tree), mesh)
+    return jax.jit(unstack_layers, out_shardings=out_sh)(tree)
+
+
+@jax.jit
+def stack_layers_jit(params: Params, opt_state: Any) -> tuple[Params, Any]:
+    """Stacked copies of per-layer params and optimizer state, for a checkpoint (the state itself is unchanged)."""
+    return stack_layers(params), stack_layers(opt_state)
 
 
 @functools.lru_cache(maxsize=8)
@@ -323,6 +346,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, stop_after:
             params = jax.jit(lambda r: init_params(rc.model, r), out_shardings=p_shard)(rng)
         opt_state = jax.jit(tx.init, out_shardings=o_shard)(params)
         start = 0
+    if not rc.model.scan_layers:  # train in the per-layer layout; checkpoints stay stacked (see save())
+        params, opt_state = to_per_layer((params, opt_state), mesh)
     state = {"params": params, "opt_state": opt_state, "step": jnp.asarray(start, jnp.int32)}
 
     # ---- data ----
@@ -358,7 +383,10 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, stop_after:
         else None
 
     def save(step: int, force: bool = False) -> None:
-        ckpt.save(mgr, step, state["params"], state["opt_state"],
+        params, opt_state = state["params"], state["opt_state"]
+        if not rc.model.scan_layers:
+            params, opt_state = stack_layers_jit(params, opt_state)
+        ckpt.save(mgr, step, params, opt_state,
                   {"step": step, "data_state": last_data_state, "model": dataclasses.asdict(rc.model)},
                   force=force)
 

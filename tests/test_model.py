@@ -6,13 +6,17 @@ import numpy as np
 import pytest
 from conftest import tiny_model_config
 
+from prosparse_jax import model as model_lib
 from prosparse_jax.model import (
     cross_entropy,
     fold_minicpm_scales,
     forward,
     init_params,
+    layer_param,
     neuron_thresholds_from_norms,
     rope,
+    stack_layers,
+    unstack_layers,
 )
 
 MINICPM = dict(scale_emb=12.0, scale_depth=1.4, dim_model_base=8, tie_embeddings=True, init_std=0.05)
@@ -99,8 +103,10 @@ def _naive_mha_logits(params, ids, cfg):
     return h @ head
 
 
+@pytest.mark.parametrize("block", [64, 4])  # 4: three query blocks (4, 4, 1 rows), causal key blocks skipped
 @pytest.mark.parametrize("kv", [4, 2, 1])
-def test_attention_matches_naive_reference(kv):
+def test_attention_matches_naive_reference(kv, block, monkeypatch):
+    monkeypatch.setattr(model_lib, "ATTN_BLOCK", block)
     cfg = tiny_model_config(n_heads=4, n_kv_heads=kv, activation="silu", init_std=0.1)
     params = init_params(cfg, jax.random.key(3))
     ids = _ids(cfg, B=1, T=9)
@@ -161,7 +167,9 @@ def test_remat_same_loss_and_grads():
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), g0, g1)
 
 
-def test_packed_segments_equal_separate_sequences():
+@pytest.mark.parametrize("block", [64, 3])
+def test_packed_segments_equal_separate_sequences(block, monkeypatch):
+    monkeypatch.setattr(model_lib, "ATTN_BLOCK", block)
     cfg = tiny_model_config(activation="silu")
     params = init_params(cfg, jax.random.key(7))
     a, b = _ids(cfg, B=1, T=5, seed=10), _ids(cfg, B=1, T=7, seed=11)
@@ -219,3 +227,40 @@ def test_rope_is_relative():
         return float((rope(x, jnp.array([[p]]), 1e4) * rope(y, jnp.array([[q]]), 1e4)).sum())
 
     assert abs(dot(3, 1) - dot(12, 10)) < 1e-5
+
+
+def test_attention_blocks_give_the_same_loss_and_grads(monkeypatch):
+    cfg = tiny_model_config(activation="relu", n_kv_heads=2)
+    params = init_params(cfg, jax.random.key(12))
+    ids = _ids(cfg, T=21)
+    l0, g0 = jax.value_and_grad(_loss)(params, ids, cfg)
+    monkeypatch.setattr(model_lib, "ATTN_BLOCK", 8)
+    l1, g1 = jax.value_and_grad(_loss)(params, ids, cfg)
+    np.testing.assert_allclose(l0, l1, rtol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), g0, g1)
+
+
+def test_per_layer_layout_round_trip_and_same_numbers():
+    cfg = tiny_model_config(activation="relu", n_layers=3)
+    params = init_params(cfg, jax.random.key(13))
+    per = unstack_layers(params)
+    assert isinstance(per["layers"], list) and len(per["layers"]) == 3
+    assert per["layers"][1]["w_up_LxDxF"].shape == (1, cfg.d_model, cfg.d_ff)
+    np.testing.assert_array_equal(per["layers"][2]["wq_LxDxNxH"][0], params["layers"]["wq_LxDxNxH"][2])
+    jax.tree.map(np.testing.assert_array_equal, stack_layers(per), params)
+    assert unstack_layers(per) is not None and stack_layers(params)["layers"].keys() == params["layers"].keys()
+    np.testing.assert_array_equal(layer_param(per, "w_down_LxFxD"), params["layers"]["w_down_LxFxD"])
+    # a tree holding several params-shaped dicts (an Adam state) converts each of them
+    import optax
+    opt = optax.adam(1e-3).init(params)
+    jax.tree.map(np.testing.assert_array_equal, stack_layers(unstack_layers(opt)), opt)
+    # same logits, statistics and gradients (restacked) in both layouts
+    ids = _ids(cfg, T=16)
+    (la, sa), (lb, sb) = forward(params, ids, cfg), forward(per, ids, cfg)
+    np.testing.assert_allclose(la, lb, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(sa.zero_frac, sb.zero_frac)
+    ga, gb = jax.grad(_loss)(params, ids, cfg), jax.grad(_loss)(per, ids, cfg)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), ga, stack_layers(gb))
+    # sparse mode reads the per-neuron thresholds from either layout
+    sparse = cfg.replace(neuron_thresholds=(0.01, 0.02, 0.03))
+    np.testing.assert_allclose(forward(params, ids, sparse)[0], forward(per, ids, sparse)[0], rtol=1e-6, atol=1e-6)

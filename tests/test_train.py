@@ -87,8 +87,10 @@ def test_train_writes_metrics_and_sparsity_rises_with_lambda(corpus, tmp_path):
     assert ckpt.latest_step(tmp_path / "run") == 8
 
 
-def test_resume_is_bitwise_identical(corpus, tmp_path):
+@pytest.mark.parametrize("scan_layers", [True, False])
+def test_resume_is_bitwise_identical(corpus, tmp_path, scan_layers):
     c = small_config(corpus, steps=8, grad_accum=2)
+    c.model.scan_layers = scan_layers
     train_mod.train(c, tmp_path / "full")
     r1 = train_mod.train(c, tmp_path / "split", stop_after=5)  # 'killed' after step 5 (forced checkpoint)
     assert r1.interrupted and ckpt.latest_step(tmp_path / "split") == 5
@@ -98,6 +100,19 @@ def test_resume_is_bitwise_identical(corpus, tmp_path):
     la = [r["loss"] for r in read_metrics(tmp_path / "full", "train")]
     lb = [r["loss"] for r in read_metrics(tmp_path / "split", "train")]
     assert la == lb
+
+
+def test_per_layer_training_matches_scan_and_saves_stacked_checkpoints(corpus, tmp_path):
+    c = small_config(corpus, steps=4)
+    train_mod.train(c, tmp_path / "scan")
+    c.model.scan_layers = False
+    train_mod.train(c, tmp_path / "per_layer")
+    a, b = _params(tmp_path / "scan"), _params(tmp_path / "per_layer")
+    assert isinstance(b["layers"], dict) and b["layers"]["w_up_LxDxF"].shape[0] == c.model.n_layers
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=2e-5, atol=1e-6), a, b)
+    la = [r["loss"] for r in read_metrics(tmp_path / "scan", "train")]
+    lb = [r["loss"] for r in read_metrics(tmp_path / "per_layer", "train")]
+    np.testing.assert_allclose(la, lb, rtol=1e-5)
 
 
 def test_nan_guard_stops_and_keeps_last_good_checkpoint(corpus, tmp_path, monkeypatch):
