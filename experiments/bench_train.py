@@ -1,6 +1,11 @@
-"""Training throughput: our jitted step vs HF transformers LlamaForCausalLM (PyTorch CPU), same shapes, fp32, AdamW.
+"""Training throughput: our jitted step vs HF transformers LlamaForCausalLM (PyTorch CPU), same shapes, AdamW.
 
     python experiments/bench_train.py --shapes=tiny,0.1b --out=bench.json
+    python experiments/bench_train.py --shapes=tiny --dtypes=float32,bfloat16
+
+Compute dtype: float32 by default; ``--dtypes=bfloat16`` compares our ``model.dtype=bfloat16`` (bf16 matmuls, float32
+master weights, norms and softmax) with torch autocast bf16. Our layer layout is the tiny config's
+(``model.scan_layers=False``: per-layer parameter groups, unrolled), printed in each row.
 
 For every shape, in ONE process: (a) ``prosparse_jax.train.make_train_step`` with the optimizer of
 ``prosparse_jax.optim.make_optimizer`` (AdamW + global-norm clipping), the real loss (CE + lambda * sum_l mean|x1_l|,
@@ -49,10 +54,11 @@ SHAPES = {
 }
 
 
-def run_config(shape: str, batch: int, seq: int, lam: float, steps: int):
+def run_config(shape: str, batch: int, seq: int, lam: float, steps: int, dtype: str = "float32"):
     c = prosparse_configs.get_config("tiny")
     fields, _, _ = SHAPES[shape]
     c.model.update(fields)
+    c.model.dtype = dtype
     c.data.vocab_size = fields["vocab_size"]
     c.data.seq_len = seq
     c.train.batch_size = batch
@@ -65,8 +71,8 @@ def run_config(shape: str, batch: int, seq: int, lam: float, steps: int):
 
 
 class JaxBench:
-    def __init__(self, shape: str, batch: int, seq: int, lam: float, seed: int = 0) -> None:
-        self.rc = rc = run_config(shape, batch, seq, lam, steps=10**6)
+    def __init__(self, shape: str, batch: int, seq: int, lam: float, seed: int = 0, dtype: str = "float32") -> None:
+        self.rc = rc = run_config(shape, batch, seq, lam, steps=10**6, dtype=dtype)
         tx, lr_fn = optim_lib.make_optimizer(rc.optim, rc.train.steps, rc.model.d_model)
         lam_fn = schedules.lambda_schedule(rc.sparsity.stages)
         params = jax.jit(lambda r: init_params(rc.model, r))(jax.random.key(seed))
@@ -127,6 +133,8 @@ class TorchBench:
         toks = torch.randint(0, m.vocab_size, (batch, seq + 1), generator=g)
         self.inputs, self.targets = toks[:, :-1].contiguous(), toks[:, 1:].contiguous()
         self.torch = torch
+        # bf16: autocast (bf16 matmuls, fp32 master weights and optimizer), like our model.dtype=bfloat16
+        self.autocast = m.dtype == "bfloat16"
         self.loss = None
 
     def run(self, n: int) -> float:
@@ -134,9 +142,11 @@ class TorchBench:
         t0 = time.perf_counter()
         for _ in range(n):
             self._l1.clear()
-            logits = self.model(input_ids=self.inputs).logits
-            ce = torch.nn.functional.cross_entropy(logits.view(-1, logits.shape[-1]), self.targets.view(-1))
-            loss = ce + self.lam * torch.stack(self._l1).sum()
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.autocast):
+                logits = self.model(input_ids=self.inputs).logits
+                l1 = torch.stack([x.float() for x in self._l1]).sum()
+            ce = torch.nn.functional.cross_entropy(logits.float().view(-1, logits.shape[-1]), self.targets.view(-1))
+            loss = ce + self.lam * l1
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
             if self.clip > 0:
@@ -167,12 +177,12 @@ def update_peaks(peaks: dict[str, float]) -> None:
     peaks["torch"] = max(peaks.get("torch", 0.0), torch_matmul_peak(repeats=10))
 
 
-def bench_shape(shape: str, args: argparse.Namespace, peaks: dict[str, float]) -> dict:
+def bench_shape(shape: str, dtype: str, args: argparse.Namespace, peaks: dict[str, float]) -> dict:
     _, batch, seq = SHAPES[shape]
     batch = args.batch or batch
     seq = args.seq or seq
     t_c = time.perf_counter()
-    jb = JaxBench(shape, batch, seq, args.lam)
+    jb = JaxBench(shape, batch, seq, args.lam, dtype=dtype)
     jb.run(1)
     compile_s = time.perf_counter() - t_c
     tb = TorchBench(jb.rc, batch, seq, args.lam)
@@ -190,7 +200,8 @@ def bench_shape(shape: str, args: argparse.Namespace, peaks: dict[str, float]) -
     o, t = statistics.median(ours), statistics.median(theirs)
     # MFU is computed at the end of main(), against the best peak of the whole run.
     return {
-        "shape": shape, "batch": batch, "seq_len": seq, "params": jb.rc.model.params_total,
+        "shape": shape, "dtype": dtype, "layout": "scan" if jb.rc.model.scan_layers else "per-layer",
+        "batch": batch, "seq_len": seq, "params": jb.rc.model.params_total,
         "flops_per_token": flops_tok, "lambda": args.lam, "steps_per_rep": args.steps, "warmup": args.warmup,
         "reps": args.reps, "jax_compile_plus_first_step_s": compile_s,
         "ours_tokens_per_s": o, "torch_tokens_per_s": t, "ratio": o / t,
@@ -205,6 +216,9 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=5, help="timed steps per repetition")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps before timing (after compilation)")
     p.add_argument("--reps", type=int, default=5, help="timed repetitions per framework (alternating); median")
+    p.add_argument("--dtypes", default="float32",
+                   help="comma-separated compute dtypes: float32 | bfloat16 (ours: model.dtype, fp32 master weights; "
+                        "torch: autocast bf16)")
     p.add_argument("--batch", type=int, default=0, help="override the shape's batch size")
     p.add_argument("--seq", type=int, default=0, help="override the shape's sequence length")
     p.add_argument("--lam", type=float, default=0.1, help="L1 regulariser weight (> 0 so the L1 term is computed)")
@@ -225,11 +239,16 @@ def main() -> None:
            "peak_flops_torch_start": peaks["torch"], "loadavg_start": os.getloadavg()}
     print(json.dumps(env), flush=True)
     rows = []
+    dtypes = args.dtypes.split(",")
+    for dt in dtypes:
+        if dt not in ("float32", "bfloat16"):
+            raise SystemExit(f"unknown dtype {dt!r}; choose from float32, bfloat16")
     for shape in args.shapes.split(","):
         if shape not in SHAPES:
             raise SystemExit(f"unknown shape {shape!r}; choose from {sorted(SHAPES)}")
-        rows.append(bench_shape(shape, args, peaks))
-        print(json.dumps({k: v for k, v in rows[-1].items() if not k.endswith("_all")}), flush=True)
+        for dt in dtypes:
+            rows.append(bench_shape(shape, dt, args, peaks))
+            print(json.dumps({k: v for k, v in rows[-1].items() if not k.endswith("_all")}), flush=True)
     update_peaks(peaks)
     env.update(peak_flops_jax=peaks["jax"], peak_flops_torch=peaks["torch"], loadavg_end=os.getloadavg())
     for r in rows:
@@ -238,14 +257,14 @@ def main() -> None:
                  torch_mfu=f * r["torch_tokens_per_s"] / peaks["jax"],
                  torch_mfu_vs_torch_peak=f * r["torch_tokens_per_s"] / peaks["torch"])
 
-    print(f"\nfp32, AdamW, torch threads {env['torch_threads']}, torch attention "
+    print(f"\nAdamW, torch threads {env['torch_threads']}, torch attention "
           f"{rows[0]['torch_attn_implementation']}; best matmul peak (1024^3) JAX {env['peak_flops_jax'] / 1e9:.0f} "
           f"GFLOP/s, torch {env['peak_flops_torch'] / 1e9:.0f} GFLOP/s; MFU vs the JAX peak; load average "
           f"{env['loadavg_start'][0]:.1f} -> {env['loadavg_end'][0]:.1f}")
-    print(f"{'shape':6} {'B x T':>8} {'ours tok/s':>11} {'torch tok/s':>12} {'ours/torch':>10} "
+    print(f"{'shape':6} {'dtype':9} {'B x T':>8} {'ours tok/s':>11} {'torch tok/s':>12} {'ours/torch':>10} "
           f"{'ours MFU':>9} {'torch MFU':>10}")
     for r in rows:
-        print(f"{r['shape']:6} {r['batch']:>3}x{r['seq_len']:<4} {r['ours_tokens_per_s']:>11.0f} "
+        print(f"{r['shape']:6} {r['dtype']:9} {r['batch']:>3}x{r['seq_len']:<4} {r['ours_tokens_per_s']:>11.0f} "
               f"{r['torch_tokens_per_s']:>12.0f} {r['ratio']:>10.2f} {r['ours_mfu']:>9.1%} {r['torch_mfu']:>10.1%}")
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
