@@ -150,15 +150,23 @@ def _validate(c: ModelConfig) -> None:
             bad("neuron_thresholds", "every threshold must be >= 0")
 
 
-_MODEL_FIELDS = {f.name for f in dataclasses.fields(ModelConfig)}
+def section_items(cls: type, section: str, d: Any) -> dict[str, Any]:
+    """The fields of config section ``section`` (a ConfigDict or dict) for dataclass ``cls``, as a plain dict.
+
+    Raises:
+        ConfigError: naming the section's unknown field(s) and the valid ones.
+    """
+    items = dict(d.to_dict() if hasattr(d, "to_dict") else d)
+    valid = sorted(f.name for f in dataclasses.fields(cls))
+    unknown = sorted(set(items) - set(valid))
+    if unknown:
+        raise ConfigError(f"{section}: unknown field(s) {unknown}; valid fields: {valid}")
+    return items
 
 
 def model_config_from_dict(d: Any) -> ModelConfig:
     """Builds a validated ModelConfig from a ConfigDict / dict; unknown keys are an error naming them."""
-    items = dict(d.to_dict() if hasattr(d, "to_dict") else d)
-    unknown = sorted(set(items) - _MODEL_FIELDS)
-    if unknown:
-        raise ConfigError(f"model: unknown field(s) {unknown}; valid fields: {sorted(_MODEL_FIELDS)}")
+    items = section_items(ModelConfig, "model", d)
     if "neuron_thresholds" in items:
         items["neuron_thresholds"] = tuple(float(t) for t in (items["neuron_thresholds"] or ()))
     try:

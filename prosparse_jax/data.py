@@ -35,7 +35,7 @@ import numpy as np
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from prosparse_jax.config import ConfigError
+from prosparse_jax.config import ConfigError, section_items
 from prosparse_jax.data_tfds import EVAL_SPLIT, TRAIN_SPLIT, Corpus, DataError, load_corpus
 
 EOS_TOKEN = "<|endoftext|>"  # id 0: document separator, appended to every document
@@ -87,11 +87,7 @@ def _validate(cfg: DataConfig) -> None:
 
 def data_config_from_dict(d: Mapping[str, Any] | Any) -> DataConfig:
     """Builds a validated `DataConfig` from a dict or ml_collections ConfigDict; unknown keys are errors."""
-    d = dict(d.to_dict() if hasattr(d, "to_dict") else d)
-    known = [f.name for f in dataclasses.fields(DataConfig)]
-    for key in d:
-        if key not in known:
-            raise ConfigError(f"data.{key}: unknown field; known fields: {', '.join(known)}")
+    d = section_items(DataConfig, "data", d)
     if isinstance(d.get("eval_fraction"), int) and not isinstance(d.get("eval_fraction"), bool):
         d["eval_fraction"] = float(d["eval_fraction"])
     return DataConfig(**d)

@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from prosparse_jax.config import ConfigError
+from prosparse_jax.config import ConfigError, section_items
 from prosparse_jax.schedules import LR_SCHEDULES, Schedule, make_lr_schedule
 
 PARAM_GROUPS = ("norm", "embedding", "matrix")
@@ -103,16 +103,9 @@ def _validate(c: OptimConfig) -> None:
         bad("mup_base_dim", f"must be a positive integer, got {c.mup_base_dim!r}")
 
 
-_OPTIM_FIELDS = {f.name for f in dataclasses.fields(OptimConfig)}
-
-
 def optim_config_from_dict(d: Any) -> OptimConfig:
     """Builds a validated OptimConfig from a ConfigDict / dict; unknown keys are an error naming them."""
-    items = dict(d.to_dict() if hasattr(d, "to_dict") else d)
-    unknown = sorted(set(items) - _OPTIM_FIELDS)
-    if unknown:
-        raise ConfigError(f"optim: unknown field(s) {unknown}; valid fields: {sorted(_OPTIM_FIELDS)}")
-    return OptimConfig(**items)
+    return OptimConfig(**section_items(OptimConfig, "optim", d))
 
 
 def optim_config_to_dict(c: OptimConfig) -> dict[str, Any]:

@@ -136,6 +136,13 @@ def make_train_step(rc: RunConfig, tx: Any, lr_fn: Any, lam_fn: Any):
     return step
 
 
+@functools.cache
+def _matmul_peak(device_kind: str) -> float:
+    """The MFU denominator: one device's measured matmul FLOP/s, measured once per process and device kind."""
+    del device_kind  # the cache key
+    return measure_matmul_peak()
+
+
 def to_per_layer(tree: Any, mesh: jax.sharding.Mesh) -> Any:
     """The per-layer training layout of stacked params / optimizer state (``model.scan_layers = False``).
 
@@ -370,7 +377,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, stop_after:
 
     # ---- metrics ----
     writer = MetricsWriter(workdir, resume_step=start, enabled=is_main)
-    peak = measure_matmul_peak() * n_dev
+    peak = _matmul_peak(jax.devices()[0].device_kind) * n_dev
     flops_per_step = rc.model.flops_per_token(T) * B * T
 
     stop_requested = {"flag": False}

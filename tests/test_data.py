@@ -229,7 +229,7 @@ def test_empty_eval_split(env):
     ("source", "http://x", r"data.source"),
     ("source", "files:", r"data.source"),
     ("seq_len", True, r"data.seq_len"),
-    ("bogus", 1, r"data.bogus: unknown field"),
+    ("bogus", 1, r"data: unknown field\(s\) \['bogus'\]"),
 ])
 def test_bad_config(field, value, msg):
     with pytest.raises(ConfigError, match=msg):
