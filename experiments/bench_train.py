@@ -34,7 +34,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from configs import prosparse as prosparse_configs  # noqa: E402
@@ -44,7 +43,7 @@ from prosparse_jax.metrics import measure_matmul_peak  # noqa: E402
 from prosparse_jax.model import init_params  # noqa: E402
 from prosparse_jax.run_config import resolve  # noqa: E402
 from prosparse_jax.sharding import make_mesh  # noqa: E402
-from prosparse_jax.train import make_train_step, to_per_layer  # noqa: E402
+from prosparse_jax.train import make_train_step, place_state  # noqa: E402
 
 # name -> (model fields, batch, seq_len)
 SHAPES = {
@@ -76,10 +75,8 @@ class JaxBench:
         tx, lr_fn = optim_lib.make_optimizer(rc.optim, rc.train.steps, rc.model.d_model)
         lam_fn = schedules.lambda_schedule(rc.sparsity.stages)
         params = jax.jit(lambda r: init_params(rc.model, r))(jax.random.key(seed))
-        opt_state = jax.jit(tx.init)(params)
-        if not rc.model.scan_layers:  # the training layout of train.train (per-layer groups, unrolled)
-            params, opt_state = to_per_layer((params, opt_state), make_mesh())
-        self.state = {"params": params, "opt_state": opt_state, "step": jnp.asarray(0, jnp.int32)}
+        # placed as train.train does (the tiny config's per-layer layout: one parameter group per layer, unrolled)
+        self.state = place_state(params, jax.jit(tx.init)(params), 0, rc.model, make_mesh())
         self.step_fn = jax.jit(make_train_step(rc, tx, lr_fn, lam_fn), donate_argnums=(0,))
         rng = np.random.default_rng(seed)
         toks = rng.integers(0, rc.model.vocab_size, size=(1, batch, seq + 1), dtype=np.int32)
@@ -93,6 +90,8 @@ class JaxBench:
 
     def run(self, n: int) -> float:
         """Runs n steps; returns the seconds they took (host blocked on the last one)."""
+        if n <= 0:
+            return 0.0
         t0 = time.perf_counter()
         m = None
         for _ in range(n):
@@ -138,6 +137,9 @@ class TorchBench:
         self.loss = None
 
     def run(self, n: int) -> float:
+        """Runs n steps; returns the seconds they took."""
+        if n <= 0:
+            return 0.0
         torch = self.torch
         t0 = time.perf_counter()
         for _ in range(n):

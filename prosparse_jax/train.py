@@ -136,6 +136,23 @@ def make_train_step(rc: RunConfig, tx: Any, lr_fn: Any, lam_fn: Any):
     return step
 
 
+def place_state(params: Params, opt_state: Any, step: int, cfg: ModelConfig, mesh: jax.sharding.Mesh
+                ) -> dict[str, Any]:
+    """The train state for the jitted step from stacked params and optimizer state.
+
+    Parameters and optimizer state get their FSDP shardings (a no-op when already placed), the per-layer layout when
+    ``cfg.scan_layers`` is False (checkpoints stay stacked, see ``train``'s ``save``), and the step counter is
+    replicated on the mesh -- everything placed as the jitted step returns it, so its second call does not compile
+    it again.
+    """
+    params = jax.device_put(params, shard_lib.shardings_like(params, mesh))
+    opt_state = jax.device_put(opt_state, shard_lib.shardings_like(opt_state, mesh))
+    if not cfg.scan_layers:
+        params, opt_state = to_per_layer((params, opt_state), mesh)
+    step_arr = jax.device_put(np.int32(step), jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+    return {"params": params, "opt_state": opt_state, "step": step_arr}
+
+
 @functools.cache
 def _matmul_peak(device_kind: str) -> float:
     """The MFU denominator: one device's measured matmul FLOP/s, measured once per process and device kind."""
@@ -353,9 +370,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, stop_after:
             params = jax.jit(lambda r: init_params(rc.model, r), out_shardings=p_shard)(rng)
         opt_state = jax.jit(tx.init, out_shardings=o_shard)(params)
         start = 0
-    if not rc.model.scan_layers:  # train in the per-layer layout; checkpoints stay stacked (see save())
-        params, opt_state = to_per_layer((params, opt_state), mesh)
-    state = {"params": params, "opt_state": opt_state, "step": jnp.asarray(start, jnp.int32)}
+    state = place_state(params, opt_state, start, rc.model, mesh)
 
     # ---- data ----
     it = data_lib.make_train_iterator(rc.data, tokenizer, batch_size=B // n_proc, cache_dir=workdir,

@@ -203,3 +203,29 @@ def test_sigterm_saves_restorable_checkpoint(corpus, tmp_path):
     assert step in mgr.all_steps()
     p = _params(wd)
     assert all(bool(jnp.isfinite(x).all()) for x in jax.tree.leaves(p))
+
+
+@pytest.mark.parametrize("scan_layers", [True, False])
+def test_train_step_compiles_once(corpus, scan_layers):
+    """The state place_state() builds (as train() does) is placed as the jitted step returns it: no recompile."""
+    from prosparse_jax import optim as optim_lib
+    from prosparse_jax import schedules
+    from prosparse_jax.run_config import resolve
+    from prosparse_jax.sharding import make_mesh
+
+    c = small_config(corpus, steps=4)
+    c.model.scan_layers = scan_layers
+    rc = resolve(c)
+    mesh = make_mesh()
+    tx, lr_fn = optim_lib.make_optimizer(rc.optim, rc.train.steps, rc.model.d_model)
+    params = init_params(rc.model, jax.random.key(0))
+    state = train_mod.place_state(params, tx.init(params), 0, rc.model, mesh)
+    step_fn = jax.jit(train_mod.make_train_step(rc, tx, lr_fn, schedules.lambda_schedule(rc.sparsity.stages)),
+                      donate_argnums=(0,))
+    B, T = rc.train.batch_size, rc.data.seq_len
+    batch = {"inputs": jnp.zeros((1, B, T), jnp.int32), "targets": jnp.zeros((1, B, T), jnp.int32),
+             "segment_ids": jnp.ones((1, B, T), jnp.int32), "positions": jnp.broadcast_to(jnp.arange(T), (1, B, T)),
+             "weights": jnp.ones((1, B, T), jnp.float32)}
+    for _ in range(3):
+        state, _ = step_fn(state, batch)
+    assert step_fn._cache_size() == 1
