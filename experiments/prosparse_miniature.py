@@ -76,10 +76,7 @@ def plot(workdir: Path, names: list[str], results: dict) -> list[Path]:
         ax.set_title(title)
         ax.set_xlabel("step")
         ax.legend()
-    fig.tight_layout()
-    p1 = workdir / "curves.png"
-    fig.savefig(p1, dpi=100)
-    plt.close(fig)
+    p1 = _save(fig, workdir / "curves.png")
 
     fig, ax = plt.subplots(figsize=(7, 4))
     width = 0.8 / len(results)
@@ -90,11 +87,16 @@ def plot(workdir: Path, names: list[str], results: dict) -> list[Path]:
     ax.set_ylabel("sparsity (fraction of zeros in x1)")
     ax.set_title("Activation sparsity per layer (held-out)")
     ax.legend()
+    return [p1, _save(fig, workdir / "sparsity_per_layer.png")]
+
+
+def _save(fig, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
-    p2 = workdir / "sparsity_per_layer.png"
-    fig.savefig(p2, dpi=100)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
-    return [p1, p2]
+    return path
 
 
 def main(argv: list[str]) -> None:

@@ -33,8 +33,8 @@ import numpy as np
 from absl import flags
 
 from prosparse_jax import checkpoint as ckpt
+from prosparse_jax import cli, model, sparsity
 from prosparse_jax import data as data_lib
-from prosparse_jax import model, sparsity
 from prosparse_jax.config import ConfigError, ModelConfig
 from prosparse_jax.model import Params
 
@@ -430,9 +430,7 @@ def _plots(out: Path, heat_LxT: np.ndarray, res: dict[str, Any]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point: parses ``argv`` (default ``sys.argv``), runs :func:`analyze`; returns the exit code."""
-    FLAGS.unparse_flags()
-    try:
-        FLAGS(sys.argv if argv is None else argv)
+    def body() -> str:
         if not _CHECKPOINT.value:
             raise AnalyzeError("--checkpoint: required (a workdir or HF model folder)")
         if not _OUT.value:
@@ -441,17 +439,17 @@ def main(argv: list[str] | None = None) -> int:
                       seq_len=_SEQ_LEN.value, batch_size=_BATCH.value, num_batches=_NUM_BATCHES.value,
                       data_dir=_DATA_DIR.value, topk_mode=_TOPK_MODE.value, pplp_steps=_PPLP_STEPS.value,
                       overwrite=_OVERWRITE.value, progress=_PROGRESS.value)
-    except (flags.Error, AnalyzeError, ConfigError, ckpt.CheckpointError, data_lib.DataError, OSError) as e:
-        print(f"analyze: error: {e}", file=sys.stderr)
-        return 1
-    keys = ("metric", "value", "activation_ratio", "sparsity", "dense_loss", "sparse_loss", "ppl_ratio",
-            "dead_neuron_fraction", "tokens_measured", "forward_passes")
-    print(json.dumps({k: res[k] for k in keys}))
-    if "sparse_mode" in res:
-        taus = ", ".join(repr(t) for t in res["sparse_mode"]["model.neuron_thresholds"])
-        where = Path(_OUT.value) / "sparse_mode.json"
-        print(f"sparse mode: --config.model.neuron_thresholds='({taus},)'  (also in {where})")
-    return 0
+        keys = ("metric", "value", "activation_ratio", "sparsity", "dense_loss", "sparse_loss", "ppl_ratio",
+                "dead_neuron_fraction", "tokens_measured", "forward_passes")
+        lines = [json.dumps({k: res[k] for k in keys})]
+        if "sparse_mode" in res:
+            taus = ", ".join(repr(t) for t in res["sparse_mode"]["model.neuron_thresholds"])
+            where = Path(_OUT.value) / "sparse_mode.json"
+            lines.append(f"sparse mode: --config.model.neuron_thresholds='({taus},)'  (also in {where})")
+        return "\n".join(lines)
+
+    return cli.run("analyze", FLAGS, argv, body,
+                   (AnalyzeError, ConfigError, ckpt.CheckpointError, data_lib.DataError, OSError))
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from absl import flags
 
-from prosparse_jax import checkpoint, hf
+from prosparse_jax import checkpoint, cli, hf
 from prosparse_jax.config import ConfigError
 
 FLAGS = flags.FlagValues()  # own flag set: the CLI modules can be imported together (tests)
@@ -49,17 +49,13 @@ def export(workdir: str | os.PathLike, out: str | os.PathLike, *, step: int | No
 
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point: parses ``argv`` (default ``sys.argv``) into this module's flags; returns the exit code."""
-    FLAGS.unparse_flags()
-    try:
-        FLAGS(sys.argv if argv is None else argv)
+    def body() -> str:
         out = export(_WORKDIR.value, _OUT.value, step=_STEP.value, fmt=_FORMAT.value, dtype=_DTYPE.value,
                      max_shard_size=_MAX_SHARD.value, overwrite=_OVERWRITE.value,
                      max_position_embeddings=_MAX_POS.value)
-    except (flags.Error, hf.HFConversionError, checkpoint.CheckpointError, ConfigError) as e:
-        print(f"export_hf: error: {e}", file=sys.stderr)
-        return 1
-    print(f"exported {_WORKDIR.value} -> {out} (format={_FORMAT.value}, dtype={_DTYPE.value})")
-    return 0
+        return f"exported {_WORKDIR.value} -> {out} (format={_FORMAT.value}, dtype={_DTYPE.value})"
+
+    return cli.run("export_hf", FLAGS, argv, body, (hf.HFConversionError, checkpoint.CheckpointError, ConfigError))
 
 
 if __name__ == "__main__":

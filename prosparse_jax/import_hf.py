@@ -17,7 +17,7 @@ from pathlib import Path
 
 from absl import flags
 
-from prosparse_jax import checkpoint, hf
+from prosparse_jax import checkpoint, cli, hf
 from prosparse_jax.config import ConfigError
 
 FLAGS = flags.FlagValues()  # own flag set: the CLI modules can be imported together (tests)
@@ -45,15 +45,10 @@ def import_hf(hf_path: str | os.PathLike, workdir: str | os.PathLike) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point: parses ``argv`` (default ``sys.argv``) into this module's flags; returns the exit code."""
-    FLAGS.unparse_flags()
-    try:
-        FLAGS(sys.argv if argv is None else argv)
-        wd = import_hf(_HF.value, _WORKDIR.value)
-    except (flags.Error, hf.HFConversionError, checkpoint.CheckpointError, ConfigError) as e:
-        print(f"import_hf: error: {e}", file=sys.stderr)
-        return 1
-    print(f"imported {_HF.value} -> {wd}")
-    return 0
+    def body() -> str:
+        return f"imported {_HF.value} -> {import_hf(_HF.value, _WORKDIR.value)}"
+
+    return cli.run("import_hf", FLAGS, argv, body, (hf.HFConversionError, checkpoint.CheckpointError, ConfigError))
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import flags
 
-from prosparse_jax import checkpoint, model
+from prosparse_jax import checkpoint, cli, model
 
 FLAGS = flags.FlagValues()  # own flag set: the CLI modules can be imported together (tests)
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Workdir or HF model folder.", flag_values=FLAGS)
@@ -58,16 +58,11 @@ def score(checkpoint_path: str | os.PathLike, text: str, *, step: int | None = N
 
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point: parses ``argv`` (default ``sys.argv``), prints the JSON; returns the exit code."""
-    FLAGS.unparse_flags()
-    try:
-        FLAGS(sys.argv if argv is None else argv)
+    def body() -> str:
         text = _TEXT.value if _TEXT.value is not None else Path(_INPUT.value).read_text()
-        result = score(_CHECKPOINT.value, text, step=_STEP.value)
-    except (flags.Error, OSError, ValueError, checkpoint.CheckpointError) as e:
-        print(f"score: error: {e}", file=sys.stderr)
-        return 1
-    print(json.dumps(result))
-    return 0
+        return json.dumps(score(_CHECKPOINT.value, text, step=_STEP.value))
+
+    return cli.run("score", FLAGS, argv, body, (OSError, ValueError, checkpoint.CheckpointError))
 
 
 if __name__ == "__main__":
