@@ -17,7 +17,11 @@ Model features, each [batch, seq_len]:
   weights (float32): 1 where the target belongs to the same document as the input, 0 for padding and for the EOS ->
     next-document transition. Predicting the EOS that ends a document does count.
 
-Cache layout: TFDS data under `data_dir/text_files_builder/fp<corpus fingerprint>/1.0.0/`; the tokenizer under
+Held-out split: a stratified systematic sample of the documents (`data_tfds.eval_document_mask`); eval batches are
+windows spread evenly over the whole packed split (`make_eval_batches`), `eval_split_stats` reports the split.
+
+Cache layout: TFDS data under `data_dir/text_files_builder/fp<corpus fingerprint>/1.0.0/`; the tokenized eval split
+under `data_dir/prosparse_eval_tokens/<hash of corpus fingerprint + tokenizer>.npz`; the tokenizer under
 `<cache_dir>/tokenizer.json` with `<cache_dir>/tokenizer_fingerprint.json` beside it.
 """
 
@@ -26,6 +30,9 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
+import tempfile
+import zipfile
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -36,12 +43,22 @@ import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from prosparse_jax.config import ConfigError, section_items
-from prosparse_jax.data_tfds import EVAL_SPLIT, TRAIN_SPLIT, Corpus, DataError, load_corpus
+from prosparse_jax.data_tfds import (
+    EVAL_SPLIT,
+    TRAIN_SPLIT,
+    Corpus,
+    DataError,
+    load_corpus,
+    resolve_data_dir,
+    stratum,
+)
 
 EOS_TOKEN = "<|endoftext|>"  # id 0: document separator, appended to every document
 _STATE_VERSION = 1
 _TOKENIZER_FORMAT = 1
 _PREFETCH_DOCS = 16
+_EVAL_TOKENS_FORMAT = 1
+_EVAL_TOKENS_DIR = "prosparse_eval_tokens"  # under the TFDS data dir: packed eval streams, see `_eval_stream`
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,7 +71,7 @@ class DataConfig:
     tokenizer: str = ""  # path to a tokenizer.json; '' -> train a byte-level BPE on the train split, cached
     vocab_size: int = 4096  # vocab size of the trained BPE (>= 257: 256 bytes + EOS)
     seq_len: int = 256  # tokens per packed sequence
-    eval_fraction: float = 0.01  # fraction of documents held out for eval, by a hash of the document id
+    eval_fraction: float = 0.05  # fraction of documents held out for eval: stratified systematic sample, see data_tfds
     seed: int = 0  # shuffling seed
 
     def __post_init__(self) -> None:
@@ -105,17 +122,85 @@ def _text(record: Mapping[str, Any], text_key: str) -> str:
     return t.decode("utf-8", errors="replace") if isinstance(t, bytes) else str(t)
 
 
-def corpus_stats(cfg: DataConfig, cache_dir: str | Path | None = None) -> dict[str, Any]:
-    """Documents and stored bytes per split, plus the corpus fingerprint (prepares the corpus on first use)."""
+def corpus_stats(
+    cfg: DataConfig, cache_dir: str | Path | None = None, *, tokenizer: tokenizers.Tokenizer | None = None,
+) -> dict[str, Any]:
+    """Documents and stored bytes per split, the corpus fingerprint and a report of the held-out split.
+
+    Prepares the corpus on first use and reads the eval split (see `eval_split_stats`). Keys: source, fingerprint,
+    train_documents, eval_documents, train_bytes, eval_bytes (stored array_record bytes), strata (strata of the
+    whole corpus, None for 'tfds:' sources), and eval_strata, eval_missing_strata, eval_tokens, eval_windows,
+    eval_largest_document, eval_largest_document_share, eval_share_of from `eval_split_stats(cfg, tokenizer)`.
+    """
     del cache_dir  # The corpus lives under cfg.data_dir; kept for API symmetry.
     c = _corpus(cfg)
-    return {
+    held_out = _eval_split_stats(c, cfg, tokenizer)
+    stats: dict[str, Any] = {
         "source": cfg.source,
         "fingerprint": c.fingerprint,
         "train_documents": c.num_documents(TRAIN_SPLIT),
         "eval_documents": c.num_documents(EVAL_SPLIT),
         "train_bytes": c.num_bytes(TRAIN_SPLIT),
         "eval_bytes": c.num_bytes(EVAL_SPLIT),
+        "strata": held_out["corpus_strata"],
+    }
+    for k in ("strata", "missing_strata", "tokens", "windows", "largest_document", "largest_document_share",
+              "share_of"):
+        stats[f"eval_{k}"] = held_out[k]
+    return stats
+
+
+def eval_split_stats(cfg: DataConfig, tokenizer: tokenizers.Tokenizer | None = None) -> dict[str, Any]:
+    """Report of the held-out split: its size, the strata it covers and how much its largest document weighs.
+
+    Reads the whole eval split; with a `tokenizer` it also tokenizes it (cached, as `make_eval_batches` does).
+
+    Args:
+      cfg: Data config; its corpus is prepared on first use.
+      tokenizer: Optional; without it `tokens` and `windows` are None and shares are of bytes.
+
+    Returns:
+      A dict with
+        documents: number of held-out documents.
+        strata: number of strata (`data_tfds.stratum`: first path component of the id, '.' for top-level files)
+          with at least one held-out document.
+        corpus_strata: number of strata of the whole corpus (None for 'tfds:' sources).
+        missing_strata: sorted strata of the corpus without a held-out document (only strata with fewer than
+          1 / eval_fraction documents can miss out); None for 'tfds:' sources.
+        bytes: UTF-8 bytes of the held-out texts.
+        tokens: tokens of the packed eval stream (each document's tokens + 1 EOS), None without tokenizer.
+        windows: eval windows of seq_len + 1 tokens the stream is cut into, None without tokenizer.
+        largest_document: id of the held-out document with the most tokens (bytes without tokenizer), or None.
+        largest_document_share: its share of the split's tokens (bytes without tokenizer); 0.0 if empty.
+        share_of: 'tokens' or 'bytes', the unit of `largest_document_share`.
+    """
+    return _eval_split_stats(_corpus(cfg), cfg, tokenizer)
+
+
+def _eval_split_stats(corpus: Corpus, cfg: DataConfig, tokenizer: tokenizers.Tokenizer | None) -> dict[str, Any]:
+    ids, texts = _eval_records(corpus)
+    num_bytes = [len(t.encode("utf-8")) for t in texts]
+    tokens = windows = None
+    sizes = num_bytes
+    if tokenizer is not None:
+        lengths = _eval_stream(corpus, tokenizer, cfg.data_dir)[1] if ids else np.zeros(0, np.int64)
+        sizes = lengths.tolist()
+        tokens = int(lengths.sum())
+        windows = -(-tokens // (cfg.seq_len + 1))
+    covered = {stratum(i) for i in ids}
+    all_strata = {stratum(d.doc_id) for d in corpus.documents} if corpus.documents else None
+    largest = int(np.argmax(sizes)) if ids else None
+    return {
+        "documents": len(ids),
+        "strata": len(covered),
+        "corpus_strata": None if all_strata is None else len(all_strata),
+        "missing_strata": None if all_strata is None else sorted(all_strata - covered),
+        "bytes": sum(num_bytes),
+        "tokens": tokens,
+        "windows": windows,
+        "largest_document": None if largest is None else ids[largest],
+        "largest_document_share": 0.0 if largest is None else sizes[largest] / max(sum(sizes), 1),
+        "share_of": "bytes" if tokenizer is None else "tokens",
     }
 
 
@@ -307,26 +392,131 @@ def make_train_iterator(
     return TrainIterator(ds, identity)
 
 
+def _eval_records(corpus: Corpus) -> tuple[list[str], list[str]]:
+    """Ids and texts of the eval split in stored order (ids are record indices where records carry no 'id')."""
+    src = corpus.data_source(EVAL_SPLIT)
+    ids, texts = [], []
+    for i in range(len(src)):
+        r = src[i]
+        doc_id = r.get("id", str(i))
+        ids.append(doc_id.decode() if isinstance(doc_id, bytes) else str(doc_id))
+        texts.append(_text(r, corpus.text_key))
+    return ids, texts
+
+
+def _tokenize_stream(texts: Sequence[str], tokenizer: tokenizers.Tokenizer) -> tuple[np.ndarray, np.ndarray]:
+    """Texts -> (tokens int32 [L], tokens per text int64 [D]): each text's ids then EOS, as `_Tokenize` does."""
+    eos = eos_id(tokenizer)
+    encodings = tokenizer.encode_batch(list(texts), add_special_tokens=False)
+    lengths = np.fromiter((len(e.ids) + 1 for e in encodings), dtype=np.int64, count=len(encodings))
+    tokens = np.empty(int(lengths.sum()), dtype=np.int32)
+    ends = np.cumsum(lengths)
+    for e, end, n in zip(encodings, ends, lengths, strict=True):
+        tokens[end - n:end - 1] = e.ids
+        tokens[end - 1] = eos
+    return tokens, lengths
+
+
+def _eval_stream(corpus: Corpus, tokenizer: tokenizers.Tokenizer, data_dir: str) -> tuple[np.ndarray, np.ndarray]:
+    """The packed eval split: (tokens int32 [L], tokens per document int64 [D]), documents in stored order.
+
+    Every eval document is tokenized (one `encode_batch` call) and followed by EOS; the stream is their
+    concatenation. It is cached, written atomically, as `<data_dir>/prosparse_eval_tokens/<key>.npz` with `key` a
+    hash of (corpus fingerprint, tokenizer, format), so it is independent of seq_len; a cache that does not match
+    the split is recomputed, and a data dir that cannot be written to is simply not cached.
+    """
+    key = hashlib.sha256(json.dumps(
+        [_EVAL_TOKENS_FORMAT, corpus.fingerprint, _tokenizer_hash(tokenizer)]).encode()).hexdigest()[:16]
+    path = Path(resolve_data_dir(data_dir)) / _EVAL_TOKENS_DIR / f"{key}.npz"
+    num_docs = corpus.num_documents(EVAL_SPLIT)
+    try:
+        with np.load(path) as z:
+            tokens, lengths = z["tokens"], z["lengths"]
+        if tokens.dtype == np.int32 and len(lengths) == num_docs and int(lengths.sum()) == len(tokens):
+            return tokens, lengths
+    except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile):  # absent or unreadable: recompute below
+        pass
+    tokens, lengths = _tokenize_stream(_eval_records(corpus)[1], tokenizer)
+    tmp = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{key}.", suffix=".tmp", delete=False) as f:
+            tmp = Path(f.name)
+            np.savez(f, tokens=tokens, lengths=lengths)
+        tmp.chmod(0o644)  # NamedTemporaryFile creates 0600; the data dir may be shared
+        os.replace(tmp, path)
+    except OSError:  # read-only data dir: work without the cache
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
+    return tokens, lengths
+
+
+def _window_indices(num_windows: int, batch_size: int, num_batches: int) -> np.ndarray:
+    """[num_batches, batch_size] window indices, evenly spaced over `num_windows` (cycled if there are too few)."""
+    n = batch_size * num_batches
+    i = np.arange(n, dtype=np.int64)
+    chosen = (2 * i + 1) * num_windows // (2 * n) if num_windows >= n else i % num_windows
+    # Rank r goes to batch r % num_batches: every batch spans the split from its beginning to its end.
+    return chosen.reshape(batch_size, num_batches).T
+
+
 def make_eval_batches(
     cfg: DataConfig, tokenizer: tokenizers.Tokenizer, *, batch_size: int, num_batches: int,
     cache_dir: str | Path | None = None,
 ) -> list[dict[str, np.ndarray]]:
-    """`num_batches` deterministic batches from the held-out split, packed like training batches.
+    """`num_batches` deterministic batches of `batch_size` sequences sampled across the whole held-out split.
 
-    Documents are read in stored order without shuffling; if the eval split holds fewer than
-    batch_size * num_batches * seq_len tokens it is cycled (documents repeat). Raises if the eval split is empty
-    (raise `data.eval_fraction`).
+    The eval split is tokenized once (and cached under the TFDS data dir, see `_eval_stream`): its documents in
+    stored order, each followed by EOS (as in training), form one token stream of L tokens. The stream is cut into
+    W = ceil(L / (seq_len + 1)) consecutive windows of seq_len + 1 tokens, the rows of training; the last window
+    wraps around to the start of the stream (so does the only window of a stream shorter than one row). Of these,
+    n = batch_size * num_batches windows are chosen evenly spaced over the whole stream, window
+    floor((2i + 1) * W / (2n)) for i < n (all distinct, the first and last within the first and last W / n
+    windows). If W < n there are fewer windows than needed and they are cycled: window i mod W, so every window is
+    used floor(n / W) or ceil(n / W) times. Batch b holds chosen windows b, b + num_batches, b + 2 * num_batches,
+    ..., so each batch too spans the split from beginning to end.
+
+    A window becomes model features exactly like a training row (see the module docstring): segment ids number
+    the document pieces within it, positions restart at each piece, weight 0 only on the EOS -> next-document
+    transition.
+
+    Args:
+      cfg: Data config; its corpus and eval split are prepared on first use.
+      tokenizer: Tokenizer with the EOS token (`get_tokenizer`).
+      batch_size: Sequences per batch (> 0).
+      num_batches: Number of batches (> 0).
+      cache_dir: Unused; accepted for symmetry with `get_tokenizer`.
+
+    Returns:
+      `num_batches` dicts of [batch_size, seq_len] arrays: inputs, targets, segment_ids, positions, weights.
+
+    Raises:
+      DataError: the eval split is empty (raise `data.eval_fraction`), or a size is not positive.
     """
     del cache_dir
+    for name, v in (("batch_size", batch_size), ("num_batches", num_batches)):
+        if not isinstance(v, int | np.integer) or isinstance(v, bool) or v <= 0:
+            raise DataError(f"make_eval_batches: {name} must be a positive integer, got {v!r}")
     corpus = _corpus(cfg)
     if corpus.num_documents(EVAL_SPLIT) == 0:
         raise DataError(
             f"eval split of {cfg.source!r} is empty (data.eval_fraction={cfg.eval_fraction}); "
             "raise data.eval_fraction or add documents")
-    ds = _batches(corpus.data_source(EVAL_SPLIT), tokenizer, corpus.text_key, seq_len=cfg.seq_len,
-                  batch_size=batch_size, seed=None)
-    it = iter(ds)
-    return [next(it) for _ in range(num_batches)]
+    tokens_L, lengths_D = _eval_stream(corpus, tokenizer, cfg.data_dir)
+    L, T1 = len(tokens_L), cfg.seq_len + 1
+    doc_start_L = np.zeros(L, dtype=bool)
+    doc_start_L[np.cumsum(lengths_D)[:-1]] = True
+    doc_start_L[0] = True
+    num_windows = -(-L // T1)
+    windows_NxB = _window_indices(num_windows, batch_size, num_batches)
+    batches = []
+    for w_B in windows_NxB:
+        idx_BxT1 = (w_B[:, None] * T1 + np.arange(T1)) % L
+        starts_BxT1 = doc_start_L[idx_BxT1]
+        starts_BxT1[:, 0] = True
+        packed = {"tokens": tokens_L[idx_BxT1], "tokens_segment_ids": np.cumsum(starts_BxT1, axis=1, dtype=np.int32)}
+        batches.append(_to_features(packed))
+    return batches
 
 
 def iter_documents(cfg: DataConfig, split: str = TRAIN_SPLIT) -> Iterator[dict[str, str]]:

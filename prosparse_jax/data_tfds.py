@@ -2,8 +2,12 @@
 
 A text corpus ('stdlib' or 'files:<glob>') is written once by `TextFilesBuilder` into
 `<data_dir>/text_files_builder/<config>/1.0.0/`, where `<config>` is `fp<fingerprint>` and the fingerprint covers the
-sorted document ids, sizes, mtimes and `eval_fraction`: a different file set never collides with a prepared one.
-Documents go to 'validation' when a hash of their id falls below `eval_fraction` (deterministic, not random).
+sorted document ids, sizes, mtimes, `eval_fraction` and the version of the split rule (`EVAL_SPLIT_RULE`): a
+different file set or split never collides with a prepared one.
+
+Held-out split ('validation'), see `eval_document_mask`: a stratified systematic sample. Documents are ordered by
+(stratum = first path component of the id, size, hash of the id) and every (1 / eval_fraction)-th one from a fixed,
+hash-derived offset is held out, so every stratum and every size range within it contributes in proportion.
 """
 
 from __future__ import annotations
@@ -12,6 +16,8 @@ import dataclasses
 import glob
 import hashlib
 import json
+import logging
+import math
 import os
 import sysconfig
 from collections.abc import Iterator, Sequence
@@ -23,7 +29,20 @@ import tensorflow_datasets as tfds
 TRAIN_SPLIT = "train"
 EVAL_SPLIT = "validation"
 _EXCLUDED_DIRS = frozenset({"site-packages", "dist-packages", "__pycache__"})
+# Version of the held-out rule of `eval_document_mask`; part of `corpus_fingerprint`, so a dataset prepared under an
+# older rule (1: sha256(id) < eval_fraction) is never reused. Bump it whenever the rule changes.
+EVAL_SPLIT_RULE = 2
+ROOT_STRATUM = "."  # stratum of the files directly under the corpus root
 
+
+class _DropCustomConfigNotice(logging.Filter):
+    """tfds warns 'Using custom data configuration' every time our fingerprinted builder opens; that is by design."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Using custom data configuration")
+
+
+logging.getLogger("absl").addFilter(_DropCustomConfigNotice())
 
 
 class DataError(ValueError):
@@ -36,10 +55,59 @@ def resolve_data_dir(data_dir: str) -> str:
     return os.environ.get("PROSPARSE_DATA_DIR") or os.path.expanduser("~/.cache/prosparse_jax/tfds")
 
 
-def is_eval_document(doc_id: str, eval_fraction: float) -> bool:
-    """Deterministic held-out assignment: sha256(doc_id) mapped to [0, 1) compared with `eval_fraction`."""
-    u = int.from_bytes(hashlib.sha256(doc_id.encode("utf-8")).digest()[:8], "big") / 2.0**64
-    return u < eval_fraction
+def stratum(doc_id: str) -> str:
+    """Stratum of a document: the first component of its relative id, '.' for a file directly under the root.
+
+    For 'stdlib' that is the top-level package ('asyncio', 'test', ...; the top-level modules share '.'); a
+    'files:' source whose files all sit in one directory is a single stratum.
+    """
+    parts = [p for p in doc_id.replace(os.sep, "/").split("/") if p not in ("", ".")]
+    return parts[0] if len(parts) > 1 else ROOT_STRATUM
+
+
+def _hash_hex(s: str) -> str:
+    return hashlib.sha256(s.encode("utf-8")).hexdigest()
+
+
+# Fixed start of the systematic sample in [0, 1): derived from a hash, identical for every corpus.
+_SAMPLE_OFFSET = int(_hash_hex(f"prosparse_jax eval split v{EVAL_SPLIT_RULE}")[:16], 16) / 2.0**64
+
+
+def eval_document_mask(doc_ids: Sequence[str], sizes: Sequence[int], eval_fraction: float) -> list[bool]:
+    """Which documents are held out: a deterministic stratified systematic sample (rule `EVAL_SPLIT_RULE`).
+
+    The documents are ordered by (`stratum(doc_id)`, size, sha256(doc_id)) and the one at rank r (0-based) is held
+    out iff floor((r + 1) * f + u) > floor(r * f + u), with f = `eval_fraction` and u a fixed hash-derived offset in
+    [0, 1): every k-th document with k = 1 / f (k need not be an integer). Any run of n consecutive documents of that
+    order holds floor(n * f) or ceil(n * f) held-out ones, so the split has round(N * f) +- 1 documents, every stratum
+    of n documents gets floor(n * f) or ceil(n * f) of them (at least one when n >= 1 / f) spread over its size range,
+    and the split is empty only when N * f < 1 (or f = 0). It depends on ids and sizes only, never on file order.
+
+    Args:
+      doc_ids: Location-independent document ids (paths relative to the corpus root).
+      sizes: Document sizes in bytes, aligned with `doc_ids`.
+      eval_fraction: Fraction f of documents to hold out, in [0, 1).
+
+    Returns:
+      A list aligned with `doc_ids`, True for held-out documents.
+
+    Raises:
+      DataError: `eval_fraction` is outside [0, 1) or the lengths differ.
+    """
+    if len(doc_ids) != len(sizes):
+        raise DataError(f"eval_document_mask: {len(doc_ids)} ids but {len(sizes)} sizes; pass one size per id")
+    if not 0.0 <= eval_fraction < 1.0:
+        raise DataError(f"data.eval_fraction: must be a number in [0, 1), got {eval_fraction!r}")
+
+    def key(i: int) -> tuple[str, int, str, str]:
+        return stratum(doc_ids[i]), sizes[i], _hash_hex(doc_ids[i]), doc_ids[i]
+
+    order = sorted(range(len(doc_ids)), key=key)
+    mask = [False] * len(doc_ids)
+    f, u = float(eval_fraction), _SAMPLE_OFFSET
+    for rank, i in enumerate(order):
+        mask[i] = math.floor((rank + 1) * f + u) > math.floor(rank * f + u)
+    return mask
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,7 +128,10 @@ def list_documents(source: str) -> list[Document]:
     """
     if source == "stdlib":
         root = Path(sysconfig.get_paths()["stdlib"])
-        paths = [p for p in root.rglob("*.py") if not _EXCLUDED_DIRS & set(p.relative_to(root).parts)]
+        paths = []
+        for dirpath, dirnames, filenames in os.walk(root):  # Like rglob (no symlinked dirs), minus excluded trees.
+            dirnames[:] = [d for d in dirnames if d not in _EXCLUDED_DIRS]
+            paths += [Path(dirpath, f) for f in filenames if f.endswith(".py")]
         what = f"the standard library under {root}"
     else:
         pattern = os.path.expanduser(source.removeprefix("files:"))
@@ -81,15 +152,15 @@ def list_documents(source: str) -> list[Document]:
 
 
 def corpus_fingerprint(docs: Sequence[Document], eval_fraction: float) -> str:
-    """16-hex-digit fingerprint of (ids, sizes, mtimes, eval_fraction)."""
-    h = hashlib.sha256(json.dumps({"eval_fraction": eval_fraction}).encode())
+    """16-hex-digit fingerprint of (ids, sizes, mtimes, eval_fraction, split rule version)."""
+    h = hashlib.sha256(json.dumps({"eval_fraction": eval_fraction, "split_rule": EVAL_SPLIT_RULE}).encode())
     for d in docs:
         h.update(f"{d.doc_id}\0{d.size}\0{d.mtime_ns}\n".encode())
     return h.hexdigest()[:16]
 
 
 class TextFilesBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
-    """Writes a list of text files as {'text', 'id'} records, split into train/validation by id hash."""
+    """Writes a list of text files as {'text', 'id'} records, split into train/validation by `eval_document_mask`."""
 
     VERSION = tfds.core.Version("1.0.0")
     RELEASE_NOTES = {"1.0.0": "Initial release."}
@@ -109,7 +180,8 @@ class TextFilesBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
     def _split_generators(self, dl_manager: Any) -> dict[str, Iterator[tuple[str, dict[str, str]]]]:
         del dl_manager
-        is_eval = [is_eval_document(d.doc_id, self._eval_fraction) for d in self._documents]
+        is_eval = eval_document_mask(
+            [d.doc_id for d in self._documents], [d.size for d in self._documents], self._eval_fraction)
         splits = {TRAIN_SPLIT: [d for d, e in zip(self._documents, is_eval, strict=True) if not e]}
         if any(is_eval):  # TFDS rejects an empty split; a missing 'validation' split reads as empty.
             splits[EVAL_SPLIT] = [d for d, e in zip(self._documents, is_eval, strict=True) if e]
@@ -125,13 +197,15 @@ class Corpus:
     """A prepared corpus with a 'train' and (maybe empty) 'validation' split.
 
     `fingerprint` names its content; `stored_split` maps our split names to the dataset's own (a 'tfds:' dataset
-    without 'validation' serves 'test' as the eval split).
+    without 'validation' serves 'test' as the eval split). `documents` lists the files of a local source (empty for
+    'tfds:' sources).
     """
 
     builder: tfds.core.DatasetBuilder
     fingerprint: str
     text_key: str
     stored_split: dict[str, str]
+    documents: tuple[Document, ...] = ()
 
     def num_documents(self, split: str) -> int:
         """Number of documents in `split` (0 if absent)."""
@@ -180,4 +254,4 @@ def load_corpus(source: str, data_dir: str, eval_fraction: float, text_key: str 
     if not builder.is_prepared():
         builder.download_and_prepare(download_config=tfds.download.DownloadConfig(try_download_gcs=False))
     stored = {s: s for s in builder.info.splits}
-    return Corpus(builder, builder.builder_config.name, "text", stored)
+    return Corpus(builder, builder.builder_config.name, "text", stored, tuple(docs))

@@ -1,4 +1,5 @@
-"""Tests for prosparse_jax.data: tokenizer cache, packed batch format, determinism, exact resume, sharding, errors."""
+"""Tests for prosparse_jax.data: tokenizer cache, packed batch format, determinism, exact resume, sharding, the
+stratified held-out split and its eval windows, errors."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import numpy as np
 import pytest
 
 from prosparse_jax import data as dl
+from prosparse_jax import data_tfds
 from prosparse_jax.config import ConfigError
 from prosparse_jax.data import DataError
 
@@ -160,20 +162,27 @@ def test_host_shards_are_disjoint(env):
     assert shards[0] | shards[1] == train_ids
 
 
-def test_eval_split_disjoint_and_deterministic(env):
+def test_eval_split_disjoint_and_deterministic(env, tmp_path):
     cfg, tok = env["cfg"], env["tok"]
     train = {d["id"] for d in dl.iter_documents(cfg, "train")}
     held_out = {d["id"] for d in dl.iter_documents(cfg, "validation")}
     assert held_out and not train & held_out and len(train | held_out) == N_DOCS
+    assert len(held_out) == N_DOCS // 4  # eval_fraction 0.25: systematic sample, exactly N * f here
+    docs = data_tfds.list_documents(cfg.source)
+    mask = data_tfds.eval_document_mask([d.doc_id for d in docs], [d.size for d in docs], cfg.eval_fraction)
+    assert held_out == {d.doc_id for d, m in zip(docs, mask, strict=True) if m}
     stats = dl.corpus_stats(cfg)
     assert (stats["train_documents"], stats["eval_documents"]) == (len(train), len(held_out))
+    assert stats["strata"] == stats["eval_strata"] == 2 and stats["eval_missing_strata"] == []
     e1 = dl.make_eval_batches(cfg, tok, batch_size=2, num_batches=40)  # > the split: cycles
     e2 = dl.make_eval_batches(cfg, tok, batch_size=2, num_batches=40)
     assert len(e1) == 40 and _same(e1, e2)
     eval_nums = {int(MARKER.search(d["text"]).group(1)) for d in dl.iter_documents(cfg, "validation")}
     assert _markers(tok, e1) == eval_nums
-    # Same split on a second preparation in another data dir (hash of the id, not random).
-    assert dl.corpus_stats(cfg)["fingerprint"] == stats["fingerprint"]
+    # Same split when prepared again in another data dir (a rule on ids and sizes, not random).
+    other = dl.DataConfig(**{**cfg.__dict__, "data_dir": str(tmp_path / "tfds")})
+    assert {d["id"] for d in dl.iter_documents(other, "validation")} == held_out
+    assert dl.corpus_stats(other)["fingerprint"] == stats["fingerprint"]
 
 
 def test_changed_file_set_gets_new_dataset(env, tmp_path):
@@ -195,6 +204,214 @@ def test_prepared_tfds_source(env):
     assert stats["train_documents"] == dl.corpus_stats(env["cfg"])["train_documents"]
     assert _same(_take(dl.make_train_iterator(cfg, env["tok"], batch_size=2), 1),
                  _take(dl.make_train_iterator(env["cfg"], env["tok"], batch_size=2), 1))
+
+
+# ---- held-out split: stratified systematic sample ------------------------------------------------------------------
+STRATA = {".": 12, "p1": 2, "p2": 9, "p3": 30}  # documents per stratum of the `strata_env` corpus (p3 has subdirs)
+
+
+def _write_strata_corpus(root: Path) -> None:
+    k = 0
+    for name, n in STRATA.items():
+        for j in range(n):
+            sub = root if name == "." else root / name / ("q" if name == "p3" and j % 3 == 0 else "")
+            sub.mkdir(parents=True, exist_ok=True)
+            lines = [f"doc{k:02d}x = {i} + len('doc{k:02d}x')" for i in range(2 + (7 * k) % 23)]
+            (sub / f"g{k:02d}.py").write_text("\n".join(lines) + "\n")
+            k += 1
+
+
+@pytest.fixture(scope="module")
+def strata_env(env, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    root = tmp_path_factory.mktemp("strata")
+    _write_strata_corpus(root)
+    cfg = dl.DataConfig(source=f"files:{root}/**/*.py", data_dir=str(tmp_path_factory.mktemp("tfds_strata")),
+                        tokenizer=str(env["cache"] / "tokenizer.json"), seq_len=SEQ_LEN, eval_fraction=0.25)
+    return {"cfg": cfg, "tok": env["tok"]}
+
+
+def test_stratum():
+    assert data_tfds.stratum("asyncio/events.py") == "asyncio"
+    assert data_tfds.stratum("test/test_asyncio/test_base.py") == "test"
+    assert data_tfds.stratum("os.py") == data_tfds.stratum("./typing.py") == data_tfds.ROOT_STRATUM
+
+
+@pytest.mark.parametrize("f", [0.05, 0.1, 0.25, 0.3, 0.5])
+def test_split_rule_is_proportional_per_stratum_and_size(f):
+    rng = np.random.default_rng(1)
+    counts = {"big": 400, "mid": 57, "small": 9, "tiny": 1, ".": 33}
+    ids = [f"{s}/m{i}.py" if s != "." else f"m{i}.py" for s, n in counts.items() for i in range(n)]
+    sizes = (1 + rng.choice(100_000, size=len(ids), replace=False)).tolist()  # distinct: no hash tie-breaks
+    mask = data_tfds.eval_document_mask(ids, sizes, f)
+    assert abs(sum(mask) - f * len(ids)) <= 1
+    for s, n in counts.items():
+        picked = [(z, m) for i, z, m in zip(ids, sizes, mask, strict=True) if data_tfds.stratum(i) == s]
+        got = sum(m for _, m in picked)
+        assert int(np.floor(n * f)) <= got <= int(np.ceil(n * f)), (s, n, got)
+        if n >= 1 / f:
+            assert got >= 1
+        # Within a stratum the sample follows the size order: every run of 1/f size-sorted documents holds one.
+        by_size = [m for _, m in sorted(picked)]
+        run = int(np.ceil(1 / f))
+        assert all(sum(by_size[a:a + run]) >= 1 for a in range(0, n - run + 1))
+    # Independent of the input order.
+    perm = rng.permutation(len(ids))
+    mask_p = data_tfds.eval_document_mask([ids[i] for i in perm], [sizes[i] for i in perm], f)
+    assert {ids[i] for i, m in zip(perm, mask_p, strict=True) if m} == {i for i, m in zip(ids, mask, strict=True) if m}
+
+
+def test_split_rule_flat_directory_and_tiny_fraction():
+    ids = [f"d{i:03d}.txt" for i in range(200)]
+    sizes = [100 + i for i in range(200)]
+    assert {data_tfds.stratum(i) for i in ids} == {data_tfds.ROOT_STRATUM}
+    assert sum(data_tfds.eval_document_mask(ids, sizes, 0.05)) == 10
+    assert sum(data_tfds.eval_document_mask(ids, sizes, 0.0)) == 0
+    assert sum(data_tfds.eval_document_mask(ids, sizes, 0.001)) <= 1  # N * f < 1: empty or one document
+    with pytest.raises(DataError, match="eval_fraction"):
+        data_tfds.eval_document_mask(ids, sizes, 1.0)
+    with pytest.raises(DataError, match="one size per id"):
+        data_tfds.eval_document_mask(ids, sizes[:-1], 0.1)
+
+
+def test_fingerprint_covers_split_rule(monkeypatch):
+    docs = [data_tfds.Document("a/x.py", "/x", 10, 1), data_tfds.Document("y.py", "/y", 20, 2)]
+    fp = data_tfds.corpus_fingerprint(docs, 0.05)
+    assert data_tfds.corpus_fingerprint(docs, 0.1) != fp
+    monkeypatch.setattr(data_tfds, "EVAL_SPLIT_RULE", data_tfds.EVAL_SPLIT_RULE + 1)
+    assert data_tfds.corpus_fingerprint(docs, 0.05) != fp
+
+
+def test_stratified_split_of_files_source(strata_env):
+    cfg = strata_env["cfg"]
+    held_out = [d["id"] for d in dl.iter_documents(cfg, "validation")]
+    train = [d["id"] for d in dl.iter_documents(cfg, "train")]
+    assert not set(held_out) & set(train) and len(held_out) + len(train) == sum(STRATA.values())
+    per_stratum = {s: sum(data_tfds.stratum(i) == s for i in held_out) for s in STRATA}
+    for s, n in STRATA.items():
+        assert int(np.floor(n * 0.25)) <= per_stratum[s] <= int(np.ceil(n * 0.25)), per_stratum
+    stats = dl.eval_split_stats(cfg, strata_env["tok"])
+    assert stats["documents"] == len(held_out) and stats["corpus_strata"] == len(STRATA)
+    assert stats["strata"] == sum(v > 0 for v in per_stratum.values())
+    assert set(stats["missing_strata"]) == {s for s, v in per_stratum.items() if v == 0} <= {"p1"}
+    tokens, lengths = dl._eval_stream(dl._corpus(cfg), strata_env["tok"], cfg.data_dir)
+    assert stats["tokens"] == len(tokens) == lengths.sum()
+    assert stats["windows"] == -(-len(tokens) // (SEQ_LEN + 1))
+    assert stats["largest_document_share"] == pytest.approx(lengths.max() / lengths.sum())
+    assert stats["share_of"] == "tokens" and stats["largest_document"] in held_out
+
+
+# ---- eval windows -------------------------------------------------------------------------------------------------
+def _window_ids(cfg: dl.DataConfig, tok, batches: list[dict]) -> np.ndarray:
+    """[num_batches, batch_size] index of the packed-stream window each eval row was cut from."""
+    tokens, _ = dl._eval_stream(dl._corpus(cfg), tok, cfg.data_dir)
+    T1 = cfg.seq_len + 1
+    W = -(-len(tokens) // T1)
+    lookup = {tokens[(w * T1 + np.arange(T1)) % len(tokens)].tobytes(): w for w in range(W)}
+    assert len(lookup) == W  # windows are distinguishable
+    rows = [np.concatenate([b["inputs"], b["targets"][:, -1:]], axis=1) for b in batches]
+    return np.array([[lookup[r.astype(np.int32).tobytes()] for r in rows_B] for rows_B in rows])
+
+
+def test_eval_windows_spread_across_split(strata_env):
+    cfg, tok = strata_env["cfg"], strata_env["tok"]
+    tokens, _ = dl._eval_stream(dl._corpus(cfg), tok, cfg.data_dir)
+    W = -(-len(tokens) // (SEQ_LEN + 1))
+    B, N = 3, 4
+    assert W >= 3 * B * N, "corpus too small for this test"
+    batches = dl.make_eval_batches(cfg, tok, batch_size=B, num_batches=N)
+    assert len(batches) == N and all(b["inputs"].shape == (B, SEQ_LEN) for b in batches)
+    w = _window_ids(cfg, tok, batches)
+    n = B * N
+    chosen = sorted(w.reshape(-1).tolist())
+    assert chosen == [(2 * i + 1) * W // (2 * n) for i in range(n)]  # evenly spaced, all distinct
+    assert chosen[0] < W / n and chosen[-1] >= W - W / n  # from the beginning to the end of the stream
+    for b in range(N):  # every batch spans the split too
+        assert w[b].min() < W / 3 and w[b].max() >= 2 * W / 3
+    # Rows come from many documents, not from the first few of the stored order.
+    order = [int(MARKER.search(d["text"]).group(1)) for d in dl.iter_documents(cfg, "validation")]
+    seen = _markers(tok, batches)
+    thirds = np.array_split(np.array(order), 3)
+    assert all(seen & set(t.tolist()) for t in thirds) and len(seen) >= len(order) // 2
+
+
+def test_eval_windows_equal_training_packing(strata_env):
+    cfg, tok = strata_env["cfg"], strata_env["tok"]
+    tokens, _ = dl._eval_stream(dl._corpus(cfg), tok, cfg.data_dir)
+    W = -(-len(tokens) // (SEQ_LEN + 1))
+    batches = dl.make_eval_batches(cfg, tok, batch_size=1, num_batches=W)  # exactly every window once
+    assert sorted(_window_ids(cfg, tok, batches).reshape(-1).tolist()) == list(range(W))
+    # Window w is the w-th row the training packer cuts from the eval documents in stored order.
+    it = iter(dl._batches(dl._corpus(cfg).data_source("validation"), tok, "text", seq_len=SEQ_LEN, batch_size=1,
+                          seed=None))
+    assert _same(batches, [next(it) for _ in range(W)])
+
+
+def test_eval_windows_cycle_when_split_small(env):
+    cfg, tok = env["cfg"], env["tok"]
+    tokens, _ = dl._eval_stream(dl._corpus(cfg), tok, cfg.data_dir)
+    W = -(-len(tokens) // (SEQ_LEN + 1))
+    B, N = 3, W  # n = 3 W windows wanted
+    w = _window_ids(cfg, tok, dl.make_eval_batches(cfg, tok, batch_size=B, num_batches=N))
+    assert w.shape == (N, B)
+    np.testing.assert_array_equal(np.bincount(w.reshape(-1), minlength=W), 3)
+
+
+def test_eval_split_shorter_than_one_window(env, tmp_path):
+    for k in range(4):
+        (tmp_path / f"t{k}.py").write_text(f"doc{k:02d}x = {k}\n")
+    cfg = dl.DataConfig(source=f"files:{tmp_path}/*.py", data_dir=str(tmp_path / "tfds"), seq_len=SEQ_LEN,
+                        tokenizer=str(env["cache"] / "tokenizer.json"), eval_fraction=0.25)
+    tok, eos = env["tok"], dl.eos_id(env["tok"])
+    (doc,) = list(dl.iter_documents(cfg, "validation"))
+    stream = tok.encode(doc["text"], add_special_tokens=False).ids + [eos]
+    assert len(stream) < SEQ_LEN
+    (b,) = dl.make_eval_batches(cfg, tok, batch_size=2, num_batches=1)
+    tiled = np.resize(np.array(stream, np.int32), SEQ_LEN + 1)  # the stream, repeated
+    for r in range(2):
+        np.testing.assert_array_equal(b["inputs"][r], tiled[:-1])
+        np.testing.assert_array_equal(b["targets"][r], tiled[1:])
+        starts = np.arange(SEQ_LEN) % len(stream) == 0
+        np.testing.assert_array_equal(b["segment_ids"][r], np.cumsum(starts))
+        np.testing.assert_array_equal(b["positions"][r], np.arange(SEQ_LEN) % len(stream))
+        np.testing.assert_array_equal(b["weights"][r] == 0, b["inputs"][r] == eos)
+
+
+def test_eval_stream_cache(strata_env, monkeypatch):
+    cfg, tok = strata_env["cfg"], strata_env["tok"]
+    first = dl.make_eval_batches(cfg, tok, batch_size=2, num_batches=3)
+    (cached,) = (Path(cfg.data_dir) / "prosparse_eval_tokens").glob("*.npz")
+    assert not list(cached.parent.glob("*.tmp"))
+
+    def no_tokenizing(*a, **k):
+        raise AssertionError("eval split tokenized again despite the cache")
+
+    with monkeypatch.context() as m:
+        m.setattr(dl, "_tokenize_stream", no_tokenizing)
+        assert _same(dl.make_eval_batches(cfg, tok, batch_size=2, num_batches=3), first)
+    for broken in (b"not an npz", cached.read_bytes()[:200]):  # a broken cache is recomputed and rewritten
+        cached.write_bytes(broken)
+        assert _same(dl.make_eval_batches(cfg, tok, batch_size=2, num_batches=3), first)
+    with np.load(cached) as z:
+        assert z["tokens"].dtype == np.int32
+
+
+def test_eval_batches_bad_sizes(env):
+    with pytest.raises(DataError, match="num_batches must be a positive integer"):
+        dl.make_eval_batches(env["cfg"], env["tok"], batch_size=2, num_batches=0)
+
+
+def test_stdlib_split_rule_is_stratified():
+    """The default corpus (listing only, no TFDS preparation): every package with >= 20 modules is held out from."""
+    docs = data_tfds.list_documents("stdlib")
+    mask = data_tfds.eval_document_mask([d.doc_id for d in docs], [d.size for d in docs], 0.05)
+    held = [d for d, m in zip(docs, mask, strict=True) if m]
+    assert abs(len(held) - 0.05 * len(docs)) <= 1
+    strata: dict[str, int] = {}
+    for d in docs:
+        strata[data_tfds.stratum(d.doc_id)] = strata.get(data_tfds.stratum(d.doc_id), 0) + 1
+    covered = {data_tfds.stratum(d.doc_id) for d in held}
+    assert {s for s, n in strata.items() if n >= 20} <= covered
+    assert max(d.size for d in held) / sum(d.size for d in held) < 0.25
 
 
 # ---- errors -------------------------------------------------------------------------------------------------------
