@@ -1,10 +1,23 @@
-"""Fits the Sparsing Law curves of activation ratio versus training tokens (arXiv 2411.02335, REFERENCE §3).
+"""Fits the Sparsing Law curves of activation ratio versus training tokens (arXiv 2411.02335).
 
-    python experiments/fit_laws.py --form=relu|silu --out=fit.png <workdir> [<workdir> ...]
+    python experiments/fit_laws.py --form=relu|silu --out=fit.png [--p=1 --n_search=5 --num_batches=4 \
+        --batch_size=8 --min_step=N --overwrite] <workdir> [<workdir> ...]
+    python experiments/fit_laws.py --input=exact_zero --form=relu|silu --out=fit.png <workdir> [...]
     python experiments/fit_laws.py --selftest [--out=selftest.png]
 
-D = tokens_seen / 1e9 and A = 1 - sparsity from the ``train`` entries of each workdir's metrics.jsonl; each workdir
-is fitted on its own (one curve per run) and all are drawn on one plot.
+Input (``--input``):
+
+- ``cett_ppl`` (default): the paper's A(D) (App. E): the CETT-PPL-p% activation ratio of every kept checkpoint on
+  the run's validation data, warmup checkpoints dropped (step <= optim.warmup_steps, or --min_step), ONE CETT target
+  searched on the last --n_search checkpoints (the worst PPL ratio over them <= 1 + p/100) and applied to all; D =
+  step * train.batch_size * data.seq_len / 1e9. Computed by :mod:`prosparse_jax.law_ratios` into
+  ``<workdir>/law_ratios.json``, or read from it when its settings match (a file with other settings is an error
+  unless --overwrite). A fit needs at least (law parameters + 1) kept checkpoints: train with
+  ``train.keep_period`` = ``train.checkpoint_every`` (configs/sparsing_law.py does).
+- ``exact_zero``: D = tokens_seen / 1e9 and 1 - sparsity (exact zeros of x1 in the training batches) from the
+  ``train`` entries of metrics.jsonl. Not the paper's A: constant 1 for SiLU, and above the CETT-PPL-1% ratio for ReLU.
+
+Each workdir is fitted on its own (one curve per run) and all are drawn on one plot.
 
 - ReLU: A(D) = exp(-c * D^alpha + b) + A0
 - SiLU: A(D) = -c * D^(-alpha) + A0
@@ -35,7 +48,7 @@ from typing import Any
 import numpy as np
 from scipy.optimize import least_squares
 
-#: Published coefficients (REFERENCE §3): scale -> (alpha, b, c, A0) for ReLU and (alpha, c, A0) for SiLU.
+#: Published coefficients (the paper's fits, 0.1B-1.2B): scale -> (alpha, b, c, A0) ReLU, (alpha, c, A0) SiLU.
 PUBLISHED_RELU = {
     "0.1B": (0.101, -0.0151, 3.20, 0.0614), "0.2B": (0.449, -3.05, 0.286, 0.0674),
     "0.4B": (0.683, -3.46, 0.0790, 0.0690), "0.8B": (1.01, -3.49, 7.97e-3, 0.0721),
@@ -154,8 +167,9 @@ def format_fit(name: str, fit: dict[str, Any]) -> str:
     return f"{name}: " + ", ".join(parts) + f"  (rmse {fit['rmse']:.3g}, n {fit['n']})"
 
 
-def plot_fits(curves: list[tuple[str, np.ndarray, np.ndarray, dict[str, Any]]], form: str, out: str | Path) -> None:
-    """Data points and fitted curves (one colour per run) to a PNG."""
+def plot_fits(curves: list[tuple[str, np.ndarray, np.ndarray, dict[str, Any]]], form: str, out: str | Path, *,
+              ylabel: str = "activation ratio A", title: str | None = None) -> None:
+    """Data points and fitted curves (one colour per run) to a PNG; ``title`` defaults to "Sparsing Law fit (form)"."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -165,13 +179,13 @@ def plot_fits(curves: list[tuple[str, np.ndarray, np.ndarray, dict[str, Any]]], 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for i, (name, D, A, fit) in enumerate(curves):
         col = f"C{i % 10}"
-        ax.plot(D, A, ".", color=col, ms=3, alpha=0.5)
+        ax.plot(D, A, ".", color=col, ms=3 if len(D) > 50 else 8, alpha=0.5 if len(D) > 50 else 0.9)
         Dg = np.geomspace(D.min(), D.max(), 200)
         ax.plot(Dg, law(Dg, *fit["params"].values()), "-", color=col,
                 label=f"{name}: A0={fit['params']['A0']:.4f}±{fit['stderr']['A0']:.1g}")
     ax.set_xlabel("training tokens D (B)")
-    ax.set_ylabel("activation ratio A")
-    ax.set_title(f"Sparsing Law fit ({form})")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title or f"Sparsing Law fit ({form})")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
@@ -223,13 +237,61 @@ def selftest(noise: float = 0.005, seed: int = 0, out: str | Path | None = None,
     return failures
 
 
+INPUTS = ("cett_ppl", "exact_zero")
+EXACT_ZERO_LABEL = "1 - exact-zero training sparsity (not the paper's A)"
+
+
+def cett_ppl_label(p: float) -> str:
+    """Axis label of the paper's A: the CETT-PPL-p% activation ratio on validation data."""
+    return f"activation ratio A (CETT-PPL-{p:g}%, validation)"
+
+
+class TooFewCheckpointsError(ValueError):
+    """A run has fewer kept checkpoints than the law has parameters + 1."""
+
+
+def check_enough_checkpoints(workdir: str | Path, form: str, min_step: int | None) -> None:
+    """Raises :class:`TooFewCheckpointsError` (one line, with the fix) before any measurement if a fit cannot work."""
+    from prosparse_jax import law_ratios
+
+    plan = law_ratios.plan_checkpoints(workdir, min_step)
+    need = len(FORMS[form][2]) + 1
+    if len(plan.kept_steps) < need:
+        raise TooFewCheckpointsError(
+            f"{workdir}: {len(plan.kept_steps)} checkpoint(s) after the warmup cut (step > {plan.min_step}; kept "
+            f"{list(plan.kept_steps)}, dropped {list(plan.dropped_steps)}), the {form} law needs at least {need}; "
+            "train with --config.train.keep_period=<train.checkpoint_every> so every checkpoint is kept "
+            "(or lower --min_step)")
+
+
+def format_table(res: dict[str, Any]) -> str:
+    """The per-checkpoint table of a law_ratios result: step, D, A, PPL ratio."""
+    lines = [f"{'step':>9} {'D (B tokens)':>13} {'A':>9} {'PPL ratio':>10}"]
+    for r in res["checkpoints"]:
+        lines.append(f"{r['step']:>9d} {r['D']:>13.6g} {r['activation_ratio']:>9.5f} {r['ppl_ratio']:>10.5f}")
+    return "\n".join(lines)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry point; returns the exit code."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("workdirs", nargs="*", help="training workdirs with metrics.jsonl")
+    ap.add_argument("workdirs", nargs="*", help="training workdirs (checkpoints/ + config.json, or metrics.jsonl)")
     ap.add_argument("--form", choices=sorted(FORMS), help="law to fit: relu or silu")
     ap.add_argument("--out", help="PNG to write")
-    ap.add_argument("--min_tokens", type=float, default=0.0, help="ignore entries with tokens_seen <= this")
+    ap.add_argument("--input", choices=INPUTS, default="cett_ppl",
+                    help="cett_ppl (default): the paper's CETT-PPL-p%% ratio per checkpoint (App. E); exact_zero: "
+                         "1 - exact-zero training sparsity from metrics.jsonl (not the paper's A)")
+    ap.add_argument("--min_tokens", type=float, default=0.0, help="ignore points with training tokens <= this")
+    ap.add_argument("--p", type=float, default=1.0, help="cett_ppl: PPL budget in percent (PPL ratio <= 1 + p/100)")
+    ap.add_argument("--n_search", type=int, default=5, help="cett_ppl: the CETT target is searched on this many "
+                    "last kept checkpoints")
+    ap.add_argument("--num_batches", type=int, default=4, help="cett_ppl: validation batches")
+    ap.add_argument("--batch_size", type=int, default=8, help="cett_ppl: sequences per validation batch")
+    ap.add_argument("--min_step", type=int, default=None, help="cett_ppl: drop checkpoints with step <= this "
+                    "(default: the run's optim.warmup_steps)")
+    ap.add_argument("--search_steps", type=int, default=12, help="cett_ppl: bisection steps on the CETT target")
+    ap.add_argument("--overwrite", action="store_true", help="cett_ppl: recompute a law_ratios.json computed with "
+                    "other settings")
     ap.add_argument("--selftest", action="store_true", help="recover the published coefficients from noisy samples")
     ap.add_argument("--noise", type=float, default=0.005, help="selftest: relative noise")
     args = ap.parse_args(argv)
@@ -244,16 +306,43 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("fit_laws: error: give --out=<png> and at least one workdir", file=sys.stderr)
         return 2
     curves = []
+    errors: tuple[type[BaseException], ...] = (OSError, ValueError)
     try:
+        if args.input == "cett_ppl":
+            from prosparse_jax import checkpoint as ckpt
+            from prosparse_jax import data as data_lib
+            from prosparse_jax import law_ratios
+
+            errors += (ckpt.CheckpointError, data_lib.DataError)
+            for wd in args.workdirs:  # cheap check of every run before measuring any
+                check_enough_checkpoints(wd, args.form, args.min_step)
         for wd in args.workdirs:
-            D, A = load_run(wd, args.min_tokens)
+            if args.input == "cett_ppl":
+                res = law_ratios.law_ratios(
+                    wd, overwrite=args.overwrite, p=args.p, n_search=args.n_search, num_batches=args.num_batches,
+                    batch_size=args.batch_size, min_step=args.min_step, search_steps=args.search_steps, verbose=True)
+                print(f"{wd}: A = CETT-PPL-{args.p:g}% activation ratio on validation data (Sparsing Law App. E; "
+                      f"{'read from' if res['reused'] else 'written to'} {Path(wd) / law_ratios.DEFAULT_FILE}): "
+                      f"CETT target {res['cett_target']:.6g} searched on steps {res['search_checkpoints']}, dropped "
+                      f"warmup steps {res['dropped_steps']}, {res['eval_tokens']} eval tokens")
+                print(format_table(res))
+                rows = [r for r in res["checkpoints"] if r["tokens"] > args.min_tokens]
+                D = np.array([r["D"] for r in rows])
+                A = np.array([r["activation_ratio"] for r in rows])
+            else:
+                D, A = load_run(wd, args.min_tokens)
+                print(f"{wd}: A = {EXACT_ZERO_LABEL}, {len(D)} metrics.jsonl train entries")
             fit = FORMS[args.form][0](D, A)
             print(format_fit(str(wd), fit))
             curves.append((Path(wd).name, D, A, fit))
-    except (OSError, ValueError) as e:
+    except errors as e:
         print(f"fit_laws: error: {e}", file=sys.stderr)
         return 1
-    plot_fits(curves, args.form, args.out)
+    if args.input == "cett_ppl":
+        ylabel, title = cett_ppl_label(args.p), f"Sparsing Law fit ({args.form}), CETT-PPL-{args.p:g}%"
+    else:
+        ylabel, title = EXACT_ZERO_LABEL, f"Sparsing Law fit ({args.form}) of {EXACT_ZERO_LABEL}"
+    plot_fits(curves, args.form, args.out, ylabel=ylabel, title=title)
     print(f"wrote {args.out}")
     return 0
 

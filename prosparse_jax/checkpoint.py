@@ -32,11 +32,22 @@ class CheckpointError(RuntimeError):
 
 
 def manager(workdir: str | os.PathLike, *, keep: int = 3, async_save: bool = True,
-            save_interval_steps: int = 1) -> ocp.CheckpointManager:
-    """A CheckpointManager over ``<workdir>/checkpoints`` with items params / opt_state / extra."""
+            save_interval_steps: int = 1, keep_period: int = 0) -> ocp.CheckpointManager:
+    """A CheckpointManager over ``<workdir>/checkpoints`` with items params / opt_state / extra.
+
+    Args:
+      workdir: the run's workdir.
+      keep: the latest ``keep`` checkpoints are kept on disk (older ones are deleted) ...
+      async_save: write checkpoints in the background.
+      save_interval_steps: orbax's save interval (1: every ``save`` call writes).
+      keep_period: ... except that a checkpoint whose step is a multiple of ``keep_period`` is never deleted
+        (0 = off). The Sparsing Law protocol (``prosparse_jax.law_ratios``) measures every checkpoint of a run.
+    """
+    if keep_period < 0:
+        raise ValueError(f"keep_period must be >= 0 (0 = off), got {keep_period}")
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, enable_async_checkpointing=async_save, save_interval_steps=save_interval_steps,
-        create=True,
+        keep_period=keep_period or None, create=True,
     )
     return ocp.CheckpointManager(Path(workdir).absolute() / CKPT_DIR, options=options)
 
