@@ -1,22 +1,27 @@
 """Sparsing Law scaling study (arXiv 2411.02335): MiniCPM-style models from 0.1B to 1.2B, any activation.
 
 Usage: ``--config=configs/sparsing_law.py:<scale>-<act>``, e.g. ``0.4b-relu`` or ``1.2b-silu``.
-Shapes from REFERENCE §4 (d_ff = 2.5 d, MHA, head_dim 128 -- the head count is our guess except at 0.4B, where the
-published config has 10 heads; vocab 122753, tied embeddings). Training follows the paper: WSD schedule, LR 0.01,
-betas (0.9, 0.95), weight decay 0.1, MiniCPM µP. No sparsity regularisation (stages [[0, steps]]).
+Shapes: d_ff = 2.5 d, MHA with 6/8/10/12/14 heads of width 128 for 0.1/0.2/0.4/0.8/1.2B (the public configs of
+thunlp/SparsingLaw), vocab 122753, tied embeddings, MiniCPM scales. Tokens per step as in the paper's Table 3 (0.2B:
+589,824 = 144 x 4096; 1.2B: 1,572,864 = 384 x 4096). Training follows the paper: WSD schedule, LR 0.01, betas
+(0.9, 0.95), weight decay 0.1, MiniCPM µP. No sparsity regularisation (stages [[0, steps]]).
+
+Law inputs: the Sparsing Law's A(D) is the CETT-PPL-1% activation ratio of every checkpoint on validation data
+(paper App. E; ``experiments/fit_laws.py``), so these runs keep every checkpoint (``train.keep_period`` =
+``train.checkpoint_every``), not only the last few.
 """
 
 from prosparse_jax.activations import ACTIVATIONS
 from prosparse_jax.config import ConfigError
 from prosparse_jax.run_config import base_config
 
-# scale -> (d_model, n_layers, tokens per batch in the paper)
+# scale -> (d_model, n_layers, n_heads, tokens per optimizer step in the paper's Table 3)
 SCALES = {
-    "0.1b": (768, 16, 327_680),
-    "0.2b": (1024, 20, 491_520),
-    "0.4b": (1280, 24, 786_432),
-    "0.8b": (1536, 28, 1_179_648),
-    "1.2b": (1792, 32, 2_097_152),
+    "0.1b": (768, 16, 6, 327_680),  # 80 x 4096
+    "0.2b": (1024, 20, 8, 589_824),  # 144 x 4096
+    "0.4b": (1280, 24, 10, 786_432),  # 192 x 4096
+    "0.8b": (1536, 28, 12, 1_179_648),  # 288 x 4096
+    "1.2b": (1792, 32, 14, 1_572_864),  # 384 x 4096
 }
 HEAD_DIM = 128
 VOCAB = 122_753
@@ -31,14 +36,15 @@ def get_config(arg: str = "0.1b-relu"):
         raise ConfigError(f"sparsing_law: unknown scale {scale!r}; choose one of: {', '.join(SCALES)}")
     if act not in ACTIVATIONS:
         raise ConfigError(f"sparsing_law: unknown activation {act!r}; choose one of: {', '.join(ACTIVATIONS)}")
-    d, n_layers, batch_tokens = SCALES[scale]
+    d, n_layers, n_heads, batch_tokens = SCALES[scale]
     c = base_config()
     m = c.model
     m.vocab_size = VOCAB  # paper tokenizer size; set data.tokenizer to its tokenizer.json to train on real data
     m.d_model = d
     m.n_layers = n_layers
-    m.n_heads = d // HEAD_DIM
-    m.n_kv_heads = d // HEAD_DIM  # MHA
+    m.n_heads = n_heads
+    m.n_kv_heads = n_heads  # MHA
+    m.head_dim = HEAD_DIM
     m.d_ff = int(2.5 * d)
     m.activation = act
     m.tie_embeddings = True
@@ -55,6 +61,7 @@ def get_config(arg: str = "0.1b-relu"):
     c.train.steps = 100_000
     c.train.eval_every = 1000
     c.train.checkpoint_every = 1000
+    c.train.keep_period = c.train.checkpoint_every  # keep every checkpoint: the law fit measures each one
     c.train.log_every = 50
     c.optim.lr = 0.01
     c.optim.schedule = "wsd"

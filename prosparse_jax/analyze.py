@@ -1,7 +1,7 @@
 """Measures activation sparsity of a checkpoint (ProSparse / Sparsing Law metrics) and finds sparse-mode thresholds.
 
     python -m prosparse_jax.analyze --checkpoint=<workdir or HF folder> --data=stdlib --metric=pplp --value=1 \
-        --out=<dir> [--step=N --seq_len=256 --batch_size=8 --num_batches=4 --data_dir=... --topk_mode=global]
+        --out=<dir> [--step=N --seq_len=256 --batch_size=8 --num_batches=4 --data_dir=... --topk_mode=token]
 
 Metrics and their --value (definitions in :mod:`prosparse_jax.sparsity`): exact (value ignored), topk (k in (0, 1]),
 fat (eps >= 0), cett (target CETT in [0, 1]), pplp (p >= 0, percent). --data is one DataConfig.source or several
@@ -53,8 +53,9 @@ _BATCH = flags.DEFINE_integer("batch_size", 8, "Sequences per eval batch.", flag
 _NUM_BATCHES = flags.DEFINE_integer("num_batches", 4, "Eval batches per data source.", flag_values=FLAGS)
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "TFDS data dir; default: the run's data.data_dir.",
                                 flag_values=FLAGS)
-_TOPK_MODE = flags.DEFINE_string("topk_mode", "global", "topk: 'global' (per layer over batch x tokens x d_ff, the "
-                                 "public code) or 'token' (per token).", flag_values=FLAGS)
+_TOPK_MODE = flags.DEFINE_string("topk_mode", "token", "topk: 'token' (k neurons per layer per token, the Sparsing "
+                                 "Law paper's definition, Sec. 4.1) or 'global' (per layer over batch x tokens x d_ff, "
+                                 "the public code's rule).", flag_values=FLAGS)
 _PPLP_STEPS = flags.DEFINE_integer("pplp_steps", 12, "pplp: bisection steps on the shared CETT target.",
                                    flag_values=FLAGS)
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing <out>/sparsity.json.", flag_values=FLAGS)
@@ -98,7 +99,9 @@ def _nll(logits_BxTxV: jax.Array, batch: dict[str, jax.Array]) -> tuple[jax.Arra
     return model.cross_entropy(logits_BxTxV, batch["targets"], w_BxT) * jnp.maximum(w_BxT.sum(), 1.0), w_BxT.sum()
 
 
-def _make_capture(cfg: ModelConfig):
+def make_capture(cfg: ModelConfig):
+    """Jitted dense forward with capture: (params, batch) -> (nll sum, weight sum, x1_LxBxTxF, act_gate_LxBxTxF)."""
+
     def f(params: Params, batch: dict[str, jax.Array]) -> tuple[jax.Array, ...]:
         logits, st = model.forward(params, batch["inputs"], cfg, segment_ids_BxT=batch["segment_ids"],
                                    positions_BxT=batch["positions"], capture=True)
@@ -107,8 +110,11 @@ def _make_capture(cfg: ModelConfig):
     return jax.jit(f)
 
 
-def _make_tau_forward(cfg: ModelConfig):
-    """Sparse loss with per-layer CETT taus through the model's own sparse-mode hook (what sparse mode runs)."""
+def make_tau_forward(cfg: ModelConfig):
+    """Sparse loss with per-layer CETT taus through the model's own sparse-mode hook (what sparse mode runs).
+
+    Returns a jitted (params, batch, taus_L) -> (nll sum, weight sum, sparse-run activation ratio per layer [L]).
+    """
 
     def f(params: Params, batch: dict[str, jax.Array], taus_L: jax.Array) -> tuple[jax.Array, ...]:
         thr_LxF = model.neuron_thresholds_from_norms(params, taus_L)
@@ -151,7 +157,8 @@ def _make_active_topk(mode: str):
 
 
 @jax.jit
-def _active_tau(x1_LxBxTxF: jax.Array, norms_LxF: jax.Array, taus_L: jax.Array) -> jax.Array:
+def active_tau(x1_LxBxTxF: jax.Array, norms_LxF: jax.Array, taus_L: jax.Array) -> jax.Array:
+    """CETT activity: neuron output norm |x1_i| * ||W_down[:, i]|| > tau of its layer, [L, B, T, F] bool."""
     n = jnp.abs(x1_LxBxTxF.astype(jnp.float32)) * norms_LxF[:, None, None, :]
     return n > taus_L[:, None, None, None]
 
@@ -159,9 +166,13 @@ def _active_tau(x1_LxBxTxF: jax.Array, norms_LxF: jax.Array, taus_L: jax.Array) 
 # ---------------------------------------------------------------------------------------------------------------
 # Driver
 # ---------------------------------------------------------------------------------------------------------------
-def _load_batches(sources: list[str], tok_path: Path, run_data: dict[str, Any], seq_len: int | None,
-                  data_dir: str | None, batch_size: int, num_batches: int, vocab: int
-                  ) -> dict[str, list[dict[str, jax.Array]]]:
+def load_batches(sources: list[str], tok_path: Path, run_data: dict[str, Any], seq_len: int | None,
+                 data_dir: str | None, batch_size: int, num_batches: int, vocab: int
+                 ) -> dict[str, list[dict[str, jax.Array]]]:
+    """Held-out eval batches (device arrays) of each source, tokenized with ``tok_path``; {source: [batch, ...]}.
+
+    data_dir / text_key / seq_len / eval_fraction default to the run's ``data`` section (``run_data``).
+    """
     out = {}
     for src in sources:
         try:
@@ -169,7 +180,7 @@ def _load_batches(sources: list[str], tok_path: Path, run_data: dict[str, Any], 
                 source=src, data_dir=data_dir if data_dir is not None else run_data.get("data_dir", ""),
                 text_key=run_data.get("text_key", "text"), tokenizer=str(tok_path),
                 seq_len=seq_len or run_data.get("seq_len", 256),
-                eval_fraction=float(run_data.get("eval_fraction", 0.01)))
+                eval_fraction=float(run_data.get("eval_fraction", data_lib.DataConfig.eval_fraction)))
         except ConfigError as e:
             raise AnalyzeError(f"--data / --seq_len: {e}") from e
         tok = data_lib.get_tokenizer(dcfg, cache_dir=tok_path.parent)
@@ -190,7 +201,7 @@ def _ratio(sparse_loss: float, dense_loss: float) -> float:
 
 def analyze(checkpoint: str | Path, data: str, metric: str, value: float | None, out: str | Path, *,
             step: int | None = None, seq_len: int | None = None, batch_size: int = 8, num_batches: int = 4,
-            data_dir: str | None = None, topk_mode: str = "global", pplp_steps: int = 12, overwrite: bool = False,
+            data_dir: str | None = None, topk_mode: str = "token", pplp_steps: int = 12, overwrite: bool = False,
             progress: bool = True) -> dict[str, Any]:
     """Measures ``metric`` on held-out batches of ``data`` and writes the results to ``out``.
 
@@ -204,7 +215,7 @@ def analyze(checkpoint: str | Path, data: str, metric: str, value: float | None,
       seq_len: tokens per sequence; None = the run's data.seq_len (else 256).
       batch_size, num_batches: eval batches per source.
       data_dir: TFDS data dir; None = the run's.
-      topk_mode: 'global' or 'token'.
+      topk_mode: 'token' (the paper's per-token rule, default) or 'global' (the public code's per-layer rule).
       pplp_steps: bisection steps on the shared CETT target (pplp).
       overwrite: replace an existing sparsity.json.
       progress: tqdm progress bar.
@@ -232,7 +243,7 @@ def analyze(checkpoint: str | Path, data: str, metric: str, value: float | None,
     run_data = run_cfg.get("data", {}) if isinstance(run_cfg.get("data"), dict) else {}
     cfg = mcfg.replace(neuron_thresholds=())  # dense baseline even for a model saved in sparse mode
     params = jax.device_put(params)
-    by_src = _load_batches(sources, tok_path, run_data, seq_len, data_dir, batch_size, num_batches, cfg.vocab_size)
+    by_src = load_batches(sources, tok_path, run_data, seq_len, data_dir, batch_size, num_batches, cfg.vocab_size)
     L, F = cfg.n_layers, cfg.d_ff
     n_batches = sum(len(b) for b in by_src.values())
 
@@ -242,7 +253,7 @@ def analyze(checkpoint: str | Path, data: str, metric: str, value: float | None,
     fwd = {"capture": 0, "sparse": 0}
 
     # ---- 1. dense forward with capture: dense loss and (for every metric but cett/pplp) the measurement ----
-    capture = _make_capture(cfg)
+    capture = make_capture(cfg)
     active_topk = _make_active_topk(topk_mode) if metric == "topk" else None
     dense = {s: [0.0, 0.0] for s in sources}
     stats: dict[str, dict[str, np.ndarray] | None] = {s: None for s in sources}
@@ -308,7 +319,7 @@ def analyze(checkpoint: str | Path, data: str, metric: str, value: float | None,
     else:
         w_down = params["layers"]["w_down_LxFxD"]
         cache = sparsity.CETTCache(w_down, [(x1, v) for _, x1, v, _ in cached])
-        tau_fwd = _make_tau_forward(cfg)
+        tau_fwd = make_tau_forward(cfg)
         if metric == "cett":
             taus_L, cett_L = cache.bisect(value)
             sparse = run_sparse(tau_fwd, taus_L)
@@ -345,7 +356,7 @@ def analyze(checkpoint: str | Path, data: str, metric: str, value: float | None,
         norms = cache.norms_LxF
         t_dev = jnp.asarray(np.asarray(taus_L, np.float32))
         for src, x1, valid, pos in cached:
-            active = _active_tau(x1, norms, t_dev)
+            active = active_tau(x1, norms, t_dev)
             stats[src] = sparsity.add_stats(stats[src], sparsity.mask_stats(active, valid, pos))
         del cache, cached
     pbar.close()

@@ -19,7 +19,7 @@ from typing import Any
 
 import ml_collections
 
-from prosparse_jax.config import ConfigError, ModelConfig, model_config_from_dict
+from prosparse_jax.config import ConfigError, ModelConfig, model_config_from_dict, section_items
 
 
 def model_fields(**kw: Any) -> ml_collections.ConfigDict:
@@ -62,7 +62,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.tokenizer = ""  # tokenizer.json path; '' -> train a byte-level BPE (cached in the workdir)
     c.data.vocab_size = 4096  # vocab of the trained BPE (keep equal to model.vocab_size)
     c.data.seq_len = 256  # tokens per packed training sequence
-    c.data.eval_fraction = 0.01  # fraction of documents held out for evaluation
+    c.data.eval_fraction = 0.05  # fraction of documents held out for evaluation (stratified by package and size)
     c.data.seed = 0  # data order seed
 
     c.optim = ml_collections.ConfigDict()
@@ -89,6 +89,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.eval_batches = 8  # held-out batches per evaluation
     c.train.checkpoint_every = 200  # steps between checkpoints (and one at the end)
     c.train.keep_checkpoints = 3  # checkpoints kept on disk
+    c.train.keep_period = 0  # checkpoints at multiples of this step are never deleted (0 = off); the Sparsing
+    # Law fit (experiments/fit_laws.py) measures every kept checkpoint: set it to checkpoint_every there
     c.train.async_checkpoint = True  # write checkpoints in the background
     c.train.progress_bar = True  # tqdm progress bar on stderr
     c.train.mesh_data = -1  # data-parallel mesh axis size (-1 = all devices / fsdp)
@@ -98,7 +100,11 @@ def base_config() -> ml_collections.ConfigDict:
     # ProSparse stage table: [[lambda_i, T_i], ...], T_i cumulative optimizer steps, stage 0 first (lambda 0 =
     # activation substitution only), stage 1 constant warmup, later stages sine-interpolated (REFERENCE §2).
     c.sparsity.stages = [[0.0, 1000]]
-    # Regulariser: lambda(t) * sum over layers of mean |x1| (mean over tokens x d_ff of that layer).
+    # Regulariser: lambda(t) * sum over layers of the layer's L1 term, reduced as l1_reduction says:
+    # 'sum'  = ||x1||_1 of each token's d_ff vector (ProSparse Eq. 2, a sum over d_ff), averaged over valid tokens;
+    #          the paper's lambda tables mean this.
+    # 'mean' = mean |x1| over valid tokens x d_ff = 'sum' / d_ff (lambda ~d_ff x larger for the same pull).
+    c.sparsity.l1_reduction = "sum"
     c.sparsity.final_threshold = 0.0  # FATReLU threshold t for the evaluation after training; 0 = no shifting
 
     c.init_from = ""  # workdir (or HF folder) whose params start this run; model.activation replaces its activation
@@ -116,6 +122,7 @@ class TrainConfig:
     eval_batches: int
     checkpoint_every: int
     keep_checkpoints: int
+    keep_period: int
     async_checkpoint: bool
     progress_bar: bool
     mesh_data: int
@@ -129,18 +136,27 @@ class TrainConfig:
                 raise ConfigError(f"train.{f}: must be a positive integer, got {v!r}")
         if self.eval_every < 0:
             raise ConfigError(f"train.eval_every: must be >= 0, got {self.eval_every}")
+        if not isinstance(self.keep_period, int) or self.keep_period < 0:
+            raise ConfigError(f"train.keep_period: must be an integer >= 0 (0 = off), got {self.keep_period!r}")
         if self.batch_size % self.grad_accum:
             raise ConfigError(
                 f"train.batch_size={self.batch_size} must be divisible by train.grad_accum={self.grad_accum}"
             )
 
 
+L1_REDUCTIONS = ("sum", "mean")  # sparsity.l1_reduction: see base_config; 'sum' is ProSparse Eq. 2's literal form
+
+
 @dataclasses.dataclass(frozen=True)
 class SparsityConfig:
     stages: tuple[tuple[float, int], ...]
     final_threshold: float
+    l1_reduction: str = "sum"
 
     def __post_init__(self) -> None:
+        if self.l1_reduction not in L1_REDUCTIONS:
+            raise ConfigError(f"sparsity.l1_reduction: {self.l1_reduction!r}; choose one of: "
+                              f"{', '.join(L1_REDUCTIONS)}")
         if not self.final_threshold >= 0 or not math.isfinite(self.final_threshold):
             raise ConfigError(f"sparsity.final_threshold: must be a finite value >= 0, got {self.final_threshold}")
 
@@ -171,11 +187,9 @@ def resolve(c: ml_collections.ConfigDict) -> RunConfig:
     data = data_lib.data_config_from_dict(_section(c, "data"))
     optim = optim_lib.optim_config_from_dict(_section(c, "optim"))
     t = _section(c, "train")
-    unknown = sorted(set(t) - {f.name for f in dataclasses.fields(TrainConfig)})
-    if unknown:
-        raise ConfigError(f"train: unknown field(s) {unknown}")
+    section_items(TrainConfig, "train", t)
     train = TrainConfig(**t)
-    s = _section(c, "sparsity")
+    s = section_items(SparsityConfig, "sparsity", _section(c, "sparsity"))
     try:
         stages = [(float(lam), int(step)) for lam, step in s["stages"]]
     except (TypeError, ValueError) as e:
@@ -192,7 +206,8 @@ def resolve(c: ml_collections.ConfigDict) -> RunConfig:
             warnings.warn(f"sparsity.stages: {len(stages)} stages do not fit in train.steps={train.steps}; "
                           f"colliding stages merged to {merged}", stacklevel=2)
             stages = merged
-    sparsity = SparsityConfig(stages=tuple(stages), final_threshold=float(s["final_threshold"]))
+    sparsity = SparsityConfig(stages=tuple(stages), final_threshold=float(s["final_threshold"]),
+                              l1_reduction=str(s.get("l1_reduction", "sum")))
     if data.vocab_size > model.vocab_size and not data.tokenizer:
         raise ConfigError(
             f"data.vocab_size={data.vocab_size} exceeds model.vocab_size={model.vocab_size}; set them equal"

@@ -6,9 +6,10 @@ Metrics (REFERENCE §1, §3). A neuron i is *active* on a token when its x1_i su
 and is non-zero (an exactly-zero x1_i contributes nothing under any metric); activation ratio = 1 - sparsity.
 
 - ``exact``: x1 != 0 (ProSparse's measure).
-- ``topk`` (k in (0, 1]): keep the k-fraction of largest |act(gate)| -- ``global``: per layer over the whole
-  flattened (batch x tokens x d_ff) tensor of one batch (the public Sparsing Law code); ``token``: per token over
-  d_ff. round(k * units) entries are kept, ties broken deterministically by position (lower flat index first).
+- ``topk`` (k in (0, 1]): keep the k-fraction of largest |act(gate)| -- ``token`` (the default): per token over
+  d_ff, k neurons per layer per token as the Sparsing Law paper defines it (Sec. 4.1); ``global``: per layer over the
+  whole flattened (batch x tokens x d_ff) tensor of one batch (the rule of the public Sparsing Law code).
+  round(k * units) entries are kept, ties broken deterministically by position (lower flat index first).
 - ``fat`` (eps >= 0): keep |act(gate)| >= eps (zero where |act(gate)| < eps; absolute value, so it applies to SiLU).
 - ``cett`` (target in [0, 1]): neuron output norm n_i = |x1_i| * ||W_down[:, i]|| (our ``w_down_LxFxD[l, i]``);
   CETT(tau) = mean over tokens of ||sum_{i: n_i <= tau} x1_i W_down[:, i]|| / ||FFN(x)||; tau found per layer by
@@ -40,7 +41,7 @@ from prosparse_jax.model import Params, forward
 Array = jax.Array
 
 METRICS = ("exact", "topk", "fat", "cett", "pplp")
-TOPK_MODES = ("global", "token")
+TOPK_MODES = ("token", "global")  # the first is the default (the paper's definition)
 DEAD_NEURON_FREQ = 1e-3  # a neuron active on fewer than 0.1% of the measured tokens is dead
 
 
@@ -70,7 +71,7 @@ def _keep_top(score_N: Array, count: Array) -> Array:
     return jnp.zeros(score_N.shape, bool).at[order_N].set(kept_sorted_N)
 
 
-def topk_mask(act_gate_BxTxF: Array, k: float | Array, mode: str = "global",
+def topk_mask(act_gate_BxTxF: Array, k: float | Array, mode: str = "token",
               valid_BxT: Array | None = None) -> Array:
     """Top-k mask of one layer on |act(gate)|.
 

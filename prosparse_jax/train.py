@@ -1,4 +1,4 @@
-"""ProSparse training: LM loss + lambda(t) * sum_layers mean|x1|, orbax resume, metrics, FATReLU evaluation.
+"""ProSparse training: LM loss + lambda(t) * sum_layers ||x1||_1, orbax resume, metrics, FATReLU evaluation.
 
     python -m prosparse_jax.train --config=configs/prosparse.py:tiny --workdir=/tmp/run
 
@@ -6,8 +6,10 @@ One run = (optionally) start from ``init_from`` with the activation of ``model.a
 through the sparsity stage table, then evaluate with FATReLU threshold shifting (``sparsity.final_threshold``).
 Re-running the same command on the same workdir resumes from its latest checkpoint; SIGTERM saves and exits 0.
 
-Objective (documented normalisation): loss = CE(next token) + lambda(t) * sum_l mean_{tokens x d_ff} |x1_l|,
-lambda(t) evaluated from the step stored in the train state inside the jitted step (so it resumes exactly).
+Objective (ProSparse Eq. 2): loss = CE(next token) + lambda(t) * sum_l L1_l with, per ``sparsity.l1_reduction``,
+L1_l = mean over tokens of ||x1_l||_1 (sum over d_ff; ``"sum"``, the paper's literal form and the default) or the
+mean of |x1_l| over tokens x d_ff (``"mean"`` = ``"sum"`` / d_ff); lambda(t) is evaluated from the step stored in
+the train state inside the jitted step (so it resumes exactly).
 """
 
 from __future__ import annotations
@@ -50,12 +52,12 @@ from prosparse_jax.model import (
     stack_layers,
     unstack_layers,
 )
-from prosparse_jax.run_config import RunConfig, resolve
+from prosparse_jax.run_config import L1_REDUCTIONS, RunConfig, resolve
 
 # Fields that may change between a run and its resumption (they do not change the numbers; model.scan_layers only
 # changes the layout of the state in memory -- checkpoints are stacked either way -- and float round-off).
 RESUMABLE_CHANGES = {
-    "train.log_every", "train.eval_every", "train.checkpoint_every", "train.keep_checkpoints",
+    "train.log_every", "train.eval_every", "train.checkpoint_every", "train.keep_checkpoints", "train.keep_period",
     "train.async_checkpoint", "train.progress_bar", "data.data_dir", "model.scan_layers",
 }
 
@@ -79,13 +81,21 @@ class TrainResult:
 # ---------------------------------------------------------------------------------------------------------------
 # Loss and step
 # ---------------------------------------------------------------------------------------------------------------
-def loss_fn(params: Params, batch: dict[str, jax.Array], cfg: ModelConfig, reg_factor: jax.Array
-            ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Total loss = lm_loss + reg_factor * sum over layers of mean|x1| (mean over valid tokens x d_ff)."""
+def loss_fn(params: Params, batch: dict[str, jax.Array], cfg: ModelConfig, reg_factor: jax.Array,
+            l1_reduction: str = "sum") -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Total loss = lm_loss + reg_factor * sum over layers of the layer's L1 term.
+
+    The L1 term of a layer (``sparsity.l1_reduction``, see :data:`prosparse_jax.run_config.L1_REDUCTIONS`):
+    ``"sum"`` = ||x1||_1 of a token's d_ff vector as in ProSparse Eq. 2 (a sum over d_ff), averaged over valid tokens;
+    ``"mean"`` = the mean of |x1| over valid tokens x d_ff, i.e. exactly ``"sum"`` / d_ff.
+    """
     logits, stats = forward(params, batch["inputs"], cfg, segment_ids_BxT=batch["segment_ids"],
                             positions_BxT=batch["positions"])
     lm_loss = cross_entropy(logits, batch["targets"], batch["weights"])
-    reg_loss = reg_factor * jnp.sum(stats.l1)
+    if l1_reduction not in L1_REDUCTIONS:
+        raise ConfigError(f"sparsity.l1_reduction: {l1_reduction!r}; choose one of: {', '.join(L1_REDUCTIONS)}")
+    per_element = jnp.sum(stats.l1)  # stats.l1: mean |x1| over valid tokens x d_ff, per layer
+    reg_loss = reg_factor * (per_element * cfg.d_ff if l1_reduction == "sum" else per_element)
     return lm_loss + reg_loss, {"lm_loss": lm_loss, "reg_loss": reg_loss, "sparsity_per_layer": stats.zero_frac,
                                 "l1_per_layer": stats.l1}
 
@@ -101,13 +111,14 @@ def make_train_step(rc: RunConfig, tx: Any, lr_fn: Any, lam_fn: Any):
 
         def micro(carry: Any, mb: dict[str, jax.Array]) -> tuple[Any, None]:
             g_acc, aux_acc = carry
-            (loss, aux), g = grad_fn(state["params"], mb, cfg, lam)
+            (loss, aux), g = grad_fn(state["params"], mb, cfg, lam, rc.sparsity.l1_reduction)
             aux = dict(aux, loss=loss)
             return (jax.tree.map(jnp.add, g_acc, g), jax.tree.map(jnp.add, aux_acc, aux)), None
 
         n = rc.train.grad_accum
         if n == 1:  # no accumulation buffers (zeros + g == g): saves a pass over the parameters
-            (loss, aux), grads = grad_fn(state["params"], jax.tree.map(lambda x: x[0], batch), cfg, lam)
+            (loss, aux), grads = grad_fn(state["params"], jax.tree.map(lambda x: x[0], batch), cfg, lam,
+                                         rc.sparsity.l1_reduction)
             aux = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), dict(aux, loss=loss))
         else:
             zeros_g = jax.tree.map(jnp.zeros_like, state["params"])
@@ -351,7 +362,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, stop_after:
             print(f"{workdir} already finished at step {start}; nothing to do", flush=True)
         final = json.loads((workdir / "final_eval.json").read_text())
         return TrainResult(workdir=workdir, step=start, final_eval=final, interrupted=False)
-    mgr = ckpt.manager(workdir, keep=rc.train.keep_checkpoints, async_save=rc.train.async_checkpoint)
+    mgr = ckpt.manager(workdir, keep=rc.train.keep_checkpoints, async_save=rc.train.async_checkpoint,
+                       keep_period=rc.train.keep_period)
     abs_params = abstract_params(rc.model)
     abs_opt = jax.eval_shape(tx.init, abs_params)
     o_shard = shard_lib.shardings_like(abs_opt, mesh)
