@@ -6,7 +6,10 @@ written once into a fingerprinted TFDS dataset (`data_tfds.py`); later runs just
 
 Pipeline per host (grain, all lazy): documents of the split -> shard `process_index::process_count` -> shuffle (seed,
 reshuffled every epoch) -> repeat forever -> tokenize + append EOS -> concat-then-split into rows of seq_len + 1
-tokens (no padding; long documents continue in the next row) -> batch -> model features. A row's first seq_len tokens
+tokens (no padding; long documents continue in the next row) -> shuffle rows within windows of `SHUFFLE_WINDOW_ROWS`
+(~100 documents of the stdlib at seq_len 256) -> batch -> model features. Without the row shuffle a batch of
+8 x 256 tokens would be one or two consecutive source files (a stdlib file is ~5K tokens), so successive gradients
+would come from the same file: noisy, strongly correlated updates. A row's first seq_len tokens
 are the inputs and its last seq_len tokens the targets, so the last token of a row is only ever a target.
 
 Model features, each [batch, seq_len]:
@@ -54,7 +57,8 @@ from prosparse_jax.data_tfds import (
 )
 
 EOS_TOKEN = "<|endoftext|>"  # id 0: document separator, appended to every document
-_STATE_VERSION = 1
+_STATE_VERSION = 2  # 2: rows shuffled within windows of SHUFFLE_WINDOW_ROWS
+SHUFFLE_WINDOW_ROWS = 2048  # packed rows per shuffle window of the training stream (~526K tokens at seq_len 256)
 _TOKENIZER_FORMAT = 1
 _PREFETCH_DOCS = 16
 _EVAL_TOKENS_FORMAT = 1
@@ -301,6 +305,8 @@ def _batches(
     # One background thread tokenizes a few documents ahead: ample for training speed, leaves the cores to the model.
     docs = ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=_PREFETCH_DOCS))
     packed = grain.experimental.ConcatThenSplitIterDataset(docs, length_struct={"tokens": seq_len + 1})
+    if seed is not None:  # mix rows of many documents into every batch (module docstring); resumes exactly
+        packed = grain.experimental.WindowShuffleIterDataset(packed, window_size=SHUFFLE_WINDOW_ROWS, seed=seed)
     return packed.batch(batch_size, drop_remainder=True).map(_to_features)
 
 

@@ -469,3 +469,22 @@ def test_stdlib_smoke(tmp_path):
     b = next(dl.make_train_iterator(cfg, tok, batch_size=4))
     assert b["inputs"].shape == (4, 128) and b["weights"].sum() > 0
     assert "def" in tok.decode(b["inputs"].reshape(-1).tolist())
+
+
+def test_training_batches_mix_documents(tmp_path, monkeypatch):
+    """Rows are shuffled within windows: a batch of rows draws on many documents, not one long file."""
+    root = tmp_path / "long"
+    root.mkdir()
+    for k in range(16):  # each document spans ~30 rows of SEQ_LEN tokens
+        (root / f"f{k:02d}.py").write_text("".join(f"doc{k:02d}x = {j}\n" for j in range(150)))
+    cfg = dl.DataConfig(source=f"files:{root}/*.py", data_dir=str(tmp_path / "tfds"), vocab_size=300,
+                        seq_len=SEQ_LEN, eval_fraction=0.0)
+    tok = dl.get_tokenizer(cfg, tmp_path / "cache")
+
+    def docs_per_batch() -> float:
+        batches = _take(dl.make_train_iterator(cfg, tok, batch_size=8), 6)
+        return float(np.mean([len(_markers(tok, [b])) for b in batches]))
+
+    mixed = docs_per_batch()
+    monkeypatch.setattr(dl, "SHUFFLE_WINDOW_ROWS", 1)  # a window of one row = no row shuffle
+    assert docs_per_batch() <= 2.0 < 5.0 <= mixed
