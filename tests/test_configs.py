@@ -95,3 +95,38 @@ def test_describe_cli_and_bad_config_exit_codes():
     assert bad.returncode != 0 and "model.activation" in bad.stderr and "choose one of" in bad.stderr
     bad = _describe_cli("--config=configs/prosparse.py:tiny", "--config.model.n_heads=3")
     assert bad.returncode != 0 and "model.n_heads" in bad.stderr
+
+
+@pytest.mark.parametrize("scale,heads,tokens", [("0.1b", 6, 327_680), ("0.2b", 8, 589_824), ("0.4b", 10, 786_432),
+                                                ("0.8b", 12, 1_179_648), ("1.2b", 14, 1_572_864)])
+def test_sparsing_law_tokens_per_step_and_heads(scale, heads, tokens):
+    """Sparsing Law Table 3 tokens per step; heads of the public configs (head width 128); every checkpoint kept."""
+    rc = resolve(load("sparsing_law.py", f"{scale}-relu"))
+    assert describe(rc)["tokens_per_step"] == tokens
+    assert (rc.model.n_heads, rc.model.n_kv_heads, rc.model.hd) == (heads, heads, 128)
+    assert rc.train.keep_period == rc.train.checkpoint_every
+
+
+def test_describe_cli_prints_paper_tokens_per_step():
+    out = subprocess.run([sys.executable, "-m", "prosparse_jax.describe",
+                          "--config=configs/sparsing_law.py:1.2b-relu"], cwd=ROOT, capture_output=True, text=True,
+                         check=True).stdout
+    assert json.loads(out)["tokens_per_step"] == 1_572_864
+
+
+def test_minicpm_lr_decays_over_the_whole_last_stage():
+    """ProSparse MiniCPM-1B: WSD decay from step 35k (end of the last lambda ramp) to 95k, lambda held at 5e-2."""
+    from prosparse_jax import optim, schedules
+
+    rc = resolve(load("prosparse.py", "minicpm-1b"))
+    _, lr = optim.make_optimizer(rc.optim, rc.train.steps, rc.model.d_model)
+    peak = rc.optim.lr
+    assert float(lr(34_999)) == pytest.approx(peak, rel=1e-6) and float(lr(35_000)) == pytest.approx(peak, rel=1e-6)
+    assert float(lr(35_100)) < peak and float(lr(95_000)) == pytest.approx(peak * rc.optim.min_lr_ratio, rel=1e-5)
+    lam = schedules.lambda_numpy(rc.sparsity.stages, 35_000)
+    assert lam == schedules.lambda_numpy(rc.sparsity.stages, 95_000) == pytest.approx(5e-2)
+
+
+@pytest.mark.parametrize("arg", ["minicpm-1b", "llama2-7b", "llama2-13b"])
+def test_paper_configs_use_the_literal_l1_sum(arg):
+    assert resolve(load("prosparse.py", arg)).sparsity.l1_reduction == "sum"

@@ -48,7 +48,7 @@ def test_l1_gradient_matches_written_formula():
     lam = 0.37
 
     def reg_only(p):
-        _, aux = train_mod.loss_fn(p, batch, cfg, jnp.float32(lam))
+        _, aux = train_mod.loss_fn(p, batch, cfg, jnp.float32(lam), "mean")
         return aux["reg_loss"]
 
     def written(p):  # lambda * sum_l mean_{tokens x d_ff} |x1_l|, from the captured x1
@@ -229,3 +229,44 @@ def test_train_step_compiles_once(corpus, scan_layers):
     for _ in range(3):
         state, _ = step_fn(state, batch)
     assert step_fn._cache_size() == 1
+
+
+def test_l1_reduction_sum_is_exactly_d_ff_times_mean():
+    """'sum' (ProSparse Eq. 2: ||x1||_1 over d_ff, averaged over tokens) = d_ff x 'mean', in value and gradient."""
+    cfg = tiny_model_config(activation="relu")
+    params = init_params(cfg, jax.random.key(0))
+    ids = jax.random.randint(jax.random.key(1), (2, 9), 0, cfg.vocab_size)
+    w = jnp.ones((2, 8)).at[1, 5:].set(0.0)  # padding must not count as tokens
+    seg = jnp.ones((2, 8), jnp.int32).at[1, 5:].set(0)
+    batch = {"inputs": ids[:, :-1], "targets": ids[:, 1:], "segment_ids": seg,
+             "positions": jnp.broadcast_to(jnp.arange(8), (2, 8)), "weights": w}
+    lam = jnp.float32(0.3)
+
+    def reg(p, reduction):
+        return train_mod.loss_fn(p, batch, cfg, lam, reduction)[1]["reg_loss"]
+
+    s, m = float(reg(params, "sum")), float(reg(params, "mean"))
+    assert s == pytest.approx(cfg.d_ff * m, rel=1e-6)
+    # the literal formula: lambda * sum over layers of mean over valid tokens of sum over d_ff |x1|
+    _, st = forward(params, batch["inputs"], cfg, segment_ids_BxT=seg, capture=True)
+    valid = np.asarray(seg) > 0
+    literal = 0.3 * sum(np.abs(np.asarray(st.x1[i], np.float64)).sum(-1)[valid].mean() for i in range(cfg.n_layers))
+    assert s == pytest.approx(literal, rel=1e-5)
+    gs, gm = jax.grad(reg)(params, "sum"), jax.grad(reg)(params, "mean")
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, cfg.d_ff * b, rtol=1e-5, atol=1e-7 * cfg.d_ff), gs, gm)
+    with pytest.raises(ConfigError, match="l1_reduction"):
+        train_mod.loss_fn(params, batch, cfg, lam, "l2")
+
+
+def test_l1_reduction_config(corpus):
+    from prosparse_jax.run_config import resolve
+
+    c = small_config(corpus)
+    assert resolve(c).sparsity.l1_reduction == "sum"  # the paper's literal form is the default
+    c.sparsity.l1_reduction = "avg"
+    with pytest.raises(ConfigError, match="sparsity.l1_reduction.*sum, mean"):
+        resolve(c)
+    c = small_config(corpus)
+    c.sparsity.unknown_field = 1
+    with pytest.raises(ConfigError, match="sparsity: unknown field"):
+        resolve(c)
