@@ -16,6 +16,17 @@ by a forward pre-hook, so both sides do the same work. Timed repetitions alterna
 excluded); the table reports the median tokens/s of each, the ratio ours / PyTorch and the MFU of each against the
 matmul peak measured in this run (``measure_matmul_peak`` for JAX; torch's own peak is printed for reference).
 
+Instruction sets (``--isa=native,avx2``): each ISA runs in its own child process (the caps must be set before the
+libraries load), then one table shows every row. ``avx2`` caps both sides to AVX2, as on a CPU without AVX-512:
+``XLA_FLAGS=--xla_cpu_max_isa=AVX2`` for XLA's own code generation, ``ATEN_CPU_CAPABILITY=avx2``,
+``MKL_ENABLE_INSTRUCTIONS=AVX2`` and ``ONEDNN_MAX_CPU_ISA=AVX2`` for torch. The matmul peak of each side is measured
+inside each child and printed, so a cap that a library ignores shows up as an unchanged peak.
+
+Loop row (``--loop_steps=N``, tiny shape): the real ``prosparse_jax.train.train`` loop on the tiny config for N steps
+(data pipeline, prefetch, metrics, checkpoint at the end) in a temporary workdir; its tokens/s is the median of the
+``tokens_per_sec`` entries of metrics.jsonl after the first (which holds compilation), next to the isolated step of the
+same shape (goal: loop >= 90% of the step).
+
 Threads: torch is set to ``torch.get_num_threads() == os.cpu_count()`` (``--torch_threads``), the number of cores the
 XLA CPU client uses. XLA flags: those in the XLA_FLAGS environment variable (none by default; prosparse_jax sets
 none); the flags in effect are printed and saved.
@@ -212,6 +223,76 @@ def bench_shape(shape: str, dtype: str, args: argparse.Namespace, peaks: dict[st
     }
 
 
+ISA_ENV = {
+    "native": {},
+    "avx2": {"XLA_FLAGS": "--xla_cpu_max_isa=AVX2", "ATEN_CPU_CAPABILITY": "avx2",
+             "MKL_ENABLE_INSTRUCTIONS": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2"},
+}
+
+
+def loop_row(steps: int, step_row: dict, workdir: Path) -> dict:
+    """Tokens/s of the real train() loop on the tiny config, from its metrics.jsonl, next to the isolated step."""
+    from prosparse_jax.metrics import read_metrics
+    from prosparse_jax.train import train
+
+    c = prosparse_configs.get_config("tiny")
+    c.train.steps = steps
+    c.train.log_every = 10
+    c.train.eval_every = 0
+    c.train.eval_batches = 1
+    c.train.checkpoint_every = steps
+    c.train.progress_bar = False
+    c.optim.warmup_steps = 0
+    c.sparsity.stages = [[0.05, steps]]  # L1 term on from step 0, as in the step benchmark
+    t0 = time.perf_counter()
+    train(c, workdir)
+    wall = time.perf_counter() - t0
+    tps = [r["tokens_per_sec"] for r in read_metrics(workdir, "train")][1:]  # the first interval holds compilation
+    loop = statistics.median(tps)
+    return {"shape": "tiny", "dtype": "float32", "kind": "train() loop", "steps": steps, "wall_s": wall,
+            "loop_tokens_per_s": loop, "step_tokens_per_s": step_row["ours_tokens_per_s"],
+            "loop_over_step": loop / step_row["ours_tokens_per_s"], "loop_all": tps}
+
+
+def run_isas(isas: list[str], argv: list[str], out: str) -> None:
+    """Runs this script once per ISA in a child process (caps in its environment) and prints one combined table."""
+    import subprocess
+    import tempfile
+
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for isa in isas:
+            if isa not in ISA_ENV:
+                raise SystemExit(f"unknown --isa {isa!r}; choose from {sorted(ISA_ENV)}")
+            child_out = Path(tmp) / f"{isa}.json"
+            rest = [a for a in argv if not a.startswith(("--isa", "--out"))]
+            env = dict(os.environ, **ISA_ENV[isa])
+            if isa == "native":
+                env.pop("XLA_FLAGS", None)
+            print(f"== isa {isa}: {' '.join(f'{k}={v}' for k, v in ISA_ENV[isa].items()) or '(no caps)'}",
+                  flush=True)
+            subprocess.run([sys.executable, __file__, *rest, f"--isa_label={isa}", f"--out={child_out}"], env=env,
+                           check=True)
+            results.append(json.loads(child_out.read_text()))
+    print("\n== all instruction sets")
+    print(f"{'isa':7} {'shape':6} {'dtype':9} {'B x T':>8} {'ours tok/s':>11} {'torch tok/s':>12} {'ours/torch':>10} "
+          f"{'ours MFU':>9} {'torch MFU':>10} {'peak JAX/torch GFLOP/s':>23}")
+    for res in results:
+        e = res["env"]
+        for r in res["results"]:
+            print(f"{e['isa']:7} {r['shape']:6} {r['dtype']:9} {r['batch']:>3}x{r['seq_len']:<4} "
+                  f"{r['ours_tokens_per_s']:>11.0f} {r['torch_tokens_per_s']:>12.0f} {r['ratio']:>10.2f} "
+                  f"{r['ours_mfu']:>9.1%} {r['torch_mfu']:>10.1%} "
+                  f"{e['peak_flops_jax'] / 1e9:>12.0f} / {e['peak_flops_torch'] / 1e9:<8.0f}")
+        for r in res.get("loop", []):
+            print(f"{e['isa']:7} {r['shape']:6} train() loop, {r['steps']} steps: {r['loop_tokens_per_s']:.0f} tok/s "
+                  f"= {r['loop_over_step']:.1%} of the isolated step ({r['step_tokens_per_s']:.0f} tok/s)")
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps({"isas": results}, indent=2))
+        print(f"wrote {out}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shapes", default="tiny,0.1b", help=f"comma-separated, from {sorted(SHAPES)}")
@@ -226,7 +307,15 @@ def main() -> None:
     p.add_argument("--lam", type=float, default=0.1, help="L1 regulariser weight (> 0 so the L1 term is computed)")
     p.add_argument("--torch_threads", type=int, default=0, help="torch threads; 0 = os.cpu_count() (as XLA)")
     p.add_argument("--out", default="", help="write the results JSON here")
+    p.add_argument("--isa", default="", help="comma-separated instruction sets, each in a child process: "
+                   f"{', '.join(ISA_ENV)} (empty: this process as it is)")
+    p.add_argument("--isa_label", default="", help=argparse.SUPPRESS)
+    p.add_argument("--loop_steps", type=int, default=0, help="also time the real train() loop on the tiny config "
+                   "for this many steps (0: skip)")
     args = p.parse_args()
+    if args.isa:
+        run_isas(args.isa.split(","), sys.argv[1:], args.out)
+        return
 
     import torch
     import transformers
@@ -237,7 +326,8 @@ def main() -> None:
     update_peaks(peaks)
     env = {"jax": jax.__version__, "torch": torch.__version__, "transformers": transformers.__version__,
            "cpu_count": os.cpu_count(), "jax_devices": str(jax.devices()), "torch_threads": torch.get_num_threads(),
-           "XLA_FLAGS": os.environ.get("XLA_FLAGS", ""), "peak_flops_jax_start": peaks["jax"],
+           "XLA_FLAGS": os.environ.get("XLA_FLAGS", ""), "isa": args.isa_label or "as-is",
+           "isa_env": {k: os.environ.get(k, "") for k in ISA_ENV["avx2"]}, "peak_flops_jax_start": peaks["jax"],
            "peak_flops_torch_start": peaks["torch"], "loadavg_start": os.getloadavg()}
     print(json.dumps(env), flush=True)
     rows = []
@@ -251,6 +341,16 @@ def main() -> None:
         for dt in dtypes:
             rows.append(bench_shape(shape, dt, args, peaks))
             print(json.dumps({k: v for k, v in rows[-1].items() if not k.endswith("_all")}), flush=True)
+    loop = []
+    if args.loop_steps:
+        tiny = next((r for r in rows if r["shape"] == "tiny" and r["dtype"] == "float32"), None)
+        if tiny is None:
+            raise SystemExit("--loop_steps needs the tiny shape in float32 in --shapes / --dtypes")
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            loop.append(loop_row(args.loop_steps, tiny, Path(tmp) / "loop"))
+        print(json.dumps({k: v for k, v in loop[-1].items() if not k.endswith("_all")}), flush=True)
     update_peaks(peaks)
     env.update(peak_flops_jax=peaks["jax"], peak_flops_torch=peaks["torch"], loadavg_end=os.getloadavg())
     for r in rows:
@@ -268,9 +368,12 @@ def main() -> None:
     for r in rows:
         print(f"{r['shape']:6} {r['dtype']:9} {r['batch']:>3}x{r['seq_len']:<4} {r['ours_tokens_per_s']:>11.0f} "
               f"{r['torch_tokens_per_s']:>12.0f} {r['ratio']:>10.2f} {r['ours_mfu']:>9.1%} {r['torch_mfu']:>10.1%}")
+    for r in loop:
+        print(f"tiny   train() loop, {r['steps']} steps: {r['loop_tokens_per_s']:.0f} tok/s = "
+              f"{r['loop_over_step']:.1%} of the isolated step")
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps({"env": env, "results": rows}, indent=2))
+        Path(args.out).write_text(json.dumps({"env": env, "results": rows, "loop": loop}, indent=2))
         print(f"wrote {args.out}")
 
 

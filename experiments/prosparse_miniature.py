@@ -2,13 +2,22 @@
 
     python experiments/prosparse_miniature.py --workdir=runs/miniature
 
-1. pretrain a tiny SiLU model (the dense baseline);
-2. from it, (a) ReLU substitution only (lambda = 0 throughout);
-3. from it, (b) ProSparse: ReLU + progressive L1 regularisation (the tiny stage table of configs/prosparse.py);
-4. (c) = (b) evaluated with FATReLU threshold shifting (no retraining).
-Prints a table of activation sparsity and held-out loss / perplexity, writes ``<workdir>/results.json`` and plots
-(loss, lambda and sparsity vs step; sparsity per layer). Every run is an ordinary ``prosparse_jax.train`` run in
-its own sub-workdir, so re-running resumes / reuses finished runs.
+1. pretrain a tiny SiLU model (the dense starting point);
+2. from it, for the same number of steps and the same learning-rate schedule (so every row compares at equal
+   training tokens):
+   - control: SiLU continued (the dense baseline of the table);
+   - (a) ReLU substitution only (lambda = 0 throughout);
+   - (b) ProSparse: ReLU + progressive L1 regularisation (the tiny stage table of configs/prosparse.py, ending in a
+     constant stage at its last lambda as the paper's tables do);
+3. (c) = (b) evaluated with FATReLU threshold shifting (no retraining), at the paper's t = 0.01 and at thresholds
+   relative to this model's activation scale (a threshold ablation like the paper's).
+
+Every row is measured on the same held-out set (``train.eval_batches`` batches sampled across the stratified
+held-out split of the corpus): activation sparsity (exact zeros of x1), held-out loss and perplexity, the training
+loss next to it (mean of the last logged interval), the dead-neuron fraction (neurons active on < 0.1% of held-out
+tokens) and the CETT-PPL-1% activation ratio (Sparsing Law, arXiv 2411.02335 Sec. 4.1; ``prosparse_jax.analyze``).
+Writes ``<workdir>/results.json``, ``results.md`` and plots; every run is an ordinary ``prosparse_jax.train`` workdir
+(``<workdir>/{silu,control_silu,a_relu,b_prosparse}``), so re-running resumes / reuses finished runs.
 """
 
 from __future__ import annotations
@@ -17,40 +26,64 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
-from absl import app, flags
+import jax
+import numpy as np
+from absl import app, flags, logging
 
+from prosparse_jax import analyze as analyze_lib
+from prosparse_jax import checkpoint as ckpt
+from prosparse_jax import data as data_lib
 from prosparse_jax.metrics import read_metrics
-from prosparse_jax.train import train
+from prosparse_jax.model import forward
+from prosparse_jax.train import evaluate, train
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from configs import prosparse as prosparse_configs  # noqa: E402
 
 _WORKDIR = flags.DEFINE_string("workdir", "runs/miniature", "Output directory (one sub-workdir per run).")
-_PRETRAIN = flags.DEFINE_integer("pretrain_steps", 450, "SiLU pretraining steps.")
-_STEPS = flags.DEFINE_integer("steps", 300, "Steps of each continued run ((a) and (b)).")
-_THRESHOLD = flags.DEFINE_float("fatrelu_threshold", -1.0, "FATReLU threshold for (c); -1 = the config's.")
+_PRETRAIN = flags.DEFINE_integer("pretrain_steps", 200, "SiLU pretraining steps (warm-up, then constant LR).")
+_STEPS = flags.DEFINE_integer("steps", 100, "Steps of each continued run (control, (a) and (b)): the config's WSD "
+                              "schedule, the LR decaying over the last 40%.")
+_REL_THRESHOLDS = flags.DEFINE_list(
+    "relative_thresholds", ["0.1", "0.25", "0.5", "1", "2"],
+    "FATReLU thresholds for (c) as fractions of (b)'s mean positive gate pre-activation.")
+_ABS_THRESHOLD = flags.DEFINE_float("fatrelu_threshold", 0.01, "Absolute FATReLU threshold of the (c) row (paper).")
+_FAT_BATCHES = flags.DEFINE_integer("fatrelu_batches", 8, "Held-out batches of the FATReLU threshold table.")
+_PPLP_BATCHES = flags.DEFINE_integer("pplp_batches", 4, "Held-out batches of the CETT-PPL-1% search.")
 _QUICK = flags.DEFINE_boolean("quick", False, "CI smoke version: a few steps of each run, tiny eval.")
 
+RUNS = ("silu", "control_silu", "a_relu", "b_prosparse")
+LABELS = {
+    "silu": "SiLU pretrained (start of every continued run)",
+    "control_silu": "control: SiLU continued (dense baseline)",
+    "a_relu": "(a) ReLU substitution (lambda = 0)",
+    "b_prosparse": "(b) ProSparse (progressive L1)",
+}
 
-def tiny_config(activation: str, steps: int, stages: list[list[float]] | None, quick: bool):
+
+def run_config(activation: str, steps: int, stages: list[list[float]] | None, quick: bool):
+    """The tiny config for one run of the job (equal schedule for every continued run)."""
     c = prosparse_configs.get_config("tiny")
     c.model.activation = activation
     c.train.steps = steps
     c.train.eval_every = 0
-    c.train.checkpoint_every = max(steps // 2, 1)
+    c.train.checkpoint_every = steps
     c.train.log_every = max(min(10, steps // 4), 1)
     c.sparsity.stages = stages if stages is not None else [[0.0, steps]]
+    c.sparsity.final_threshold = 0.0  # FATReLU is measured here, on every threshold of the table
     if quick:
         c.train.eval_batches = 2
         c.train.progress_bar = False
+        c.optim.warmup_steps = 1
     return c
 
 
-def run(name: str, c, workdir: Path) -> dict:
+def run(name: str, c, workdir: Path) -> dict[str, Any]:
     t0 = time.time()
-    print(f"\n=== {name}: activation={c.model.activation} steps={c.train.steps} init_from={c.init_from or '-'}",
-          flush=True)
+    print(f"\n=== {name}: activation={c.model.activation} steps={c.train.steps} lr={c.optim.lr} "
+          f"init_from={c.init_from or '-'}", flush=True)
     res = train(c, workdir / name)
     final = res.final_eval or json.loads((workdir / name / "final_eval.json").read_text())
     print(f"=== {name} done in {time.time() - t0:.0f}s: eval_loss={final['eval_loss']:.4f} "
@@ -58,35 +91,94 @@ def run(name: str, c, workdir: Path) -> dict:
     return final
 
 
-def plot(workdir: Path, names: list[str], results: dict) -> list[Path]:
+def train_loss(workdir: Path) -> float:
+    """Mean training LM loss of the last logged interval (the logged entries are interval means)."""
+    return float(read_metrics(workdir, "train")[-1]["lm_loss"])
+
+
+def sparsity_measures(workdir: Path, out: Path, pplp_batches: int, quick: bool) -> dict[str, float]:
+    """Dead-neuron fraction (exact zeros) and CETT-PPL-1% activation ratio of a run's final checkpoint."""
+    kw = dict(batch_size=8, progress=False, overwrite=True)
+    exact = analyze_lib.analyze(workdir, "stdlib", "exact", None, out / "exact",
+                                num_batches=2 if quick else 16, **kw)
+    pplp = analyze_lib.analyze(workdir, "stdlib", "pplp", 1.0, out / "pplp_1",
+                               num_batches=1 if quick else pplp_batches, pplp_steps=3 if quick else 8, **kw)
+    return {"dead_neurons": exact["dead_neuron_fraction"], "cett_ppl1_ratio": pplp["activation_ratio"],
+            "cett_ppl1_ppl_ratio": pplp["ppl_ratio"]}
+
+
+def gate_scale(params: Any, cfg: Any, batches: list[dict[str, np.ndarray]]) -> float:
+    """Mean positive gate pre-activation of a ReLU model on held-out batches (its activation scale)."""
+    fwd = jax.jit(lambda p, b: forward(p, b["inputs"], cfg, segment_ids_BxT=b["segment_ids"],
+                                       positions_BxT=b["positions"], capture=True)[1].act_gate)
+    total, count = 0.0, 0
+    for b in batches:
+        act = np.asarray(fwd(params, b), np.float64)
+        total += float(act[act > 0].sum())
+        count += int((act > 0).sum())
+    return total / max(count, 1)
+
+
+def threshold_table(workdir: Path, abs_t: float, rel: list[float], n_batches: int, quick: bool) -> dict[str, Any]:
+    """FATReLU threshold shifting of a ReLU run (no retraining): sparsity and held-out loss per threshold."""
+    mcfg, params, tok_path = ckpt.load_model(workdir)
+    rc = json.loads((workdir / "config.json").read_text())
+    dcfg = data_lib.data_config_from_dict(dict(rc["data"], tokenizer=str(tok_path)))
+    tok = data_lib.get_tokenizer(dcfg, workdir)
+    batches = data_lib.make_eval_batches(dcfg, tok, batch_size=8, num_batches=1 if quick else n_batches)
+    scale = gate_scale(params, mcfg, batches)
+    rows = [{"threshold": 0.0, "relative": 0.0, **evaluate(params, mcfg, batches)}]
+    for t, r in [(abs_t, abs_t / scale)] + [(f * scale, f) for f in rel]:
+        cfg = mcfg.replace(activation="fatrelu", activation_threshold=float(t))
+        rows.append({"threshold": float(t), "relative": float(r), **evaluate(params, cfg, batches)})
+    return {"gate_scale": scale, "eval_tokens": rows[0]["eval_tokens"], "rows": rows}
+
+
+def plot(workdir: Path, results: dict[str, Any], pretrain_steps: int) -> list[Path]:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    for name in names:
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.6))
+    for i, name in enumerate(RUNS):
         rows = read_metrics(workdir / name, "train")
-        steps = [r["step"] for r in rows]
-        axes[0].plot(steps, [r["lm_loss"] for r in rows], label=name)
-        axes[1].plot(steps, [r["reg_factor"] for r in rows], label=name)
-        axes[2].plot(steps, [r["sparsity"] for r in rows], label=name)
-    for ax, title in zip(axes, ["LM loss (train)", "lambda (reg factor)", "activation sparsity (train)"],
-                         strict=True):
+        offset = 0 if name == "silu" else pretrain_steps
+        steps = [r["step"] + offset for r in rows]
+        col = f"C{i}"
+        axes[0].plot(steps, [r["lm_loss"] for r in rows], color=col, lw=1, label=f"{name} train")
+        r = results["rows"][name]
+        axes[0].plot([offset + r["steps"]], [r["eval_loss"]], "o", color=col, ms=7, mec="k",
+                     label=f"{name} held-out")
+        axes[1].plot(steps, [r["reg_factor"] for r in rows], color=col, label=name)
+        axes[2].plot(steps, [r["sparsity"] for r in rows], color=col, label=name)
+    losses = [r["lm_loss"] for n in RUNS for r in read_metrics(workdir / n, "train")]
+    losses += [r["eval_loss"] for r in results["rows"].values()]
+    axes[0].set_ylim(min(losses) - 0.1, min(losses) + 2.5)
+    for ax, title in zip(axes, ["LM loss: training (lines), held-out (dots)", "lambda (reg factor)",
+                                "activation sparsity (training batches)"], strict=True):
         ax.set_title(title)
-        ax.set_xlabel("step")
-        ax.legend()
+        ax.set_xlabel("step (continued runs start after the SiLU pretraining)")
+        ax.axvline(pretrain_steps, color="0.7", ls=":", lw=1)
+    axes[0].legend(fontsize=7, ncol=2, loc="upper right")
+    axes[1].legend(fontsize=8, loc="upper left")
+    axes[2].legend(fontsize=8, loc="center right")
     p1 = _save(fig, workdir / "curves.png")
 
-    fig, ax = plt.subplots(figsize=(7, 4))
-    width = 0.8 / len(results)
-    for i, (name, r) in enumerate(results.items()):
+    fig, ax = plt.subplots(figsize=(8, 4))
+    shown = {k: v for k, v in results["rows"].items() if k != "silu"}
+    width = 0.8 / len(shown)
+    for i, (name, r) in enumerate(shown.items()):
         per_layer = r["per_layer"]
-        ax.bar([x + i * width for x in range(len(per_layer))], per_layer, width, label=name)
+        ax.bar([x + (i - (len(shown) - 1) / 2) * width for x in range(len(per_layer))], per_layer, width,
+               label=LABELS.get(name, name))
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("layer")
     ax.set_ylabel("sparsity (fraction of zeros in x1)")
+    ax.set_ylim(0, 1.0)
     ax.set_title("Activation sparsity per layer (held-out)")
-    ax.legend()
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     return [p1, _save(fig, workdir / "sparsity_per_layer.png")]
 
 
@@ -99,42 +191,92 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
+def table(results: dict[str, Any]) -> str:
+    """The results as markdown: the main table and the FATReLU threshold table."""
+    lines = ["| setting | steps | activation sparsity | train loss | held-out loss | held-out PPL | dead neurons "
+             "| CETT-PPL-1% activation ratio |", "|---|---|---|---|---|---|---|---|"]
+    for r in results["rows"].values():
+        lines.append(
+            f"| {r['label']} | {r['steps_total']} | {100 * r['sparsity']:.2f}% | "
+            + (f"{r['train_loss']:.4f}" if r.get("train_loss") is not None else "–")
+            + f" | {r['eval_loss']:.4f} | {r['ppl']:.2f} | "
+            + (f"{100 * r['dead_neurons']:.1f}%" if r.get("dead_neurons") is not None else "–") + " | "
+            + (f"{100 * r['cett_ppl1_ratio']:.2f}%" if r.get("cett_ppl1_ratio") is not None else "–") + " |")
+    fat = results["fatrelu"]
+    lines += ["", f"FATReLU threshold shifting of (b), no retraining ({fat['eval_tokens']} held-out tokens; "
+              f"activation scale = mean positive gate pre-activation = {fat['gate_scale']:.4f}):", "",
+              "| threshold t | t / scale | activation sparsity | held-out loss | Δ loss vs t = 0 |",
+              "|---|---|---|---|---|"]
+    base = fat["rows"][0]["eval_loss"]
+    for r in fat["rows"]:
+        lines.append(f"| {r['threshold']:.4g} | {r['relative']:.3g} | {100 * r['eval_sparsity']:.2f}% | "
+                     f"{r['eval_loss']:.4f} | {r['eval_loss'] - base:+.4f} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str]) -> None:
     del argv
+    logging.set_verbosity(logging.WARNING)  # orbax / tfds INFO lines would drown the progress bars
     workdir = Path(_WORKDIR.value)
     quick = _QUICK.value
     pre_steps, steps = (6, 6) if quick else (_PRETRAIN.value, _STEPS.value)
     t_start = time.time()
 
-    silu = run("silu", tiny_config("silu", pre_steps, None, quick), workdir)
+    finals: dict[str, dict[str, Any]] = {}
+    pre = run_config("silu", pre_steps, None, quick)
+    pre.optim.schedule = "constant"  # the stable phase; every continued run then decays the LR the same way
+    pre.optim.warmup_steps = 1 if quick else 20
+    finals["silu"] = run("silu", pre, workdir)
+    tiny_stages = [list(s) for s in prosparse_configs.TINY_STAGES]
+    for name, act, stages in (("control_silu", "silu", None), ("a_relu", "relu", None),
+                              ("b_prosparse", "relu", tiny_stages)):
+        c = run_config(act, steps, stages, quick)
+        c.init_from = str(workdir / "silu")
+        c.data.seed = 1  # fresh training rows, not a replay of the pretraining's (the same for every continued run)
+        if name != "b_prosparse":  # keep 6 checkpoints: inputs of the Sparsing Law fit (experiments/fit_laws.py)
+            c.train.checkpoint_every = c.train.keep_period = max(steps // 6, 1)
+        finals[name] = run(name, c, workdir)
+    t_train = time.time() - t_start
 
-    a_cfg = tiny_config("relu", steps, None, quick)
-    a_cfg.init_from = str(workdir / "silu")
-    relu = run("a_relu", a_cfg, workdir)
-
-    b_cfg = tiny_config("relu", steps, [list(s) for s in prosparse_configs.TINY_STAGES], quick)
-    b_cfg.init_from = str(workdir / "silu")
-    if _THRESHOLD.value >= 0:
-        b_cfg.sparsity.final_threshold = _THRESHOLD.value
-    prosparse = run("b_prosparse", b_cfg, workdir)
-
-    def row(final: dict, prefix: str = "") -> dict:
-        return {"sparsity": final[f"{prefix}eval_sparsity"], "eval_loss": final[f"{prefix}eval_loss"],
-                "ppl": final[f"{prefix}eval_ppl"], "per_layer": final[f"{prefix}eval_sparsity_per_layer"]}
-
-    results = {"SiLU (dense baseline)": row(silu), "(a) ReLU substitution": row(relu),
-               "(b) ProSparse (progressive L1)": row(prosparse)}
-    if "fatrelu_eval_loss" in prosparse:
-        results[f"(c) (b) + FATReLU t={prosparse['fatrelu_threshold']}"] = row(prosparse, "fatrelu_")
-
-    print("\n| setting | activation sparsity | eval loss | eval ppl |")
-    print("|---|---|---|---|")
-    for name, r in results.items():
-        print(f"| {name} | {100 * r['sparsity']:.2f}% | {r['eval_loss']:.4f} | {r['ppl']:.2f} |")
-    plots = plot(workdir, ["a_relu", "b_prosparse"], results)
+    print("\n=== measuring: dead neurons, CETT-PPL-1% activation ratio, FATReLU thresholds", flush=True)
+    rows: dict[str, dict[str, Any]] = {}
+    for name in RUNS:
+        f = finals[name]
+        rows[name] = {"label": LABELS[name], "steps": pre_steps if name == "silu" else steps,
+                      "steps_total": pre_steps + (0 if name == "silu" else steps),
+                      "sparsity": f["eval_sparsity"], "eval_loss": f["eval_loss"], "ppl": f["eval_ppl"],
+                      "per_layer": f["eval_sparsity_per_layer"], "train_loss": train_loss(workdir / name),
+                      "eval_tokens": f["eval_tokens"],
+                      **sparsity_measures(workdir / name, workdir / "analysis" / name, _PPLP_BATCHES.value, quick)}
+    rel = [float(x) for x in _REL_THRESHOLDS.value]
+    fat = threshold_table(workdir / "b_prosparse", _ABS_THRESHOLD.value, rel, _FAT_BATCHES.value, quick)
+    # (c) rows on the full held-out set: the paper's absolute threshold and the middle relative one
+    b_cfg, b_params, _ = ckpt.load_model(workdir / "b_prosparse")
+    rc = json.loads((workdir / "b_prosparse" / "config.json").read_text())
+    dcfg = data_lib.data_config_from_dict(dict(rc["data"], tokenizer=str(workdir / "b_prosparse" / "tokenizer.json")))
+    eval_b = data_lib.make_eval_batches(dcfg, data_lib.get_tokenizer(dcfg, workdir / "b_prosparse"), batch_size=8,
+                                        num_batches=rc["train"]["eval_batches"])
+    picks = [(f"(c) (b) + FATReLU t = {_ABS_THRESHOLD.value:g} (paper's)", _ABS_THRESHOLD.value)]
+    if rel:
+        mid = rel[len(rel) // 2]
+        picks.append((f"(c') (b) + FATReLU t = {mid:g} x scale = {mid * fat['gate_scale']:.3g}",
+                      mid * fat["gate_scale"]))
+    for i, (label, t) in enumerate(picks):
+        e = evaluate(b_params, b_cfg.replace(activation="fatrelu", activation_threshold=float(t)), eval_b)
+        rows[f"c{i}"] = {"label": label, "steps": steps, "steps_total": pre_steps + steps, "threshold": t,
+                         "sparsity": e["eval_sparsity"], "eval_loss": e["eval_loss"], "ppl": e["eval_ppl"],
+                         "per_layer": e["eval_sparsity_per_layer"], "eval_tokens": e["eval_tokens"]}
+    results = {"rows": rows, "fatrelu": fat, "pretrain_steps": pre_steps, "steps": steps,
+               "train_seconds": t_train, "total_seconds": time.time() - t_start,
+               "stages": prosparse_configs.TINY_STAGES, "quick": quick}
+    md = table(results)
+    print("\n" + md)
+    plots = plot(workdir, results, pre_steps)
+    results["total_seconds"] = time.time() - t_start
     (workdir / "results.json").write_text(json.dumps(results, indent=2))
-    print(f"\nresults: {workdir / 'results.json'}; plots: {', '.join(str(p) for p in plots)}; "
-          f"total {time.time() - t_start:.0f}s")
+    (workdir / "results.md").write_text(md + "\n")
+    print(f"\nresults: {workdir / 'results.json'}, {workdir / 'results.md'}; plots: "
+          f"{', '.join(str(p) for p in plots)}; training {t_train:.0f}s, total {results['total_seconds']:.0f}s")
 
 
 if __name__ == "__main__":
