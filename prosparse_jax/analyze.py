@@ -413,6 +413,7 @@ def _plots(out: Path, heat_LxT: np.ndarray, res: dict[str, Any]) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     title = f"{res['metric']} {res['value']:g}" + (f" ({res['topk_mode']})" if res["topk_mode"] else "")
     fig, ax = plt.subplots(figsize=(8, 0.35 * heat_LxT.shape[0] + 2))
@@ -430,6 +431,7 @@ def _plots(out: Path, heat_LxT: np.ndarray, res: dict[str, Any]) -> None:
     fig, ax = plt.subplots(figsize=(max(5, 0.3 * len(ratios) + 2), 3.5))
     ax.bar(range(len(ratios)), ratios, label="activation ratio")
     ax.bar(range(len(ratios)), res["dead_neuron_fraction_per_layer"], alpha=0.6, label="dead-neuron fraction")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("layer")
     ax.set_ylabel("fraction")
     ax.set_title(f"{title}: mean activation ratio {res['activation_ratio']:.4f}, PPL ratio {res['ppl_ratio']:.4f}")

@@ -4,13 +4,27 @@ Sources (see `DataConfig.source`): the running interpreter's standard library ('
 text files ('files:<glob>') or a TFDS dataset already prepared in array_record form ('tfds:<name>'). Local sources are
 written once into a fingerprinted TFDS dataset (`data_tfds.py`); later runs just read it.
 
-Pipeline per host (grain, all lazy): documents of the split -> shard `process_index::process_count` -> shuffle (seed,
-reshuffled every epoch) -> repeat forever -> tokenize + append EOS -> concat-then-split into rows of seq_len + 1
-tokens (no padding; long documents continue in the next row) -> shuffle rows within windows of `SHUFFLE_WINDOW_ROWS`
-(~100 documents of the stdlib at seq_len 256) -> batch -> model features. Without the row shuffle a batch of
-8 x 256 tokens would be one or two consecutive source files (a stdlib file is ~5K tokens), so successive gradients
-would come from the same file: noisy, strongly correlated updates. A row's first seq_len tokens
-are the inputs and its last seq_len tokens the targets, so the last token of a row is only ever a target.
+Token stream of a split: its documents in stored order, each tokenized and followed by EOS, concatenated. It is cut
+into consecutive, non-overlapping rows of seq_len + 1 tokens (no padding; a long document continues in the next
+row); the last row wraps around to the start of the stream, so no token is dropped and even a stream shorter than
+one row gives a row. These are exactly the rows grain's concat-then-split packer cuts from the documents in stored
+order, repeated. A row's first seq_len tokens are the inputs and its last seq_len tokens the targets, so the last
+token of a row is only ever a target.
+
+Training pipeline per host, local sources ('stdlib', 'files:'): the whole train split is tokenized once (cached, see
+`_split_stream`), then (grain, lazy) row indices `range(num_rows)` -> shard `process_index::process_count` ->
+shuffle (seed; grain reshuffles every epoch) -> repeat forever -> batch -> rows gathered from the stream -> model
+features. Every batch thus draws its rows from random places of the whole corpus: a short run (a miniature trains
+~400K tokens, ~80 stdlib files) sees a sample of the whole train split, so its training loss tracks the held-out
+loss, instead of a slice of ~100 consecutive documents of one shuffled order. Resume is exact: the iterator state is a
+position in the index sequence.
+
+Training pipeline per host, 'tfds:' sources (possibly huge, so not tokenized up front): documents of the split ->
+shard -> shuffle (seed, reshuffled every epoch) -> repeat forever -> tokenize + append EOS on the fly -> concat-then-
+split into rows of seq_len + 1 tokens -> shuffle rows within windows of `SHUFFLE_WINDOW_ROWS` (~100 documents of
+the stdlib at seq_len 256) -> batch -> model features. Without the row shuffle a batch of 8 x 256 tokens would be one
+or two consecutive documents, so successive gradients would come from the same document: noisy, strongly
+correlated updates.
 
 Model features, each [batch, seq_len]:
   inputs, targets (int32): targets[i] = the token after inputs[i] in the token stream.
@@ -21,10 +35,11 @@ Model features, each [batch, seq_len]:
     next-document transition. Predicting the EOS that ends a document does count.
 
 Held-out split: a stratified systematic sample of the documents (`data_tfds.eval_document_mask`); eval batches are
-windows spread evenly over the whole packed split (`make_eval_batches`), `eval_split_stats` reports the split.
+rows spread evenly over the whole eval stream (`make_eval_batches`), `eval_split_stats` reports the split.
 
-Cache layout: TFDS data under `data_dir/text_files_builder/fp<corpus fingerprint>/1.0.0/`; the tokenized eval split
-under `data_dir/prosparse_eval_tokens/<hash of corpus fingerprint + tokenizer>.npz`; the tokenizer under
+Cache layout: TFDS data under `data_dir/text_files_builder/fp<corpus fingerprint>/1.0.0/`; the token stream of the
+eval split under `data_dir/prosparse_eval_tokens/<key>.npz`, that of the train split (local sources) under
+`data_dir/prosparse_train_tokens/<key>.npz`, key = hash of corpus fingerprint + tokenizer; the tokenizer under
 `<cache_dir>/tokenizer.json` with `<cache_dir>/tokenizer_fingerprint.json` beside it.
 """
 
@@ -36,7 +51,7 @@ import json
 import os
 import tempfile
 import zipfile
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -57,12 +72,14 @@ from prosparse_jax.data_tfds import (
 )
 
 EOS_TOKEN = "<|endoftext|>"  # id 0: document separator, appended to every document
-_STATE_VERSION = 2  # 2: rows shuffled within windows of SHUFFLE_WINDOW_ROWS
-SHUFFLE_WINDOW_ROWS = 2048  # packed rows per shuffle window of the training stream (~526K tokens at seq_len 256)
+_STATE_VERSION = 3  # 2: rows shuffled within windows; 3: local sources sample rows of the whole train split
+SHUFFLE_WINDOW_ROWS = 2048  # 'tfds:' sources: packed rows per shuffle window (~526K tokens at seq_len 256)
 _TOKENIZER_FORMAT = 1
 _PREFETCH_DOCS = 16
-_EVAL_TOKENS_FORMAT = 1
-_EVAL_TOKENS_DIR = "prosparse_eval_tokens"  # under the TFDS data dir: packed eval streams, see `_eval_stream`
+_TOKENS_FORMAT = 1  # format of the cached token streams (part of their key)
+# Under the TFDS data dir: the cached token stream of each split, see `_split_stream`.
+_TOKENS_DIRS = {EVAL_SPLIT: "prosparse_eval_tokens", TRAIN_SPLIT: "prosparse_train_tokens"}
+_TOKENIZE_CHUNK_CHARS = 1 << 20  # characters of text per `encode_batch` call: bounds the memory of the encodings
 
 
 @dataclasses.dataclass(frozen=True)
@@ -182,12 +199,12 @@ def eval_split_stats(cfg: DataConfig, tokenizer: tokenizers.Tokenizer | None = N
 
 
 def _eval_split_stats(corpus: Corpus, cfg: DataConfig, tokenizer: tokenizers.Tokenizer | None) -> dict[str, Any]:
-    ids, texts = _eval_records(corpus)
+    ids, texts = _split_records(corpus, EVAL_SPLIT)
     num_bytes = [len(t.encode("utf-8")) for t in texts]
     tokens = windows = None
     sizes = num_bytes
     if tokenizer is not None:
-        lengths = _eval_stream(corpus, tokenizer, cfg.data_dir)[1] if ids else np.zeros(0, np.int64)
+        lengths = _split_stream(corpus, tokenizer, cfg.data_dir, EVAL_SPLIT)[1] if ids else np.zeros(0, np.int64)
         sizes = lengths.tolist()
         tokens = int(lengths.sum())
         windows = -(-tokens // (cfg.seq_len + 1))
@@ -259,7 +276,141 @@ def get_tokenizer(cfg: DataConfig, cache_dir: str | Path) -> tokenizers.Tokenize
     return tok
 
 
-# ---- grain pipeline -----------------------------------------------------------------------------------------------
+# ---- token streams of whole splits --------------------------------------------------------------------------------
+def _split_records(corpus: Corpus, split: str) -> tuple[list[str], list[str]]:
+    """Ids and texts of `split` in stored order (ids are record indices where records carry no 'id')."""
+    src = corpus.data_source(split)
+    ids, texts = [], []
+    for i in range(len(src)):
+        r = src[i]
+        doc_id = r.get("id", str(i))
+        ids.append(doc_id.decode() if isinstance(doc_id, bytes) else str(doc_id))
+        texts.append(_text(r, corpus.text_key))
+    return ids, texts
+
+
+def _split_texts(corpus: Corpus, split: str) -> Iterator[str]:
+    """Texts of `split` in stored order, read one record at a time."""
+    src = corpus.data_source(split)
+    for i in range(len(src)):
+        yield _text(src[i], corpus.text_key)
+
+
+def _tokenize_stream(texts: Iterable[str], tokenizer: tokenizers.Tokenizer) -> tuple[np.ndarray, np.ndarray]:
+    """Texts -> (tokens int32 [L], tokens per text int64 [D]): each text's ids then EOS, as `_Tokenize` does.
+
+    Texts are encoded in chunks of about `_TOKENIZE_CHUNK_CHARS` characters (one `encode_batch` call each, parallel
+    over the cores), so the memory of the encodings stays bounded whatever the size of the split.
+    """
+    eos = eos_id(tokenizer)
+    # Same ids as `encode_batch`, without computing the character offsets of every token.
+    encode = getattr(tokenizer, "encode_batch_fast", tokenizer.encode_batch)
+    pieces: list[np.ndarray] = []
+    chunk: list[str] = []
+    chars = 0
+
+    def flush() -> None:
+        for e in encode(chunk, add_special_tokens=False):
+            ids = e.ids
+            ids.append(eos)
+            pieces.append(np.asarray(ids, dtype=np.int32))
+        chunk.clear()
+
+    for text in texts:
+        chunk.append(text)
+        chars += len(text)
+        if chars >= _TOKENIZE_CHUNK_CHARS:
+            flush()
+            chars = 0
+    if chunk:
+        flush()
+    lengths = np.fromiter((len(p) for p in pieces), dtype=np.int64, count=len(pieces))
+    tokens = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int32)
+    return tokens, lengths
+
+
+def _stream_cache_path(corpus: Corpus, tokenizer: tokenizers.Tokenizer, data_dir: str, split: str) -> Path:
+    """`<data_dir>/<_TOKENS_DIRS[split]>/<key>.npz`, key = hash of (format, corpus fingerprint, tokenizer)."""
+    key = hashlib.sha256(json.dumps(
+        [_TOKENS_FORMAT, corpus.fingerprint, _tokenizer_hash(tokenizer)]).encode()).hexdigest()[:16]
+    return Path(resolve_data_dir(data_dir)) / _TOKENS_DIRS[split] / f"{key}.npz"
+
+
+def _split_stream(
+    corpus: Corpus, tokenizer: tokenizers.Tokenizer, data_dir: str, split: str,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The token stream of `split`: (tokens int32 [L], tokens per document int64 [D]), documents in stored order.
+
+    Every document of the split is tokenized (`_tokenize_stream`) and followed by EOS; the stream is their
+    concatenation. It is cached, written atomically, at `_stream_cache_path` (a hash of corpus fingerprint and
+    tokenizer, so it is independent of seq_len and paid once per data dir and tokenizer); a cache that does not match
+    the split is recomputed, and a data dir that cannot be written to is simply not cached.
+
+    Args:
+      corpus: The prepared corpus.
+      tokenizer: Tokenizer with the EOS token.
+      data_dir: `DataConfig.data_dir` ('' -> the default data dir).
+      split: 'train' or 'validation'.
+
+    Returns:
+      (tokens, lengths) with lengths.sum() == len(tokens); both empty for an empty split.
+    """
+    path = _stream_cache_path(corpus, tokenizer, data_dir, split)
+    num_docs = corpus.num_documents(split)
+    try:
+        with np.load(path) as z:
+            tokens, lengths = z["tokens"], z["lengths"]
+        if tokens.dtype == np.int32 and len(lengths) == num_docs and int(lengths.sum()) == len(tokens):
+            return tokens, lengths
+    except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile):  # absent or unreadable: recompute below
+        pass
+    tokens, lengths = _tokenize_stream(_split_texts(corpus, split), tokenizer)
+    tmp = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp", delete=False) as f:
+            tmp = Path(f.name)
+            np.savez(f, tokens=tokens, lengths=lengths)
+        tmp.chmod(0o644)  # NamedTemporaryFile creates 0600; the data dir may be shared
+        os.replace(tmp, path)
+    except OSError:  # read-only data dir: work without the cache
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
+    return tokens, lengths
+
+
+class _StreamRows:
+    """A split's token stream cut into rows of seq_len + 1 tokens (module docstring); row indices -> model features.
+
+    Row r is tokens[r * (seq_len + 1) + j mod L] for j <= seq_len: consecutive, non-overlapping rows, the last one
+    wrapped around to the start of the stream. Callable on a [B] array of row indices (a grain map over batches of
+    indices): returns the [B, seq_len] features of `_to_features`, identical to those of the packer's rows.
+    """
+
+    def __init__(self, tokens_L: np.ndarray, lengths_D: np.ndarray, seq_len: int):
+        self.tokens_L = tokens_L
+        self.doc_start_L = np.zeros(len(tokens_L), dtype=bool)
+        self.doc_start_L[np.cumsum(lengths_D)[:-1]] = True
+        if len(tokens_L):
+            self.doc_start_L[0] = True
+        self.row_len = seq_len + 1
+
+    def __len__(self) -> int:
+        return -(-len(self.tokens_L) // self.row_len)
+
+    def __repr__(self) -> str:
+        return f"_StreamRows(tokens={len(self.tokens_L)}, rows={len(self)}, row_len={self.row_len})"
+
+    def __call__(self, rows_B: np.ndarray) -> dict[str, np.ndarray]:
+        T1 = self.row_len
+        idx_BxT1 = (np.asarray(rows_B, dtype=np.int64)[:, None] * T1 + np.arange(T1)) % len(self.tokens_L)
+        starts_BxT1 = self.doc_start_L[idx_BxT1]
+        starts_BxT1[:, 0] = True
+        return _to_features({"tokens": self.tokens_L[idx_BxT1],
+                             "tokens_segment_ids": np.cumsum(starts_BxT1, axis=1, dtype=np.int32)})
+
+
+# ---- training batches ---------------------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class _Tokenize:
     """Record -> {'tokens': int32 [n + 1]}: the document's ids followed by EOS."""
@@ -298,6 +449,10 @@ def _batches(
     source: Sequence[Any], tokenizer: tokenizers.Tokenizer, text_key: str, *, seq_len: int, batch_size: int,
     seed: int | None, process_index: int = 0, process_count: int = 1,
 ) -> grain.IterDataset:
+    """Streaming pipeline of 'tfds:' sources (module docstring): documents -> tokenize -> pack -> window shuffle.
+
+    With `seed=None` neither documents nor rows are shuffled: the rows are those of the split's stream, in order.
+    """
     ds = grain.MapDataset.source(source)[process_index::process_count]
     if seed is not None:
         ds = ds.shuffle(seed)
@@ -310,6 +465,21 @@ def _batches(
     return packed.batch(batch_size, drop_remainder=True).map(_to_features)
 
 
+def _row_batches(
+    rows: _StreamRows, *, batch_size: int, seed: int, process_index: int = 0, process_count: int = 1,
+) -> grain.IterDataset:
+    """Pipeline of local sources (module docstring): this host's rows, shuffled per epoch, forever, in batches."""
+    ds = grain.MapDataset.range(len(rows))[process_index::process_count]
+    # grain shuffles epoch e (an index of the repeated dataset // its length) with seed + e: a new order per epoch. The
+    # seed is hashed first, else runs with seeds s and s + 1 would see the same orders one epoch apart.
+    shuffle_seed = int.from_bytes(hashlib.sha256(f"prosparse train rows {seed}".encode()).digest()[:4], "little")
+    ds = ds.shuffle(shuffle_seed).repeat()
+    # The elements are in-memory ints: no reader threads (grain's advice for in-memory data); rows are gathered per
+    # batch, vectorised.
+    ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
+    return ds.batch(batch_size, drop_remainder=True).map(rows)
+
+
 def _tokenizer_hash(tokenizer: tokenizers.Tokenizer) -> str:
     return hashlib.sha256(tokenizer.to_str().encode()).hexdigest()[:16]
 
@@ -319,7 +489,8 @@ class TrainIterator:
 
     `get_state()` returns a JSON-serialisable dict; `set_state(state)` on an iterator built with the same config,
     tokenizer, batch size and host makes the next batch equal to the one the original iterator would have produced
-    next. Resume uses grain's own iterator checkpointing (source index + packing remainder).
+    next. Resume uses grain's own iterator checkpointing (local sources: the position in the shuffled row indices;
+    'tfds:' sources: source index, packing remainder and shuffle window).
     """
 
     def __init__(self, dataset: grain.IterDataset, identity: dict[str, Any]):
@@ -339,7 +510,9 @@ class TrainIterator:
     def set_state(self, state: Mapping[str, Any]) -> None:
         """Restores a position from `get_state()`; raises if it came from a differently configured iterator."""
         if state.get("version") != _STATE_VERSION:
-            raise DataError(f"data iterator state version {state.get('version')} != {_STATE_VERSION}")
+            raise DataError(
+                f"data iterator state version {state.get('version')} != {_STATE_VERSION}: it was saved by another "
+                "version of the data pipeline; resume with that version or start the data from the beginning")
         if dict(state["identity"]) != self._identity:
             raise DataError(
                 f"data iterator state belongs to a different pipeline: saved {state['identity']}, "
@@ -374,10 +547,27 @@ def make_train_iterator(
     cfg: DataConfig, tokenizer: tokenizers.Tokenizer, *, batch_size: int, cache_dir: str | Path | None = None,
     process_index: int = 0, process_count: int = 1,
 ) -> TrainIterator:
-    """Training batches of this host: train documents `process_index::process_count`, shuffled per epoch, packed.
+    """Training batches of this host, forever (see the module docstring for the two pipelines).
 
-    `batch_size` is per host. `cache_dir` is accepted for symmetry with `get_tokenizer` (the corpus lives under
-    `cfg.data_dir`).
+    Local sources ('stdlib', 'files:'): the rows of seq_len + 1 tokens of the whole train stream (tokenized once and
+    cached, see `_split_stream`), rows `process_index::process_count` for this host, shuffled per epoch, so every
+    batch draws rows from random places of the whole split. 'tfds:' sources: train documents
+    `process_index::process_count`, shuffled per epoch, tokenized on the fly, packed, rows shuffled within windows.
+
+    Args:
+      cfg: Data config; its corpus is prepared on first use.
+      tokenizer: Tokenizer with the EOS token (`get_tokenizer`).
+      batch_size: Rows per batch of this host (> 0).
+      cache_dir: Unused; accepted for symmetry with `get_tokenizer` (the corpus and token caches live under
+        `cfg.data_dir`).
+      process_index: This host's index in [0, process_count).
+      process_count: Number of hosts; each gets a disjoint shard.
+
+    Returns:
+      A `TrainIterator` of dicts of [batch_size, seq_len] arrays: inputs, targets, segment_ids, positions, weights.
+
+    Raises:
+      DataError: bad sizes, or a train split with fewer documents (or rows) than hosts.
     """
     del cache_dir
     if batch_size <= 0:
@@ -388,75 +578,29 @@ def make_train_iterator(
     n = corpus.num_documents(TRAIN_SPLIT)
     if n < process_count:
         raise DataError(f"train split of {cfg.source!r} has {n} documents, fewer than process_count={process_count}")
-    ds = _batches(
-        corpus.data_source(TRAIN_SPLIT), tokenizer, corpus.text_key, seq_len=cfg.seq_len, batch_size=batch_size,
-        seed=cfg.seed, process_index=process_index, process_count=process_count)
+    if cfg.source.startswith("tfds:"):  # possibly huge: stream the documents instead of tokenizing them up front
+        pipeline = "documents"
+        ds = _batches(
+            corpus.data_source(TRAIN_SPLIT), tokenizer, corpus.text_key, seq_len=cfg.seq_len, batch_size=batch_size,
+            seed=cfg.seed, process_index=process_index, process_count=process_count)
+    else:
+        pipeline = "rows"
+        rows = _StreamRows(*_split_stream(corpus, tokenizer, cfg.data_dir, TRAIN_SPLIT), cfg.seq_len)
+        if len(rows) < process_count:
+            raise DataError(
+                f"train split of {cfg.source!r} has {len(rows)} rows of data.seq_len + 1 = {cfg.seq_len + 1} tokens, "
+                f"fewer than process_count={process_count}; lower data.seq_len or add documents")
+        ds = _row_batches(rows, batch_size=batch_size, seed=cfg.seed, process_index=process_index,
+                          process_count=process_count)
     identity = {
-        "corpus": corpus.fingerprint, "tokenizer": _tokenizer_hash(tokenizer), "seq_len": cfg.seq_len,
-        "seed": cfg.seed, "batch_size": batch_size, "process_index": process_index, "process_count": process_count,
+        "pipeline": pipeline, "corpus": corpus.fingerprint, "tokenizer": _tokenizer_hash(tokenizer),
+        "seq_len": cfg.seq_len, "seed": cfg.seed, "batch_size": batch_size, "process_index": process_index,
+        "process_count": process_count,
     }
     return TrainIterator(ds, identity)
 
 
-def _eval_records(corpus: Corpus) -> tuple[list[str], list[str]]:
-    """Ids and texts of the eval split in stored order (ids are record indices where records carry no 'id')."""
-    src = corpus.data_source(EVAL_SPLIT)
-    ids, texts = [], []
-    for i in range(len(src)):
-        r = src[i]
-        doc_id = r.get("id", str(i))
-        ids.append(doc_id.decode() if isinstance(doc_id, bytes) else str(doc_id))
-        texts.append(_text(r, corpus.text_key))
-    return ids, texts
-
-
-def _tokenize_stream(texts: Sequence[str], tokenizer: tokenizers.Tokenizer) -> tuple[np.ndarray, np.ndarray]:
-    """Texts -> (tokens int32 [L], tokens per text int64 [D]): each text's ids then EOS, as `_Tokenize` does."""
-    eos = eos_id(tokenizer)
-    encodings = tokenizer.encode_batch(list(texts), add_special_tokens=False)
-    lengths = np.fromiter((len(e.ids) + 1 for e in encodings), dtype=np.int64, count=len(encodings))
-    tokens = np.empty(int(lengths.sum()), dtype=np.int32)
-    ends = np.cumsum(lengths)
-    for e, end, n in zip(encodings, ends, lengths, strict=True):
-        tokens[end - n:end - 1] = e.ids
-        tokens[end - 1] = eos
-    return tokens, lengths
-
-
-def _eval_stream(corpus: Corpus, tokenizer: tokenizers.Tokenizer, data_dir: str) -> tuple[np.ndarray, np.ndarray]:
-    """The packed eval split: (tokens int32 [L], tokens per document int64 [D]), documents in stored order.
-
-    Every eval document is tokenized (one `encode_batch` call) and followed by EOS; the stream is their
-    concatenation. It is cached, written atomically, as `<data_dir>/prosparse_eval_tokens/<key>.npz` with `key` a
-    hash of (corpus fingerprint, tokenizer, format), so it is independent of seq_len; a cache that does not match
-    the split is recomputed, and a data dir that cannot be written to is simply not cached.
-    """
-    key = hashlib.sha256(json.dumps(
-        [_EVAL_TOKENS_FORMAT, corpus.fingerprint, _tokenizer_hash(tokenizer)]).encode()).hexdigest()[:16]
-    path = Path(resolve_data_dir(data_dir)) / _EVAL_TOKENS_DIR / f"{key}.npz"
-    num_docs = corpus.num_documents(EVAL_SPLIT)
-    try:
-        with np.load(path) as z:
-            tokens, lengths = z["tokens"], z["lengths"]
-        if tokens.dtype == np.int32 and len(lengths) == num_docs and int(lengths.sum()) == len(tokens):
-            return tokens, lengths
-    except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile):  # absent or unreadable: recompute below
-        pass
-    tokens, lengths = _tokenize_stream(_eval_records(corpus)[1], tokenizer)
-    tmp = None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{key}.", suffix=".tmp", delete=False) as f:
-            tmp = Path(f.name)
-            np.savez(f, tokens=tokens, lengths=lengths)
-        tmp.chmod(0o644)  # NamedTemporaryFile creates 0600; the data dir may be shared
-        os.replace(tmp, path)
-    except OSError:  # read-only data dir: work without the cache
-        if tmp is not None:
-            tmp.unlink(missing_ok=True)
-    return tokens, lengths
-
-
+# ---- eval batches -------------------------------------------------------------------------------------------------
 def _window_indices(num_windows: int, batch_size: int, num_batches: int) -> np.ndarray:
     """[num_batches, batch_size] window indices, evenly spaced over `num_windows` (cycled if there are too few)."""
     n = batch_size * num_batches
@@ -472,7 +616,7 @@ def make_eval_batches(
 ) -> list[dict[str, np.ndarray]]:
     """`num_batches` deterministic batches of `batch_size` sequences sampled across the whole held-out split.
 
-    The eval split is tokenized once (and cached under the TFDS data dir, see `_eval_stream`): its documents in
+    The eval split is tokenized once (and cached under the TFDS data dir, see `_split_stream`): its documents in
     stored order, each followed by EOS (as in training), form one token stream of L tokens. The stream is cut into
     W = ceil(L / (seq_len + 1)) consecutive windows of seq_len + 1 tokens, the rows of training; the last window
     wraps around to the start of the stream (so does the only window of a stream shorter than one row). Of these,
@@ -508,21 +652,8 @@ def make_eval_batches(
         raise DataError(
             f"eval split of {cfg.source!r} is empty (data.eval_fraction={cfg.eval_fraction}); "
             "raise data.eval_fraction or add documents")
-    tokens_L, lengths_D = _eval_stream(corpus, tokenizer, cfg.data_dir)
-    L, T1 = len(tokens_L), cfg.seq_len + 1
-    doc_start_L = np.zeros(L, dtype=bool)
-    doc_start_L[np.cumsum(lengths_D)[:-1]] = True
-    doc_start_L[0] = True
-    num_windows = -(-L // T1)
-    windows_NxB = _window_indices(num_windows, batch_size, num_batches)
-    batches = []
-    for w_B in windows_NxB:
-        idx_BxT1 = (w_B[:, None] * T1 + np.arange(T1)) % L
-        starts_BxT1 = doc_start_L[idx_BxT1]
-        starts_BxT1[:, 0] = True
-        packed = {"tokens": tokens_L[idx_BxT1], "tokens_segment_ids": np.cumsum(starts_BxT1, axis=1, dtype=np.int32)}
-        batches.append(_to_features(packed))
-    return batches
+    rows = _StreamRows(*_split_stream(corpus, tokenizer, cfg.data_dir, EVAL_SPLIT), cfg.seq_len)
+    return [rows(w_B) for w_B in _window_indices(len(rows), batch_size, num_batches)]
 
 
 def iter_documents(cfg: DataConfig, split: str = TRAIN_SPLIT) -> Iterator[dict[str, str]]:

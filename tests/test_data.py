@@ -1,4 +1,5 @@
-"""Tests for prosparse_jax.data: tokenizer cache, packed batch format, determinism, exact resume, sharding, the
+"""Tests for prosparse_jax.data: tokenizer cache, packed batch format, determinism, exact resume, sharding, training
+rows sampled from the whole train stream (and the streaming pipeline of 'tfds:' sources), the token stream caches, the
 stratified held-out split and its eval windows, errors."""
 
 from __future__ import annotations
@@ -48,6 +49,30 @@ def _same(a: list[dict], b: list[dict]) -> bool:
     return all(x.keys() == y.keys() and all(np.array_equal(x[k], y[k]) for k in x) for x, y in zip(a, b, strict=True))
 
 
+def _stream(cfg: dl.DataConfig, tok, split: str = "validation") -> np.ndarray:
+    """The (cached) token stream of a split."""
+    return dl._split_stream(dl._corpus(cfg), tok, cfg.data_dir, split)[0]
+
+
+def _row_lookup(tokens: np.ndarray, seq_len: int) -> dict[bytes, int]:
+    """Row bytes -> index of the stream row (seq_len + 1 tokens, the last one wrapped) it is."""
+    T1 = seq_len + 1
+    W = -(-len(tokens) // T1)
+    lookup = {tokens[(w * T1 + np.arange(T1)) % len(tokens)].tobytes(): w for w in range(W)}
+    assert len(lookup) == W  # rows are distinguishable
+    return lookup
+
+
+def _row_ids(lookup: dict[bytes, int], batches: list[dict]) -> np.ndarray:
+    """[num_batches, batch_size] index of the stream row each row of the batches is."""
+    rows = [np.concatenate([b["inputs"], b["targets"][:, -1:]], axis=1) for b in batches]
+    return np.array([[lookup[r.astype(np.int32).tobytes()] for r in rows_B] for rows_B in rows])
+
+
+def _no_tokenizing(*a, **k):
+    raise AssertionError("a split was tokenized again despite its cache")
+
+
 def _markers(tok, batches: list[dict]) -> set[int]:
     """Document numbers found in the segments of the batches (each segment comes from one document)."""
     found = set()
@@ -89,7 +114,7 @@ def test_tokenizer_missing_path_raises(tmp_path):
 # ---- batches ------------------------------------------------------------------------------------------------------
 def test_batch_format(env):
     tok, eos = env["tok"], dl.eos_id(env["tok"])
-    batches = _take(dl.make_train_iterator(env["cfg"], tok, batch_size=4), 6)
+    batches = _take(dl.make_train_iterator(env["cfg"], tok, batch_size=4), 10)  # > one epoch of the 38 train rows
     dtypes = {"inputs": np.int32, "targets": np.int32, "segment_ids": np.int32, "positions": np.int32,
               "weights": np.float32}
     for b in batches:
@@ -153,13 +178,49 @@ def test_epochs_repeat_and_cover_train_docs(env):
 
 
 def test_host_shards_are_disjoint(env):
+    """Hosts get disjoint shards of the train rows (rows, not documents: a document may span both), covering all."""
     cfg, tok = env["cfg"], env["tok"]
-    shards = [_markers(tok, _take(dl.make_train_iterator(cfg, tok, batch_size=4, process_index=i, process_count=2), 25))
+    lookup = _row_lookup(_stream(cfg, tok, "train"), SEQ_LEN)
+    shards = [set(_row_ids(lookup, _take(dl.make_train_iterator(cfg, tok, batch_size=4, process_index=i,
+                                                                process_count=2), 25)).reshape(-1).tolist())
               for i in range(2)]
-    train_ids = {int(MARKER.search(d["text"]).group(1)) for d in dl.iter_documents(cfg, "train")}
     assert shards[0] and shards[1]
     assert not shards[0] & shards[1]
-    assert shards[0] | shards[1] == train_ids
+    assert shards[0] | shards[1] == set(range(len(lookup)))
+    assert [len(x) for x in shards] == [-(-len(lookup) // 2), len(lookup) // 2]  # rows i::2
+
+
+def test_train_rows_are_the_stream_rows_shuffled_per_epoch(env):
+    """Each epoch is a permutation of the rows of the whole train stream, a new one per epoch; a row's features are
+    exactly those of the row the streaming packer cuts from the train documents in stored order."""
+    cfg, tok = env["cfg"], env["tok"]
+    lookup = _row_lookup(_stream(cfg, tok, "train"), SEQ_LEN)
+    W = len(lookup)
+    batches = _take(dl.make_train_iterator(cfg, tok, batch_size=1), 3 * W)
+    order = _row_ids(lookup, batches).reshape(3, W)
+    for epoch in order:
+        assert sorted(epoch.tolist()) == list(range(W))
+    assert not np.array_equal(order[0], order[1]) and not np.array_equal(order[1], order[2])
+    assert not np.array_equal(order[0], np.arange(W))
+    # Seed 1 is not seed 0 one epoch later (grain shuffles epoch e with its seed + e; ours is hashed first).
+    seed1 = _take(dl.make_train_iterator(dl.DataConfig(**{**cfg.__dict__, "seed": 1}), tok, batch_size=1), W)
+    assert not np.array_equal(_row_ids(lookup, seed1).reshape(-1), order[1])
+    packer = iter(dl._batches(dl._corpus(cfg).data_source("train"), tok, "text", seq_len=SEQ_LEN, batch_size=1,
+                              seed=None))
+    packed = [next(packer) for _ in range(W)]  # its row W - 1 wraps into the second pass, as ours does
+    assert _same(batches[:W], [packed[w] for w in order[0]])
+
+
+def test_old_or_foreign_iterator_state_refused(env):
+    cfg, tok = env["cfg"], env["tok"]
+    it = dl.make_train_iterator(cfg, tok, batch_size=2)
+    state = json.loads(json.dumps(it.get_state()))
+    assert state["identity"]["pipeline"] == "rows"
+    with pytest.raises(DataError, match=r"state version 2 != 3: .*start the data from the beginning"):
+        dl.make_train_iterator(cfg, tok, batch_size=2).set_state({**state, "version": 2})
+    other = {**state, "identity": {**state["identity"], "pipeline": "documents"}}
+    with pytest.raises(DataError, match="different pipeline"):
+        dl.make_train_iterator(cfg, tok, batch_size=2).set_state(other)
 
 
 def test_eval_split_disjoint_and_deterministic(env, tmp_path):
@@ -196,14 +257,29 @@ def test_changed_file_set_gets_new_dataset(env, tmp_path):
     assert s2["train_documents"] + s2["eval_documents"] == N_DOCS + 1
 
 
-def test_prepared_tfds_source(env):
+def test_prepared_tfds_source(env, monkeypatch):
+    """'tfds:' sources keep the streaming pipeline (documents -> packer -> window shuffle), with exact resume."""
     fp = dl.corpus_stats(env["cfg"])["fingerprint"]
     cfg = dl.DataConfig(source=f"tfds:text_files_builder/{fp}:1.0.0", data_dir=env["cfg"].data_dir, seq_len=SEQ_LEN,
                        tokenizer=str(env["cache"] / "tokenizer.json"))
+    tok = env["tok"]
     stats = dl.corpus_stats(cfg)
     assert stats["train_documents"] == dl.corpus_stats(env["cfg"])["train_documents"]
-    assert _same(_take(dl.make_train_iterator(cfg, env["tok"], batch_size=2), 1),
-                 _take(dl.make_train_iterator(env["cfg"], env["tok"], batch_size=2), 1))
+    with monkeypatch.context() as m:  # nothing is tokenized up front
+        m.setattr(dl, "_tokenize_stream", _no_tokenizing)
+        it = dl.make_train_iterator(cfg, tok, batch_size=2)
+        first = _take(it, 5)
+    streamed = iter(dl._batches(dl._corpus(env["cfg"]).data_source("train"), tok, "text", seq_len=SEQ_LEN,
+                                batch_size=2, seed=cfg.seed))
+    assert _same(first, _take(streamed, 5))
+    state = json.loads(json.dumps(it.get_state()))
+    assert state["identity"]["pipeline"] == "documents"
+    expected = _take(it, 4)
+    resumed = dl.make_train_iterator(cfg, tok, batch_size=2)
+    resumed.set_state(state)
+    assert _same(_take(resumed, 4), expected)
+    with pytest.raises(DataError, match="different pipeline"):
+        dl.make_train_iterator(env["cfg"], tok, batch_size=2).set_state(state)
 
 
 # ---- held-out split: stratified systematic sample ------------------------------------------------------------------
@@ -293,7 +369,7 @@ def test_stratified_split_of_files_source(strata_env):
     assert stats["documents"] == len(held_out) and stats["corpus_strata"] == len(STRATA)
     assert stats["strata"] == sum(v > 0 for v in per_stratum.values())
     assert set(stats["missing_strata"]) == {s for s, v in per_stratum.items() if v == 0} <= {"p1"}
-    tokens, lengths = dl._eval_stream(dl._corpus(cfg), strata_env["tok"], cfg.data_dir)
+    tokens, lengths = dl._split_stream(dl._corpus(cfg), strata_env["tok"], cfg.data_dir, "validation")
     assert stats["tokens"] == len(tokens) == lengths.sum()
     assert stats["windows"] == -(-len(tokens) // (SEQ_LEN + 1))
     assert stats["largest_document_share"] == pytest.approx(lengths.max() / lengths.sum())
@@ -303,18 +379,12 @@ def test_stratified_split_of_files_source(strata_env):
 # ---- eval windows -------------------------------------------------------------------------------------------------
 def _window_ids(cfg: dl.DataConfig, tok, batches: list[dict]) -> np.ndarray:
     """[num_batches, batch_size] index of the packed-stream window each eval row was cut from."""
-    tokens, _ = dl._eval_stream(dl._corpus(cfg), tok, cfg.data_dir)
-    T1 = cfg.seq_len + 1
-    W = -(-len(tokens) // T1)
-    lookup = {tokens[(w * T1 + np.arange(T1)) % len(tokens)].tobytes(): w for w in range(W)}
-    assert len(lookup) == W  # windows are distinguishable
-    rows = [np.concatenate([b["inputs"], b["targets"][:, -1:]], axis=1) for b in batches]
-    return np.array([[lookup[r.astype(np.int32).tobytes()] for r in rows_B] for rows_B in rows])
+    return _row_ids(_row_lookup(_stream(cfg, tok), cfg.seq_len), batches)
 
 
 def test_eval_windows_spread_across_split(strata_env):
     cfg, tok = strata_env["cfg"], strata_env["tok"]
-    tokens, _ = dl._eval_stream(dl._corpus(cfg), tok, cfg.data_dir)
+    tokens = _stream(cfg, tok)
     W = -(-len(tokens) // (SEQ_LEN + 1))
     B, N = 3, 4
     assert W >= 3 * B * N, "corpus too small for this test"
@@ -336,7 +406,7 @@ def test_eval_windows_spread_across_split(strata_env):
 
 def test_eval_windows_equal_training_packing(strata_env):
     cfg, tok = strata_env["cfg"], strata_env["tok"]
-    tokens, _ = dl._eval_stream(dl._corpus(cfg), tok, cfg.data_dir)
+    tokens = _stream(cfg, tok)
     W = -(-len(tokens) // (SEQ_LEN + 1))
     batches = dl.make_eval_batches(cfg, tok, batch_size=1, num_batches=W)  # exactly every window once
     assert sorted(_window_ids(cfg, tok, batches).reshape(-1).tolist()) == list(range(W))
@@ -348,7 +418,7 @@ def test_eval_windows_equal_training_packing(strata_env):
 
 def test_eval_windows_cycle_when_split_small(env):
     cfg, tok = env["cfg"], env["tok"]
-    tokens, _ = dl._eval_stream(dl._corpus(cfg), tok, cfg.data_dir)
+    tokens = _stream(cfg, tok)
     W = -(-len(tokens) // (SEQ_LEN + 1))
     B, N = 3, W  # n = 3 W windows wanted
     w = _window_ids(cfg, tok, dl.make_eval_batches(cfg, tok, batch_size=B, num_batches=N))
@@ -381,18 +451,50 @@ def test_eval_stream_cache(strata_env, monkeypatch):
     first = dl.make_eval_batches(cfg, tok, batch_size=2, num_batches=3)
     (cached,) = (Path(cfg.data_dir) / "prosparse_eval_tokens").glob("*.npz")
     assert not list(cached.parent.glob("*.tmp"))
-
-    def no_tokenizing(*a, **k):
-        raise AssertionError("eval split tokenized again despite the cache")
-
     with monkeypatch.context() as m:
-        m.setattr(dl, "_tokenize_stream", no_tokenizing)
+        m.setattr(dl, "_tokenize_stream", _no_tokenizing)
         assert _same(dl.make_eval_batches(cfg, tok, batch_size=2, num_batches=3), first)
     for broken in (b"not an npz", cached.read_bytes()[:200]):  # a broken cache is recomputed and rewritten
         cached.write_bytes(broken)
         assert _same(dl.make_eval_batches(cfg, tok, batch_size=2, num_batches=3), first)
     with np.load(cached) as z:
         assert z["tokens"].dtype == np.int32
+
+
+def test_train_stream_cache(strata_env, tmp_path, monkeypatch):
+    """The train split is tokenized once per (corpus, tokenizer); a changed tokenizer or corpus gets a new key."""
+    cfg, tok = strata_env["cfg"], strata_env["tok"]
+    cfg = dl.DataConfig(**{**cfg.__dict__, "data_dir": str(tmp_path / "tfds")})
+    first = _take(dl.make_train_iterator(cfg, tok, batch_size=3), 4)
+    (cached,) = (Path(cfg.data_dir) / "prosparse_train_tokens").glob("*.npz")
+    assert [f.name for f in cached.parent.iterdir()] == [cached.name]  # no temporary file left behind
+    corpus = dl._corpus(cfg)
+    assert cached == dl._stream_cache_path(corpus, tok, cfg.data_dir, "train")
+    with np.load(cached) as z:  # the train documents in stored order, each followed by EOS
+        texts = [d["text"] for d in dl.iter_documents(cfg, "train")]
+        expected = [tok.encode(t, add_special_tokens=False).ids + [dl.eos_id(tok)] for t in texts]
+        np.testing.assert_array_equal(z["tokens"], np.concatenate(expected).astype(np.int32))
+        np.testing.assert_array_equal(z["lengths"], [len(e) for e in expected])
+    with monkeypatch.context() as m:
+        m.setattr(dl, "_tokenize_stream", _no_tokenizing)
+        assert _same(_take(dl.make_train_iterator(cfg, tok, batch_size=3), 4), first)
+        # Another tokenizer: another key, so tokenized again (here: refused by the patched tokenize).
+        other_tok = dl.get_tokenizer(dl.DataConfig(**{**cfg.__dict__, "tokenizer": "", "vocab_size": 290}),
+                                     tmp_path / "tok290")
+        assert dl._stream_cache_path(corpus, other_tok, cfg.data_dir, "train") != cached
+        with pytest.raises(AssertionError, match="tokenized again"):
+            dl.make_train_iterator(cfg, other_tok, batch_size=3)
+    # Another corpus (one more file): another fingerprint, another key; the eval split has its own directory.
+    root = tmp_path / "c"
+    _write_strata_corpus(root)
+    (root / "extra.py").write_text("x = 1\n")
+    other_corpus = dl._corpus(dl.DataConfig(**{**cfg.__dict__, "source": f"files:{root}/**/*.py"}))
+    assert other_corpus.fingerprint != corpus.fingerprint
+    assert dl._stream_cache_path(other_corpus, tok, cfg.data_dir, "train") != cached
+    assert dl._stream_cache_path(corpus, tok, cfg.data_dir, "validation").parent.name == "prosparse_eval_tokens"
+    for broken in (b"not an npz", cached.read_bytes()[:200]):  # a broken cache is recomputed and rewritten
+        cached.write_bytes(broken)
+        assert _same(_take(dl.make_train_iterator(cfg, tok, batch_size=3), 4), first)
 
 
 def test_eval_batches_bad_sizes(env):
@@ -471,8 +573,8 @@ def test_stdlib_smoke(tmp_path):
     assert "def" in tok.decode(b["inputs"].reshape(-1).tolist())
 
 
-def test_training_batches_mix_documents(tmp_path, monkeypatch):
-    """Rows are shuffled within windows: a batch of rows draws on many documents, not one long file."""
+def test_short_run_samples_the_whole_train_split(tmp_path, monkeypatch):
+    """A short run's batches draw rows from all over the train split, not from a few consecutive documents."""
     root = tmp_path / "long"
     root.mkdir()
     for k in range(16):  # each document spans ~30 rows of SEQ_LEN tokens
@@ -480,11 +582,16 @@ def test_training_batches_mix_documents(tmp_path, monkeypatch):
     cfg = dl.DataConfig(source=f"files:{root}/*.py", data_dir=str(tmp_path / "tfds"), vocab_size=300,
                         seq_len=SEQ_LEN, eval_fraction=0.0)
     tok = dl.get_tokenizer(cfg, tmp_path / "cache")
-
-    def docs_per_batch() -> float:
-        batches = _take(dl.make_train_iterator(cfg, tok, batch_size=8), 6)
-        return float(np.mean([len(_markers(tok, [b])) for b in batches]))
-
-    mixed = docs_per_batch()
+    lookup = _row_lookup(_stream(cfg, tok, "train"), SEQ_LEN)
+    W = len(lookup)
+    assert W >= 16 * 25
+    batches = _take(dl.make_train_iterator(cfg, tok, batch_size=8), 6)  # 48 rows, ~10% of the split
+    rows = _row_ids(lookup, batches).reshape(-1)
+    assert len(set(rows.tolist())) == 48  # no row twice within an epoch
+    assert all(((rows >= a * W // 3) & (rows < (a + 1) * W // 3)).sum() >= 8 for a in range(3))  # start, middle, end
+    assert len(_markers(tok, batches)) >= 10
+    # The same 48 rows of a document stream (documents shuffled, rows not) come from 2 or 3 documents.
     monkeypatch.setattr(dl, "SHUFFLE_WINDOW_ROWS", 1)  # a window of one row = no row shuffle
-    assert docs_per_batch() <= 2.0 < 5.0 <= mixed
+    stream = iter(dl._batches(dl._corpus(cfg).data_source("train"), tok, "text", seq_len=SEQ_LEN, batch_size=8,
+                              seed=cfg.seed))
+    assert len(_markers(tok, _take(stream, 6))) <= 3
