@@ -1,6 +1,7 @@
 """Data-parallel + FSDP on simulated CPU devices gives the same training as one device."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -30,8 +31,9 @@ print(json.dumps({{"devices": jax.device_count()}}))
 
 
 def _run(corpus, workdir, n_devices, fsdp):
-    env = {"XLA_FLAGS": f"--xla_force_host_platform_device_count={n_devices}", "PATH": "/usr/bin:/bin",
-           "HF_HUB_OFFLINE": "1", "JAX_PLATFORMS": "cpu"}
+    # keep the caller's XLA flags (e.g. --xla_cpu_max_isa=AVX2 to run the comparison as on another CPU)
+    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={n_devices}".strip()
+    env = {"XLA_FLAGS": flags, "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "JAX_PLATFORMS": "cpu"}
     code = SCRIPT.format(tests=str(ROOT / "tests"), corpus=str(corpus), fsdp=fsdp, workdir=str(workdir))
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
                          timeout=300)
