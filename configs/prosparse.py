@@ -18,7 +18,7 @@ NAMES = ("tiny", "minicpm-1b", "llama2-7b", "llama2-13b")
 # Tiny stage table (steps of the miniature's continued run; rescaled to train.steps): ReLU substitution (lambda 0),
 # constant warm-up, one sine ramp, then a constant stage at the last lambda, as the paper's tables end. Lambdas in the
 # paper's units (sparsity.l1_reduction = 'sum': ||x1||_1 over d_ff = 704, averaged over tokens).
-TINY_STAGES = [[0.0, 10], [1e-4, 25], [3e-4, 60], [3e-4, 100]]
+TINY_STAGES = [[0.0, 10], [5e-5, 25], [2e-4, 60], [2e-4, 100]]
 
 
 def get_config(arg: str = "tiny"):
