@@ -47,7 +47,7 @@ _PRETRAIN = flags.DEFINE_integer("pretrain_steps", 200, "SiLU pretraining steps 
 _STEPS = flags.DEFINE_integer("steps", 100, "Steps of each continued run (control, (a) and (b)): the config's WSD "
                               "schedule, the LR decaying over the last 40%.")
 _REL_THRESHOLDS = flags.DEFINE_list(
-    "relative_thresholds", ["0.1", "0.25", "0.5", "1", "2"],
+    "relative_thresholds", ["0.25", "1", "2", "4", "8"],
     "FATReLU thresholds for (c) as fractions of (b)'s mean positive gate pre-activation.")
 _ABS_THRESHOLD = flags.DEFINE_float("fatrelu_threshold", 0.01, "Absolute FATReLU threshold of the (c) row (paper).")
 _FAT_BATCHES = flags.DEFINE_integer("fatrelu_batches", 8, "Held-out batches of the FATReLU threshold table.")
@@ -168,12 +168,12 @@ def plot(workdir: Path, results: dict[str, Any], pretrain_steps: int) -> list[Pa
     p1 = _save(fig, workdir / "curves.png")
 
     fig, ax = plt.subplots(figsize=(8, 4))
-    shown = {k: v for k, v in results["rows"].items() if k != "silu"}
+    shown = [r for k, r in results["rows"].items() if k != "silu"]
     width = 0.8 / len(shown)
-    for i, (name, r) in enumerate(shown.items()):
+    for i, r in enumerate(shown):
         per_layer = r["per_layer"]
         ax.bar([x + (i - (len(shown) - 1) / 2) * width for x in range(len(per_layer))], per_layer, width,
-               label=LABELS.get(name, name))
+               label=r["label"])
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("layer")
     ax.set_ylabel("sparsity (fraction of zeros in x1)")
