@@ -1,7 +1,8 @@
 """ProSparse runs (arXiv 2402.13516): ReLU substitution + progressive L1 regularisation + FATReLU shifting.
 
 Usage: ``--config=configs/prosparse.py:<name>`` with name in ``tiny`` (trains on 2 CPU cores on the built-in
-corpus), ``minicpm-1b``, ``llama2-7b``, ``llama2-13b`` (paper shapes, stage tables and batch sizes; start them from
+corpus), ``tiny-silu`` (the same model dense: SiLU, no regulariser), ``minicpm-1b``, ``llama2-7b``, ``llama2-13b``
+(paper shapes, stage tables and batch sizes; start them from
 an imported SiLU checkpoint with ``--config.init_from=<workdir>``).
 
 The regulariser is lambda(t) * sum over layers of an L1 term of x1 (``sparsity.l1_reduction``). The paper-scale
@@ -13,7 +14,7 @@ from prosparse_jax.config import ConfigError
 from prosparse_jax.run_config import base_config
 from prosparse_jax.schedules import PROSPARSE_STAGES
 
-NAMES = ("tiny", "minicpm-1b", "llama2-7b", "llama2-13b")
+NAMES = ("tiny", "tiny-silu", "minicpm-1b", "llama2-7b", "llama2-13b")
 
 # Tiny stage table (steps of the miniature's continued run; rescaled to train.steps): ReLU substitution (lambda 0),
 # constant warm-up, one sine ramp, then a constant stage at the last lambda, as the paper's tables end. Lambdas in the
@@ -28,7 +29,7 @@ def get_config(arg: str = "tiny"):
     c = base_config()
     m = c.model
     m.activation = "relu"
-    if name == "tiny":
+    if name in ("tiny", "tiny-silu"):
         # 4 layers: the per-layer (unrolled) training layout is ~10% faster on CPU than the scan and compiles fast.
         m.update(dict(vocab_size=4096, d_model=256, n_layers=4, n_heads=4, n_kv_heads=4, d_ff=704, scan_layers=False))
         c.data.vocab_size = 4096
@@ -78,8 +79,12 @@ def get_config(arg: str = "tiny"):
         c.optim.warmup_steps = 100
         c.sparsity.stages = [list(s) for s in PROSPARSE_STAGES[name]]
         c.sparsity.final_threshold = thr
+    if name == "tiny-silu":  # the dense SiLU model of the same shape and recipe: no regulariser, no FATReLU
+        m.activation = "silu"
+        c.sparsity.stages = [[0.0, 100]]
+        c.sparsity.final_threshold = 0.0
     c.train.steps = int(c.sparsity.stages[-1][1])
-    if name != "tiny":
+    if not name.startswith("tiny"):
         c.sparsity.l1_reduction = "sum"  # the paper's literal Eq. 2: its lambda tables are in these units
         c.train.eval_every = 500
         c.train.checkpoint_every = 500

@@ -147,6 +147,12 @@ def make_train_step(rc: RunConfig, tx: Any, lr_fn: Any, lam_fn: Any):
     return step
 
 
+def metrics_lag(n_devices: int) -> bool:
+    """Whether the loop fetches a step's metrics one step late (not on several simulated CPU devices: collectives
+    queued there can deadlock, so every step is synced)."""
+    return n_devices == 1 or jax.devices()[0].platform != "cpu"
+
+
 def place_state(params: Params, opt_state: Any, step: int, cfg: ModelConfig, mesh: jax.sharding.Mesh
                 ) -> dict[str, Any]:
     """The train state for the jitted step from stacked params and optimizer state.
@@ -438,46 +444,70 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, stop_after:
     mean_keys = ("loss", "lm_loss", "reg_loss", "grad_norm", "sparsity", "sparsity_per_layer", "l1_per_layer")
     acc: dict[str, Any] = {}  # sums since the last metrics entry (entries report interval means)
     n_acc = 0
+    # Metrics are fetched one step late: step s+1 is dispatched before the host waits on step s's metrics, so the
+    # host's bookkeeping overlaps device work. Steps that need the state (eval, checkpoint, end, stop) are synced at
+    # once. On several simulated CPU devices every step is synced: queued collectives can deadlock there.
+    lag = metrics_lag(n_dev)
+    pending: tuple[Any, Any] | None = None  # (metrics on device, data-iterator state after that step's batch)
+
+    def process(m_dev: Any, data_state_after: Any) -> None:
+        """Host side of one finished step: NaN guard, interval means, progress bar, metrics entry."""
+        nonlocal step, last_data_state, tokens_since, acc, n_acc, t_last
+        m = jax.device_get(m_dev)
+        if not bool(m["finite"]):
+            mgr.wait_until_finished()
+            raise NonFiniteLossError(
+                f"non-finite loss/gradient at step {step} (loss={float(m['loss'])}, grad_norm="
+                f"{float(m['grad_norm'])}); the update was not applied. Last good checkpoint: "
+                f"{ckpt.latest_step(workdir)} in {workdir}/checkpoints. Lower optim.lr or the sparsity lambdas."
+            )
+        last_data_state = data_state_after
+        step += 1
+        tokens_since += B * T
+        for k in mean_keys:
+            acc[k] = acc.get(k, 0.0) + np.asarray(m[k], np.float64)
+        n_acc += 1
+        if pbar is not None:
+            pbar.update(1)
+            pbar.set_postfix(loss=f"{float(m['loss']):.3f}", sp=f"{float(m['sparsity']):.3f}")
+        if step % rc.train.log_every == 0 or step == rc.train.steps:
+            dt = time.perf_counter() - t_last
+            tps = tokens_since / max(dt, 1e-9)
+            mean = {k: v / n_acc for k, v in acc.items()}
+            writer.write(step, {
+                # interval means over the steps since the previous entry
+                "loss": float(mean["loss"]), "lm_loss": float(mean["lm_loss"]),
+                "reg_loss": float(mean["reg_loss"]), "grad_norm": float(mean["grad_norm"]),
+                "sparsity": float(mean["sparsity"]),
+                "sparsity_per_layer": [float(x) for x in mean["sparsity_per_layer"]],
+                "l1_per_layer": [float(x) for x in mean["l1_per_layer"]],
+                # values of the update with index step - 1
+                "reg_factor": float(m["reg_factor"]), "lr": float(m["lr"]),
+                "last_loss": float(m["loss"]), "last_sparsity": float(m["sparsity"]),
+                "tokens_per_sec": tps, "mfu": flops_per_step / (B * T) * tps / peak,
+                "tokens_seen": step * B * T, "steps_averaged": n_acc,
+            })
+            t_last, tokens_since = time.perf_counter(), 0
+            acc, n_acc = {}, 0
+
+    def needs_state(s: int) -> bool:
+        """Whether the host must act on the state right after step s (eval, checkpoint, end, stop)."""
+        return (s == rc.train.steps or s % rc.train.checkpoint_every == 0
+                or bool(rc.train.eval_every and s % rc.train.eval_every == 0)
+                or stop_requested["flag"] or (stop_after is not None and s >= stop_after))
+
     try:
         while step < rc.train.steps:
             batch, next_data_state = next(batches)
-            state, m = step_fn(state, to_device(batch))
-            m = jax.device_get(m)  # blocks each step: also avoids collective deadlocks on simulated devices
-            if not bool(m["finite"]):
-                mgr.wait_until_finished()
-                raise NonFiniteLossError(
-                    f"non-finite loss/gradient at step {step} (loss={float(m['loss'])}, grad_norm="
-                    f"{float(m['grad_norm'])}); the update was not applied. Last good checkpoint: "
-                    f"{ckpt.latest_step(workdir)} in {workdir}/checkpoints. Lower optim.lr or the sparsity lambdas."
-                )
-            last_data_state = next_data_state
-            step += 1
-            tokens_since += B * T
-            for k in mean_keys:
-                acc[k] = acc.get(k, 0.0) + np.asarray(m[k], np.float64)
-            n_acc += 1
-            if pbar is not None:
-                pbar.update(1)
-                pbar.set_postfix(loss=f"{float(m['loss']):.3f}", sp=f"{float(m['sparsity']):.3f}")
-            if step % rc.train.log_every == 0 or step == rc.train.steps:
-                dt = time.perf_counter() - t_last
-                tps = tokens_since / max(dt, 1e-9)
-                mean = {k: v / n_acc for k, v in acc.items()}
-                writer.write(step, {
-                    # interval means over the steps since the previous entry
-                    "loss": float(mean["loss"]), "lm_loss": float(mean["lm_loss"]),
-                    "reg_loss": float(mean["reg_loss"]), "grad_norm": float(mean["grad_norm"]),
-                    "sparsity": float(mean["sparsity"]),
-                    "sparsity_per_layer": [float(x) for x in mean["sparsity_per_layer"]],
-                    "l1_per_layer": [float(x) for x in mean["l1_per_layer"]],
-                    # values of the update with index step - 1
-                    "reg_factor": float(m["reg_factor"]), "lr": float(m["lr"]),
-                    "last_loss": float(m["loss"]), "last_sparsity": float(m["sparsity"]),
-                    "tokens_per_sec": tps, "mfu": flops_per_step / (B * T) * tps / peak,
-                    "tokens_seen": step * B * T, "steps_averaged": n_acc,
-                })
-                t_last, tokens_since = time.perf_counter(), 0
-                acc, n_acc = {}, 0
+            state, m_dev = step_fn(state, to_device(batch))
+            dispatched = step + (2 if pending is not None else 1)  # the step number of the one just dispatched
+            if pending is not None:
+                process(*pending)  # the previous step's metrics, fetched while this step runs
+                pending = None
+            if lag and not needs_state(dispatched):
+                pending = (m_dev, next_data_state)
+                continue
+            process(m_dev, next_data_state)
             if rc.train.eval_every and step % rc.train.eval_every == 0 and step != rc.train.steps:
                 writer.write(step, evaluate(state["params"], rc.model, eval_batches), kind="eval")
                 t_last = time.perf_counter()

@@ -17,7 +17,7 @@ from prosparse_jax.run_config import resolve
 ROOT = Path(__file__).resolve().parents[1]
 SL_ARGS = [f"{s}-{a}" for s in ("0.1b", "0.2b", "0.4b", "0.8b", "1.2b") for a in ("relu", "silu")] + [
     "0.1b-fatrelu", "0.1b-drelu", "0.1b-relu2", "0.1b-gelu"]
-PS_ARGS = ["tiny", "minicpm-1b", "llama2-7b", "llama2-13b"]
+PS_ARGS = ["tiny", "tiny-silu", "minicpm-1b", "llama2-7b", "llama2-13b"]
 
 
 def load(file: str, arg: str):

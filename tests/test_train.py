@@ -283,3 +283,18 @@ def test_l1_reduction_config(corpus):
     c.sparsity.unknown_field = 1
     with pytest.raises(ConfigError, match="sparsity: unknown field"):
         resolve(c)
+
+
+def test_metrics_fetched_a_step_late_change_nothing(corpus, tmp_path, monkeypatch):
+    """The one-step metrics lag of the loop gives the same metrics entries and checkpoints as syncing every step."""
+    c = small_config(corpus, steps=8, log_every=2, eval_every=4, checkpoint_every=3)
+    train_mod.train(c, tmp_path / "lag")
+    monkeypatch.setattr(train_mod, "metrics_lag", lambda n: False)
+    train_mod.train(c, tmp_path / "sync")
+    drop = ("time", "tokens_per_sec", "mfu")
+    rows = [[{k: v for k, v in r.items() if k not in drop} for r in read_metrics(tmp_path / d)]
+            for d in ("lag", "sync")]
+    assert rows[0] == rows[1] and len(rows[0]) >= 6
+    for step in (3, 6, 8):
+        la, lb = _params(tmp_path / "lag", step), _params(tmp_path / "sync", step)
+        jax.tree.map(np.testing.assert_array_equal, la, lb)
