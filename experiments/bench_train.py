@@ -25,7 +25,7 @@ inside each child and printed, so a cap that a library ignores shows up as an un
 Loop row (``--loop_steps=N``, tiny shape): the real ``prosparse_jax.train.train`` loop on the tiny config for N steps
 (data pipeline, prefetch, metrics, checkpoint at the end) in a temporary workdir; its tokens/s is the median of the
 ``tokens_per_sec`` entries of metrics.jsonl after the first (which holds compilation), next to the isolated step of the
-same shape (goal: loop >= 90% of the step).
+same shape timed right before and after it in the same process (goal: loop >= 90% of the step).
 
 Threads: torch is set to ``torch.get_num_threads() == os.cpu_count()`` (``--torch_threads``), the number of cores the
 XLA CPU client uses. XLA flags: those in the XLA_FLAGS environment variable (none by default; prosparse_jax sets
@@ -230,10 +230,19 @@ ISA_ENV = {
 }
 
 
-def loop_row(steps: int, step_row: dict, workdir: Path) -> dict:
-    """Tokens/s of the real train() loop on the tiny config, from its metrics.jsonl, next to the isolated step."""
+def loop_row(steps: int, args: argparse.Namespace, workdir: Path) -> dict:
+    """Tokens/s of the real train() loop on the tiny config, from its metrics.jsonl, next to the isolated step.
+
+    The isolated step (tiny shape, batch 8 x 256) is timed right before and right after the loop in the same process
+    (``args.reps`` repetitions of ``args.steps`` steps on each side, median), so both see the same machine state.
+    """
     from prosparse_jax.metrics import read_metrics
     from prosparse_jax.train import train
+
+    _, batch, seq = SHAPES["tiny"]
+    jb = JaxBench("tiny", batch, seq, args.lam)
+    jb.run(1 + args.warmup)
+    step_tps = [batch * seq * args.steps / jb.run(args.steps) for _ in range(args.reps)]
 
     c = prosparse_configs.get_config("tiny")
     c.train.steps = steps
@@ -247,11 +256,12 @@ def loop_row(steps: int, step_row: dict, workdir: Path) -> dict:
     t0 = time.perf_counter()
     train(c, workdir)
     wall = time.perf_counter() - t0
+    step_tps += [batch * seq * args.steps / jb.run(args.steps) for _ in range(args.reps)]
     tps = [r["tokens_per_sec"] for r in read_metrics(workdir, "train")][1:]  # the first interval holds compilation
-    loop = statistics.median(tps)
+    loop, step = statistics.median(tps), statistics.median(step_tps)
     return {"shape": "tiny", "dtype": "float32", "kind": "train() loop", "steps": steps, "wall_s": wall,
-            "loop_tokens_per_s": loop, "step_tokens_per_s": step_row["ours_tokens_per_s"],
-            "loop_over_step": loop / step_row["ours_tokens_per_s"], "loop_all": tps}
+            "loop_tokens_per_s": loop, "step_tokens_per_s": step, "loop_over_step": loop / step, "loop_all": tps,
+            "step_all": step_tps}
 
 
 def run_isas(isas: list[str], argv: list[str], out: str) -> None:
@@ -343,13 +353,10 @@ def main() -> None:
             print(json.dumps({k: v for k, v in rows[-1].items() if not k.endswith("_all")}), flush=True)
     loop = []
     if args.loop_steps:
-        tiny = next((r for r in rows if r["shape"] == "tiny" and r["dtype"] == "float32"), None)
-        if tiny is None:
-            raise SystemExit("--loop_steps needs the tiny shape in float32 in --shapes / --dtypes")
         import tempfile
 
         with tempfile.TemporaryDirectory() as tmp:
-            loop.append(loop_row(args.loop_steps, tiny, Path(tmp) / "loop"))
+            loop.append(loop_row(args.loop_steps, args, Path(tmp) / "loop"))
         print(json.dumps({k: v for k, v in loop[-1].items() if not k.endswith("_all")}), flush=True)
     update_peaks(peaks)
     env.update(peak_flops_jax=peaks["jax"], peak_flops_torch=peaks["torch"], loadavg_end=os.getloadavg())
