@@ -165,29 +165,37 @@ def lambda_numpy(stages: Sequence[Sequence[float]], t: float) -> float:
 def lambda_schedule(stages: Sequence[Sequence[float]]) -> Schedule:
     """The ProSparse factor lambda(t) as a jit-traceable schedule of the update index (see module docstring).
 
+    Built from optax's own pieces: ``optax.join_schedules`` of constant stages (stage 0 and the warm-up) and sine
+    ramps, each ramp ``lambda_i + (lambda_{i-1} - lambda_i) * optax.cosine_decay_schedule(1, span)``, which is
+    ``lambda_{i-1} + eta (lambda_i - lambda_{i-1})`` with ``eta = (1 - cos(pi tau)) / 2``. A stage owns the steps
+    ``T_{i-1} < t <= T_i``, so each piece starts at boundary ``T_{i-1} + 1`` and is evaluated at ``tau =
+    (t - T_{i-1}) / span``. :func:`lambda_numpy` is the plain-python reference.
+
     Args:
         stages: ``(lambda_i, T_i)`` pairs, validated with :func:`validate_stages`.
 
     Returns:
         ``fn(step) -> float32 scalar``.
     """
+    import optax
+
     st = validate_stages(stages)
-    lams = jnp.asarray([lam for lam, _ in st], jnp.float32)
-    ends = jnp.asarray([T for _, T in st], jnp.int32)
-    n = len(st)
+    pieces: list[Schedule] = [optax.constant_schedule(st[0][0])]
+    if len(st) > 1:
+        pieces.append(optax.constant_schedule(st[1][0]))
+    for i in range(2, len(st)):
+        (lam_prev, t_prev), (lam_i, t_i) = st[i - 1], st[i]
+        ramp = optax.cosine_decay_schedule(1.0, t_i - t_prev)  # 1 -> 0 over the stage
+
+        def piece(s: Any, ramp: Schedule = ramp, lo: float = lam_prev, hi: float = lam_i) -> jax.Array:
+            return hi + (lo - hi) * ramp(s + 1)  # s = t - (T_{i-1} + 1): the stage's first update has tau = 1/span
+
+        pieces.append(piece)
+    pieces.append(optax.constant_schedule(st[-1][0]))  # after the last stage
+    joined = optax.join_schedules(pieces, [t + 1 for _, t in st])
 
     def fn(step: Any) -> jax.Array:
-        t = jnp.asarray(step, jnp.int32)
-        # i = number of stage ends strictly before t = index of the stage t belongs to (n beyond the last).
-        i = jnp.searchsorted(ends, t, side="left")
-        lo = jnp.clip(i - 1, 0, n - 1)
-        hi = jnp.clip(i, 0, n - 1)
-        span = jnp.maximum(ends[hi] - ends[lo], 1).astype(jnp.float32)
-        frac = (t - ends[lo]).astype(jnp.float32) / span
-        eta = 0.5 * (jnp.sin(-jnp.pi / 2 + jnp.pi * frac) + 1.0)
-        ramp = lams[lo] + eta * (lams[hi] - lams[lo])
-        lam = jnp.where(i <= 1, lams[hi], jnp.where(i >= n, lams[n - 1], ramp))
-        return lam.astype(jnp.float32)
+        return jnp.asarray(joined(jnp.asarray(step, jnp.int32)), jnp.float32)
 
     return fn
 

@@ -100,6 +100,47 @@ def loss_fn(params: Params, batch: dict[str, jax.Array], cfg: ModelConfig, reg_f
                                 "l1_per_layer": stats.l1}
 
 
+def accumulate_grads(params: Params, batch: dict[str, jax.Array], cfg: ModelConfig, reg_factor: jax.Array,
+                     l1_reduction: str = "sum") -> tuple[dict[str, jax.Array], Params]:
+    """Metrics and gradients of the objective over all micro-batches of ``batch`` (leaves [A, micro_batch, T]).
+
+    The objective is the one of a single batch holding every micro-batch's rows: the LM loss is the mean over all
+    target tokens of the step and the L1 term the mean over all its valid tokens -- each micro-batch weighs by its
+    share of the tokens, not 1/A (micro-batches of packed data hold different numbers of valid tokens).
+    """
+    n = batch["inputs"].shape[0]
+    if n == 1:  # no accumulation buffers (zeros + g == g): saves a pass over the parameters
+        (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            params, jax.tree.map(lambda x: x[0], batch), cfg, reg_factor, l1_reduction)
+        return jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), dict(aux, loss=loss)), grads
+    w_A = jnp.sum(batch["weights"].astype(jnp.float32), axis=(1, 2))  # CE target tokens per micro-batch
+    v_A = jnp.sum((batch["segment_ids"] != 0).astype(jnp.float32), axis=(1, 2))  # valid tokens (the L1 mean's)
+    shares = (w_A / jnp.maximum(w_A.sum(), 1.0), v_A / jnp.maximum(v_A.sum(), 1.0))
+
+    def weighted(p: Params, mb: dict[str, jax.Array], ce_share: jax.Array, reg_share: jax.Array
+                 ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        _, aux = loss_fn(p, mb, cfg, reg_factor, l1_reduction)
+        out = {"lm_loss": aux["lm_loss"] * ce_share, "reg_loss": aux["reg_loss"] * reg_share,
+               "sparsity_per_layer": aux["sparsity_per_layer"] * reg_share,
+               "l1_per_layer": aux["l1_per_layer"] * reg_share}
+        return out["lm_loss"] + out["reg_loss"], out
+
+    grad_fn = jax.value_and_grad(weighted, has_aux=True)
+
+    def micro(carry: Any, xs: Any) -> tuple[Any, None]:
+        g_acc, aux_acc = carry
+        mb, ce_share, reg_share = xs
+        (loss, aux), g = grad_fn(params, mb, ce_share, reg_share)
+        aux = dict(aux, loss=loss)
+        return (jax.tree.map(jnp.add, g_acc, g), jax.tree.map(jnp.add, aux_acc, aux)), None
+
+    zeros_aux = {"loss": 0.0, "lm_loss": 0.0, "reg_loss": 0.0,
+                 "sparsity_per_layer": jnp.zeros(cfg.n_layers), "l1_per_layer": jnp.zeros(cfg.n_layers)}
+    zeros_aux = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), zeros_aux)
+    (grads, aux), _ = jax.lax.scan(micro, (jax.tree.map(jnp.zeros_like, params), zeros_aux), (batch, *shares))
+    return aux, grads
+
+
 def make_train_step(rc: RunConfig, tx: Any, lr_fn: Any, lam_fn: Any):
     """Builds ``step(state, batch) -> (state, metrics)``; batch leaves are [grad_accum, micro_batch, T]."""
     cfg = rc.model
@@ -107,27 +148,7 @@ def make_train_step(rc: RunConfig, tx: Any, lr_fn: Any, lam_fn: Any):
     def step(state: dict[str, Any], batch: dict[str, jax.Array]) -> tuple[dict[str, Any], dict[str, jax.Array]]:
         t = state["step"]
         lam = lam_fn(t)
-        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-
-        def micro(carry: Any, mb: dict[str, jax.Array]) -> tuple[Any, None]:
-            g_acc, aux_acc = carry
-            (loss, aux), g = grad_fn(state["params"], mb, cfg, lam, rc.sparsity.l1_reduction)
-            aux = dict(aux, loss=loss)
-            return (jax.tree.map(jnp.add, g_acc, g), jax.tree.map(jnp.add, aux_acc, aux)), None
-
-        n = rc.train.grad_accum
-        if n == 1:  # no accumulation buffers (zeros + g == g): saves a pass over the parameters
-            (loss, aux), grads = grad_fn(state["params"], jax.tree.map(lambda x: x[0], batch), cfg, lam,
-                                         rc.sparsity.l1_reduction)
-            aux = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), dict(aux, loss=loss))
-        else:
-            zeros_g = jax.tree.map(jnp.zeros_like, state["params"])
-            zeros_aux = {"loss": 0.0, "lm_loss": 0.0, "reg_loss": 0.0,
-                         "sparsity_per_layer": jnp.zeros(cfg.n_layers), "l1_per_layer": jnp.zeros(cfg.n_layers)}
-            zeros_aux = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), zeros_aux)
-            (g_sum, aux_sum), _ = jax.lax.scan(micro, (zeros_g, zeros_aux), batch)
-            grads = jax.tree.map(lambda g: g / n, g_sum)
-            aux = jax.tree.map(lambda a: a / n, aux_sum)
+        aux, grads = accumulate_grads(state["params"], batch, cfg, lam, rc.sparsity.l1_reduction)
         grad_norm = optax.global_norm(grads)
         finite = jnp.isfinite(aux["loss"]) & jnp.isfinite(grad_norm)
 

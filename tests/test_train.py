@@ -298,3 +298,29 @@ def test_metrics_fetched_a_step_late_change_nothing(corpus, tmp_path, monkeypatc
     for step in (3, 6, 8):
         la, lb = _params(tmp_path / "lag", step), _params(tmp_path / "sync", step)
         jax.tree.map(np.testing.assert_array_equal, la, lb)
+
+
+def test_grad_accum_is_the_token_weighted_objective():
+    """grad_accum = 2 with unequal valid tokens per micro-batch equals one batch of all rows (loss and gradients)."""
+    cfg = tiny_model_config(activation="relu")
+    params = init_params(cfg, jax.random.key(0))
+    T = 8
+    ids = jax.random.randint(jax.random.key(1), (4, T + 1), 0, cfg.vocab_size)
+    seg = np.ones((4, T), np.int32)
+    seg[2:, 3:] = 0  # the second micro-batch holds 6 valid tokens, the first 16
+    w = (seg > 0).astype(np.float32)
+    w[0, 5] = 0.0  # a document boundary: CE and L1 token counts differ
+    rows = {"inputs": ids[:, :-1], "targets": ids[:, 1:], "segment_ids": jnp.asarray(seg),
+            "positions": jnp.broadcast_to(jnp.arange(T), (4, T)), "weights": jnp.asarray(w)}
+    lam = jnp.float32(0.05)
+    one = jax.tree.map(lambda x: x[None], rows)  # [1, 4, T]
+    two = jax.tree.map(lambda x: x.reshape(2, 2, *x.shape[1:]), rows)  # [2, 2, T]
+    aux1, g1 = train_mod.accumulate_grads(params, one, cfg, lam)
+    aux2, g2 = train_mod.accumulate_grads(params, two, cfg, lam)
+    for k in ("loss", "lm_loss", "reg_loss"):
+        assert float(aux2[k]) == pytest.approx(float(aux1[k]), rel=1e-5), k
+    np.testing.assert_allclose(aux2["sparsity_per_layer"], aux1["sparsity_per_layer"], rtol=1e-5)
+    _assert_grads_close(g2, g1)
+    # the mean of micro-batch means (the old rule) is a different objective on this batch
+    means = [train_mod.loss_fn(params, jax.tree.map(lambda x, i=i: x[i], two), cfg, lam)[0] for i in range(2)]
+    assert abs(float(sum(means)) / 2 - float(aux1["loss"])) > 1e-3
