@@ -79,7 +79,7 @@ def test_l1_gradient_matches_written_formula():
     _assert_grads_close(jax.grad(f)(wu), analytic)
 
 
-def test_train_writes_metrics_and_sparsity_rises_with_lambda(corpus, tmp_path):
+def test_train_writes_metrics_and_logs_lambda_per_step(corpus, tmp_path):
     c = small_config(corpus, steps=8)
     res = train_mod.train(c, tmp_path / "run")
     rows = read_metrics(tmp_path / "run", "train")
@@ -324,3 +324,12 @@ def test_grad_accum_is_the_token_weighted_objective():
     # the mean of micro-batch means (the old rule) is a different objective on this batch
     means = [train_mod.loss_fn(params, jax.tree.map(lambda x, i=i: x[i], two), cfg, lam)[0] for i in range(2)]
     assert abs(float(sum(means)) / 2 - float(aux1["loss"])) > 1e-3
+
+
+def test_progressive_lambda_gives_higher_sparsity_than_lambda_zero(corpus, tmp_path):
+    """ProSparse's point, at equal steps from the same init: the progressive L1 schedule raises activation sparsity."""
+    finals = {}
+    for name, stages in (("zero", [[0.0, 12]]), ("progressive", [[0.0, 2], [0.05, 4], [0.2, 8], [0.2, 12]])):
+        c = small_run_config(corpus, 12, stages=stages)
+        finals[name] = train_mod.train(c, tmp_path / name).final_eval
+    assert finals["progressive"]["eval_sparsity"] > finals["zero"]["eval_sparsity"] + 0.05
