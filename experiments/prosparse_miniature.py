@@ -120,13 +120,23 @@ def gate_scale(params: Any, cfg: Any, batches: list[dict[str, np.ndarray]]) -> f
     return total / max(count, 1)
 
 
-def threshold_table(workdir: Path, abs_t: float, rel: list[float], n_batches: int, quick: bool) -> dict[str, Any]:
+class FinishedRun:
+    """A finished run's model and its held-out batches, loaded once for every measurement made on it."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.cfg, self.params, tok_path = ckpt.load_model(workdir)
+        self.run_config = json.loads((workdir / "config.json").read_text())
+        self._data = data_lib.data_config_from_dict(dict(self.run_config["data"], tokenizer=str(tok_path)))
+        self._tokenizer = data_lib.get_tokenizer(self._data, workdir)
+
+    def eval_batches(self, num_batches: int) -> list[dict[str, np.ndarray]]:
+        return data_lib.make_eval_batches(self._data, self._tokenizer, batch_size=8, num_batches=num_batches)
+
+
+def threshold_table(run: FinishedRun, abs_t: float, rel: list[float], n_batches: int, quick: bool) -> dict[str, Any]:
     """FATReLU threshold shifting of a ReLU run (no retraining): sparsity and held-out loss per threshold."""
-    mcfg, params, tok_path = ckpt.load_model(workdir)
-    rc = json.loads((workdir / "config.json").read_text())
-    dcfg = data_lib.data_config_from_dict(dict(rc["data"], tokenizer=str(tok_path)))
-    tok = data_lib.get_tokenizer(dcfg, workdir)
-    batches = data_lib.make_eval_batches(dcfg, tok, batch_size=8, num_batches=1 if quick else n_batches)
+    mcfg, params = run.cfg, run.params
+    batches = run.eval_batches(1 if quick else n_batches)
     scale = gate_scale(params, mcfg, batches)
     rows = [{"threshold": 0.0, "relative": 0.0, **evaluate(params, mcfg, batches)}]
     for t, r in [(abs_t, abs_t / scale)] + [(f * scale, f) for f in rel]:
@@ -252,12 +262,10 @@ def main(argv: list[str]) -> None:
             rows[name].update(sparsity_measures(workdir / name, workdir / "analysis" / name, _PPLP_BATCHES.value,
                                                 quick))
     rel = [float(x) for x in _REL_THRESHOLDS.value]
-    fat = threshold_table(workdir / "b_prosparse", _ABS_THRESHOLD.value, rel, _FAT_BATCHES.value, quick)
-    b_cfg, b_params, _ = ckpt.load_model(workdir / "b_prosparse")
-    rc = json.loads((workdir / "b_prosparse" / "config.json").read_text())
-    dcfg = data_lib.data_config_from_dict(dict(rc["data"], tokenizer=str(workdir / "b_prosparse" / "tokenizer.json")))
-    eval_b = data_lib.make_eval_batches(dcfg, data_lib.get_tokenizer(dcfg, workdir / "b_prosparse"), batch_size=8,
-                                        num_batches=rc["train"]["eval_batches"])
+    b_run = FinishedRun(workdir / "b_prosparse")
+    fat = threshold_table(b_run, _ABS_THRESHOLD.value, rel, _FAT_BATCHES.value, quick)
+    b_cfg, b_params = b_run.cfg, b_run.params
+    eval_b = b_run.eval_batches(b_run.run_config["train"]["eval_batches"])
     # (c) on the full held-out set: the paper's absolute threshold (the relative ones are in the threshold table)
     picks = [(f"(c) (b) + FATReLU t = {_ABS_THRESHOLD.value:g} (paper's)", _ABS_THRESHOLD.value)]
     for i, (label, t) in enumerate(picks):
