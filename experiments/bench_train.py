@@ -64,7 +64,7 @@ SHAPES = {
 }
 
 
-def run_config(shape: str, batch: int, seq: int, lam: float, steps: int, dtype: str = "float32"):
+def run_config(shape: str, batch: int, seq: int, reg_factor: float, steps: int, dtype: str = "float32"):
     c = prosparse_configs.get_config("tiny")
     fields, _, _ = SHAPES[shape]
     c.model.update(fields)
@@ -76,19 +76,19 @@ def run_config(shape: str, batch: int, seq: int, lam: float, steps: int, dtype: 
     c.train.steps = steps
     c.optim.schedule = "constant"
     c.optim.warmup_steps = 0
-    c.sparsity.stages = [[lam, steps]]  # constant lambda > 0 from step 0
+    c.sparsity.stages = [[reg_factor, steps]]  # constant lambda > 0 from step 0
     return resolve(c)
 
 
 class JaxBench:
-    def __init__(self, shape: str, batch: int, seq: int, lam: float, seed: int = 0, dtype: str = "float32") -> None:
-        self.rc = rc = run_config(shape, batch, seq, lam, steps=10**6, dtype=dtype)
+    def __init__(self, shape: str, batch: int, seq: int, reg_factor: float, seed: int = 0, dtype: str = "float32") -> None:
+        self.rc = rc = run_config(shape, batch, seq, reg_factor, steps=10**6, dtype=dtype)
         tx, lr_fn = optim_lib.make_optimizer(rc.optim, rc.train.steps, rc.model.d_model)
-        lam_fn = schedules.lambda_schedule(rc.sparsity.stages)
+        reg_factor_fn = schedules.reg_factor_schedule(rc.sparsity.stages)
         params = jax.jit(lambda r: init_params(rc.model, r))(jax.random.key(seed))
         # placed as train.train does (the tiny config's per-layer layout: one parameter group per layer, unrolled)
         self.state = place_state(params, jax.jit(tx.init)(params), 0, rc.model, make_mesh())
-        self.step_fn = jax.jit(make_train_step(rc, tx, lr_fn, lam_fn), donate_argnums=(0,))
+        self.step_fn = jax.jit(make_train_step(rc, tx, lr_fn, reg_factor_fn), donate_argnums=(0,))
         rng = np.random.default_rng(seed)
         toks = rng.integers(0, rc.model.vocab_size, size=(1, batch, seq + 1), dtype=np.int32)
         self.batch = jax.device_put({
@@ -114,7 +114,7 @@ class JaxBench:
 
 
 class TorchBench:
-    def __init__(self, rc, batch: int, seq: int, lam: float, seed: int = 0) -> None:
+    def __init__(self, rc, batch: int, seq: int, reg_factor: float, seed: int = 0) -> None:
         import torch
         from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -122,7 +122,7 @@ class TorchBench:
         torch.manual_seed(seed)
         hf_cfg = LlamaConfig(
             vocab_size=m.vocab_size, hidden_size=m.d_model, intermediate_size=m.d_ff, num_hidden_layers=m.n_layers,
-            num_attention_heads=m.n_heads, num_key_value_heads=m.n_kv_heads, head_dim=m.hd, hidden_act="relu",
+            num_attention_heads=m.n_heads, num_key_value_heads=m.n_kv_heads, head_dim=m.head_dim, hidden_act="relu",
             max_position_embeddings=max(seq, 512), rms_norm_eps=m.norm_eps, rope_theta=m.rope_theta,
             attention_bias=False, mlp_bias=False, tie_word_embeddings=False, initializer_range=m.init_std,
             use_cache=False, attn_implementation="sdpa",
@@ -135,7 +135,7 @@ class TorchBench:
                                       {"params": no_decay, "weight_decay": 0.0}],
                                      lr=o.lr, betas=(o.b1, o.b2), eps=o.eps, foreach=True)
         self.clip = o.clip_norm
-        self.lam = lam
+        self.reg_factor = reg_factor
         self._l1: list = []
         for layer in self.model.model.layers:  # x1 = act(gate) * up is the input of down_proj
             layer.mlp.down_proj.register_forward_pre_hook(lambda mod, args: self._l1.append(args[0].abs().mean()))
@@ -159,7 +159,7 @@ class TorchBench:
                 logits = self.model(input_ids=self.inputs).logits
                 l1 = torch.stack([x.float() for x in self._l1]).sum()
             ce = torch.nn.functional.cross_entropy(logits.float().view(-1, logits.shape[-1]), self.targets.view(-1))
-            loss = ce + self.lam * l1
+            loss = ce + self.reg_factor * l1
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
             if self.clip > 0:
@@ -195,10 +195,10 @@ def bench_shape(shape: str, dtype: str, args: argparse.Namespace, peaks: dict[st
     batch = args.batch or batch
     seq = args.seq or seq
     t_c = time.perf_counter()
-    jb = JaxBench(shape, batch, seq, args.lam, dtype=dtype)
+    jb = JaxBench(shape, batch, seq, args.reg_factor, dtype=dtype)
     jb.run(1)
     compile_s = time.perf_counter() - t_c
-    tb = TorchBench(jb.rc, batch, seq, args.lam)
+    tb = TorchBench(jb.rc, batch, seq, args.reg_factor)
     jb.run(args.warmup)
     tb.run(args.warmup + 1)
     tokens = batch * seq * args.steps
@@ -215,7 +215,7 @@ def bench_shape(shape: str, dtype: str, args: argparse.Namespace, peaks: dict[st
     return {
         "shape": shape, "dtype": dtype, "layout": "scan" if jb.rc.model.scan_layers else "per-layer",
         "batch": batch, "seq_len": seq, "params": jb.rc.model.params_total,
-        "flops_per_token": flops_tok, "lambda": args.lam, "steps_per_rep": args.steps, "warmup": args.warmup,
+        "flops_per_token": flops_tok, "lambda": args.reg_factor, "steps_per_rep": args.steps, "warmup": args.warmup,
         "reps": args.reps, "jax_compile_plus_first_step_s": compile_s,
         "ours_tokens_per_s": o, "torch_tokens_per_s": t, "ratio": o / t,
         "ours_all": ours, "torch_all": theirs, "ours_final_loss": jb.loss, "torch_final_loss": tb.loss,
@@ -240,7 +240,7 @@ def loop_row(steps: int, args: argparse.Namespace, workdir: Path) -> dict:
     from prosparse_jax.train import train
 
     _, batch, seq = SHAPES["tiny"]
-    jb = JaxBench("tiny", batch, seq, args.lam)
+    jb = JaxBench("tiny", batch, seq, args.reg_factor)
     jb.run(1 + args.warmup)
     step_tps = [batch * seq * args.steps / jb.run(args.steps) for _ in range(args.reps)]
 
@@ -314,7 +314,7 @@ def main() -> None:
                         "torch: autocast bf16)")
     p.add_argument("--batch", type=int, default=0, help="override the shape's batch size")
     p.add_argument("--seq", type=int, default=0, help="override the shape's sequence length")
-    p.add_argument("--lam", type=float, default=0.1, help="L1 regulariser weight (> 0 so the L1 term is computed)")
+    p.add_argument("--reg_factor", type=float, default=0.1, help="L1 regulariser weight (> 0 so the L1 term is computed)")
     p.add_argument("--torch_threads", type=int, default=0, help="torch threads; 0 = os.cpu_count() (as XLA)")
     p.add_argument("--out", default="", help="write the results JSON here")
     p.add_argument("--isa", default="", help="comma-separated instruction sets, each in a child process: "

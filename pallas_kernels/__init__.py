@@ -1,6 +1,6 @@
 """Sparse FFN Pallas kernels (upcoming issue).
 
-Planned contract (REFERENCE §6): each kernel lives next to its pure-jnp reference in the same module and consumes the
+Planned contract (ProSparse §4.3 sparse operators; TEAL; PowerInfer): each kernel lives next to its pure-jnp reference in the same module and consumes the
 model's layout -- ``w_gate_DxF``/``w_up_DxF``/``w_down_FxD`` slices of ``params["layers"]`` and x1 from
 ``prosparse_jax.activations.ffn_product`` -- so that ``prosparse_jax.model.ffn`` can dispatch to it. Tested with
 ``interpret=True`` on CPU; GPU lowering through Pallas' Triton backend checked with ``jax.export``.

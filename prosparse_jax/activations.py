@@ -3,7 +3,7 @@
 Every FFN in the model calls :func:`ffn_product` exactly once per layer; adding an activation means adding one entry
 to ``ACTIVATIONS``.
 
-FATReLU convention (REFERENCE §1, public implementations disagree): ``fatrelu_t(z) = z if z >= t else 0``. A gate
+FATReLU convention (ProSparse Eq. 3; public implementations disagree): ``fatrelu_t(z) = z if z >= t else 0``. A gate
 pre-activation exactly equal to the threshold is *kept*. With t = 0 FATReLU equals ReLU.
 """
 

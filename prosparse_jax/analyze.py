@@ -117,22 +117,19 @@ def make_tau_forward(cfg: ModelConfig):
     """
 
     def f(params: Params, batch: dict[str, jax.Array], taus_L: jax.Array) -> tuple[jax.Array, ...]:
-        thr_LxF = model.neuron_thresholds_from_norms(params, taus_L)
         logits, st = model.forward(params, batch["inputs"], cfg, segment_ids_BxT=batch["segment_ids"],
-                                   positions_BxT=batch["positions"], x1_thresholds=thr_LxF)
+                                   positions_BxT=batch["positions"], x1_mask=model.neuron_norm_mask(params, taus_L))
         return (*_nll(logits, batch), 1.0 - st.zero_frac)
 
     return jax.jit(f)
 
 
 def _make_gate_forward(cfg: ModelConfig, metric: str, topk_mode: str):
-    rule = sparsity.fat_rule if metric == "fat" else sparsity.topk_rule(topk_mode)
-
     def f(params: Params, batch: dict[str, jax.Array], p_L: jax.Array) -> tuple[jax.Array, ...]:
-        logits, active_L = sparsity.forward_gate_masked(params, batch["inputs"], cfg, rule, p_L,
-                                                        segment_ids_BxT=batch["segment_ids"],
-                                                        positions_BxT=batch["positions"])
-        return (*_nll(logits, batch), active_L)
+        mask = sparsity.fat_x1_mask(p_L) if metric == "fat" else sparsity.topk_x1_mask(p_L, topk_mode)
+        logits, st = model.forward(params, batch["inputs"], cfg, segment_ids_BxT=batch["segment_ids"],
+                                   positions_BxT=batch["positions"], x1_mask=mask)
+        return (*_nll(logits, batch), 1.0 - st.zero_frac)
 
     return jax.jit(f)
 

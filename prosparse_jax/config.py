@@ -3,7 +3,7 @@
 The experiment files in ``configs/`` are flat ConfigDicts with a comment on every field. At the library boundary
 they become the frozen dataclass :class:`ModelConfig`, validated once; every violation names the field.
 
-MiniCPM vs LLaMA (REFERENCE §4): a LLaMA model is a MiniCPM model with ``scale_emb = 1``, ``scale_depth = 0``
+MiniCPM vs LLaMA (MiniCPM, arXiv 2404.06395 §4 and its modeling code): a LLaMA model is a MiniCPM model with ``scale_emb = 1``, ``scale_depth = 0``
 (residual branches not scaled) and ``dim_model_base = 0`` (logits not divided).
 """
 
@@ -32,7 +32,7 @@ class ModelConfig:
     n_heads: int
     n_kv_heads: int
     d_ff: int
-    head_dim: int = 0  # 0 -> d_model // n_heads
+    head_dim: int = 0  # per-head width; 0 -> d_model // n_heads, resolved at construction (never 0 afterwards)
     activation: str = "silu"
     activation_threshold: float = 0.0  # FATReLU threshold t (z >= t kept)
     tie_embeddings: bool = False
@@ -53,13 +53,12 @@ class ModelConfig:
     neuron_thresholds: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
+        if self.head_dim == 0 and _positive_int(self.d_model) and _positive_int(self.n_heads) \
+                and self.d_model % self.n_heads == 0:
+            object.__setattr__(self, "head_dim", self.d_model // self.n_heads)
         _validate(self)
 
     # ---- derived quantities -------------------------------------------------------------------------------
-    @property
-    def hd(self) -> int:
-        """Per-head dimension."""
-        return self.head_dim or self.d_model // self.n_heads
 
     @property
     def residual_scale(self) -> float:
@@ -76,7 +75,7 @@ class ModelConfig:
         return self.scale_emb != 1.0 or bool(self.scale_depth) or bool(self.dim_model_base)
 
     def params_per_layer(self) -> int:
-        attn = self.d_model * self.hd * (2 * self.n_heads + 2 * self.n_kv_heads)
+        attn = self.d_model * self.head_dim * (2 * self.n_heads + 2 * self.n_kv_heads)
         ffn = 3 * self.d_model * self.d_ff
         return attn + ffn + 2 * self.d_model
 
@@ -103,11 +102,15 @@ class ModelConfig:
         6 * n_layers * n_heads * head_dim * (seq_len + 1) / 2 * 2 = 6 * L * N * H * (T + 1).
         """
         n_matmul = self.n_layers * (self.params_per_layer() - 2 * self.d_model) + self.d_model * self.vocab_size
-        attn = 6 * self.n_layers * self.n_heads * self.hd * (seq_len + 1)
+        attn = 6 * self.n_layers * self.n_heads * self.head_dim * (seq_len + 1)
         return 6.0 * n_matmul + attn
 
     def replace(self, **kw: Any) -> ModelConfig:
         return dataclasses.replace(self, **kw)
+
+
+def _positive_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v > 0
 
 
 def _validate(c: ModelConfig) -> None:
@@ -124,8 +127,8 @@ def _validate(c: ModelConfig) -> None:
         bad("n_heads", f"n_heads={c.n_heads} must divide d_model={c.d_model} (or set model.head_dim explicitly)")
     if c.n_heads % c.n_kv_heads:
         bad("n_kv_heads", f"n_kv_heads={c.n_kv_heads} must divide n_heads={c.n_heads}")
-    if c.hd % 2:
-        bad("head_dim", f"head dimension {c.hd} must be even for rotary embeddings")
+    if c.head_dim % 2:
+        bad("head_dim", f"head dimension {c.head_dim} must be even for rotary embeddings")
     if c.activation not in ACTIVATIONS:
         bad("activation", f"unknown activation {c.activation!r}; choose one of: {', '.join(ACTIVATIONS)}")
     if not c.activation_threshold >= 0:

@@ -46,7 +46,7 @@ def describe(rc: RunConfig) -> dict[str, Any]:
         "n_layers": m.n_layers,
         "n_heads": m.n_heads,
         "n_kv_heads": m.n_kv_heads,
-        "head_dim": m.hd,
+        "head_dim": m.head_dim,
         "d_ff": m.d_ff,
         "vocab_size": m.vocab_size,
         "tie_embeddings": m.tie_embeddings,

@@ -1,6 +1,6 @@
 """HuggingFace <-> prosparse_jax conversion: configs, weights, safetensors I/O, tokenizer files.
 
-Formats written by :func:`save_hf_folder` (REFERENCE §5):
+Formats written by :func:`save_hf_folder` (transformers' Llama layout; MiniCPM folded into it):
 
 - ``llama``: plain ``LlamaForCausalLM`` (loads without remote code). MiniCPM scales are folded into the weights:
   embed *= scale_emb; o_proj and down_proj *= scale_depth / sqrt(L); the head is untied and lm_head = embed /
@@ -90,7 +90,7 @@ def hf_config_from_model(cfg: ModelConfig, fmt: str = "llama", *, bos_token_id: 
         "num_hidden_layers": cfg.n_layers,
         "num_attention_heads": cfg.n_heads,
         "num_key_value_heads": cfg.n_kv_heads,
-        "head_dim": cfg.hd,
+        "head_dim": cfg.head_dim,
         "hidden_act": hidden_act,
         "max_position_embeddings": max_position_embeddings,
         "rms_norm_eps": cfg.norm_eps,
@@ -177,8 +177,6 @@ def model_config_from_hf(raw: Mapping[str, Any]) -> ModelConfig:
     d_model = int(_get(raw, "hidden_size", required=True))
     n_heads = int(_get(raw, "num_attention_heads", required=True))
     head_dim = int(_get(raw, "head_dim", 0))
-    if n_heads and d_model % n_heads == 0 and head_dim == d_model // n_heads:
-        head_dim = 0
     kw: dict[str, Any] = dict(
         vocab_size=int(_get(raw, "vocab_size", required=True)),
         d_model=d_model,
@@ -230,7 +228,7 @@ def _apply_provenance(cfg: ModelConfig, block: Any) -> ModelConfig:
             "vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "activation",
             "tie_embeddings", "rope_theta", "norm_eps", "scale_emb", "neuron_thresholds"))
         and (ours.activation != "fatrelu" or ours.activation_threshold == cfg.activation_threshold)
-        and ours.hd == cfg.hd
+        and ours.head_dim == cfg.head_dim
         and ours.residual_scale == cfg.residual_scale
         and ours.logits_divisor == cfg.logits_divisor
     )
@@ -242,7 +240,7 @@ def _apply_provenance(cfg: ModelConfig, block: Any) -> ModelConfig:
 # ---------------------------------------------------------------------------------------------------------------
 def hf_weight_shapes(cfg: ModelConfig, *, include_lm_head: bool | None = None) -> dict[str, tuple[int, ...]]:
     """HF tensor name -> expected shape for ``cfg`` (lm_head only when untied, unless ``include_lm_head``)."""
-    D, N, K, H, F, V = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.hd, cfg.d_ff, cfg.vocab_size
+    D, N, K, H, F, V = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_ff, cfg.vocab_size
     shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (V, D)}
     for i in range(cfg.n_layers):
         p = f"model.layers.{i}."
@@ -265,7 +263,7 @@ def hf_weight_shapes(cfg: ModelConfig, *, include_lm_head: bool | None = None) -
 
 def to_hf_state_dict(cfg: ModelConfig, params: Params, *, fold: bool) -> dict[str, np.ndarray]:
     """HF state dict (float32 numpy, HF order) of our params; ``fold`` folds MiniCPM scales (module docstring)."""
-    D, N, K, H = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.hd
+    D, N, K, H = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
     f32 = lambda x: np.asarray(x, np.float32)  # noqa: E731
     lp = {k: f32(v) for k, v in params["layers"].items()}
     embed_VxD = f32(params["embed_VxD"])
@@ -325,7 +323,7 @@ def from_hf_state_dict(cfg: ModelConfig, tensors: Mapping[str, Any]) -> Params:
             )
         return a.astype(np.float32)
 
-    D, N, K, H, L = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.hd, cfg.n_layers
+    D, N, K, H, L = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.n_layers
 
     def stack(suffix: str, fn: Any) -> np.ndarray:
         return np.stack([fn(get(f"model.layers.{i}.{suffix}")) for i in range(L)])

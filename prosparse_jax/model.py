@@ -14,7 +14,7 @@ group; :func:`unstack_layers` / :func:`stack_layers`) runs the layers unrolled. 
 Shape letters: B batch, T sequence, D d_model, N query heads, K kv heads, G = N / K, H head_dim, F d_ff, V vocab,
 L layers.
 
-Forward (REFERENCE §4): h0 = embed(ids) * scale_emb; per layer
+Forward (MiniCPM, arXiv 2404.06395, and its public modeling code; LLaMA 2 when all scales are 1): h0 = embed(ids) * scale_emb; per layer
 h += attn(RMSNorm(h)) * r and h += ffn(RMSNorm(h)) * r with r = scale_depth / sqrt(L) (1 for LLaMA);
 logits = RMSNorm(h) / (d_model / dim_model_base) @ head. RMSNorm and softmax in float32, half-split RoPE.
 """
@@ -39,12 +39,12 @@ _NEG_INF = -1e30
 class FFNStats(NamedTuple):
     """Per-layer FFN statistics, each with a leading layer axis ``L``.
 
-    l1: mean |x1| over valid tokens x d_ff (the ProSparse regulariser term of that layer, before lambda).
+    mean_abs_x1: mean |x1| over valid tokens x d_ff (x d_ff = the layer's ProSparse Eq. 2 L1 term per token).
     zero_frac: fraction of exact zeros of x1 over valid tokens x d_ff (ProSparse activation sparsity).
     x1 / act_gate: the full [L, B, T, F] tensors, only when ``capture=True`` (else None).
     """
 
-    l1: Array
+    mean_abs_x1: Array
     zero_frac: Array
     x1: Array | None = None
     act_gate: Array | None = None
@@ -55,7 +55,7 @@ class FFNStats(NamedTuple):
 # ---------------------------------------------------------------------------------------------------------------
 def init_params(cfg: ModelConfig, rng: Array) -> Params:
     """Random float32 parameters: matrices ~ N(0, init_std), norms = 1 (MiniCPM/µP style init)."""
-    D, L, N, K, H, F, V = cfg.d_model, cfg.n_layers, cfg.n_heads, cfg.n_kv_heads, cfg.hd, cfg.d_ff, cfg.vocab_size
+    D, L, N, K, H, F, V = cfg.d_model, cfg.n_layers, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_ff, cfg.vocab_size
     keys = iter(jax.random.split(rng, 9))
 
     def normal(shape: tuple[int, ...]) -> Array:
@@ -200,7 +200,7 @@ def attention(
     """
     dt = x_BxTxD.dtype
     B, T, D = x_BxTxD.shape
-    N, K, H = cfg.n_heads, cfg.n_kv_heads, cfg.hd
+    N, K, H = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
     G = N // K
     x_MxD = x_BxTxD.reshape(B * T, D)  # 2-D GEMMs: XLA:CPU emits no transposes for their gradients
     q_BxTxNxH = (x_MxD @ lp["wq_LxDxNxH"].reshape(D, N * H).astype(dt)).reshape(B, T, N, H)
@@ -225,49 +225,104 @@ def attention(
     return (o_MxNH @ lp["wo_LxNxHxD"].reshape(N * H, D).astype(dt)).reshape(B, T, D)
 
 
-def ffn(
-    x_BxTxD: Array, lp: Params, cfg: ModelConfig, neuron_thr: Array | None,
-    keep_fn: Callable[[Array], Array] | None = None,
-) -> tuple[Array, Array, Array]:
-    """Gated FFN. Returns (out, x1, act(gate)); x1 is where activation sparsity lives.
+# A hook that masks x1 (ProSparse's activation, paper Eq. 1: x1 = act(x W_gate) * (x W_up)) of one layer:
+# ``x1_mask(layer, x1_BxTxF, act_gate_BxTxF, valid_BxT) -> x1_BxTxF`` returns x1 with the dropped neurons zeroed.
+# ``layer`` is the layer index (a traced int32 under ``lax.scan``: index per-layer parameters with it), ``valid_BxT``
+# is False on padding. One hook serves the sparse mode (CETT thresholds, :func:`neuron_norm_mask`), the Top-k / FAT
+# evaluation (:mod:`prosparse_jax.sparsity`) and sparse decoding.
+X1Mask = Callable[[Array, Array, Array, Array], Array]
 
-    ``neuron_thr`` (per-neuron, shape [F]) zeroes x1_i where |x1_i| < thr_i (sparse mode / CETT); ``keep_fn(act)``
-    (a boolean [B, T, F] mask from act(gate)) zeroes x1 where it is False (Top-k / FAT evaluation).
-    """
+
+def ffn_hidden(x_BxTxD: Array, lp: Params, cfg: ModelConfig) -> tuple[Array, Array]:
+    """Gated FFN up to the activation: (x1, act(gate)), both [B, T, F]; x1 is where activation sparsity lives."""
     dt = x_BxTxD.dtype
     B, T, D = x_BxTxD.shape
     x_MxD = x_BxTxD.reshape(B * T, D)  # 2-D GEMMs: XLA:CPU emits no transposes for their gradients
     gate_BxTxF = (x_MxD @ lp["w_gate_LxDxF"].astype(dt)).reshape(B, T, -1)
     up_BxTxF = (x_MxD @ lp["w_up_LxDxF"].astype(dt)).reshape(B, T, -1)
-    x1_BxTxF, act_BxTxF = ffn_product(cfg.activation, gate_BxTxF, up_BxTxF, cfg.activation_threshold)
-    if neuron_thr is not None:
-        x1_BxTxF = jnp.where(jnp.abs(x1_BxTxF) < neuron_thr.astype(dt), jnp.zeros_like(x1_BxTxF), x1_BxTxF)
-    if keep_fn is not None:
-        x1_BxTxF = jnp.where(keep_fn(act_BxTxF), x1_BxTxF, jnp.zeros_like(x1_BxTxF))
-    out_BxTxD = (x1_BxTxF.reshape(B * T, -1) @ lp["w_down_LxFxD"].astype(dt)).reshape(B, T, D)
-    return out_BxTxD, x1_BxTxF, act_BxTxF
+    return ffn_product(cfg.activation, gate_BxTxF, up_BxTxF, cfg.activation_threshold)
 
 
-def neuron_thresholds_from_norms(params: Params, taus_L: Array) -> Array:
-    """Per-neuron |x1| thresholds [L, F] = tau_l / ||W_down[i, :]|| (CETT: neuron output norm <= tau is truncated)."""
-    norms_LxF = jnp.linalg.norm(layer_param(params, "w_down_LxFxD").astype(jnp.float32), axis=-1)
-    return jnp.asarray(taus_L, jnp.float32)[:, None] / jnp.maximum(norms_LxF, 1e-30)
+def ffn_down(x1_BxTxF: Array, lp: Params) -> Array:
+    """The FFN's down projection x1 @ W_down, [B, T, D]."""
+    B, T, F = x1_BxTxF.shape
+    return (x1_BxTxF.reshape(B * T, F) @ lp["w_down_LxFxD"].astype(x1_BxTxF.dtype)).reshape(B, T, -1)
+
+
+def neuron_output_norms(x1_BxTxF: Array, w_down_norms_F: Array) -> Array:
+    """n_i = |x1_i| * ||W_down[i, :]|| (float32, [B, T, F]): the norm of neuron i's contribution to the FFN output."""
+    return jnp.abs(x1_BxTxF.astype(jnp.float32)) * w_down_norms_F
+
+
+def w_down_norms(params: Params) -> Array:
+    """||W_down[i, :]|| per layer and neuron, [L, F] float32 (params in either layer layout)."""
+    return jnp.linalg.norm(layer_param(params, "w_down_LxFxD").astype(jnp.float32), axis=-1)
+
+
+def neuron_norm_mask(params: Params, taus_L: Any) -> X1Mask:
+    """The sparse mode's hook (CETT, Sparsing Law §4.1): neuron i of layer l is dropped iff n_i <= tau_l.
+
+    The same rule as :func:`prosparse_jax.sparsity.cett` (its tail holds the neurons with n_i <= tau), so the sparse
+    mode runs exactly what the measurement counted."""
+    norms_LxF = w_down_norms(params)
+    taus = jnp.asarray(taus_L, jnp.float32)
+
+    def mask(layer: Array, x1_BxTxF: Array, act_gate_BxTxF: Array, valid_BxT: Array) -> Array:
+        del act_gate_BxTxF, valid_BxT
+        dropped_BxTxF = neuron_output_norms(x1_BxTxF, norms_LxF[layer]) <= taus[layer]
+        return jnp.where(dropped_BxTxF, jnp.zeros_like(x1_BxTxF), x1_BxTxF)
+
+    return mask
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Forward pass
 # ---------------------------------------------------------------------------------------------------------------
+class _Inputs(NamedTuple):
+    """What every layer reads besides its parameters (built once per forward pass)."""
+
+    bias_blocks: list[tuple[int, int, Array]]
+    rope_cs: tuple[Array, Array]
+    valid_BxT: Array  # bool, False on padding
+
+
+def _layer_stats(x1_BxTxF: Array, valid_BxT: Array) -> tuple[Array, Array]:
+    """(mean |x1|, fraction of exact zeros), each over valid tokens x d_ff, float32 scalars."""
+    w_BxTx1 = valid_BxT.astype(jnp.float32)[..., None]
+    n = jnp.maximum(jnp.sum(w_BxTx1), 1.0) * x1_BxTxF.shape[-1]
+    mean_abs = jnp.sum(jnp.abs(x1_BxTxF).astype(jnp.float32) * w_BxTx1) / n
+    zeros = jnp.sum((x1_BxTxF == 0).astype(jnp.float32) * w_BxTx1) / n
+    return mean_abs, zeros
+
+
+def decoder_layer(h_BxTxD: Array, lp: Params, layer: Array | int, inp: _Inputs, cfg: ModelConfig,
+                  x1_mask: X1Mask | None, capture: bool) -> tuple[Array, tuple[Array, ...]]:
+    """One pre-norm block: h += attn(norm(h)) * r; h += ffn(norm(h)) * r. Returns (h, layer statistics)."""
+    dt, r = h_BxTxD.dtype, cfg.residual_scale
+    a = attention(rms_norm(h_BxTxD, lp["attn_norm_LxD"], cfg.norm_eps), lp, inp.bias_blocks, inp.rope_cs, cfg)
+    h_BxTxD = h_BxTxD + (a * r).astype(dt)
+    x1_BxTxF, act_BxTxF = ffn_hidden(rms_norm(h_BxTxD, lp["ffn_norm_LxD"], cfg.norm_eps), lp, cfg)
+    if x1_mask is not None:
+        x1_BxTxF = x1_mask(jnp.asarray(layer, jnp.int32), x1_BxTxF, act_BxTxF, inp.valid_BxT)
+    h_BxTxD = h_BxTxD + (ffn_down(x1_BxTxF, lp) * r).astype(dt)
+    return h_BxTxD, _layer_stats(x1_BxTxF, inp.valid_BxT) + ((x1_BxTxF, act_BxTxF) if capture else ())
+
+
+def _run_layers(params: Params, h_BxTxD: Array, layer_fn: Callable) -> tuple[Array, tuple[Array, ...]]:
+    """All layers: ``lax.scan`` over the stacked layout, unrolled over the per-layer one; stats stacked on [L]."""
+    if isinstance(params["layers"], (list, tuple)):
+        per_layer = []
+        for i, group in enumerate(params["layers"]):
+            h_BxTxD, o = layer_fn(h_BxTxD, (jax.tree.map(lambda x: x[0], group), i))
+            per_layer.append(o)
+        return h_BxTxD, tuple(jnp.stack(z) for z in zip(*per_layer, strict=True))
+    n_layers = jax.tree.leaves(params["layers"])[0].shape[0]
+    return jax.lax.scan(layer_fn, h_BxTxD, (params["layers"], jnp.arange(n_layers, dtype=jnp.int32)))
+
+
 def forward(
-    params: Params,
-    ids_BxT: Array,
-    cfg: ModelConfig,
-    *,
-    segment_ids_BxT: Array | None = None,
-    positions_BxT: Array | None = None,
-    x1_thresholds: Array | None = None,
-    capture: bool = False,
-    gate_rule: Callable[[Array, Array, Array], Array] | None = None,
-    gate_rule_params_L: Array | None = None,
+    params: Params, ids_BxT: Array, cfg: ModelConfig, *, segment_ids_BxT: Array | None = None,
+    positions_BxT: Array | None = None, x1_mask: X1Mask | None = None, capture: bool = False,
 ) -> tuple[Array, FFNStats]:
     """Runs the decoder.
 
@@ -279,80 +334,35 @@ def forward(
       segment_ids_BxT: packed-sequence ids; attention stays within a segment; id 0 marks padding (excluded from the
         statistics). None = one sequence per row.
       positions_BxT: RoPE positions (restart at 0 per segment when packing). None = 0..T-1.
-      x1_thresholds: per-layer threshold on |x1|, shape [L] (one per layer) or [L, F] (per neuron); x1 entries with
-        |x1| < threshold are zeroed. None uses ``cfg.neuron_thresholds`` (sparse mode) if set, else dense.
+      x1_mask: a hook that masks x1 in every layer (:data:`X1Mask`). None = the config's sparse mode
+        (``cfg.neuron_thresholds``, :func:`neuron_norm_mask`) when set, else dense; a given hook replaces it.
       capture: also return the full x1 and act(gate) tensors in the stats.
-      gate_rule: optional ``rule(act_gate_BxTxF, valid_BxT, param) -> keep_BxTxF``; x1 is zeroed where it is False
-        (Top-k / FAT-eps evaluation on |act(gate)|, see :mod:`prosparse_jax.sparsity`). ``gate_rule_params_L`` gives
-        each layer's ``param``.
 
     Returns:
       (logits [B, T, V] float32, FFNStats with [L]-shaped statistics).
     """
     dt = jnp.dtype(cfg.dtype)
     B, T = ids_BxT.shape
-    L, F = cfg.n_layers, cfg.d_ff
     if positions_BxT is None:
         positions_BxT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-    bias_blocks = attention_bias_blocks(segment_ids_BxT, T, B)
-    rope_cs = rope_tables(positions_BxT, cfg.hd, cfg.rope_theta)
-    valid_BxT = (
-        jnp.ones((B, T), jnp.float32) if segment_ids_BxT is None else (segment_ids_BxT != 0).astype(jnp.float32)
-    )
-    n_valid = jnp.maximum(valid_BxT.sum(), 1.0) * F
+    valid_BxT = jnp.ones((B, T), bool) if segment_ids_BxT is None else segment_ids_BxT != 0
+    inp = _Inputs(attention_bias_blocks(segment_ids_BxT, T, B), rope_tables(positions_BxT, cfg.head_dim,
+                                                                            cfg.rope_theta), valid_BxT)
+    if x1_mask is None and cfg.neuron_thresholds:
+        x1_mask = neuron_norm_mask(params, cfg.neuron_thresholds)
 
-    if x1_thresholds is None and cfg.neuron_thresholds:
-        x1_thresholds = neuron_thresholds_from_norms(params, jnp.asarray(cfg.neuron_thresholds))
-    thr_LxF = None
-    if x1_thresholds is not None:
-        thr = jnp.asarray(x1_thresholds, jnp.float32)
-        thr_LxF = jnp.broadcast_to(thr[:, None] if thr.ndim == 1 else thr, (L, F))
-
-    h_BxTxD = (params["embed_VxD"][ids_BxT] * cfg.scale_emb).astype(dt)
-    r = cfg.residual_scale
-
-    keep_fn = None
-    if gate_rule is not None:
-        valid_bool_BxT = valid_BxT > 0
-        keep_fn = lambda act, p: gate_rule(act, valid_bool_BxT, p)  # noqa: E731
-        if gate_rule_params_L is None:
-            raise ValueError("gate_rule needs gate_rule_params_L (one parameter per layer)")
-    rule_L = None if gate_rule is None else jnp.asarray(gate_rule_params_L, jnp.float32)
-
-    def layer(h_BxTxD: Array, xs: tuple[Params, Array | None, Array | None]) -> tuple[Array, tuple[Array, ...]]:
-        lp, thr_F, rule_p = xs
-        a = attention(rms_norm(h_BxTxD, lp["attn_norm_LxD"], cfg.norm_eps), lp, bias_blocks, rope_cs, cfg)
-        h_BxTxD = h_BxTxD + (a * r).astype(dt)
-        keep = None if keep_fn is None else (lambda act: keep_fn(act, rule_p))
-        f, x1_BxTxF, act_BxTxF = ffn(rms_norm(h_BxTxD, lp["ffn_norm_LxD"], cfg.norm_eps), lp, cfg, thr_F, keep)
-        h_BxTxD = h_BxTxD + (f * r).astype(dt)
-        w_BxTx1 = valid_BxT[..., None]
-        l1 = jnp.sum(jnp.abs(x1_BxTxF).astype(jnp.float32) * w_BxTx1) / n_valid
-        zeros = jnp.sum((x1_BxTxF == 0).astype(jnp.float32) * w_BxTx1) / n_valid
-        outs = (l1, zeros) + ((x1_BxTxF, act_BxTxF) if capture else ())
-        return h_BxTxD, outs
+    def layer(h_BxTxD: Array, xs: tuple[Params, Array | int]) -> tuple[Array, tuple[Array, ...]]:
+        return decoder_layer(h_BxTxD, xs[0], xs[1], inp, cfg, x1_mask, capture)
 
     if cfg.remat:
         layer = jax.checkpoint(layer, prevent_cse=False)
-    if isinstance(params["layers"], (list, tuple)):  # per-layer layout: unrolled
-        per_layer = []
-        for i, group in enumerate(params["layers"]):
-            xs = (jax.tree.map(lambda x: x[0], group), None if thr_LxF is None else thr_LxF[i],
-                  None if rule_L is None else rule_L[i])
-            h_BxTxD, o = layer(h_BxTxD, xs)
-            per_layer.append(o)
-        outs = tuple(jnp.stack(z) for z in zip(*per_layer, strict=True))
-    else:
-        h_BxTxD, outs = jax.lax.scan(layer, h_BxTxD, (params["layers"], thr_LxF, rule_L))
-
-    h_BxTxD = rms_norm(h_BxTxD, params["final_norm_D"], cfg.norm_eps)
-    h_BxTxD = h_BxTxD / jnp.asarray(cfg.logits_divisor, dt)
+    h_BxTxD = (params["embed_VxD"][ids_BxT] * cfg.scale_emb).astype(dt)
+    h_BxTxD, outs = _run_layers(params, h_BxTxD, layer)
+    h_BxTxD = rms_norm(h_BxTxD, params["final_norm_D"], cfg.norm_eps) / jnp.asarray(cfg.logits_divisor, dt)
     head_DxV = params["embed_VxD"].T if cfg.tie_embeddings else params["lm_head_DxV"]
     logits_BxTxV = jnp.dot(h_BxTxD.reshape(B * T, -1), head_DxV.astype(dt),
                            preferred_element_type=jnp.float32).reshape(B, T, -1)
-    stats = FFNStats(l1=outs[0], zero_frac=outs[1], x1=outs[2] if capture else None,
-                     act_gate=outs[3] if capture else None)
-    return logits_BxTxV, stats
+    return logits_BxTxV, FFNStats(*outs)
 
 
 def cross_entropy(
@@ -373,7 +383,8 @@ def cross_entropy(
 
 
 def fold_minicpm_scales(params: Params, cfg: ModelConfig) -> tuple[Params, ModelConfig]:
-    """Folds MiniCPM's scale_emb, scale_depth/sqrt(L) and logits divisor into the weights (REFERENCE §5).
+    """Folds MiniCPM's scale_emb, scale_depth/sqrt(L) and logits divisor into the weights (what a MiniCPM checkpoint
+    needs to load as a transformers LlamaForCausalLM).
 
     Returns an equivalent plain LLaMA model (all scales 1, untied head): embed *= scale_emb;
     lm_head = (original head) / (d_model / dim_model_base); wo and w_down *= scale_depth / sqrt(L).

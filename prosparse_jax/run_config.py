@@ -98,7 +98,7 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.sparsity = ml_collections.ConfigDict()
     # ProSparse stage table: [[lambda_i, T_i], ...], T_i cumulative optimizer steps, stage 0 first (lambda 0 =
-    # activation substitution only), stage 1 constant warmup, later stages sine-interpolated (REFERENCE §2).
+    # activation substitution only), stage 1 constant warmup, later stages sine-interpolated (ProSparse §3.2).
     c.sparsity.stages = [[0.0, 1000]]
     # Regulariser: lambda(t) * sum over layers of the layer's L1 term, reduced as l1_reduction says:
     # 'sum'  = ||x1||_1 of each token's d_ff vector (ProSparse Eq. 2, a sum over d_ff), averaged over valid tokens;
@@ -191,7 +191,7 @@ def resolve(c: ml_collections.ConfigDict) -> RunConfig:
     train = TrainConfig(**t)
     s = section_items(SparsityConfig, "sparsity", _section(c, "sparsity"))
     try:
-        stages = [(float(lam), int(step)) for lam, step in s["stages"]]
+        stages = [(float(reg), int(step)) for reg, step in s["stages"]]
     except (TypeError, ValueError) as e:
         raise ConfigError(f"sparsity.stages: expected [[lambda, step], ...], got {s['stages']!r}") from e
     try:

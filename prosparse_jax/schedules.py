@@ -1,7 +1,7 @@
 """Step schedules: the ProSparse regularisation factor lambda(t) and the learning rate.
 
 Every schedule is an optax-style ``Callable[[step], scalar]`` that is jit-traceable: inside a jitted train step the
-step is a traced int32 scalar. Plain-python references (``lambda_numpy``) sit next to them for tests and plots.
+step is a traced int32 scalar. Plain-python references (``reg_factor_numpy``) sit next to them for tests and plots.
 
 Step convention (used by every schedule here and by :mod:`prosparse_jax.optim`): ``t`` is the number of optimizer
 updates already applied, i.e. the 0-based index of the update being computed. The first update uses ``t = 0``; this
@@ -9,7 +9,7 @@ is the ``count`` that optax keeps in the optimizer state, so a resumed run conti
 entry ``(lambda_i, T_i)`` means "stage i ends with update index T_i": ``lambda(T_i)`` is the stage-i formula evaluated
 at its right end (``t <= T_i`` belongs to stage i).
 
-ProSparse lambda(t) (REFERENCE §2), stages ``[(lambda_0, T_0), (lambda_1, T_1), ...]`` with cumulative ``T_i``:
+ProSparse lambda(t) (ProSparse §3.2, Eq. 2), stages ``[(lambda_0, T_0), (lambda_1, T_1), ...]`` with cumulative ``T_i``:
 
 * ``t <= T_0``: ``lambda_0`` (normally 0: activation substitution only);
 * ``T_0 < t <= T_1`` (warmup): ``lambda_1``, constant;
@@ -36,7 +36,7 @@ Schedule = Callable[[Any], jax.Array]
 Stages = list[tuple[float, int]]
 
 # ---------------------------------------------------------------------------------------------------------------
-# ProSparse stage tables (REFERENCE §2): (lambda_i, cumulative T_i), stage 0 first.
+# ProSparse stage tables (ProSparse §4.1 and App. for MiniCPM): (lambda_i, cumulative T_i), stage 0 first.
 # ---------------------------------------------------------------------------------------------------------------
 PROSPARSE_STAGES: dict[str, Stages] = {
     "llama2-7b": [(0.0, 5000), (5e-3, 6000), (5e-2, 10000), (5e-2, 12000), (2e-1, 16000), (2e-1, 16500)],
@@ -88,13 +88,13 @@ def validate_stages(stages: Sequence[Sequence[float]]) -> Stages:
     for i, pair in enumerate(pairs):
         if len(pair) != 2:
             raise bad(f"stage {i} must be a (lambda, steps) pair, got {pair!r}")
-        lam, steps = pair
+        reg, steps = pair
         try:
-            lam_f = float(lam)
+            reg_f = float(reg)
         except (TypeError, ValueError):
-            raise bad(f"stage {i}: lambda must be a number, got {lam!r}") from None
-        if not math.isfinite(lam_f) or lam_f < 0:
-            raise bad(f"stage {i}: lambda must be finite and >= 0, got {lam!r}")
+            raise bad(f"stage {i}: lambda must be a number, got {reg!r}") from None
+        if not math.isfinite(reg_f) or reg_f < 0:
+            raise bad(f"stage {i}: lambda must be finite and >= 0, got {reg!r}")
         steps_i = _as_int(steps)
         if steps_i is None or steps_i <= 0:
             raise bad(f"stage {i}: steps must be a positive integer (cumulative update count), got {steps!r}")
@@ -103,7 +103,7 @@ def validate_stages(stages: Sequence[Sequence[float]]) -> Stages:
                 f"steps must be strictly increasing (they are cumulative), but stage {i} ends at {steps_i} "
                 f"<= stage {i - 1} end {out[-1][1]}"
             )
-        out.append((lam_f, steps_i))
+        out.append((reg_f, steps_i))
     return out
 
 
@@ -123,17 +123,17 @@ def scale_stages(stages: Sequence[Sequence[float]], total_steps: int, *, merge: 
         raise ConfigError(f"sparsity.stages: total_steps must be a positive integer, got {total_steps!r}")
     last = st[-1][1]
     # Round half up in exact integer arithmetic.
-    scaled = [(lam, (2 * T * total_steps + last) // (2 * last)) for lam, T in st]
+    scaled = [(reg, (2 * T * total_steps + last) // (2 * last)) for reg, T in st]
     steps = [T for _, T in scaled]
     if merge:
         merged: Stages = []
-        for lam, T in scaled:
+        for reg, T in scaled:
             if T <= 0:
                 continue
             if merged and merged[-1][1] == T:
-                merged[-1] = (lam, T)
+                merged[-1] = (reg, T)
             else:
-                merged.append((lam, T))
+                merged.append((reg, T))
         return merged
     if steps[0] <= 0 or any(b <= a for a, b in zip(steps, steps[1:], strict=False)):
         # A scaled gap >= 1 before rounding keeps the rounded ends distinct, hence this sufficient bound.
@@ -146,30 +146,30 @@ def scale_stages(stages: Sequence[Sequence[float]], total_steps: int, *, merge: 
     return scaled
 
 
-def lambda_numpy(stages: Sequence[Sequence[float]], t: float) -> float:
-    """Plain-python lambda(t) for update index ``t`` (reference of :func:`lambda_schedule`, for tests and plots)."""
+def reg_factor_numpy(stages: Sequence[Sequence[float]], t: float) -> float:
+    """Plain-python lambda(t) for update index ``t`` (reference of :func:`reg_factor_schedule`, for tests and plots)."""
     st = validate_stages(stages)
     if t <= st[0][1]:
         return st[0][0]
     for i in range(1, len(st)):
-        lam_prev, T_prev = st[i - 1]
-        lam_i, T_i = st[i]
+        reg_prev, T_prev = st[i - 1]
+        reg_i, T_i = st[i]
         if t <= T_i:
             if i == 1:
-                return lam_i
+                return reg_i
             eta = 0.5 * (math.sin(-math.pi / 2 + math.pi * (t - T_prev) / (T_i - T_prev)) + 1.0)
-            return lam_prev + eta * (lam_i - lam_prev)
+            return reg_prev + eta * (reg_i - reg_prev)
     return st[-1][0]
 
 
-def lambda_schedule(stages: Sequence[Sequence[float]]) -> Schedule:
+def reg_factor_schedule(stages: Sequence[Sequence[float]]) -> Schedule:
     """The ProSparse factor lambda(t) as a jit-traceable schedule of the update index (see module docstring).
 
     Built from optax's own pieces: ``optax.join_schedules`` of constant stages (stage 0 and the warm-up) and sine
     ramps, each ramp ``lambda_i + (lambda_{i-1} - lambda_i) * optax.cosine_decay_schedule(1, span)``, which is
     ``lambda_{i-1} + eta (lambda_i - lambda_{i-1})`` with ``eta = (1 - cos(pi tau)) / 2``. A stage owns the steps
     ``T_{i-1} < t <= T_i``, so each piece starts at boundary ``T_{i-1} + 1`` and is evaluated at ``tau =
-    (t - T_{i-1}) / span``. :func:`lambda_numpy` is the plain-python reference.
+    (t - T_{i-1}) / span``. :func:`reg_factor_numpy` is the plain-python reference.
 
     Args:
         stages: ``(lambda_i, T_i)`` pairs, validated with :func:`validate_stages`.
@@ -184,10 +184,10 @@ def lambda_schedule(stages: Sequence[Sequence[float]]) -> Schedule:
     if len(st) > 1:
         pieces.append(optax.constant_schedule(st[1][0]))
     for i in range(2, len(st)):
-        (lam_prev, t_prev), (lam_i, t_i) = st[i - 1], st[i]
+        (reg_prev, t_prev), (reg_i, t_i) = st[i - 1], st[i]
         ramp = optax.cosine_decay_schedule(1.0, t_i - t_prev)  # 1 -> 0 over the stage
 
-        def piece(s: Any, ramp: Schedule = ramp, lo: float = lam_prev, hi: float = lam_i) -> jax.Array:
+        def piece(s: Any, ramp: Schedule = ramp, lo: float = reg_prev, hi: float = reg_i) -> jax.Array:
             return hi + (lo - hi) * ramp(s + 1)  # s = t - (T_{i-1} + 1): the stage's first update has tau = 1/span
 
         pieces.append(piece)

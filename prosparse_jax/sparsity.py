@@ -2,7 +2,7 @@
 
 Shape letters as in :mod:`prosparse_jax.model`: L layers, B batch, T sequence, F d_ff, D d_model; N = flattened units.
 
-Metrics (REFERENCE §1, §3). A neuron i is *active* on a token when its x1_i survives the metric's sparsification
+Metrics (ProSparse §2 for exact zeros; Sparsing Law §4.1 for Top-k, FAT-eps, CETT and PPL-p%). A neuron i is *active* on a token when its x1_i survives the metric's sparsification
 and is non-zero (an exactly-zero x1_i contributes nothing under any metric); activation ratio = 1 - sparsity.
 
 - ``exact``: x1 != 0 (ProSparse's measure).
@@ -20,23 +20,21 @@ and is non-zero (an exactly-zero x1_i contributes nothing under any metric); act
 CETT is *not* monotone in tau in general (adding a neuron to the tail can cancel part of the tail's sum), only for
 orthogonal W_down rows; in practice it is close to monotone and bisection finds a crossing of the target.
 
-Sparse loss of topk / fat: the model's sparse-mode hook thresholds |x1| (``forward(x1_thresholds=...)``), which is not
-a threshold on |act(gate)| when act is SiLU (x1 = act(gate) * up); :func:`forward_gate_masked` is a forward variant
-built from :mod:`prosparse_jax.model`'s blocks that masks x1 by a rule on |act(gate)| instead. For cett / pplp the
-model's own hook is exact (it is what sparse mode runs), up to ``<`` vs ``<=`` at n_i == tau exactly.
+Sparse loss (the model run with the metric's mask): every metric is an x1 hook of ``model.forward(x1_mask=...)``.
+topk / fat rule on |act(gate)| (:func:`topk_x1_mask`, :func:`fat_x1_mask`; for SiLU that is not a rule on |x1|, as
+x1 = act(gate) * up); cett / pplp use the model's own sparse-mode hook ``model.neuron_norm_mask``, which drops
+n_i <= tau exactly as the CETT tail below counts it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from prosparse_jax.config import ModelConfig
-from prosparse_jax.model import Params, forward
+from prosparse_jax.model import X1Mask, neuron_output_norms
 
 Array = jax.Array
 
@@ -112,16 +110,6 @@ def topk_threshold(act_gate_BxTxF: Array, keep_BxTxF: Array, mode: str, valid_Bx
 # ---------------------------------------------------------------------------------------------------------------
 # CETT
 # ---------------------------------------------------------------------------------------------------------------
-def w_down_norms(params: Params) -> Array:
-    """||W_down[:, i]|| per layer and neuron, [L, F] (row i of our [L, F, D] w_down)."""
-    return jnp.linalg.norm(params["layers"]["w_down_LxFxD"].astype(jnp.float32), axis=-1)
-
-
-def neuron_output_norms(x1_BxTxF: Array, norms_F: Array) -> Array:
-    """n_i = |x1_i| * ||W_down[:, i]|| of one layer, [B, T, F]."""
-    return jnp.abs(x1_BxTxF.astype(jnp.float32)) * norms_F
-
-
 def ffn_out_norms(x1_BxTxF: Array, w_down_FxD: Array) -> Array:
     """||FFN(x)|| = ||x1 @ W_down|| per token of one layer, [B, T] (the residual scale cancels in CETT)."""
     return jnp.linalg.norm(jnp.einsum("btf,fd->btd", x1_BxTxF.astype(jnp.float32),
@@ -268,38 +256,25 @@ def add_stats(acc: dict[str, np.ndarray] | None, s: dict[str, Array]) -> dict[st
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Forward with an x1 mask ruled by |act(gate)| (topk / fat sparse loss)
+# x1 hooks of the gate rules (topk / fat sparse loss): masks on |act(gate)|, see model.X1Mask
 # ---------------------------------------------------------------------------------------------------------------
-GateRule = Callable[[Array, Array, Array], Array]  # (act_gate_BxTxF, valid_BxT, layer param) -> keep_BxTxF
+def fat_x1_mask(eps_L: Array) -> X1Mask:
+    """FAT-eps in the model: x1_i zeroed where |act(gate_i)| < eps_l (layer l's eps from ``eps_L``)."""
+    eps_L = jnp.asarray(eps_L, jnp.float32)
+
+    def mask(layer: Array, x1_BxTxF: Array, act_gate_BxTxF: Array, valid_BxT: Array) -> Array:
+        del valid_BxT
+        return jnp.where(fat_mask(act_gate_BxTxF, eps_L[layer]), x1_BxTxF, jnp.zeros_like(x1_BxTxF))
+
+    return mask
 
 
-def fat_rule(act_gate_BxTxF: Array, valid_BxT: Array, eps: Array) -> Array:
-    """Gate rule of FAT-eps (per-layer eps)."""
-    del valid_BxT
-    return fat_mask(act_gate_BxTxF, eps)
+def topk_x1_mask(k_L: Array, mode: str) -> X1Mask:
+    """Top-k in the model: x1 kept on the k-fraction of largest |act(gate)| (:func:`topk_mask` in ``mode``)."""
+    k_L = jnp.asarray(k_L, jnp.float32)
 
+    def mask(layer: Array, x1_BxTxF: Array, act_gate_BxTxF: Array, valid_BxT: Array) -> Array:
+        keep_BxTxF = topk_mask(act_gate_BxTxF, k_L[layer], mode, valid_BxT)
+        return jnp.where(keep_BxTxF, x1_BxTxF, jnp.zeros_like(x1_BxTxF))
 
-def topk_rule(mode: str) -> GateRule:
-    """Gate rule of top-k in ``mode`` (per-layer k)."""
-
-    def rule(act_gate_BxTxF: Array, valid_BxT: Array, k: Array) -> Array:
-        return topk_mask(act_gate_BxTxF, k, mode, valid_BxT)
-
-    return rule
-
-
-def forward_gate_masked(
-    params: Params, ids_BxT: Array, cfg: ModelConfig, rule: GateRule, rule_param_L: Array, *,
-    segment_ids_BxT: Array | None = None, positions_BxT: Array | None = None,
-) -> tuple[Array, Array]:
-    """:func:`prosparse_jax.model.forward` with x1 zeroed where ``rule(act_gate, valid, rule_param_L[l])`` is False.
-
-    A thin wrapper of ``model.forward(..., gate_rule=...)``; a test checks that a keep-all rule gives the same logits.
-    ``cfg.neuron_thresholds`` is ignored (the rule replaces sparse mode).
-
-    Returns:
-      (logits [B, T, V] float32, activation ratio per layer [L] of the sparse run: non-zero x1 over valid tokens).
-    """
-    logits_BxTxV, stats = forward(params, ids_BxT, cfg.replace(neuron_thresholds=()), segment_ids_BxT=segment_ids_BxT,
-                                  positions_BxT=positions_BxT, gate_rule=rule, gate_rule_params_L=rule_param_L)
-    return logits_BxTxV, 1.0 - stats.zero_frac
+    return mask

@@ -94,10 +94,10 @@ def loss_fn(params: Params, batch: dict[str, jax.Array], cfg: ModelConfig, reg_f
     lm_loss = cross_entropy(logits, batch["targets"], batch["weights"])
     if l1_reduction not in L1_REDUCTIONS:
         raise ConfigError(f"sparsity.l1_reduction: {l1_reduction!r}; choose one of: {', '.join(L1_REDUCTIONS)}")
-    per_element = jnp.sum(stats.l1)  # stats.l1: mean |x1| over valid tokens x d_ff, per layer
+    per_element = jnp.sum(stats.mean_abs_x1)  # stats.mean_abs_x1: mean |x1| over valid tokens x d_ff, per layer
     reg_loss = reg_factor * (per_element * cfg.d_ff if l1_reduction == "sum" else per_element)
     return lm_loss + reg_loss, {"lm_loss": lm_loss, "reg_loss": reg_loss, "sparsity_per_layer": stats.zero_frac,
-                                "l1_per_layer": stats.l1}
+                                "mean_abs_x1_per_layer": stats.mean_abs_x1}
 
 
 def accumulate_grads(params: Params, batch: dict[str, jax.Array], cfg: ModelConfig, reg_factor: jax.Array,
@@ -122,7 +122,7 @@ def accumulate_grads(params: Params, batch: dict[str, jax.Array], cfg: ModelConf
         _, aux = loss_fn(p, mb, cfg, reg_factor, l1_reduction)
         out = {"lm_loss": aux["lm_loss"] * ce_share, "reg_loss": aux["reg_loss"] * reg_share,
                "sparsity_per_layer": aux["sparsity_per_layer"] * reg_share,
-               "l1_per_layer": aux["l1_per_layer"] * reg_share}
+               "mean_abs_x1_per_layer": aux["mean_abs_x1_per_layer"] * reg_share}
         return out["lm_loss"] + out["reg_loss"], out
 
     grad_fn = jax.value_and_grad(weighted, has_aux=True)
@@ -135,20 +135,20 @@ def accumulate_grads(params: Params, batch: dict[str, jax.Array], cfg: ModelConf
         return (jax.tree.map(jnp.add, g_acc, g), jax.tree.map(jnp.add, aux_acc, aux)), None
 
     zeros_aux = {"loss": 0.0, "lm_loss": 0.0, "reg_loss": 0.0,
-                 "sparsity_per_layer": jnp.zeros(cfg.n_layers), "l1_per_layer": jnp.zeros(cfg.n_layers)}
+                 "sparsity_per_layer": jnp.zeros(cfg.n_layers), "mean_abs_x1_per_layer": jnp.zeros(cfg.n_layers)}
     zeros_aux = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), zeros_aux)
     (grads, aux), _ = jax.lax.scan(micro, (jax.tree.map(jnp.zeros_like, params), zeros_aux), (batch, *shares))
     return aux, grads
 
 
-def make_train_step(rc: RunConfig, tx: Any, lr_fn: Any, lam_fn: Any):
+def make_train_step(rc: RunConfig, tx: Any, lr_fn: Any, reg_factor_fn: Any):
     """Builds ``step(state, batch) -> (state, metrics)``; batch leaves are [grad_accum, micro_batch, T]."""
     cfg = rc.model
 
     def step(state: dict[str, Any], batch: dict[str, jax.Array]) -> tuple[dict[str, Any], dict[str, jax.Array]]:
         t = state["step"]
-        lam = lam_fn(t)
-        aux, grads = accumulate_grads(state["params"], batch, cfg, lam, rc.sparsity.l1_reduction)
+        reg_factor = reg_factor_fn(t)
+        aux, grads = accumulate_grads(state["params"], batch, cfg, reg_factor, rc.sparsity.l1_reduction)
         grad_norm = optax.global_norm(grads)
         finite = jnp.isfinite(aux["loss"]) & jnp.isfinite(grad_norm)
 
@@ -161,7 +161,7 @@ def make_train_step(rc: RunConfig, tx: Any, lr_fn: Any, lam_fn: Any):
         new_params, new_opt = jax.lax.cond(finite, apply, lambda ops: (ops[0], ops[1]),
                                            (state["params"], state["opt_state"], grads))
         new_state = {"params": new_params, "opt_state": new_opt, "step": jnp.where(finite, t + 1, t)}
-        metrics = dict(aux, reg_factor=lam, lr=lr_fn(t), grad_norm=grad_norm, finite=finite,
+        metrics = dict(aux, reg_factor=reg_factor, lr=lr_fn(t), grad_norm=grad_norm, finite=finite,
                        sparsity=jnp.mean(aux["sparsity_per_layer"]))
         return new_state, metrics
 
@@ -379,7 +379,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, stop_after:
 
     # ---- state ----
     tx, lr_fn = optim_lib.make_optimizer(rc.optim, rc.train.steps, rc.model.d_model)
-    lam_fn = schedules.lambda_schedule(rc.sparsity.stages)
+    reg_factor_fn = schedules.reg_factor_schedule(rc.sparsity.stages)
     p_shard = shard_lib.shardings_like(abstract_params(rc.model), mesh)
     rng = jax.random.key(rc.train.seed)
 
@@ -427,7 +427,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, stop_after:
             out[k] = jax.make_array_from_process_local_data(sh, v) if n_proc > 1 else jax.device_put(v, sh)
         return out
 
-    step_fn = jax.jit(make_train_step(rc, tx, lr_fn, lam_fn), donate_argnums=(0,))
+    step_fn = jax.jit(make_train_step(rc, tx, lr_fn, reg_factor_fn), donate_argnums=(0,))
 
     # ---- metrics ----
     writer = MetricsWriter(workdir, resume_step=start, enabled=is_main)
@@ -462,7 +462,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, stop_after:
     step = start
     interrupted = False
     t_last, tokens_since = time.perf_counter(), 0
-    mean_keys = ("loss", "lm_loss", "reg_loss", "grad_norm", "sparsity", "sparsity_per_layer", "l1_per_layer")
+    mean_keys = ("loss", "lm_loss", "reg_loss", "grad_norm", "sparsity", "sparsity_per_layer", "mean_abs_x1_per_layer")
     acc: dict[str, Any] = {}  # sums since the last metrics entry (entries report interval means)
     n_acc = 0
     # Metrics are fetched one step late: step s+1 is dispatched before the host waits on step s's metrics, so the
@@ -501,7 +501,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, stop_after:
                 "reg_loss": float(mean["reg_loss"]), "grad_norm": float(mean["grad_norm"]),
                 "sparsity": float(mean["sparsity"]),
                 "sparsity_per_layer": [float(x) for x in mean["sparsity_per_layer"]],
-                "l1_per_layer": [float(x) for x in mean["l1_per_layer"]],
+                "mean_abs_x1_per_layer": [float(x) for x in mean["mean_abs_x1_per_layer"]],
                 # values of the update with index step - 1
                 "reg_factor": float(m["reg_factor"]), "lr": float(m["lr"]),
                 "last_loss": float(m["loss"]), "last_sparsity": float(m["sparsity"]),

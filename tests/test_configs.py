@@ -1,4 +1,4 @@
-"""Every config file and arg builds (jax.eval_shape), describe matches REFERENCE numbers, bad configs fail clearly."""
+"""Every config file and arg builds (jax.eval_shape), describe matches the papers' numbers, bad configs fail clearly."""
 
 import json
 import subprocess
@@ -103,7 +103,7 @@ def test_sparsing_law_tokens_per_step_and_heads(scale, heads, tokens):
     """Sparsing Law Table 3 tokens per step; heads of the public configs (head width 128); every checkpoint kept."""
     rc = resolve(load("sparsing_law.py", f"{scale}-relu"))
     assert describe(rc)["tokens_per_step"] == tokens
-    assert (rc.model.n_heads, rc.model.n_kv_heads, rc.model.hd) == (heads, heads, 128)
+    assert (rc.model.n_heads, rc.model.n_kv_heads, rc.model.head_dim) == (heads, heads, 128)
     assert rc.train.keep_period == rc.train.checkpoint_every
 
 
@@ -123,8 +123,8 @@ def test_minicpm_lr_decays_over_the_whole_last_stage():
     peak = rc.optim.lr
     assert float(lr(34_999)) == pytest.approx(peak, rel=1e-6) and float(lr(35_000)) == pytest.approx(peak, rel=1e-6)
     assert float(lr(35_100)) < peak and float(lr(95_000)) == pytest.approx(peak * rc.optim.min_lr_ratio, rel=1e-5)
-    lam = schedules.lambda_numpy(rc.sparsity.stages, 35_000)
-    assert lam == schedules.lambda_numpy(rc.sparsity.stages, 95_000) == pytest.approx(5e-2)
+    lam = schedules.reg_factor_numpy(rc.sparsity.stages, 35_000)
+    assert lam == schedules.reg_factor_numpy(rc.sparsity.stages, 95_000) == pytest.approx(5e-2)
 
 
 @pytest.mark.parametrize("arg", ["minicpm-1b", "llama2-7b", "llama2-13b"])

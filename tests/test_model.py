@@ -13,7 +13,7 @@ from prosparse_jax.model import (
     forward,
     init_params,
     layer_param,
-    neuron_thresholds_from_norms,
+    neuron_norm_mask,
     rope,
     stack_layers,
     unstack_layers,
@@ -28,7 +28,7 @@ def _ids(cfg, B=2, T=12, seed=1):
 
 def _loss(params, ids, cfg):
     logits, stats = forward(params, ids[:, :-1], cfg)
-    return cross_entropy(logits, ids[:, 1:]) + 0.1 * stats.l1.sum()
+    return cross_entropy(logits, ids[:, 1:]) + 0.1 * stats.mean_abs_x1.sum()
 
 
 def _assert_grads_close(a, b, rtol=1e-5):
@@ -77,7 +77,7 @@ def test_causality_gradients():
 def _naive_mha_logits(params, ids, cfg):
     """Independent per-head numpy implementation of a LLaMA forward pass (fp64)."""
     p = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
-    L, N, K, H = cfg.n_layers, cfg.n_heads, cfg.n_kv_heads, cfg.hd
+    L, N, K, H = cfg.n_layers, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
     T = ids.shape[1]
     h = p["embed_VxD"][np.asarray(ids[0])]
 
@@ -207,31 +207,39 @@ def test_stats_match_captured_x1_and_ignore_padding():
     valid = np.asarray(seg != 0)
     x1 = np.asarray(st.x1)[:, valid]  # [L, tokens, F]
     np.testing.assert_allclose(st.zero_frac, (x1 == 0).mean(axis=(1, 2)), rtol=1e-6)
-    np.testing.assert_allclose(st.l1, np.abs(x1).mean(axis=(1, 2)), rtol=1e-5)
+    np.testing.assert_allclose(st.mean_abs_x1, np.abs(x1).mean(axis=(1, 2)), rtol=1e-5)
     assert 0.2 < float(st.zero_frac.mean()) < 0.8  # random init ReLU: about half
     _, st_silu = forward(params, ids, cfg.replace(activation="silu"))
     assert float(st_silu.zero_frac.max()) == 0.0
 
 
-def test_threshold_hook():
+def test_x1_mask_hook_and_sparse_mode():
     cfg = tiny_model_config(activation="silu")
     params = init_params(cfg, jax.random.key(9))
     ids = _ids(cfg)
     dense, sd = forward(params, ids, cfg)
-    zero_thr, _ = forward(params, ids, cfg, x1_thresholds=jnp.zeros(cfg.n_layers))
-    # |x1| < 0 never holds: a no-op, but the extra select makes it another XLA program (equal up to round-off)
-    np.testing.assert_allclose(zero_thr, dense, rtol=1e-6, atol=1e-6 * float(jnp.abs(dense).max()))
-    _, s_big = forward(params, ids, cfg, x1_thresholds=jnp.full((cfg.n_layers,), 1e9))
-    np.testing.assert_array_equal(s_big.zero_frac, np.ones(cfg.n_layers))
-    _, s_mid = forward(params, ids, cfg, x1_thresholds=jnp.array([0.0, 1e-3]))
-    assert float(s_mid.zero_frac[0]) == 0.0 and float(s_mid.zero_frac[1]) > float(sd.zero_frac[1])
-    # sparse mode from config equals passing the per-neuron thresholds explicitly
+    calls = []
+
+    def identity(layer, x1, act, valid):
+        calls.append(layer.shape)
+        return x1
+
+    same, _ = forward(params, ids, cfg, x1_mask=identity)
+    np.testing.assert_allclose(same, dense, rtol=1e-6, atol=1e-6 * float(jnp.abs(dense).max()))
+    assert calls == [()]  # traced once inside lax.scan with a scalar layer index
+    drop_layer1 = lambda layer, x1, act, valid: jnp.where(layer == 1, 0.0, x1)  # noqa: E731
+    _, s1 = forward(params, ids, cfg, x1_mask=drop_layer1)
+    np.testing.assert_array_equal(s1.zero_frac, [0.0, 1.0])
+    _, s1u = forward(unstack_layers(params), ids, cfg, x1_mask=drop_layer1)  # per-layer layout: same layer index
+    np.testing.assert_array_equal(s1u.zero_frac, [0.0, 1.0])
+    # sparse mode from the config is the neuron-norm hook
     taus = (1e-3, 2e-3)
-    sparse_cfg = cfg.replace(neuron_thresholds=taus)
-    a, _ = forward(params, ids, sparse_cfg)
-    b, _ = forward(params, ids, cfg, x1_thresholds=neuron_thresholds_from_norms(params, jnp.array(taus)))
+    a, sa = forward(params, ids, cfg.replace(neuron_thresholds=taus))
+    b, _ = forward(params, ids, cfg, x1_mask=neuron_norm_mask(params, jnp.array(taus)))
     np.testing.assert_array_equal(a, b)
-    assert not np.array_equal(np.asarray(a), np.asarray(dense))
+    assert float(sa.zero_frac.min()) > 0.0 and not np.array_equal(np.asarray(a), np.asarray(dense))
+    _, s_big = forward(params, ids, cfg.replace(neuron_thresholds=(1e9, 1e9)))
+    np.testing.assert_array_equal(s_big.zero_frac, np.ones(cfg.n_layers))
 
 
 def test_rope_is_relative():

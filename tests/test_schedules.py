@@ -13,8 +13,8 @@ from prosparse_jax.schedules import (
     PROSPARSE_STAGES,
     constant,
     cosine,
-    lambda_numpy,
-    lambda_schedule,
+    reg_factor_numpy,
+    reg_factor_schedule,
     make_lr_schedule,
     scale_stages,
     validate_stages,
@@ -25,7 +25,7 @@ TABLES = sorted(PROSPARSE_STAGES)
 
 
 def _jit_lambda(stages):
-    return jax.jit(lambda_schedule(stages))
+    return jax.jit(reg_factor_schedule(stages))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -39,7 +39,7 @@ def test_lambda_at_boundaries_midpoints_and_beyond(name: str) -> None:
     for i, (lam_i, T_i) in enumerate(st):
         # exactly at T_i the stage-i formula gives lambda_i (eta = 1), stage 0 and 1 are constant
         np.testing.assert_allclose(float(lam(T_i)), lam_i, rtol=1e-6, atol=0)
-        np.testing.assert_allclose(lambda_numpy(st, T_i), lam_i, rtol=1e-12)
+        np.testing.assert_allclose(reg_factor_numpy(st, T_i), lam_i, rtol=1e-12)
         if i == 1:  # warmup stage: constant lambda_1 right after T_0
             np.testing.assert_allclose(float(lam(st[0][1] + 1)), lam_i, rtol=1e-6)
         if i >= 2:
@@ -48,23 +48,23 @@ def test_lambda_at_boundaries_midpoints_and_beyond(name: str) -> None:
                 mid = (T_prev + T_i) // 2
                 half = 0.5 * (lam_prev + lam_i)
                 np.testing.assert_allclose(float(lam(mid)), half, rtol=1e-6, atol=1e-9)
-                np.testing.assert_allclose(lambda_numpy(st, mid), half, rtol=1e-12, atol=1e-15)
+                np.testing.assert_allclose(reg_factor_numpy(st, mid), half, rtol=1e-12, atol=1e-15)
     last = st[-1]
     for t in (last[1] + 1, last[1] + 1000, 10**7):
         np.testing.assert_allclose(float(lam(t)), last[0], rtol=1e-6)
-        assert lambda_numpy(st, t) == last[0]
+        assert reg_factor_numpy(st, t) == last[0]
 
 
 def test_lambda_llama2_7b_values() -> None:
     st = PROSPARSE_STAGES["llama2-7b"]
-    assert lambda_numpy(st, 5000) == 0.0
-    assert lambda_numpy(st, 5001) == 5e-3
-    assert lambda_numpy(st, 8000) == pytest.approx(0.5 * (5e-3 + 5e-2))
-    assert lambda_numpy(st, 11000) == pytest.approx(5e-2)  # constant stage 3
-    assert lambda_numpy(st, 14000) == pytest.approx(0.5 * (5e-2 + 2e-1))
+    assert reg_factor_numpy(st, 5000) == 0.0
+    assert reg_factor_numpy(st, 5001) == 5e-3
+    assert reg_factor_numpy(st, 8000) == pytest.approx(0.5 * (5e-3 + 5e-2))
+    assert reg_factor_numpy(st, 11000) == pytest.approx(5e-2)  # constant stage 3
+    assert reg_factor_numpy(st, 14000) == pytest.approx(0.5 * (5e-2 + 2e-1))
     # quarter point: eta = (1 - cos(pi / 4)) / 2
     eta = (1 - math.cos(math.pi / 4)) / 2
-    assert lambda_numpy(st, 7000) == pytest.approx(5e-3 + eta * (5e-2 - 5e-3))
+    assert reg_factor_numpy(st, 7000) == pytest.approx(5e-3 + eta * (5e-2 - 5e-3))
 
 
 @pytest.mark.parametrize("name", TABLES)
@@ -75,8 +75,8 @@ def test_jit_matches_numpy(name: str) -> None:
         np.linspace(0, last + 500, 397).astype(np.int32),
         np.array([T + d for _, T in st for d in (-1, 0, 1)], np.int32),
     ]))
-    got = np.asarray(jax.jit(jax.vmap(lambda_schedule(st)))(jnp.asarray(ts, jnp.int32)))
-    want = np.array([lambda_numpy(st, int(t)) for t in ts])
+    got = np.asarray(jax.jit(jax.vmap(reg_factor_schedule(st)))(jnp.asarray(ts, jnp.int32)))
+    want = np.array([reg_factor_numpy(st, int(t)) for t in ts])
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-9)
     assert got.dtype == np.float32
 
@@ -86,16 +86,16 @@ def test_continuity(name: str) -> None:
     """Continuous everywhere except the stage 0 -> 1 jump; zero slope at the ends of the sine stages."""
     st = PROSPARSE_STAGES[name]
     (lam0, T0), (lam1, _) = st[0], st[1]
-    assert lambda_numpy(st, T0) == lam0 and lambda_numpy(st, T0 + 1e-9) == lam1  # the jump
+    assert reg_factor_numpy(st, T0) == lam0 and reg_factor_numpy(st, T0 + 1e-9) == lam1  # the jump
     for i in range(1, len(st)):
         T_i = st[i][1]
-        left, right = lambda_numpy(st, T_i - 1e-6), lambda_numpy(st, T_i + 1e-6)
+        left, right = reg_factor_numpy(st, T_i - 1e-6), reg_factor_numpy(st, T_i + 1e-6)
         assert abs(right - left) < 1e-9, (name, i)
-        assert abs(lambda_numpy(st, T_i) - left) < 1e-9, (name, i)
+        assert abs(reg_factor_numpy(st, T_i) - left) < 1e-9, (name, i)
 
 
 def test_stage_zero_only_and_two_stages() -> None:
-    assert lambda_numpy([(0.0, 10)], 5) == 0.0 and lambda_numpy([(0.0, 10)], 50) == 0.0
+    assert reg_factor_numpy([(0.0, 10)], 5) == 0.0 and reg_factor_numpy([(0.0, 10)], 50) == 0.0
     lam = _jit_lambda([(0.0, 10), (0.3, 20)])
     assert float(lam(10)) == 0.0
     np.testing.assert_allclose([float(lam(11)), float(lam(20)), float(lam(99))], 0.3, rtol=1e-6)
@@ -113,7 +113,7 @@ def test_scale_stages_keeps_shape() -> None:
     for (_, T), (_, Ts) in zip(st, scaled, strict=True):
         assert abs(Ts - T * 300 / 16500) <= 0.5
     # shape of the curve is preserved: lambda at a fraction of the run matches
-    assert lambda_numpy(scaled, 0.5 * 300) == pytest.approx(lambda_numpy(st, 0.5 * 16500), rel=0.05)
+    assert reg_factor_numpy(scaled, 0.5 * 300) == pytest.approx(reg_factor_numpy(st, 0.5 * 16500), rel=0.05)
 
 
 def test_scale_stages_too_short() -> None:
@@ -142,7 +142,7 @@ def test_validation_errors(stages, match: str) -> None:
     with pytest.raises(ValueError, match=r"sparsity\.stages: .*" + match):
         validate_stages(stages)
     with pytest.raises(ValueError, match=r"sparsity\.stages"):
-        lambda_schedule(stages)
+        reg_factor_schedule(stages)
 
 
 def test_validate_normalises() -> None:

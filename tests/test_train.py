@@ -19,7 +19,7 @@ from prosparse_jax import train as train_mod
 from prosparse_jax.config import ConfigError
 from prosparse_jax.metrics import read_metrics
 from prosparse_jax.model import forward, init_params
-from prosparse_jax.schedules import lambda_numpy
+from prosparse_jax.schedules import reg_factor_numpy
 
 ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
@@ -90,7 +90,7 @@ def test_train_writes_metrics_and_logs_lambda_per_step(corpus, tmp_path):
     # the entry of step s logs the update with index t = s - 1 (0-based), whose lambda is lambda(t)
     stages = [tuple(x) for x in c.sparsity.stages]
     for r in rows:
-        assert r["reg_factor"] == pytest.approx(lambda_numpy(stages, r["step"] - 1), rel=1e-6, abs=1e-9)
+        assert r["reg_factor"] == pytest.approx(reg_factor_numpy(stages, r["step"] - 1), rel=1e-6, abs=1e-9)
     assert rows[0]["reg_factor"] == 0.0 and rows[-1]["reg_factor"] > 0.15
     assert all(np.isfinite(r["loss"]) for r in rows)
     assert rows[-1]["loss"] == pytest.approx(rows[-1]["lm_loss"] + rows[-1]["reg_loss"], rel=1e-6)  # a float32 sum
@@ -129,8 +129,8 @@ def test_per_layer_training_matches_scan_and_saves_stacked_checkpoints(corpus, t
 
 
 def test_nan_guard_stops_and_keeps_last_good_checkpoint(corpus, tmp_path, monkeypatch):
-    real = train_mod.schedules.lambda_schedule
-    monkeypatch.setattr(train_mod.schedules, "lambda_schedule",
+    real = train_mod.schedules.reg_factor_schedule
+    monkeypatch.setattr(train_mod.schedules, "reg_factor_schedule",
                         lambda stages: (lambda t: jnp.where(t >= 5, jnp.nan, real(stages)(t))))
     c = small_config(corpus, steps=8)
     with pytest.raises(train_mod.NonFiniteLossError, match="step 5"):
@@ -233,7 +233,7 @@ def test_train_step_compiles_once(corpus, scan_layers):
     tx, lr_fn = optim_lib.make_optimizer(rc.optim, rc.train.steps, rc.model.d_model)
     params = init_params(rc.model, jax.random.key(0))
     state = train_mod.place_state(params, tx.init(params), 0, rc.model, mesh)
-    step_fn = jax.jit(train_mod.make_train_step(rc, tx, lr_fn, schedules.lambda_schedule(rc.sparsity.stages)),
+    step_fn = jax.jit(train_mod.make_train_step(rc, tx, lr_fn, schedules.reg_factor_schedule(rc.sparsity.stages)),
                       donate_argnums=(0,))
     B, T = rc.train.batch_size, rc.data.seq_len
     batch = {"inputs": jnp.zeros((1, B, T), jnp.int32), "targets": jnp.zeros((1, B, T), jnp.int32),
