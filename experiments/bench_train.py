@@ -81,7 +81,8 @@ def run_config(shape: str, batch: int, seq: int, reg_factor: float, steps: int, 
 
 
 class JaxBench:
-    def __init__(self, shape: str, batch: int, seq: int, reg_factor: float, seed: int = 0, dtype: str = "float32") -> None:
+    def __init__(self, shape: str, batch: int, seq: int, reg_factor: float, seed: int = 0,
+                 dtype: str = "float32") -> None:
         self.rc = rc = run_config(shape, batch, seq, reg_factor, steps=10**6, dtype=dtype)
         tx, lr_fn = optim_lib.make_optimizer(rc.optim, rc.train.steps, rc.model.d_model)
         reg_factor_fn = schedules.reg_factor_schedule(rc.sparsity.stages)
@@ -314,7 +315,8 @@ def main() -> None:
                         "torch: autocast bf16)")
     p.add_argument("--batch", type=int, default=0, help="override the shape's batch size")
     p.add_argument("--seq", type=int, default=0, help="override the shape's sequence length")
-    p.add_argument("--reg_factor", type=float, default=0.1, help="L1 regulariser weight (> 0 so the L1 term is computed)")
+    p.add_argument("--reg_factor", type=float, default=0.1,
+                   help="L1 regularisation factor lambda (> 0 so the L1 term is computed)")
     p.add_argument("--torch_threads", type=int, default=0, help="torch threads; 0 = os.cpu_count() (as XLA)")
     p.add_argument("--out", default="", help="write the results JSON here")
     p.add_argument("--isa", default="", help="comma-separated instruction sets, each in a child process: "

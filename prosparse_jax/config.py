@@ -3,8 +3,8 @@
 The experiment files in ``configs/`` are flat ConfigDicts with a comment on every field. At the library boundary
 they become the frozen dataclass :class:`ModelConfig`, validated once; every violation names the field.
 
-MiniCPM vs LLaMA (MiniCPM, arXiv 2404.06395 §4 and its modeling code): a LLaMA model is a MiniCPM model with ``scale_emb = 1``, ``scale_depth = 0``
-(residual branches not scaled) and ``dim_model_base = 0`` (logits not divided).
+MiniCPM vs LLaMA (MiniCPM, arXiv 2404.06395 §4 and its modeling code): a LLaMA model is a MiniCPM model with
+``scale_emb = 1``, ``scale_depth = 0`` (residual branches not scaled) and ``dim_model_base = 0`` (logits not divided).
 """
 
 from __future__ import annotations

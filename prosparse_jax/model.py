@@ -14,7 +14,8 @@ group; :func:`unstack_layers` / :func:`stack_layers`) runs the layers unrolled. 
 Shape letters: B batch, T sequence, D d_model, N query heads, K kv heads, G = N / K, H head_dim, F d_ff, V vocab,
 L layers.
 
-Forward (MiniCPM, arXiv 2404.06395, and its public modeling code; LLaMA 2 when all scales are 1): h0 = embed(ids) * scale_emb; per layer
+Forward (MiniCPM, arXiv 2404.06395, and its public modeling code; LLaMA 2 when all scales are 1):
+h0 = embed(ids) * scale_emb; per layer
 h += attn(RMSNorm(h)) * r and h += ffn(RMSNorm(h)) * r with r = scale_depth / sqrt(L) (1 for LLaMA);
 logits = RMSNorm(h) / (d_model / dim_model_base) @ head. RMSNorm and softmax in float32, half-split RoPE.
 """
@@ -283,7 +284,7 @@ class _Inputs(NamedTuple):
 
     bias_blocks: list[tuple[int, int, Array]]
     rope_cs: tuple[Array, Array]
-    valid_BxT: Array  # bool, False on padding
+    valid_BxT: Array  # noqa: N815 - bool, False on padding
 
 
 def _layer_stats(x1_BxTxF: Array, valid_BxT: Array) -> tuple[Array, Array]:

@@ -2,8 +2,9 @@
 
 Shape letters as in :mod:`prosparse_jax.model`: L layers, B batch, T sequence, F d_ff, D d_model; N = flattened units.
 
-Metrics (ProSparse §2 for exact zeros; Sparsing Law §4.1 for Top-k, FAT-eps, CETT and PPL-p%). A neuron i is *active* on a token when its x1_i survives the metric's sparsification
-and is non-zero (an exactly-zero x1_i contributes nothing under any metric); activation ratio = 1 - sparsity.
+Metrics (ProSparse §2 for exact zeros; Sparsing Law §4.1 for Top-k, FAT-eps, CETT and PPL-p%). A neuron i is
+*active* on a token when its x1_i survives the metric's sparsification and is non-zero (an exactly-zero x1_i
+contributes nothing under any metric); activation ratio = 1 - sparsity.
 
 - ``exact``: x1 != 0 (ProSparse's measure).
 - ``topk`` (k in (0, 1]): keep the k-fraction of largest |act(gate)| -- ``token`` (the default): per token over
