@@ -35,6 +35,7 @@ from absl import app, flags, logging
 from prosparse_jax import analyze as analyze_lib
 from prosparse_jax import checkpoint as ckpt
 from prosparse_jax import data as data_lib
+from prosparse_jax.config import DataConfig, build_section
 from prosparse_jax.metrics import read_metrics
 from prosparse_jax.model import forward
 from prosparse_jax.train import evaluate, train
@@ -126,7 +127,7 @@ class FinishedRun:
     def __init__(self, workdir: Path) -> None:
         self.cfg, self.params, tok_path = ckpt.load_model(workdir)
         self.run_config = json.loads((workdir / "config.json").read_text())
-        self._data = data_lib.data_config_from_dict(dict(self.run_config["data"], tokenizer=str(tok_path)))
+        self._data = build_section(DataConfig, "data", dict(self.run_config["data"], tokenizer=str(tok_path)))
         self._tokenizer = data_lib.get_tokenizer(self._data, workdir)
 
     def eval_batches(self, num_batches: int) -> list[dict[str, np.ndarray]]:

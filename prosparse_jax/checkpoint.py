@@ -21,7 +21,7 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
-from prosparse_jax.config import ModelConfig, model_config_from_dict, model_config_to_dict
+from prosparse_jax.config import ModelConfig, model_config_from_dict, to_dict
 from prosparse_jax.model import Params, abstract_params
 
 CKPT_DIR = "checkpoints"
@@ -139,11 +139,11 @@ def write_params_workdir(workdir: str | os.PathLike, mcfg: ModelConfig, params: 
         raise CheckpointError(f"{workdir} already holds a run; choose an empty --workdir (nothing was overwritten)")
     workdir.mkdir(parents=True, exist_ok=True)
     cfg = dict(run_config or {})
-    cfg["model"] = model_config_to_dict(mcfg)
+    cfg["model"] = to_dict(mcfg)
     (workdir / "config.json").write_text(json.dumps(cfg, indent=2))
     mgr = manager(workdir, async_save=False)
     params = jax.tree.map(lambda x: jax.numpy.asarray(x, jax.numpy.float32), params)
-    save(mgr, step, params, None, {"step": step, "model": model_config_to_dict(mcfg)}, force=True)
+    save(mgr, step, params, None, {"step": step, "model": to_dict(mcfg)}, force=True)
     mgr.wait_until_finished()
     mgr.close()
     return workdir

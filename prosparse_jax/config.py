@@ -1,7 +1,11 @@
-"""Typed, validated model configuration built from an ml_collections ConfigDict.
+"""Every config section as a typed, frozen dataclass with its validation.
 
-The experiment files in ``configs/`` are flat ConfigDicts with a comment on every field. At the library boundary
-they become the frozen dataclass :class:`ModelConfig`, validated once; every violation names the field.
+The experiment files in ``configs/`` are ml_collections ConfigDicts (defaults and a comment on every field in
+:func:`prosparse_jax.run_config.base_config`). At the library boundary ``run_config.resolve`` turns one into a
+:class:`RunConfig` of :class:`ModelConfig`, :class:`DataConfig`, :class:`OptimConfig`, :class:`TrainConfig` and
+:class:`SparsityConfig`, validated once; every violation names its ``section.field`` and the fix, and an unknown
+field in any section is an error that lists the valid ones. The modules that consume a section import it from here:
+configuration walks one way, ``config -> model / data / optim -> train``.
 
 MiniCPM vs LLaMA (MiniCPM, arXiv 2404.06395 §4 and its modeling code): a LLaMA model is a MiniCPM model with
 ``scale_emb = 1``, ``scale_depth = 0`` (residual branches not scaled) and ``dim_model_base = 0`` (logits not divided).
@@ -11,17 +15,42 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import operator
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from prosparse_jax.activations import ACTIVATIONS
 
 DTYPES = ("float32", "bfloat16")
+LR_SCHEDULES = ("cosine", "wsd", "constant")
+L1_REDUCTIONS = ("sum", "mean")  # sparsity.l1_reduction: 'sum' is ProSparse Eq. 2's literal form (default)
+Stages = list[tuple[float, int]]
 
 
 class ConfigError(ValueError):
     """A configuration value is invalid; the message names the field and the fix."""
 
 
+def _positive_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+
+def _int_at_least(v: Any, lo: int) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= lo
+
+
+def _finite(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _require(ok: bool, section: str, field: str, msg: str) -> None:
+    if not ok:
+        raise ConfigError(f"{section}.{field}: {msg}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# model
+# ---------------------------------------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """Shape and numerics of a decoder-only LLaMA / MiniCPM transformer with a gated FFN."""
@@ -56,10 +85,9 @@ class ModelConfig:
         if self.head_dim == 0 and _positive_int(self.d_model) and _positive_int(self.n_heads) \
                 and self.d_model % self.n_heads == 0:
             object.__setattr__(self, "head_dim", self.d_model // self.n_heads)
-        _validate(self)
+        _validate_model(self)
 
     # ---- derived quantities -------------------------------------------------------------------------------
-
     @property
     def residual_scale(self) -> float:
         """Multiplier of each residual branch (MiniCPM scale_depth / sqrt(L); 1 for LLaMA)."""
@@ -109,48 +137,232 @@ class ModelConfig:
         return dataclasses.replace(self, **kw)
 
 
-def _positive_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and v > 0
-
-
-def _validate(c: ModelConfig) -> None:
-    def bad(field: str, msg: str) -> None:
-        raise ConfigError(f"model.{field}: {msg}")
-
+def _validate_model(c: ModelConfig) -> None:
     for f in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff"):
-        v = getattr(c, f)
-        if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
-            bad(f, f"must be a positive integer, got {v!r}")
-    if c.head_dim < 0:
-        bad("head_dim", f"must be >= 0 (0 means d_model // n_heads), got {c.head_dim}")
-    if not c.head_dim and c.d_model % c.n_heads:
-        bad("n_heads", f"n_heads={c.n_heads} must divide d_model={c.d_model} (or set model.head_dim explicitly)")
-    if c.n_heads % c.n_kv_heads:
-        bad("n_kv_heads", f"n_kv_heads={c.n_kv_heads} must divide n_heads={c.n_heads}")
-    if c.head_dim % 2:
-        bad("head_dim", f"head dimension {c.head_dim} must be even for rotary embeddings")
-    if c.activation not in ACTIVATIONS:
-        bad("activation", f"unknown activation {c.activation!r}; choose one of: {', '.join(ACTIVATIONS)}")
-    if not c.activation_threshold >= 0:
-        bad("activation_threshold", f"must be >= 0, got {c.activation_threshold}")
-    if c.dtype not in DTYPES:
-        bad("dtype", f"unknown dtype {c.dtype!r}; choose one of: {', '.join(DTYPES)}")
-    if not c.norm_eps > 0:
-        bad("norm_eps", f"must be > 0, got {c.norm_eps}")
-    if not c.rope_theta > 0:
-        bad("rope_theta", f"must be > 0, got {c.rope_theta}")
-    if not c.init_std > 0:
-        bad("init_std", f"must be > 0, got {c.init_std}")
-    if c.scale_depth < 0 or c.dim_model_base < 0 or not c.scale_emb > 0:
-        bad("scale_*", "scale_emb must be > 0; scale_depth and dim_model_base must be >= 0 (0 disables them)")
+        _require(_positive_int(getattr(c, f)), "model", f, f"must be a positive integer, got {getattr(c, f)!r}")
+    _require(_int_at_least(c.head_dim, 0), "model", "head_dim",
+             f"must be an integer >= 0 (0 means d_model // n_heads), got {c.head_dim!r}")
+    _require(c.head_dim > 0, "model", "n_heads",
+             f"n_heads={c.n_heads} must divide d_model={c.d_model} (or set model.head_dim explicitly)")
+    _require(c.n_heads % c.n_kv_heads == 0, "model", "n_kv_heads",
+             f"n_kv_heads={c.n_kv_heads} must divide n_heads={c.n_heads}")
+    _require(c.head_dim % 2 == 0, "model", "head_dim", f"head dimension {c.head_dim} must be even for rotary "
+             "embeddings")
+    _require(c.activation in ACTIVATIONS, "model", "activation",
+             f"unknown activation {c.activation!r}; choose one of: {', '.join(ACTIVATIONS)}")
+    _require(c.dtype in DTYPES, "model", "dtype", f"unknown dtype {c.dtype!r}; choose one of: {', '.join(DTYPES)}")
+    _require(_finite(c.activation_threshold) and c.activation_threshold >= 0, "model", "activation_threshold",
+             f"must be a finite number >= 0, got {c.activation_threshold!r}")
+    for f in ("norm_eps", "rope_theta", "init_std", "scale_emb"):
+        _require(_finite(getattr(c, f)) and getattr(c, f) > 0, "model", f, f"must be > 0, got {getattr(c, f)!r}")
+    for f in ("scale_depth", "dim_model_base"):
+        _require(_finite(getattr(c, f)) and getattr(c, f) >= 0, "model", f,
+                 f"must be >= 0 (0 disables it), got {getattr(c, f)!r}")
     for f in ("remat", "scan_layers", "tie_embeddings"):
-        if not isinstance(getattr(c, f), bool):
-            bad(f, f"must be true or false, got {getattr(c, f)!r}")
+        _require(isinstance(getattr(c, f), bool), "model", f, f"must be true or false, got {getattr(c, f)!r}")
     if c.neuron_thresholds:
-        if len(c.neuron_thresholds) != c.n_layers:
-            bad("neuron_thresholds", f"needs one value per layer ({c.n_layers}), got {len(c.neuron_thresholds)}")
-        if any(not t >= 0 for t in c.neuron_thresholds):
-            bad("neuron_thresholds", "every threshold must be >= 0")
+        _require(len(c.neuron_thresholds) == c.n_layers, "model", "neuron_thresholds",
+                 f"needs one value per layer ({c.n_layers}), got {len(c.neuron_thresholds)}")
+        _require(all(_finite(t) and t >= 0 for t in c.neuron_thresholds), "model", "neuron_thresholds",
+                 "every threshold must be a finite number >= 0")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# data
+# ---------------------------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Where the text comes from and how it becomes batches (:mod:`prosparse_jax.data`)."""
+
+    source: str = "stdlib"  # 'stdlib' | 'files:<glob>' (** allowed) | 'tfds:<name>' (prepared as array_record)
+    data_dir: str = ""  # TFDS data dir; '' -> $PROSPARSE_DATA_DIR or ~/.cache/prosparse_jax/tfds
+    text_key: str = "text"  # feature holding the text ('tfds:' sources)
+    tokenizer: str = ""  # path to a tokenizer.json; '' -> train a byte-level BPE on the train split, cached
+    vocab_size: int = 4096  # vocab size of the trained BPE (>= 257: 256 bytes + EOS)
+    seq_len: int = 256  # tokens per packed sequence
+    eval_fraction: float = 0.05  # fraction of documents held out for eval: stratified systematic sample
+    seed: int = 0  # shuffling seed
+
+    def __post_init__(self) -> None:
+        src = self.source
+        kind, _, rest = src.partition(":") if isinstance(src, str) else ("", "", "")
+        _require(src == "stdlib" or (kind in ("files", "tfds") and bool(rest.strip())), "data", "source",
+                 f"must be 'stdlib', 'files:<glob>' or 'tfds:<name>', got {src!r}")
+        for name in ("data_dir", "text_key", "tokenizer"):
+            _require(isinstance(getattr(self, name), str), "data", name,
+                     f"must be a string, got {getattr(self, name)!r}")
+        _require(bool(self.text_key), "data", "text_key", "must be a non-empty feature name, got ''")
+        _require(_int_at_least(self.vocab_size, 257), "data", "vocab_size",
+                 f"must be an integer >= 257 (256 bytes + EOS), got {self.vocab_size!r}")
+        _require(_positive_int(self.seq_len), "data", "seq_len", f"must be a positive integer, got {self.seq_len!r}")
+        ef = self.eval_fraction
+        _require(_finite(ef) and 0.0 <= ef < 1.0, "data", "eval_fraction", f"must be a number in [0, 1), got {ef!r}")
+        _require(_int_at_least(self.seed, 0) and self.seed < 2**32, "data", "seed",
+                 f"must be an integer in [0, 2**32), got {self.seed!r}")
+        object.__setattr__(self, "eval_fraction", float(ef))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# optim
+# ---------------------------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    """Optimizer hyper-parameters (:mod:`prosparse_jax.optim`)."""
+
+    lr: float = 1e-3  # peak learning rate
+    schedule: str = "cosine"  # 'cosine' | 'wsd' | 'constant'
+    warmup_steps: int = 100  # linear warmup 0 -> lr over this many updates
+    decay_fraction: float = 0.1  # wsd: fraction of total steps spent decaying
+    min_lr_ratio: float = 0.1  # final LR / peak (cosine, wsd)
+    b1: float = 0.9  # Adam first-moment decay
+    b2: float = 0.95  # Adam second-moment decay
+    eps: float = 1e-8  # Adam epsilon
+    weight_decay: float = 0.1  # decoupled (AdamW); not applied to norms and embeddings
+    clip_norm: float = 1.0  # global-norm gradient clipping; 0 disables
+    mup: bool = False  # MiniCPM µP: LR of matrices (not embeddings, not norms) x mup_base_dim / d_model
+    mup_base_dim: int = 256  # µP base width (MiniCPM dim_model_base)
+
+    def __post_init__(self) -> None:
+        for f in ("lr", "decay_fraction", "min_lr_ratio", "b1", "b2", "eps", "weight_decay", "clip_norm"):
+            _require(_finite(getattr(self, f)), "optim", f, f"must be a finite number, got {getattr(self, f)!r}")
+        _require(self.lr > 0, "optim", "lr", f"must be > 0, got {self.lr}")
+        _require(self.schedule in LR_SCHEDULES, "optim", "schedule",
+                 f"unknown schedule {self.schedule!r}; choose one of: {', '.join(LR_SCHEDULES)}")
+        _require(_int_at_least(self.warmup_steps, 0), "optim", "warmup_steps",
+                 f"must be an integer >= 0, got {self.warmup_steps!r}")
+        _require(0 <= self.decay_fraction <= 1, "optim", "decay_fraction", f"must be in [0, 1], got "
+                 f"{self.decay_fraction}")
+        _require(0 <= self.min_lr_ratio <= 1, "optim", "min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
+        _require(self.schedule != "wsd" or self.min_lr_ratio > 0, "optim", "min_lr_ratio",
+                 "the wsd decay is exponential and needs a ratio > 0 (e.g. 0.01), got 0")
+        for f in ("b1", "b2"):
+            _require(0 <= getattr(self, f) < 1, "optim", f, f"must be in [0, 1), got {getattr(self, f)}")
+        _require(self.eps > 0, "optim", "eps", f"must be > 0, got {self.eps}")
+        _require(self.weight_decay >= 0, "optim", "weight_decay", f"must be >= 0, got {self.weight_decay}")
+        _require(self.clip_norm >= 0, "optim", "clip_norm", f"must be >= 0 (0 disables clipping), got "
+                 f"{self.clip_norm}")
+        _require(isinstance(self.mup, bool), "optim", "mup", f"must be true or false, got {self.mup!r}")
+        _require(_positive_int(self.mup_base_dim), "optim", "mup_base_dim",
+                 f"must be a positive integer, got {self.mup_base_dim!r}")
+
+    def replace(self, **kw: Any) -> OptimConfig:
+        return dataclasses.replace(self, **kw)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# train
+# ---------------------------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Steps, batch semantics, logging, checkpoints and mesh (:mod:`prosparse_jax.train`)."""
+
+    steps: int = 1000
+    batch_size: int = 8  # GLOBAL sequences per optimizer step (all devices, hosts and micro-steps)
+    grad_accum: int = 1
+    seed: int = 0
+    log_every: int = 10
+    eval_every: int = 200
+    eval_batches: int = 8
+    checkpoint_every: int = 200
+    keep_checkpoints: int = 3
+    keep_period: int = 0
+    async_checkpoint: bool = True
+    progress_bar: bool = True
+    mesh_data: int = -1
+    mesh_fsdp: int = 1
+
+    def __post_init__(self) -> None:
+        for f in ("steps", "batch_size", "grad_accum", "log_every", "eval_batches", "checkpoint_every",
+                  "keep_checkpoints", "mesh_fsdp"):
+            _require(_positive_int(getattr(self, f)), "train", f,
+                     f"must be a positive integer, got {getattr(self, f)!r}")
+        for f in ("seed", "eval_every", "keep_period"):
+            _require(_int_at_least(getattr(self, f), 0), "train", f,
+                     f"must be an integer >= 0 (0 = off), got {getattr(self, f)!r}")
+        _require(isinstance(self.mesh_data, int) and (self.mesh_data == -1 or self.mesh_data > 0), "train",
+                 "mesh_data", f"must be a positive integer or -1 (all devices), got {self.mesh_data!r}")
+        for f in ("async_checkpoint", "progress_bar"):
+            _require(isinstance(getattr(self, f), bool), "train", f, f"must be true or false, got "
+                     f"{getattr(self, f)!r}")
+        _require(self.batch_size % self.grad_accum == 0, "train", "batch_size",
+                 f"{self.batch_size} must be divisible by train.grad_accum={self.grad_accum}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# sparsity: the ProSparse stage table (ProSparse §3.2)
+# ---------------------------------------------------------------------------------------------------------------
+def _as_int(v: Any) -> int | None:
+    """``v`` as an int if it is an integer or an integral float (e.g. 5e3 from a config file), else None."""
+    if isinstance(v, bool):
+        return None
+    if isinstance(v, float):
+        return int(v) if v.is_integer() else None
+    try:
+        return operator.index(v)
+    except TypeError:
+        return None
+
+
+def validate_stages(stages: Sequence[Sequence[float]]) -> Stages:
+    """Checks a stage table ``[(reg_factor_i, T_i), ...]`` (T_i cumulative updates) and returns it normalised.
+
+    Raises:
+        ConfigError: naming ``sparsity.stages`` when the table is empty, a pair is malformed, a factor is negative
+            or not finite, or a step is not an integer (10.5 is an error, 5e3 is 5000) or not strictly increasing.
+    """
+    def bad(msg: str) -> ConfigError:
+        return ConfigError(f"sparsity.stages: {msg}")
+
+    try:
+        pairs = [tuple(s) for s in stages]
+    except TypeError:
+        raise bad(f"must be a list of (lambda, steps) pairs, got {stages!r}") from None
+    if not pairs:
+        raise bad("needs at least one (lambda, steps) stage, got an empty list")
+    out: Stages = []
+    for i, pair in enumerate(pairs):
+        if len(pair) != 2:
+            raise bad(f"stage {i} must be a (lambda, steps) pair, got {pair!r}")
+        reg, steps = pair
+        if not _finite(reg) or reg < 0:
+            raise bad(f"stage {i}: lambda must be a number, finite and >= 0, got {reg!r}")
+        steps_i = _as_int(steps)
+        if steps_i is None or steps_i <= 0:
+            raise bad(f"stage {i}: steps must be a positive integer (cumulative update count), got {steps!r}")
+        if out and steps_i <= out[-1][1]:
+            raise bad(f"steps must be strictly increasing (they are cumulative), but stage {i} ends at {steps_i} "
+                      f"<= stage {i - 1} end {out[-1][1]}")
+        out.append((float(reg), steps_i))
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class SparsityConfig:
+    """The ProSparse regularisation: stage table of lambda (``reg_factor``), L1 form, final FATReLU threshold."""
+
+    stages: tuple[tuple[float, int], ...] = ((0.0, 1000),)
+    final_threshold: float = 0.0
+    l1_reduction: str = "sum"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "stages", tuple(validate_stages(self.stages)))
+        _require(self.l1_reduction in L1_REDUCTIONS, "sparsity", "l1_reduction",
+                 f"{self.l1_reduction!r}; choose one of: {', '.join(L1_REDUCTIONS)}")
+        _require(_finite(self.final_threshold) and self.final_threshold >= 0, "sparsity", "final_threshold",
+                 f"must be a finite value >= 0, got {self.final_threshold!r}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the run
+# ---------------------------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    model: ModelConfig
+    data: DataConfig
+    optim: OptimConfig
+    train: TrainConfig
+    sparsity: SparsityConfig
+    init_from: str = ""
 
 
 def section_items(cls: type, section: str, d: Any) -> dict[str, Any]:
@@ -167,18 +379,30 @@ def section_items(cls: type, section: str, d: Any) -> dict[str, Any]:
     return items
 
 
-def model_config_from_dict(d: Any) -> ModelConfig:
-    """Builds a validated ModelConfig from a ConfigDict / dict; unknown keys are an error naming them."""
-    items = section_items(ModelConfig, "model", d)
-    if "neuron_thresholds" in items:
+def build_section(cls: type, section: str, d: Mapping[str, Any] | Any) -> Any:
+    """A validated section dataclass from a ConfigDict / dict (unknown or missing fields are errors naming them)."""
+    items = section_items(cls, section, d)
+    if cls is ModelConfig and "neuron_thresholds" in items:
         items["neuron_thresholds"] = tuple(float(t) for t in (items["neuron_thresholds"] or ()))
     try:
-        return ModelConfig(**items)
-    except TypeError as e:  # missing required field
-        raise ConfigError(f"model: {e}") from None
+        return cls(**items)
+    except TypeError as e:  # a missing required field
+        raise ConfigError(f"{section}: {e}") from None
 
 
-def model_config_to_dict(c: ModelConfig) -> dict[str, Any]:
-    d = dataclasses.asdict(c)
-    d["neuron_thresholds"] = list(c.neuron_thresholds)
-    return d
+def model_config_from_dict(d: Any) -> ModelConfig:
+    """Builds a validated ModelConfig from a ConfigDict / dict; unknown keys are an error naming them."""
+    return build_section(ModelConfig, "model", d)
+
+
+def to_dict(section: Any) -> dict[str, Any]:
+    """A section dataclass as a JSON-serialisable dict (tuples as lists); inverse of :func:`build_section`."""
+    return {k: [list(x) if isinstance(x, tuple) else x for x in v] if isinstance(v, tuple) else v
+            for k, v in dataclasses.asdict(section).items()}
+
+
+SECTIONS = {"model": ModelConfig, "data": DataConfig, "optim": OptimConfig, "train": TrainConfig,
+            "sparsity": SparsityConfig}
+
+
+model_config_to_dict = to_dict  # TODO(lead): remove once hf.py imports to_dict

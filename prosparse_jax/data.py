@@ -60,7 +60,7 @@ import numpy as np
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from prosparse_jax.config import ConfigError, section_items
+from prosparse_jax.config import DataConfig
 from prosparse_jax.data_tfds import (
     EVAL_SPLIT,
     TRAIN_SPLIT,
@@ -80,55 +80,6 @@ _TOKENS_FORMAT = 1  # format of the cached token streams (part of their key)
 # Under the TFDS data dir: the cached token stream of each split, see `_split_stream`.
 _TOKENS_DIRS = {EVAL_SPLIT: "prosparse_eval_tokens", TRAIN_SPLIT: "prosparse_train_tokens"}
 _TOKENIZE_CHUNK_CHARS = 1 << 20  # characters of text per `encode_batch` call: bounds the memory of the encodings
-
-
-@dataclasses.dataclass(frozen=True)
-class DataConfig:
-    """Where the text comes from and how it becomes batches."""
-
-    source: str = "stdlib"  # 'stdlib' | 'files:<glob>' (** allowed) | 'tfds:<name>' (prepared as array_record)
-    data_dir: str = ""  # TFDS data dir; '' -> $PROSPARSE_DATA_DIR or ~/.cache/prosparse_jax/tfds
-    text_key: str = "text"  # feature holding the text ('tfds:' sources)
-    tokenizer: str = ""  # path to a tokenizer.json; '' -> train a byte-level BPE on the train split, cached
-    vocab_size: int = 4096  # vocab size of the trained BPE (>= 257: 256 bytes + EOS)
-    seq_len: int = 256  # tokens per packed sequence
-    eval_fraction: float = 0.05  # fraction of documents held out for eval: stratified systematic sample, see data_tfds
-    seed: int = 0  # shuffling seed
-
-    def __post_init__(self) -> None:
-        _validate(self)
-
-
-def _validate(cfg: DataConfig) -> None:
-    def is_int(v: Any) -> bool:
-        return isinstance(v, int | np.integer) and not isinstance(v, bool)
-
-    src = cfg.source
-    kind, _, rest = src.partition(":") if isinstance(src, str) else ("", "", "")
-    if not (src == "stdlib" or (kind in ("files", "tfds") and rest.strip())):
-        raise ConfigError(f"data.source: must be 'stdlib', 'files:<glob>' or 'tfds:<name>', got {src!r}")
-    for name in ("data_dir", "text_key", "tokenizer"):
-        if not isinstance(getattr(cfg, name), str):
-            raise ConfigError(f"data.{name}: must be a string, got {getattr(cfg, name)!r}")
-    if not cfg.text_key:
-        raise ConfigError("data.text_key: must be a non-empty feature name, got ''")
-    if not is_int(cfg.vocab_size) or cfg.vocab_size < 257:
-        raise ConfigError(f"data.vocab_size: must be an integer >= 257 (256 bytes + EOS), got {cfg.vocab_size!r}")
-    if not is_int(cfg.seq_len) or cfg.seq_len <= 0:
-        raise ConfigError(f"data.seq_len: must be a positive integer, got {cfg.seq_len!r}")
-    ef = cfg.eval_fraction
-    if isinstance(ef, bool) or not isinstance(ef, int | float) or not 0.0 <= ef < 1.0:
-        raise ConfigError(f"data.eval_fraction: must be a number in [0, 1), got {ef!r}")
-    if not is_int(cfg.seed) or not 0 <= cfg.seed < 2**32:
-        raise ConfigError(f"data.seed: must be an integer in [0, 2**32), got {cfg.seed!r}")
-
-
-def data_config_from_dict(d: Mapping[str, Any] | Any) -> DataConfig:
-    """Builds a validated `DataConfig` from a dict or ml_collections ConfigDict; unknown keys are errors."""
-    d = section_items(DataConfig, "data", d)
-    if isinstance(d.get("eval_fraction"), int) and not isinstance(d.get("eval_fraction"), bool):
-        d["eval_fraction"] = float(d["eval_fraction"])
-    return DataConfig(**d)
 
 
 # ---- corpus + tokenizer -------------------------------------------------------------------------------------------

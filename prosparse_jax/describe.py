@@ -17,9 +17,9 @@ import jax
 from absl import app, flags
 from ml_collections import config_flags
 
-from prosparse_jax.config import ConfigError
+from prosparse_jax.config import ConfigError, RunConfig
 from prosparse_jax.model import abstract_params
-from prosparse_jax.run_config import RunConfig, resolve
+from prosparse_jax.run_config import resolve
 
 
 def describe(rc: RunConfig) -> dict[str, Any]:

@@ -25,8 +25,6 @@ calls ``update`` once per optimizer step, so the count (and the schedules) advan
 
 from __future__ import annotations
 
-import dataclasses
-import math
 from collections.abc import Callable
 from typing import Any
 
@@ -34,83 +32,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from prosparse_jax.config import ConfigError, section_items
-from prosparse_jax.schedules import LR_SCHEDULES, Schedule, make_lr_schedule
+from prosparse_jax.config import ConfigError, OptimConfig
+from prosparse_jax.schedules import Schedule, make_lr_schedule
 
 PARAM_GROUPS = ("norm", "embedding", "matrix")
-
-
-@dataclasses.dataclass(frozen=True)
-class OptimConfig:
-    """Optimizer hyper-parameters (validated on construction; every error names the ``optim.<field>``)."""
-
-    lr: float = 1e-3  # peak learning rate
-    schedule: str = "cosine"  # 'cosine' | 'wsd' | 'constant'
-    warmup_steps: int = 100  # linear warmup 0 -> lr over this many updates
-    decay_fraction: float = 0.1  # wsd: fraction of total steps spent decaying
-    min_lr_ratio: float = 0.1  # final LR / peak (cosine, wsd)
-    b1: float = 0.9  # Adam first-moment decay
-    b2: float = 0.95  # Adam second-moment decay
-    eps: float = 1e-8  # Adam epsilon
-    weight_decay: float = 0.1  # decoupled (AdamW); not applied to norms and embeddings
-    clip_norm: float = 1.0  # global-norm gradient clipping; 0 disables
-    mup: bool = False  # MiniCPM µP: LR of matrices (not embeddings, not norms) x mup_base_dim / d_model
-    mup_base_dim: int = 256  # µP base width (MiniCPM dim_model_base)
-
-    def __post_init__(self) -> None:
-        _validate(self)
-
-    def replace(self, **kw: Any) -> OptimConfig:
-        return dataclasses.replace(self, **kw)
-
-
-def _is_number(v: Any) -> bool:
-    return isinstance(v, int | float) and not isinstance(v, bool)
-
-
-def _validate(c: OptimConfig) -> None:
-    def bad(field: str, msg: str) -> None:
-        raise ConfigError(f"optim.{field}: {msg}")
-
-    for f in ("lr", "decay_fraction", "min_lr_ratio", "b1", "b2", "eps", "weight_decay", "clip_norm"):
-        v = getattr(c, f)
-        if not _is_number(v) or not math.isfinite(v):
-            bad(f, f"must be a finite number, got {v!r}")
-    if c.lr <= 0:
-        bad("lr", f"must be > 0, got {c.lr}")
-    if c.schedule not in LR_SCHEDULES:
-        bad("schedule", f"unknown schedule {c.schedule!r}; choose one of: {', '.join(LR_SCHEDULES)}")
-    if not isinstance(c.warmup_steps, int) or isinstance(c.warmup_steps, bool) or c.warmup_steps < 0:
-        bad("warmup_steps", f"must be an integer >= 0, got {c.warmup_steps!r}")
-    if not 0 <= c.decay_fraction <= 1:
-        bad("decay_fraction", f"must be in [0, 1], got {c.decay_fraction}")
-    if not 0 <= c.min_lr_ratio <= 1:
-        bad("min_lr_ratio", f"must be in [0, 1], got {c.min_lr_ratio}")
-    if c.schedule == "wsd" and c.min_lr_ratio <= 0:
-        bad("min_lr_ratio", "the wsd decay is exponential and needs a ratio > 0 (e.g. 0.01), got 0")
-    for f in ("b1", "b2"):
-        if not 0 <= getattr(c, f) < 1:
-            bad(f, f"must be in [0, 1), got {getattr(c, f)}")
-    if c.eps <= 0:
-        bad("eps", f"must be > 0, got {c.eps}")
-    if c.weight_decay < 0:
-        bad("weight_decay", f"must be >= 0, got {c.weight_decay}")
-    if c.clip_norm < 0:
-        bad("clip_norm", f"must be >= 0 (0 disables clipping), got {c.clip_norm}")
-    if not isinstance(c.mup, bool):
-        bad("mup", f"must be true or false, got {c.mup!r}")
-    if not isinstance(c.mup_base_dim, int) or isinstance(c.mup_base_dim, bool) or c.mup_base_dim <= 0:
-        bad("mup_base_dim", f"must be a positive integer, got {c.mup_base_dim!r}")
-
-
-def optim_config_from_dict(d: Any) -> OptimConfig:
-    """Builds a validated OptimConfig from a ConfigDict / dict; unknown keys are an error naming them."""
-    return OptimConfig(**section_items(OptimConfig, "optim", d))
-
-
-def optim_config_to_dict(c: OptimConfig) -> dict[str, Any]:
-    """The config as a JSON-serialisable dict (inverse of :func:`optim_config_from_dict`)."""
-    return dataclasses.asdict(c)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -2,7 +2,8 @@
 
 ``base_config()`` holds every field with its default and a comment; the files in ``configs/`` start from it and
 set what their experiment needs. ``resolve(config)`` turns the ConfigDict into the frozen, validated
-:class:`RunConfig` the library works with (every error names its field).
+:class:`prosparse_jax.config.RunConfig` the library works with (the sections' dataclasses and their validation live
+in :mod:`prosparse_jax.config`; every error names its field).
 
 Batch semantics (printed at start-up by train): ``train.batch_size`` is the GLOBAL number of sequences per optimizer
 step, summed over all devices, hosts and accumulation micro-steps. Per step each of ``train.grad_accum`` micro-steps
@@ -13,13 +14,13 @@ batch_size / grad_accum / num_devices). Tokens per step = batch_size * data.seq_
 from __future__ import annotations
 
 import dataclasses
-import math
 import warnings
 from typing import Any
 
 import ml_collections
 
-from prosparse_jax.config import ConfigError, ModelConfig, model_config_from_dict, section_items
+from prosparse_jax import schedules
+from prosparse_jax.config import SECTIONS, ConfigError, RunConfig, build_section
 
 
 def model_fields(**kw: Any) -> ml_collections.ConfigDict:
@@ -111,106 +112,30 @@ def base_config() -> ml_collections.ConfigDict:
     return c
 
 
-@dataclasses.dataclass(frozen=True)
-class TrainConfig:
-    steps: int
-    batch_size: int
-    grad_accum: int
-    seed: int
-    log_every: int
-    eval_every: int
-    eval_batches: int
-    checkpoint_every: int
-    keep_checkpoints: int
-    keep_period: int
-    async_checkpoint: bool
-    progress_bar: bool
-    mesh_data: int
-    mesh_fsdp: int
+def resolve(c: Any) -> RunConfig:
+    """Validates an experiment ConfigDict and returns the typed :class:`RunConfig`.
 
-    def __post_init__(self) -> None:
-        for f in ("steps", "batch_size", "grad_accum", "log_every", "eval_batches", "checkpoint_every",
-                  "keep_checkpoints", "mesh_fsdp"):
-            v = getattr(self, f)
-            if not isinstance(v, int) or v <= 0:
-                raise ConfigError(f"train.{f}: must be a positive integer, got {v!r}")
-        if self.eval_every < 0:
-            raise ConfigError(f"train.eval_every: must be >= 0, got {self.eval_every}")
-        if not isinstance(self.keep_period, int) or self.keep_period < 0:
-            raise ConfigError(f"train.keep_period: must be an integer >= 0 (0 = off), got {self.keep_period!r}")
-        if self.batch_size % self.grad_accum:
-            raise ConfigError(
-                f"train.batch_size={self.batch_size} must be divisible by train.grad_accum={self.grad_accum}"
-            )
-
-
-L1_REDUCTIONS = ("sum", "mean")  # sparsity.l1_reduction: see base_config; 'sum' is ProSparse Eq. 2's literal form
-
-
-@dataclasses.dataclass(frozen=True)
-class SparsityConfig:
-    stages: tuple[tuple[float, int], ...]
-    final_threshold: float
-    l1_reduction: str = "sum"
-
-    def __post_init__(self) -> None:
-        if self.l1_reduction not in L1_REDUCTIONS:
-            raise ConfigError(f"sparsity.l1_reduction: {self.l1_reduction!r}; choose one of: "
-                              f"{', '.join(L1_REDUCTIONS)}")
-        if not self.final_threshold >= 0 or not math.isfinite(self.final_threshold):
-            raise ConfigError(f"sparsity.final_threshold: must be a finite value >= 0, got {self.final_threshold}")
-
-
-@dataclasses.dataclass(frozen=True)
-class RunConfig:
-    model: ModelConfig
-    data: Any  # prosparse_jax.data.DataConfig
-    optim: Any  # prosparse_jax.optim.OptimConfig
-    train: TrainConfig
-    sparsity: SparsityConfig
-    init_from: str
-
-
-def _section(c: ml_collections.ConfigDict, name: str) -> dict[str, Any]:
-    if name not in c:
-        raise ConfigError(f"config has no '{name}' section; start experiment configs from run_config.base_config()")
-    return c[name].to_dict()
-
-
-def resolve(c: ml_collections.ConfigDict) -> RunConfig:
-    """Validates the ConfigDict and returns the typed RunConfig; the stage table is rescaled to train.steps."""
-    from prosparse_jax import data as data_lib
-    from prosparse_jax import optim as optim_lib
-    from prosparse_jax import schedules
-
-    model = model_config_from_dict(_section(c, "model"))
-    data = data_lib.data_config_from_dict(_section(c, "data"))
-    optim = optim_lib.optim_config_from_dict(_section(c, "optim"))
-    t = _section(c, "train")
-    section_items(TrainConfig, "train", t)
-    train = TrainConfig(**t)
-    s = section_items(SparsityConfig, "sparsity", _section(c, "sparsity"))
-    try:
-        stages = [(float(reg), int(step)) for reg, step in s["stages"]]
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"sparsity.stages: expected [[lambda, step], ...], got {s['stages']!r}") from e
-    try:
-        schedules.validate_stages(stages)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
-    if stages[-1][1] != train.steps:
+    The stage table is rescaled to ``train.steps`` when it ends elsewhere (colliding stages of a run far shorter
+    than the table are merged, with a warning).
+    """
+    parts = {}
+    for name, cls in SECTIONS.items():
+        if name not in c:
+            raise ConfigError(f"config has no '{name}' section; start experiment configs from "
+                              "prosparse_jax.run_config.base_config()")
+        parts[name] = build_section(cls, name, c[name])
+    rc = RunConfig(**parts, init_from=str(c.get("init_from", "")))
+    stages = list(rc.sparsity.stages)
+    if stages[-1][1] != rc.train.steps:
         try:
-            stages = schedules.scale_stages(stages, train.steps)
+            stages = schedules.scale_stages(stages, rc.train.steps)
         except ConfigError:  # a quick check far shorter than the table: merge colliding stages, say so
-            merged = schedules.scale_stages(stages, train.steps, merge=True)
-            warnings.warn(f"sparsity.stages: {len(stages)} stages do not fit in train.steps={train.steps}; "
+            merged = schedules.scale_stages(stages, rc.train.steps, merge=True)
+            warnings.warn(f"sparsity.stages: {len(stages)} stages do not fit in train.steps={rc.train.steps}; "
                           f"colliding stages merged to {merged}", stacklevel=2)
             stages = merged
-    sparsity = SparsityConfig(stages=tuple(stages), final_threshold=float(s["final_threshold"]),
-                              l1_reduction=str(s.get("l1_reduction", "sum")))
-    if data.vocab_size > model.vocab_size and not data.tokenizer:
-        raise ConfigError(
-            f"data.vocab_size={data.vocab_size} exceeds model.vocab_size={model.vocab_size}; set them equal"
-        )
-    return RunConfig(model=model, data=data, optim=optim, train=train, sparsity=sparsity,
-                     init_from=str(c.get("init_from", "")))
+        rc = dataclasses.replace(rc, sparsity=dataclasses.replace(rc.sparsity, stages=tuple(stages)))
+    if rc.data.vocab_size > rc.model.vocab_size and not rc.data.tokenizer:
+        raise ConfigError(f"data.vocab_size={rc.data.vocab_size} exceeds model.vocab_size={rc.model.vocab_size}; "
+                          "set them equal")
+    return rc

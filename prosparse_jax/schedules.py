@@ -23,17 +23,15 @@ lambda jumps from lambda_0 to lambda_1 after T_0 and is continuous everywhere el
 from __future__ import annotations
 
 import math
-import operator
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-from prosparse_jax.config import ConfigError
+from prosparse_jax.config import LR_SCHEDULES, ConfigError, Stages, validate_stages
 
 Schedule = Callable[[Any], jax.Array]
-Stages = list[tuple[float, int]]
 
 # ---------------------------------------------------------------------------------------------------------------
 # ProSparse stage tables (ProSparse §4.1 and App. for MiniCPM): (lambda_i, cumulative T_i), stage 0 first.
@@ -47,64 +45,6 @@ PROSPARSE_STAGES: dict[str, Stages] = {
     # lambda = 1e-2; it is not part of this pre-training schedule (an SFT run would use e.g. [(1e-2, 6000)]).
     "minicpm-1b": [(0.0, 10000), (1e-3, 15000), (5e-3, 20000), (5e-3, 25000), (5e-2, 35000), (5e-2, 95000)],
 }
-
-
-def _as_int(v: Any) -> int | None:
-    """``v`` as an int if it is an integer or an integral float (e.g. 5e3 from a config file), else None."""
-    if isinstance(v, bool):
-        return None
-    try:
-        return operator.index(v)
-    except TypeError:
-        pass
-    if isinstance(v, float) and v.is_integer():
-        return int(v)
-    return None
-
-
-def validate_stages(stages: Sequence[Sequence[float]]) -> Stages:
-    """Checks a stage table and returns it as a list of ``(float lambda, int T)``.
-
-    Args:
-        stages: ``(lambda_i, T_i)`` pairs, stage 0 first, ``T_i`` cumulative update counts.
-
-    Returns:
-        The normalised table.
-
-    Raises:
-        ConfigError: (a ValueError) naming ``sparsity.stages`` when the table is empty, a pair is malformed, a factor
-            is negative or not finite, or the steps are not strictly increasing positive integers.
-    """
-    def bad(msg: str) -> ConfigError:
-        return ConfigError(f"sparsity.stages: {msg}")
-
-    try:
-        pairs = [tuple(s) for s in stages]
-    except TypeError:
-        raise bad(f"must be a list of (lambda, steps) pairs, got {stages!r}") from None
-    if not pairs:
-        raise bad("needs at least one (lambda, steps) stage, got an empty list")
-    out: Stages = []
-    for i, pair in enumerate(pairs):
-        if len(pair) != 2:
-            raise bad(f"stage {i} must be a (lambda, steps) pair, got {pair!r}")
-        reg, steps = pair
-        try:
-            reg_f = float(reg)
-        except (TypeError, ValueError):
-            raise bad(f"stage {i}: lambda must be a number, got {reg!r}") from None
-        if not math.isfinite(reg_f) or reg_f < 0:
-            raise bad(f"stage {i}: lambda must be finite and >= 0, got {reg!r}")
-        steps_i = _as_int(steps)
-        if steps_i is None or steps_i <= 0:
-            raise bad(f"stage {i}: steps must be a positive integer (cumulative update count), got {steps!r}")
-        if out and steps_i <= out[-1][1]:
-            raise bad(
-                f"steps must be strictly increasing (they are cumulative), but stage {i} ends at {steps_i} "
-                f"<= stage {i - 1} end {out[-1][1]}"
-            )
-        out.append((reg_f, steps_i))
-    return out
 
 
 def scale_stages(stages: Sequence[Sequence[float]], total_steps: int, *, merge: bool = False) -> Stages:
@@ -295,8 +235,6 @@ def wsd(peak: float, warmup_steps: int, total_steps: int, decay_fraction: float 
 
     return fn
 
-
-LR_SCHEDULES = ("cosine", "wsd", "constant")
 
 
 def make_lr_schedule(name: str, *, peak: float, warmup_steps: int, total_steps: int, decay_fraction: float = 0.1,

@@ -41,7 +41,7 @@ from prosparse_jax import data as data_lib
 from prosparse_jax import optim as optim_lib
 from prosparse_jax import schedules
 from prosparse_jax import sharding as shard_lib
-from prosparse_jax.config import ConfigError, ModelConfig
+from prosparse_jax.config import L1_REDUCTIONS, ConfigError, ModelConfig, RunConfig
 from prosparse_jax.metrics import MetricsWriter, measure_matmul_peak
 from prosparse_jax.model import (
     Params,
@@ -52,7 +52,7 @@ from prosparse_jax.model import (
     stack_layers,
     unstack_layers,
 )
-from prosparse_jax.run_config import L1_REDUCTIONS, RunConfig, resolve
+from prosparse_jax.run_config import resolve
 
 # Fields that may change between a run and its resumption (they do not change the numbers; model.scan_layers only
 # changes the layout of the state in memory -- checkpoints are stacked either way -- and float round-off).
@@ -149,7 +149,7 @@ def make_train_step(rc: RunConfig, tx: Any, lr_fn: Any, reg_factor_fn: Any):
         t = state["step"]
         reg_factor = reg_factor_fn(t)
         aux, grads = accumulate_grads(state["params"], batch, cfg, reg_factor, rc.sparsity.l1_reduction)
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(aux["loss"]) & jnp.isfinite(grad_norm)
 
         def apply(operands: tuple[Any, Any, Any]) -> tuple[Any, Any]:

@@ -71,6 +71,31 @@ def test_bad_model_config_names_field(override, field):
         resolve(c)
 
 
+@pytest.mark.parametrize("section,field,value,match", [
+    ("sparsity", "stages", [[0.0, 10.5]], r"sparsity\.stages: stage 0: steps must be a positive integer"),
+    ("sparsity", "stages", [[0.0, 10], ["1e-3", 20]], r"sparsity\.stages: stage 1: lambda must be a number"),
+    ("sparsity", "final_threshold", -1.0, r"sparsity\.final_threshold"),
+    ("train", "steps", 10.0, r"train\.steps: must be a positive integer"),
+    ("train", "progress_bar", 1, r"train\.progress_bar: must be true or false"),
+    ("data", "seq_len", 0, r"data\.seq_len"),
+    ("optim", "lr", 0.0, r"optim\.lr"),
+])
+def test_bad_value_in_any_section_names_field(section, field, value, match):
+    """Every section is validated before any value is converted (a step of 10.5 must not become 10)."""
+    c = load("prosparse.py", "tiny").to_dict()  # a plain dict: ConfigDict's own type check would catch some first
+    c[section][field] = value
+    with pytest.raises(ConfigError, match=match):
+        resolve(c)
+
+
+@pytest.mark.parametrize("section", ["model", "data", "optim", "train", "sparsity"])
+def test_unknown_field_in_any_section_is_an_error(section):
+    c = load("prosparse.py", "tiny").to_dict()
+    c[section]["nonexistent_field"] = 1
+    with pytest.raises(ConfigError, match=rf"{section}: unknown field\(s\) \['nonexistent_field'\]; valid fields"):
+        resolve(c)
+
+
 def test_bad_config_arg():
     with pytest.raises(ConfigError, match="unknown scale"):
         load("sparsing_law.py", "3b-relu")

@@ -13,7 +13,7 @@ import pytest
 
 from prosparse_jax import data as dl
 from prosparse_jax import data_tfds
-from prosparse_jax.config import ConfigError
+from prosparse_jax.config import ConfigError, DataConfig, build_section
 from prosparse_jax.data import DataError
 
 SEQ_LEN = 32
@@ -99,7 +99,7 @@ def test_tokenizer_trains_caches_reloads(env):
 
 
 def test_tokenizer_fingerprint_mismatch_raises(env):
-    cfg = dl.data_config_from_dict({**env["cfg"].__dict__, "vocab_size": 320})
+    cfg = build_section(DataConfig, "data", {**env["cfg"].__dict__, "vocab_size": 320})
     before = (env["cache"] / "tokenizer.json").read_text()
     with pytest.raises(DataError, match="cached tokenizer"):
         dl.get_tokenizer(cfg, env["cache"])
@@ -552,12 +552,12 @@ def test_empty_eval_split(env):
 ])
 def test_bad_config(field, value, msg):
     with pytest.raises(ConfigError, match=msg):
-        dl.data_config_from_dict({field: value})
+        build_section(DataConfig, "data", {field: value})
 
 
 def test_config_from_configdict():
     ml_collections = pytest.importorskip("ml_collections")
-    cfg = dl.data_config_from_dict(ml_collections.ConfigDict({"seq_len": 64, "eval_fraction": 0}))
+    cfg = build_section(DataConfig, "data", ml_collections.ConfigDict({"seq_len": 64, "eval_fraction": 0}))
     assert cfg.seq_len == 64 and cfg.eval_fraction == 0.0 and cfg.source == "stdlib"
 
 

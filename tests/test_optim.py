@@ -8,14 +8,11 @@ import numpy as np
 import optax
 import pytest
 
-from prosparse_jax.config import ConfigError, ModelConfig
+from prosparse_jax.config import ConfigError, ModelConfig, OptimConfig, build_section, to_dict
 from prosparse_jax.model import abstract_params, init_params
 from prosparse_jax.optim import (
-    OptimConfig,
     make_optimizer,
     matrix_mask,
-    optim_config_from_dict,
-    optim_config_to_dict,
     param_groups,
     update_count,
 )
@@ -123,19 +120,19 @@ def test_state_structure_independent_of_config() -> None:
 
 
 def test_config_round_trip_and_errors() -> None:
-    cfg = optim_config_from_dict({"lr": 0.01, "schedule": "wsd", "mup": True})
-    assert optim_config_from_dict(optim_config_to_dict(cfg)) == cfg
+    cfg = _from({"lr": 0.01, "schedule": "wsd", "mup": True})
+    assert _from(to_dict(cfg)) == cfg
     with pytest.raises(ConfigError, match=r"^optim\.lr: must be > 0, got -1$"):
-        optim_config_from_dict({"lr": -1})
+        _from({"lr": -1})
     with pytest.raises(ConfigError, match=r"optim\.schedule: unknown schedule 'cos'; choose one of: cosine"):
-        optim_config_from_dict({"schedule": "cos"})
+        _from({"schedule": "cos"})
     with pytest.raises(ConfigError, match=r"optim: unknown field\(s\) \['learning_rate'\]"):
-        optim_config_from_dict({"learning_rate": 1e-3})
+        _from({"learning_rate": 1e-3})
     for field, value in [("b2", 1.0), ("eps", 0.0), ("weight_decay", -0.1), ("clip_norm", -1.0),
                          ("warmup_steps", -1), ("warmup_steps", 1.5), ("decay_fraction", 1.5),
                          ("min_lr_ratio", 2.0), ("mup_base_dim", 0), ("lr", float("nan"))]:
         with pytest.raises(ConfigError, match=rf"^optim\.{field}: "):
-            optim_config_from_dict({field: value})
+            _from({field: value})
     with pytest.raises(ConfigError, match=r"optim\.min_lr_ratio: .*wsd"):
         OptimConfig(schedule="wsd", min_lr_ratio=0.0)
 
@@ -149,3 +146,7 @@ def test_make_optimizer_errors() -> None:
         make_optimizer(OptimConfig(), 0, 16)
     with pytest.raises(ConfigError, match="d_model"):
         make_optimizer(OptimConfig(), 100, 0)
+
+
+def _from(d):
+    return build_section(OptimConfig, "optim", d)

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from prosparse_jax.config import validate_stages
 from prosparse_jax.schedules import (
     PROSPARSE_STAGES,
     constant,
@@ -17,7 +18,6 @@ from prosparse_jax.schedules import (
     reg_factor_numpy,
     reg_factor_schedule,
     scale_stages,
-    validate_stages,
     wsd,
 )
 
