@@ -404,5 +404,3 @@ def to_dict(section: Any) -> dict[str, Any]:
 SECTIONS = {"model": ModelConfig, "data": DataConfig, "optim": OptimConfig, "train": TrainConfig,
             "sparsity": SparsityConfig}
 
-
-model_config_to_dict = to_dict  # TODO(lead): remove once hf.py imports to_dict

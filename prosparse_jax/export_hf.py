@@ -5,7 +5,7 @@
 
 ``llama`` folds MiniCPM scales and loads with plain ``AutoModelForCausalLM`` unless the activation (fatrelu, drelu)
 or sparse-mode neuron thresholds need the shipped remote code (``trust_remote_code=True``); ``minicpm`` keeps the
-scales (remote code). See :mod:`prosparse_jax.hf`.
+scales (remote code). See :mod:`prosparse_jax.hf_config` and :mod:`prosparse_jax.hf_weights`.
 """
 
 from __future__ import annotations
@@ -18,12 +18,13 @@ from absl import flags
 
 from prosparse_jax import checkpoint, cli, hf
 from prosparse_jax.config import ConfigError
+from prosparse_jax.hf_config import FORMATS, HFConversionError
 
 FLAGS = flags.FlagValues()  # own flag set: the CLI modules can be imported together (tests)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Workdir (or HF folder) to export.", flag_values=FLAGS)
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step; default: the latest.", flag_values=FLAGS)
 _OUT = flags.DEFINE_string("out", None, "Output HF folder (must be empty unless --overwrite).", flag_values=FLAGS)
-_FORMAT = flags.DEFINE_enum("format", "llama", list(hf.FORMATS), "llama (folded scales) or minicpm.",
+_FORMAT = flags.DEFINE_enum("format", "llama", list(FORMATS), "llama (folded scales) or minicpm.",
                             flag_values=FLAGS)
 _DTYPE = flags.DEFINE_enum("dtype", "float32", list(hf.EXPORT_DTYPES), "Dtype of the stored weights.",
                            flag_values=FLAGS)
@@ -55,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
                      max_position_embeddings=_MAX_POS.value)
         return f"exported {_WORKDIR.value} -> {out} (format={_FORMAT.value}, dtype={_DTYPE.value})"
 
-    return cli.run("export_hf", FLAGS, argv, body, (hf.HFConversionError, checkpoint.CheckpointError, ConfigError))
+    return cli.run("export_hf", FLAGS, argv, body, (HFConversionError, checkpoint.CheckpointError, ConfigError))
 
 
 if __name__ == "__main__":

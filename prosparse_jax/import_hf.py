@@ -4,7 +4,8 @@
 
 Writes ``<workdir>/config.json`` (``model`` section) and a params-only checkpoint at step 0, and copies
 ``tokenizer.json`` when the folder has one. Unsupported features (rope_scaling, biases, other model types) and
-weights that disagree with the config are errors naming the field or tensor. See :mod:`prosparse_jax.hf`.
+weights that disagree with the config are errors naming the field or tensor. See :mod:`prosparse_jax.hf_config` and
+:mod:`prosparse_jax.hf_weights`.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from absl import flags
 
 from prosparse_jax import checkpoint, cli, hf
 from prosparse_jax.config import ConfigError
+from prosparse_jax.hf_config import HFConversionError
 
 FLAGS = flags.FlagValues()  # own flag set: the CLI modules can be imported together (tests)
 _HF = flags.DEFINE_string("hf", None, "Local HuggingFace model folder (config.json + weights).", flag_values=FLAGS)
@@ -48,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     def body() -> str:
         return f"imported {_HF.value} -> {import_hf(_HF.value, _WORKDIR.value)}"
 
-    return cli.run("import_hf", FLAGS, argv, body, (hf.HFConversionError, checkpoint.CheckpointError, ConfigError))
+    return cli.run("import_hf", FLAGS, argv, body, (HFConversionError, checkpoint.CheckpointError, ConfigError))
 
 
 if __name__ == "__main__":

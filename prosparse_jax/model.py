@@ -402,4 +402,6 @@ def fold_minicpm_scales(params: Params, cfg: ModelConfig) -> tuple[Params, Model
         "final_norm_D": params["final_norm_D"],
         "lm_head_DxV": head_DxV / cfg.logits_divisor,
     }
-    return folded, cfg.replace(scale_emb=1.0, scale_depth=0.0, dim_model_base=0, tie_embeddings=False)
+    # the sparse mode's thresholds are on |x1_i| * ||W_down[i]||, which the folding scales by r too
+    return folded, cfg.replace(scale_emb=1.0, scale_depth=0.0, dim_model_base=0, tie_embeddings=False,
+                               neuron_thresholds=tuple(t * r for t in cfg.neuron_thresholds))

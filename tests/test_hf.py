@@ -21,6 +21,7 @@ transformers = pytest.importorskip("transformers")
 
 from prosparse_jax import checkpoint, export_hf, hf, import_hf, model, score  # noqa: E402
 from prosparse_jax.config import ModelConfig  # noqa: E402
+from prosparse_jax.hf_config import HFConversionError  # noqa: E402
 
 TOL = 1e-4
 VOCAB = 300  # byte-level BPE needs >= 256 (+ merges, + <|endoftext|>)
@@ -97,13 +98,16 @@ def assert_params_equal(a: dict, b: dict) -> None:
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=str(p))
 
 
-def save_random_llama(folder: Path, *, act: str, tied: bool, kv_heads: int = 2, **extra: object) -> None:
+def save_random_llama(folder: Path, *, act: str, tied: bool, kv_heads: int = 2, **overrides: object) -> None:
+    """A random 2-layer LlamaForCausalLM (non-trivial norm weights) saved with ``save_pretrained``; ``overrides``
+    replace or add LlamaConfig fields."""
     torch.manual_seed(0)
-    hcfg = transformers.LlamaConfig(
+    fields: dict[str, object] = dict(
         vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=kv_heads, hidden_act=act, tie_word_embeddings=tied, rms_norm_eps=1e-5,
-        rope_parameters={"rope_type": "default", "rope_theta": 5000.0}, initializer_range=0.1, **extra,
+        rope_parameters={"rope_type": "default", "rope_theta": 5000.0}, initializer_range=0.1,
     )
+    hcfg = transformers.LlamaConfig(**{**fields, **overrides})
     m = transformers.LlamaForCausalLM(hcfg)
     with torch.no_grad():
         for name, p in m.named_parameters():
@@ -280,8 +284,6 @@ def test_score_matches_log_softmax(tmp_path: Path, tokenizer_file: Path) -> None
     out = export_hf.export(wd, tmp_path / "hf")
     res_hf = score.score(out, text)
     np.testing.assert_allclose(res_hf["logprobs"][1:], res["logprobs"][1:], atol=lp_tol, rtol=0)
-    # The CLI entry point prints the same JSON.
-    json.dumps(res)
 
 
 def test_score_without_tokenizer_is_a_clear_error(tmp_path: Path) -> None:
@@ -310,7 +312,7 @@ def test_unsupported_architecture_names_the_field(tmp_path: Path, patch: dict, f
     raw = json.loads((tmp_path / "hf" / "config.json").read_text())
     raw.update(patch)
     (tmp_path / "hf" / "config.json").write_text(json.dumps(raw))
-    with pytest.raises(hf.HFConversionError, match=field):
+    with pytest.raises(HFConversionError, match=field):
         import_hf.import_hf(tmp_path / "hf", tmp_path / "wd")
     assert not (tmp_path / "wd").exists()
 
@@ -320,14 +322,14 @@ def test_shape_mismatch_and_missing_weights(tmp_path: Path) -> None:
     cfg_file = tmp_path / "hf" / "config.json"
     raw = json.loads(cfg_file.read_text())
     cfg_file.write_text(json.dumps({**raw, "intermediate_size": 80}))
-    with pytest.raises(hf.HFConversionError, match=r"model\.layers\.0\.mlp\.gate_proj\.weight.*\(96, 64\)"):
+    with pytest.raises(HFConversionError, match=r"model\.layers\.0\.mlp\.gate_proj\.weight.*\(96, 64\)"):
         hf.load_hf_folder(tmp_path / "hf")
     cfg_file.write_text(json.dumps({**raw, "num_hidden_layers": 3}))
-    with pytest.raises(hf.HFConversionError, match=r"model\.layers\.2\..*missing"):
+    with pytest.raises(HFConversionError, match=r"model\.layers\.2\..*missing"):
         hf.load_hf_folder(tmp_path / "hf")
     cfg_file.write_text(json.dumps(raw))
     (tmp_path / "hf" / "model.safetensors").unlink()
-    with pytest.raises(hf.HFConversionError, match="no weight file"):
+    with pytest.raises(HFConversionError, match="no weight file"):
         hf.load_hf_folder(tmp_path / "hf")
 
 
@@ -336,7 +338,7 @@ def test_missing_shard_is_a_clear_error(tmp_path: Path) -> None:
     out = hf.save_hf_folder(cfg, random_params(cfg), tmp_path / "hf", max_shard_size="40KB")
     shard = sorted(out.glob("model-*.safetensors"))[1]
     shard.unlink()
-    with pytest.raises(hf.HFConversionError, match=shard.name):
+    with pytest.raises(HFConversionError, match=shard.name):
         hf.load_hf_folder(out)
 
 
@@ -347,7 +349,7 @@ def test_non_empty_output_folder_is_refused_and_untouched(tmp_path: Path) -> Non
     out.mkdir()
     (out / "config.json").write_text("precious")
     (out / "notes.txt").write_text("keep me")
-    with pytest.raises(hf.HFConversionError, match="not empty.*--overwrite"):
+    with pytest.raises(HFConversionError, match="not empty.*--overwrite"):
         export_hf.export(wd, out)
     assert (out / "config.json").read_text() == "precious" and sorted(p.name for p in out.iterdir()) == [
         "config.json", "notes.txt"]
@@ -360,17 +362,61 @@ def test_non_empty_output_folder_is_refused_and_untouched(tmp_path: Path) -> Non
 
 
 def test_cli_mains(tmp_path: Path, tokenizer_file: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    cfg = tiny_cfg(vocab_size=VOCAB)
-    wd = make_workdir(tmp_path / "wd", cfg, random_params(cfg), tokenizer_file)
+    cfg = minicpm_cfg(vocab_size=VOCAB)
+    params = random_params(cfg)
+    wd = make_workdir(tmp_path / "wd", cfg, params, tokenizer_file)
     out = tmp_path / "hf"
+    # export: exit 0, the message names the folder it wrote, --format reaches the writer.
     assert export_hf.main(["export_hf", f"--workdir={wd}", f"--out={out}", "--format=minicpm"]) == 0
+    printed = capsys.readouterr()
+    assert str(out) in printed.out and "format=minicpm" in printed.out and not printed.err
     assert json.loads((out / "config.json").read_text())["model_type"] == "minicpm"
-    assert export_hf.main(["export_hf", f"--workdir={wd}", f"--out={out}"]) == 1  # non-empty, no --overwrite
-    assert "not empty" in capsys.readouterr().err
-    assert import_hf.main(["import_hf", f"--hf={out}", f"--workdir={tmp_path / 'wd2'}"]) == 0
-    assert (tmp_path / "wd2" / "tokenizer.json").is_file()
-    capsys.readouterr()
-    assert score.main(["score", f"--checkpoint={tmp_path / 'wd2'}", "--text=hello world"]) == 0
+    # A second export into the same folder without --overwrite: exit 1, an error naming the folder and the flag,
+    # and every file of the first export still byte for byte there.
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert export_hf.main(["export_hf", f"--workdir={wd}", f"--out={out}", "--format=llama"]) == 1
+    printed = capsys.readouterr()
+    assert not printed.out and str(out) in printed.err and "not empty" in printed.err and "--overwrite" in printed.err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    # import: exit 0, names the new workdir, which holds exactly the exported model (minicpm keeps it unfolded).
+    wd2 = tmp_path / "wd2"
+    assert import_hf.main(["import_hf", f"--hf={out}", f"--workdir={wd2}"]) == 0
+    assert str(wd2) in capsys.readouterr().out
+    cfg2, params2, tok2 = checkpoint.load_model(wd2)
+    assert cfg2 == cfg and tok2 is not None and tok2.read_bytes() == tokenizer_file.read_bytes()
+    assert_params_equal(params2, jax.tree.map(np.asarray, params))
+    assert import_hf.main(["import_hf", f"--hf={out}", f"--workdir={wd2}"]) == 1  # never over an existing run
+    assert "already holds a run" in capsys.readouterr().err
+    # score prints, as JSON, what score.score returns (here for the imported copy of the same model).
+    assert score.main(["score", f"--checkpoint={wd2}", "--text=hello world"]) == 0
     res = json.loads(capsys.readouterr().out)
     assert res == score.score(wd, "hello world")
     assert score.main(["score", f"--checkpoint={wd}"]) == 1  # neither --text nor --input
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Training from an HF folder
+# ---------------------------------------------------------------------------------------------------------------
+def test_train_init_from_hf_folder_starts_from_its_weights(tmp_path: Path, tokenizer_file: Path) -> None:
+    from conftest import small_run_config, write_corpus
+
+    from prosparse_jax import train as train_mod
+    from prosparse_jax.metrics import read_metrics
+
+    c = small_run_config(write_corpus(tmp_path / "corpus", 20), steps=2, activation="silu")
+    m = c.model
+    folder = tmp_path / "hf"
+    save_random_llama(folder, act="silu", tied=False, kv_heads=m.n_kv_heads, vocab_size=m.vocab_size,
+                      hidden_size=m.d_model, intermediate_size=m.d_ff, num_hidden_layers=m.n_layers,
+                      num_attention_heads=m.n_heads, rms_norm_eps=m.norm_eps)
+    (folder / "tokenizer.json").write_bytes(tokenizer_file.read_bytes())
+    c.model.update(rope_theta=5000.0)  # the HF model's; init_from takes weights, the rest of the model from config
+    c.init_from = str(folder)
+    c.optim.lr = 1e-9  # (almost) no update: the trained model is the HF model
+    train_mod.train(c, tmp_path / "run")
+    assert (tmp_path / "run" / "tokenizer.json").read_bytes() == tokenizer_file.read_bytes()
+    assert [r["step"] for r in read_metrics(tmp_path / "run", "train")] == [1, 2]
+    cfg, params, _ = checkpoint.load_model(tmp_path / "run")
+    ids = ids_for(cfg)
+    # A random init (init_from ignored) or a wrong weight mapping is off by O(1) here.
+    np.testing.assert_allclose(our_logits(cfg, params, ids), torch_logits(folder, ids), atol=TOL, rtol=0)

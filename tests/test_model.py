@@ -154,6 +154,18 @@ def test_minicpm_equals_folded_llama(tied):
     # the scales really do something: the unfolded params under the LLaMA config differ
     c, _ = forward(params, ids, cfg.replace(scale_emb=1.0, scale_depth=0.0, dim_model_base=0))
     assert not np.allclose(np.asarray(a), np.asarray(c), atol=1e-3)
+    # in sparse mode too: the neuron thresholds follow W_down's scale (r = 4 / sqrt(2), far from 1)
+    cfg = cfg.replace(scale_depth=4.0)
+    _, dense = forward(params, ids, cfg, capture=True)
+    n_LxBxTxF = jnp.abs(dense.x1) * model_lib.w_down_norms(params)[:, None, None, :]
+    taus = tuple(float(jnp.median(n)) for n in n_LxBxTxF)
+    sparse_cfg = cfg.replace(neuron_thresholds=taus)
+    folded, llama_sparse = fold_minicpm_scales(params, sparse_cfg)
+    d, sd = forward(params, ids, sparse_cfg)
+    e, se = forward(folded, ids, llama_sparse)
+    np.testing.assert_allclose(np.asarray(d), np.asarray(e), atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(sd.zero_frac, se.zero_frac, atol=0.01)  # a few n_i sit at tau within round-off
+    assert 0.3 < float(sd.zero_frac.mean()) < 0.7
 
 
 def test_bf16_close_to_fp32():
