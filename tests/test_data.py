@@ -1,6 +1,6 @@
-"""Tests for prosparse_jax.data: tokenizer cache, packed batch format, determinism, exact resume, sharding, training
-rows sampled from the whole train stream (and the streaming pipeline of 'tfds:' sources), the token stream caches, the
-stratified held-out split and its eval windows, errors."""
+"""Tests for prosparse_jax.data, data_tokens, data_stats and data_tfds: tokenizer cache, packed batch format,
+determinism, exact resume, sharding, training rows sampled from the whole train stream (and the streaming pipeline of
+'tfds:' sources), the token stream caches, the stratified held-out split and its eval windows, errors."""
 
 from __future__ import annotations
 
@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 
 from prosparse_jax import data as dl
-from prosparse_jax import data_tfds
+from prosparse_jax import data_tfds, data_tokens
 from prosparse_jax.config import ConfigError, DataConfig, build_section
 from prosparse_jax.data import DataError
+from prosparse_jax.data_tokens import open_corpus, split_stream
 
 SEQ_LEN = 32
 N_DOCS = 12
@@ -51,7 +52,7 @@ def _same(a: list[dict], b: list[dict]) -> bool:
 
 def _stream(cfg: dl.DataConfig, tok, split: str = "validation") -> np.ndarray:
     """The (cached) token stream of a split."""
-    return dl._split_stream(dl._corpus(cfg), tok, cfg.data_dir, split)[0]
+    return split_stream(open_corpus(cfg), tok, cfg.data_dir, split)[0]
 
 
 def _row_lookup(tokens: np.ndarray, seq_len: int) -> dict[bytes, int]:
@@ -205,7 +206,7 @@ def test_train_rows_are_the_stream_rows_shuffled_per_epoch(env):
     # Seed 1 is not seed 0 one epoch later (grain shuffles epoch e with its seed + e; ours is hashed first).
     seed1 = _take(dl.make_train_iterator(dl.DataConfig(**{**cfg.__dict__, "seed": 1}), tok, batch_size=1), W)
     assert not np.array_equal(_row_ids(lookup, seed1).reshape(-1), order[1])
-    packer = iter(dl._batches(dl._corpus(cfg).data_source("train"), tok, "text", seq_len=SEQ_LEN, batch_size=1,
+    packer = iter(dl._batches(open_corpus(cfg).data_source("train"), tok, "text", seq_len=SEQ_LEN, batch_size=1,
                               seed=None))
     packed = [next(packer) for _ in range(W)]  # its row W - 1 wraps into the second pass, as ours does
     assert _same(batches[:W], [packed[w] for w in order[0]])
@@ -266,10 +267,10 @@ def test_prepared_tfds_source(env, monkeypatch):
     stats = dl.corpus_stats(cfg)
     assert stats["train_documents"] == dl.corpus_stats(env["cfg"])["train_documents"]
     with monkeypatch.context() as m:  # nothing is tokenized up front
-        m.setattr(dl, "_tokenize_stream", _no_tokenizing)
+        m.setattr(data_tokens, "tokenize_stream", _no_tokenizing)
         it = dl.make_train_iterator(cfg, tok, batch_size=2)
         first = _take(it, 5)
-    streamed = iter(dl._batches(dl._corpus(env["cfg"]).data_source("train"), tok, "text", seq_len=SEQ_LEN,
+    streamed = iter(dl._batches(open_corpus(env["cfg"]).data_source("train"), tok, "text", seq_len=SEQ_LEN,
                                 batch_size=2, seed=cfg.seed))
     assert _same(first, _take(streamed, 5))
     state = json.loads(json.dumps(it.get_state()))
@@ -369,7 +370,7 @@ def test_stratified_split_of_files_source(strata_env):
     assert stats["documents"] == len(held_out) and stats["corpus_strata"] == len(STRATA)
     assert stats["strata"] == sum(v > 0 for v in per_stratum.values())
     assert set(stats["missing_strata"]) == {s for s, v in per_stratum.items() if v == 0} <= {"p1"}
-    tokens, lengths = dl._split_stream(dl._corpus(cfg), strata_env["tok"], cfg.data_dir, "validation")
+    tokens, lengths = split_stream(open_corpus(cfg), strata_env["tok"], cfg.data_dir, "validation")
     assert stats["tokens"] == len(tokens) == lengths.sum()
     assert stats["windows"] == -(-len(tokens) // (SEQ_LEN + 1))
     assert stats["largest_document_share"] == pytest.approx(lengths.max() / lengths.sum())
@@ -411,7 +412,7 @@ def test_eval_windows_equal_training_packing(strata_env):
     batches = dl.make_eval_batches(cfg, tok, batch_size=1, num_batches=W)  # exactly every window once
     assert sorted(_window_ids(cfg, tok, batches).reshape(-1).tolist()) == list(range(W))
     # Window w is the w-th row the training packer cuts from the eval documents in stored order.
-    it = iter(dl._batches(dl._corpus(cfg).data_source("validation"), tok, "text", seq_len=SEQ_LEN, batch_size=1,
+    it = iter(dl._batches(open_corpus(cfg).data_source("validation"), tok, "text", seq_len=SEQ_LEN, batch_size=1,
                           seed=None))
     assert _same(batches, [next(it) for _ in range(W)])
 
@@ -452,7 +453,7 @@ def test_eval_stream_cache(strata_env, monkeypatch):
     (cached,) = (Path(cfg.data_dir) / "prosparse_eval_tokens").glob("*.npz")
     assert not list(cached.parent.glob("*.tmp"))
     with monkeypatch.context() as m:
-        m.setattr(dl, "_tokenize_stream", _no_tokenizing)
+        m.setattr(data_tokens, "tokenize_stream", _no_tokenizing)
         assert _same(dl.make_eval_batches(cfg, tok, batch_size=2, num_batches=3), first)
     for broken in (b"not an npz", cached.read_bytes()[:200]):  # a broken cache is recomputed and rewritten
         cached.write_bytes(broken)
@@ -468,30 +469,30 @@ def test_train_stream_cache(strata_env, tmp_path, monkeypatch):
     first = _take(dl.make_train_iterator(cfg, tok, batch_size=3), 4)
     (cached,) = (Path(cfg.data_dir) / "prosparse_train_tokens").glob("*.npz")
     assert [f.name for f in cached.parent.iterdir()] == [cached.name]  # no temporary file left behind
-    corpus = dl._corpus(cfg)
-    assert cached == dl._stream_cache_path(corpus, tok, cfg.data_dir, "train")
+    corpus = open_corpus(cfg)
+    assert cached == data_tokens.stream_cache_path(corpus, tok, cfg.data_dir, "train")
     with np.load(cached) as z:  # the train documents in stored order, each followed by EOS
         texts = [d["text"] for d in dl.iter_documents(cfg, "train")]
         expected = [tok.encode(t, add_special_tokens=False).ids + [dl.eos_id(tok)] for t in texts]
         np.testing.assert_array_equal(z["tokens"], np.concatenate(expected).astype(np.int32))
         np.testing.assert_array_equal(z["lengths"], [len(e) for e in expected])
     with monkeypatch.context() as m:
-        m.setattr(dl, "_tokenize_stream", _no_tokenizing)
+        m.setattr(data_tokens, "tokenize_stream", _no_tokenizing)
         assert _same(_take(dl.make_train_iterator(cfg, tok, batch_size=3), 4), first)
         # Another tokenizer: another key, so tokenized again (here: refused by the patched tokenize).
         other_tok = dl.get_tokenizer(dl.DataConfig(**{**cfg.__dict__, "tokenizer": "", "vocab_size": 290}),
                                      tmp_path / "tok290")
-        assert dl._stream_cache_path(corpus, other_tok, cfg.data_dir, "train") != cached
+        assert data_tokens.stream_cache_path(corpus, other_tok, cfg.data_dir, "train") != cached
         with pytest.raises(AssertionError, match="tokenized again"):
             dl.make_train_iterator(cfg, other_tok, batch_size=3)
     # Another corpus (one more file): another fingerprint, another key; the eval split has its own directory.
     root = tmp_path / "c"
     _write_strata_corpus(root)
     (root / "extra.py").write_text("x = 1\n")
-    other_corpus = dl._corpus(dl.DataConfig(**{**cfg.__dict__, "source": f"files:{root}/**/*.py"}))
+    other_corpus = open_corpus(dl.DataConfig(**{**cfg.__dict__, "source": f"files:{root}/**/*.py"}))
     assert other_corpus.fingerprint != corpus.fingerprint
-    assert dl._stream_cache_path(other_corpus, tok, cfg.data_dir, "train") != cached
-    assert dl._stream_cache_path(corpus, tok, cfg.data_dir, "validation").parent.name == "prosparse_eval_tokens"
+    assert data_tokens.stream_cache_path(other_corpus, tok, cfg.data_dir, "train") != cached
+    assert data_tokens.stream_cache_path(corpus, tok, cfg.data_dir, "validation").parent.name == "prosparse_eval_tokens"
     for broken in (b"not an npz", cached.read_bytes()[:200]):  # a broken cache is recomputed and rewritten
         cached.write_bytes(broken)
         assert _same(_take(dl.make_train_iterator(cfg, tok, batch_size=3), 4), first)
@@ -592,6 +593,6 @@ def test_short_run_samples_the_whole_train_split(tmp_path, monkeypatch):
     assert len(_markers(tok, batches)) >= 10
     # The same 48 rows of a document stream (documents shuffled, rows not) come from 2 or 3 documents.
     monkeypatch.setattr(dl, "SHUFFLE_WINDOW_ROWS", 1)  # a window of one row = no row shuffle
-    stream = iter(dl._batches(dl._corpus(cfg).data_source("train"), tok, "text", seq_len=SEQ_LEN, batch_size=8,
+    stream = iter(dl._batches(open_corpus(cfg).data_source("train"), tok, "text", seq_len=SEQ_LEN, batch_size=8,
                               seed=cfg.seed))
     assert len(_markers(tok, _take(stream, 6))) <= 3
