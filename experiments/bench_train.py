@@ -54,7 +54,7 @@ from prosparse_jax.metrics import measure_matmul_peak  # noqa: E402
 from prosparse_jax.model import init_params  # noqa: E402
 from prosparse_jax.run_config import resolve  # noqa: E402
 from prosparse_jax.sharding import make_mesh  # noqa: E402
-from prosparse_jax.train import make_train_step, place_state  # noqa: E402
+from prosparse_jax.step import make_train_step, place_state  # noqa: E402
 
 # name -> (model fields, batch, seq_len)
 SHAPES = {

@@ -38,7 +38,8 @@ from prosparse_jax import data as data_lib
 from prosparse_jax.config import DataConfig, build_section
 from prosparse_jax.metrics import read_metrics
 from prosparse_jax.model import forward
-from prosparse_jax.train import evaluate, train
+from prosparse_jax.step import evaluate
+from prosparse_jax.train import train
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from configs import prosparse as prosparse_configs  # noqa: E402

@@ -16,6 +16,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 class MetricsWriter:
@@ -57,6 +58,27 @@ class MetricsWriter:
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
+
+
+class IntervalMeans:
+    """Running sums of per-step metrics between two log entries; :meth:`pop` returns their means and restarts."""
+
+    def __init__(self, keys: tuple[str, ...]) -> None:
+        self.keys = keys
+        self.sums: dict[str, np.ndarray] = {}
+        self.count = 0
+
+    def add(self, step_metrics: dict[str, Any]) -> None:
+        """Adds one step's (host) metrics; scalars and per-layer vectors alike, in float64."""
+        for k in self.keys:
+            self.sums[k] = self.sums.get(k, 0.0) + np.asarray(step_metrics[k], np.float64)
+        self.count += 1
+
+    def pop(self) -> tuple[dict[str, np.ndarray], int]:
+        """(mean of each key over the steps added since the last pop, number of steps); then starts over."""
+        means = {k: v / max(self.count, 1) for k, v in self.sums.items()}
+        n, self.sums, self.count = self.count, {}, 0
+        return means, n
 
 
 def read_metrics(workdir: str | Path, kind: str | None = None) -> list[dict[str, Any]]:

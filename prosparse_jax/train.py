@@ -1,15 +1,16 @@
-"""ProSparse training: LM loss + lambda(t) * sum_layers ||x1||_1, orbax resume, metrics, FATReLU evaluation.
+"""ProSparse training: the run loop with orbax resume, metrics, evaluation and the FATReLU evaluation.
 
     python -m prosparse_jax.train --config=configs/prosparse.py:tiny --workdir=/tmp/run
 
 One run = (optionally) start from ``init_from`` with the activation of ``model.activation`` substituted, train
-through the sparsity stage table, then evaluate with FATReLU threshold shifting (``sparsity.final_threshold``).
-Re-running the same command on the same workdir resumes from its latest checkpoint; SIGTERM saves and exits 0.
+through the sparsity stage table, then evaluate with FATReLU threshold shifting (``sparsity.final_threshold``,
+ProSparse §3.3). Re-running the same command on the same workdir resumes from its latest checkpoint; SIGTERM saves
+and exits 0.
 
-Objective (ProSparse Eq. 2): loss = CE(next token) + lambda(t) * sum_l L1_l with, per ``sparsity.l1_reduction``,
-L1_l = mean over tokens of ||x1_l||_1 (sum over d_ff; ``"sum"``, the paper's literal form and the default) or the
-mean of |x1_l| over tokens x d_ff (``"mean"`` = ``"sum"`` / d_ff); lambda(t) is evaluated from the step stored in
-the train state inside the jitted step (so it resumes exactly).
+:func:`train` runs four named steps: :func:`_setup` (config, workdir, tokenizer, mesh, batch semantics) ->
+:func:`_init_state` (restore the latest checkpoint, or initialise / load ``init_from``) -> :class:`_Loop` (steps,
+metrics fetched one step late, evaluations, checkpoints, stop requests) -> :func:`_final_eval`. The objective and the
+jitted step are in :mod:`prosparse_jax.step`; the workdir's checks in :mod:`prosparse_jax.workdir`.
 """
 
 from __future__ import annotations
@@ -17,9 +18,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import math
 import queue
-import shutil
 import signal
 import sys
 import threading
@@ -29,10 +28,8 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -41,29 +38,21 @@ from prosparse_jax import data as data_lib
 from prosparse_jax import optim as optim_lib
 from prosparse_jax import schedules
 from prosparse_jax import sharding as shard_lib
-from prosparse_jax.config import L1_REDUCTIONS, ConfigError, ModelConfig, RunConfig
-from prosparse_jax.metrics import MetricsWriter, measure_matmul_peak
-from prosparse_jax.model import (
-    Params,
-    abstract_params,
-    cross_entropy,
-    forward,
-    init_params,
-    stack_layers,
-    unstack_layers,
-)
+from prosparse_jax.config import ConfigError, RunConfig
+from prosparse_jax.metrics import IntervalMeans, MetricsWriter, measure_matmul_peak
+from prosparse_jax.model import Params, abstract_params, init_params
 from prosparse_jax.run_config import resolve
+from prosparse_jax.step import evaluate, make_train_step, place_state, stack_layers_jit
+from prosparse_jax.workdir import (
+    TrainError,
+    check_workdir_config,
+    json_config,
+    load_init_params,
+    prepare_tokenizer,
+)
 
-# Fields that may change between a run and its resumption (they do not change the numbers; model.scan_layers only
-# changes the layout of the state in memory -- checkpoints are stacked either way -- and float round-off).
-RESUMABLE_CHANGES = {
-    "train.log_every", "train.eval_every", "train.checkpoint_every", "train.keep_checkpoints", "train.keep_period",
-    "train.async_checkpoint", "train.progress_bar", "data.data_dir", "model.scan_layers",
-}
-
-
-class TrainError(RuntimeError):
-    """The run cannot start or continue; the message says why and what to do."""
+# step metrics reported as means over the steps since the previous metrics entry
+_MEAN_KEYS = ("loss", "lm_loss", "reg_loss", "grad_norm", "sparsity", "sparsity_per_layer", "mean_abs_x1_per_layer")
 
 
 class NonFiniteLossError(TrainError):
@@ -78,94 +67,11 @@ class TrainResult:
     interrupted: bool
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Loss and step
-# ---------------------------------------------------------------------------------------------------------------
-def loss_fn(params: Params, batch: dict[str, jax.Array], cfg: ModelConfig, reg_factor: jax.Array,
-            l1_reduction: str = "sum") -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Total loss = lm_loss + reg_factor * sum over layers of the layer's L1 term.
-
-    The L1 term of a layer (``sparsity.l1_reduction``, see :data:`prosparse_jax.run_config.L1_REDUCTIONS`):
-    ``"sum"`` = ||x1||_1 of a token's d_ff vector as in ProSparse Eq. 2 (a sum over d_ff), averaged over valid tokens;
-    ``"mean"`` = the mean of |x1| over valid tokens x d_ff, i.e. exactly ``"sum"`` / d_ff.
-    """
-    logits, stats = forward(params, batch["inputs"], cfg, segment_ids_BxT=batch["segment_ids"],
-                            positions_BxT=batch["positions"])
-    lm_loss = cross_entropy(logits, batch["targets"], batch["weights"])
-    if l1_reduction not in L1_REDUCTIONS:
-        raise ConfigError(f"sparsity.l1_reduction: {l1_reduction!r}; choose one of: {', '.join(L1_REDUCTIONS)}")
-    per_element = jnp.sum(stats.mean_abs_x1)  # stats.mean_abs_x1: mean |x1| over valid tokens x d_ff, per layer
-    reg_loss = reg_factor * (per_element * cfg.d_ff if l1_reduction == "sum" else per_element)
-    return lm_loss + reg_loss, {"lm_loss": lm_loss, "reg_loss": reg_loss, "sparsity_per_layer": stats.zero_frac,
-                                "mean_abs_x1_per_layer": stats.mean_abs_x1}
-
-
-def accumulate_grads(params: Params, batch: dict[str, jax.Array], cfg: ModelConfig, reg_factor: jax.Array,
-                     l1_reduction: str = "sum") -> tuple[dict[str, jax.Array], Params]:
-    """Metrics and gradients of the objective over all micro-batches of ``batch`` (leaves [A, micro_batch, T]).
-
-    The objective is the one of a single batch holding every micro-batch's rows: the LM loss is the mean over all
-    target tokens of the step and the L1 term the mean over all its valid tokens -- each micro-batch weighs by its
-    share of the tokens, not 1/A (micro-batches of packed data hold different numbers of valid tokens).
-    """
-    n = batch["inputs"].shape[0]
-    if n == 1:  # no accumulation buffers (zeros + g == g): saves a pass over the parameters
-        (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            params, jax.tree.map(lambda x: x[0], batch), cfg, reg_factor, l1_reduction)
-        return jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), dict(aux, loss=loss)), grads
-    w_A = jnp.sum(batch["weights"].astype(jnp.float32), axis=(1, 2))  # CE target tokens per micro-batch
-    v_A = jnp.sum((batch["segment_ids"] != 0).astype(jnp.float32), axis=(1, 2))  # valid tokens (the L1 mean's)
-    shares = (w_A / jnp.maximum(w_A.sum(), 1.0), v_A / jnp.maximum(v_A.sum(), 1.0))
-
-    def weighted(p: Params, mb: dict[str, jax.Array], ce_share: jax.Array, reg_share: jax.Array
-                 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-        _, aux = loss_fn(p, mb, cfg, reg_factor, l1_reduction)
-        out = {"lm_loss": aux["lm_loss"] * ce_share, "reg_loss": aux["reg_loss"] * reg_share,
-               "sparsity_per_layer": aux["sparsity_per_layer"] * reg_share,
-               "mean_abs_x1_per_layer": aux["mean_abs_x1_per_layer"] * reg_share}
-        return out["lm_loss"] + out["reg_loss"], out
-
-    grad_fn = jax.value_and_grad(weighted, has_aux=True)
-
-    def micro(carry: Any, xs: Any) -> tuple[Any, None]:
-        g_acc, aux_acc = carry
-        mb, ce_share, reg_share = xs
-        (loss, aux), g = grad_fn(params, mb, ce_share, reg_share)
-        aux = dict(aux, loss=loss)
-        return (jax.tree.map(jnp.add, g_acc, g), jax.tree.map(jnp.add, aux_acc, aux)), None
-
-    zeros_aux = {"loss": 0.0, "lm_loss": 0.0, "reg_loss": 0.0,
-                 "sparsity_per_layer": jnp.zeros(cfg.n_layers), "mean_abs_x1_per_layer": jnp.zeros(cfg.n_layers)}
-    zeros_aux = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), zeros_aux)
-    (grads, aux), _ = jax.lax.scan(micro, (jax.tree.map(jnp.zeros_like, params), zeros_aux), (batch, *shares))
-    return aux, grads
-
-
-def make_train_step(rc: RunConfig, tx: Any, lr_fn: Any, reg_factor_fn: Any):
-    """Builds ``step(state, batch) -> (state, metrics)``; batch leaves are [grad_accum, micro_batch, T]."""
-    cfg = rc.model
-
-    def step(state: dict[str, Any], batch: dict[str, jax.Array]) -> tuple[dict[str, Any], dict[str, jax.Array]]:
-        t = state["step"]
-        reg_factor = reg_factor_fn(t)
-        aux, grads = accumulate_grads(state["params"], batch, cfg, reg_factor, rc.sparsity.l1_reduction)
-        grad_norm = optax.tree.norm(grads)
-        finite = jnp.isfinite(aux["loss"]) & jnp.isfinite(grad_norm)
-
-        def apply(operands: tuple[Any, Any, Any]) -> tuple[Any, Any]:
-            params, opt_state, grads = operands
-            updates, new_opt = tx.update(grads, opt_state, params)
-            return jax.tree.map(lambda p, u: p + u, params, updates), new_opt
-
-        # A non-finite step is not applied: the state stays the last good one and the host stops the run.
-        new_params, new_opt = jax.lax.cond(finite, apply, lambda ops: (ops[0], ops[1]),
-                                           (state["params"], state["opt_state"], grads))
-        new_state = {"params": new_params, "opt_state": new_opt, "step": jnp.where(finite, t + 1, t)}
-        metrics = dict(aux, reg_factor=reg_factor, lr=lr_fn(t), grad_norm=grad_norm, finite=finite,
-                       sparsity=jnp.mean(aux["sparsity_per_layer"]))
-        return new_state, metrics
-
-    return step
+@functools.cache
+def _matmul_peak(device_kind: str) -> float:
+    """The MFU denominator: one device's measured matmul FLOP/s, measured once per process and device kind."""
+    del device_kind  # the cache key
+    return measure_matmul_peak()
 
 
 def metrics_lag(n_devices: int) -> bool:
@@ -174,152 +80,9 @@ def metrics_lag(n_devices: int) -> bool:
     return n_devices == 1 or jax.devices()[0].platform != "cpu"
 
 
-def place_state(params: Params, opt_state: Any, step: int, cfg: ModelConfig, mesh: jax.sharding.Mesh
-                ) -> dict[str, Any]:
-    """The train state for the jitted step from stacked params and optimizer state.
-
-    Parameters and optimizer state get their FSDP shardings (a no-op when already placed), the per-layer layout when
-    ``cfg.scan_layers`` is False (checkpoints stay stacked, see ``train``'s ``save``), and the step counter is
-    replicated on the mesh -- everything placed as the jitted step returns it, so its second call does not compile
-    it again.
-    """
-    params = jax.device_put(params, shard_lib.shardings_like(params, mesh))
-    opt_state = jax.device_put(opt_state, shard_lib.shardings_like(opt_state, mesh))
-    if not cfg.scan_layers:
-        params, opt_state = to_per_layer((params, opt_state), mesh)
-    step_arr = jax.device_put(np.int32(step), jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
-    return {"params": params, "opt_state": opt_state, "step": step_arr}
-
-
-@functools.cache
-def _matmul_peak(device_kind: str) -> float:
-    """The MFU denominator: one device's measured matmul FLOP/s, measured once per process and device kind."""
-    del device_kind  # the cache key
-    return measure_matmul_peak()
-
-
-def to_per_layer(tree: Any, mesh: jax.sharding.Mesh) -> Any:
-    """The per-layer training layout of stacked params / optimizer state (``model.scan_layers = False``).
-
-    Each layer group keeps the FSDP sharding rule of its stacked leaf."""
-    out_sh = shard_lib.shardings_like(jax.eval_shape(unstack_layers, tree), mesh)
-    return jax.jit(unstack_layers, out_shardings=out_sh)(tree)
-
-
-@jax.jit
-def stack_layers_jit(params: Params, opt_state: Any) -> tuple[Params, Any]:
-    """Stacked copies of per-layer params and optimizer state, for a checkpoint (the state itself is unchanged)."""
-    return stack_layers(params), stack_layers(opt_state)
-
-
-@functools.lru_cache(maxsize=8)
-def make_eval_fn(cfg: ModelConfig):
-    """Jitted held-out evaluation of one model config (cached: evaluate() runs every eval_every steps)."""
-
-    def ev(params: Params, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
-        logits, stats = forward(params, batch["inputs"], cfg, segment_ids_BxT=batch["segment_ids"],
-                                positions_BxT=batch["positions"])
-        w = batch["weights"]
-        return {"nll_sum": cross_entropy(logits, batch["targets"], w) * jnp.maximum(w.sum(), 1.0),
-                "tokens": w.sum(), "zero_frac": stats.zero_frac}
-
-    return jax.jit(ev)
-
-
-def evaluate(params: Params, cfg: ModelConfig, batches: list[dict[str, np.ndarray]]) -> dict[str, Any]:
-    """Held-out loss / perplexity / activation sparsity (mean over layers and per layer)."""
-    ev = make_eval_fn(cfg)
-    nll, tok, zf = 0.0, 0.0, np.zeros(cfg.n_layers)
-    for b in batches:
-        out = jax.device_get(ev(params, b))
-        nll += float(out["nll_sum"])
-        tok += float(out["tokens"])
-        zf += np.asarray(out["zero_frac"])
-    zf /= max(len(batches), 1)
-    loss = nll / max(tok, 1.0)
-    return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0)), "eval_sparsity": float(zf.mean()),
-            "eval_sparsity_per_layer": [float(x) for x in zf], "eval_tokens": int(tok)}
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Workdir / config handling
-# ---------------------------------------------------------------------------------------------------------------
-def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(_flatten(v, key + "."))
-        else:
-            out[key] = v
-    return out
-
-
-def _json_config(config: ml_collections.ConfigDict) -> dict[str, Any]:
-    return json.loads(config.to_json_best_effort())
-
-
-def check_workdir_config(workdir: Path, config_json: dict[str, Any]) -> None:
-    """Refuses to resume a workdir written with a different config (nothing is overwritten)."""
-    path = workdir / "config.json"
-    if not path.exists():
-        return
-    saved = _flatten(json.loads(path.read_text()))
-    new = _flatten(config_json)
-    diffs = sorted(k for k in set(saved) | set(new) if saved.get(k) != new.get(k) and k not in RESUMABLE_CHANGES)
-    if diffs:
-        shown = ", ".join(f"{k}: saved {saved.get(k)!r} vs now {new.get(k)!r}" for k in diffs[:6])
-        raise TrainError(
-            f"workdir {workdir} holds a run with a different config ({shown}{' ...' if len(diffs) > 6 else ''}). "
-            "Resume it with its own config (see its config.json) or choose a new --workdir; nothing was changed."
-        )
-
-
-def _prepare_tokenizer(rc: RunConfig, workdir: Path) -> tuple[Any, Any]:
-    """Tokenizer of the run, kept as ``<workdir>/tokenizer.json``: data.tokenizer, else the init_from checkpoint's,
-    else a BPE trained on the corpus. An existing workdir tokenizer is never replaced by a different one."""
-    dcfg = rc.data
-    local = workdir / "tokenizer.json"
-    if not dcfg.tokenizer and rc.init_from:
-        src = Path(rc.init_from) / "tokenizer.json"
-        if not local.exists() and src.is_file():
-            workdir.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(src, local)
-        if local.exists():
-            dcfg = dataclasses.replace(dcfg, tokenizer=str(local))
-    tok = data_lib.get_tokenizer(dcfg, workdir)
-    if dcfg.tokenizer and Path(dcfg.tokenizer).resolve() != local.resolve():
-        if not local.exists():
-            shutil.copyfile(dcfg.tokenizer, local)
-        elif local.read_bytes() != Path(dcfg.tokenizer).read_bytes():
-            raise TrainError(f"{local} differs from data.tokenizer={dcfg.tokenizer}; this workdir was trained with "
-                             "its own tokenizer: use it, or choose a new --workdir (nothing was changed)")
-    if tok.get_vocab_size() > rc.model.vocab_size:
-        raise TrainError(f"tokenizer has {tok.get_vocab_size()} tokens but model.vocab_size="
-                         f"{rc.model.vocab_size}; raise model.vocab_size")
-    return tok, dcfg
-
-
-def _load_init_params(rc: RunConfig) -> Params:
-    """Params of ``rc.init_from`` for this run's model (its activation substituted); shapes must match."""
-    src_cfg, params, _ = ckpt.load_model(rc.init_from)
-    want = jax.tree.map(lambda x: x.shape, abstract_params(rc.model))
-    have = jax.tree.map(lambda x: tuple(x.shape), params)
-    if want != have:
-        raise TrainError(
-            f"init_from={rc.init_from} has a different model shape than model.* of this config "
-            f"(init_from: d_model={src_cfg.d_model}, n_layers={src_cfg.n_layers}, d_ff={src_cfg.d_ff}, "
-            f"vocab={src_cfg.vocab_size}, tied={src_cfg.tie_embeddings}); make the model section match it"
-        )
-    logging.info("initialised from %s (activation %s -> %s)", rc.init_from, src_cfg.activation,
-                 rc.model.activation)
-    return params
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Data prefetch (batch paired with the iterator state *after* it, so checkpoints resume exactly)
-# ---------------------------------------------------------------------------------------------------------------
 def _prefetch(it: data_lib.TrainIterator, depth: int = 2) -> Iterator[tuple[dict[str, np.ndarray], dict]]:
+    """Batches from a background thread, each paired with the iterator state *after* it (checkpoints resume
+    exactly)."""
     q: queue.Queue = queue.Queue(maxsize=depth)
     stop = threading.Event()
 
@@ -331,8 +94,7 @@ def _prefetch(it: data_lib.TrainIterator, depth: int = 2) -> Iterator[tuple[dict
         except BaseException as e:  # noqa: BLE001 - surfaced in the consumer
             q.put(e)
 
-    th = threading.Thread(target=produce, daemon=True)
-    th.start()
+    threading.Thread(target=produce, daemon=True).start()
     try:
         while True:
             item = q.get()
@@ -344,227 +106,270 @@ def _prefetch(it: data_lib.TrainIterator, depth: int = 2) -> Iterator[tuple[dict
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The run
+# Set-up and state
 # ---------------------------------------------------------------------------------------------------------------
-def train(config: ml_collections.ConfigDict, workdir: str | Path, *, stop_after: int | None = None) -> TrainResult:
-    """Runs (or resumes) one training run in ``workdir``. ``stop_after`` simulates a kill after that step."""
+@dataclasses.dataclass
+class _Run:
+    """What the set-up resolved for one run."""
+
+    rc: RunConfig
+    workdir: Path
+    tokenizer: Any
+    mesh: jax.sharding.Mesh
+    is_main: bool
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.rc.train.batch_size * self.rc.data.seq_len
+
+
+def _setup(config: ml_collections.ConfigDict, workdir: str | Path) -> _Run:
+    """Resolves the config, refuses a workdir of another config, prepares the tokenizer, mesh and batch shape."""
     workdir = Path(workdir)
     rc = resolve(config)
-    config_json = _json_config(config)
+    config_json = json_config(config)
     check_workdir_config(workdir, config_json)
     shard_lib.maybe_initialize_distributed()
     is_main = jax.process_index() == 0
-
-    tokenizer, dcfg = _prepare_tokenizer(rc, workdir)
+    tokenizer, dcfg = prepare_tokenizer(rc, workdir)
     rc = dataclasses.replace(rc, data=dcfg)
     workdir.mkdir(parents=True, exist_ok=True)
     if is_main and not (workdir / "config.json").exists():
         (workdir / "config.json").write_text(json.dumps(config_json, indent=2))
+    run = _Run(rc, workdir, tokenizer, shard_lib.make_mesh(rc.train.mesh_data, rc.train.mesh_fsdp), is_main)
+    semantics = _batch_semantics(run)
+    if is_main:
+        print(json.dumps(semantics), flush=True)
+    return run
 
-    # ---- mesh and batch semantics ----
-    mesh = shard_lib.make_mesh(rc.train.mesh_data, rc.train.mesh_fsdp)
-    n_dev, n_proc = jax.device_count(), jax.process_count()
-    B, A, T = rc.train.batch_size, rc.train.grad_accum, rc.data.seq_len
+
+def _batch_semantics(run: _Run) -> dict[str, Any]:
+    """Global / micro / per-device batch of the run (printed at start-up); errors if the devices cannot split it."""
+    rc, n_dev, n_proc = run.rc, jax.device_count(), jax.process_count()
+    B, A = rc.train.batch_size, rc.train.grad_accum
     micro = B // A
     if micro % n_dev:
         raise ConfigError(f"train.batch_size / train.grad_accum = {micro} must be divisible by the {n_dev} devices")
     if B % n_proc:
         raise ConfigError(f"train.batch_size={B} must be divisible by the {n_proc} processes")
-    if is_main:
-        print(json.dumps({"global_batch": B, "grad_accum_steps": A, "micro_batch": micro,
-                          "per_device_batch": micro // n_dev, "devices": n_dev, "processes": n_proc,
-                          "mesh": dict(mesh.shape), "seq_len": T, "tokens_per_step": B * T,
-                          "steps": rc.train.steps, "activation": rc.model.activation,
-                          "params": rc.model.params_total}), flush=True)
+    return {"global_batch": B, "grad_accum_steps": A, "micro_batch": micro, "per_device_batch": micro // n_dev,
+            "devices": n_dev, "processes": n_proc, "mesh": dict(run.mesh.shape), "seq_len": rc.data.seq_len,
+            "tokens_per_step": run.tokens_per_step, "steps": rc.train.steps, "activation": rc.model.activation,
+            "params": rc.model.params_total}
 
-    # ---- state ----
-    tx, lr_fn = optim_lib.make_optimizer(rc.optim, rc.train.steps, rc.model.d_model)
-    reg_factor_fn = schedules.reg_factor_schedule(rc.sparsity.stages)
-    p_shard = shard_lib.shardings_like(abstract_params(rc.model), mesh)
-    rng = jax.random.key(rc.train.seed)
 
-    start = ckpt.latest_step(workdir)
-    if start is not None and start >= rc.train.steps and (workdir / "final_eval.json").exists():
-        if is_main:
-            print(f"{workdir} already finished at step {start}; nothing to do", flush=True)
-        final = json.loads((workdir / "final_eval.json").read_text())
-        return TrainResult(workdir=workdir, step=start, final_eval=final, interrupted=False)
-    mgr = ckpt.manager(workdir, keep=rc.train.keep_checkpoints, async_save=rc.train.async_checkpoint,
-                       keep_period=rc.train.keep_period)
+def _init_state(run: _Run, tx: Any, mgr: Any, start: int | None) -> tuple[dict[str, Any], Any]:
+    """The train state (placed on the mesh) and the data-iterator state: restored from checkpoint ``start``, else
+    initialised (from ``init_from`` when set, else randomly with ``train.seed``)."""
+    rc, mesh = run.rc, run.mesh
     abs_params = abstract_params(rc.model)
     abs_opt = jax.eval_shape(tx.init, abs_params)
+    p_shard = shard_lib.shardings_like(abs_params, mesh)
     o_shard = shard_lib.shardings_like(abs_opt, mesh)
-    data_state = None
     if start is not None:
         with_sh = lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s)  # noqa: E731
         params, opt_state, extra = ckpt.restore(mgr, start, jax.tree.map(with_sh, abs_params, p_shard),
                                                 jax.tree.map(with_sh, abs_opt, o_shard))
-        data_state = extra.get("data_state")
-        if is_main:
-            print(f"resuming {workdir} from step {start}", flush=True)
+        if run.is_main:
+            print(f"resuming {run.workdir} from step {start}", flush=True)
+        return place_state(params, opt_state, start, rc.model, mesh), extra.get("data_state")
+    if rc.init_from:
+        params: Params = jax.device_put(load_init_params(rc), p_shard)
     else:
-        if rc.init_from:
-            params = jax.device_put(_load_init_params(rc), p_shard)
-        else:
-            params = jax.jit(lambda r: init_params(rc.model, r), out_shardings=p_shard)(rng)
-        opt_state = jax.jit(tx.init, out_shardings=o_shard)(params)
-        start = 0
-    state = place_state(params, opt_state, start, rc.model, mesh)
+        params = jax.jit(lambda r: init_params(rc.model, r), out_shardings=p_shard)(jax.random.key(rc.train.seed))
+    opt_state = jax.jit(tx.init, out_shardings=o_shard)(params)
+    return place_state(params, opt_state, 0, rc.model, mesh), None
 
-    # ---- data ----
-    it = data_lib.make_train_iterator(rc.data, tokenizer, batch_size=B // n_proc, cache_dir=workdir,
-                                      process_index=jax.process_index(), process_count=n_proc)
-    if data_state is not None:
-        it.set_state(data_state)
-    eval_batches = data_lib.make_eval_batches(rc.data, tokenizer, batch_size=min(B, 8),
-                                              num_batches=rc.train.eval_batches, cache_dir=workdir)
-    def to_device(b: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-        # [B_host, T] -> [A, micro_host, T]; the micro-batch dimension is sharded over the devices.
+
+# ---------------------------------------------------------------------------------------------------------------
+# The loop
+# ---------------------------------------------------------------------------------------------------------------
+class _Loop:
+    """Runs the steps from ``start`` to ``train.steps`` (or a stop request) on the host side.
+
+    Metrics are fetched one step late: step s+1 is dispatched before the host waits on step s's metrics, so the
+    host's bookkeeping overlaps device work. Steps that need the state (eval, checkpoint, end, stop) are synced at
+    once. On several simulated CPU devices every step is synced (:func:`metrics_lag`).
+    """
+
+    def __init__(self, run: _Run, state: dict[str, Any], step_fn: Any, mgr: Any, start: int,
+                 data_state: Any, stop_after: int | None) -> None:
+        rc = run.rc
+        self.run, self.rc, self.state, self.step_fn, self.mgr = run, rc, state, step_fn, mgr
+        self.step, self.stop_after, self.stop_requested = start, stop_after, False
+        n_proc = jax.process_count()
+        self.it = data_lib.make_train_iterator(rc.data, run.tokenizer, batch_size=rc.train.batch_size // n_proc,
+                                               cache_dir=run.workdir, process_index=jax.process_index(),
+                                               process_count=n_proc)
+        if data_state is not None:
+            self.it.set_state(data_state)
+        self.last_data_state = self.it.get_state()
+        self.eval_batches = data_lib.make_eval_batches(rc.data, run.tokenizer, batch_size=min(rc.train.batch_size, 8),
+                                                       num_batches=rc.train.eval_batches, cache_dir=run.workdir)
+        self.writer = MetricsWriter(run.workdir, resume_step=start, enabled=run.is_main)
+        self.means = IntervalMeans(_MEAN_KEYS)
+        self.peak = _matmul_peak(jax.devices()[0].device_kind) * jax.device_count()
+        self.t_last, self.steps_since = time.perf_counter(), 0
+        self.pbar = None
+        if run.is_main and rc.train.progress_bar:
+            from tqdm import tqdm
+
+            self.pbar = tqdm(total=rc.train.steps, initial=start, desc="train", file=sys.stderr, dynamic_ncols=True)
+
+    def to_device(self, b: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+        """[B_host, T] -> [A, micro_host, T]; the micro-batch dimension is sharded over the devices."""
+        A, sh = self.rc.train.grad_accum, shard_lib.accum_batch_sharding(self.run.mesh)
         out = {}
-        sh = shard_lib.accum_batch_sharding(mesh)
         for k, v in b.items():
             v = v.reshape(A, v.shape[0] // A, *v.shape[1:])
-            out[k] = jax.make_array_from_process_local_data(sh, v) if n_proc > 1 else jax.device_put(v, sh)
+            out[k] = jax.make_array_from_process_local_data(sh, v) if jax.process_count() > 1 \
+                else jax.device_put(v, sh)
         return out
 
-    step_fn = jax.jit(make_train_step(rc, tx, lr_fn, reg_factor_fn), donate_argnums=(0,))
+    def run_steps(self) -> bool:
+        """The loop; returns whether it stopped early (a stop request or ``stop_after``)."""
+        lag, pending = metrics_lag(jax.device_count()), None
+        batches = _prefetch(self.it)
+        while self.step < self.rc.train.steps:
+            batch, next_data_state = next(batches)
+            self.state, m_dev = self.step_fn(self.state, self.to_device(batch))
+            dispatched = self.step + (2 if pending is not None else 1)  # the step number of the one just dispatched
+            if pending is not None:
+                self.process(*pending)  # the previous step's metrics, fetched while this step runs
+                pending = None
+            if lag and not self.needs_state(dispatched):
+                pending = (m_dev, next_data_state)
+                continue
+            self.process(m_dev, next_data_state)
+            if self.after_step():
+                return True
+        return False
 
-    # ---- metrics ----
-    writer = MetricsWriter(workdir, resume_step=start, enabled=is_main)
-    peak = _matmul_peak(jax.devices()[0].device_kind) * n_dev
-    flops_per_step = rc.model.flops_per_token(T) * B * T
+    def needs_state(self, s: int) -> bool:
+        """Whether the host must act on the state right after step s (eval, checkpoint, end, stop)."""
+        t = self.rc.train
+        return (s == t.steps or s % t.checkpoint_every == 0 or bool(t.eval_every and s % t.eval_every == 0)
+                or self.stop_requested or (self.stop_after is not None and s >= self.stop_after))
 
-    stop_requested = {"flag": False}
+    def process(self, m_dev: Any, data_state_after: Any) -> None:
+        """Host side of one finished step: NaN guard, interval means, progress bar, metrics entry."""
+        m = jax.device_get(m_dev)
+        if not bool(m["finite"]):
+            self.mgr.wait_until_finished()
+            raise NonFiniteLossError(
+                f"non-finite loss/gradient at step {self.step} (loss={float(m['loss'])}, grad_norm="
+                f"{float(m['grad_norm'])}); the update was not applied. Last good checkpoint: "
+                f"{ckpt.latest_step(self.run.workdir)} in {self.run.workdir}/checkpoints. Lower optim.lr or the "
+                "sparsity lambdas.")
+        self.last_data_state = data_state_after
+        self.step += 1
+        self.steps_since += 1
+        self.means.add(m)
+        if self.pbar is not None:
+            self.pbar.update(1)
+            self.pbar.set_postfix(loss=f"{float(m['loss']):.3f}", sp=f"{float(m['sparsity']):.3f}")
+        if self.step % self.rc.train.log_every == 0 or self.step == self.rc.train.steps:
+            self.log(m)
+
+    def log(self, m: dict[str, Any]) -> None:
+        """One train entry: interval means since the previous entry plus the last update's values."""
+        tps = self.steps_since * self.run.tokens_per_step / max(time.perf_counter() - self.t_last, 1e-9)
+        mean, n = self.means.pop()
+        entry = {k: [float(x) for x in v] if k.endswith("_per_layer") else float(v) for k, v in mean.items()}
+        self.writer.write(self.step, {
+            **entry,
+            # values of the update with index step - 1
+            "reg_factor": float(m["reg_factor"]), "lr": float(m["lr"]),
+            "last_loss": float(m["loss"]), "last_sparsity": float(m["sparsity"]),
+            "tokens_per_sec": tps, "mfu": self.rc.model.flops_per_token(self.rc.data.seq_len) * tps / self.peak,
+            "tokens_seen": self.step * self.run.tokens_per_step, "steps_averaged": n,
+        })
+        self.t_last, self.steps_since = time.perf_counter(), 0
+
+    def after_step(self) -> bool:
+        """Eval / checkpoint / stop after a synced step; returns True when the loop must stop."""
+        t, s = self.rc.train, self.step
+        if t.eval_every and s % t.eval_every == 0 and s != t.steps:
+            self.writer.write(s, evaluate(self.state["params"], self.rc.model, self.eval_batches), kind="eval")
+            self.t_last = time.perf_counter()
+        if s % t.checkpoint_every == 0 or s == t.steps:
+            self.save()
+        if self.stop_requested or (self.stop_after is not None and s >= self.stop_after):
+            if s % t.checkpoint_every and s != t.steps:
+                self.save(force=True)
+            if self.run.is_main:
+                print(f"stopping at step {s}: checkpoint saved in {self.run.workdir}", flush=True)
+            return True
+        return False
+
+    def save(self, force: bool = False) -> None:
+        """Checkpoint of the current step (stacked layout, with the data-iterator state and the model config)."""
+        params, opt_state = self.state["params"], self.state["opt_state"]
+        if not self.rc.model.scan_layers:
+            params, opt_state = stack_layers_jit(params, opt_state)
+        ckpt.save(self.mgr, self.step, params, opt_state, {"step": self.step, "data_state": self.last_data_state,
+                                                           "model": dataclasses.asdict(self.rc.model)}, force=force)
+
+    def close(self) -> None:
+        if self.pbar is not None:
+            self.pbar.close()
+
+
+def _final_eval(loop: _Loop) -> dict[str, Any]:
+    """Held-out evaluation at the end, then with FATReLU(t = sparsity.final_threshold) in place of ReLU
+    (ProSparse §3.3: threshold shifting without retraining); written to metrics and ``final_eval.json``."""
+    rc, params = loop.rc, loop.state["params"]
+    final = evaluate(params, rc.model, loop.eval_batches)
+    loop.writer.write(loop.step, final, kind="eval")
+    t = rc.sparsity.final_threshold
+    if t > 0 and rc.model.activation in ("relu", "fatrelu"):
+        fat = evaluate(params, rc.model.replace(activation="fatrelu", activation_threshold=t), loop.eval_batches)
+        fat = {f"fatrelu_{k}": v for k, v in fat.items()} | {"fatrelu_threshold": t}
+        loop.writer.write(loop.step, fat, kind="final_fatrelu")
+        final.update(fat)
+    if loop.run.is_main:
+        (loop.run.workdir / "final_eval.json").write_text(json.dumps(dict(final, step=loop.step), indent=2))
+    return final
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The run
+# ---------------------------------------------------------------------------------------------------------------
+def train(config: ml_collections.ConfigDict, workdir: str | Path, *, stop_after: int | None = None) -> TrainResult:
+    """Runs (or resumes) one training run in ``workdir``. ``stop_after`` simulates a kill after that step."""
+    run = _setup(config, workdir)
+    rc, workdir = run.rc, run.workdir
+    start = ckpt.latest_step(workdir)
+    if start is not None and start >= rc.train.steps and (workdir / "final_eval.json").exists():
+        if run.is_main:
+            print(f"{workdir} already finished at step {start}; nothing to do", flush=True)
+        final = json.loads((workdir / "final_eval.json").read_text())
+        return TrainResult(workdir=workdir, step=start, final_eval=final, interrupted=False)
+    tx, lr_fn = optim_lib.make_optimizer(rc.optim, rc.train.steps, rc.model.d_model)
+    mgr = ckpt.manager(workdir, keep=rc.train.keep_checkpoints, async_save=rc.train.async_checkpoint,
+                       keep_period=rc.train.keep_period)
+    state, data_state = _init_state(run, tx, mgr, start)
+    step_fn = jax.jit(make_train_step(rc, tx, lr_fn, schedules.reg_factor_schedule(rc.sparsity.stages)),
+                      donate_argnums=(0,))
+    loop = _Loop(run, state, step_fn, mgr, start or 0, data_state, stop_after)
 
     def on_sigterm(signum: int, frame: Any) -> None:
         del signum, frame
-        stop_requested["flag"] = True
+        loop.stop_requested = True
 
-    prev_handler = signal.signal(signal.SIGTERM, on_sigterm) if threading.current_thread() is threading.main_thread() \
-        else None
-
-    def save(step: int, force: bool = False) -> None:
-        params, opt_state = state["params"], state["opt_state"]
-        if not rc.model.scan_layers:
-            params, opt_state = stack_layers_jit(params, opt_state)
-        ckpt.save(mgr, step, params, opt_state,
-                  {"step": step, "data_state": last_data_state, "model": dataclasses.asdict(rc.model)},
-                  force=force)
-
-    pbar = None
-    if is_main and rc.train.progress_bar:
-        from tqdm import tqdm
-
-        pbar = tqdm(total=rc.train.steps, initial=start, desc="train", file=sys.stderr, dynamic_ncols=True)
-
-    last_data_state = data_state if data_state is not None else it.get_state()
-    batches = _prefetch(it)
-    step = start
-    interrupted = False
-    t_last, tokens_since = time.perf_counter(), 0
-    mean_keys = ("loss", "lm_loss", "reg_loss", "grad_norm", "sparsity", "sparsity_per_layer", "mean_abs_x1_per_layer")
-    acc: dict[str, Any] = {}  # sums since the last metrics entry (entries report interval means)
-    n_acc = 0
-    # Metrics are fetched one step late: step s+1 is dispatched before the host waits on step s's metrics, so the
-    # host's bookkeeping overlaps device work. Steps that need the state (eval, checkpoint, end, stop) are synced at
-    # once. On several simulated CPU devices every step is synced: queued collectives can deadlock there.
-    lag = metrics_lag(n_dev)
-    pending: tuple[Any, Any] | None = None  # (metrics on device, data-iterator state after that step's batch)
-
-    def process(m_dev: Any, data_state_after: Any) -> None:
-        """Host side of one finished step: NaN guard, interval means, progress bar, metrics entry."""
-        nonlocal step, last_data_state, tokens_since, acc, n_acc, t_last
-        m = jax.device_get(m_dev)
-        if not bool(m["finite"]):
-            mgr.wait_until_finished()
-            raise NonFiniteLossError(
-                f"non-finite loss/gradient at step {step} (loss={float(m['loss'])}, grad_norm="
-                f"{float(m['grad_norm'])}); the update was not applied. Last good checkpoint: "
-                f"{ckpt.latest_step(workdir)} in {workdir}/checkpoints. Lower optim.lr or the sparsity lambdas."
-            )
-        last_data_state = data_state_after
-        step += 1
-        tokens_since += B * T
-        for k in mean_keys:
-            acc[k] = acc.get(k, 0.0) + np.asarray(m[k], np.float64)
-        n_acc += 1
-        if pbar is not None:
-            pbar.update(1)
-            pbar.set_postfix(loss=f"{float(m['loss']):.3f}", sp=f"{float(m['sparsity']):.3f}")
-        if step % rc.train.log_every == 0 or step == rc.train.steps:
-            dt = time.perf_counter() - t_last
-            tps = tokens_since / max(dt, 1e-9)
-            mean = {k: v / n_acc for k, v in acc.items()}
-            writer.write(step, {
-                # interval means over the steps since the previous entry
-                "loss": float(mean["loss"]), "lm_loss": float(mean["lm_loss"]),
-                "reg_loss": float(mean["reg_loss"]), "grad_norm": float(mean["grad_norm"]),
-                "sparsity": float(mean["sparsity"]),
-                "sparsity_per_layer": [float(x) for x in mean["sparsity_per_layer"]],
-                "mean_abs_x1_per_layer": [float(x) for x in mean["mean_abs_x1_per_layer"]],
-                # values of the update with index step - 1
-                "reg_factor": float(m["reg_factor"]), "lr": float(m["lr"]),
-                "last_loss": float(m["loss"]), "last_sparsity": float(m["sparsity"]),
-                "tokens_per_sec": tps, "mfu": flops_per_step / (B * T) * tps / peak,
-                "tokens_seen": step * B * T, "steps_averaged": n_acc,
-            })
-            t_last, tokens_since = time.perf_counter(), 0
-            acc, n_acc = {}, 0
-
-    def needs_state(s: int) -> bool:
-        """Whether the host must act on the state right after step s (eval, checkpoint, end, stop)."""
-        return (s == rc.train.steps or s % rc.train.checkpoint_every == 0
-                or bool(rc.train.eval_every and s % rc.train.eval_every == 0)
-                or stop_requested["flag"] or (stop_after is not None and s >= stop_after))
-
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    prev_handler = signal.signal(signal.SIGTERM, on_sigterm) if in_main_thread else None
     try:
-        while step < rc.train.steps:
-            batch, next_data_state = next(batches)
-            state, m_dev = step_fn(state, to_device(batch))
-            dispatched = step + (2 if pending is not None else 1)  # the step number of the one just dispatched
-            if pending is not None:
-                process(*pending)  # the previous step's metrics, fetched while this step runs
-                pending = None
-            if lag and not needs_state(dispatched):
-                pending = (m_dev, next_data_state)
-                continue
-            process(m_dev, next_data_state)
-            if rc.train.eval_every and step % rc.train.eval_every == 0 and step != rc.train.steps:
-                writer.write(step, evaluate(state["params"], rc.model, eval_batches), kind="eval")
-                t_last = time.perf_counter()
-            if step % rc.train.checkpoint_every == 0 or step == rc.train.steps:
-                save(step)
-            if stop_requested["flag"] or (stop_after is not None and step >= stop_after):
-                if step % rc.train.checkpoint_every and step != rc.train.steps:
-                    save(step, force=True)
-                interrupted = True
-                if is_main:
-                    print(f"stopping at step {step}: checkpoint saved in {workdir}", flush=True)
-                break
+        interrupted = loop.run_steps()
     finally:
         mgr.wait_until_finished()
-        if pbar is not None:
-            pbar.close()
+        loop.close()
         if prev_handler is not None:
             signal.signal(signal.SIGTERM, prev_handler)
-
-    final: dict[str, Any] = {}
-    if not interrupted:
-        final = evaluate(state["params"], rc.model, eval_batches)
-        writer.write(step, final, kind="eval")
-        t = rc.sparsity.final_threshold
-        if t > 0 and rc.model.activation in ("relu", "fatrelu"):
-            fat_cfg = rc.model.replace(activation="fatrelu", activation_threshold=t)
-            fat = evaluate(state["params"], fat_cfg, eval_batches)
-            fat = {f"fatrelu_{k}": v for k, v in fat.items()}
-            fat["fatrelu_threshold"] = t
-            writer.write(step, fat, kind="final_fatrelu")
-            final.update(fat)
-        if is_main:
-            (workdir / "final_eval.json").write_text(json.dumps(dict(final, step=step), indent=2))
-    writer.close()
+    final = {} if interrupted else _final_eval(loop)
+    loop.writer.close()
     mgr.close()
-    return TrainResult(workdir=workdir, step=step, final_eval=final, interrupted=interrupted)
+    return TrainResult(workdir=workdir, step=loop.step, final_eval=final, interrupted=interrupted)
 
 
 def main(argv: list[str]) -> None:

@@ -1,5 +1,6 @@
 """Training: objective, exact resume, SIGTERM, NaN guard, config errors, init_from substitution."""
 
+import dataclasses
 import json
 import signal
 import subprocess
@@ -15,13 +16,18 @@ import pytest
 from conftest import small_run_config, tiny_model_config, write_corpus
 
 from prosparse_jax import checkpoint as ckpt
+from prosparse_jax import data as data_lib
+from prosparse_jax import step as step_mod
 from prosparse_jax import train as train_mod
 from prosparse_jax.config import ConfigError
 from prosparse_jax.metrics import read_metrics
 from prosparse_jax.model import forward, init_params
+from prosparse_jax.run_config import resolve
 from prosparse_jax.schedules import reg_factor_numpy
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     return write_corpus(tmp_path_factory.mktemp("c") / "corpus")
@@ -61,7 +67,7 @@ def test_l1_gradient_matches_written_formula():
     lam = 0.37
 
     def reg_only(p):
-        _, aux = train_mod.loss_fn(p, batch, cfg, jnp.float32(lam), "mean")
+        _, aux = step_mod.loss_fn(p, batch, cfg, jnp.float32(lam), "mean")
         return aux["reg_loss"]
 
     def written(p):  # lambda * sum_l mean_{tokens x d_ff} |x1_l|, from the captured x1
@@ -232,8 +238,8 @@ def test_train_step_compiles_once(corpus, scan_layers):
     mesh = make_mesh()
     tx, lr_fn = optim_lib.make_optimizer(rc.optim, rc.train.steps, rc.model.d_model)
     params = init_params(rc.model, jax.random.key(0))
-    state = train_mod.place_state(params, tx.init(params), 0, rc.model, mesh)
-    step_fn = jax.jit(train_mod.make_train_step(rc, tx, lr_fn, schedules.reg_factor_schedule(rc.sparsity.stages)),
+    state = step_mod.place_state(params, tx.init(params), 0, rc.model, mesh)
+    step_fn = jax.jit(step_mod.make_train_step(rc, tx, lr_fn, schedules.reg_factor_schedule(rc.sparsity.stages)),
                       donate_argnums=(0,))
     B, T = rc.train.batch_size, rc.data.seq_len
     batch = {"inputs": jnp.zeros((1, B, T), jnp.int32), "targets": jnp.zeros((1, B, T), jnp.int32),
@@ -256,7 +262,7 @@ def test_l1_reduction_sum_is_exactly_d_ff_times_mean():
     lam = jnp.float32(0.3)
 
     def reg(p, reduction):
-        return train_mod.loss_fn(p, batch, cfg, lam, reduction)[1]["reg_loss"]
+        return step_mod.loss_fn(p, batch, cfg, lam, reduction)[1]["reg_loss"]
 
     s, m = float(reg(params, "sum")), float(reg(params, "mean"))
     assert s == pytest.approx(cfg.d_ff * m, rel=1e-6)
@@ -268,7 +274,7 @@ def test_l1_reduction_sum_is_exactly_d_ff_times_mean():
     gs, gm = jax.grad(reg)(params, "sum"), jax.grad(reg)(params, "mean")
     _assert_grads_close(gs, jax.tree.map(lambda b: cfg.d_ff * b, gm))
     with pytest.raises(ConfigError, match="l1_reduction"):
-        train_mod.loss_fn(params, batch, cfg, lam, "l2")
+        step_mod.loss_fn(params, batch, cfg, lam, "l2")
 
 
 def test_l1_reduction_config(corpus):
@@ -315,14 +321,14 @@ def test_grad_accum_is_the_token_weighted_objective():
     lam = jnp.float32(0.05)
     one = jax.tree.map(lambda x: x[None], rows)  # [1, 4, T]
     two = jax.tree.map(lambda x: x.reshape(2, 2, *x.shape[1:]), rows)  # [2, 2, T]
-    aux1, g1 = train_mod.accumulate_grads(params, one, cfg, lam)
-    aux2, g2 = train_mod.accumulate_grads(params, two, cfg, lam)
+    aux1, g1 = step_mod.accumulate_grads(params, one, cfg, lam)
+    aux2, g2 = step_mod.accumulate_grads(params, two, cfg, lam)
     for k in ("loss", "lm_loss", "reg_loss"):
         assert float(aux2[k]) == pytest.approx(float(aux1[k]), rel=1e-5), k
     np.testing.assert_allclose(aux2["sparsity_per_layer"], aux1["sparsity_per_layer"], rtol=1e-5)
     _assert_grads_close(g2, g1)
     # the mean of micro-batch means (the old rule) is a different objective on this batch
-    means = [train_mod.loss_fn(params, jax.tree.map(lambda x, i=i: x[i], two), cfg, lam)[0] for i in range(2)]
+    means = [step_mod.loss_fn(params, jax.tree.map(lambda x, i=i: x[i], two), cfg, lam)[0] for i in range(2)]
     assert abs(float(sum(means)) / 2 - float(aux1["loss"])) > 1e-3
 
 
@@ -333,3 +339,45 @@ def test_progressive_lambda_gives_higher_sparsity_than_lambda_zero(corpus, tmp_p
         c = small_run_config(corpus, 12, stages=stages)
         finals[name] = train_mod.train(c, tmp_path / name).final_eval
     assert finals["progressive"]["eval_sparsity"] > finals["zero"]["eval_sparsity"] + 0.05
+
+
+def test_final_fatrelu_eval_is_the_shifted_model_on_the_held_out_batches(corpus, tmp_path):
+    """ProSparse §3.3: after training, ReLU is replaced by FATReLU(t) without retraining; the final evaluation reports
+    that model's held-out loss and sparsity next to the ReLU model's."""
+    c = small_config(corpus, steps=4)
+    c.sparsity.final_threshold = 0.05
+    res = train_mod.train(c, tmp_path / "run")
+    fin = res.final_eval
+    assert fin["fatrelu_threshold"] == 0.05
+    assert fin["fatrelu_eval_sparsity"] > fin["eval_sparsity"] + 0.01  # the threshold really shifts
+
+    # reference: the checkpoint with activation fatrelu(t), cross-entropy from log_softmax, on the run's eval batches
+    rc = resolve(c)
+    mcfg, params, tok_path = ckpt.load_model(tmp_path / "run")
+    assert mcfg.activation == "relu"
+    dcfg = dataclasses.replace(rc.data, tokenizer=str(tok_path))
+    batches = data_lib.make_eval_batches(dcfg, data_lib.get_tokenizer(dcfg, tmp_path / "run"),
+                                         batch_size=min(rc.train.batch_size, 8), num_batches=rc.train.eval_batches)
+    fat_cfg = mcfg.replace(activation="fatrelu", activation_threshold=0.05)
+    nll = tokens = zeros = 0.0
+    for b in batches:
+        logits, st = forward(params, b["inputs"], fat_cfg, segment_ids_BxT=b["segment_ids"],
+                             positions_BxT=b["positions"])
+        logp = np.asarray(jax.nn.log_softmax(logits.astype(jnp.float32)), np.float64)
+        picked = np.take_along_axis(logp, np.asarray(b["targets"])[..., None], axis=-1)[..., 0]
+        nll -= float((picked * b["weights"]).sum())
+        tokens += float(b["weights"].sum())
+        zeros += float(np.mean(st.zero_frac)) / len(batches)
+    np.testing.assert_allclose(fin["fatrelu_eval_loss"], nll / tokens, rtol=1e-5)
+    np.testing.assert_allclose(fin["fatrelu_eval_sparsity"], zeros, rtol=1e-6)
+    entries = read_metrics(tmp_path / "run", "final_fatrelu")
+    assert len(entries) == 1 and entries[0]["fatrelu_eval_loss"] == fin["fatrelu_eval_loss"]
+    assert json.loads((tmp_path / "run" / "final_eval.json").read_text())["fatrelu_threshold"] == 0.05
+
+
+def test_no_fatrelu_eval_for_silu(corpus, tmp_path):
+    """Threshold shifting applies to ReLU-family gates only: a SiLU run has no FATReLU evaluation."""
+    c = small_run_config(corpus, 2, activation="silu")
+    c.sparsity.final_threshold = 0.05
+    fin = train_mod.train(c, tmp_path / "run").final_eval
+    assert "fatrelu_eval_loss" not in fin and not read_metrics(tmp_path / "run", "final_fatrelu")
