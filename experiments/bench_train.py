@@ -64,11 +64,13 @@ SHAPES = {
 }
 
 
-def run_config(shape: str, batch: int, seq: int, reg_factor: float, steps: int, dtype: str = "float32"):
+def run_config(shape: str, batch: int, seq: int, reg_factor: float, steps: int, dtype: str = "float32",
+               scan_layers: bool = False):
     c = prosparse_configs.get_config("tiny")
     fields, _, _ = SHAPES[shape]
     c.model.update(fields)
     c.model.dtype = dtype
+    c.model.scan_layers = scan_layers
     c.data.vocab_size = fields["vocab_size"]
     c.data.seq_len = seq
     c.train.batch_size = batch
@@ -82,12 +84,12 @@ def run_config(shape: str, batch: int, seq: int, reg_factor: float, steps: int, 
 
 class JaxBench:
     def __init__(self, shape: str, batch: int, seq: int, reg_factor: float, seed: int = 0,
-                 dtype: str = "float32") -> None:
-        self.rc = rc = run_config(shape, batch, seq, reg_factor, steps=10**6, dtype=dtype)
+                 dtype: str = "float32", scan_layers: bool = False) -> None:
+        self.rc = rc = run_config(shape, batch, seq, reg_factor, steps=10**6, dtype=dtype, scan_layers=scan_layers)
         tx, lr_fn = optim_lib.make_optimizer(rc.optim, rc.train.steps, rc.model.d_model)
         reg_factor_fn = schedules.reg_factor_schedule(rc.sparsity.stages)
         params = jax.jit(lambda r: init_params(rc.model, r))(jax.random.key(seed))
-        # placed as train.train does (the tiny config's per-layer layout: one parameter group per layer, unrolled)
+        # placed as train.train does (per-layer layout: one parameter group per layer, unrolled; or stacked + scan)
         self.state = place_state(params, jax.jit(tx.init)(params), 0, rc.model, make_mesh())
         self.step_fn = jax.jit(make_train_step(rc, tx, lr_fn, reg_factor_fn), donate_argnums=(0,))
         rng = np.random.default_rng(seed)
@@ -191,37 +193,44 @@ def update_peaks(peaks: dict[str, float]) -> None:
     peaks["torch"] = max(peaks.get("torch", 0.0), torch_matmul_peak(repeats=10))
 
 
-def bench_shape(shape: str, dtype: str, args: argparse.Namespace, peaks: dict[str, float]) -> dict:
+def bench_shape(shape: str, dtype: str, args: argparse.Namespace, peaks: dict[str, float]) -> list[dict]:
+    """One row per layer layout of ``args.layouts``; our layouts and torch alternate within each repetition."""
     _, batch, seq = SHAPES[shape]
     batch = args.batch or batch
     seq = args.seq or seq
-    t_c = time.perf_counter()
-    jb = JaxBench(shape, batch, seq, args.reg_factor, dtype=dtype)
-    jb.run(1)
-    compile_s = time.perf_counter() - t_c
-    tb = TorchBench(jb.rc, batch, seq, args.reg_factor)
-    jb.run(args.warmup)
+    ours: dict[str, JaxBench] = {}
+    compile_s: dict[str, float] = {}
+    for layout in args.layouts.split(","):
+        t_c = time.perf_counter()
+        ours[layout] = JaxBench(shape, batch, seq, args.reg_factor, dtype=dtype, scan_layers=layout == "scan")
+        ours[layout].run(1)
+        compile_s[layout] = time.perf_counter() - t_c
+    first = next(iter(ours.values()))
+    tb = TorchBench(first.rc, batch, seq, args.reg_factor)
+    for jb in ours.values():
+        jb.run(args.warmup)
     tb.run(args.warmup + 1)
     tokens = batch * seq * args.steps
-    ours, theirs = [], []
+    benches = [*ours.values(), tb]
+    times: dict[int, list[float]] = {id(b): [] for b in benches}
     for rep in range(args.reps):
-        order = (jb, tb) if rep % 2 == 0 else (tb, jb)  # alternate who goes first
+        order = benches if rep % 2 == 0 else benches[::-1]  # alternate who goes first
         for b in order:
-            dt = b.run(args.steps)
-            (ours if b is jb else theirs).append(tokens / dt)
+            times[id(b)].append(tokens / b.run(args.steps))
         update_peaks(peaks)  # the peak is re-measured between repetitions; the best one is the denominator
-    flops_tok = jb.rc.model.flops_per_token(seq)
-    o, t = statistics.median(ours), statistics.median(theirs)
-    # MFU is computed at the end of main(), against the best peak of the whole run.
-    return {
-        "shape": shape, "dtype": dtype, "layout": "scan" if jb.rc.model.scan_layers else "per-layer",
-        "batch": batch, "seq_len": seq, "params": jb.rc.model.params_total,
-        "flops_per_token": flops_tok, "lambda": args.reg_factor, "steps_per_rep": args.steps, "warmup": args.warmup,
-        "reps": args.reps, "jax_compile_plus_first_step_s": compile_s,
-        "ours_tokens_per_s": o, "torch_tokens_per_s": t, "ratio": o / t,
-        "ours_all": ours, "torch_all": theirs, "ours_final_loss": jb.loss, "torch_final_loss": tb.loss,
-        "torch_attn_implementation": tb.attn_impl,
-    }
+    t = statistics.median(times[id(tb)])
+    rows = []
+    for layout, jb in ours.items():  # MFU is computed at the end of main(), against the best peak of the whole run
+        o = statistics.median(times[id(jb)])
+        rows.append({
+            "shape": shape, "dtype": dtype, "layout": layout, "batch": batch, "seq_len": seq,
+            "params": jb.rc.model.params_total, "flops_per_token": jb.rc.model.flops_per_token(seq),
+            "lambda": args.reg_factor, "steps_per_rep": args.steps, "warmup": args.warmup, "reps": args.reps,
+            "jax_compile_plus_first_step_s": compile_s[layout], "ours_tokens_per_s": o, "torch_tokens_per_s": t,
+            "ratio": o / t, "ours_all": times[id(jb)], "torch_all": times[id(tb)], "ours_final_loss": jb.loss,
+            "torch_final_loss": tb.loss, "torch_attn_implementation": tb.attn_impl,
+        })
+    return rows
 
 
 ISA_ENV = {
@@ -286,12 +295,12 @@ def run_isas(isas: list[str], argv: list[str], out: str) -> None:
                            check=True)
             results.append(json.loads(child_out.read_text()))
     print("\n== all instruction sets")
-    print(f"{'isa':7} {'shape':6} {'dtype':9} {'B x T':>8} {'ours tok/s':>11} {'torch tok/s':>12} {'ours/torch':>10} "
-          f"{'ours MFU':>9} {'torch MFU':>10} {'peak JAX/torch GFLOP/s':>23}")
+    print(f"{'isa':7} {'shape':6} {'layout':9} {'dtype':9} {'B x T':>8} {'ours tok/s':>11} {'torch tok/s':>12} "
+          f"{'ours/torch':>10} {'ours MFU':>9} {'torch MFU':>10} {'peak JAX/torch GFLOP/s':>23}")
     for res in results:
         e = res["env"]
         for r in res["results"]:
-            print(f"{e['isa']:7} {r['shape']:6} {r['dtype']:9} {r['batch']:>3}x{r['seq_len']:<4} "
+            print(f"{e['isa']:7} {r['shape']:6} {r['layout']:9} {r['dtype']:9} {r['batch']:>3}x{r['seq_len']:<4} "
                   f"{r['ours_tokens_per_s']:>11.0f} {r['torch_tokens_per_s']:>12.0f} {r['ratio']:>10.2f} "
                   f"{r['ours_mfu']:>9.1%} {r['torch_mfu']:>10.1%} "
                   f"{e['peak_flops_jax'] / 1e9:>12.0f} / {e['peak_flops_torch'] / 1e9:<8.0f}")
@@ -302,6 +311,23 @@ def run_isas(isas: list[str], argv: list[str], out: str) -> None:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text(json.dumps({"isas": results}, indent=2))
         print(f"wrote {out}")
+
+
+def print_table(env: dict, rows: list[dict], loop: list[dict]) -> None:
+    """The human-readable table of one process's rows."""
+    print(f"\nAdamW, torch threads {env['torch_threads']}, torch attention "
+          f"{rows[0]['torch_attn_implementation']}; best matmul peak (1024^3) JAX {env['peak_flops_jax'] / 1e9:.0f} "
+          f"GFLOP/s, torch {env['peak_flops_torch'] / 1e9:.0f} GFLOP/s; MFU vs the JAX peak; load average "
+          f"{env['loadavg_start'][0]:.1f} -> {env['loadavg_end'][0]:.1f}")
+    print(f"{'shape':6} {'layout':9} {'dtype':9} {'B x T':>8} {'ours tok/s':>11} {'torch tok/s':>12} "
+          f"{'ours/torch':>10} {'ours MFU':>9} {'torch MFU':>10}")
+    for r in rows:
+        print(f"{r['shape']:6} {r['layout']:9} {r['dtype']:9} {r['batch']:>3}x{r['seq_len']:<4} "
+              f"{r['ours_tokens_per_s']:>11.0f} "
+              f"{r['torch_tokens_per_s']:>12.0f} {r['ratio']:>10.2f} {r['ours_mfu']:>9.1%} {r['torch_mfu']:>10.1%}")
+    for r in loop:
+        print(f"tiny   train() loop, {r['steps']} steps: {r['loop_tokens_per_s']:.0f} tok/s = "
+              f"{r['loop_over_step']:.1%} of the isolated step")
 
 
 def main() -> None:
@@ -322,6 +348,8 @@ def main() -> None:
     p.add_argument("--isa", default="", help="comma-separated instruction sets, each in a child process: "
                    f"{', '.join(ISA_ENV)} (empty: this process as it is)")
     p.add_argument("--isa_label", default="", help=argparse.SUPPRESS)
+    p.add_argument("--layouts", default="per-layer", help="comma-separated layer layouts of our step, timed side by "
+                   "side: per-layer (model.scan_layers=False, the tiny config's) | scan (stacked layers, lax.scan)")
     p.add_argument("--loop_steps", type=int, default=0, help="also time the real train() loop on the tiny config "
                    "for this many steps (0: skip)")
     args = p.parse_args()
@@ -344,6 +372,9 @@ def main() -> None:
     print(json.dumps(env), flush=True)
     rows = []
     dtypes = args.dtypes.split(",")
+    for layout in args.layouts.split(","):
+        if layout not in ("per-layer", "scan"):
+            raise SystemExit(f"unknown layout {layout!r}; choose from per-layer, scan")
     for dt in dtypes:
         if dt not in ("float32", "bfloat16"):
             raise SystemExit(f"unknown dtype {dt!r}; choose from float32, bfloat16")
@@ -351,8 +382,9 @@ def main() -> None:
         if shape not in SHAPES:
             raise SystemExit(f"unknown shape {shape!r}; choose from {sorted(SHAPES)}")
         for dt in dtypes:
-            rows.append(bench_shape(shape, dt, args, peaks))
-            print(json.dumps({k: v for k, v in rows[-1].items() if not k.endswith("_all")}), flush=True)
+            for row in bench_shape(shape, dt, args, peaks):
+                rows.append(row)
+                print(json.dumps({k: v for k, v in row.items() if not k.endswith("_all")}), flush=True)
     loop = []
     if args.loop_steps:
         import tempfile
@@ -368,18 +400,7 @@ def main() -> None:
                  torch_mfu=f * r["torch_tokens_per_s"] / peaks["jax"],
                  torch_mfu_vs_torch_peak=f * r["torch_tokens_per_s"] / peaks["torch"])
 
-    print(f"\nAdamW, torch threads {env['torch_threads']}, torch attention "
-          f"{rows[0]['torch_attn_implementation']}; best matmul peak (1024^3) JAX {env['peak_flops_jax'] / 1e9:.0f} "
-          f"GFLOP/s, torch {env['peak_flops_torch'] / 1e9:.0f} GFLOP/s; MFU vs the JAX peak; load average "
-          f"{env['loadavg_start'][0]:.1f} -> {env['loadavg_end'][0]:.1f}")
-    print(f"{'shape':6} {'dtype':9} {'B x T':>8} {'ours tok/s':>11} {'torch tok/s':>12} {'ours/torch':>10} "
-          f"{'ours MFU':>9} {'torch MFU':>10}")
-    for r in rows:
-        print(f"{r['shape']:6} {r['dtype']:9} {r['batch']:>3}x{r['seq_len']:<4} {r['ours_tokens_per_s']:>11.0f} "
-              f"{r['torch_tokens_per_s']:>12.0f} {r['ratio']:>10.2f} {r['ours_mfu']:>9.1%} {r['torch_mfu']:>10.1%}")
-    for r in loop:
-        print(f"tiny   train() loop, {r['steps']} steps: {r['loop_tokens_per_s']:.0f} tok/s = "
-              f"{r['loop_over_step']:.1%} of the isolated step")
+    print_table(env, rows, loop)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps({"env": env, "results": rows, "loop": loop}, indent=2))

@@ -61,13 +61,6 @@ def check_activation(name: str) -> None:
         raise ValueError(f"unknown activation {name!r}; choose one of: {', '.join(ACTIVATIONS)}")
 
 
-def gate_activation(name: str, gate: Array, threshold: float = 0.0) -> Array:
-    """act(gate) for the named activation (for dReLU: relu(gate))."""
-    check_activation(name)
-    fn, _ = ACTIVATIONS[name]
-    return fn(gate, threshold)
-
-
 def ffn_product(name: str, gate: Array, up: Array, threshold: float = 0.0) -> tuple[Array, Array]:
     """Returns (x1, act(gate)) with x1 = act(gate) * up (dReLU: relu(gate) * relu(up)).
 
