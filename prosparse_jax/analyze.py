@@ -1,17 +1,24 @@
-"""Measures activation sparsity of a checkpoint (ProSparse / Sparsing Law metrics) and finds sparse-mode thresholds.
+r"""Measures activation sparsity of a checkpoint (ProSparse / Sparsing Law metrics) and finds sparse-mode thresholds.
 
     python -m prosparse_jax.analyze --checkpoint=<workdir or HF folder> --data=stdlib --metric=pplp --value=1 \
         --out=<dir> [--step=N --seq_len=256 --batch_size=8 --num_batches=4 --data_dir=... --topk_mode=token]
 
-Metrics and their --value (definitions in :mod:`prosparse_jax.sparsity`): exact (value ignored), topk (k in (0, 1]),
-fat (eps >= 0), cett (target CETT in [0, 1]), pplp (p >= 0, percent). --data is one DataConfig.source or several
-separated by commas (thresholds are found on all of them pooled, then reported per dataset). The held-out split of
-each source is used, tokenized with the checkpoint's tokenizer.json; data_dir / eval_fraction / text_key / seq_len
-default to the checkpoint's run config when it has one.
+Metrics and their --value (definitions in :mod:`prosparse_jax.sparsity`; exact zeros: ProSparse arXiv 2402.13516;
+the others: Sparsing Law arXiv 2411.02335 §4.1): exact (value ignored), topk (k in (0, 1]), fat (eps >= 0), cett
+(target CETT in [0, 1]), pplp (p >= 0, percent). --data is one DataConfig.source or several separated by commas
+(thresholds are found on all of them pooled, then reported per dataset). The held-out split of each source is used,
+tokenized with the checkpoint's tokenizer.json; data_dir / eval_fraction / text_key / seq_len default to the
+checkpoint's run config when it has one.
 
 Cost: one jitted forward with capture per eval batch measures everything; cett bisects tau on the captured x1 (no
 extra forward passes) and then runs one sparse forward per batch for the sparse loss; pplp runs one sparse forward
-per batch per bisection step on the shared CETT target. ``forward_passes`` counts batch forwards.
+per batch per bisection step on the shared CETT target (and one more sweep at target 0 -- tau = 0, only exact zeros
+truncated -- when no step was feasible). ``forward_passes`` counts batch forwards.
+
+Steps of :func:`analyze`: check the arguments, load the checkpoint and its held-out batches, one dense capture pass
+that feeds every batch to the metric's object (one class per metric: ``observe`` per captured batch, ``finish`` for
+the thresholds and the sparse run: :mod:`prosparse_jax.analyze_metrics`; the shared passes:
+:mod:`prosparse_jax.measure`), the summaries, the outputs (plots: :mod:`prosparse_jax.analyze_plots`).
 
 Writes ``<out>/sparsity.json``, ``<out>/heatmap.png`` (activation ratio per layer x token position),
 ``<out>/per_layer.png`` and, for cett / pplp, ``<out>/sparse_mode.json`` = {"model.neuron_thresholds": [...]}: run
@@ -28,14 +35,15 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import flags
 
+from prosparse_jax import analyze_plots, cli, measure, sparsity
 from prosparse_jax import checkpoint as ckpt
-from prosparse_jax import cli, model, sparsity
 from prosparse_jax import data as data_lib
+from prosparse_jax.analyze_metrics import METRIC_CLASSES, Metric, Outcome, Run, Stats
 from prosparse_jax.config import ConfigError, ModelConfig
+from prosparse_jax.measure import Batch, LossSums
 from prosparse_jax.model import Params
 
 FLAGS = flags.FlagValues()  # own flag set: the CLI modules can be imported together (tests)
@@ -92,108 +100,100 @@ def validate_args(metric: str, value: float | None, topk_mode: str, batch_size: 
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Jitted per-batch functions
+# Steps of analyze()
 # ---------------------------------------------------------------------------------------------------------------
-def _nll(logits_BxTxV: jax.Array, batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
-    w_BxT = batch["weights"]
-    return model.cross_entropy(logits_BxTxV, batch["targets"], w_BxT) * jnp.maximum(w_BxT.sum(), 1.0), w_BxT.sum()
+def _sources_and_out(data: str, out: str | Path, overwrite: bool) -> tuple[list[str], Path]:
+    """The --data sources and the --out directory; raises when there is no source or out would be overwritten."""
+    sources = [s.strip() for s in str(data).split(",") if s.strip()]
+    if not sources:
+        raise AnalyzeError("--data: give at least one source (stdlib, files:<glob>, tfds:<name>)")
+    out = Path(out)
+    if (out / "sparsity.json").exists() and not overwrite:
+        raise AnalyzeError(f"--out: {out / 'sparsity.json'} already exists; pass --overwrite to replace it "
+                           "or choose another --out (nothing was written)")
+    return sources, out
 
 
-def make_capture(cfg: ModelConfig):
-    """Jitted dense forward with capture: (params, batch) -> (nll sum, weight sum, x1_LxBxTxF, act_gate_LxBxTxF)."""
-
-    def f(params: Params, batch: dict[str, jax.Array]) -> tuple[jax.Array, ...]:
-        logits, st = model.forward(params, batch["inputs"], cfg, segment_ids_BxT=batch["segment_ids"],
-                                   positions_BxT=batch["positions"], capture=True)
-        return (*_nll(logits, batch), st.x1, st.act_gate)
-
-    return jax.jit(f)
-
-
-def make_tau_forward(cfg: ModelConfig):
-    """Sparse loss with per-layer CETT taus through the model's own sparse-mode hook (what sparse mode runs).
-
-    Returns a jitted (params, batch, taus_L) -> (nll sum, weight sum, sparse-run activation ratio per layer [L]).
-    """
-
-    def f(params: Params, batch: dict[str, jax.Array], taus_L: jax.Array) -> tuple[jax.Array, ...]:
-        logits, st = model.forward(params, batch["inputs"], cfg, segment_ids_BxT=batch["segment_ids"],
-                                   positions_BxT=batch["positions"], x1_mask=model.neuron_norm_mask(params, taus_L))
-        return (*_nll(logits, batch), 1.0 - st.zero_frac)
-
-    return jax.jit(f)
+def _load(checkpoint: str | Path, step: int | None, sources: list[str], seq_len: int | None, data_dir: str | None,
+          batch_size: int, num_batches: int) -> tuple[ModelConfig, Params, dict[str, list[Batch]]]:
+    """(dense model config, params on device, held-out batches per source) of a checkpoint."""
+    try:
+        mcfg, params, tok_path = ckpt.load_model(checkpoint, step)
+    except ckpt.CheckpointError as e:
+        raise AnalyzeError(f"--checkpoint: {e}") from e
+    if tok_path is None:
+        raise AnalyzeError(f"--checkpoint: {checkpoint} has no tokenizer.json next to config.json")
+    run_data = measure.run_data_section(json.loads((Path(checkpoint) / "config.json").read_text()))
+    cfg = mcfg.replace(neuron_thresholds=())  # dense baseline even for a model saved in sparse mode
+    params = jax.device_put(params)
+    try:
+        by_src = measure.load_batches(sources, tok_path, run_data, seq_len, data_dir, batch_size, num_batches,
+                                      cfg.vocab_size)
+    except measure.MeasureError as e:
+        raise AnalyzeError(str(e)) from e
+    return cfg, params, by_src
 
 
-def _make_gate_forward(cfg: ModelConfig, metric: str, topk_mode: str):
-    def f(params: Params, batch: dict[str, jax.Array], p_L: jax.Array) -> tuple[jax.Array, ...]:
-        mask = sparsity.fat_x1_mask(p_L) if metric == "fat" else sparsity.topk_x1_mask(p_L, topk_mode)
-        logits, st = model.forward(params, batch["inputs"], cfg, segment_ids_BxT=batch["segment_ids"],
-                                   positions_BxT=batch["positions"], x1_mask=mask)
-        return (*_nll(logits, batch), 1.0 - st.zero_frac)
-
-    return jax.jit(f)
-
-
-@jax.jit
-def _active_exact(x1_LxBxTxF: jax.Array) -> jax.Array:
-    return sparsity.exact_mask(x1_LxBxTxF)
+def _capture_pass(run: Run, meter: Metric) -> None:
+    """One jitted dense forward with capture per batch: the dense loss sums, and every batch to the metric."""
+    capture = measure.make_capture(run.cfg)
+    for src, batches in run.by_src.items():
+        for b in batches:
+            nll, w, x1_LxBxTxF, act_LxBxTxF = capture(run.params, b)
+            run.passes["capture"] += 1
+            run.pbar.update(1)
+            run.dense[src].add(nll, w)
+            meter.observe(src, b, x1_LxBxTxF, act_LxBxTxF)
+            del x1_LxBxTxF, act_LxBxTxF
 
 
-@jax.jit
-def _active_fat(x1_LxBxTxF: jax.Array, act_LxBxTxF: jax.Array, eps: jax.Array) -> jax.Array:
-    return sparsity.fat_mask(act_LxBxTxF, eps) & (x1_LxBxTxF != 0)
+def _summary(srcs: list[str], stats: dict[str, Stats | None], dense: dict[str, LossSums],
+             sparse: dict[str, LossSums] | None, d_ff: int) -> dict[str, Any]:
+    """Activation ratios, dead neurons, heatmap, dense / sparse loss and PPL ratio of the sources ``srcs`` pooled."""
+    parts = [stats[x] for x in srcs]
+    s = sparsity.summarize_stats({k: sum(p[k] for p in parts) for k in parts[0]}, d_ff)
+    dense_loss = LossSums.pool(dense[x] for x in srcs).loss
+    if sparse is None:
+        sparse_loss, run_ratio_L = dense_loss, np.asarray(s["activation_ratio_per_layer"])
+    else:
+        pooled = LossSums.pool(sparse[x] for x in srcs)
+        sparse_loss, run_ratio_L = pooled.loss, pooled.ratio_sum_L / max(pooled.batches, 1)
+    s.update(dense_loss=dense_loss, sparse_loss=sparse_loss, ppl_ratio=measure.ppl_ratio(sparse_loss, dense_loss),
+             sparse_run_activation_ratio_per_layer=[float(x) for x in run_ratio_L],
+             sparse_run_activation_ratio=float(np.mean(run_ratio_L)))
+    return s
 
 
-def _make_active_topk(mode: str):
-    def f(x1_LxBxTxF: jax.Array, act_LxBxTxF: jax.Array, k: jax.Array, valid_BxT: jax.Array):
-        keep = jax.vmap(lambda a: sparsity.topk_mask(a, k, mode, valid_BxT))(act_LxBxTxF)
-        thr_L = jax.vmap(lambda a, m: sparsity.topk_threshold(a, m, mode, valid_BxT))(act_LxBxTxF, keep)
-        return keep & (x1_LxBxTxF != 0), thr_L
+def _result(header: dict[str, Any], sources: list[str], meter: Metric, run: Run, outcome: Outcome
+            ) -> tuple[dict[str, Any], np.ndarray]:
+    """(the sparsity.json dict, the pooled heatmap_LxT)."""
+    def summary(srcs: list[str]) -> dict[str, Any]:
+        return _summary(srcs, meter.stats, run.dense, outcome.sparse, run.cfg.d_ff)
 
-    return jax.jit(f)
-
-
-@jax.jit
-def active_tau(x1_LxBxTxF: jax.Array, norms_LxF: jax.Array, taus_L: jax.Array) -> jax.Array:
-    """CETT activity: neuron output norm |x1_i| * ||W_down[:, i]|| > tau of its layer, [L, B, T, F] bool."""
-    n = jnp.abs(x1_LxBxTxF.astype(jnp.float32)) * norms_LxF[:, None, None, :]
-    return n > taus_L[:, None, None, None]
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Driver
-# ---------------------------------------------------------------------------------------------------------------
-def load_batches(sources: list[str], tok_path: Path, run_data: dict[str, Any], seq_len: int | None,
-                 data_dir: str | None, batch_size: int, num_batches: int, vocab: int
-                 ) -> dict[str, list[dict[str, jax.Array]]]:
-    """Held-out eval batches (device arrays) of each source, tokenized with ``tok_path``; {source: [batch, ...]}.
-
-    data_dir / text_key / seq_len / eval_fraction default to the run's ``data`` section (``run_data``).
-    """
-    out = {}
-    for src in sources:
-        try:
-            dcfg = data_lib.DataConfig(
-                source=src, data_dir=data_dir if data_dir is not None else run_data.get("data_dir", ""),
-                text_key=run_data.get("text_key", "text"), tokenizer=str(tok_path),
-                seq_len=seq_len or run_data.get("seq_len", 256),
-                eval_fraction=float(run_data.get("eval_fraction", data_lib.DataConfig.eval_fraction)))
-        except ConfigError as e:
-            raise AnalyzeError(f"--data / --seq_len: {e}") from e
-        tok = data_lib.get_tokenizer(dcfg, cache_dir=tok_path.parent)
-        if tok.get_vocab_size() > vocab:
-            raise AnalyzeError(f"--checkpoint: tokenizer has {tok.get_vocab_size()} tokens > model vocab {vocab}")
-        batches = data_lib.make_eval_batches(dcfg, tok, batch_size=batch_size, num_batches=num_batches)
-        out[src] = [{k: jnp.asarray(v) for k, v in b.items()} for b in batches]
-    return out
+    total = summary(sources)
+    heat_LxT = total.pop("heatmap_LxT")
+    res: dict[str, Any] = {
+        **header, **total, "thresholds_per_layer": outcome.thresholds, **outcome.fields,
+        "forward_passes": run.passes["capture"] + run.passes["sparse"], "forward_passes_detail": run.passes,
+        "activation_definition": "x1_i non-zero after the metric's sparsification, on the dense run's activations",
+        "dead_neuron_rule": f"active on < {sparsity.DEAD_NEURON_FREQ:.1%} of measured tokens",
+    }
+    if len(sources) > 1:
+        res["per_dataset"] = {s: {k: v for k, v in summary([s]).items() if k != "heatmap_LxT"} for s in sources}
+    if outcome.sparse_mode:
+        res["sparse_mode"] = {"model.neuron_thresholds": outcome.thresholds}
+    return res, heat_LxT
 
 
-def _finish(nll: float, w: float) -> float:
-    return nll / max(w, 1.0)
-
-
-def _ratio(sparse_loss: float, dense_loss: float) -> float:
-    return float(math.exp(min(sparse_loss - dense_loss, 50.0)))
+def _write(out: Path, res: dict[str, Any], heat_LxT: np.ndarray) -> None:
+    """sparsity.json (atomically), sparse_mode.json (cett / pplp) and the plots."""
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / "sparsity.json.tmp"
+    tmp.write_text(json.dumps(res, indent=2))
+    tmp.replace(out / "sparsity.json")
+    if "sparse_mode" in res:
+        (out / "sparse_mode.json").write_text(json.dumps(res["sparse_mode"], indent=2))
+    analyze_plots.write_plots(out, heat_LxT, res)
 
 
 def analyze(checkpoint: str | Path, data: str, metric: str, value: float | None, out: str | Path, *,
@@ -223,219 +223,23 @@ def analyze(checkpoint: str | Path, data: str, metric: str, value: float | None,
     from tqdm import tqdm
 
     value = validate_args(metric, value, topk_mode, batch_size, num_batches, pplp_steps)
-    sources = [s.strip() for s in str(data).split(",") if s.strip()]
-    if not sources:
-        raise AnalyzeError("--data: give at least one source (stdlib, files:<glob>, tfds:<name>)")
-    out = Path(out)
-    if (out / "sparsity.json").exists() and not overwrite:
-        raise AnalyzeError(f"--out: {out / 'sparsity.json'} already exists; pass --overwrite to replace it "
-                           "or choose another --out (nothing was written)")
-    try:
-        mcfg, params, tok_path = ckpt.load_model(checkpoint, step)
-    except ckpt.CheckpointError as e:
-        raise AnalyzeError(f"--checkpoint: {e}") from e
-    if tok_path is None:
-        raise AnalyzeError(f"--checkpoint: {checkpoint} has no tokenizer.json next to config.json")
-    run_cfg = json.loads((Path(checkpoint) / "config.json").read_text())
-    run_data = run_cfg.get("data", {}) if isinstance(run_cfg.get("data"), dict) else {}
-    cfg = mcfg.replace(neuron_thresholds=())  # dense baseline even for a model saved in sparse mode
-    params = jax.device_put(params)
-    by_src = load_batches(sources, tok_path, run_data, seq_len, data_dir, batch_size, num_batches, cfg.vocab_size)
-    L, F = cfg.n_layers, cfg.d_ff
+    sources, out = _sources_and_out(data, out, overwrite)
+    cfg, params, by_src = _load(checkpoint, step, sources, seq_len, data_dir, batch_size, num_batches)
+    meter = METRIC_CLASSES[metric](value, sources, topk_mode, pplp_steps)
     n_batches = sum(len(b) for b in by_src.values())
-
-    sweeps = {"exact": 0, "pplp": pplp_steps}.get(metric, 1)
-    pbar = tqdm(total=n_batches * (1 + sweeps), desc=f"analyze {metric}", disable=not progress,
+    pbar = tqdm(total=n_batches * (1 + meter.sweeps), desc=f"analyze {metric}", disable=not progress,
                 file=sys.stderr)
-    fwd = {"capture": 0, "sparse": 0}
-
-    # ---- 1. dense forward with capture: dense loss and (for every metric but cett/pplp) the measurement ----
-    capture = make_capture(cfg)
-    active_topk = _make_active_topk(topk_mode) if metric == "topk" else None
-    dense = {s: [0.0, 0.0] for s in sources}
-    stats: dict[str, dict[str, np.ndarray] | None] = {s: None for s in sources}
-    thr_sum_L, thr_n = np.zeros(L), 0
-    cached: list[tuple[str, jax.Array, jax.Array, jax.Array]] = []  # (source, x1, valid, positions) for cett/pplp
-    for src, batches in by_src.items():
-        for b in batches:
-            nll, w, x1, act = capture(params, b)
-            fwd["capture"] += 1
-            pbar.update(1)
-            dense[src][0] += float(nll)
-            dense[src][1] += float(w)
-            valid = b["segment_ids"] != 0
-            if metric in ("cett", "pplp"):
-                cached.append((src, x1, valid, b["positions"]))
-                continue
-            if metric == "exact":
-                active = _active_exact(x1)
-            elif metric == "fat":
-                active = _active_fat(x1, act, jnp.float32(value))
-            else:
-                active, thr_L = active_topk(x1, act, jnp.float32(value), valid)
-                thr_sum_L += np.asarray(thr_L, np.float64)
-                thr_n += 1
-            stats[src] = sparsity.add_stats(stats[src], sparsity.mask_stats(active, valid, b["positions"]))
-            del x1, act, active
-    dense_loss_all = _finish(sum(v[0] for v in dense.values()), sum(v[1] for v in dense.values()))
-
-    # ---- 2. thresholds and sparse loss ----
-    sparse = {s: [0.0, 0.0, np.zeros(L)] for s in sources}  # nll, weight, sum over batches of sparse-run ratio * n
-    result: dict[str, Any] = {}
-    taus_L: np.ndarray | None = None
-
-    def run_sparse(fn, p_L: np.ndarray) -> dict[str, list]:
-        acc = {s: [0.0, 0.0, np.zeros(L), 0] for s in sources}
-        p = jnp.asarray(np.asarray(p_L, np.float32))
-        for src, batches in by_src.items():
-            for b in batches:
-                nll, w, act_L = fn(params, b, p)
-                fwd["sparse"] += 1
-                pbar.update(1)
-                acc[src][0] += float(nll)
-                acc[src][1] += float(w)
-                acc[src][2] += np.asarray(act_L, np.float64)
-                acc[src][3] += 1
-        return acc
-
-    if metric == "exact":
-        sparse = None
-        thresholds = [0.0] * L
-        result["threshold_kind"] = "none (exact zeros of x1)"
-    elif metric in ("topk", "fat"):
-        p_L = np.full(L, value)
-        sparse = run_sparse(_make_gate_forward(cfg, metric, topk_mode), p_L)
-        if metric == "fat":
-            thresholds = [float(value)] * L
-            result["threshold_kind"] = "|act(gate)| >= eps kept"
-        else:
-            thresholds = [float(x) for x in thr_sum_L / max(thr_n, 1)]
-            result["threshold_kind"] = (
-                "smallest kept |act(gate)| per layer, mean over batches" if topk_mode == "global"
-                else "smallest kept |act(gate)| per token, mean over tokens and batches")
-    else:
-        w_down = params["layers"]["w_down_LxFxD"]
-        cache = sparsity.CETTCache(w_down, [(x1, v) for _, x1, v, _ in cached])
-        tau_fwd = make_tau_forward(cfg)
-        if metric == "cett":
-            taus_L, cett_L = cache.bisect(value)
-            sparse = run_sparse(tau_fwd, taus_L)
-            target = value
-        else:
-            limit = 1.0 + value / 100.0
-            lo, hi = 0.0, 1.0
-            best: tuple[np.ndarray, np.ndarray, dict] | None = None
-            search = []
-            for _ in range(pplp_steps):
-                mid = (lo + hi) / 2
-                t_L, c_L = cache.bisect(mid)
-                acc = run_sparse(tau_fwd, t_L)
-                sl = _finish(sum(a[0] for a in acc.values()), sum(a[1] for a in acc.values()))
-                r = _ratio(sl, dense_loss_all)
-                ok = r <= limit
-                search.append({"cett_target": mid, "ppl_ratio": r, "sparse_loss": sl, "feasible": bool(ok),
-                               "mean_tau": float(np.mean(t_L))})
-                if ok:
-                    lo, best = mid, (t_L, c_L, acc)
-                else:
-                    hi = mid
-            if best is None:  # no step was feasible: the target 0 (tau = 0, only exact zeros truncated)
-                pbar.total += n_batches
-                t_L, c_L = cache.bisect(0.0)
-                best = (t_L, c_L, run_sparse(tau_fwd, t_L))
-            taus_L, cett_L, sparse = best
-            target = lo
-            result["pplp_search"] = search
-        thresholds = [float(t) for t in np.asarray(taus_L, np.float32)]
-        result["threshold_kind"] = "tau on the neuron output norm |x1_i| * ||W_down[:, i]|| (n_i <= tau truncated)"
-        result["cett_target"] = float(target)
-        result["cett_achieved_per_layer"] = [float(c) for c in cett_L]
-        norms = cache.norms_LxF
-        t_dev = jnp.asarray(np.asarray(taus_L, np.float32))
-        for src, x1, valid, pos in cached:
-            active = active_tau(x1, norms, t_dev)
-            stats[src] = sparsity.add_stats(stats[src], sparsity.mask_stats(active, valid, pos))
-        del cache, cached
+    run = Run(cfg, params, by_src, pbar, dense={s: LossSums() for s in sources})
+    _capture_pass(run, meter)
+    outcome = meter.finish(run)
     pbar.close()
-
-    # ---- 3. summaries ----
-    def combine(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-        return {k: sum(p[k] for p in parts) for k in parts[0]}
-
-    def summary(srcs: list[str]) -> dict[str, Any]:
-        s = sparsity.summarize_stats(combine([stats[x] for x in srcs]), F)
-        dl = _finish(sum(dense[x][0] for x in srcs), sum(dense[x][1] for x in srcs))
-        if sparse is None:
-            sl, run_ratio = dl, np.asarray(s["activation_ratio_per_layer"])
-        else:
-            sl = _finish(sum(sparse[x][0] for x in srcs), sum(sparse[x][1] for x in srcs))
-            run_ratio = sum(sparse[x][2] for x in srcs) / max(sum(sparse[x][3] for x in srcs), 1)
-        s.update(dense_loss=dl, sparse_loss=sl, ppl_ratio=_ratio(sl, dl),
-                 sparse_run_activation_ratio_per_layer=[float(x) for x in run_ratio],
-                 sparse_run_activation_ratio=float(np.mean(run_ratio)))
-        return s
-
-    total = summary(sources)
-    heat_LxT = total.pop("heatmap_LxT")
-    res: dict[str, Any] = {
-        "metric": metric, "value": value, "topk_mode": topk_mode if metric == "topk" else None,
-        "checkpoint": str(checkpoint), "step": step, "data": sources, "model_activation": cfg.activation,
-        "seq_len": int(next(iter(by_src.values()))[0]["inputs"].shape[1]), "batch_size": batch_size,
-        "num_batches": num_batches, **total, "thresholds_per_layer": thresholds, **result,
-        "forward_passes": fwd["capture"] + fwd["sparse"], "forward_passes_detail": fwd,
-        "activation_definition": "x1_i non-zero after the metric's sparsification, on the dense run's activations",
-        "dead_neuron_rule": f"active on < {sparsity.DEAD_NEURON_FREQ:.1%} of measured tokens",
-    }
-    if len(sources) > 1:
-        res["per_dataset"] = {}
-        for s in sources:
-            d = summary([s])
-            d.pop("heatmap_LxT")
-            res["per_dataset"][s] = d
-    if metric in ("cett", "pplp"):
-        res["sparse_mode"] = {"model.neuron_thresholds": thresholds}
-
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / "sparsity.json.tmp"
-    tmp.write_text(json.dumps(res, indent=2))
-    tmp.replace(out / "sparsity.json")
-    if metric in ("cett", "pplp"):
-        (out / "sparse_mode.json").write_text(json.dumps(res["sparse_mode"], indent=2))
-    _plots(out, heat_LxT, res)
+    header = {"metric": metric, "value": value, "topk_mode": meter.topk_mode_field, "checkpoint": str(checkpoint),
+              "step": step, "data": sources, "model_activation": cfg.activation,
+              "seq_len": int(next(iter(by_src.values()))[0]["inputs"].shape[1]), "batch_size": batch_size,
+              "num_batches": num_batches}
+    res, heat_LxT = _result(header, sources, meter, run, outcome)
+    _write(out, res, heat_LxT)
     return res
-
-
-def _plots(out: Path, heat_LxT: np.ndarray, res: dict[str, Any]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
-
-    title = f"{res['metric']} {res['value']:g}" + (f" ({res['topk_mode']})" if res["topk_mode"] else "")
-    fig, ax = plt.subplots(figsize=(8, 0.35 * heat_LxT.shape[0] + 2))
-    im = ax.imshow(np.ma.masked_invalid(heat_LxT), aspect="auto", interpolation="nearest", cmap="viridis")
-    ax.set_xlabel("token position (within document)")
-    ax.set_ylabel("layer")
-    ax.set_yticks(range(heat_LxT.shape[0]))
-    ax.set_title(f"activation ratio per layer x position — {title}")
-    fig.colorbar(im, ax=ax)
-    fig.tight_layout()
-    fig.savefig(out / "heatmap.png", dpi=100)
-    plt.close(fig)
-
-    ratios = res["activation_ratio_per_layer"]
-    fig, ax = plt.subplots(figsize=(max(5, 0.3 * len(ratios) + 2), 3.5))
-    ax.bar(range(len(ratios)), ratios, label="activation ratio")
-    ax.bar(range(len(ratios)), res["dead_neuron_fraction_per_layer"], alpha=0.6, label="dead-neuron fraction")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_xlabel("layer")
-    ax.set_ylabel("fraction")
-    ax.set_title(f"{title}: mean activation ratio {res['activation_ratio']:.4f}, PPL ratio {res['ppl_ratio']:.4f}")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out / "per_layer.png", dpi=100)
-    plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -459,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
         return "\n".join(lines)
 
     return cli.run("analyze", FLAGS, argv, body,
-                   (AnalyzeError, ConfigError, ckpt.CheckpointError, data_lib.DataError, OSError))
+                   (AnalyzeError, ConfigError, ckpt.CheckpointError, data_lib.DataError, OSError), __doc__)
 
 
 if __name__ == "__main__":

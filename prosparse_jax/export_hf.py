@@ -56,7 +56,8 @@ def main(argv: list[str] | None = None) -> int:
                      max_position_embeddings=_MAX_POS.value)
         return f"exported {_WORKDIR.value} -> {out} (format={_FORMAT.value}, dtype={_DTYPE.value})"
 
-    return cli.run("export_hf", FLAGS, argv, body, (HFConversionError, checkpoint.CheckpointError, ConfigError))
+    return cli.run("export_hf", FLAGS, argv, body, (HFConversionError, checkpoint.CheckpointError, ConfigError),
+                   __doc__)
 
 
 if __name__ == "__main__":

@@ -50,7 +50,8 @@ def main(argv: list[str] | None = None) -> int:
     def body() -> str:
         return f"imported {_HF.value} -> {import_hf(_HF.value, _WORKDIR.value)}"
 
-    return cli.run("import_hf", FLAGS, argv, body, (HFConversionError, checkpoint.CheckpointError, ConfigError))
+    return cli.run("import_hf", FLAGS, argv, body, (HFConversionError, checkpoint.CheckpointError, ConfigError),
+                   __doc__)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ strategy (App. E):
    |x1_i| * ||W_down[:, i]|| exceeds tau_l, averaged over layers -- exactly ``analyze --metric=cett --value=t``.
 
 The validation data are the held-out split of the run's own ``data.source``, tokenized with the workdir's
-tokenizer.json (:func:`prosparse_jax.analyze.load_batches`); the same batches serve every checkpoint.
+tokenizer.json (:func:`prosparse_jax.measure.load_batches`); the same batches serve every checkpoint.
 
 Cost: one captured forward per eval batch per kept checkpoint (dense loss and x1); the CETT bisections reuse the
 captured x1; one sparse forward per batch per search step per search checkpoint (a step stops at the first checkpoint
@@ -37,17 +37,17 @@ import dataclasses
 import json
 import math
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from prosparse_jax import analyze as an
 from prosparse_jax import checkpoint as ckpt
-from prosparse_jax import sparsity
+from prosparse_jax import measure, sparsity
 from prosparse_jax.config import model_config_from_dict
+from prosparse_jax.measure import Batch, LossSums
 from prosparse_jax.model import Params
 
 DEFAULT_FILE = "law_ratios.json"
@@ -135,65 +135,10 @@ def _validate(p: float, n_search: int, num_batches: int, batch_size: int, search
             raise LawRatiosError(f"{name}: must be a positive integer, got {v!r}")
 
 
-def _ppl_ratio(sparse_loss: float, dense_loss: float) -> float:
-    return float(math.exp(min(sparse_loss - dense_loss, 50.0)))
-
-
-@jax.jit
-def _active_counts(x1_LxBxTxF: jax.Array, norms_LxF: jax.Array, taus_L: jax.Array, valid_BxT: jax.Array) -> jax.Array:
-    """Active units (neuron output norm > tau) on valid tokens, per layer and sequence: [L, B] int32."""
-    active = an.active_tau(x1_LxBxTxF, norms_LxF, taus_L) & valid_BxT[None, :, :, None]
-    return jnp.sum(active, axis=(2, 3), dtype=jnp.int32)
-
-
-class _Measured:
-    """One checkpoint's params, dense loss and captured x1 (a CETTCache) on the shared eval batches."""
-
-    def __init__(self, step: int, params: Params, capture: Any, batches: list[dict[str, jax.Array]]) -> None:
-        self.step = step
-        self.params = params
-        nll = w = 0.0
-        captured = []
-        for b in batches:
-            nll_b, w_b, x1_LxBxTxF, act_LxBxTxF = capture(params, b)
-            del act_LxBxTxF
-            nll += float(nll_b)
-            w += float(w_b)
-            captured.append((x1_LxBxTxF, b["segment_ids"] != 0))
-        self.dense_loss = nll / max(w, 1.0)
-        self.cache = sparsity.CETTCache(params["layers"]["w_down_LxFxD"], captured)
-        self.memo: dict[float, tuple[np.ndarray, np.ndarray, float]] = {}  # target -> (taus_L, cett_L, sparse loss)
-
-    def at(self, target: float, tau_forward: Any, batches: list[dict[str, jax.Array]]
-           ) -> tuple[np.ndarray, np.ndarray, float]:
-        """(taus_L, achieved CETT per layer, sparse loss) at the CETT target (memoised)."""
-        if target not in self.memo:
-            taus_L, cett_L = self.cache.bisect(target)
-            t_dev = jnp.asarray(np.asarray(taus_L, np.float32))
-            nll = w = 0.0
-            for b in batches:
-                nll_b, w_b, _ = tau_forward(self.params, b, t_dev)
-                nll += float(nll_b)
-                w += float(w_b)
-            self.memo[target] = (taus_L, cett_L, nll / max(w, 1.0))
-        return self.memo[target]
-
-    def activation_ratio(self, taus_L: np.ndarray) -> np.ndarray:
-        """Per-layer fraction of (valid token x d_ff) units with neuron output norm > tau_l, [L] float64."""
-        t_dev = jnp.asarray(np.asarray(taus_L, np.float32))
-        active_L = np.zeros(self.cache.norms_LxF.shape[0], np.int64)
-        for x1_LxBxTxF, valid_BxT in self.cache.batches:
-            counts_LxB = np.asarray(_active_counts(x1_LxBxTxF, self.cache.norms_LxF, t_dev, valid_BxT), np.int64)
-            active_L += counts_LxB.sum(axis=1)
-        d_ff = self.cache.norms_LxF.shape[1]
-        return active_L / (max(self.cache.n_tokens, 1.0) * d_ff)
-
-
 def _settings(workdir: Path, plan: CheckpointPlan, *, p: float, n_search: int, num_batches: int, batch_size: int,
               search_steps: int, seq_len: int | None, data: str | None, data_dir: str | None) -> dict[str, Any]:
     """The resolved protocol settings (what an existing output file must match to be reused)."""
-    run_data = ckpt.read_run_config(workdir).get("data", {})
-    run_data = run_data if isinstance(run_data, dict) else {}
+    run_data = measure.run_data_section(ckpt.read_run_config(workdir))
     source = data if data is not None else str(run_data.get("source", "stdlib"))
     sources = [s.strip() for s in source.split(",") if s.strip()]
     if not sources:
@@ -202,6 +147,162 @@ def _settings(workdir: Path, plan: CheckpointPlan, *, p: float, n_search: int, n
             "search_steps": int(search_steps), "seq_len": int(seq_len or run_data.get("seq_len", 256)),
             "data": ",".join(sources), "data_dir": data_dir, "min_step": int(plan.min_step),
             "kept_steps": list(plan.kept_steps)}
+
+
+@dataclasses.dataclass(frozen=True)
+class _Validation:
+    """The validation batches and jitted forwards of a run, shared by every checkpoint.
+
+    Attributes:
+      workdir: the training workdir.
+      batches: held-out batches of every source, in source order.
+      capture: :func:`prosparse_jax.measure.make_capture` of the dense model.
+      tau_forward: :func:`prosparse_jax.measure.make_tau_forward` of the dense model.
+    """
+
+    workdir: Path
+    batches: list[Batch]
+    capture: Callable[[Params, Batch], tuple[jax.Array, ...]]
+    tau_forward: measure.SparseForward
+
+    @classmethod
+    def load(cls, workdir: Path, settings: dict[str, Any]) -> _Validation:
+        """The run's tokenizer, dense model config and held-out batches as ``settings`` say."""
+        run_cfg = ckpt.read_run_config(workdir)
+        sources = settings["data"].split(",")
+        tok_path = workdir / "tokenizer.json"
+        if not tok_path.is_file():
+            raise LawRatiosError(f"{workdir} has no tokenizer.json: the validation data must use the run's tokenizer")
+        mcfg = model_config_from_dict(run_cfg["model"]).replace(neuron_thresholds=())  # dense baseline
+        by_src = measure.load_batches(sources, tok_path, measure.run_data_section(run_cfg), settings["seq_len"],
+                                      settings["data_dir"], settings["batch_size"], settings["num_batches"],
+                                      mcfg.vocab_size)
+        return cls(workdir, [b for src in sources for b in by_src[src]], measure.make_capture(mcfg),
+                   measure.make_tau_forward(mcfg))
+
+    def measure(self, step: int) -> _Measured:
+        """Loads checkpoint ``step`` and runs its dense capture pass."""
+        _, params, _ = ckpt.load_model(self.workdir, step)
+        return _Measured(step, jax.device_put(params), self)
+
+
+class _Measured:
+    """One checkpoint's params, dense loss and captured x1 (a CETTCache) on the shared validation batches."""
+
+    def __init__(self, step: int, params: Params, val: _Validation) -> None:
+        self.step = step
+        self.params = params
+        self._val = val
+        dense = LossSums()
+        captured = []
+        for b in val.batches:
+            nll, w, x1_LxBxTxF, act_LxBxTxF = val.capture(params, b)
+            del act_LxBxTxF
+            dense.add(nll, w)
+            captured.append((x1_LxBxTxF, b["segment_ids"] != 0))
+        self.dense_loss = dense.loss
+        self.cache = sparsity.CETTCache(params["layers"]["w_down_LxFxD"], captured)
+        self.memo: dict[float, tuple[np.ndarray, np.ndarray, float]] = {}  # target -> (taus_L, cett_L, sparse loss)
+
+    def at(self, target: float) -> tuple[np.ndarray, np.ndarray, float]:
+        """(taus_L, achieved CETT per layer, sparse loss) at the CETT target (memoised)."""
+        if target not in self.memo:
+            taus_L, cett_L = self.cache.bisect(target)
+            sparse = measure.sparse_pass(self._val.tau_forward, self.params, self._val.batches, taus_L)
+            self.memo[target] = (taus_L, cett_L, sparse.loss)
+        return self.memo[target]
+
+    def row(self, target: float, plan: CheckpointPlan) -> dict[str, Any]:
+        """This checkpoint's entry of the result's ``checkpoints`` at the CETT target."""
+        taus_L, cett_L, sparse_loss = self.at(target)
+        ratio_L = measure.tau_activation_ratio(self.cache, taus_L)
+        tokens = plan.tokens(self.step)
+        return {"step": int(self.step), "tokens": int(tokens), "D": tokens / 1e9,
+                "activation_ratio": float(np.mean(ratio_L)),
+                "activation_ratio_per_layer": [float(x) for x in ratio_L],
+                "ppl_ratio": measure.ppl_ratio(sparse_loss, self.dense_loss), "dense_loss": float(self.dense_loss),
+                "sparse_loss": float(sparse_loss),
+                "taus_per_layer": [float(t) for t in np.asarray(taus_L, np.float32)],
+                "cett_achieved_per_layer": [float(c) for c in cett_L]}
+
+
+class _JointSearch:
+    """The shared CETT target of the search checkpoints (paper App. E; Algorithm 1 on the worst case over them).
+
+    Args:
+      meas: the measured search checkpoints, ascending steps.
+      limit: the PPL ratio bound 1 + p/100.
+    """
+
+    def __init__(self, meas: dict[int, _Measured], limit: float) -> None:
+        self.meas = meas
+        self.limit = limit
+        self.order = list(reversed(meas))  # the latest checkpoint first; a checkpoint that failed moves to the front
+        self.trace: list[dict[str, Any]] = []
+
+    def feasible(self, target: float) -> bool:
+        """Whether every search checkpoint has PPL ratio <= limit at ``target`` (stops at the first that fails)."""
+        ratios: dict[str, float] = {}
+        ok = True
+        for s in list(self.order):
+            m = self.meas[s]
+            r = measure.ppl_ratio(m.at(target)[2], m.dense_loss)
+            ratios[str(s)] = r
+            if r > self.limit:  # one checkpoint over the bound decides: skip the others
+                ok = False
+                self.order.remove(s)
+                self.order.insert(0, s)
+                break
+        self.trace.append({"cett_target": target, "feasible": ok, "ppl_ratio_per_step": ratios})
+        return ok
+
+    def search(self, steps: int) -> float:
+        """t = 1 if feasible, else the bisection's lo after ``steps`` halvings (0: tau = 0, only exact zeros)."""
+        if self.feasible(1.0):  # every neuron truncated (A = 0) and still within budget: FFNs that do not matter yet
+            return 1.0
+        return measure.bisect_target(self.feasible, steps)
+
+
+def _kept_plan(workdir: Path, min_step: int | None) -> CheckpointPlan:
+    """:func:`plan_checkpoints`; raises when no checkpoint is left after the warmup cut."""
+    plan = plan_checkpoints(workdir, min_step)
+    if not plan.kept_steps:
+        raise LawRatiosError(
+            f"{workdir}: no checkpoint with step > {plan.min_step} (have {list(plan.dropped_steps)}, all within the "
+            "warmup cut); train longer with train.keep_period set so checkpoints are kept, or lower min_step")
+    return plan
+
+
+def _measure_all(val: _Validation, plan: CheckpointPlan, meas: dict[int, _Measured], target: float,
+                 log: Callable[[str], None]) -> tuple[list[dict[str, Any]], int]:
+    """(one row per kept checkpoint at ``target`` in step order, eval tokens); frees the search set's captures
+    first."""
+    rows = []
+    eval_tokens = 0
+    for step in list(meas) + [s for s in plan.kept_steps if s not in meas]:
+        m = meas.pop(step) if step in meas else val.measure(step)
+        rows.append(m.row(target, plan))
+        log(f"law_ratios: step {step}: A = {rows[-1]['activation_ratio']:.4f}, PPL ratio {rows[-1]['ppl_ratio']:.4f}")
+        eval_tokens = int(round(m.cache.n_tokens))
+        del m
+    rows.sort(key=lambda r: r["step"])
+    return rows, eval_tokens
+
+
+def _assemble(workdir: Path, settings: dict[str, Any], plan: CheckpointPlan, search_set: list[int], target: float,
+              limit: float, trace: list[dict[str, Any]], rows: list[dict[str, Any]], eval_tokens: int
+              ) -> dict[str, Any]:
+    """The result dict of :func:`compute_law_ratios`."""
+    return {
+        "format": FORMAT_VERSION, "protocol": PROTOCOL, "workdir": str(workdir), "settings": settings,
+        "cett_target": float(target), "ppl_limit": limit, "search_checkpoints": search_set,
+        "dropped_steps": list(plan.dropped_steps), "tokens_per_step": plan.tokens_per_step,
+        "eval_tokens": eval_tokens, "search": trace, "checkpoints": rows,
+        "activation_definition": "neuron output norm |x1_i| * ||W_down[:, i]|| > tau_l (tau_l: CETT = target on "
+                                 "layer l, pooled over the eval tokens); fraction of valid tokens x d_ff, mean over "
+                                 "layers",
+        "joint_search": "worst case: the target is feasible iff every search checkpoint has PPL ratio <= ppl_limit",
+    }
 
 
 def compute_law_ratios(workdir: str | Path, *, p: float = 1.0, n_search: int = 5, num_batches: int = 4,
@@ -233,90 +334,21 @@ def compute_law_ratios(workdir: str | Path, *, p: float = 1.0, n_search: int = 5
     """
     _validate(p, n_search, num_batches, batch_size, search_steps)
     workdir = Path(workdir)
-    plan = plan_checkpoints(workdir, min_step)
-    if not plan.kept_steps:
-        raise LawRatiosError(
-            f"{workdir}: no checkpoint with step > {plan.min_step} (have {list(plan.dropped_steps)}, all within the "
-            "warmup cut); train longer with train.keep_period set so checkpoints are kept, or lower min_step")
+    plan = _kept_plan(workdir, min_step)
     settings = _settings(workdir, plan, p=p, n_search=n_search, num_batches=num_batches, batch_size=batch_size,
                          search_steps=search_steps, seq_len=seq_len, data=data, data_dir=data_dir)
-    run_cfg = ckpt.read_run_config(workdir)
-    run_data = run_cfg.get("data", {}) if isinstance(run_cfg.get("data"), dict) else {}
-    sources = settings["data"].split(",")
-    tok_path = workdir / "tokenizer.json"
-    if not tok_path.is_file():
-        raise LawRatiosError(f"{workdir} has no tokenizer.json: the validation data must use the run's tokenizer")
+    val = _Validation.load(workdir, settings)
     log = (lambda msg: print(msg, file=sys.stderr, flush=True)) if verbose else (lambda msg: None)
-
-    mcfg = model_config_from_dict(run_cfg["model"]).replace(neuron_thresholds=())  # dense baseline
-    by_src = an.load_batches(sources, tok_path, run_data, settings["seq_len"], data_dir, batch_size, num_batches,
-                             mcfg.vocab_size)
-    batches = [b for src in sources for b in by_src[src]]
-    capture, tau_forward = an.make_capture(mcfg), an.make_tau_forward(mcfg)
-
-    def measure(step: int) -> _Measured:
-        _, params, _ = ckpt.load_model(workdir, step)
-        return _Measured(step, jax.device_put(params), capture, batches)
-
-    # ---- 1. the shared CETT target, searched on the last n_search kept checkpoints (worst case over them) ----
-    search_set = list(plan.kept_steps[-n_search:])
-    limit = 1.0 + p / 100.0
-    meas = {s: measure(s) for s in search_set}
+    # 1. the shared CETT target, searched on the last n_search kept checkpoints (worst case over them)
+    search_set, limit = list(plan.kept_steps[-n_search:]), 1.0 + p / 100.0
+    meas = {s: val.measure(s) for s in search_set}
     log(f"law_ratios: {workdir}: searching one CETT target on steps {search_set} (PPL ratio <= {limit:g})")
-    order = list(reversed(search_set))  # the latest checkpoint first; a checkpoint that failed moves to the front
-    trace: list[dict[str, Any]] = []
-
-    def feasible(t: float) -> bool:
-        ratios: dict[str, float] = {}
-        ok = True
-        for s in list(order):
-            r = _ppl_ratio(meas[s].at(t, tau_forward, batches)[2], meas[s].dense_loss)
-            ratios[str(s)] = r
-            if r > limit:  # one checkpoint over the bound decides: skip the others
-                ok = False
-                order.remove(s)
-                order.insert(0, s)
-                break
-        trace.append({"cett_target": t, "feasible": ok, "ppl_ratio_per_step": ratios})
-        return ok
-
-    if feasible(1.0):  # every neuron truncated (A = 0) and still within budget: FFNs that do not matter yet
-        target = 1.0
-    else:  # invariant: lo feasible (or 0), hi infeasible
-        lo, hi = 0.0, 1.0
-        for _ in range(search_steps):
-            mid = (lo + hi) / 2
-            lo, hi = (mid, hi) if feasible(mid) else (lo, mid)
-        target = lo  # 0 if no step was feasible: tau = 0, only exact zeros of x1 are inactive
+    joint = _JointSearch(meas, limit)
+    target = joint.search(search_steps)
     log(f"law_ratios: CETT target {target:.6g}")
-
-    # ---- 2. every kept checkpoint at that target ----
-    rows = []
-    for step in search_set + [s for s in plan.kept_steps if s not in meas]:  # free the search set's captures first
-        m = meas.pop(step) if step in meas else measure(step)
-        taus_L, cett_L, sparse_loss = m.at(target, tau_forward, batches)
-        ratio_L = m.activation_ratio(taus_L)
-        row = {"step": int(step), "tokens": int(plan.tokens(step)), "D": plan.tokens(step) / 1e9,
-               "activation_ratio": float(np.mean(ratio_L)),
-               "activation_ratio_per_layer": [float(x) for x in ratio_L],
-               "ppl_ratio": _ppl_ratio(sparse_loss, m.dense_loss), "dense_loss": float(m.dense_loss),
-               "sparse_loss": float(sparse_loss), "taus_per_layer": [float(t) for t in np.asarray(taus_L, np.float32)],
-               "cett_achieved_per_layer": [float(c) for c in cett_L]}
-        rows.append(row)
-        log(f"law_ratios: step {step}: A = {row['activation_ratio']:.4f}, PPL ratio {row['ppl_ratio']:.4f}")
-        eval_tokens = int(round(m.cache.n_tokens))
-        del m
-    rows.sort(key=lambda r: r["step"])
-    return {
-        "format": FORMAT_VERSION, "protocol": PROTOCOL, "workdir": str(workdir), "settings": settings,
-        "cett_target": float(target), "ppl_limit": limit, "search_checkpoints": search_set,
-        "dropped_steps": list(plan.dropped_steps), "tokens_per_step": plan.tokens_per_step,
-        "eval_tokens": eval_tokens, "search": trace, "checkpoints": rows,
-        "activation_definition": "neuron output norm |x1_i| * ||W_down[:, i]|| > tau_l (tau_l: CETT = target on "
-                                 "layer l, pooled over the eval tokens); fraction of valid tokens x d_ff, mean over "
-                                 "layers",
-        "joint_search": "worst case: the target is feasible iff every search checkpoint has PPL ratio <= ppl_limit",
-    }
+    # 2. every kept checkpoint at that target; 3. the result
+    rows, eval_tokens = _measure_all(val, plan, meas, target, log)
+    return _assemble(workdir, settings, plan, search_set, target, limit, joint.trace, rows, eval_tokens)
 
 
 def law_ratios(workdir: str | Path, out: str | Path | None = None, *, overwrite: bool = False, p: float = 1.0,

@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         text = _TEXT.value if _TEXT.value is not None else Path(_INPUT.value).read_text()
         return json.dumps(score(_CHECKPOINT.value, text, step=_STEP.value))
 
-    return cli.run("score", FLAGS, argv, body, (OSError, ValueError, checkpoint.CheckpointError))
+    return cli.run("score", FLAGS, argv, body, (OSError, ValueError, checkpoint.CheckpointError), __doc__)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,8 @@ contributes nothing under any metric); activation ratio = 1 - sparsity.
   CETT(tau) = mean over tokens of ||sum_{i: n_i <= tau} x1_i W_down[:, i]|| / ||FFN(x)||; tau found per layer by
   bisection; active = n_i > tau.
 - ``pplp`` (p >= 0, percent): one CETT target shared by all layers, bisected so that
-  exp(loss_sparse - loss_dense) <= 1 + p / 100 (driver in :mod:`prosparse_jax.analyze`).
+  exp(loss_sparse - loss_dense) <= 1 + p / 100 (:class:`prosparse_jax.analyze_metrics.PPLp`; no feasible target:
+  target 0).
 
 CETT is *not* monotone in tau in general (adding a neuron to the tail can cancel part of the tail's sum), only for
 orthogonal W_down rows; in practice it is close to monotone and bisection finds a crossing of the target.

@@ -9,6 +9,7 @@ from conftest import small_run_config, write_corpus
 from prosparse_jax import analyze as an
 from prosparse_jax import checkpoint as ckpt
 from prosparse_jax import data as data_lib
+from prosparse_jax import step as step_mod
 from prosparse_jax import train as train_mod
 
 STEPS = 40
@@ -68,11 +69,29 @@ def test_sparse_mode_reproduces_the_reported_sparse_loss(run, exact_and_pplp):
     dcfg = data_lib.DataConfig(source=f"files:{corpus}/*.txt", data_dir=str(corpus.parent / "tfds"),
                                tokenizer=str(tok_path), seq_len=32, eval_fraction=0.1)
     batches = data_lib.make_eval_batches(dcfg, data_lib.get_tokenizer(dcfg, wd), batch_size=4, num_batches=2)
-    sparse = train_mod.evaluate(params, mcfg.replace(neuron_thresholds=tuple(taus)), batches)
+    sparse = step_mod.evaluate(params, mcfg.replace(neuron_thresholds=tuple(taus)), batches)
     assert sparse["eval_loss"] == pytest.approx(pplp["sparse_loss"], rel=1e-5)
-    dense = train_mod.evaluate(params, mcfg, batches)
+    dense = step_mod.evaluate(params, mcfg, batches)
     assert dense["eval_loss"] == pytest.approx(pplp["dense_loss"], rel=1e-5)
     assert 1 - sparse["eval_sparsity"] == pytest.approx(pplp["sparse_run_activation_ratio"], abs=1e-6)
+
+
+def test_pplp_without_a_feasible_target_falls_back_to_cett_target_zero(run, tmp_path):
+    """p = 0 allows no perplexity increase and the 2 bisection steps try only large targets (1/2, 1/4 of the FFN
+    output norm truncated), which cost the trained model perplexity: no step is feasible (asserted below), so the
+    result is the target 0 -- tau = 0, only exact zeros truncated, i.e. the dense model (SiLU: no exact zeros)."""
+    wd, corpus = run
+    r = an.analyze(wd, f"files:{corpus}/*.txt", "pplp", 0.0, tmp_path, pplp_steps=2, **EVAL)
+    search = r["pplp_search"]
+    assert [s["cett_target"] for s in search] == [0.5, 0.25]
+    assert all(not s["feasible"] and s["ppl_ratio"] > 1.0 for s in search)
+    assert r["cett_target"] == 0.0 and r["cett_achieved_per_layer"] == [0.0, 0.0]
+    assert r["thresholds_per_layer"] == [0.0, 0.0] and r["sparse_mode"]["model.neuron_thresholds"] == [0.0, 0.0]
+    assert r["ppl_ratio"] == pytest.approx(1.0, rel=1e-5)
+    assert r["sparse_loss"] == pytest.approx(r["dense_loss"], rel=1e-5)
+    assert r["activation_ratio"] == 1.0 and r["activation_ratio_per_layer"] == [1.0, 1.0]
+    assert r["sparse_run_activation_ratio"] == 1.0
+    assert r["forward_passes_detail"] == {"capture": 2, "sparse": 2 * (2 + 1)}  # 2 steps + the sweep at target 0
 
 
 def test_cett_hits_target_without_extra_forward_passes(run, tmp_path):
