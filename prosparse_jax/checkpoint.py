@@ -85,6 +85,24 @@ def latest_step(workdir: str | os.PathLike) -> int | None:
     return max(steps) if steps else None
 
 
+def read_extra(workdir: str | os.PathLike, step: int) -> dict[str, Any]:
+    """The JSON ``extra`` item of checkpoint ``step`` (step, data state, model and run config), read without orbax.
+
+    Raises:
+        CheckpointError: naming the file when it is missing or not JSON.
+    """
+    path = Path(workdir) / CKPT_DIR / str(step) / "extra" / "metadata"
+    try:
+        extra = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: unreadable checkpoint metadata ({e}); the checkpoint of step {step} is "
+                              "damaged") from e
+    if not isinstance(extra, dict):
+        raise CheckpointError(f"{path}: checkpoint metadata is not a JSON object; the checkpoint of step {step} is "
+                              "damaged")
+    return extra
+
+
 def read_run_config(workdir: str | os.PathLike) -> dict[str, Any]:
     path = Path(workdir) / "config.json"
     if not path.is_file():

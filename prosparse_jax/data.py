@@ -48,6 +48,8 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import queue
+import threading
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -357,3 +359,28 @@ def iter_documents(cfg: DataConfig, split: str = TRAIN_SPLIT) -> Iterator[dict[s
     """Yields {'id', 'text'} of every document of `split` ('train' or 'validation') in stored order (for tests)."""
     for doc_id, text in iter_records(open_corpus(cfg), split):
         yield {"id": doc_id, "text": text}
+
+
+def prefetch(it: TrainIterator, depth: int = 2) -> Iterator[tuple[dict[str, np.ndarray], dict]]:
+    """Batches from a background thread, each paired with the iterator state *after* it (checkpoints resume
+    exactly)."""
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            while not stop.is_set():
+                b = next(it)
+                q.put((b, it.get_state()))
+        except BaseException as e:  # noqa: BLE001 - surfaced in the consumer
+            q.put(e)
+
+    threading.Thread(target=produce, daemon=True).start()
+    try:
+        while True:
+            item = q.get()
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()

@@ -3,8 +3,8 @@
 Each line has ``step`` and ``kind`` ('train', 'eval' or 'final_fatrelu') plus the values. Train entries report
 loss / lm_loss / reg_loss / grad_norm / sparsity (and per layer) as means over the steps since the previous entry
 (``steps_averaged``), and reg_factor / lr / last_loss / last_sparsity of the logged step's update. On resume, entries
-written after the restored checkpoint's step (by the interrupted run) are moved to ``metrics.discarded.jsonl`` --
-never deleted -- so metrics.jsonl reads as one uninterrupted run.
+written after the restored checkpoint's step (by the interrupted run), and a last line cut by a crash mid-write, are
+moved to ``metrics.discarded.jsonl`` -- never deleted -- so metrics.jsonl reads as one uninterrupted run.
 """
 
 from __future__ import annotations
@@ -29,24 +29,27 @@ class MetricsWriter:
         if not enabled:
             return
         if self.path.exists():
-            keep, drop = [], []
-            for line in self.path.read_text().splitlines():
-                if line.strip():
-                    (drop if json.loads(line).get("step", 0) > resume_step else keep).append(line)
-            if drop:
+            entries = _parse_lines(self.path)
+            keep = [line for line, e in entries if e is not None and e.get("step", 0) <= resume_step]
+            drop = [line for line, e in entries if e is None or e.get("step", 0) > resume_step]
+            if drop:  # entries of the interrupted run after the restored step, or a line cut by a crash mid-write
                 with open(Path(workdir) / "metrics.discarded.jsonl", "a") as f:
                     f.write("\n".join(drop) + "\n")
-                self.path.write_text("".join(x + "\n" for x in keep))
+                tmp = self.path.with_name(self.path.name + ".tmp")
+                tmp.write_text("".join(x + "\n" for x in keep))
+                tmp.replace(self.path)
         from tensorboardX import SummaryWriter
 
         self._tb = SummaryWriter(str(Path(workdir) / "tb"))
 
     def write(self, step: int, values: dict[str, Any], kind: str = "train") -> None:
+        """Appends one entry as one line (a crash mid-write leaves at most a cut last line, dropped on resume)."""
         if not self.enabled:
             return
         entry = {"step": int(step), "kind": kind, "time": time.time(), **values}
         with open(self.path, "a") as f:
             f.write(json.dumps(entry) + "\n")
+            f.flush()
         if self._tb is not None:
             for k, v in values.items():
                 if isinstance(v, (int, float)) and not isinstance(v, bool):
@@ -81,10 +84,37 @@ class IntervalMeans:
         return means, n
 
 
+class MetricsFileError(ValueError):
+    """metrics.jsonl has a corrupt line before its last one (not a crash mid-write): names the file and line."""
+
+
+def _parse_lines(path: Path) -> list[tuple[str, dict[str, Any] | None]]:
+    """(line, entry) of each non-empty line; entry None for a last line cut by a crash mid-write.
+
+    Raises:
+        MetricsFileError: a line other than the last one is not a JSON object.
+    """
+    lines = [x for x in path.read_text(errors="replace").splitlines() if x.strip()]
+    out: list[tuple[str, dict[str, Any] | None]] = []
+    for i, line in enumerate(lines):
+        try:
+            entry = json.loads(line)
+            if not isinstance(entry, dict):
+                raise ValueError("not a JSON object")
+        except ValueError as e:
+            if i < len(lines) - 1:
+                raise MetricsFileError(
+                    f"{path}:{i + 1}: not a metrics entry ({e}); only the last line can be cut by a crash. Move the "
+                    "file aside to start a fresh log (nothing was changed)") from None
+            entry = None
+        out.append((line, entry))
+    return out
+
+
 def read_metrics(workdir: str | Path, kind: str | None = None) -> list[dict[str, Any]]:
-    """Entries of ``<workdir>/metrics.jsonl`` (optionally only one kind)."""
+    """Entries of ``<workdir>/metrics.jsonl`` (optionally only one kind); a last line cut by a crash is skipped."""
     path = Path(workdir) / "metrics.jsonl"
-    rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.exists() else []
+    rows = [e for _, e in _parse_lines(path) if e is not None] if path.exists() else []
     return [r for r in rows if kind is None or r.get("kind") == kind]
 
 

@@ -100,7 +100,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.sparsity = ml_collections.ConfigDict()
     # ProSparse stage table: [[lambda_i, T_i], ...], T_i cumulative optimizer steps, stage 0 first (lambda 0 =
     # activation substitution only), stage 1 constant warmup, later stages sine-interpolated (ProSparse §3.2).
-    c.sparsity.stages = [[0.0, 1000]]
+    c.sparsity.stages = ((0.0, 1000),)  # a tuple: overridable as --config.sparsity.stages="((0, 10), (5e-5, 20))"
     # Regulariser: lambda(t) * sum over layers of the layer's L1 term, reduced as l1_reduction says:
     # 'sum'  = ||x1||_1 of each token's d_ff vector (ProSparse Eq. 2, a sum over d_ff), averaged over valid tokens;
     #          the paper's lambda tables mean this.

@@ -18,12 +18,10 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import queue
 import signal
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +37,7 @@ from prosparse_jax import optim as optim_lib
 from prosparse_jax import schedules
 from prosparse_jax import sharding as shard_lib
 from prosparse_jax.config import ConfigError, RunConfig
-from prosparse_jax.metrics import IntervalMeans, MetricsWriter, measure_matmul_peak
+from prosparse_jax.metrics import IntervalMeans, MetricsFileError, MetricsWriter, measure_matmul_peak
 from prosparse_jax.model import Params, abstract_params, init_params
 from prosparse_jax.run_config import resolve
 from prosparse_jax.step import evaluate, make_train_step, place_state, stack_layers_jit
@@ -49,6 +47,7 @@ from prosparse_jax.workdir import (
     json_config,
     load_init_params,
     prepare_tokenizer,
+    write_config,
 )
 
 # step metrics reported as means over the steps since the previous metrics entry
@@ -65,6 +64,7 @@ class TrainResult:
     step: int
     final_eval: dict[str, Any]
     interrupted: bool
+    stop_signal: str | None = None  # "SIGTERM" / "SIGINT" when a signal stopped the run
 
 
 @functools.cache
@@ -80,31 +80,6 @@ def metrics_lag(n_devices: int) -> bool:
     return n_devices == 1 or jax.devices()[0].platform != "cpu"
 
 
-def _prefetch(it: data_lib.TrainIterator, depth: int = 2) -> Iterator[tuple[dict[str, np.ndarray], dict]]:
-    """Batches from a background thread, each paired with the iterator state *after* it (checkpoints resume
-    exactly)."""
-    q: queue.Queue = queue.Queue(maxsize=depth)
-    stop = threading.Event()
-
-    def produce() -> None:
-        try:
-            while not stop.is_set():
-                b = next(it)
-                q.put((b, it.get_state()))
-        except BaseException as e:  # noqa: BLE001 - surfaced in the consumer
-            q.put(e)
-
-    threading.Thread(target=produce, daemon=True).start()
-    try:
-        while True:
-            item = q.get()
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-    finally:
-        stop.set()
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Set-up and state
 # ---------------------------------------------------------------------------------------------------------------
@@ -113,6 +88,7 @@ class _Run:
     """What the set-up resolved for one run."""
 
     rc: RunConfig
+    config_json: dict[str, Any]  # the experiment config as written to config.json and into every checkpoint
     workdir: Path
     tokenizer: Any
     mesh: jax.sharding.Mesh
@@ -124,19 +100,23 @@ class _Run:
 
 
 def _setup(config: ml_collections.ConfigDict, workdir: str | Path) -> _Run:
-    """Resolves the config, refuses a workdir of another config, prepares the tokenizer, mesh and batch shape."""
+    """Resolves the config, refuses a workdir of another config, prepares the tokenizer, mesh and batch shape.
+
+    Nothing that would block a corrected command is written here: config.json is written by :func:`train` once the
+    state is initialised (a bad ``init_from`` fails before that)."""
     workdir = Path(workdir)
+    if workdir.exists() and not workdir.is_dir():
+        raise TrainError(f"--workdir {workdir} is a file, not a directory; choose a directory")
     rc = resolve(config)
     config_json = json_config(config)
-    check_workdir_config(workdir, config_json)
+    check_workdir_config(workdir, config_json, rc.model)
     shard_lib.maybe_initialize_distributed()
     is_main = jax.process_index() == 0
     tokenizer, dcfg = prepare_tokenizer(rc, workdir)
     rc = dataclasses.replace(rc, data=dcfg)
     workdir.mkdir(parents=True, exist_ok=True)
-    if is_main and not (workdir / "config.json").exists():
-        (workdir / "config.json").write_text(json.dumps(config_json, indent=2))
-    run = _Run(rc, workdir, tokenizer, shard_lib.make_mesh(rc.train.mesh_data, rc.train.mesh_fsdp), is_main)
+    run = _Run(rc, config_json, workdir, tokenizer, shard_lib.make_mesh(rc.train.mesh_data, rc.train.mesh_fsdp),
+               is_main)
     semantics = _batch_semantics(run)
     if is_main:
         print(json.dumps(semantics), flush=True)
@@ -196,7 +176,8 @@ class _Loop:
                  data_state: Any, stop_after: int | None) -> None:
         rc = run.rc
         self.run, self.rc, self.state, self.step_fn, self.mgr = run, rc, state, step_fn, mgr
-        self.step, self.stop_after, self.stop_requested = start, stop_after, False
+        self.step, self.stop_after = start, stop_after
+        self.stop_requested = ""  # the name of the signal that asked the loop to stop, "" while none did
         n_proc = jax.process_count()
         self.it = data_lib.make_train_iterator(rc.data, run.tokenizer, batch_size=rc.train.batch_size // n_proc,
                                                cache_dir=run.workdir, process_index=jax.process_index(),
@@ -229,7 +210,7 @@ class _Loop:
     def run_steps(self) -> bool:
         """The loop; returns whether it stopped early (a stop request or ``stop_after``)."""
         lag, pending = metrics_lag(jax.device_count()), None
-        batches = _prefetch(self.it)
+        batches = data_lib.prefetch(self.it)
         while self.step < self.rc.train.steps:
             batch, next_data_state = next(batches)
             self.state, m_dev = self.step_fn(self.state, self.to_device(batch))
@@ -307,8 +288,9 @@ class _Loop:
         params, opt_state = self.state["params"], self.state["opt_state"]
         if not self.rc.model.scan_layers:
             params, opt_state = stack_layers_jit(params, opt_state)
-        ckpt.save(self.mgr, self.step, params, opt_state, {"step": self.step, "data_state": self.last_data_state,
-                                                           "model": dataclasses.asdict(self.rc.model)}, force=force)
+        extra = {"step": self.step, "data_state": self.last_data_state, "model": dataclasses.asdict(self.rc.model),
+                 "run_config": self.run.config_json}
+        ckpt.save(self.mgr, self.step, params, opt_state, extra, force=force)
 
     def close(self) -> None:
         if self.pbar is not None:
@@ -349,27 +331,43 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, stop_after:
     mgr = ckpt.manager(workdir, keep=rc.train.keep_checkpoints, async_save=rc.train.async_checkpoint,
                        keep_period=rc.train.keep_period)
     state, data_state = _init_state(run, tx, mgr, start)
+    if run.is_main:
+        write_config(workdir, run.config_json)
     step_fn = jax.jit(make_train_step(rc, tx, lr_fn, schedules.reg_factor_schedule(rc.sparsity.stages)),
                       donate_argnums=(0,))
     loop = _Loop(run, state, step_fn, mgr, start or 0, data_state, stop_after)
 
-    def on_sigterm(signum: int, frame: Any) -> None:
-        del signum, frame
-        loop.stop_requested = True
-
-    in_main_thread = threading.current_thread() is threading.main_thread()
-    prev_handler = signal.signal(signal.SIGTERM, on_sigterm) if in_main_thread else None
+    handlers = _install_stop_handlers(loop)
     try:
         interrupted = loop.run_steps()
     finally:
         mgr.wait_until_finished()
         loop.close()
-        if prev_handler is not None:
-            signal.signal(signal.SIGTERM, prev_handler)
+        for signum, prev in handlers.items():
+            signal.signal(signum, prev)
     final = {} if interrupted else _final_eval(loop)
     loop.writer.close()
     mgr.close()
-    return TrainResult(workdir=workdir, step=loop.step, final_eval=final, interrupted=interrupted)
+    return TrainResult(workdir=workdir, step=loop.step, final_eval=final, interrupted=interrupted,
+                       stop_signal=loop.stop_requested or None)
+
+
+def _install_stop_handlers(loop: _Loop) -> dict[int, Any]:
+    """SIGTERM and SIGINT (Ctrl-C) stop the loop after the current step with a checkpoint; a second Ctrl-C aborts
+    at once (KeyboardInterrupt). Returns the previous handlers (none off the main thread, where Python has none)."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+
+    def on_signal(signum: int, frame: Any) -> None:
+        del frame
+        name = signal.Signals(signum).name
+        if signum == signal.SIGINT and loop.stop_requested:
+            raise KeyboardInterrupt
+        loop.stop_requested = name
+        again = " (Ctrl-C again aborts at once, without saving)" if signum == signal.SIGINT else ""
+        print(f"{name}: stopping after this step and saving a checkpoint{again}", file=sys.stderr, flush=True)
+
+    return {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
 
 
 def main(argv: list[str]) -> None:
@@ -381,11 +379,17 @@ def main(argv: list[str]) -> None:
         sys.exit(2)
     try:
         res = train(FLAGS.config, FLAGS.workdir)
-    except (ConfigError, TrainError, ckpt.CheckpointError, data_lib.DataError) as e:
+    except (ConfigError, TrainError, ckpt.CheckpointError, data_lib.DataError, MetricsFileError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
+    except KeyboardInterrupt:
+        print(f"aborted: the last checkpoint in {FLAGS.workdir} is intact; rerun the command to resume from it",
+              file=sys.stderr)
+        sys.exit(130)
     if res.final_eval:
         print(json.dumps({"step": res.step, **{k: v for k, v in res.final_eval.items() if "per_layer" not in k}}))
+    if res.stop_signal == "SIGINT":
+        sys.exit(130)  # interrupted by the user: saved, but the run did not finish
 
 
 if __name__ == "__main__":

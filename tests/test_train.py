@@ -20,7 +20,7 @@ from prosparse_jax import data as data_lib
 from prosparse_jax import step as step_mod
 from prosparse_jax import train as train_mod
 from prosparse_jax.config import ConfigError
-from prosparse_jax.metrics import read_metrics
+from prosparse_jax.metrics import MetricsFileError, read_metrics
 from prosparse_jax.model import forward, init_params
 from prosparse_jax.run_config import resolve
 from prosparse_jax.schedules import reg_factor_numpy
@@ -193,13 +193,15 @@ def test_missing_corpus_and_unknown_tfds(corpus, tmp_path):
         train_mod.train(c, tmp_path / "run2")
     c.data.source = f"files:{corpus}/*.txt"
     c.data.tokenizer = str(tmp_path / "missing.json")
-    with pytest.raises(data_lib.DataError, match="missing.json"):
+    with pytest.raises(train_mod.TrainError, match=r"data\.tokenizer=.*missing\.json: no such file"):
         train_mod.train(c, tmp_path / "run3")
     assert not (tmp_path / "run3" / "checkpoints").exists()
 
 
 @pytest.mark.slow
-def test_sigterm_saves_restorable_checkpoint(corpus, tmp_path):
+@pytest.mark.parametrize("sig,code", [(signal.SIGTERM, 0), (signal.SIGINT, 130)])
+def test_signal_saves_restorable_checkpoint(corpus, tmp_path, sig, code):
+    """SIGTERM (a scheduler's preemption) and Ctrl-C both save and say so; Ctrl-C exits non-zero (130)."""
     wd = tmp_path / "run"
     cmd = [sys.executable, "-m", "prosparse_jax.train", "--config=configs/prosparse.py:tiny", f"--workdir={wd}",
            f"--config.data.source=files:{corpus}/*.txt", f"--config.data.data_dir={tmp_path}/tfds",
@@ -213,9 +215,11 @@ def test_sigterm_saves_restorable_checkpoint(corpus, tmp_path):
         if (wd / "metrics.jsonl").exists() and len(read_metrics(wd)) >= 3:
             break
         time.sleep(0.5)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(sig)
     out, _ = proc.communicate(timeout=60)
-    assert proc.returncode == 0, out
+    assert proc.returncode == code, out
+    assert f"{signal.Signals(sig).name}: stopping after this step and saving a checkpoint" in out
+    assert "stopping at step" in out and "Traceback" not in out
     step = ckpt.latest_step(wd)
     assert step is not None and step >= 3
     mgr = ocp.CheckpointManager((wd / "checkpoints").absolute())
@@ -381,3 +385,76 @@ def test_no_fatrelu_eval_for_silu(corpus, tmp_path):
     c.sparsity.final_threshold = 0.05
     fin = train_mod.train(c, tmp_path / "run").final_eval
     assert "fatrelu_eval_loss" not in fin and not read_metrics(tmp_path / "run", "final_fatrelu")
+
+
+def test_lost_config_json_refuses_another_config_and_is_recovered(corpus, tmp_path):
+    """Every checkpoint carries the run config: without config.json a changed config is still refused, naming the
+    fields, and the resumed run restores config.json from the checkpoint (not from the new command)."""
+    c = small_config(corpus, steps=4)
+    wd = tmp_path / "run"
+    train_mod.train(c, wd, stop_after=2)
+    saved = json.loads((wd / "config.json").read_text())
+    (wd / "config.json").unlink()
+    bad = small_config(corpus, steps=4)
+    bad.model.activation = "silu"
+    bad.optim.lr = 1e-2
+    with pytest.raises(train_mod.TrainError, match=r"model\.activation: saved 'relu' vs now 'silu'.*"
+                       r"optim\.lr: saved 0\.003 vs now 0\.01.*config\.json is missing"):
+        train_mod.train(bad, wd)
+    assert not (wd / "config.json").exists()  # nothing written by the refused command
+    res = train_mod.train(c, wd)
+    assert res.step == 4 and json.loads((wd / "config.json").read_text()) == saved
+
+
+def test_failed_start_leaves_the_workdir_usable(corpus, tmp_path):
+    """A start that fails before its first step (bad init_from) writes no config.json: the corrected command runs."""
+    wd = tmp_path / "run"
+    c = small_config(corpus, steps=2)
+    c.init_from = str(tmp_path / "no_such_run")
+    with pytest.raises(ckpt.CheckpointError, match="no_such_run"):
+        train_mod.train(c, wd)
+    assert not (wd / "config.json").exists() and ckpt.latest_step(wd) is None
+    c2 = small_config(corpus, steps=2)
+    c2.optim.lr = 1e-3  # a different config: accepted, as the failed start left no run behind
+    assert train_mod.train(c2, wd).step == 2
+
+
+def test_tokenizer_file_into_a_new_workdir(corpus, tmp_path):
+    c = small_config(corpus, steps=2)
+    train_mod.train(c, tmp_path / "a")
+    c2 = small_config(corpus, steps=2)
+    c2.data.tokenizer = str(tmp_path / "a" / "tokenizer.json")
+    train_mod.train(c2, tmp_path / "new" / "nested")  # the workdir does not exist yet
+    assert (tmp_path / "new" / "nested" / "tokenizer.json").read_bytes() == (tmp_path / "a" / "tokenizer.json"
+                                                                            ).read_bytes()
+
+
+def test_metrics_survive_a_line_cut_by_a_crash(corpus, tmp_path):
+    c = small_config(corpus, steps=4)
+    wd = tmp_path / "run"
+    train_mod.train(c, wd, stop_after=2)
+    with open(wd / "metrics.jsonl", "a") as f:
+        f.write('{"step": 3, "kind": "train", "lo')  # a crash mid-write
+    assert [r["step"] for r in read_metrics(wd, "train")] == [1, 2]  # readers skip the cut line
+    assert train_mod.train(c, wd).step == 4
+    assert [r["step"] for r in read_metrics(wd, "train")] == [1, 2, 3, 4]
+    assert '"lo' in (wd / "metrics.discarded.jsonl").read_text()
+    lines = (wd / "metrics.jsonl").read_text().splitlines()
+    (wd / "metrics.jsonl").write_text("\n".join([lines[0], "garbage", *lines[1:]]) + "\n")
+    with pytest.raises(MetricsFileError, match=r"metrics\.jsonl:2: not a metrics entry"):
+        read_metrics(wd)
+
+
+def test_workdir_that_is_a_file_is_refused_before_any_work(corpus, tmp_path):
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(train_mod.TrainError, match="is a file, not a directory"):
+        train_mod.train(small_config(corpus, steps=2), tmp_path / "f")
+
+
+def test_list_fields_are_overridable_on_the_command_line():
+    out = subprocess.run([sys.executable, "-m", "prosparse_jax.describe", "--config=configs/prosparse.py:tiny",
+                          "--config.sparsity.stages=((0, 10), (5e-5, 20))", "--config.train.steps=20",
+                          "--config.model.neuron_thresholds=(0.1, 0.2, 0.3, 0.4)"],
+                         cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    d = json.loads(out)
+    assert d["sparsity_stages"] == [[0.0, 10], [5e-5, 20]]
