@@ -2,7 +2,9 @@
 
 Sources (see `DataConfig.source`): the running interpreter's standard library ('stdlib', default, no download), local
 text files ('files:<glob>') or a TFDS dataset already prepared in array_record form ('tfds:<name>'). Local sources are
-written once into a fingerprinted TFDS dataset (`data_tfds.py`); later runs just read it. The tokenizer and the
+written once into a fingerprinted TFDS dataset (`data_tfds.py`); later runs just read it. Their files that are not
+UTF-8 text (binary, or another encoding) are skipped, with one warning at the build and a count in the reports
+(`data_tfds.read_text`); a source with no UTF-8 text file raises `DataError`. The tokenizer and the
 cached token stream of a split are in `data_tokens.py`, reports of the corpus and its held-out split in
 `data_stats.py`; this module holds the pipelines and is the entry point (it re-exports `get_tokenizer`, `eos_id`,
 `corpus_stats`, `eval_split_stats`, `DataError` and `DataConfig`).

@@ -2,7 +2,8 @@
 
 The held-out split is a stratified systematic sample of the documents (`data_tfds.eval_document_mask`);
 `eval_split_stats` shows how well it covers the corpus and whether one document dominates it. Both reports are
-re-exported by `data.py`.
+re-exported by `data.py`. Both name the files a local source skipped as not UTF-8 text (`data_tfds.read_text`):
+`skipped_files` (how many) and `skipped_examples` (the first few ids).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import numpy as np
 import tokenizers
 
 from prosparse_jax.config import DataConfig
-from prosparse_jax.data_tfds import EVAL_SPLIT, TRAIN_SPLIT, Corpus, stratum
+from prosparse_jax.data_tfds import EVAL_SPLIT, SKIPPED_EXAMPLES, TRAIN_SPLIT, Corpus, stratum
 from prosparse_jax.data_tokens import iter_records, open_corpus, split_stream
 
 
@@ -22,7 +23,8 @@ def corpus_stats(cfg: DataConfig, *, tokenizer: tokenizers.Tokenizer | None = No
 
     Prepares the corpus on first use and reads the eval split (see `eval_split_stats`). Keys: source, fingerprint,
     train_documents, eval_documents, train_bytes, eval_bytes (stored array_record bytes), strata (strata of the
-    whole corpus, None for 'tfds:' sources), and eval_strata, eval_missing_strata, eval_tokens, eval_windows,
+    whole corpus, None for 'tfds:' sources), skipped_files and skipped_examples (files not stored as not UTF-8
+    text, see `eval_split_stats`), and eval_strata, eval_missing_strata, eval_tokens, eval_windows,
     eval_largest_document, eval_largest_document_share, eval_share_of from `eval_split_stats(cfg, tokenizer)`.
     """
     c = open_corpus(cfg)
@@ -35,6 +37,8 @@ def corpus_stats(cfg: DataConfig, *, tokenizer: tokenizers.Tokenizer | None = No
         "train_bytes": c.num_bytes(TRAIN_SPLIT),
         "eval_bytes": c.num_bytes(EVAL_SPLIT),
         "strata": held_out["corpus_strata"],
+        "skipped_files": held_out["skipped_files"],
+        "skipped_examples": held_out["skipped_examples"],
     }
     for k in ("strata", "missing_strata", "tokens", "windows", "largest_document", "largest_document_share",
               "share_of"):
@@ -65,6 +69,9 @@ def eval_split_stats(cfg: DataConfig, tokenizer: tokenizers.Tokenizer | None = N
         largest_document: id of the held-out document with the most tokens (bytes without tokenizer), or None.
         largest_document_share: its share of the split's tokens (bytes without tokenizer); 0.0 if empty.
         share_of: 'tokens' or 'bytes', the unit of `largest_document_share`.
+        skipped_files: number of files of the corpus skipped when it was written because they are not UTF-8 text
+          (binary, or another encoding; `data_tfds.read_text`): in neither split. 0 if none or not recorded.
+        skipped_examples: ids of the first `data_tfds.SKIPPED_EXAMPLES` of them (sorted), [] if none.
     """
     return _eval_split_stats(open_corpus(cfg), cfg, tokenizer)
 
@@ -94,4 +101,6 @@ def _eval_split_stats(corpus: Corpus, cfg: DataConfig, tokenizer: tokenizers.Tok
         "largest_document": None if largest is None else ids[largest],
         "largest_document_share": 0.0 if largest is None else sizes[largest] / max(sum(sizes), 1),
         "share_of": "bytes" if tokenizer is None else "tokens",
+        "skipped_files": len(corpus.skipped),
+        "skipped_examples": list(corpus.skipped[:SKIPPED_EXAMPLES]),
     }

@@ -2,12 +2,20 @@
 
 A text corpus ('stdlib' or 'files:<glob>') is written once by `TextFilesBuilder` into
 `<data_dir>/text_files_builder/<config>/1.0.0/`, where `<config>` is `fp<fingerprint>` and the fingerprint covers the
-sorted document ids, sizes, mtimes, `eval_fraction` and the version of the split rule (`EVAL_SPLIT_RULE`): a
-different file set or split never collides with a prepared one.
+sorted document ids, sizes, mtimes, `eval_fraction` and the versions of the split rule (`EVAL_SPLIT_RULE`) and of
+the text rule (`TEXT_RULE`): a different file set, split or text rule never collides with a prepared one.
+
+Text rule (`read_text`): a file is stored only if it is UTF-8 text, i.e. has no NUL byte and decodes as strict UTF-8
+(a leading BOM is stripped). Any other file (binary, or text in another encoding such as Latin-1) is skipped, never
+decoded with replacement characters; the build logs one warning naming how many files were skipped and the first
+few, and the dataset's metadata.json keeps them (`Corpus.skipped`, reported by `data_stats`). A source whose files
+are all skipped raises `DataError`.
 
 Held-out split ('validation'), see `eval_document_mask`: a stratified systematic sample. Documents are ordered by
 (stratum = first path component of the id, size, hash of the id) and every (1 / eval_fraction)-th one from a fixed,
-hash-derived offset is held out, so every stratum and every size range within it contributes in proportion.
+hash-derived offset is held out, so every stratum and every size range within it contributes in proportion. The
+sample is drawn from all listed files; files skipped by the text rule below are then left out of both splits, so the
+rule never moves a text file from one split to the other.
 """
 
 from __future__ import annotations
@@ -32,6 +40,10 @@ _EXCLUDED_DIRS = frozenset({"site-packages", "dist-packages", "__pycache__"})
 # Version of the held-out rule of `eval_document_mask`; part of `corpus_fingerprint`, so a dataset prepared under an
 # older rule (1: sha256(id) < eval_fraction) is never reused. Bump it whenever the rule changes.
 EVAL_SPLIT_RULE = 2
+# Version of the text rule of `read_text`; part of `corpus_fingerprint`, so a dataset prepared under an older rule
+# (1: every file decoded with errors="replace", binary files included) is never reused. Bump it when the rule changes.
+TEXT_RULE = 2
+SKIPPED_EXAMPLES = 5  # skipped files named in the build warning and in the reports
 ROOT_STRATUM = "."  # stratum of the files directly under the corpus root
 
 
@@ -121,7 +133,7 @@ class Document:
 
 
 def list_documents(source: str) -> list[Document]:
-    """Non-empty documents of a 'stdlib' or 'files:<glob>' source, sorted by id.
+    """Non-empty files of a 'stdlib' or 'files:<glob>' source, sorted by id (not yet checked to be text: `read_text`).
 
     Raises:
       FileNotFoundError: the glob matches nothing, or only empty files.
@@ -151,45 +163,96 @@ def list_documents(source: str) -> list[Document]:
     return sorted(docs, key=lambda d: d.doc_id)
 
 
+def read_text(path: str | os.PathLike) -> str | None:
+    """The text of a UTF-8 text file (a leading BOM stripped), else None: it has a NUL byte or is not strict UTF-8."""
+    data = Path(path).read_bytes()
+    if b"\0" in data:  # binary: UTF-8 text files of any language have no NUL byte
+        return None
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        return None
+
+
+def skipped_summary(what: str, skipped: Sequence[str], total: int) -> str:
+    """'<what>: skipped <n> of <total> files that are not UTF-8 text ...: <first few ids>, ...'."""
+    names = ", ".join(skipped[:SKIPPED_EXAMPLES]) + (", ..." if len(skipped) > SKIPPED_EXAMPLES else "")
+    return (f"{what}: skipped {len(skipped)} of {total} files that are not UTF-8 text (binary, or another "
+            f"encoding): {names}")
+
+
 def corpus_fingerprint(docs: Sequence[Document], eval_fraction: float) -> str:
-    """16-hex-digit fingerprint of (ids, sizes, mtimes, eval_fraction, split rule version)."""
-    h = hashlib.sha256(json.dumps({"eval_fraction": eval_fraction, "split_rule": EVAL_SPLIT_RULE}).encode())
+    """16-hex-digit fingerprint of (ids, sizes, mtimes, eval_fraction, split and text rule versions)."""
+    h = hashlib.sha256(json.dumps(
+        {"eval_fraction": eval_fraction, "split_rule": EVAL_SPLIT_RULE, "text_rule": TEXT_RULE}).encode())
     for d in docs:
         h.update(f"{d.doc_id}\0{d.size}\0{d.mtime_ns}\n".encode())
     return h.hexdigest()[:16]
 
 
 class TextFilesBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
-    """Writes a list of text files as {'text', 'id'} records, split into train/validation by `eval_document_mask`."""
+    """Writes a list of text files as {'text', 'id'} records, split into train/validation by `eval_document_mask`.
+
+    The split is drawn from all the listed files; those that are not UTF-8 text (`read_text`) are then left out of
+    both splits, their ids kept in the dataset's metadata ('skipped_ids', also 'text_rule').
+    """
 
     VERSION = tfds.core.Version("1.0.0")
     RELEASE_NOTES = {"1.0.0": "Initial release."}
     # No checksums file next to this module; TFDS' lookup of it would need the optional `importlib_resources`.
     code_path = None
 
-    def __init__(self, *, documents: Sequence[Document], eval_fraction: float, data_dir: str):
+    def __init__(self, *, documents: Sequence[Document], eval_fraction: float, data_dir: str, source: str = ""):
         self._documents = list(documents)
         self._eval_fraction = eval_fraction
+        self._source = source or "text files"
         fp = corpus_fingerprint(self._documents, eval_fraction)
         config = tfds.core.BuilderConfig(name=f"fp{fp}", description="text files, fingerprinted")
         super().__init__(data_dir=data_dir, config=config, file_format="array_record")
 
     def _info(self) -> tfds.core.DatasetInfo:
         features = tfds.features.FeaturesDict({"text": tfds.features.Text(), "id": tfds.features.Text()})
-        return tfds.core.DatasetInfo(builder=self, description="Local text files.", features=features)
+        return tfds.core.DatasetInfo(builder=self, description="Local text files.", features=features,
+                                     metadata=tfds.core.MetadataDict())
 
     def _split_generators(self, dl_manager: Any) -> dict[str, Iterator[tuple[str, dict[str, str]]]]:
         del dl_manager
-        is_eval = eval_document_mask(
-            [d.doc_id for d in self._documents], [d.size for d in self._documents], self._eval_fraction)
-        splits = {TRAIN_SPLIT: [d for d, e in zip(self._documents, is_eval, strict=True) if not e]}
-        if any(is_eval):  # TFDS rejects an empty split; a missing 'validation' split reads as empty.
-            splits[EVAL_SPLIT] = [d for d, e in zip(self._documents, is_eval, strict=True) if e]
+        # The split is drawn from all listed files, then skipped ones are dropped: the text rule never moves a text
+        # file from one split to the other (nor reshuffles the sample of the strata after a skipped file).
+        docs = self._documents
+        is_eval = eval_document_mask([d.doc_id for d in docs], [d.size for d in docs], self._eval_fraction)
+        skipped = [d for d in docs if read_text(d.path) is None]
+        if len(skipped) == len(docs):
+            raise DataError(f"data.source: no file of {self._source!r} is UTF-8 text: all {len(skipped)} file(s) "
+                            f"are binary or in another encoding (e.g. {', '.join(d.doc_id for d in skipped[:3])}); "
+                            "convert them to UTF-8 or point the glob at text files")
+        if skipped:
+            logging.getLogger("absl").warning(
+                skipped_summary(self._source, [d.doc_id for d in skipped], len(self._documents)))
+        self.info.metadata.update(text_rule=TEXT_RULE, skipped_ids=[d.doc_id for d in skipped])
+        skip = {d.doc_id for d in skipped}
+        splits = {name: [d for d, e in zip(docs, is_eval, strict=True) if e == held_out and d.doc_id not in skip]
+                  for name, held_out in ((TRAIN_SPLIT, False), (EVAL_SPLIT, True))}
+        if not splits[TRAIN_SPLIT]:
+            raise DataError(f"data.source: every UTF-8 text file of {self._source!r} falls in the held-out split "
+                            f"({len(skipped)} of its {len(docs)} files are not text); add text files or lower "
+                            "data.eval_fraction")
+        if not splits[EVAL_SPLIT]:  # TFDS rejects an empty split; a missing 'validation' split reads as empty.
+            del splits[EVAL_SPLIT]
         return {name: self._generate_examples(docs) for name, docs in splits.items()}
 
     def _generate_examples(self, docs: Sequence[Document]) -> Iterator[tuple[str, dict[str, str]]]:
         for d in docs:
-            yield d.doc_id, {"text": Path(d.path).read_bytes().decode("utf-8", errors="replace"), "id": d.doc_id}
+            text = read_text(d.path)
+            if text is None:
+                raise DataError(f"data.source: {d.path} changed while the corpus was being written; run again")
+            yield d.doc_id, {"text": text, "id": d.doc_id}
+
+
+def _skipped_ids(builder: tfds.core.DatasetBuilder) -> tuple[str, ...]:
+    """Ids of the files skipped when `builder`'s dataset was written (metadata 'skipped_ids'; () if not recorded)."""
+    metadata = builder.info.metadata
+    return tuple(metadata.get("skipped_ids", ())) if metadata is not None else ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -197,8 +260,9 @@ class Corpus:
     """A prepared corpus with a 'train' and (maybe empty) 'validation' split.
 
     `fingerprint` names its content; `stored_split` maps our split names to the dataset's own (a 'tfds:' dataset
-    without 'validation' serves 'test' as the eval split). `documents` lists the files of a local source (empty for
-    'tfds:' sources).
+    without 'validation' serves 'test' as the eval split). `documents` lists the stored files of a local source (empty
+    for 'tfds:' sources); `skipped` the ids of the files skipped as not UTF-8 text when it was written (see
+    `read_text`; read from the dataset's metadata, so a cached dataset reports them too).
     """
 
     builder: tfds.core.DatasetBuilder
@@ -206,6 +270,7 @@ class Corpus:
     text_key: str
     stored_split: dict[str, str]
     documents: tuple[Document, ...] = ()
+    skipped: tuple[str, ...] = ()
 
     def num_documents(self, split: str) -> int:
         """Number of documents in `split` (0 if absent)."""
@@ -248,10 +313,13 @@ def load_corpus(source: str, data_dir: str, eval_fraction: float, text_key: str 
         eval_name = next((s for s in (EVAL_SPLIT, "test") if s in splits), None)
         if eval_name:
             stored[EVAL_SPLIT] = eval_name
-        return Corpus(builder, f"tfds:{builder.info.full_name}", text_key, stored)
+        return Corpus(builder, f"tfds:{builder.info.full_name}", text_key, stored, skipped=_skipped_ids(builder))
     docs = list_documents(source)
-    builder = TextFilesBuilder(documents=docs, eval_fraction=eval_fraction, data_dir=data_dir)
+    builder = TextFilesBuilder(documents=docs, eval_fraction=eval_fraction, data_dir=data_dir, source=source)
     if not builder.is_prepared():
         builder.download_and_prepare(download_config=tfds.download.DownloadConfig(try_download_gcs=False))
     stored = {s: s for s in builder.info.splits}
-    return Corpus(builder, builder.builder_config.name, "text", stored, tuple(docs))
+    skipped = _skipped_ids(builder)
+    skipped_set = set(skipped)
+    kept = tuple(d for d in docs if d.doc_id not in skipped_set)
+    return Corpus(builder, builder.builder_config.name, "text", stored, kept, skipped)

@@ -43,7 +43,11 @@ def open_corpus(cfg: DataConfig) -> Corpus:
 
 
 def document_text(record: Mapping[str, Any], text_key: str) -> str:
-    """The text of a stored record (feature `text_key`, UTF-8 decoded)."""
+    """The text of a stored record (feature `text_key`, UTF-8 decoded).
+
+    Local sources store only files that are UTF-8 text (`data_tfds.read_text`), so their records decode exactly;
+    invalid bytes in a record of a 'tfds:' dataset become U+FFFD.
+    """
     if text_key not in record:
         raise DataError(f"data.text_key: feature {text_key!r} not in records (features: {sorted(record)})")
     t = record[text_key]

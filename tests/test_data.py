@@ -350,11 +350,12 @@ def test_split_rule_flat_directory_and_tiny_fraction():
         data_tfds.eval_document_mask(ids, sizes[:-1], 0.1)
 
 
-def test_fingerprint_covers_split_rule(monkeypatch):
+@pytest.mark.parametrize("rule", ["EVAL_SPLIT_RULE", "TEXT_RULE"])
+def test_fingerprint_covers_split_and_text_rule(monkeypatch, rule):
     docs = [data_tfds.Document("a/x.py", "/x", 10, 1), data_tfds.Document("y.py", "/y", 20, 2)]
     fp = data_tfds.corpus_fingerprint(docs, 0.05)
     assert data_tfds.corpus_fingerprint(docs, 0.1) != fp
-    monkeypatch.setattr(data_tfds, "EVAL_SPLIT_RULE", data_tfds.EVAL_SPLIT_RULE + 1)
+    monkeypatch.setattr(data_tfds, rule, getattr(data_tfds, rule) + 1)
     assert data_tfds.corpus_fingerprint(docs, 0.05) != fp
 
 
@@ -375,6 +376,77 @@ def test_stratified_split_of_files_source(strata_env):
     assert stats["windows"] == -(-len(tokens) // (SEQ_LEN + 1))
     assert stats["largest_document_share"] == pytest.approx(lengths.max() / lengths.sum())
     assert stats["share_of"] == "tokens" and stats["largest_document"] in held_out
+
+
+# ---- files that are not UTF-8 text --------------------------------------------------------------------------------
+def _write_mixed_corpus(root: Path) -> dict[str, bytes]:
+    """UTF-8 files (one with a BOM), a binary file and a Latin-1 file; returns the bad files' bytes by name."""
+    root.mkdir(parents=True)
+    for k in range(6):
+        (root / f"good{k}.txt").write_text(f"doc{k:02d}x = 'héllo ☃ {k}'\n" * (k + 2), encoding="utf-8")
+    (root / "bom.txt").write_bytes(b"\xef\xbb\xbf" + "doc06x = 'bom ü'\n".encode())
+    bad = {"blob.bin": b"\x00\x01" + np.random.default_rng(0).integers(0, 256, 2000, dtype=np.uint8).tobytes(),
+           "latin1.txt": "doc07x = 'café naïve señor'\n".encode("latin-1")}
+    for name, data in bad.items():
+        (root / name).write_bytes(data)
+    return bad
+
+
+def test_read_text_rule(tmp_path):
+    cases = {"a": "x = 'ü ☃'\n".encode(), "bom": b"\xef\xbb\xbfx = 1\n", "nul": b"x = 1\x00\n",
+             "latin1": "é".encode("latin-1"), "cut": "☃".encode()[:2]}
+    for name, data in cases.items():
+        (tmp_path / name).write_bytes(data)
+    got = {name: data_tfds.read_text(tmp_path / name) for name in cases}
+    assert got == {"a": "x = 'ü ☃'\n", "bom": "x = 1\n", "nul": None, "latin1": None, "cut": None}
+
+
+def test_files_that_are_not_utf8_text_are_skipped_and_reported(tmp_path, caplog):
+    root = tmp_path / "mixed"
+    _write_mixed_corpus(root)
+    cfg = dl.DataConfig(source=f"files:{root}/*", data_dir=str(tmp_path / "tfds"), vocab_size=300,
+                        seq_len=SEQ_LEN, eval_fraction=0.25)
+    with caplog.at_level("WARNING"):
+        stats = dl.corpus_stats(cfg)
+    warned = [r.getMessage() for r in caplog.records if "not UTF-8 text" in r.getMessage()]
+    assert warned == [f"files:{root}/*: skipped 2 of 9 files that are not UTF-8 text (binary, or another "
+                      "encoding): blob.bin, latin1.txt"]
+    assert (stats["skipped_files"], stats["skipped_examples"]) == (2, ["blob.bin", "latin1.txt"])
+    assert stats["train_documents"] + stats["eval_documents"] == 7 and stats["eval_documents"] >= 1
+    # No replacement character (nor BOM) in any stored text; the BOM file's text starts with its first line.
+    records = {i: t for split in ("train", "validation") for i, t in data_tokens.iter_records(open_corpus(cfg), split)}
+    assert sorted(records) == ["bom.txt"] + [f"good{k}.txt" for k in range(6)]
+    assert not any("\ufffd" in t or "\ufeff" in t for t in records.values())
+    assert records["bom.txt"] == "doc06x = 'bom ü'\n"
+    # Nor in the token streams the model trains and is evaluated on.
+    tok = dl.get_tokenizer(cfg, tmp_path / "cache")
+    for split in ("train", "validation"):
+        text = tok.decode(_stream(cfg, tok, split).tolist(), skip_special_tokens=False)
+        assert "doc" in text and "\ufffd" not in text and "\ufeff" not in text and "café" not in text
+    # A later run reads the cached dataset: the report comes from its metadata, no second warning.
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        again = dl.eval_split_stats(cfg, tok)
+    assert not [r for r in caplog.records if "not UTF-8 text" in r.getMessage()]
+    assert (again["skipped_files"], again["skipped_examples"]) == (2, ["blob.bin", "latin1.txt"])
+    assert again["documents"] == stats["eval_documents"]
+    meta = json.loads(next((tmp_path / "tfds").glob("text_files_builder/fp*/1.0.0/metadata.json")).read_text())
+    assert meta == {"text_rule": data_tfds.TEXT_RULE, "skipped_ids": ["blob.bin", "latin1.txt"]}
+
+
+def test_only_files_that_are_not_utf8_text_raise(tmp_path):
+    root = tmp_path / "mixed"
+    _write_mixed_corpus(root)
+    source = f"files:{root}/[bl][la]*"  # blob.bin, latin1.txt
+    cfg = dl.DataConfig(source=source, data_dir=str(tmp_path / "tfds"))
+    assert {d.doc_id for d in data_tfds.list_documents(source)} == {"blob.bin", "latin1.txt"}
+    for _ in range(2):  # nothing half-prepared is reused
+        with pytest.raises(DataError, match=re.escape(f"no file of {source!r} is UTF-8 text")):
+            dl.corpus_stats(cfg)
+    # The one text file next to them would be held out at this eval_fraction: no train split, one clear error.
+    cfg = dl.DataConfig(source=f"files:{root}/[gl][oa]*[0n]*", data_dir=str(tmp_path / "tfds"), eval_fraction=0.9)
+    with pytest.raises(DataError, match="every UTF-8 text file of .* falls in the held-out split"):
+        dl.corpus_stats(cfg)
 
 
 # ---- eval windows -------------------------------------------------------------------------------------------------
