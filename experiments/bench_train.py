@@ -48,8 +48,8 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from configs import prosparse as prosparse_configs  # noqa: E402
+from prosparse_jax import cli, schedules  # noqa: E402
 from prosparse_jax import optim as optim_lib  # noqa: E402
-from prosparse_jax import schedules  # noqa: E402
 from prosparse_jax.metrics import measure_matmul_peak  # noqa: E402
 from prosparse_jax.model import init_params  # noqa: E402
 from prosparse_jax.run_config import resolve  # noqa: E402
@@ -282,8 +282,6 @@ def run_isas(isas: list[str], argv: list[str], out: str) -> None:
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         for isa in isas:
-            if isa not in ISA_ENV:
-                raise SystemExit(f"unknown --isa {isa!r}; choose from {sorted(ISA_ENV)}")
             child_out = Path(tmp) / f"{isa}.json"
             rest = [a for a in argv if not a.startswith(("--isa", "--out"))]
             env = dict(os.environ, **ISA_ENV[isa])
@@ -291,8 +289,11 @@ def run_isas(isas: list[str], argv: list[str], out: str) -> None:
                 env.pop("XLA_FLAGS", None)
             print(f"== isa {isa}: {' '.join(f'{k}={v}' for k, v in ISA_ENV[isa].items()) or '(no caps)'}",
                   flush=True)
-            subprocess.run([sys.executable, __file__, *rest, f"--isa_label={isa}", f"--out={child_out}"], env=env,
-                           check=True)
+            done = subprocess.run([sys.executable, __file__, *rest, f"--isa_label={isa}", f"--out={child_out}"],
+                                  env=env, check=False)
+            if done.returncode != 0:
+                raise BenchError(f"the --isa={isa} child process failed (exit code {done.returncode}); its error is "
+                                 "printed above")
             results.append(json.loads(child_out.read_text()))
     print("\n== all instruction sets")
     print(f"{'isa':7} {'shape':6} {'layout':9} {'dtype':9} {'B x T':>8} {'ours tok/s':>11} {'torch tok/s':>12} "
@@ -309,7 +310,7 @@ def run_isas(isas: list[str], argv: list[str], out: str) -> None:
                   f"= {r['loop_over_step']:.1%} of the isolated step ({r['step_tokens_per_s']:.0f} tok/s)")
     if out:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(json.dumps({"isas": results}, indent=2))
+        cli.write_text_atomic(out, json.dumps({"isas": results}, indent=2))
         print(f"wrote {out}")
 
 
@@ -330,8 +331,13 @@ def print_table(env: dict, rows: list[dict], loop: list[dict]) -> None:
               f"{r['loop_over_step']:.1%} of the isolated step")
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+class BenchError(RuntimeError):
+    """A benchmark step failed for a reason the user can act on (a child process, a missing library)."""
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = cli.ArgumentParser(prog="bench_train", description=__doc__,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shapes", default="tiny,0.1b", help=f"comma-separated, from {sorted(SHAPES)}")
     p.add_argument("--steps", type=int, default=5, help="timed steps per repetition")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps before timing (after compilation)")
@@ -352,13 +358,35 @@ def main() -> None:
                    "side: per-layer (model.scan_layers=False, the tiny config's) | scan (stacked layers, lax.scan)")
     p.add_argument("--loop_steps", type=int, default=0, help="also time the real train() loop on the tiny config "
                    "for this many steps (0: skip)")
-    args = p.parse_args()
-    if args.isa:
-        run_isas(args.isa.split(","), sys.argv[1:], args.out)
-        return
+    return p
 
-    import torch
-    import transformers
+
+def _check_args(args: argparse.Namespace) -> None:
+    """Every list flag and --out, before any measurement (a typo must not cost a benchmark)."""
+    for flag, value, valid in (("--shapes", args.shapes, SHAPES), ("--dtypes", args.dtypes, ("float32", "bfloat16")),
+                               ("--layouts", args.layouts, ("per-layer", "scan")), ("--isa", args.isa, ISA_ENV)):
+        for item in value.split(",") if value else []:
+            if item not in valid:
+                raise cli.UsageError(f"{flag}: unknown {item!r}; choose from {', '.join(sorted(valid))}")
+    for flag, v in (("--steps", args.steps), ("--reps", args.reps)):
+        if v <= 0:
+            raise cli.UsageError(f"{flag}: must be a positive integer, got {v}")
+    if args.out:
+        cli.check_output_file(args.out, "--out")
+
+
+def _run(argv: list[str] | None) -> int:
+    args = _parser().parse_args(argv)
+    _check_args(args)
+    if args.isa:
+        run_isas(args.isa.split(","), sys.argv[1:] if argv is None else argv, args.out)
+        return 0
+    try:
+        import torch
+        import transformers
+    except ImportError as e:
+        raise BenchError(f"the comparison needs torch and transformers ({e}); pip install -r "
+                         "requirements-test.txt") from None
 
     n_threads = args.torch_threads or os.cpu_count()
     torch.set_num_threads(n_threads)
@@ -371,17 +399,8 @@ def main() -> None:
            "peak_flops_torch_start": peaks["torch"], "loadavg_start": os.getloadavg()}
     print(json.dumps(env), flush=True)
     rows = []
-    dtypes = args.dtypes.split(",")
-    for layout in args.layouts.split(","):
-        if layout not in ("per-layer", "scan"):
-            raise SystemExit(f"unknown layout {layout!r}; choose from per-layer, scan")
-    for dt in dtypes:
-        if dt not in ("float32", "bfloat16"):
-            raise SystemExit(f"unknown dtype {dt!r}; choose from float32, bfloat16")
     for shape in args.shapes.split(","):
-        if shape not in SHAPES:
-            raise SystemExit(f"unknown shape {shape!r}; choose from {sorted(SHAPES)}")
-        for dt in dtypes:
+        for dt in args.dtypes.split(","):
             for row in bench_shape(shape, dt, args, peaks):
                 rows.append(row)
                 print(json.dumps({k: v for k, v in row.items() if not k.endswith("_all")}), flush=True)
@@ -403,9 +422,15 @@ def main() -> None:
     print_table(env, rows, loop)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps({"env": env, "results": rows, "loop": loop}, indent=2))
+        cli.write_text_atomic(args.out, json.dumps({"env": env, "results": rows, "loop": loop}, indent=2))
         print(f"wrote {args.out}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI entry point; returns the exit code (1 with one error line on stderr for bad input; --verbose: traceback)."""
+    return cli.call("bench_train", argv, lambda: _run(argv), (BenchError, OSError))
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

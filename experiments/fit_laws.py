@@ -39,7 +39,7 @@ identifiable (alpha off by up to 85%); truth within 3.4 sigma throughout.
 from __future__ import annotations
 
 import argparse
-import json
+import errno
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -146,14 +146,13 @@ FORMS: dict[str, tuple[Callable[..., dict[str, Any]], Callable[..., np.ndarray],
 
 def load_run(workdir: str | Path, min_tokens: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
     """(D in billions of tokens, activation ratio) from the train entries of ``<workdir>/metrics.jsonl``."""
+    from prosparse_jax.metrics import read_metrics
+
     path = Path(workdir) / "metrics.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: pass training workdirs")
     D, A = [], []
-    for line in path.read_text().splitlines():
-        if not line.strip():
-            continue
-        r = json.loads(line)
+    for r in read_metrics(workdir):  # a line cut by a crash is skipped; a corrupt one is an error naming the file
         is_train = r.get("kind", "train") == "train" and "tokens_seen" in r and "sparsity" in r
         if is_train and r["tokens_seen"] > min_tokens:
             D.append(r["tokens_seen"] / 1e9)
@@ -272,9 +271,10 @@ def format_table(res: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """CLI entry point; returns the exit code."""
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def _parser() -> argparse.ArgumentParser:
+    from prosparse_jax import cli
+
+    ap = cli.ArgumentParser(prog="fit_laws", description=__doc__.split("\n\n")[0])
     ap.add_argument("workdirs", nargs="*", help="training workdirs (checkpoints/ + config.json, or metrics.jsonl)")
     ap.add_argument("--form", choices=sorted(FORMS), help="law to fit: relu or silu")
     ap.add_argument("--out", help="PNG to write")
@@ -294,57 +294,99 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "other settings")
     ap.add_argument("--selftest", action="store_true", help="recover the published coefficients from noisy samples")
     ap.add_argument("--noise", type=float, default=0.005, help="selftest: relative noise")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def _cett_ppl_points(wd: str, args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray]:
+    """(D, A) of one run from law_ratios (computed, or read from its law_ratios.json), with the table printed."""
+    from prosparse_jax import cli, law_ratios
+
+    target = Path(wd) / law_ratios.DEFAULT_FILE
+    try:
+        res = law_ratios.law_ratios(
+            wd, overwrite=args.overwrite, p=args.p, n_search=args.n_search, num_batches=args.num_batches,
+            batch_size=args.batch_size, min_step=args.min_step, search_steps=args.search_steps, verbose=True)
+    except OSError as e:  # law_ratios writes through a temp file + rename: the previous file is intact
+        if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES):
+            raise cli.write_error(target, e, f"the previous {target.name} (if any) was not touched") from e
+        raise
+    print(f"{wd}: A = CETT-PPL-{args.p:g}% activation ratio on validation data (Sparsing Law App. E; "
+          f"{'read from' if res['reused'] else 'written to'} {target}): CETT target {res['cett_target']:.6g} "
+          f"searched on steps {res['search_checkpoints']}, dropped warmup steps {res['dropped_steps']}, "
+          f"{res['eval_tokens']} eval tokens")
+    print(format_table(res))
+    rows = [r for r in res["checkpoints"] if r["tokens"] > args.min_tokens]
+    return np.array([r["D"] for r in rows]), np.array([r["activation_ratio"] for r in rows])
+
+
+def _check_workdirs(args: argparse.Namespace) -> None:
+    """Cheap checks of every run before any is measured: it exists, its JSON files parse (errors name the file) and,
+    for cett_ppl, it has enough kept checkpoints."""
+    from prosparse_jax import cli, law_ratios
+
+    for wd in args.workdirs:
+        if not Path(wd).is_dir():
+            raise cli.UsageError(f"{wd}: not a directory; pass training workdirs")
+        if args.input == "cett_ppl":
+            for name in ("config.json", law_ratios.DEFAULT_FILE):
+                if (Path(wd) / name).exists():
+                    cli.read_json(Path(wd) / name, name)
+            check_enough_checkpoints(wd, args.form, args.min_step)
+
+
+def _fit_all(args: argparse.Namespace) -> list[tuple[str, np.ndarray, np.ndarray, dict[str, Any]]]:
+    """One fit per workdir (every run checked before any is measured)."""
+    _check_workdirs(args)
+    curves = []
+    for wd in args.workdirs:
+        if args.input == "cett_ppl":
+            D, A = _cett_ppl_points(wd, args)
+        else:
+            D, A = load_run(wd, args.min_tokens)
+            print(f"{wd}: A = {EXACT_ZERO_LABEL}, {len(D)} metrics.jsonl train entries")
+        try:
+            fit = FORMS[args.form][0](D, A)
+        except ValueError as e:
+            raise ValueError(f"{wd}: {e}") from e
+        print(format_fit(str(wd), fit))
+        curves.append((Path(wd).name, D, A, fit))
+    return curves
+
+
+def _run(argv: Sequence[str] | None) -> int:
+    from prosparse_jax import cli
+
+    args = _parser().parse_args(argv)
+    if args.out:
+        cli.check_output_file(args.out, "--out")  # before any measurement
     if args.selftest:
         failures = selftest(args.noise, out=args.out)
         print("selftest: " + ("ok" if not failures else f"FAILED {failures}"))
         return 1 if failures else 0
     if not args.form:
-        print("fit_laws: error: --form is required (relu or silu)", file=sys.stderr)
-        return 2
+        raise cli.UsageError("--form is required (relu or silu)")
     if not args.workdirs or not args.out:
-        print("fit_laws: error: give --out=<png> and at least one workdir", file=sys.stderr)
-        return 2
-    curves = []
-    errors: tuple[type[BaseException], ...] = (OSError, ValueError)
-    try:
-        if args.input == "cett_ppl":
-            from prosparse_jax import checkpoint as ckpt
-            from prosparse_jax import data as data_lib
-            from prosparse_jax import law_ratios
-
-            errors += (ckpt.CheckpointError, data_lib.DataError)
-            for wd in args.workdirs:  # cheap check of every run before measuring any
-                check_enough_checkpoints(wd, args.form, args.min_step)
-        for wd in args.workdirs:
-            if args.input == "cett_ppl":
-                res = law_ratios.law_ratios(
-                    wd, overwrite=args.overwrite, p=args.p, n_search=args.n_search, num_batches=args.num_batches,
-                    batch_size=args.batch_size, min_step=args.min_step, search_steps=args.search_steps, verbose=True)
-                print(f"{wd}: A = CETT-PPL-{args.p:g}% activation ratio on validation data (Sparsing Law App. E; "
-                      f"{'read from' if res['reused'] else 'written to'} {Path(wd) / law_ratios.DEFAULT_FILE}): "
-                      f"CETT target {res['cett_target']:.6g} searched on steps {res['search_checkpoints']}, dropped "
-                      f"warmup steps {res['dropped_steps']}, {res['eval_tokens']} eval tokens")
-                print(format_table(res))
-                rows = [r for r in res["checkpoints"] if r["tokens"] > args.min_tokens]
-                D = np.array([r["D"] for r in rows])
-                A = np.array([r["activation_ratio"] for r in rows])
-            else:
-                D, A = load_run(wd, args.min_tokens)
-                print(f"{wd}: A = {EXACT_ZERO_LABEL}, {len(D)} metrics.jsonl train entries")
-            fit = FORMS[args.form][0](D, A)
-            print(format_fit(str(wd), fit))
-            curves.append((Path(wd).name, D, A, fit))
-    except errors as e:
-        print(f"fit_laws: error: {e}", file=sys.stderr)
-        return 1
+        raise cli.UsageError("give --out=<png> and at least one workdir")
+    curves = _fit_all(args)
     if args.input == "cett_ppl":
         ylabel, title = cett_ppl_label(args.p), f"Sparsing Law fit ({args.form}), CETT-PPL-{args.p:g}%"
     else:
         ylabel, title = EXACT_ZERO_LABEL, f"Sparsing Law fit ({args.form}) of {EXACT_ZERO_LABEL}"
-    plot_fits(curves, args.form, args.out, ylabel=ylabel, title=title)
+    with cli.atomic_file(args.out) as tmp:
+        plot_fits(curves, args.form, tmp, ylabel=ylabel, title=title)
     print(f"wrote {args.out}")
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """CLI entry point; returns the exit code (1 with one error line on stderr for bad input; --verbose: traceback)."""
+    from prosparse_jax import checkpoint as ckpt
+    from prosparse_jax import cli
+    from prosparse_jax import data as data_lib
+    from prosparse_jax.metrics import MetricsFileError
+
+    errors = (OSError, ValueError, ckpt.CheckpointError, data_lib.DataError, MetricsFileError)
+    return cli.call("fit_laws", None if argv is None else list(argv), lambda: _run(argv), errors)
 
 
 if __name__ == "__main__":

@@ -30,31 +30,40 @@ from typing import Any
 
 import jax
 import numpy as np
-from absl import app, flags, logging
+from absl import flags, logging
 
 from prosparse_jax import analyze as analyze_lib
 from prosparse_jax import checkpoint as ckpt
+from prosparse_jax import cli
 from prosparse_jax import data as data_lib
-from prosparse_jax.config import DataConfig, build_section
-from prosparse_jax.metrics import read_metrics
+from prosparse_jax.config import ConfigError, DataConfig, build_section
+from prosparse_jax.metrics import MetricsFileError, read_metrics
 from prosparse_jax.model import forward
 from prosparse_jax.step import evaluate
 from prosparse_jax.train import train
+from prosparse_jax.workdir import TrainError
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from configs import prosparse as prosparse_configs  # noqa: E402
 
-_WORKDIR = flags.DEFINE_string("workdir", "runs/miniature", "Output directory (one sub-workdir per run).")
-_PRETRAIN = flags.DEFINE_integer("pretrain_steps", 180, "SiLU pretraining steps (warm-up, then constant LR).")
+FLAGS = flags.FlagValues()  # own flag set, parsed by prosparse_jax.cli.run (one-line errors, --verbose)
+_WORKDIR = flags.DEFINE_string("workdir", "runs/miniature", "Output directory (one sub-workdir per run).",
+                               flag_values=FLAGS)
+_PRETRAIN = flags.DEFINE_integer("pretrain_steps", 180, "SiLU pretraining steps (warm-up, then constant LR).",
+                                 flag_values=FLAGS)
 _STEPS = flags.DEFINE_integer("steps", 90, "Steps of each continued run (control, (a) and (b)): the config's WSD "
-                              "schedule, the LR decaying over the last 40%.")
+                              "schedule, the LR decaying over the last 40%.", flag_values=FLAGS)
 _REL_THRESHOLDS = flags.DEFINE_list(
     "relative_thresholds", ["0.25", "1", "2", "4", "8"],
-    "FATReLU thresholds for (c) as fractions of (b)'s mean positive gate pre-activation.")
-_ABS_THRESHOLD = flags.DEFINE_float("fatrelu_threshold", 0.01, "Absolute FATReLU threshold of the (c) row (paper).")
-_FAT_BATCHES = flags.DEFINE_integer("fatrelu_batches", 8, "Held-out batches of the FATReLU threshold table.")
-_PPLP_BATCHES = flags.DEFINE_integer("pplp_batches", 2, "Held-out batches of the CETT-PPL-1% search.")
-_QUICK = flags.DEFINE_boolean("quick", False, "CI smoke version: a few steps of each run, tiny eval.")
+    "FATReLU thresholds for (c) as fractions of (b)'s mean positive gate pre-activation.", flag_values=FLAGS)
+_ABS_THRESHOLD = flags.DEFINE_float("fatrelu_threshold", 0.01, "Absolute FATReLU threshold of the (c) row (paper).",
+                                    flag_values=FLAGS)
+_FAT_BATCHES = flags.DEFINE_integer("fatrelu_batches", 8, "Held-out batches of the FATReLU threshold table.",
+                                    flag_values=FLAGS)
+_PPLP_BATCHES = flags.DEFINE_integer("pplp_batches", 2, "Held-out batches of the CETT-PPL-1% search.",
+                                     flag_values=FLAGS)
+_QUICK = flags.DEFINE_boolean("quick", False, "CI smoke version: a few steps of each run, tiny eval.",
+                              flag_values=FLAGS)
 
 RUNS = ("silu", "control_silu", "a_relu", "b_prosparse")
 LABELS = {
@@ -199,7 +208,8 @@ def _save(fig, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    with cli.atomic_file(path) as tmp:  # a failed write (disk full) keeps the previous plot
+        fig.savefig(tmp, dpi=100)
     plt.close(fig)
     return path
 
@@ -227,14 +237,8 @@ def table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str]) -> None:
-    del argv
-    logging.set_verbosity(logging.WARNING)  # orbax / tfds INFO lines would drown the progress bars
-    workdir = Path(_WORKDIR.value)
-    quick = _QUICK.value
-    pre_steps, steps = (6, 6) if quick else (_PRETRAIN.value, _STEPS.value)
-    t_start = time.time()
-
+def train_runs(workdir: Path, pre_steps: int, steps: int, quick: bool) -> dict[str, dict[str, Any]]:
+    """Pretrains the SiLU model, then the three continued runs from it; their final evaluations by run name."""
     finals: dict[str, dict[str, Any]] = {}
     pre = run_config("silu", pre_steps, None, quick)
     pre.optim.schedule = "constant"  # the stable phase; every continued run then decays the LR the same way
@@ -249,6 +253,24 @@ def main(argv: list[str]) -> None:
         if name != "b_prosparse":  # keep 6 checkpoints: inputs of the Sparsing Law fit (experiments/fit_laws.py)
             c.train.checkpoint_every = c.train.keep_period = max(steps // 6, 1)
         finals[name] = run(name, c, workdir)
+    return finals
+
+
+def _run() -> str:
+    """The job (flags parsed); returns the closing line."""
+    logging.set_verbosity(logging.WARNING)  # orbax / tfds INFO lines would drown the progress bars
+    workdir = cli.check_output_dir(_WORKDIR.value, "--workdir")  # a file in the way: refused before any training
+    for holder in (_PRETRAIN, _STEPS, _FAT_BATCHES, _PPLP_BATCHES):
+        if holder.value <= 0:
+            raise cli.UsageError(f"--{holder.name}: must be a positive integer, got {holder.value}")
+    try:
+        rel = [float(x) for x in _REL_THRESHOLDS.value]
+    except ValueError:
+        raise cli.UsageError(f"--relative_thresholds: numbers expected, got {_REL_THRESHOLDS.value}") from None
+    quick = _QUICK.value
+    pre_steps, steps = (6, 6) if quick else (_PRETRAIN.value, _STEPS.value)
+    t_start = time.time()
+    finals = train_runs(workdir, pre_steps, steps, quick)
     t_train = time.time() - t_start
 
     print("\n=== measuring: dead neurons, CETT-PPL-1% activation ratio, FATReLU thresholds", flush=True)
@@ -263,7 +285,6 @@ def main(argv: list[str]) -> None:
         if name != "silu":  # the pretrained start point is not a row of the comparison: spare its analysis
             rows[name].update(sparsity_measures(workdir / name, workdir / "analysis" / name, _PPLP_BATCHES.value,
                                                 quick))
-    rel = [float(x) for x in _REL_THRESHOLDS.value]
     b_run = FinishedRun(workdir / "b_prosparse")
     fat = threshold_table(b_run, _ABS_THRESHOLD.value, rel, _FAT_BATCHES.value, quick)
     b_cfg, b_params = b_run.cfg, b_run.params
@@ -282,11 +303,18 @@ def main(argv: list[str]) -> None:
     print("\n" + md)
     plots = plot(workdir, results, pre_steps)
     results["total_seconds"] = time.time() - t_start
-    (workdir / "results.json").write_text(json.dumps(results, indent=2))
-    (workdir / "results.md").write_text(md + "\n")
-    print(f"\nresults: {workdir / 'results.json'}, {workdir / 'results.md'}; plots: "
-          f"{', '.join(str(p) for p in plots)}; training {t_train:.0f}s, total {results['total_seconds']:.0f}s")
+    cli.write_text_atomic(workdir / "results.json", json.dumps(results, indent=2))
+    cli.write_text_atomic(workdir / "results.md", md + "\n")
+    return (f"\nresults: {workdir / 'results.json'}, {workdir / 'results.md'}; plots: "
+            f"{', '.join(str(p) for p in plots)}; training {t_train:.0f}s, total {results['total_seconds']:.0f}s")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI entry point; returns the exit code (1 with one error line on stderr for bad input; --verbose: traceback)."""
+    errors = (ConfigError, TrainError, ckpt.CheckpointError, data_lib.DataError, analyze_lib.AnalyzeError,
+              MetricsFileError, OSError)
+    return cli.run("prosparse_miniature", FLAGS, argv, _run, errors, __doc__)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    sys.exit(main())

@@ -23,7 +23,14 @@ the thresholds and the sparse run: :mod:`prosparse_jax.analyze_metrics`; the sha
 Writes ``<out>/sparsity.json``, ``<out>/heatmap.png`` (activation ratio per layer x token position),
 ``<out>/per_layer.png`` and, for cett / pplp, ``<out>/sparse_mode.json`` = {"model.neuron_thresholds": [...]}: run
 the model in sparse mode with ``--config.model.neuron_thresholds='(t1, t2, ...)'`` (or set ``neuron_thresholds`` in
-the model section of a config; ``ModelConfig.neuron_thresholds`` makes ``model.forward`` apply it).
+the model section of a config; ``ModelConfig.neuron_thresholds`` makes ``model.forward`` apply it). The files are
+written to a staging folder and moved into ``<out>`` together: a failure (disk full) leaves the previous outputs as
+they were. ``--out`` (a file in the way) and ``--checkpoint`` (missing, corrupt config.json) are checked first.
+
+Token counts: ``tokens_measured`` counts the measured (row, position) pairs; ``distinct_tokens`` the distinct
+positions of the held-out token stream among them. The eval rows are windows spread over the held-out split
+(``data.make_eval_batches``); a split with fewer windows than batch_size x num_batches is cycled, and then
+distinct_tokens < tokens_measured: a warning on stderr and in ``warnings`` of sparsity.json says so.
 """
 
 from __future__ import annotations
@@ -43,6 +50,7 @@ from prosparse_jax import checkpoint as ckpt
 from prosparse_jax import data as data_lib
 from prosparse_jax.analyze_metrics import METRIC_CLASSES, Metric, Outcome, Run, Stats
 from prosparse_jax.config import ConfigError, ModelConfig
+from prosparse_jax.hf_config import HFConversionError
 from prosparse_jax.measure import Batch, LossSums
 from prosparse_jax.model import Params
 
@@ -102,12 +110,18 @@ def validate_args(metric: str, value: float | None, topk_mode: str, batch_size: 
 # ---------------------------------------------------------------------------------------------------------------
 # Steps of analyze()
 # ---------------------------------------------------------------------------------------------------------------
-def _sources_and_out(data: str, out: str | Path, overwrite: bool) -> tuple[list[str], Path]:
-    """The --data sources and the --out directory; raises when there is no source or out would be overwritten."""
+def _sources_and_out(data: str, out: str | Path, overwrite: bool, checkpoint: str | Path) -> tuple[list[str], Path]:
+    """The --data sources and the --out directory, checked before any work: raises when there is no source, out is
+    a file (or cannot be created) or would be overwritten, or the checkpoint does not exist / has a corrupt
+    config.json."""
     sources = [s.strip() for s in str(data).split(",") if s.strip()]
     if not sources:
         raise AnalyzeError("--data: give at least one source (stdlib, files:<glob>, tfds:<name>)")
-    out = Path(out)
+    try:
+        out = cli.check_output_dir(out, "--out")
+        cli.check_model_path(checkpoint, "--checkpoint")
+    except (cli.UsageError, cli.InputError) as e:
+        raise AnalyzeError(str(e) if str(e).startswith("--") else f"--checkpoint: {e}") from None
     if (out / "sparsity.json").exists() and not overwrite:
         raise AnalyzeError(f"--out: {out / 'sparsity.json'} already exists; pass --overwrite to replace it "
                            "or choose another --out (nothing was written)")
@@ -115,23 +129,24 @@ def _sources_and_out(data: str, out: str | Path, overwrite: bool) -> tuple[list[
 
 
 def _load(checkpoint: str | Path, step: int | None, sources: list[str], seq_len: int | None, data_dir: str | None,
-          batch_size: int, num_batches: int) -> tuple[ModelConfig, Params, dict[str, list[Batch]]]:
-    """(dense model config, params on device, held-out batches per source) of a checkpoint."""
+          batch_size: int, num_batches: int) -> tuple[ModelConfig, Params, dict[str, list[Batch]], dict[str, int]]:
+    """(dense model config, params on device, held-out batches per source, distinct held-out token positions per
+    source) of a checkpoint."""
     try:
         mcfg, params, tok_path = ckpt.load_model(checkpoint, step)
-    except ckpt.CheckpointError as e:
+    except (ckpt.CheckpointError, HFConversionError) as e:
         raise AnalyzeError(f"--checkpoint: {e}") from e
     if tok_path is None:
         raise AnalyzeError(f"--checkpoint: {checkpoint} has no tokenizer.json next to config.json")
-    run_data = measure.run_data_section(json.loads((Path(checkpoint) / "config.json").read_text()))
+    run_data = measure.run_data_section(cli.read_json(Path(checkpoint) / "config.json", "config.json"))
     cfg = mcfg.replace(neuron_thresholds=())  # dense baseline even for a model saved in sparse mode
     params = jax.device_put(params)
     try:
-        by_src = measure.load_batches(sources, tok_path, run_data, seq_len, data_dir, batch_size, num_batches,
-                                      cfg.vocab_size)
+        by_src, distinct = measure.load_eval(sources, tok_path, run_data, seq_len, data_dir, batch_size,
+                                             num_batches, cfg.vocab_size)
     except measure.MeasureError as e:
         raise AnalyzeError(str(e)) from e
-    return cfg, params, by_src
+    return cfg, params, by_src, distinct
 
 
 def _capture_pass(run: Run, meter: Metric) -> None:
@@ -147,11 +162,13 @@ def _capture_pass(run: Run, meter: Metric) -> None:
             del x1_LxBxTxF, act_LxBxTxF
 
 
-def _summary(srcs: list[str], stats: dict[str, Stats | None], dense: dict[str, LossSums],
-             sparse: dict[str, LossSums] | None, d_ff: int) -> dict[str, Any]:
-    """Activation ratios, dead neurons, heatmap, dense / sparse loss and PPL ratio of the sources ``srcs`` pooled."""
-    parts = [stats[x] for x in srcs]
-    s = sparsity.summarize_stats({k: sum(p[k] for p in parts) for k in parts[0]}, d_ff)
+def _summary(srcs: list[str], stats: dict[str, Stats | None], run: Run, sparse: dict[str, LossSums] | None
+             ) -> dict[str, Any]:
+    """Activation ratios, dead neurons, heatmap, token counts, dense / sparse loss and PPL ratio of the sources
+    ``srcs`` pooled."""
+    parts, dense = [stats[x] for x in srcs], run.dense
+    s = sparsity.summarize_stats({k: sum(p[k] for p in parts) for k in parts[0]}, run.cfg.d_ff)
+    s["distinct_tokens"] = sum(run.distinct[x] for x in srcs)
     dense_loss = LossSums.pool(dense[x] for x in srcs).loss
     if sparse is None:
         sparse_loss, run_ratio_L = dense_loss, np.asarray(s["activation_ratio_per_layer"])
@@ -168,12 +185,12 @@ def _result(header: dict[str, Any], sources: list[str], meter: Metric, run: Run,
             ) -> tuple[dict[str, Any], np.ndarray]:
     """(the sparsity.json dict, the pooled heatmap_LxT)."""
     def summary(srcs: list[str]) -> dict[str, Any]:
-        return _summary(srcs, meter.stats, run.dense, outcome.sparse, run.cfg.d_ff)
+        return _summary(srcs, meter.stats, run, outcome.sparse)
 
     total = summary(sources)
     heat_LxT = total.pop("heatmap_LxT")
     res: dict[str, Any] = {
-        **header, **total, "thresholds_per_layer": outcome.thresholds, **outcome.fields,
+        **header, **_token_counts_first(total), "thresholds_per_layer": outcome.thresholds, **outcome.fields,
         "forward_passes": run.passes["capture"] + run.passes["sparse"], "forward_passes_detail": run.passes,
         "activation_definition": "x1_i non-zero after the metric's sparsification, on the dense run's activations",
         "dead_neuron_rule": f"active on < {sparsity.DEAD_NEURON_FREQ:.1%} of measured tokens",
@@ -182,18 +199,38 @@ def _result(header: dict[str, Any], sources: list[str], meter: Metric, run: Run,
         res["per_dataset"] = {s: {k: v for k, v in summary([s]).items() if k != "heatmap_LxT"} for s in sources}
     if outcome.sparse_mode:
         res["sparse_mode"] = {"model.neuron_thresholds": outcome.thresholds}
+    if res["tokens_measured"] > res["distinct_tokens"]:
+        res["warnings"] = [
+            f"the held-out split was cycled: {res['tokens_measured']} tokens measured, only {res['distinct_tokens']} "
+            "distinct held-out token positions (the eval batches repeat rows of a small split); lower --batch_size / "
+            "--num_batches or hold out more text (data.eval_fraction)"]
     return res, heat_LxT
 
 
+def _token_counts_first(summary: dict[str, Any]) -> dict[str, Any]:
+    """``summary`` with distinct_tokens right after tokens_measured."""
+    out = {}
+    for k, v in summary.items():
+        if k != "distinct_tokens":
+            out[k] = v
+        if k == "tokens_measured":
+            out["distinct_tokens"] = summary["distinct_tokens"]
+    return out
+
+
 def _write(out: Path, res: dict[str, Any], heat_LxT: np.ndarray) -> None:
-    """sparsity.json (atomically), sparse_mode.json (cett / pplp) and the plots."""
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / "sparsity.json.tmp"
-    tmp.write_text(json.dumps(res, indent=2))
-    tmp.replace(out / "sparsity.json")
-    if "sparse_mode" in res:
-        (out / "sparse_mode.json").write_text(json.dumps(res["sparse_mode"], indent=2))
-    analyze_plots.write_plots(out, heat_LxT, res)
+    """sparsity.json, sparse_mode.json (cett / pplp) and the plots, written to a staging folder and moved into
+    ``out`` together once all are written: a failure (disk full) leaves the previous outputs untouched (a stale
+    sparse_mode.json of an earlier cett / pplp run is removed when the new run has none)."""
+    def clean(d: Path) -> None:
+        if "sparse_mode" not in res:
+            (d / "sparse_mode.json").unlink(missing_ok=True)
+
+    with cli.staged_output(out, replace=clean) as stage:
+        (stage / "sparsity.json").write_text(json.dumps(res, indent=2))
+        if "sparse_mode" in res:
+            (stage / "sparse_mode.json").write_text(json.dumps(res["sparse_mode"], indent=2))
+        analyze_plots.write_plots(stage, heat_LxT, res)
 
 
 def analyze(checkpoint: str | Path, data: str, metric: str, value: float | None, out: str | Path, *,
@@ -223,13 +260,13 @@ def analyze(checkpoint: str | Path, data: str, metric: str, value: float | None,
     from tqdm import tqdm
 
     value = validate_args(metric, value, topk_mode, batch_size, num_batches, pplp_steps)
-    sources, out = _sources_and_out(data, out, overwrite)
-    cfg, params, by_src = _load(checkpoint, step, sources, seq_len, data_dir, batch_size, num_batches)
+    sources, out = _sources_and_out(data, out, overwrite, checkpoint)
+    cfg, params, by_src, distinct = _load(checkpoint, step, sources, seq_len, data_dir, batch_size, num_batches)
     meter = METRIC_CLASSES[metric](value, sources, topk_mode, pplp_steps)
     n_batches = sum(len(b) for b in by_src.values())
     pbar = tqdm(total=n_batches * (1 + meter.sweeps), desc=f"analyze {metric}", disable=not progress,
                 file=sys.stderr)
-    run = Run(cfg, params, by_src, pbar, dense={s: LossSums() for s in sources})
+    run = Run(cfg, params, by_src, pbar, dense={s: LossSums() for s in sources}, distinct=distinct)
     _capture_pass(run, meter)
     outcome = meter.finish(run)
     pbar.close()
@@ -254,7 +291,9 @@ def main(argv: list[str] | None = None) -> int:
                       data_dir=_DATA_DIR.value, topk_mode=_TOPK_MODE.value, pplp_steps=_PPLP_STEPS.value,
                       overwrite=_OVERWRITE.value, progress=_PROGRESS.value)
         keys = ("metric", "value", "activation_ratio", "sparsity", "dense_loss", "sparse_loss", "ppl_ratio",
-                "dead_neuron_fraction", "tokens_measured", "forward_passes")
+                "dead_neuron_fraction", "tokens_measured", "distinct_tokens", "forward_passes")
+        for w in res.get("warnings", []):
+            print(f"analyze: warning: {w}", file=sys.stderr)
         lines = [json.dumps({k: res[k] for k in keys})]
         if "sparse_mode" in res:
             taus = ", ".join(repr(t) for t in res["sparse_mode"]["model.neuron_thresholds"])

@@ -39,6 +39,8 @@ class Run:
       pbar: tqdm progress bar (one tick per batch forward).
       dense: per-source loss sums of the dense capture pass.
       passes: batch forwards so far: {"capture": n, "sparse": n}.
+      distinct: per source, the distinct held-out token positions the batches measure (fewer than the batches'
+        tokens when a small held-out split is cycled).
     """
 
     cfg: ModelConfig
@@ -47,6 +49,7 @@ class Run:
     pbar: Any
     dense: dict[str, LossSums]
     passes: dict[str, int] = dataclasses.field(default_factory=lambda: {"capture": 0, "sparse": 0})
+    distinct: dict[str, int] = dataclasses.field(default_factory=dict)
 
     @property
     def n_batches(self) -> int:

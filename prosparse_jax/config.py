@@ -14,6 +14,7 @@ MiniCPM vs LLaMA (MiniCPM, arXiv 2404.06395 §4 and its modeling code): a LLaMA 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import operator
 from collections.abc import Mapping, Sequence
@@ -375,8 +376,15 @@ def section_items(cls: type, section: str, d: Any) -> dict[str, Any]:
     valid = sorted(f.name for f in dataclasses.fields(cls))
     unknown = sorted(set(items) - set(valid))
     if unknown:
-        raise ConfigError(f"{section}: unknown field(s) {unknown}; valid fields: {valid}")
+        raise ConfigError(f"{section}: unknown field(s) {unknown}{did_you_mean(unknown[0], valid)}; valid fields: "
+                          f"{valid}")
     return items
+
+
+def did_you_mean(name: str, valid: Sequence[str]) -> str:
+    """`` (did you mean 'x'?)`` with the valid name nearest to ``name`` (difflib), or '' when none is close."""
+    close = difflib.get_close_matches(name, list(valid), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def build_section(cls: type, section: str, d: Mapping[str, Any] | Any) -> Any:

@@ -14,9 +14,10 @@ import sys
 from typing import Any
 
 import jax
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
+from prosparse_jax import cli
 from prosparse_jax.config import ConfigError, RunConfig
 from prosparse_jax.model import abstract_params
 from prosparse_jax.run_config import resolve
@@ -66,16 +67,17 @@ def describe(rc: RunConfig) -> dict[str, Any]:
     }
 
 
-def main(argv: list[str]) -> None:
-    del argv
-    try:
-        rc = resolve(flags.FLAGS.config)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    print(json.dumps(describe(rc), indent=2))
+def main(argv: list[str] | None = None) -> int:
+    """CLI entry point: parses ``argv`` (default ``sys.argv``), prints the JSON; returns the exit code."""
+    flag_values = flags.FlagValues()  # fresh per call: config_flags registers the overrides of each parse
+    config_flags.DEFINE_config_file("config", None, "Experiment config file (file.py:arg).", lock_config=True,
+                                    flag_values=flag_values)
+
+    def body() -> str:
+        return json.dumps(describe(resolve(cli.load_config(flag_values))), indent=2)
+
+    return cli.run("describe", flag_values, argv, body, (ConfigError,), __doc__)
 
 
 if __name__ == "__main__":
-    config_flags.DEFINE_config_file("config", None, "Experiment config file (file.py:arg).", lock_config=True)
-    app.run(main)
+    sys.exit(main())

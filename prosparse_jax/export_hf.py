@@ -39,18 +39,27 @@ flags.mark_flags_as_required(["workdir", "out"], flag_values=FLAGS)
 def export(workdir: str | os.PathLike, out: str | os.PathLike, *, step: int | None = None, fmt: str = "llama",
            dtype: str = "float32", max_shard_size: str | int = "2GB", overwrite: bool = False,
            max_position_embeddings: int = 4096) -> Path:
-    """Exports ``workdir`` (at ``step``, default latest) to the HF folder ``out``; returns ``out``."""
-    out = Path(out)
+    """Exports ``workdir`` (at ``step``, default latest) to the HF folder ``out``; returns ``out``.
+
+    ``out`` is checked before anything is loaded (a file, or a non-empty folder without ``overwrite``, is refused).
+    The export is written into a staging folder next to ``out`` and moved in only once complete: a failure (disk
+    full) leaves ``out`` -- a previous export included -- as it was.
+    """
+    out = cli.check_output_dir(out, "--out")
     if not overwrite:
         hf.check_output_dir(out, overwrite=False)  # fail before loading anything
     mcfg, params, tok = checkpoint.load_model(workdir, step)
-    return hf.save_hf_folder(mcfg, params, out, fmt=fmt, dtype=dtype, max_shard_size=max_shard_size,
-                             overwrite=overwrite, tokenizer_json=tok, max_position_embeddings=max_position_embeddings)
+    with cli.staged_output(out, replace=lambda d: hf.check_output_dir(d, overwrite=True)) as stage:
+        hf.save_hf_folder(mcfg, params, stage, fmt=fmt, dtype=dtype, max_shard_size=max_shard_size,
+                          tokenizer_json=tok, max_position_embeddings=max_position_embeddings)
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point: parses ``argv`` (default ``sys.argv``) into this module's flags; returns the exit code."""
     def body() -> str:
+        cli.check_output_dir(_OUT.value, "--out")
+        cli.check_model_path(_WORKDIR.value, "--workdir")
         out = export(_WORKDIR.value, _OUT.value, step=_STEP.value, fmt=_FORMAT.value, dtype=_DTYPE.value,
                      max_shard_size=_MAX_SHARD.value, overwrite=_OVERWRITE.value,
                      max_position_embeddings=_MAX_POS.value)

@@ -8,6 +8,8 @@ folder unless asked to overwrite, and then replaces only the files an export wri
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import re
@@ -54,10 +56,11 @@ class _LazyTensors(Mapping[str, np.ndarray]):
     def __getitem__(self, name: str) -> np.ndarray:
         path = self._files[name]
         if self._kind == "safetensors":
-            from safetensors import safe_open
-
-            with safe_open(str(path), framework="numpy") as f:
-                return np.asarray(f.get_tensor(name)).astype(np.float32)
+            with _safetensors(path) as f:
+                try:
+                    return np.asarray(f.get_tensor(name)).astype(np.float32)
+                except Exception as e:  # safetensors' SafetensorError: a damaged file
+                    raise _corrupt_weights(path, e) from None
         return _torch_load(path)[name].float().numpy()
 
     def __iter__(self) -> Iterator[str]:
@@ -70,6 +73,33 @@ class _LazyTensors(Mapping[str, np.ndarray]):
 _TORCH_CACHE: dict[Path, Any] = {}
 
 
+def _corrupt_weights(path: Path, e: BaseException) -> HFConversionError:
+    why = " ".join(str(e).split())
+    return HFConversionError(f"{path}: not a readable weight file ({type(e).__name__}: {why}); it is truncated or "
+                             "damaged: re-download or re-export it")
+
+
+@contextlib.contextmanager
+def _safetensors(path: Path) -> Iterator[Any]:
+    """``safe_open`` of ``path``; a truncated or damaged file is an HFConversionError naming it."""
+    from safetensors import safe_open
+
+    try:
+        handle = safe_open(str(path), framework="numpy")
+    except Exception as e:  # SafetensorError (header unreadable, file shorter than its header says) or OSError
+        raise _corrupt_weights(path, e) from None
+    with handle as f:
+        yield f
+
+
+def _read_json(path: Path) -> Any:
+    """A JSON file of the folder; an HFConversionError naming it when it is not valid JSON."""
+    try:
+        return json.loads(path.read_text())
+    except ValueError as e:
+        raise HFConversionError(f"{path}: not valid JSON ({e}); re-download or re-export the folder") from None
+
+
 def _torch_load(path: Path) -> Any:
     """The state dict in the PyTorch file ``path``; the last file read is cached so a shard is read once."""
     if path not in _TORCH_CACHE:
@@ -79,7 +109,10 @@ def _torch_load(path: Path) -> Any:
             raise HFConversionError(f"{path} is a PyTorch checkpoint: install torch or convert it to safetensors") \
                 from None
         _TORCH_CACHE.clear()
-        _TORCH_CACHE[path] = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            _TORCH_CACHE[path] = torch.load(path, map_location="cpu", weights_only=True)
+        except (RuntimeError, EOFError, OSError, ValueError) as e:  # torch's truncated / damaged archive errors
+            raise _corrupt_weights(path, e) from None
     return _TORCH_CACHE[path]
 
 
@@ -93,16 +126,17 @@ def read_hf_tensors(path: str | os.PathLike) -> Mapping[str, np.ndarray]:
     for index_name, kind in (("model.safetensors.index.json", "safetensors"), ("pytorch_model.bin.index.json", "bin")):
         index = path / index_name
         if index.is_file():
-            weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
+            data = _read_json(index)
+            weight_map: dict[str, str] = data.get("weight_map", {}) if isinstance(data, dict) else {}
+            if not weight_map:
+                raise HFConversionError(f"{index}: no 'weight_map'; re-download or re-export the folder")
             for shard in sorted(set(weight_map.values())):
                 if not (path / shard).is_file():
                     raise HFConversionError(f"weight file {path / shard} named in {index_name} does not exist")
             return _LazyTensors({k: path / v for k, v in weight_map.items()}, kind)
     single = path / "model.safetensors"
     if single.is_file():
-        from safetensors import safe_open
-
-        with safe_open(str(single), framework="numpy") as f:
+        with _safetensors(single) as f:
             return _LazyTensors({k: single for k in f.keys()}, "safetensors")  # noqa: SIM118
     binary = path / "pytorch_model.bin"
     if binary.is_file():
@@ -119,7 +153,7 @@ def load_hf_folder(path: str | os.PathLike) -> tuple[ModelConfig, Params]:
     cfg_file = path / "config.json"
     if not cfg_file.is_file():
         raise HFConversionError(f"{cfg_file} not found: {path} is not a HuggingFace model folder")
-    raw = json.loads(cfg_file.read_text())
+    raw = _read_json(cfg_file)
     cfg = model_config_from_hf(raw)
     tensors = read_hf_tensors(path)
     if "tie_word_embeddings" not in raw and "lm_head.weight" in tensors:  # unstated: the weights decide
@@ -156,13 +190,23 @@ def write_safetensors(tensors: Mapping[str, np.ndarray], out: Path, *, max_shard
         shards[-1][name] = a
         size += a.nbytes
     meta = {"format": "pt"}
+
+    def save(shard: dict[str, np.ndarray], path: Path) -> None:
+        try:
+            save_file(shard, str(path), metadata=meta)
+        except OSError:
+            raise
+        except Exception as e:  # safetensors reports a failed write (disk full) as SafetensorError: an OSError here
+            full = "os error 28" in str(e) or "No space left" in str(e)
+            raise OSError(errno.ENOSPC if full else errno.EIO, " ".join(str(e).split()), str(path)) from e
+
     if len(shards) == 1:
-        save_file(shards[0], str(out / "model.safetensors"), metadata=meta)
+        save(shards[0], out / "model.safetensors")
         return ["model.safetensors"]
     names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     weight_map = {}
     for name, shard in zip(names, shards, strict=True):
-        save_file(shard, str(out / name), metadata=meta)
+        save(shard, out / name)
         weight_map.update(dict.fromkeys(shard, name))
     index = {"metadata": {"total_size": sum(a.nbytes for a in tensors.values())}, "weight_map": weight_map}
     _write_json(out / "model.safetensors.index.json", index)

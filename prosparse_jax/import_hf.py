@@ -10,7 +10,6 @@ weights that disagree with the config are errors naming the field or tensor. See
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import sys
@@ -29,25 +28,32 @@ flags.mark_flags_as_required(["hf", "workdir"], flag_values=FLAGS)
 
 
 def import_hf(hf_path: str | os.PathLike, workdir: str | os.PathLike) -> Path:
-    """Converts the HF folder ``hf_path`` into a new workdir; returns the workdir."""
-    hf_path, workdir = Path(hf_path), Path(workdir)
+    """Converts the HF folder ``hf_path`` into a new workdir; returns the workdir.
+
+    The workdir is checked first (a file or a workdir holding a run is refused), then written into a staging folder
+    next to it and moved in only once complete: a failure (disk full) leaves no half-written run behind.
+    """
+    hf_path, workdir = Path(hf_path), cli.check_output_dir(workdir, "--workdir")
     if checkpoint.latest_step(workdir) is not None or (workdir / "config.json").exists():
         raise checkpoint.CheckpointError(
             f"{workdir} already holds a run; choose an empty --workdir (nothing was overwritten)")
     mcfg, params = hf.load_hf_folder(hf_path)
-    raw = json.loads((hf_path / "config.json").read_text())
+    raw = cli.read_json(hf_path / "config.json", "config.json")
     source = {"hf_folder": str(hf_path.absolute()), "model_type": raw.get("model_type"),
               "architectures": raw.get("architectures")}
-    checkpoint.write_params_workdir(workdir, mcfg, params, run_config={"imported_from": source})
-    tok = hf_path / "tokenizer.json"
-    if tok.is_file():
-        shutil.copyfile(tok, workdir / "tokenizer.json")
+    with cli.staged_output(workdir) as stage:
+        checkpoint.write_params_workdir(stage, mcfg, params, run_config={"imported_from": source})
+        tok = hf_path / "tokenizer.json"
+        if tok.is_file():
+            shutil.copyfile(tok, stage / "tokenizer.json")
     return workdir
 
 
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point: parses ``argv`` (default ``sys.argv``) into this module's flags; returns the exit code."""
     def body() -> str:
+        cli.check_output_dir(_WORKDIR.value, "--workdir")
+        cli.check_model_path(_HF.value, "--hf")
         return f"imported {_HF.value} -> {import_hf(_HF.value, _WORKDIR.value)}"
 
     return cli.run("import_hf", FLAGS, argv, body, (HFConversionError, checkpoint.CheckpointError, ConfigError),

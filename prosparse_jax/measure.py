@@ -57,7 +57,28 @@ def load_batches(sources: list[str], tok_path: Path, run_data: dict[str, Any], s
     Raises:
       MeasureError: a bad source / sequence length, or a tokenizer larger than the model's vocabulary ``vocab``.
     """
-    out = {}
+    return load_eval(sources, tok_path, run_data, seq_len, data_dir, batch_size, num_batches, vocab)[0]
+
+
+def distinct_positions(stream_len: int, seq_len: int, batch_size: int, num_batches: int) -> int:
+    """Distinct positions of a held-out token stream of ``stream_len`` tokens that the inputs of
+    ``data.make_eval_batches`` cover: its windows of seq_len + 1 tokens, cycled when the split has fewer than
+    batch_size * num_batches of them, the last one wrapping around to the start of the stream."""
+    if stream_len <= 0:
+        return 0
+    row = seq_len + 1
+    # data's own choice of windows (one copy of the rule; data exposes no public name for it)
+    windows_W = np.unique(data_lib._window_indices(-(-stream_len // row), batch_size, num_batches))
+    pos_WxT = (windows_W[:, None] * row + np.arange(seq_len)) % stream_len
+    return int(np.unique(pos_WxT).size)
+
+
+def load_eval(sources: list[str], tok_path: Path, run_data: dict[str, Any], seq_len: int | None,
+              data_dir: str | None, batch_size: int, num_batches: int, vocab: int
+              ) -> tuple[dict[str, list[Batch]], dict[str, int]]:
+    """(:func:`load_batches`, the distinct held-out token positions they measure per source): fewer than the
+    batches' tokens when a small held-out split is cycled (:func:`distinct_positions`)."""
+    out, distinct = {}, {}
     for src in sources:
         try:
             dcfg = data_lib.DataConfig(
@@ -72,7 +93,9 @@ def load_batches(sources: list[str], tok_path: Path, run_data: dict[str, Any], s
             raise MeasureError(f"--checkpoint: tokenizer has {tok.get_vocab_size()} tokens > model vocab {vocab}")
         batches = data_lib.make_eval_batches(dcfg, tok, batch_size=batch_size, num_batches=num_batches)
         out[src] = [{k: jnp.asarray(v) for k, v in b.items()} for b in batches]
-    return out
+        stream_L, _ = data_lib.split_stream(data_lib.open_corpus(dcfg), tok, dcfg.data_dir, data_lib.EVAL_SPLIT)
+        distinct[src] = distinct_positions(len(stream_L), dcfg.seq_len, batch_size, num_batches)
+    return out, distinct
 
 
 # ---------------------------------------------------------------------------------------------------------------

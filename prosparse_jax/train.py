@@ -28,13 +28,13 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
 
 from prosparse_jax import checkpoint as ckpt
+from prosparse_jax import cli, schedules
 from prosparse_jax import data as data_lib
 from prosparse_jax import optim as optim_lib
-from prosparse_jax import schedules
 from prosparse_jax import sharding as shard_lib
 from prosparse_jax.config import ConfigError, RunConfig
 from prosparse_jax.metrics import IntervalMeans, MetricsFileError, MetricsWriter, measure_matmul_peak
@@ -68,9 +68,8 @@ class TrainResult:
 
 
 @functools.cache
-def _matmul_peak(device_kind: str) -> float:
-    """The MFU denominator: one device's measured matmul FLOP/s, measured once per process and device kind."""
-    del device_kind  # the cache key
+def _matmul_peak(device_kind: str) -> float:  # the key: measured once per process and device kind
+    """The MFU denominator: one device's measured matmul FLOP/s."""
     return measure_matmul_peak()
 
 
@@ -370,30 +369,34 @@ def _install_stop_handlers(loop: _Loop) -> dict[int, Any]:
     return {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
 
 
-def main(argv: list[str]) -> None:
-    del argv
+def main(argv: list[str] | None = None) -> int:
+    """CLI: runs :func:`train`; exit code 0 (done, or saved on SIGTERM), 1 (a user error, one line), 130 (Ctrl-C)."""
     logging.set_verbosity(logging.WARNING)  # orbax / tfds INFO lines drown the progress bar
-    FLAGS = flags.FLAGS
-    if not FLAGS.workdir:
-        print("error: --workdir is required (a directory for checkpoints and metrics)", file=sys.stderr)
-        sys.exit(2)
-    try:
-        res = train(FLAGS.config, FLAGS.workdir)
-    except (ConfigError, TrainError, ckpt.CheckpointError, data_lib.DataError, MetricsFileError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
-    except KeyboardInterrupt:
-        print(f"aborted: the last checkpoint in {FLAGS.workdir} is intact; rerun the command to resume from it",
-              file=sys.stderr)
-        sys.exit(130)
-    if res.final_eval:
-        print(json.dumps({"step": res.step, **{k: v for k, v in res.final_eval.items() if "per_layer" not in k}}))
-    if res.stop_signal == "SIGINT":
-        sys.exit(130)  # interrupted by the user: saved, but the run did not finish
+    flag_values = flags.FlagValues()  # fresh per call: config_flags registers the overrides of each parse
+    config_flags.DEFINE_config_file("config", None, "Experiment config (file.py:arg).", lock_config=True,
+                                    flag_values=flag_values)
+    flags.DEFINE_string("workdir", None, "Run directory (checkpoints, metrics, config); resumed if it exists.",
+                        flag_values=flag_values)
+    code = {"exit": 0}
+
+    def body() -> str:
+        if not flag_values.workdir:
+            raise cli.UsageError("--workdir: required (a directory for checkpoints and metrics)")
+        try:
+            res = train(cli.load_config(flag_values), flag_values.workdir)
+        except KeyboardInterrupt:
+            code["exit"] = 130
+            return (f"aborted: the last checkpoint in {flag_values.workdir} is intact; rerun the command to resume "
+                    "from it")
+        code["exit"] = 130 if res.stop_signal == "SIGINT" else 0  # Ctrl-C: saved, but the run did not finish
+        if not res.final_eval:
+            return f"stopped at step {res.step}; rerun the command to resume"
+        return json.dumps({"step": res.step, **{k: v for k, v in res.final_eval.items() if "per_layer" not in k}})
+
+    rc = cli.run("train", flag_values, argv, body, (ConfigError, TrainError, ckpt.CheckpointError,
+                                                   data_lib.DataError, MetricsFileError), __doc__)
+    return rc or code["exit"]
 
 
 if __name__ == "__main__":
-    # flags are defined only when run as a program, so the module can be imported next to other CLIs
-    config_flags.DEFINE_config_file("config", None, "Experiment config (file.py:arg).", lock_config=True)
-    flags.DEFINE_string("workdir", None, "Run directory (checkpoints, metrics, config); resumed if it exists.")
-    app.run(main)
+    sys.exit(main())

@@ -169,3 +169,46 @@ def test_missing_checkpoint_names_the_flag(tmp_path, capsys):
     assert rc != 0 and "--checkpoint" in capsys.readouterr().err
     with pytest.raises(an.AnalyzeError, match="--checkpoint"):
         an.analyze(tmp_path / "nope", "stdlib", "exact", None, tmp_path / "o")
+
+
+def test_distinct_tokens_next_to_tokens_measured(run, exact_and_pplp, tmp_path, capsys):
+    """A small held-out split cycled by many eval rows: distinct_tokens < tokens_measured, said on stderr and in
+    sparsity.json; rows spread over a larger split: equal."""
+    exact, _, _ = exact_and_pplp
+    assert exact["distinct_tokens"] == exact["tokens_measured"] == 4 * 32 * 2 and "warnings" not in exact
+    wd, corpus = run
+    rc = an.main(["analyze", f"--checkpoint={wd}", f"--data=files:{corpus}/*.txt", "--metric=exact",
+                  f"--out={tmp_path}", "--batch_size=8", "--num_batches=16", "--noprogress"])
+    captured = capsys.readouterr()
+    printed = json.loads(captured.out.splitlines()[0])
+    res = json.loads((tmp_path / "sparsity.json").read_text())
+    keys = list(res)
+    assert rc == 0 and keys.index("distinct_tokens") == keys.index("tokens_measured") + 1
+    dcfg = data_lib.DataConfig(source=f"files:{corpus}/*.txt", data_dir=str(corpus.parent / "tfds"),
+                               tokenizer=str(wd / "tokenizer.json"), seq_len=32, eval_fraction=0.1)
+    tok = data_lib.get_tokenizer(dcfg, wd)
+    stream_len = len(data_lib.split_stream(data_lib.open_corpus(dcfg), tok, dcfg.data_dir, "validation")[0])
+    assert printed["tokens_measured"] == res["tokens_measured"] == 8 * 16 * 32 > stream_len  # the split is cycled
+    assert printed["distinct_tokens"] == res["distinct_tokens"] <= stream_len
+    assert res["distinct_tokens"] >= stream_len * 32 / 33 - 32  # every window is used: all but each row's last token
+    warnings = [ln for ln in captured.err.splitlines() if "warning" in ln]
+    assert len(warnings) == 1 and warnings[0].startswith("analyze: warning: the held-out split was cycled")
+    assert f"only {res['distinct_tokens']} distinct" in warnings[0] and res["warnings"][0] in warnings[0]
+
+
+@pytest.mark.parametrize("stream_len,seq_len,batch_size,num_batches", [
+    (1000, 32, 4, 2),  # 31 windows >= 8 rows: all distinct
+    (1000, 32, 8, 8),  # 31 windows < 64 rows: cycled
+    (330, 32, 2, 5),  # 10 windows, exactly 10 rows
+    (20, 32, 2, 2),  # a stream shorter than one row: every row is the same wrapped window
+    (100, 32, 3, 1),  # 4 windows, the last one wraps to the start of the stream
+])
+def test_distinct_positions_matches_the_eval_window_rule(stream_len, seq_len, batch_size, num_batches):
+    """measure.distinct_positions vs the rule of data.make_eval_batches' docstring, enumerated by brute force."""
+    from prosparse_jax import measure
+
+    row, n = seq_len + 1, batch_size * num_batches
+    W = -(-stream_len // row)
+    chosen = [((2 * i + 1) * W) // (2 * n) if n <= W else i % W for i in range(n)]
+    positions = {(w * row + j) % stream_len for w in chosen for j in range(seq_len)}
+    assert measure.distinct_positions(stream_len, seq_len, batch_size, num_batches) == len(positions)
