@@ -15,6 +15,7 @@ jitted step are in :mod:`prosparse_jax.step`; the workdir's checks in :mod:`pros
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -339,12 +340,18 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, stop_after:
     handlers = _install_stop_handlers(loop)
     try:
         interrupted = loop.run_steps()
-    finally:
         mgr.wait_until_finished()
+        final = {} if interrupted else _final_eval(loop)
+    except OSError as e:  # disk full, permissions: the newest committed checkpoint is untouched
+        latest = ckpt.latest_step(workdir)
+        raise TrainError(f"writing to {workdir} failed ({e}); the newest complete checkpoint (step {latest}) is "
+                         "intact: free space and rerun the command to resume from it") from e
+    finally:
+        with contextlib.suppress(OSError):  # already reported above
+            mgr.wait_until_finished()
         loop.close()
         for signum, prev in handlers.items():
             signal.signal(signum, prev)
-    final = {} if interrupted else _final_eval(loop)
     loop.writer.close()
     mgr.close()
     return TrainResult(workdir=workdir, step=loop.step, final_eval=final, interrupted=interrupted,

@@ -458,3 +458,24 @@ def test_list_fields_are_overridable_on_the_command_line():
                          cwd=ROOT, capture_output=True, text=True, check=True).stdout
     d = json.loads(out)
     assert d["sparsity_stages"] == [[0.0, 10], [5e-5, 20]]
+
+
+def test_disk_full_during_a_checkpoint_is_one_error_and_keeps_the_older_one(corpus, tmp_path, monkeypatch):
+    import errno
+
+    c = small_config(corpus, steps=4)
+    wd = tmp_path / "run"
+    train_mod.train(c, wd, stop_after=2)
+    real_save = ckpt.save
+
+    def full(mgr, step, *a, **k):
+        if step == 4:
+            raise OSError(errno.ENOSPC, "No space left on device", str(wd / "checkpoints" / "4"))
+        return real_save(mgr, step, *a, **k)
+
+    monkeypatch.setattr(ckpt, "save", full)
+    with pytest.raises(train_mod.TrainError, match=r"No space left on device.*newest complete checkpoint \(step 2\) "
+                                                   r"is intact"):
+        train_mod.train(c, wd)
+    monkeypatch.setattr(ckpt, "save", real_save)
+    assert ckpt.latest_step(wd) == 2 and train_mod.train(c, wd).step == 4  # rerun after freeing space resumes
