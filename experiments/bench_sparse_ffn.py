@@ -1,0 +1,116 @@
+"""Dense vs sparse FFN (``prosparse_jax.sparse_ffn``) for batch-1..4 decoding on CPU.
+
+    python experiments/bench_sparse_ffn.py                       # 4096x11008 and 1536x3840, batch 1 and 4
+    python experiments/bench_sparse_ffn.py --shapes=4096x11008 --batches=1 --sparsities=0.88 --reps=10
+    python experiments/bench_sparse_ffn.py --crossover            # density sweep for DENSE_CROSSOVER
+
+ReLU FFN, fp32, iid masks: the gate weights are random and the input x is built so that a chosen fraction
+(1 - sparsity) of the gates is positive for every batch row (same neurons on every row, so the union active set
+has exactly that density). Both sides are jitted; the sparse
+side uses the ``cpu_gather`` backend with W_up^T prepared once (``prepare_weights``), with the dense fallback disabled
+(one bucket = F) so the sweep shows the raw operator; ``--fallback`` times the default buckets instead (dense FFN
+above ``DENSE_CROSSOVER``). Timed repetitions alternate dense / sparse; medians reported
+(speedup, %bound, tok/s of the sparse side), plus ``min/min``, the ratio of the fastest repetitions, which is the
+better estimate when other processes share the cores.
+The speedup bound is 3 / (1 + 2 (1 - s)) (the gate-mask case: W_gate in full, (1 - s) of W_up and W_down).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from prosparse_jax.sparse_ffn import DEFAULT_CHUNK, prepare_weights, sparse_ffn
+
+
+@functools.cache
+def _base(D: int, F: int, seed: int = 0) -> tuple[np.ndarray, ...]:
+    """Random fp32 weights and x0 of one shape (drawn once, reused across sparsities)."""
+    rng = np.random.default_rng(seed)
+    w_gate = rng.standard_normal((D, F), np.float32) / np.float32(np.sqrt(D))
+    w_up = rng.standard_normal((D, F), np.float32) / np.float32(np.sqrt(D))
+    w_down = rng.standard_normal((F, D), np.float32) / np.float32(np.sqrt(F))
+    return w_gate, w_up, w_down, rng.standard_normal(D, np.float32)
+
+
+def make_inputs(D: int, F: int, B: int, sparsity: float, seed: int = 0) -> tuple:
+    """(x_BxD, w_gate_DxF, w_up_DxF, w_down_FxD) with round((1 - s) F) positive gates, the same neurons on every row.
+
+    Random weights and a random x0; the sign of W_gate's column i is flipped where sign(x0 . w_i) disagrees with an
+    iid random pattern. The rows are x_b = (1 + b / 4) x0, so every row has the same gate signs (the union density is
+    the per-row density) and different values.
+    """
+    w_gate, w_up, w_down, x0 = _base(D, F, seed)
+    on_F = np.zeros(F, bool)
+    on_F[np.random.default_rng(seed + 1).permutation(F)[:round((1.0 - sparsity) * F)]] = True
+    w_gate = w_gate * np.where(on_F == (x0 @ w_gate > 0), 1.0, -1.0).astype(np.float32)
+    x = np.stack([(1.0 + b / 4) * x0 for b in range(B)])
+    return tuple(jnp.asarray(a) for a in (x, w_gate, w_up, w_down))
+
+
+def timed(fn, args, reps: int) -> list[float]:
+    """Per-call wall times (ms) after one warm-up call."""
+    jax.block_until_ready(fn(*args))
+    out = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        out.append((time.perf_counter() - t0) * 1e3)
+    return out
+
+
+def bench_one(D: int, F: int, B: int, s: float, reps: int, chunk: int, fallback: bool = False) -> dict:
+    """Alternating dense / sparse timings at one shape, batch and sparsity."""
+    x, wg, wu, wd = make_inputs(D, F, B, s)
+    prep = prepare_weights(wu, wd)
+    w_up_FxD = jax.block_until_ready(prep["w_up_FxD"])
+    dense = jax.jit(lambda x, wg, wu, wd: sparse_ffn(x, wg, wu, wd, activation="relu", implementation="dense"))
+    sparse = jax.jit(lambda x, wg, wu, wd, wut: sparse_ffn(
+        x, wg, wu, wd, activation="relu", w_up_FxD=wut, implementation="cpu_gather", chunk=chunk,
+        buckets=None if fallback else (-(-F // chunk) * chunk,)))
+    (ref, _), (got, count) = dense(x, wg, wu, wd), sparse(x, wg, wu, wd, w_up_FxD)
+    err = float(jnp.max(jnp.abs(ref - got)) / jnp.maximum(jnp.max(jnp.abs(ref)), 1e-30))
+    td, ts = [], []
+    for _ in range(reps):
+        td += timed(dense, (x, wg, wu, wd), 1)
+        ts += timed(sparse, (x, wg, wu, wd, w_up_FxD), 1)
+    md, ms = statistics.median(td), statistics.median(ts)
+    best = min(td) / min(ts)  # robust to other processes sharing the cores
+    s_real = 1.0 - int(count) / F
+    bound = 3.0 / (1.0 + 2.0 * (1.0 - s_real))
+    return dict(D=D, F=F, B=B, s=s_real, dense_ms=md, sparse_ms=ms, speedup=md / ms, bound=bound,
+                pct_bound=100 * md / ms / bound, tok_s=B * 1e3 / ms, rel_err=err, best=best)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shapes", default="4096x11008,1536x3840")
+    ap.add_argument("--batches", default="1,4")
+    ap.add_argument("--sparsities", default="0,0.5,0.7,0.8,0.88,0.95,0.99")
+    ap.add_argument("--reps", type=int, default=15)
+    ap.add_argument("--chunk", type=int, default=DEFAULT_CHUNK)
+    ap.add_argument("--crossover", action="store_true", help="density sweep 30..70%% for DENSE_CROSSOVER")
+    ap.add_argument("--fallback", action="store_true", help="default buckets: dense above DENSE_CROSSOVER")
+    a = ap.parse_args()
+    sps = [0.7, 0.65, 0.6, 0.55, 0.5, 0.45, 0.4, 0.3] if a.crossover else [float(v) for v in a.sparsities.split(",")]
+    print(f"jax {jax.__version__}, backend {jax.default_backend()}, chunk {a.chunk}, reps {a.reps}")
+    print(f"{'shape':>11} {'B':>2} {'sparsity':>8} {'dense ms':>9} {'sparse ms':>9} {'speedup':>7} {'bound':>6} "
+          f"{'%bound':>6} {'tok/s':>8} {'rel err':>8} {'min/min':>7}")
+    for shape in a.shapes.split(","):
+        D, F = (int(v) for v in shape.split("x"))
+        for B in (int(v) for v in a.batches.split(",")):
+            for s in sps:
+                r = bench_one(D, F, B, s, a.reps, a.chunk, a.fallback)
+                print(f"{shape:>11} {B:>2} {r['s']:>8.3f} {r['dense_ms']:>9.2f} {r['sparse_ms']:>9.2f} "
+                      f"{r['speedup']:>6.2f}x {r['bound']:>5.2f}x {r['pct_bound']:>5.0f}% {r['tok_s']:>8.1f} "
+                      f"{r['rel_err']:>8.1e} {r['best']:>6.2f}x", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,226 @@
+"""Activation-sparse gated FFN for batch-1..4 decoding: one interface, swappable backends.
+
+``sparse_ffn(x_BxD, w_gate_DxF, w_up_DxF, w_down_FxD, activation=..., implementation=...)`` returns the FFN output
+and the number of active neurons, like ``jax.nn.dot_product_attention(..., implementation=...)``: the backends in
+:data:`IMPLEMENTATIONS` compute the same function and differ only in how they skip the dropped neurons.
+
+The operator follows ProSparse (arXiv 2402.13516) §4.3: S2 -- the gate projection is dense, its activation decides
+which neurons are active, and only those columns of W_up (rows of W_up^T) are read; S3 -- only the rows of W_down
+whose x1 is non-zero are read. PowerInfer (arXiv 2312.12456) and TEAL (arXiv 2408.14690) use the same row-skipping
+idea (predictor- / magnitude-selected neurons). The gain is bounded by the bytes read: with sparsity s of x1 a
+gate-mask FFN reads W_gate plus (1 - s) of W_up and W_down, so the speedup over the dense FFN is at most
+3 / (1 + 2 (1 - s)). The neuron-norm threshold mode (any activation, e.g. SiLU; CETT, Sparsing Law §4.1: neuron i
+dropped iff |x1_i| * ||W_down[i, :]|| <= tau) needs the full up projection to know x1, so it only skips W_down rows:
+its bound is 3 / (2 + (1 - s)) < 1.5.
+
+``cpu_gather`` (XLA:CPU): active indices from ``jnp.nonzero(mask, size=cap)``, then a ``lax.fori_loop`` over chunks
+of ``chunk`` active neurons whose trip count is the (dynamic) number of chunks. Each chunk gathers ``chunk`` rows of
+W_up^T and W_down (contiguous D-float rows) and does two small matmuls. Skipping is per neuron, not per block: at 88%
+sparsity a block of 16 neurons is all-zero with probability 0.88^16 ~ 0.13, so block skipping saves almost nothing.
+The capacity is bucketed (powers of two times ``chunk``), one ``lax.switch`` branch per bucket, and above
+``DENSE_CROSSOVER`` active density the dense FFN runs instead (measured: ``experiments/bench_sparse_ffn.py``).
+A single ``jnp.take`` of all active rows is slower than the dense FFN on CPU (it materialises the whole gathered
+copy); the chunked loop materialises one chunk at a time. Measured (2-core AVX2, fp32, 4096x11008, batch 1, shared
+machine): 1.67-1.77x dense at 88% sparsity (bound 2.42x), 2.1-2.3x at 95% (bound 2.73x); the gap is the gather loop,
+which streams the active rows at roughly 1/3-1/2 of the dense matvec's bandwidth (it runs on one thread).
+
+W_up layout: gathering *columns* of a row-major [D, F] W_up is a strided read (one cache line per float), so pass
+``w_up_FxD = w_up_DxF.T`` prepared once per model (:func:`prepare_weights`); without it the transpose is done inside
+the call, which costs one full read of W_up.
+
+Batch > 1: the active set is the union of the rows' active sets (a neuron is read if any row needs it), so the
+sparsity seen by the operator falls with the batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from prosparse_jax.activations import check_activation, ffn_product
+
+Array = jax.Array
+
+#: Active density (active neurons / F) above which ``cpu_gather`` runs the dense FFN. Measured on a 2-core AVX2 EPYC
+#: shared with other jobs (noisy), fp32, relu, iid masks (``experiments/bench_sparse_ffn.py``, the raw operator without
+#: fallback): break-even at density ~0.3-0.45 for 4096x11008 (batch 1 and 4), ~0.2-0.3 for 1536x3840 (the loop's
+#: per-chunk overhead weighs more on small rows). We switch at 0.3; pass ``buckets`` to move it per shape.
+DENSE_CROSSOVER = 0.3
+
+#: Neurons per iteration of the gather loop (64-256 measured equally good; 128 is in the middle).
+DEFAULT_CHUNK = 128
+
+#: Activations whose gate output alone decides the active set (x1_i = 0 whenever act(gate_i) = 0).
+GATE_MASK_ACTIVATIONS = frozenset({"relu", "fatrelu", "drelu", "relu2"})
+
+
+def prepare_weights(w_up_DxF: Array, w_down_FxD: Array) -> dict[str, Array]:
+    """The per-layer tensors ``cpu_gather`` reads: W_up^T (rows = neurons) and ||W_down[i, :]||.
+
+    Compute once per model (outside the decode step) and pass ``w_up_FxD`` / ``w_down_norms_F`` to :func:`sparse_ffn`.
+    """
+    return {"w_up_FxD": jnp.asarray(w_up_DxF).T.copy(),
+            "w_down_norms_F": jnp.linalg.norm(jnp.asarray(w_down_FxD, jnp.float32), axis=-1)}
+
+
+def default_buckets(F: int, chunk: int, crossover: float = DENSE_CROSSOVER) -> tuple[int, ...]:
+    """Capacities chunk * 2^k (rounded to whole chunks) up to ceil(crossover * F), the last one exactly that."""
+    top = max(chunk, -(-int(crossover * F) // chunk) * chunk)
+    caps, cap = [], chunk
+    while cap < top:
+        caps.append(cap)
+        cap *= 2
+    caps.append(top)
+    return tuple(caps)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Active set
+# ---------------------------------------------------------------------------------------------------------------
+def _active_set(x_BxD: Array, w_gate_DxF: Array, w_up_DxF: Array, activation: str, threshold: float,
+                tau: Any, w_down_norms_F: Array | None) -> tuple[Array, Array, Array | None]:
+    """(active_F bool, act_gate_BxF, x1_BxF or None): the union over the batch of the neurons to read.
+
+    Gate-mask mode: act(gate) != 0 (dReLU: gate > 0; its up > 0 condition is applied after reading W_up). Neuron-norm
+    mode (``tau`` given): x1 = act(gate) * up computed in full, active iff |x1| * ||W_down[i]|| > tau; x1 is returned
+    already masked so only W_down remains to be read.
+    """
+    gate_BxF = x_BxD @ w_gate_DxF.astype(x_BxD.dtype)
+    if tau is None:
+        if activation not in GATE_MASK_ACTIVATIONS:
+            raise ValueError(f"activation {activation!r} has no exact zeros; pass tau (the neuron-norm sparse mode) "
+                             f"or use one of {sorted(GATE_MASK_ACTIVATIONS)}")
+        _, act_BxF = ffn_product(activation, gate_BxF, gate_BxF, threshold)
+        return jnp.any(act_BxF != 0, axis=0), act_BxF, None
+    if w_down_norms_F is None:
+        raise ValueError("the neuron-norm mode (tau given) needs w_down_norms_F")
+    up_BxF = x_BxD @ w_up_DxF.astype(x_BxD.dtype)
+    x1_BxF, act_BxF = ffn_product(activation, gate_BxF, up_BxF, threshold)
+    norms_BxF = jnp.abs(x1_BxF.astype(jnp.float32)) * w_down_norms_F
+    keep_BxF = norms_BxF > jnp.asarray(tau, jnp.float32)
+    x1_BxF = jnp.where(keep_BxF, x1_BxF, jnp.zeros_like(x1_BxF))
+    return jnp.any(keep_BxF, axis=0), act_BxF, x1_BxF
+
+
+def _x1_from_up(activation: str, act_BxC: Array, up_BxC: Array) -> Array:
+    """x1 = act(gate) * up on gathered columns (dReLU: relu(up))."""
+    return act_BxC * (jax.nn.relu(up_BxC) if activation == "drelu" else up_BxC)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Backends: (x_BxD, weights, active_F, act_BxF, x1_BxF | None, activation, options) -> out_BxD
+# ---------------------------------------------------------------------------------------------------------------
+def _dense_down(x_BxD: Array, w: dict[str, Array], act_BxF: Array, x1_BxF: Array | None, activation: str) -> Array:
+    """The dense remainder of the FFN: up projection (unless x1 is known) and down projection."""
+    if x1_BxF is None:
+        x1_BxF = _x1_from_up(activation, act_BxF, x_BxD @ w["w_up_DxF"].astype(x_BxD.dtype))
+    return x1_BxF @ w["w_down_FxD"].astype(x1_BxF.dtype)
+
+
+def _dense_impl(x_BxD: Array, w: dict[str, Array], active_F: Array, act_BxF: Array, x1_BxF: Array | None,
+                activation: str, chunk: int, buckets: tuple[int, ...] | None) -> Array:
+    """Reference backend: the dense FFN (same masks, no skipping)."""
+    del active_F, chunk, buckets
+    return _dense_down(x_BxD, w, act_BxF, x1_BxF, activation)
+
+
+def _gather_loop(x_BxD: Array, w: dict[str, Array], active_F: Array, act_BxF: Array, x1_BxF: Array | None,
+                 activation: str, chunk: int, cap: int) -> Array:
+    """Sum over the active neurons in chunks of ``chunk``; indices padded to ``cap`` (a multiple of chunk)."""
+    count = jnp.sum(active_F, dtype=jnp.int32)
+    idx_P = jnp.nonzero(active_F, size=cap, fill_value=0)[0].astype(jnp.int32)
+    dt = x_BxD.dtype
+    w_down_FxD = w["w_down_FxD"]
+    coeff_BxF = act_BxF if x1_BxF is None else x1_BxF
+
+    def body(k: Array, acc_BxD: Array) -> Array:
+        start = k * chunk
+        idx_C = lax.dynamic_slice(idx_P, (start,), (chunk,))
+        valid_C = (start + jnp.arange(chunk, dtype=jnp.int32)) < count
+        c_BxC = jnp.where(valid_C, jnp.take(coeff_BxF, idx_C, axis=1), jnp.zeros((), dt))
+        if x1_BxF is None:
+            up_CxD = jnp.take(w["w_up_FxD"], idx_C, axis=0, mode="clip").astype(dt)
+            c_BxC = _x1_from_up(activation, c_BxC, lax.dot_general(x_BxD, up_CxD, (((1,), (1,)), ((), ()))))
+        down_CxD = jnp.take(w_down_FxD, idx_C, axis=0, mode="clip").astype(dt)
+        return acc_BxD + c_BxC @ down_CxD
+
+    n_chunks = (count + chunk - 1) // chunk
+    acc0_BxD = jnp.zeros((x_BxD.shape[0], w_down_FxD.shape[1]), dt)
+    return lax.fori_loop(0, n_chunks, body, acc0_BxD)
+
+
+def _cpu_gather_impl(x_BxD: Array, w: dict[str, Array], active_F: Array, act_BxF: Array, x1_BxF: Array | None,
+                     activation: str, chunk: int, buckets: tuple[int, ...] | None) -> Array:
+    """Gather backend: the smallest capacity bucket holding the active count, or the dense FFN above the last."""
+    F = active_F.shape[0]
+    caps = default_buckets(F, chunk) if buckets is None else tuple(sorted(buckets))
+    if any(c % chunk for c in caps):
+        raise ValueError(f"bucket capacities {caps} must be multiples of chunk={chunk}")
+    count = jnp.sum(active_F, dtype=jnp.int32)
+    branch = jnp.searchsorted(jnp.asarray(caps, jnp.int32), count, side="left")  # == len(caps) above the last cap
+
+    def sparse_branch(cap: int) -> Callable[[], Array]:
+        return lambda: _gather_loop(x_BxD, w, active_F, act_BxF, x1_BxF, activation, chunk, cap)
+
+    branches = [sparse_branch(c) for c in caps] + [lambda: _dense_down(x_BxD, w, act_BxF, x1_BxF, activation)]
+    return lax.switch(branch, branches)
+
+
+#: name -> backend. A backend maps (x_BxD, weights, active_F, act_BxF, x1_BxF | None, activation, chunk, buckets) to
+#: out_BxD; ``weights`` holds w_gate_DxF, w_up_DxF, w_up_FxD, w_down_FxD. Pallas GPU/TPU backends register here.
+IMPLEMENTATIONS: dict[str, Callable[..., Array]] = {"dense": _dense_impl, "cpu_gather": _cpu_gather_impl}
+
+
+def resolve_implementation(implementation: str) -> str:
+    """``auto`` -> ``cpu_gather`` on CPU, ``dense`` elsewhere (until an accelerator backend is registered)."""
+    if implementation == "auto":
+        return "cpu_gather" if jax.default_backend() == "cpu" else "dense"
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"unknown sparse FFN implementation {implementation!r}; choose one of: "
+                         f"{', '.join(['auto', *IMPLEMENTATIONS])}")
+    return implementation
+
+
+def sparse_ffn(x_BxD: Array, w_gate_DxF: Array, w_up_DxF: Array, w_down_FxD: Array, *, activation: str,
+               threshold: float = 0.0, taus: Any = None, w_down_norms_F: Array | None = None,
+               w_up_FxD: Array | None = None, implementation: str = "auto", chunk: int = DEFAULT_CHUNK,
+               buckets: tuple[int, ...] | None = None) -> tuple[Array, Array]:
+    """The gated FFN act(x W_gate) * (x W_up) @ W_down reading only the active neurons' weights.
+
+    Equals ``model.ffn_down(model.ffn_hidden(x))`` (with ``model.neuron_norm_mask`` applied when ``taus`` is given)
+    up to fp32 summation order. Jit-compatible: the active count is dynamic, the capacity bucket is picked by
+    ``lax.switch``.
+
+    Args:
+      x_BxD: the FFN input (after the RMSNorm), batch B = 1..4 decode tokens.
+      w_gate_DxF, w_up_DxF, w_down_FxD: one layer's FFN weights.
+      activation: gated activation name (``prosparse_jax.activations``). relu / fatrelu / drelu / relu2: the gate
+        decides the active set (ProSparse S2 + S3, bound 3 / (1 + 2 (1 - s))). Any other activation needs ``taus``.
+      threshold: FATReLU threshold t (gate >= t kept).
+      taus: this layer's scalar tau of the neuron-norm sparse mode (neuron i dropped iff |x1_i| ||W_down[i]|| <= tau).
+        The up projection is then dense and only W_down rows are skipped (bound 3 / (2 + (1 - s))).
+      w_down_norms_F: ||W_down[i, :]||, required with ``taus`` (:func:`prepare_weights`).
+      w_up_FxD: W_up^T prepared once (:func:`prepare_weights`); computed per call when omitted.
+      implementation: ``auto``, or a key of :data:`IMPLEMENTATIONS` (``dense``, ``cpu_gather``).
+      chunk: active neurons per loop iteration of ``cpu_gather``.
+      buckets: capacities (multiples of ``chunk``) of ``cpu_gather``; default :func:`default_buckets`. Above the last
+        one the dense FFN runs.
+
+    Returns:
+      (out_BxD, active_count): the FFN output and the int32 number of neurons in the batch's union active set.
+
+    Raises:
+      ValueError: unknown implementation or activation, or a mode missing its inputs.
+    """
+    impl = IMPLEMENTATIONS[resolve_implementation(implementation)]
+    check_activation(activation)
+    active_F, act_BxF, x1_BxF = _active_set(x_BxD, w_gate_DxF, w_up_DxF, activation, threshold, taus, w_down_norms_F)
+    if w_up_FxD is None and x1_BxF is None and impl is not _dense_impl:
+        w_up_FxD = w_up_DxF.T
+    w = {"w_gate_DxF": w_gate_DxF, "w_up_DxF": w_up_DxF, "w_up_FxD": w_up_FxD, "w_down_FxD": w_down_FxD}
+    out_BxD = impl(x_BxD, w, active_F, act_BxF, x1_BxF, activation, chunk, buckets)
+    return out_BxD, jnp.sum(active_F, dtype=jnp.int32)

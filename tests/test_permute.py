@@ -1,0 +1,226 @@
+"""permute: the neuron permutation is exact (same logits, stacked and per-layer, dense and sparse mode), the orders
+are bijections, block sparsity (hand example, frequency and co-activation orders on constructed activity), and the
+CLI (a loadable workdir with the same logits, refusals before any work)."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import WORDS, tiny_model_config, write_corpus
+
+from prosparse_jax import checkpoint, model
+from prosparse_jax import permute as pm
+
+RTOL = 1e-5
+_forward = jax.jit(model.forward, static_argnames=("cfg", "capture"))
+
+
+def _random_perm(L: int, F: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return np.stack([rng.permutation(F) for _ in range(L)])
+
+
+def _ids(cfg, B=2, T=12, seed=1):
+    return jax.random.randint(jax.random.key(seed), (B, T), 0, cfg.vocab_size)
+
+
+def _assert_close(a, b):
+    a, b = np.asarray(a), np.asarray(b)
+    np.testing.assert_allclose(a, b, rtol=RTOL, atol=RTOL * float(np.abs(b).max()))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Exactness
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("layout", ["stacked", "per_layer"])
+def test_permuted_model_gives_the_same_logits_and_permuted_x1(layout):
+    cfg = tiny_model_config()
+    params = model.init_params(cfg, jax.random.key(0))
+    if layout == "per_layer":
+        params = model.unstack_layers(params)
+    perm = _random_perm(cfg.n_layers, cfg.d_ff)
+    new = pm.permute_neurons(params, perm)
+    assert isinstance(new["layers"], list) == (layout == "per_layer")
+    ids = _ids(cfg)
+    logits, st = _forward(params, ids, cfg=cfg, capture=True)
+    logits2, st2 = _forward(new, ids, cfg=cfg, capture=True)
+    _assert_close(logits2, logits)
+    assert not np.allclose(np.asarray(model.layer_param(new, "w_up_LxDxF")),
+                           np.asarray(model.layer_param(params, "w_up_LxDxF")))
+    x1 = np.asarray(st.x1)
+    _assert_close(st2.x1, np.stack([x1[i][..., perm[i]] for i in range(cfg.n_layers)]))
+
+
+def test_permutation_keeps_the_sparse_mode_exact():
+    """The per-layer thresholds of sparse mode stay valid: same logits and the same dropped neurons."""
+    cfg = tiny_model_config()
+    params = model.init_params(cfg, jax.random.key(3))
+    ids = _ids(cfg)
+    _, st = _forward(params, ids, cfg=cfg, capture=True)
+    dense_zeros = np.asarray(st.zero_frac)
+    n_LxBxTxF = np.abs(np.asarray(st.x1)) * np.asarray(model.w_down_norms(params))[:, None, None, :]
+    taus = tuple(float(t) for t in 0.5 * n_LxBxTxF.mean(axis=(1, 2, 3)))
+    scfg = cfg.replace(neuron_thresholds=taus)
+    perm = _random_perm(cfg.n_layers, cfg.d_ff, seed=5)
+    new = pm.permute_neurons(params, perm)
+    logits, st = _forward(params, ids, cfg=scfg, capture=True)
+    logits2, st2 = _forward(new, ids, cfg=scfg, capture=True)
+    _assert_close(logits2, logits)
+    assert np.all(np.asarray(st.zero_frac) > dense_zeros + 0.01)  # the thresholds drop neurons
+    np.testing.assert_allclose(np.asarray(st2.zero_frac), np.asarray(st.zero_frac))
+
+
+def test_permute_neurons_rejects_a_non_bijection():
+    cfg = tiny_model_config()
+    params = model.init_params(cfg, jax.random.key(0))
+    perm = _random_perm(cfg.n_layers, cfg.d_ff)
+    perm[1, 0] = perm[1, 1]
+    with pytest.raises(ValueError, match="layer 1 is not a bijection"):
+        pm.permute_neurons(params, perm)
+    with pytest.raises(ValueError, match="must be int"):
+        pm.permute_neurons(params, perm[:, :-1])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Orders and block sparsity
+# ---------------------------------------------------------------------------------------------------------------
+def test_block_sparsity_hand_example():
+    # one layer, 3 tokens, 8 neurons, blocks of 4: token 0 -> only block 0 active; token 1 -> both; token 2 -> none
+    a = np.zeros((1, 3, 8), bool)
+    a[0, 0, 1] = True
+    a[0, 1, [2, 6]] = True
+    np.testing.assert_allclose(pm.block_sparsity(a, 4), [3 / 6])
+    np.testing.assert_allclose(pm.block_sparsity(a, 8), [1 / 3])
+    np.testing.assert_allclose(pm.block_sparsity(a, 1), [(24 - 3) / 24])
+    # 6 neurons in blocks of 4: the partial block (neurons 4, 5) counts as one block
+    np.testing.assert_allclose(pm.block_sparsity(a[:, :, :6], 4), [4 / 6])
+    # reordering the neurons (2 and 6 adjacent, 1 with them) -> token 1 touches one block
+    perm = np.array([[1, 2, 6, 0, 3, 4, 5, 7]])
+    np.testing.assert_allclose(pm.block_sparsity(a[:, :, perm[0]], 4), [4 / 6])
+
+
+def _skewed_activity(L=2, N=2000, F=256, seed=0):
+    """Independent neurons whose frequencies follow a power law (a few hot ones), in random order: [L, N, F]."""
+    rng = np.random.default_rng(seed)
+    freq_LxF = np.stack([rng.permutation(0.6 * (np.arange(F) + 1.0) ** -0.8) for _ in range(L)])
+    return rng.random((L, N, F)) < freq_LxF[:, None, :]
+
+
+def test_frequency_order_is_a_bijection_and_raises_block_sparsity():
+    a = _skewed_activity()
+    freq = a.mean(axis=1)
+    perm = pm.permutation_by_frequency(freq)
+    pm.check_permutation(perm, 2, 256)
+    assert np.all(np.diff(np.take_along_axis(freq, perm, axis=1), axis=1) <= 0)  # most active first
+    after_a = np.stack([a[i][:, perm[i]] for i in range(2)])
+    for block in pm.BLOCKS:
+        before, after = pm.block_sparsity(a, block), pm.block_sparsity(after_a, block)
+        assert np.all(after >= before) and np.all(after > before + 0.05), (block, before, after)
+
+
+def test_coactivation_order_finds_co_active_groups():
+    """16 groups of 16 neurons scattered over F = 256; every token fires one group (in turn), each of its neurons with
+    probability 0.9: the frequencies of all neurons are alike, so frequency order cannot help; the co-activation
+    clusters recover the groups."""
+    rng = np.random.default_rng(1)
+    L, N, F, G = 2, 1500, 256, 16
+    group_LxF = np.stack([rng.permutation(np.repeat(np.arange(G), F // G)) for _ in range(L)])
+    fired_N = np.arange(N) % G
+    a = (group_LxF[:, None, :] == fired_N[None, :, None]) & (rng.random((L, N, F)) < 0.9)
+    count = a.sum(axis=1)
+    co = np.einsum("lnf,lng->lfg", a.astype(np.int64), a.astype(np.int64))
+    perm_co = pm.permutation_by_coactivation(count, co, cluster=16, window=F)
+    perm_fr = pm.permutation_by_frequency(count)
+    for p in (perm_co, perm_fr):
+        pm.check_permutation(p, L, F)
+    apply = lambda p: np.stack([a[i][:, p[i]] for i in range(L)])  # noqa: E731
+    bs_co, bs_fr, bs_0 = (pm.block_sparsity(apply(perm_co), 16), pm.block_sparsity(apply(perm_fr), 16),
+                          pm.block_sparsity(a, 16))
+    assert np.all(bs_co > 0.99 * (G - 1) / G)  # the ideal: one block per token
+    assert np.all(bs_co > bs_fr + 0.3) and np.all(bs_co > bs_0 + 0.3), (bs_co, bs_fr, bs_0)
+    inv = pm.inverse_permutation(perm_co)
+    np.testing.assert_array_equal(np.take_along_axis(perm_co, inv, axis=1), np.tile(np.arange(F), (L, 1)))
+
+
+def test_neuron_stats_counts_valid_tokens_only():
+    cfg = tiny_model_config()
+    params = model.init_params(cfg, jax.random.key(0))
+    ids = _ids(cfg, B=2, T=8)
+    seg = jnp.asarray([[1] * 8, [1] * 5 + [0] * 3], jnp.int32)
+    batch = {"inputs": ids, "targets": ids, "segment_ids": seg, "weights": (seg != 0).astype(jnp.float32),
+             "positions": jnp.broadcast_to(jnp.arange(8, dtype=jnp.int32), (2, 8))}
+    st = pm.neuron_stats(params, cfg, [batch, batch], coactivation=True)
+    _, fs = _forward(params, ids, cfg=cfg, segment_ids_BxT=seg, capture=True)
+    x1 = np.asarray(fs.x1)[:, np.asarray(seg) != 0]  # [L, 13, F]
+    assert st["tokens"] == 26
+    np.testing.assert_array_equal(st["count_LxF"], 2 * (x1 != 0).sum(axis=1))
+    np.testing.assert_allclose(st["freq_LxF"], (x1 != 0).mean(axis=1))
+    np.testing.assert_array_equal(np.diagonal(st["co_LxFxF"], axis1=1, axis2=2), st["count_LxF"])
+    assert 0.2 < st["freq_LxF"].mean() < 0.8  # ReLU at init: about half active
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# CLI
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    """(params-only workdir of a tiny random ReLU model with a tokenizer, its corpus glob)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    root = tmp_path_factory.mktemp("permute")
+    corpus = write_corpus(root / "corpus", 30)
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator([" ".join(WORDS)] * 5, trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    cfg = tiny_model_config(vocab_size=300, d_ff=64)
+    params = model.init_params(cfg, jax.random.key(0))
+    run_cfg = {"data": {"seq_len": 16, "data_dir": str(root / "tfds"), "eval_fraction": 0.25}}
+    wd = checkpoint.write_params_workdir(root / "wd", cfg, params, run_config=run_cfg)
+    tok.save(str(wd / "tokenizer.json"))
+    return wd, f"files:{corpus}/*.txt"
+
+
+@pytest.mark.parametrize("order", ["frequency", "coactivation"])
+def test_cli_writes_a_loadable_permuted_workdir(workdir, tmp_path, capsys, order):
+    wd, data = workdir
+    out = tmp_path / "permuted"
+    argv = ["permute", f"--checkpoint={wd}", f"--out={out}", f"--data={data}", f"--order={order}",
+            "--num_batches=2", "--batch_size=4"]
+    assert pm.main(argv) == 0
+    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert line["order"] == order and line["tokens"] == 2 * 4 * 16
+    assert line["loss_after"] == pytest.approx(line["loss_before"], rel=1e-5)
+    for b in ("16", "32", "64"):
+        assert line["block_sparsity_after"][b] >= line["block_sparsity_before"][b]
+    cfg0, p0, _ = checkpoint.load_model(wd)
+    cfg1, p1, tok1 = checkpoint.load_model(out)
+    assert cfg1 == cfg0 and tok1.read_bytes() == (wd / "tokenizer.json").read_bytes()
+    res = json.loads((out / "permutation.json").read_text())
+    perm = pm.check_permutation(res["permutation"], cfg0.n_layers, cfg0.d_ff)
+    np.testing.assert_array_equal(np.asarray(p1["layers"]["w_down_LxFxD"]),
+                                  np.asarray(pm.permute_neurons(p0, perm)["layers"]["w_down_LxFxD"]))
+    ids = _ids(cfg0)
+    _assert_close(_forward(p1, ids, cfg=cfg1)[0], _forward(p0, ids, cfg=cfg0)[0])
+    assert json.loads((out / "config.json").read_text())["permuted_from"]["order"] == order
+
+
+def test_cli_refuses_an_existing_out_before_any_work(workdir, tmp_path, capsys, monkeypatch):
+    wd, data = workdir
+    out = tmp_path / "taken"
+    out.mkdir()
+    (out / "keep.txt").write_text("x")
+
+    def boom(*a, **k):
+        raise AssertionError("work was done before --out was checked")
+
+    monkeypatch.setattr(checkpoint, "load_model", boom)
+    assert pm.main(["permute", f"--checkpoint={wd}", f"--out={out}", f"--data={data}"]) == 1
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert len(err) == 1 and err[0].startswith("permute: error: --out:") and "not empty" in err[0]
+    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+    assert pm.main(["permute", f"--checkpoint={wd}", f"--out={tmp_path / 'new'}", "--order=spectral"]) == 1
+    assert "--order" in capsys.readouterr().err
