@@ -190,40 +190,50 @@ def attention_bias_blocks(segment_ids_BxT: Array | None, T: int, B: int,
     return blocks
 
 
-def attention(
-    x_BxTxD: Array, lp: Params, bias_blocks: list[tuple[int, int, Array]], rope_cs: tuple[Array, Array],
-    cfg: ModelConfig,
-) -> Array:
-    """Grouped-query causal self-attention (no biases), softmax in float32, computed per block of query rows.
-
-    The G = N / K query heads of a kv head are folded into the query axis ([B, K, T*G, H]), so MHA and GQA run the
-    same [B, K]-batched matmuls; each block of query rows only meets the keys it can see (causal block skipping).
-    """
+def project_qkv(x_BxTxD: Array, lp: Params, rope_cs: tuple[Array, Array], cfg: ModelConfig
+                ) -> tuple[Array, Array, Array]:
+    """(q * H^-0.5, k, v) of one layer, RoPE applied: [B, T, N, H], [B, T, K, H], [B, T, K, H]."""
     dt = x_BxTxD.dtype
     B, T, D = x_BxTxD.shape
     N, K, H = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-    G = N // K
     x_MxD = x_BxTxD.reshape(B * T, D)  # 2-D GEMMs: XLA:CPU emits no transposes for their gradients
     q_BxTxNxH = (x_MxD @ lp["wq_LxDxNxH"].reshape(D, N * H).astype(dt)).reshape(B, T, N, H)
     k_BxTxKxH = (x_MxD @ lp["wk_LxDxKxH"].reshape(D, K * H).astype(dt)).reshape(B, T, K, H)
     v_BxTxKxH = (x_MxD @ lp["wv_LxDxKxH"].reshape(D, K * H).astype(dt)).reshape(B, T, K, H)
-    q_BxTxNxH = apply_rope(q_BxTxNxH, *rope_cs) * jnp.asarray(H**-0.5, dt)
-    k_BxTxKxH = apply_rope(k_BxTxKxH, *rope_cs)
+    return apply_rope(q_BxTxNxH, *rope_cs) * jnp.asarray(H**-0.5, dt), apply_rope(k_BxTxKxH, *rope_cs), v_BxTxKxH
+
+
+def attend(q_BxTxNxH: Array, k_BxSxKxH: Array, v_BxSxKxH: Array, lp: Params,
+           bias_blocks: list[tuple[int, int, Array]], cfg: ModelConfig) -> Array:
+    """Softmax attention (float32) of queries over keys, then the output projection, [B, T, D].
+
+    ``bias_blocks`` as from :func:`attention_bias_blocks`: query rows t0..t1-1 meet the first ``bias.shape[-1]`` keys
+    (t1 in training; the whole KV cache when decoding). The G = N / K query heads of a kv head are folded into the
+    query axis ([B, K, T*G, H]), so MHA and GQA run the same [B, K]-batched matmuls.
+    """
+    (B, T, N, H), dt, K = q_BxTxNxH.shape, q_BxTxNxH.dtype, cfg.n_kv_heads
+    G = N // K
     # query index q = t * G + g
     q_BxKxQxH = q_BxTxNxH.reshape(B, T, K, G, H).transpose(0, 2, 1, 3, 4).reshape(B, K, T * G, H)
-    k_BxKxSxH = k_BxTxKxH.transpose(0, 2, 1, 3)
-    v_BxKxSxH = v_BxTxKxH.transpose(0, 2, 1, 3)
+    k_BxKxSxH = k_BxSxKxH.transpose(0, 2, 1, 3)
+    v_BxKxSxH = v_BxSxKxH.transpose(0, 2, 1, 3)
     outs = []
     for t0, t1, bias_BxtxS in bias_blocks:
-        n = t1 - t0
-        s_BxKxqxS = jnp.einsum("bkqh,bksh->bkqs", q_BxKxQxH[:, :, t0 * G:t1 * G], k_BxKxSxH[:, :, :t1],
+        n, s = t1 - t0, bias_BxtxS.shape[-1]
+        s_BxKxqxS = jnp.einsum("bkqh,bksh->bkqs", q_BxKxQxH[:, :, t0 * G:t1 * G], k_BxKxSxH[:, :, :s],
                                preferred_element_type=jnp.float32)
-        s_BxKxqxS = (s_BxKxqxS.reshape(B, K, n, G, t1) + bias_BxtxS[:, None, :, None, :]).reshape(B, K, n * G, t1)
+        s_BxKxqxS = (s_BxKxqxS.reshape(B, K, n, G, s) + bias_BxtxS[:, None, :, None, :]).reshape(B, K, n * G, s)
         p_BxKxqxS = jax.nn.softmax(s_BxKxqxS, axis=-1).astype(dt)
-        outs.append(jnp.einsum("bkqs,bksh->bkqh", p_BxKxqxS, v_BxKxSxH[:, :, :t1]))
+        outs.append(jnp.einsum("bkqs,bksh->bkqh", p_BxKxqxS, v_BxKxSxH[:, :, :s]))
     o_BxKxQxH = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=2)
     o_MxNH = o_BxKxQxH.reshape(B, K, T, G, H).transpose(0, 2, 1, 3, 4).reshape(B * T, N * H)
-    return (o_MxNH @ lp["wo_LxNxHxD"].reshape(N * H, D).astype(dt)).reshape(B, T, D)
+    return (o_MxNH @ lp["wo_LxNxHxD"].reshape(N * H, -1).astype(dt)).reshape(B, T, -1)
+
+
+def attention(x_BxTxD: Array, lp: Params, bias_blocks: list[tuple[int, int, Array]], rope_cs: tuple[Array, Array],
+              cfg: ModelConfig) -> Array:
+    """Grouped-query causal self-attention (no biases): :func:`project_qkv` then :func:`attend`."""
+    return attend(*project_qkv(x_BxTxD, lp, rope_cs, cfg), lp, bias_blocks, cfg)
 
 
 # A hook that masks x1 (ProSparse's activation, paper Eq. 1: x1 = act(x W_gate) * (x W_up)) of one layer:
@@ -359,11 +369,16 @@ def forward(
         layer = jax.checkpoint(layer, prevent_cse=False)
     h_BxTxD = (params["embed_VxD"][ids_BxT] * cfg.scale_emb).astype(dt)
     h_BxTxD, outs = _run_layers(params, h_BxTxD, layer)
+    return head_logits(params, h_BxTxD, cfg), FFNStats(*outs)
+
+
+def head_logits(params: Params, h_BxTxD: Array, cfg: ModelConfig) -> Array:
+    """float32 logits [B, T, V] of the last hidden states: final RMSNorm, MiniCPM's divisor, LM head."""
+    (B, T, _), dt = h_BxTxD.shape, h_BxTxD.dtype
     h_BxTxD = rms_norm(h_BxTxD, params["final_norm_D"], cfg.norm_eps) / jnp.asarray(cfg.logits_divisor, dt)
     head_DxV = params["embed_VxD"].T if cfg.tie_embeddings else params["lm_head_DxV"]
-    logits_BxTxV = jnp.dot(h_BxTxD.reshape(B * T, -1), head_DxV.astype(dt),
-                           preferred_element_type=jnp.float32).reshape(B, T, -1)
-    return logits_BxTxV, FFNStats(*outs)
+    return jnp.dot(h_BxTxD.reshape(B * T, -1), head_DxV.astype(dt),
+                   preferred_element_type=jnp.float32).reshape(B, T, -1)
 
 
 def cross_entropy(
