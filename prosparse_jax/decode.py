@@ -85,9 +85,17 @@ def _layers(params: Params, h_BxTxD: Array, cache: KVCache, slot0: Array, pos_Bx
         out, zeros_BxT = ffn(i, model.rms_norm(h_BxTxD, lp["ffn_norm_LxD"], cfg.norm_eps), lp, valid_BxT)
         return h_BxTxD + (out * r).astype(dt), (k_BxSxKxH, v_BxSxKxH, zeros_BxT)
 
-    layers = model.stack_layers(params)["layers"]
+    if isinstance(params["layers"], (list, tuple)):  # per-layer layout: unrolled, each layer's weights read in place
+        outs = []
+        for i, group in enumerate(params["layers"]):
+            lp = jax.tree.map(lambda x: x[0], group)
+            h_BxTxD, o = layer(h_BxTxD, (lp, cache.k_LxBxSxKxH[i], cache.v_LxBxSxKxH[i], jnp.int32(i)))
+            outs.append(o)
+        k, v, zeros = (jnp.stack(z) for z in zip(*outs, strict=True))
+        return h_BxTxD, k, v, zeros
     idx = jnp.arange(cfg.n_layers, dtype=jnp.int32)
-    h_BxTxD, (k, v, zeros) = jax.lax.scan(layer, h_BxTxD, (layers, cache.k_LxBxSxKxH, cache.v_LxBxSxKxH, idx))
+    h_BxTxD, (k, v, zeros) = jax.lax.scan(layer, h_BxTxD, (params["layers"], cache.k_LxBxSxKxH,
+                                                           cache.v_LxBxSxKxH, idx))
     return h_BxTxD, k, v, zeros
 
 

@@ -122,6 +122,9 @@ def generate(params: model.Params, cfg: ModelConfig, prompts_ids: list[list[int]
         raise ValueError(f"sampling needs temperature >= 0, top_k >= 0 and 0 < top_p <= 1; got {temperature}, "
                          f"{top_k}, {top_p}")
     ffn = ffn or dense_ffn
+    # per-layer layout: the decode step reads each layer's weights in place (a scan over stacked layers copies each
+    # layer's slice every step: 7x slower at the 7B FFN width, 4096 x 11008)
+    params = model.unstack_layers(params)
     ids_BxP, pad_B = left_pad(prompts_ids)
     B, P = ids_BxP.shape
     cache = init_cache(cfg, B, P + max_new_tokens, pad_B)

@@ -1,0 +1,148 @@
+"""End-to-end decode speed: our sparse vs dense decode, and our dense decode vs HF transformers ``generate``.
+
+    python experiments/bench_decode.py --d_model=4096 --d_ff=11008 --n_layers=2 --sparsity=0.88 --new_tokens=32
+
+A random model at the given FFN width (LLaMA2-7B: 4096 x 11008) with a few layers, FATReLU with one threshold t
+chosen as the ``--sparsity`` quantile of the gate pre-activations of the prompt (so every layer decodes at about that
+sparsity; measured sparsity is printed), batch 1, fp32, greedy:
+
+* ours dense: ``prosparse_jax.generate.generate`` with the dense FFN hook;
+* ours sparse: the same with ``generate.sparse_decode_ffn`` (``prosparse_jax.sparse_ffn``: only the active neurons'
+  rows of W_up / W_down are read), which must emit the same tokens;
+* PyTorch: the same weights as a transformers ``LlamaForCausalLM`` with ``hidden_act=relu`` against our dense decode
+  of the ReLU model (transformers has no FATReLU), ``generate(do_sample=False)``, same threads; its decode speed is
+  (N - 1) / (t(N new tokens) - t(1 new token)), i.e. with the prefill subtracted.
+
+One untimed warm-up run of each, then repetitions alternate; medians are printed. Compile time is excluded on our
+side (``generate`` compiles ahead of time); decode tokens/s include sampling and the host-side EOS check of every
+step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from prosparse_jax import cli, generate, model  # noqa: E402
+from prosparse_jax.config import ModelConfig  # noqa: E402
+
+
+def build(args: argparse.Namespace) -> tuple[ModelConfig, model.Params, list[int]]:
+    """Random ReLU model, FATReLU threshold at the requested sparsity of the prompt's gates, and the prompt."""
+    cfg = ModelConfig(vocab_size=args.vocab, d_model=args.d_model, n_layers=args.n_layers, n_heads=args.n_heads,
+                      n_kv_heads=args.n_heads, d_ff=args.d_ff, activation="relu", init_std=0.02)
+    params = jax.jit(lambda k: model.init_params(cfg, k))(jax.random.key(0))
+    prompt = np.random.default_rng(0).integers(1, cfg.vocab_size, size=args.prompt_len).tolist()
+    _, st = model.forward(params, jnp.asarray([prompt]), cfg, capture=True)
+    gates = np.asarray(st.act_gate).ravel()  # relu(gate): the quantile above 0 is the one of the gate itself
+    t = float(np.quantile(gates, args.sparsity)) if args.sparsity > 0 else 0.0
+    return cfg.replace(activation="fatrelu", activation_threshold=t), params, prompt
+
+
+def time_ours(params: model.Params, cfg: ModelConfig, prompt: list[int], n: int, sparse: bool
+              ) -> tuple[float, list[int], list[float]]:
+    ffn = generate.sparse_decode_ffn if sparse else None
+    news, stats = generate.generate(params, cfg, [prompt], max_new_tokens=n, ffn=ffn)
+    return stats.decode_tokens_per_s, news[0], stats.sparsity_per_layer
+
+
+def torch_model(cfg: ModelConfig, params: model.Params):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from prosparse_jax.hf_config import hf_config_from_model
+    from prosparse_jax.hf_weights import to_hf_state_dict
+
+    raw = hf_config_from_model(cfg, "llama")
+    keep = {k: v for k, v in raw.items() if k in LlamaConfig().to_dict() and k not in ("torch_dtype", "dtype")}
+    m = LlamaForCausalLM(LlamaConfig(**keep)).eval()
+    sd = {k: torch.from_numpy(np.array(v, copy=True)) for k, v in to_hf_state_dict(cfg, params, fold=True).items()}
+    m.load_state_dict(sd, strict=False)
+    return m
+
+
+def time_torch(m, prompt: list[int], n: int) -> tuple[float, list[int]]:
+    import torch
+
+    ids = torch.tensor([prompt])
+
+    def run(k: int) -> tuple[float, list[int]]:
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            out = m.generate(ids, max_new_tokens=k, min_new_tokens=k, do_sample=False, pad_token_id=0)
+        return time.perf_counter() - t0, out[0, len(prompt):].tolist()
+
+    run(n)  # warm-up
+    t1, _ = min(run(1) for _ in range(3))
+    tn, toks = run(n)
+    return (n - 1) / max(tn - t1, 1e-9), toks
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = cli.ArgumentParser(description=__doc__, prog="bench_decode")
+    p.add_argument("--d_model", type=int, default=4096)
+    p.add_argument("--d_ff", type=int, default=11008)
+    p.add_argument("--n_layers", type=int, default=2)
+    p.add_argument("--n_heads", type=int, default=32)
+    p.add_argument("--vocab", type=int, default=4096)
+    p.add_argument("--sparsity", type=float, default=0.88, help="target FATReLU sparsity in [0, 1)")
+    p.add_argument("--prompt_len", type=int, default=16)
+    p.add_argument("--new_tokens", type=int, default=32)
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--torch", action="store_true", help="also time transformers generate (dense ReLU model)")
+    p.add_argument("--out", default="", help="write the results JSON here")
+    args = p.parse_args(argv)
+    if not 0 <= args.sparsity < 1 or args.new_tokens < 2:
+        print("bench_decode: error: --sparsity must be in [0, 1) and --new_tokens >= 2", file=sys.stderr)
+        return 1
+    cfg, params, prompt = build(args)
+    sparse_params = generate.prepare_sparse_params(params)  # generate() decodes in the per-layer layout
+    relu = cfg.replace(activation="relu", activation_threshold=0.0)
+    tm = None
+    if args.torch:
+        import torch
+
+        torch.set_num_threads(os.cpu_count() or 1)
+        tm = torch_model(relu, params)
+    rows: dict[str, list[float]] = {"dense": [], "sparse": [], "relu_dense": [], "torch_relu": []}
+    time_ours(params, cfg, prompt, args.new_tokens, sparse=False)  # warm-up (first-call allocations)
+    time_ours(sparse_params, cfg, prompt, args.new_tokens, sparse=True)
+    for _ in range(args.reps):
+        d, toks_d, sp = time_ours(params, cfg, prompt, args.new_tokens, sparse=False)
+        s, toks_s, _ = time_ours(sparse_params, cfg, prompt, args.new_tokens, sparse=True)
+        if toks_s != toks_d:
+            print("bench_decode: error: sparse decode emitted other tokens than dense decode", file=sys.stderr)
+            return 1
+        rows["dense"].append(d)
+        rows["sparse"].append(s)
+        if tm is not None:
+            r, toks_r, _ = time_ours(params, relu, prompt, args.new_tokens, sparse=False)
+            t, toks_t = time_torch(tm, prompt, args.new_tokens)
+            rows["relu_dense"].append(r)
+            rows["torch_relu"].append(t)
+            rows.setdefault("same_tokens_as_torch", []).append(float(toks_r == toks_t))
+    med = {k: statistics.median(v) for k, v in rows.items() if v}
+    res = {"shape": f"{args.d_model}x{args.d_ff}", "layers": args.n_layers, "threshold": cfg.activation_threshold,
+           "measured_sparsity_per_layer": sp, "decode_tokens_per_s": med,
+           "sparse_over_dense": med["sparse"] / med["dense"], "devices": str(jax.devices()), "cpus": os.cpu_count()}
+    if tm is not None:
+        res["ours_over_torch_dense_relu"] = med["relu_dense"] / med["torch_relu"]
+    print(json.dumps(res))
+    if args.out:
+        cli.write_text_atomic(args.out, json.dumps(res, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
