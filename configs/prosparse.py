@@ -22,65 +22,78 @@ NAMES = ("tiny", "tiny-silu", "minicpm-1b", "llama2-7b", "llama2-13b")
 TINY_STAGES = [[0.0, 10], [5e-5, 25], [2e-4, 60], [2e-4, 100]]
 
 
+def _tiny(c) -> None:
+    """The miniature's 5.3M model and recipe (experiments/prosparse_miniature.py)."""
+    # 4 layers: the per-layer (unrolled) training layout is ~10% faster on CPU than the scan and compiles fast.
+    c.model.update(dict(vocab_size=4096, d_model=256, n_layers=4, n_heads=4, n_kv_heads=4, d_ff=704,
+                        scan_layers=False))
+    c.data.vocab_size = 4096
+    c.data.seq_len = 256
+    c.train.batch_size = 8
+    c.train.eval_every = 50
+    c.train.eval_batches = 32  # 65,536 held-out tokens sampled across the split
+    c.train.checkpoint_every = 50
+    c.train.log_every = 10
+    # Tuned for the miniature: peak 5e-3 beat 2e-3, 3e-3 and 1e-2 on the held-out loss at equal tokens; WSD with the
+    # decay over the last 40% of the run, to 10% of the peak.
+    c.optim.lr = 5e-3
+    c.optim.warmup_steps = 10
+    c.optim.schedule = "wsd"
+    c.optim.decay_fraction = 0.4
+    c.optim.min_lr_ratio = 0.1
+    c.sparsity.stages = TINY_STAGES
+    c.sparsity.final_threshold = 0.01
+
+
+def _minicpm_1b(c) -> None:
+    c.model.update(dict(vocab_size=73440, d_model=1536, n_layers=52, n_heads=24, n_kv_heads=8, d_ff=3840,
+                        tie_embeddings=True, scale_emb=12.0, scale_depth=1.4, dim_model_base=256,
+                        init_std=0.1 / (1536 / 256) ** 0.5, dtype="bfloat16", remat=True))
+    c.data.vocab_size = 73440
+    c.data.seq_len = 4096
+    c.train.batch_size = 1200  # 4.92M tokens per step
+    c.optim.lr = 0.01
+    c.optim.schedule = "wsd"
+    # The WSD decay spans the whole last stage, 35k -> 95k (60k of 95k steps), with lambda held at 5e-2.
+    c.optim.decay_fraction = 60_000 / 95_000
+    c.optim.mup = True
+    c.sparsity.stages = [list(s) for s in PROSPARSE_STAGES["minicpm-1b"]]
+    # NOT from the paper: ProSparse states FATReLU thresholds only for LLaMA2-7B/13B (t = 0.01, App. O); the
+    # MiniCPM-1B threshold is unpublished. 0.01 mirrors the LLaMA2 choice; measure your own (analyze --metric=fat).
+    c.sparsity.final_threshold = 0.01
+
+
+def _llama2(c, name: str) -> None:
+    d, n_layers, heads, d_ff, batch, lr, thr = {
+        "llama2-7b": (4096, 32, 32, 11008, 512, 3e-5, 0.01),
+        "llama2-13b": (5120, 40, 40, 13824, 2048, 5e-5, 0.01),
+    }[name]
+    c.model.update(dict(vocab_size=32000, d_model=d, n_layers=n_layers, n_heads=heads, n_kv_heads=heads, d_ff=d_ff,
+                        dtype="bfloat16", remat=True))
+    c.data.vocab_size = 32000
+    c.data.seq_len = 4096
+    c.train.batch_size = batch
+    c.optim.lr = lr
+    c.optim.schedule = "cosine"
+    c.optim.warmup_steps = 100
+    c.sparsity.stages = [list(s) for s in PROSPARSE_STAGES[name]]
+    c.sparsity.final_threshold = thr
+
+
 def get_config(arg: str = "tiny"):
     name = arg.lower()
     if name not in NAMES:
         raise ConfigError(f"prosparse config: unknown name {arg!r}; choose one of: {', '.join(NAMES)}")
     c = base_config()
-    m = c.model
-    m.activation = "relu"
+    c.model.activation = "relu"
     if name in ("tiny", "tiny-silu"):
-        # 4 layers: the per-layer (unrolled) training layout is ~10% faster on CPU than the scan and compiles fast.
-        m.update(dict(vocab_size=4096, d_model=256, n_layers=4, n_heads=4, n_kv_heads=4, d_ff=704, scan_layers=False))
-        c.data.vocab_size = 4096
-        c.data.seq_len = 256
-        c.train.batch_size = 8
-        c.train.eval_every = 50
-        c.train.eval_batches = 32  # 65,536 held-out tokens sampled across the split
-        c.train.checkpoint_every = 50
-        c.train.log_every = 10
-        # Tuned for the miniature (experiments/prosparse_miniature.py): peak 5e-3 beat 2e-3, 3e-3 and 1e-2 on the
-        # held-out loss at equal tokens; WSD with the decay over the last 40% of the run, to 10% of the peak.
-        c.optim.lr = 5e-3
-        c.optim.warmup_steps = 10
-        c.optim.schedule = "wsd"
-        c.optim.decay_fraction = 0.4
-        c.optim.min_lr_ratio = 0.1
-        c.sparsity.stages = TINY_STAGES
-        c.sparsity.final_threshold = 0.01
+        _tiny(c)
     elif name == "minicpm-1b":
-        m.update(dict(vocab_size=73440, d_model=1536, n_layers=52, n_heads=24, n_kv_heads=8, d_ff=3840,
-                      tie_embeddings=True, scale_emb=12.0, scale_depth=1.4, dim_model_base=256,
-                      init_std=0.1 / (1536 / 256) ** 0.5, dtype="bfloat16", remat=True))
-        c.data.vocab_size = 73440
-        c.data.seq_len = 4096
-        c.train.batch_size = 1200  # 4.92M tokens per step
-        c.optim.lr = 0.01
-        c.optim.schedule = "wsd"
-        # The WSD decay spans the whole last stage, 35k -> 95k (60k of 95k steps), with lambda held at 5e-2.
-        c.optim.decay_fraction = 60_000 / 95_000
-        c.optim.mup = True
-        c.sparsity.stages = [list(s) for s in PROSPARSE_STAGES["minicpm-1b"]]
-        # NOT from the paper: ProSparse states FATReLU thresholds only for LLaMA2-7B/13B (t = 0.01, App. O); the
-        # MiniCPM-1B threshold is unpublished. 0.01 mirrors the LLaMA2 choice; measure your own (analyze --metric=fat).
-        c.sparsity.final_threshold = 0.01
+        _minicpm_1b(c)
     else:
-        d, n_layers, heads, d_ff, batch, lr, thr = {
-            "llama2-7b": (4096, 32, 32, 11008, 512, 3e-5, 0.01),
-            "llama2-13b": (5120, 40, 40, 13824, 2048, 5e-5, 0.01),
-        }[name]
-        m.update(dict(vocab_size=32000, d_model=d, n_layers=n_layers, n_heads=heads, n_kv_heads=heads, d_ff=d_ff,
-                      dtype="bfloat16", remat=True))
-        c.data.vocab_size = 32000
-        c.data.seq_len = 4096
-        c.train.batch_size = batch
-        c.optim.lr = lr
-        c.optim.schedule = "cosine"
-        c.optim.warmup_steps = 100
-        c.sparsity.stages = [list(s) for s in PROSPARSE_STAGES[name]]
-        c.sparsity.final_threshold = thr
+        _llama2(c, name)
     if name == "tiny-silu":  # the dense SiLU model of the same shape and recipe: no regulariser, no FATReLU
-        m.activation = "silu"
+        c.model.activation = "silu"
         c.sparsity.stages = [[0.0, 100]]
         c.sparsity.final_threshold = 0.0
     c.train.steps = int(c.sparsity.stages[-1][1])

@@ -55,3 +55,21 @@ def small_run_config(corpus, steps, *, activation="relu", batch_size=4, checkpoi
     c.optim.update(dict(lr=3e-3, warmup_steps=2, schedule="cosine"))
     c.sparsity.stages = stages if stages is not None else [[0.0, steps]]
     return c
+
+
+TOKENIZER_TEXTS = ["the quick brown fox jumps over the lazy dog", "hello world, hello jax"]
+
+
+def write_bpe_tokenizer(path, vocab_size: int, texts=TOKENIZER_TEXTS):
+    """A byte-level BPE with ``<|endoftext|>`` trained on ``texts`` (x10), saved as ``path``; returns ``path``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(list(texts) * 10, trainer)
+    assert tok.get_vocab_size() <= vocab_size
+    tok.save(str(path))
+    return path

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import tiny_model_config
+from conftest import tiny_model_config, write_bpe_tokenizer
 
 from prosparse_jax import analyze, checkpoint, cli, describe, export_hf, hf, import_hf, model, score
 
@@ -50,17 +50,7 @@ def boom(*args, **kwargs):
 # ---------------------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def tokenizer_file(tmp_path_factory):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<|endoftext|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(["the quick brown fox jumps over the lazy dog", "hello world, hello jax"] * 10, trainer)
-    path = tmp_path_factory.mktemp("tok") / "tokenizer.json"
-    tok.save(str(path))
-    return path
+    return write_bpe_tokenizer(tmp_path_factory.mktemp("tok") / "tokenizer.json", VOCAB)
 
 
 @pytest.fixture(scope="module")

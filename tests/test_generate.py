@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import tiny_model_config
+from conftest import tiny_model_config, write_bpe_tokenizer
 
 from prosparse_jax import checkpoint, decode, generate, model, sparse_ffn
 
@@ -155,16 +155,8 @@ def test_greedy_matches_transformers_generate(tmp_path: Path) -> None:
 # ---------------------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<|endoftext|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(["the quick brown fox jumps over the lazy dog", "hello world, hello jax"] * 10, trainer)
     root = tmp_path_factory.mktemp("gen")
-    tok.save(str(root / "tokenizer.json"))
+    write_bpe_tokenizer(root / "tokenizer.json", VOCAB)
     cfg = tiny_model_config(vocab_size=VOCAB, activation="silu")
     wd = checkpoint.write_params_workdir(root / "wd", cfg, model.init_params(cfg, jax.random.key(0)),
                                          run_config={"data": {"seq_len": SEQ_LEN}})

@@ -15,6 +15,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+from conftest import TOKENIZER_TEXTS, write_bpe_tokenizer  # noqa: E402
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -32,20 +33,8 @@ VOCAB = 300  # byte-level BPE needs >= 256 (+ merges, + <|endoftext|>)
 # ---------------------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def tokenizer_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<|endoftext|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    text = ["the quick brown fox jumps over the lazy dog", "sparse activations make inference fast",
-            "hello world, hello jax"] * 10
-    tok.train_from_iterator(text, trainer)
-    assert tok.get_vocab_size() <= VOCAB
-    path = tmp_path_factory.mktemp("tok") / "tokenizer.json"
-    tok.save(str(path))
-    return path
+    return write_bpe_tokenizer(tmp_path_factory.mktemp("tok") / "tokenizer.json", VOCAB,
+                               [*TOKENIZER_TEXTS, "sparse activations make inference fast"])
 
 
 def tiny_cfg(**kw: object) -> ModelConfig:
