@@ -1,6 +1,7 @@
 """End-to-end decode speed: our sparse vs dense decode, and our dense decode vs HF transformers ``generate``.
 
     python experiments/bench_decode.py --d_model=4096 --d_ff=11008 --n_layers=2 --sparsity=0.88 --new_tokens=32
+    python experiments/bench_decode.py --checkpoint=<workdir or HF folder> --new_tokens=32   # a trained model
 
 A random model at the given FFN width (LLaMA2-7B: 4096 x 11008) with a few layers, FATReLU with one threshold t
 chosen as the ``--sparsity`` quantile of the gate pre-activations of the prompt (so every layer decodes at about that
@@ -12,6 +13,10 @@ sparsity; measured sparsity is printed), batch 1, fp32, greedy:
 * PyTorch: the same weights as a transformers ``LlamaForCausalLM`` with ``hidden_act=relu`` against our dense decode
   of the ReLU model (transformers has no FATReLU), ``generate(do_sample=False)``, same threads; its decode speed is
   (N - 1) / (t(N new tokens) - t(1 new token)), i.e. with the prefill subtracted.
+
+With ``--checkpoint`` the model is a trained one as it is (e.g. the main job's ``b_prosparse``: its own activation and
+FATReLU threshold, or its sparse-mode thresholds), the prompt the first ``--prompt_len`` tokens of a standard-library
+source file (``json/decoder.py``, the built-in corpus) under its own tokenizer, and ``--torch`` is not available.
 
 One untimed warm-up run of each, then repetitions alternate; medians are printed. Compile time is excluded on our
 side (``generate`` compiles ahead of time); decode tokens/s include sampling and the host-side EOS check of every
@@ -36,6 +41,22 @@ import numpy as np  # noqa: E402
 
 from prosparse_jax import cli, generate, model  # noqa: E402
 from prosparse_jax.config import ModelConfig  # noqa: E402
+
+
+def load_trained(path: str, prompt_len: int) -> tuple[ModelConfig, model.Params, list[int]]:
+    """A trained model as it is, and a prompt of real text (standard-library source) under its tokenizer."""
+    import json as json_module
+
+    from tokenizers import Tokenizer
+
+    from prosparse_jax import checkpoint
+
+    cfg, params, tok_path = checkpoint.load_model(path)
+    if tok_path is None:
+        raise checkpoint.CheckpointError(f"{path} has no tokenizer.json; the prompt needs the model's tokenizer")
+    text = (Path(json_module.__file__).parent / "decoder.py").read_text()
+    ids = Tokenizer.from_file(str(tok_path)).encode(text).ids[:prompt_len]
+    return generate.sparse_config(cfg, sparse=True), params, ids
 
 
 def build(args: argparse.Namespace) -> tuple[ModelConfig, model.Params, list[int]]:
@@ -91,6 +112,7 @@ def time_torch(m, prompt: list[int], n: int) -> tuple[float, list[int]]:
 
 def main(argv: list[str] | None = None) -> int:
     p = cli.ArgumentParser(description=__doc__, prog="bench_decode")
+    p.add_argument("--checkpoint", default="", help="a trained workdir / HF folder instead of the random model")
     p.add_argument("--d_model", type=int, default=4096)
     p.add_argument("--d_ff", type=int, default=11008)
     p.add_argument("--n_layers", type=int, default=2)
@@ -106,7 +128,14 @@ def main(argv: list[str] | None = None) -> int:
     if not 0 <= args.sparsity < 1 or args.new_tokens < 2:
         print("bench_decode: error: --sparsity must be in [0, 1) and --new_tokens >= 2", file=sys.stderr)
         return 1
-    cfg, params, prompt = build(args)
+    if args.checkpoint and args.torch:
+        print("bench_decode: error: --torch compares random ReLU models; drop it with --checkpoint", file=sys.stderr)
+        return 1
+    if args.checkpoint:
+        cli.check_model_path(args.checkpoint, "--checkpoint")
+        cfg, params, prompt = load_trained(args.checkpoint, args.prompt_len)
+    else:
+        cfg, params, prompt = build(args)
     sparse_params = generate.prepare_sparse_params(params)  # generate() decodes in the per-layer layout
     relu = cfg.replace(activation="relu", activation_threshold=0.0)
     tm = None
@@ -133,7 +162,8 @@ def main(argv: list[str] | None = None) -> int:
             rows["torch_relu"].append(t)
             rows.setdefault("same_tokens_as_torch", []).append(float(toks_r == toks_t))
     med = {k: statistics.median(v) for k, v in rows.items() if v}
-    res = {"shape": f"{args.d_model}x{args.d_ff}", "layers": args.n_layers, "threshold": cfg.activation_threshold,
+    res = {"model": args.checkpoint or "random", "shape": f"{cfg.d_model}x{cfg.d_ff}", "layers": cfg.n_layers,
+           "activation": cfg.activation, "threshold": cfg.activation_threshold,
            "measured_sparsity_per_layer": sp, "decode_tokens_per_s": med,
            "sparse_over_dense": med["sparse"] / med["dense"], "devices": str(jax.devices()), "cpus": os.cpu_count()}
     if tm is not None:
