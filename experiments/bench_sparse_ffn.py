@@ -3,6 +3,7 @@
     python experiments/bench_sparse_ffn.py                       # 4096x11008 and 1536x3840, batch 1 and 4
     python experiments/bench_sparse_ffn.py --shapes=4096x11008 --batches=1 --sparsities=0.88 --reps=10
     python experiments/bench_sparse_ffn.py --crossover            # density sweep for DENSE_CROSSOVER
+    python experiments/bench_sparse_ffn.py --checkpoint=runs/miniature/b_prosparse   # real activations, per layer
 
 ReLU FFN, fp32, iid masks: the gate weights are random and the input x is built so that a chosen fraction
 (1 - sparsity) of the gates is positive for every batch row (same neurons on every row, so the union active set
@@ -12,6 +13,11 @@ side uses the ``cpu_gather`` backend with W_up^T prepared once (``prepare_weight
 above ``DENSE_CROSSOVER``). Timed repetitions alternate dense / sparse; medians reported
 (speedup, %bound, tok/s of the sparse side), plus ``min/min``, the ratio of the fastest repetitions, which is the
 better estimate when other processes share the cores.
+``--checkpoint``: real activations of a trained model instead of iid masks. The FFN inputs of every layer are
+recorded while the model prefills a standard-library source file (the built-in corpus) under its own tokenizer; per
+layer, each recorded token is one batch-1 call with that layer's weights and the model's own activation / FATReLU
+threshold / sparse-mode tau, with the default buckets (dense above ``DENSE_CROSSOVER``). The row gives the mean
+sparsity of the union active set, the summed dense and sparse times over the tokens and their ratio.
 The speedup bound is 3 / (1 + 2 (1 - s)) (the gate-mask case: W_gate in full, (1 - s) of W_up and W_down).
 """
 
@@ -88,6 +94,69 @@ def bench_one(D: int, F: int, B: int, s: float, reps: int, chunk: int, fallback:
                 pct_bound=100 * md / ms / bound, tok_s=B * 1e3 / ms, rel_err=err, best=best)
 
 
+def record_ffn_inputs(path: str, n_tokens: int) -> tuple:
+    """(model config, stacked params, {layer: x_NxD}) of a trained model prefilling ``n_tokens`` of stdlib text."""
+    import json as json_module
+    from pathlib import Path
+
+    from tokenizers import Tokenizer
+
+    from prosparse_jax import checkpoint, decode, generate, model, score
+
+    cfg, params, tok_path = checkpoint.load_model(path)
+    if tok_path is None:
+        raise SystemExit(f"bench_sparse_ffn: error: {path} has no tokenizer.json")
+    cfg = generate.sparse_config(cfg, sparse=True)
+    text = (Path(json_module.__file__).parent / "decoder.py").read_text()
+    ids = Tokenizer.from_file(str(tok_path)).encode(text).ids[:min(n_tokens, score.context_window(path)[0])]
+    seen: dict[int, np.ndarray] = {}
+
+    def recording_ffn(p: dict, c: object):
+        dense = decode.dense_ffn(p, c)
+
+        def ffn(layer, x_BxTxD, lp, valid_BxT):
+            jax.debug.callback(lambda l, x: seen.__setitem__(int(l), np.asarray(x)[0]), layer, x_BxTxD)
+            return dense(layer, x_BxTxD, lp, valid_BxT)
+        return ffn
+
+    cache = decode.init_cache(cfg, 1, len(ids), jnp.zeros(1, jnp.int32))
+    jax.block_until_ready(decode.prefill(params, jnp.asarray([ids]), cache, cfg, ffn_impl=recording_ffn))
+    return cfg, model.stack_layers(params), seen
+
+
+def bench_trained(path: str, n_tokens: int, chunk: int) -> None:
+    """Per layer of a trained model: dense vs sparse FFN over its recorded batch-1 FFN inputs."""
+    cfg, params, seen = record_ffn_inputs(path, n_tokens)
+    taus = cfg.neuron_thresholds or None
+    print(f"{path}: {cfg.activation} (threshold {cfg.activation_threshold}), sparse-mode taus: {taus is not None}, "
+          f"{len(seen[0])} tokens")
+    print(f"{'layer':>5} {'DxF':>9} {'sparsity':>8} {'dense ms':>9} {'sparse ms':>9} {'speedup':>7} {'bound':>6} "
+          f"{'max rel err':>11}")
+    for layer in sorted(seen):
+        lp = {k: v[layer] for k, v in params["layers"].items()}
+        prep = prepare_weights(lp["w_up_LxDxF"], lp["w_down_LxFxD"])
+        w = (lp["w_gate_LxDxF"], lp["w_up_LxDxF"], lp["w_down_LxFxD"])
+        kw = dict(activation=cfg.activation, threshold=cfg.activation_threshold, w_down_norms_F=prep["w_down_norms_F"],
+                  taus=None if taus is None else taus[layer])
+        dense = jax.jit(functools.partial(sparse_ffn, implementation="dense", **kw))
+        sparse = jax.jit(lambda x, wg, wu, wd, wut, kw=kw: sparse_ffn(x, wg, wu, wd, w_up_FxD=wut, chunk=chunk,
+                                                                      implementation="cpu_gather", **kw))
+        xs = [jnp.asarray(x[None]) for x in seen[layer]]
+        td = ts = 0.0
+        counts, err = [], 0.0
+        for x in xs:
+            (ref, _), (got, count) = dense(x, *w), sparse(x, *w, prep["w_up_FxD"])
+            err = max(err, float(jnp.max(jnp.abs(ref - got)) / jnp.maximum(jnp.max(jnp.abs(ref)), 1e-30)))
+            counts.append(int(count))
+            td += min(timed(dense, (x, *w), 3))
+            ts += min(timed(sparse, (x, *w, prep["w_up_FxD"]), 3))
+        F = cfg.d_ff
+        s_real = 1.0 - float(np.mean(counts)) / F
+        bound = 3.0 / (1.0 + 2.0 * (1.0 - s_real)) if taus is None else 3.0 / (2.0 + (1.0 - s_real))
+        print(f"{layer:>5} {cfg.d_model:>4}x{F:<4} {s_real:>8.3f} {td:>9.2f} {ts:>9.2f} {td / ts:>6.2f}x "
+              f"{bound:>5.2f}x {err:>11.1e}", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", default="4096x11008,1536x3840")
@@ -97,7 +166,13 @@ def main() -> None:
     ap.add_argument("--chunk", type=int, default=DEFAULT_CHUNK)
     ap.add_argument("--crossover", action="store_true", help="density sweep 30..70%% for DENSE_CROSSOVER")
     ap.add_argument("--fallback", action="store_true", help="default buckets: dense above DENSE_CROSSOVER")
+    ap.add_argument("--checkpoint", default="", help="real activations: a trained workdir / HF folder")
+    ap.add_argument("--tokens", type=int, default=64, help="with --checkpoint: recorded tokens per layer")
     a = ap.parse_args()
+    if a.checkpoint:
+        print(f"jax {jax.__version__}, backend {jax.default_backend()}, chunk {a.chunk}")
+        bench_trained(a.checkpoint, a.tokens, a.chunk)
+        return
     sps = [0.7, 0.65, 0.6, 0.55, 0.5, 0.45, 0.4, 0.3] if a.crossover else [float(v) for v in a.sparsities.split(",")]
     print(f"jax {jax.__version__}, backend {jax.default_backend()}, chunk {a.chunk}, reps {a.reps}")
     print(f"{'shape':>11} {'B':>2} {'sparsity':>8} {'dense ms':>9} {'sparse ms':>9} {'speedup':>7} {'bound':>6} "
