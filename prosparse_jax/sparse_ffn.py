@@ -34,14 +34,15 @@ sparsity seen by the operator falls with the batch.
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-from prosparse_jax.activations import check_activation, ffn_product
+from prosparse_jax.activations import RELU_FAMILY, check_activation, ffn_product
 
 Array = jax.Array
 
@@ -55,7 +56,7 @@ DENSE_CROSSOVER = 0.3
 DEFAULT_CHUNK = 128
 
 #: Activations whose gate output alone decides the active set (x1_i = 0 whenever act(gate_i) = 0).
-GATE_MASK_ACTIVATIONS = frozenset({"relu", "fatrelu", "drelu", "relu2"})
+GATE_MASK_ACTIVATIONS = RELU_FAMILY
 
 
 def prepare_weights(w_up_DxF: Array, w_down_FxD: Array) -> dict[str, Array]:
@@ -112,8 +113,18 @@ def _x1_from_up(activation: str, act_BxC: Array, up_BxC: Array) -> Array:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Backends: (x_BxD, weights, active_F, act_BxF, x1_BxF | None, activation, options) -> out_BxD
+# Backends: (x_BxD, weights, mode) -> (out_BxD, active_count)
 # ---------------------------------------------------------------------------------------------------------------
+class Mode(NamedTuple):
+    """What decides the active neurons, and the ``cpu_gather`` loop's knobs (see :func:`sparse_ffn`)."""
+
+    activation: str
+    threshold: Any
+    tau: Any
+    chunk: int
+    buckets: tuple[int, ...] | None
+
+
 def _dense_down(x_BxD: Array, w: dict[str, Array], act_BxF: Array, x1_BxF: Array | None, activation: str) -> Array:
     """The dense remainder of the FFN: up projection (unless x1 is known) and down projection."""
     if x1_BxF is None:
@@ -121,11 +132,11 @@ def _dense_down(x_BxD: Array, w: dict[str, Array], act_BxF: Array, x1_BxF: Array
     return x1_BxF @ w["w_down_FxD"].astype(x1_BxF.dtype)
 
 
-def _dense_impl(x_BxD: Array, w: dict[str, Array], active_F: Array, act_BxF: Array, x1_BxF: Array | None,
-                activation: str, chunk: int, buckets: tuple[int, ...] | None) -> Array:
+def _dense_impl(x_BxD: Array, w: dict[str, Array], mode: Mode) -> tuple[Array, Array]:
     """Reference backend: the dense FFN (same masks, no skipping)."""
-    del active_F, chunk, buckets
-    return _dense_down(x_BxD, w, act_BxF, x1_BxF, activation)
+    active_F, act_BxF, x1_BxF = _active_set(x_BxD, w["w_gate_DxF"], w["w_up_DxF"], mode.activation, mode.threshold,
+                                            mode.tau, w["w_down_norms_F"])
+    return _dense_down(x_BxD, w, act_BxF, x1_BxF, mode.activation), jnp.sum(active_F, dtype=jnp.int32)
 
 
 def _gather_loop(x_BxD: Array, w: dict[str, Array], active_F: Array, act_BxF: Array, x1_BxF: Array | None,
@@ -153,32 +164,60 @@ def _gather_loop(x_BxD: Array, w: dict[str, Array], active_F: Array, act_BxF: Ar
     return lax.fori_loop(0, n_chunks, body, acc0_BxD)
 
 
-def _cpu_gather_impl(x_BxD: Array, w: dict[str, Array], active_F: Array, act_BxF: Array, x1_BxF: Array | None,
-                     activation: str, chunk: int, buckets: tuple[int, ...] | None) -> Array:
+def _cpu_gather_impl(x_BxD: Array, w: dict[str, Array], mode: Mode) -> tuple[Array, Array]:
     """Gather backend: the smallest capacity bucket holding the active count, or the dense FFN above the last."""
-    F = active_F.shape[0]
-    caps = default_buckets(F, chunk) if buckets is None else tuple(sorted(buckets))
+    active_F, act_BxF, x1_BxF = _active_set(x_BxD, w["w_gate_DxF"], w["w_up_DxF"], mode.activation, mode.threshold,
+                                            mode.tau, w["w_down_norms_F"])
+    F, chunk = active_F.shape[0], mode.chunk
+    caps = default_buckets(F, chunk) if mode.buckets is None else tuple(sorted(mode.buckets))
     if any(c % chunk for c in caps):
         raise ValueError(f"bucket capacities {caps} must be multiples of chunk={chunk}")
+    if w["w_up_FxD"] is None and x1_BxF is None:
+        w = dict(w, w_up_FxD=w["w_up_DxF"].T)
     count = jnp.sum(active_F, dtype=jnp.int32)
     branch = jnp.searchsorted(jnp.asarray(caps, jnp.int32), count, side="left")  # == len(caps) above the last cap
 
     def sparse_branch(cap: int) -> Callable[[], Array]:
-        return lambda: _gather_loop(x_BxD, w, active_F, act_BxF, x1_BxF, activation, chunk, cap)
+        return lambda: _gather_loop(x_BxD, w, active_F, act_BxF, x1_BxF, mode.activation, chunk, cap)
 
-    branches = [sparse_branch(c) for c in caps] + [lambda: _dense_down(x_BxD, w, act_BxF, x1_BxF, activation)]
-    return lax.switch(branch, branches)
-
-
-#: name -> backend. A backend maps (x_BxD, weights, active_F, act_BxF, x1_BxF | None, activation, chunk, buckets) to
-#: out_BxD; ``weights`` holds w_gate_DxF, w_up_DxF, w_up_FxD, w_down_FxD. Pallas GPU/TPU backends register here.
-IMPLEMENTATIONS: dict[str, Callable[..., Array]] = {"dense": _dense_impl, "cpu_gather": _cpu_gather_impl}
+    branches = [sparse_branch(c) for c in caps] + [lambda: _dense_down(x_BxD, w, act_BxF, x1_BxF, mode.activation)]
+    return lax.switch(branch, branches), count
 
 
-def resolve_implementation(implementation: str) -> str:
-    """``auto`` -> ``cpu_gather`` on CPU, ``dense`` elsewhere (until an accelerator backend is registered)."""
+def _pallas_impl(module_name: str) -> Callable[[Array, dict[str, Array], Mode], tuple[Array, Array]]:
+    """A backend from a ``pallas_kernels`` module's ``s2`` (gate, activation, up rows of the active neurons -> x1)
+    and ``s3`` (W_down rows of the non-zero x1 columns). On a CPU the kernels run in Pallas' interpret mode (to test
+    them; slow). The active count is the union of x1's non-zero columns: the W_down rows S3 reads."""
+
+    def impl(x_BxD: Array, w: dict[str, Array], mode: Mode) -> tuple[Array, Array]:
+        kernels = importlib.import_module(f"pallas_kernels.{module_name}")
+        interpret = jax.default_backend() == "cpu"
+        w_up_FxD = w["w_up_DxF"].T if w["w_up_FxD"] is None else w["w_up_FxD"]
+        x1_BxF = kernels.s2(x_BxD, w["w_gate_DxF"], w_up_FxD, activation=mode.activation, threshold=mode.threshold,
+                            tau=mode.tau, w_down_norms_F=w["w_down_norms_F"], interpret=interpret)
+        out_BxD = kernels.s3(x1_BxF, w["w_down_FxD"], interpret=interpret)
+        return out_BxD, jnp.sum(jnp.any(x1_BxF != 0, axis=0), dtype=jnp.int32)
+
+    return impl
+
+
+#: name -> backend ``(x_BxD, weights, mode) -> (out_BxD, active_count)``; ``weights`` holds w_gate_DxF, w_up_DxF,
+#: w_up_FxD (or None), w_down_FxD, w_down_norms_F (or None). ``pallas_triton``: GPU kernels through Pallas' Triton
+#: lowering (per-neuron masked row loads); ``pallas_mosaic``: TPU kernels (scalar-prefetched index lists, row DMAs);
+#: both in ``pallas_kernels/``.
+IMPLEMENTATIONS: dict[str, Callable[[Array, dict[str, Array], Mode], tuple[Array, Array]]] = {
+    "dense": _dense_impl, "cpu_gather": _cpu_gather_impl,
+    "pallas_triton": _pallas_impl("sparse_ffn_triton"), "pallas_mosaic": _pallas_impl("sparse_ffn_mosaic")}
+
+#: What ``implementation="auto"`` runs on each platform (anything else: ``dense``).
+AUTO: dict[str, str] = {"cpu": "cpu_gather", "gpu": "pallas_triton", "cuda": "pallas_triton", "rocm": "pallas_triton",
+                        "tpu": "pallas_mosaic"}
+
+
+def resolve_implementation(implementation: str, platform: str | None = None) -> str:
+    """``auto`` -> the backend of ``platform`` (default: JAX's default backend) in :data:`AUTO`; else checked."""
     if implementation == "auto":
-        return "cpu_gather" if jax.default_backend() == "cpu" else "dense"
+        return AUTO.get(platform or jax.default_backend(), "dense")
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"unknown sparse FFN implementation {implementation!r}; choose one of: "
                          f"{', '.join(['auto', *IMPLEMENTATIONS])}")
@@ -205,22 +244,21 @@ def sparse_ffn(x_BxD: Array, w_gate_DxF: Array, w_up_DxF: Array, w_down_FxD: Arr
         The up projection is then dense and only W_down rows are skipped (bound 3 / (2 + (1 - s))).
       w_down_norms_F: ||W_down[i, :]||, required with ``taus`` (:func:`prepare_weights`).
       w_up_FxD: W_up^T prepared once (:func:`prepare_weights`); computed per call when omitted.
-      implementation: ``auto``, or a key of :data:`IMPLEMENTATIONS` (``dense``, ``cpu_gather``).
+      implementation: ``auto`` (by platform, :data:`AUTO`: ``cpu_gather`` on CPU, ``pallas_triton`` on GPU,
+        ``pallas_mosaic`` on TPU), or a key of :data:`IMPLEMENTATIONS`.
       chunk: active neurons per loop iteration of ``cpu_gather``.
       buckets: capacities (multiples of ``chunk``) of ``cpu_gather``; default :func:`default_buckets`. Above the last
         one the dense FFN runs.
 
     Returns:
-      (out_BxD, active_count): the FFN output and the int32 number of neurons in the batch's union active set.
+      (out_BxD, active_count): the FFN output and the int32 number of neurons in the batch's union active set
+      (the Pallas backends count the non-zero columns of x1, the W_down rows they read).
 
     Raises:
       ValueError: unknown implementation or activation, or a mode missing its inputs.
     """
     impl = IMPLEMENTATIONS[resolve_implementation(implementation)]
     check_activation(activation)
-    active_F, act_BxF, x1_BxF = _active_set(x_BxD, w_gate_DxF, w_up_DxF, activation, threshold, taus, w_down_norms_F)
-    if w_up_FxD is None and x1_BxF is None and impl is not _dense_impl:
-        w_up_FxD = w_up_DxF.T
-    w = {"w_gate_DxF": w_gate_DxF, "w_up_DxF": w_up_DxF, "w_up_FxD": w_up_FxD, "w_down_FxD": w_down_FxD}
-    out_BxD = impl(x_BxD, w, active_F, act_BxF, x1_BxF, activation, chunk, buckets)
-    return out_BxD, jnp.sum(active_F, dtype=jnp.int32)
+    w = {"w_gate_DxF": w_gate_DxF, "w_up_DxF": w_up_DxF, "w_up_FxD": w_up_FxD, "w_down_FxD": w_down_FxD,
+         "w_down_norms_F": w_down_norms_F}
+    return impl(x_BxD, w, Mode(activation, threshold, taus, chunk, buckets))

@@ -9,7 +9,13 @@ import pytest
 from conftest import tiny_model_config
 
 from prosparse_jax import model
-from prosparse_jax.sparse_ffn import IMPLEMENTATIONS, default_buckets, prepare_weights, sparse_ffn
+from prosparse_jax.sparse_ffn import (
+    IMPLEMENTATIONS,
+    default_buckets,
+    prepare_weights,
+    resolve_implementation,
+    sparse_ffn,
+)
 
 D, F, CHUNK = 37, 203, 16  # F, D not multiples of any chunk or bucket
 SPARSITIES = (0.0, 0.5, 0.88, 0.99, 1.0)
@@ -132,7 +138,15 @@ def test_bad_names_error():
         sparse_ffn(x, wg, wu, wd, activation="silu", taus=0.1)
     with pytest.raises(ValueError, match="multiples of chunk"):
         sparse_ffn(x, wg, wu, wd, activation="relu", implementation="cpu_gather", chunk=16, buckets=(24,))
-    assert set(IMPLEMENTATIONS) == {"dense", "cpu_gather"}
+    assert set(IMPLEMENTATIONS) == {"dense", "cpu_gather", "pallas_triton", "pallas_mosaic"}
+
+
+def test_auto_picks_the_platform_backend():
+    assert resolve_implementation("auto", "cpu") == "cpu_gather"
+    assert resolve_implementation("auto", "gpu") == "pallas_triton"
+    assert resolve_implementation("auto", "tpu") == "pallas_mosaic"
+    assert resolve_implementation("auto") == "cpu_gather"  # this machine
+    assert resolve_implementation("dense", "tpu") == "dense"
 
 
 def test_default_buckets():
