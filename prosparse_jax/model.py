@@ -254,7 +254,7 @@ class _Inputs(NamedTuple):
     valid_BxT: Array  # noqa: N815 - bool, False on padding
 
 
-def _layer_stats(x1_BxTxF: Array, valid_BxT: Array) -> tuple[Array, Array]:
+def layer_stats(x1_BxTxF: Array, valid_BxT: Array) -> tuple[Array, Array]:
     """(mean |x1|, fraction of exact zeros), each over valid tokens x d_ff, float32 scalars."""
     w_BxTx1 = valid_BxT.astype(jnp.float32)[..., None]
     n = jnp.maximum(jnp.sum(w_BxTx1), 1.0) * x1_BxTxF.shape[-1]
@@ -273,7 +273,7 @@ def decoder_layer(h_BxTxD: Array, lp: Params, layer: Array | int, inp: _Inputs, 
     if x1_mask is not None:
         x1_BxTxF = x1_mask(jnp.asarray(layer, jnp.int32), x1_BxTxF, act_BxTxF, inp.valid_BxT)
     h_BxTxD = h_BxTxD + (ffn_down(x1_BxTxF, lp) * r).astype(dt)
-    return h_BxTxD, _layer_stats(x1_BxTxF, inp.valid_BxT) + ((x1_BxTxF, act_BxTxF) if capture else ())
+    return h_BxTxD, layer_stats(x1_BxTxF, inp.valid_BxT) + ((x1_BxTxF, act_BxTxF) if capture else ())
 
 
 def _run_layers(params: Params, h_BxTxD: Array, layer_fn: Callable) -> tuple[Array, tuple[Array, ...]]:

@@ -1,0 +1,326 @@
+"""ProSparse for Flax NNX models: a gated-FFN layer that records the L1 statistic, its penalty, sparse inference.
+
+The core of prosparse_jax stays functional (:mod:`prosparse_jax.model`, :mod:`prosparse_jax.step`); this module is the
+thin adoption layer for a researcher whose model is a Flax NNX module. :class:`GatedFFN` computes exactly the
+functional model's FFN (it calls ``model.ffn_hidden`` / ``model.ffn_down``), keeps its weights under the functional
+names without the ``L`` axis (``w_gate_DxF``, ``w_up_DxF``, ``w_down_FxD``) and records, at each call, the layer's
+ProSparse statistics (``mean_abs_x1``, ``zero_frac``: ``model.FFNStats``) in :class:`FFNStat` variables. The ProSparse
+objective (ProSparse Eq. 2, as in ``step.loss_fn``) is then ``task_loss + reg_factor * l1_penalty(model)``:
+
+    import jax.numpy as jnp, optax
+    from flax import nnx
+    from prosparse_jax import nnx as psnnx
+
+    class Block(nnx.Module):
+        def __init__(self, rngs: nnx.Rngs):
+            self.norm = nnx.RMSNorm(32, rngs=rngs)
+            self.ffn = psnnx.GatedFFN(32, 64, activation="relu", rngs=rngs)
+        def __call__(self, x_BxTxD):
+            return x_BxTxD + self.ffn(self.norm(x_BxTxD))
+
+    model = Block(nnx.Rngs(0))
+    optimizer = nnx.Optimizer(model, optax.adamw(1e-3), wrt=nnx.Param)
+
+    @nnx.jit
+    def train_step(model, optimizer, x_BxTxD, y_BxTxD, reg_factor):
+        def loss_fn(model):  # task loss + λ · sum over GatedFFNs of the L1 term
+            return jnp.mean((model(x_BxTxD) - y_BxTxD) ** 2) + reg_factor * psnnx.l1_penalty(model)
+        loss, grads = nnx.value_and_grad(loss_fn)(model)
+        optimizer.update(model, grads)
+        return loss
+
+    x_BxTxD = jnp.ones((2, 8, 32))
+    loss = train_step(model, optimizer, x_BxTxD, 0.5 * x_BxTxD, 1e-3)
+    sparsity = psnnx.activation_sparsity(model)  # fraction of exact zeros of x1, mean over GatedFFNs
+
+Inference on a few decode tokens reads only the active neurons' weights with ``ffn(x, sparse=True)``
+(:func:`prosparse_jax.sparse_ffn.sparse_ffn`); :meth:`GatedFFN.from_params` / :meth:`GatedFFN.to_params` move weights
+to and from the functional model's parameters.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from prosparse_jax import model
+from prosparse_jax.activations import check_activation
+from prosparse_jax.config import L1_REDUCTIONS, ModelConfig
+from prosparse_jax.layouts import layer_param
+from prosparse_jax.model import layer_stats  # the functional statistic itself, not a copy of it
+from prosparse_jax.sparse_ffn import GATE_MASK_ACTIVATIONS, prepare_weights, sparse_ffn
+
+Array = jax.Array
+
+#: Most tokens (B * T) a ``sparse=True`` call takes: the sparse FFN reads the union of the rows' active neurons, so
+#: its gain vanishes with larger batches (use the dense path for prefill and training).
+MAX_SPARSE_TOKENS = 8
+
+#: The functional per-layer FFN parameter names (stacked form; a layer's slice keeps the name without the L axis).
+PARAM_NAMES = {"w_gate_DxF": "w_gate_LxDxF", "w_up_DxF": "w_up_LxDxF", "w_down_FxD": "w_down_LxFxD"}
+
+#: The functional model's matrix init, N(0, 0.02) (``ModelConfig.init_std``'s default).
+DEFAULT_KERNEL_INIT = nnx.initializers.normal(0.02)
+
+
+class FFNStat(nnx.Variable):
+    """A ProSparse statistic recorded by the last call of a :class:`GatedFFN` (float32 scalar; NaN before any call).
+
+    Not a :class:`flax.nnx.Param`: optimizers built with ``wrt=nnx.Param`` leave it alone, and gradients reach the
+    weights through it when a loss reads it inside ``nnx.grad``."""
+
+
+class PreparedWeight(nnx.Variable):
+    """A tensor derived from the weights for sparse inference (:meth:`GatedFFN.prepare_sparse`); a snapshot."""
+
+
+def _ffn_config(d_model: int, d_ff: int, activation: str, threshold: float) -> ModelConfig:
+    """The ModelConfig that ``model.ffn_hidden`` reads (only ``activation`` and ``activation_threshold`` matter; the
+    attention fields are placeholders that pass validation)."""
+    return ModelConfig(vocab_size=1, d_model=d_model, n_layers=1, n_heads=1, n_kv_heads=1, d_ff=d_ff, head_dim=2,
+                       activation=activation, activation_threshold=threshold)
+
+
+class GatedFFN(nnx.Module):
+    """The functional model's gated FFN, act(x W_gate) * (x W_up) @ W_down, as a Flax NNX module.
+
+    Attributes:
+      w_gate_DxF, w_up_DxF, w_down_FxD: the weights (``nnx.Param``), laid out as one layer of the functional params.
+      mean_abs_x1: :class:`FFNStat`, mean |x1| over valid tokens x d_ff of the last call (``model.FFNStats``).
+      zero_frac: :class:`FFNStat`, fraction of exact zeros of x1 over valid tokens x d_ff of the last call.
+      activation, activation_threshold: the registry activation and the FATReLU threshold t (z >= t kept).
+    """
+
+    def __init__(self, d_model: int, d_ff: int, *, activation: str = "relu", activation_threshold: float = 0.0,
+                 dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
+                 kernel_init: Callable[..., Array] = DEFAULT_KERNEL_INIT, rngs: nnx.Rngs) -> None:
+        """Creates the layer.
+
+        Args:
+          d_model: width D of the input and output.
+          d_ff: number of FFN neurons F.
+          activation: a name from ``prosparse_jax.activations.ACTIVATIONS`` (relu, fatrelu, drelu, relu2, silu, gelu).
+          activation_threshold: FATReLU threshold t >= 0 (ignored by the other activations).
+          dtype: compute dtype (the input is cast to it); None computes in the input's dtype.
+          param_dtype: dtype the weights are stored in (the functional model stores float32).
+          kernel_init: initializer of the three matrices, called as ``kernel_init(key, shape, param_dtype)``; the
+            default is the functional model's N(0, 0.02) (``ModelConfig.init_std``).
+          rngs: random streams; the ``params`` stream initializes the weights.
+
+        Raises:
+          ValueError: unknown activation, negative or non-finite threshold.
+        """
+        check_activation(activation)
+        if not (math.isfinite(activation_threshold) and activation_threshold >= 0):
+            raise ValueError(f"activation_threshold must be a finite number >= 0 (FATReLU keeps z >= t), "
+                             f"got {activation_threshold!r}")
+        self.d_model, self.d_ff = d_model, d_ff
+        self.activation, self.activation_threshold = activation, float(activation_threshold)
+        self.dtype, self.param_dtype = dtype, param_dtype
+        self._cfg = _ffn_config(d_model, d_ff, activation, self.activation_threshold)
+        self.w_gate_DxF = nnx.Param(kernel_init(rngs.params(), (d_model, d_ff), param_dtype))
+        self.w_up_DxF = nnx.Param(kernel_init(rngs.params(), (d_model, d_ff), param_dtype))
+        self.w_down_FxD = nnx.Param(kernel_init(rngs.params(), (d_ff, d_model), param_dtype))
+        self._init_stats()
+        self.clear_sparse()
+
+    def _init_stats(self) -> None:
+        self.mean_abs_x1 = FFNStat(jnp.full((), jnp.nan, jnp.float32))
+        self.zero_frac = FFNStat(jnp.full((), jnp.nan, jnp.float32))
+
+    # ---- weights to and from the functional model ----------------------------------------------------------------
+    @classmethod
+    def from_params(cls, params: dict[str, Any], *, layer: int | None = None, activation: str,
+                    activation_threshold: float = 0.0, dtype: Any = jnp.float32,
+                    param_dtype: Any = jnp.float32) -> GatedFFN:
+        """A GatedFFN holding one layer's FFN weights of the functional model (no random initialization).
+
+        Args:
+          params: any of: the full params (``model.init_params``, stacked or per-layer layout: ``layer`` picks one);
+            ``params["layers"]`` stacked (``{"w_gate_LxDxF": [L, D, F], ...}``, ``layer`` picks one; may be omitted
+            when L = 1, e.g. a per-layer group); or one layer's slice as ``model.ffn_hidden`` receives it (same keys,
+            arrays [D, F] / [F, D], what :meth:`to_params` returns). Other keys are ignored.
+          layer: the layer index, for stacked arrays.
+          activation, activation_threshold, dtype, param_dtype: as in :meth:`__init__` (the functional model's are
+            ``cfg.activation`` / ``cfg.activation_threshold``; it is not stored in the params).
+
+        Raises:
+          ValueError: missing keys, inconsistent shapes, or a layer index missing or out of range.
+        """
+        if "layers" in params:
+            arrays = {k: layer_param(params, k) for k in PARAM_NAMES.values()}
+        else:
+            missing = [k for k in PARAM_NAMES.values() if k not in params]
+            if missing:
+                raise ValueError(f"params lack {missing}; pass the functional params, params['layers'] or one "
+                                 f"layer's slice with keys {list(PARAM_NAMES.values())}")
+            arrays = {k: jnp.asarray(params[k]) for k in PARAM_NAMES.values()}
+        ranks = {a.ndim for a in arrays.values()}
+        if ranks == {3}:
+            n = arrays["w_gate_LxDxF"].shape[0]
+            if layer is None and n != 1:
+                raise ValueError(f"the params hold {n} stacked layers; pass layer= (0..{n - 1})")
+            layer = 0 if layer is None else layer
+            if not -n <= layer < n:
+                raise ValueError(f"layer={layer} out of range for {n} layers")
+            arrays = {k: a[layer] for k, a in arrays.items()}
+        elif ranks != {2}:
+            raise ValueError(f"FFN weights must be [D, F] / [F, D] or stacked [L, ...], got shapes "
+                             f"{ {k: a.shape for k, a in arrays.items()} }")
+        elif layer is not None:
+            raise ValueError("layer= given but the params hold one layer's [D, F] slice; drop layer=")
+        D, F = arrays["w_gate_LxDxF"].shape
+        if arrays["w_up_LxDxF"].shape != (D, F) or arrays["w_down_LxFxD"].shape != (F, D):
+            raise ValueError(f"inconsistent FFN shapes { {k: a.shape for k, a in arrays.items()} }; expected "
+                             f"w_gate/w_up [D, F] and w_down [F, D]")
+        ffn = nnx.eval_shape(lambda: cls(D, F, activation=activation, activation_threshold=activation_threshold,
+                                         dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0)))
+        for attr, key in PARAM_NAMES.items():
+            getattr(ffn, attr).set_value(jnp.asarray(arrays[key], param_dtype))
+        ffn._init_stats()
+        return ffn
+
+    def to_params(self, *, layer_axis: bool = False) -> dict[str, Array]:
+        """The weights under the functional names: one layer's slice (``model.ffn_hidden``'s ``lp``), or with
+        ``layer_axis`` a per-layer group ([1, ...]: ``jnp.concatenate`` groups along axis 0 for the stacked form)."""
+        out = {key: getattr(self, attr)[...] for attr, key in PARAM_NAMES.items()}
+        return {k: v[None] for k, v in out.items()} if layer_axis else out
+
+    # ---- sparse inference ------------------------------------------------------------------------------------------
+    def prepare_sparse(self) -> GatedFFN:
+        """Caches W_up^T and ||W_down[i, :]|| (``sparse_ffn.prepare_weights``) for ``sparse=True`` calls; returns self.
+
+        Without it every sparse call transposes W_up (one full read and write of it: more than the sparse FFN saves)
+        and, with ``tau``, reads W_down once more for its row norms. The cache is a snapshot: call again after the
+        weights change, or :meth:`clear_sparse`.
+        """
+        prepared = prepare_weights(self.w_up_DxF[...], self.w_down_FxD[...])
+        self.w_up_FxD = nnx.data(PreparedWeight(prepared["w_up_FxD"]))
+        self.w_down_norms_F = nnx.data(PreparedWeight(prepared["w_down_norms_F"]))
+        return self
+
+    def clear_sparse(self) -> None:
+        """Drops the tensors cached by :meth:`prepare_sparse`."""
+        self.w_up_FxD = nnx.data(None)
+        self.w_down_norms_F = nnx.data(None)
+
+    # ---- forward -----------------------------------------------------------------------------------------------
+    def __call__(self, x_BxTxD: Array, *, valid_BxT: Array | None = None, sparse: bool = False,
+                 implementation: str = "auto", tau: Any = None) -> Array:
+        """The FFN output; records ``mean_abs_x1`` and ``zero_frac`` of this call.
+
+        Args:
+          x_BxTxD: the FFN input (after the block's norm).
+          valid_BxT: False on padding tokens, which the statistics exclude (the output is computed for every token).
+            None = all valid.
+          sparse: run :func:`prosparse_jax.sparse_ffn.sparse_ffn` (at most :data:`MAX_SPARSE_TOKENS` tokens B * T),
+            reading only the active neurons' rows of W_up / W_down. Its ``mean_abs_x1`` is NaN (x1 is not formed for
+            the skipped neurons) and ``zero_frac`` is 1 - (union of the tokens' active neurons) / F.
+          implementation: the sparse backend: ``auto`` (by platform) or a key of ``sparse_ffn.IMPLEMENTATIONS``.
+          tau: this layer's neuron-norm threshold (the sparse mode, ``model.neuron_norm_mask``): neuron i is dropped
+            iff |x1_i| * ||W_down[i, :]|| <= tau. Applied on the dense path too (the functional model's
+            ``neuron_thresholds``); required with ``sparse=True`` for activations without exact zeros (silu, gelu).
+
+        Returns:
+          y_BxTxD in the compute dtype.
+
+        Raises:
+          ValueError: wrong input width or mask shape, too many tokens for ``sparse``, a sparse silu / gelu call
+            without ``tau``, an unknown implementation.
+        """
+        B, T, D = x_BxTxD.shape
+        if self.d_model != D:
+            raise ValueError(f"input width {D} != d_model={self.d_model} of this GatedFFN; pass x_BxTxD with "
+                             f"last axis {self.d_model}")
+        if valid_BxT is not None and tuple(valid_BxT.shape) != (B, T):
+            raise ValueError(f"valid_BxT has shape {tuple(valid_BxT.shape)}; expected {(B, T)} (the input's B, T)")
+        x_BxTxD = x_BxTxD.astype(self.dtype or x_BxTxD.dtype)
+        if sparse:
+            return self._sparse_call(x_BxTxD, implementation, tau)
+        lp = self.to_params()
+        x1_BxTxF, act_BxTxF = model.ffn_hidden(x_BxTxD, lp, self._cfg)
+        valid_BxT = jnp.ones((B, T), bool) if valid_BxT is None else valid_BxT.astype(bool)
+        if tau is not None:
+            mask = model.neuron_norm_mask({"layers": {"w_down_LxFxD": lp["w_down_LxFxD"][None]}},
+                                          jnp.reshape(jnp.asarray(tau, jnp.float32), (1,)))
+            x1_BxTxF = mask(jnp.int32(0), x1_BxTxF, act_BxTxF, valid_BxT)
+        mean_abs, zeros = layer_stats(x1_BxTxF, valid_BxT)
+        self.mean_abs_x1[...] = mean_abs
+        self.zero_frac[...] = zeros
+        return model.ffn_down(x1_BxTxF, lp)
+
+    def _sparse_call(self, x_BxTxD: Array, implementation: str, tau: Any) -> Array:
+        B, T, D = x_BxTxD.shape
+        if B * T > MAX_SPARSE_TOKENS:
+            raise ValueError(f"sparse=True takes at most {MAX_SPARSE_TOKENS} decode tokens (B * T), got {B * T}; use "
+                             "sparse=False for prefill and training")
+        if tau is None and self.activation not in GATE_MASK_ACTIVATIONS:
+            raise ValueError(
+                f"activation {self.activation!r} has no exact zeros, so sparse=True needs tau, this layer's "
+                "neuron-norm threshold; get thresholds with `python -m prosparse_jax.analyze --metric=pplp --value=1` "
+                f"(its sparse_mode.json), or use an activation of {sorted(GATE_MASK_ACTIVATIONS)}, or sparse=False")
+        w_up_FxD = None if self.w_up_FxD is None else self.w_up_FxD[...]
+        norms_F = None
+        if tau is not None:
+            norms_F = self.w_down_norms_F[...] if self.w_down_norms_F is not None else \
+                jnp.linalg.norm(self.w_down_FxD[...].astype(jnp.float32), axis=-1)
+        out_MxD, count = sparse_ffn(
+            x_BxTxD.reshape(B * T, D), self.w_gate_DxF[...], self.w_up_DxF[...], self.w_down_FxD[...],
+            activation=self.activation, threshold=self.activation_threshold, taus=tau, w_down_norms_F=norms_F,
+            w_up_FxD=w_up_FxD, implementation=implementation)
+        self.mean_abs_x1[...] = jnp.full((), jnp.nan, jnp.float32)
+        self.zero_frac[...] = 1.0 - count.astype(jnp.float32) / self.d_ff
+        return out_MxD.reshape(B, T, D).astype(x_BxTxD.dtype)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The objective's pieces over a module tree
+# ---------------------------------------------------------------------------------------------------------------
+def gated_ffns(module: nnx.Module) -> list[GatedFFN]:
+    """Every :class:`GatedFFN` in ``module`` (itself included), in ``nnx.iter_modules`` order (sorted by path).
+
+    Raises:
+      ValueError: the module holds none.
+    """
+    found = [m for _, m in nnx.iter_modules(module) if isinstance(m, GatedFFN)]
+    if not found:
+        raise ValueError(f"{type(module).__name__} holds no prosparse_jax.nnx.GatedFFN; use GatedFFN for the FFNs "
+                         "whose activations ProSparse regularizes")
+    return found
+
+
+def ffn_stats(module: nnx.Module) -> model.FFNStats:
+    """The recorded statistics of every GatedFFN in ``module``, [L]-shaped like the functional ``FFNStats``."""
+    ffns = gated_ffns(module)
+    return model.FFNStats(mean_abs_x1=jnp.stack([f.mean_abs_x1[...] for f in ffns]),
+                          zero_frac=jnp.stack([f.zero_frac[...] for f in ffns]))
+
+
+def l1_penalty(module: nnx.Module, *, l1_reduction: str = "sum") -> Array:
+    """The ProSparse L1 term summed over the GatedFFNs of ``module``, as ``step.loss_fn`` combines layers.
+
+    Multiply by the regularization factor λ (``reg_factor``, :func:`prosparse_jax.schedules.reg_factor_schedule`) and
+    add to the task loss, in the same function as (after) the forward pass that recorded the statistics.
+
+    Args:
+      module: a module tree holding GatedFFNs that have been called.
+      l1_reduction: ``"sum"`` (ProSparse Eq. 2: ||x1||_1 over d_ff, mean over valid tokens = mean_abs_x1 * d_ff) or
+        ``"mean"`` (mean_abs_x1); see :data:`prosparse_jax.config.L1_REDUCTIONS`.
+
+    Raises:
+      ValueError: unknown ``l1_reduction`` or no GatedFFN in ``module``.
+    """
+    if l1_reduction not in L1_REDUCTIONS:
+        raise ValueError(f"l1_reduction {l1_reduction!r}; choose one of: {', '.join(L1_REDUCTIONS)}")
+    terms = [f.mean_abs_x1[...] * (f.d_ff if l1_reduction == "sum" else 1) for f in gated_ffns(module)]
+    return jnp.sum(jnp.stack(terms))
+
+
+def activation_sparsity(module: nnx.Module) -> Array:
+    """Fraction of exact zeros of x1, mean over the GatedFFNs of ``module`` (the train step's ``sparsity``)."""
+    return jnp.mean(ffn_stats(module).zero_frac)
