@@ -1,0 +1,158 @@
+"""Pure-jnp references and input checks shared by the Pallas sparse FFN kernels (GPU Triton, TPU Mosaic).
+
+The two operators are ProSparse's (arXiv 2402.13516, §4.3):
+
+* **S2** -- ``x1 = act(x W_gate) * (x W_up)`` where the up projection is read only for the *active* neurons.
+  Gate-mask activations (relu, fatrelu, drelu, relu2) decide the active set from the gate alone
+  (dReLU: relu(gate) * relu(up), active iff gate > 0; its up-side zeros are applied after W_up is read). The
+  neuron-norm sparse mode (``tau`` given; any activation, e.g. SiLU; Sparsing Law §4.1 CETT) keeps neuron i iff
+  ``|x1_i| * ||W_down[i, :]|| > tau``: it needs the whole up projection, so S2 saves nothing there and only S3 skips.
+* **S3** -- ``out = x1 @ W_down`` reading only the rows of W_down whose x1 column is non-zero in some batch row.
+
+Layouts (what the kernels read): ``w_gate_DxF`` as the model stores it (the gate is dense), ``w_up_FxD`` and
+``w_down_FxD`` with one contiguous row per neuron, so that skipping a neuron skips a contiguous row of memory.
+Batches of 1..``MAX_BATCH`` decode tokens share one active set: the union over the rows.
+
+Numerics: products accumulate in float32; outputs are cast to the input dtype (x1 to ``x.dtype``, out to
+``x1.dtype``), as the model's FFN does. A dropped neuron contributes exactly zero (its weights are never read, so
+even a non-finite inactive row cannot leak in).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from prosparse_jax.activations import ACTIVATIONS, RELU_FAMILY, ffn_product
+
+Array = jax.Array
+
+#: Input dtypes the kernels accept (weights and activations in the same dtype).
+SUPPORTED_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
+
+#: Activations whose gate output alone decides the active set (x1_i = 0 whenever act(gate_i) = 0).
+GATE_MASK_ACTIVATIONS = RELU_FAMILY
+
+#: Largest decode batch the kernels are built for (the union of the rows' active sets loses sparsity fast beyond it;
+#: use the dense FFN for prefill and large batches).
+MAX_BATCH = 8
+
+
+class KernelInputError(ValueError):
+    """Inputs a sparse FFN kernel cannot run on; raised before any kernel is traced."""
+
+
+def _concrete(value: Any) -> np.ndarray | None:
+    """``value`` as a numpy array if it is known at trace time, else None."""
+    if isinstance(value, jax.core.Tracer):
+        return None
+    return np.asarray(value)
+
+
+def _check_dtype(name: str, arr: Array, want: Any | None = None) -> None:
+    dt = jnp.dtype(arr.dtype)
+    if dt not in SUPPORTED_DTYPES:
+        raise KernelInputError(f"{name}: dtype {dt} is not supported by the sparse FFN kernels; cast to float32 or "
+                               "bfloat16")
+    if want is not None and dt != jnp.dtype(want):
+        raise KernelInputError(f"{name}: dtype {dt} differs from x's {jnp.dtype(want)}; cast the weights to the "
+                               "activations' dtype once, before decoding")
+
+
+def _check_nonneg(name: str, value: Any) -> None:
+    v = _concrete(value)
+    if v is None:
+        return
+    if v.size != 1:
+        raise KernelInputError(f"{name}: expected a scalar, got shape {v.shape}")
+    if not np.isfinite(v) or float(v) < 0:
+        raise KernelInputError(f"{name}: {float(v)} must be finite and >= 0 (a negative threshold would keep "
+                               "neurons whose gate is zero); check the model config's thresholds")
+
+
+def check_s2_inputs(x_BxD: Array, w_gate_DxF: Array, w_up_FxD: Array, *, activation: str, threshold: Any = 0.0,
+                    tau: Any = None, w_down_norms_F: Array | None = None) -> None:
+    """Raises :class:`KernelInputError` naming the problem and the fix; returns None when S2 can run."""
+    if activation not in ACTIVATIONS:
+        raise KernelInputError(f"unknown activation {activation!r}; choose one of: {', '.join(ACTIVATIONS)}")
+    if tau is None and activation not in GATE_MASK_ACTIVATIONS:
+        raise KernelInputError(
+            f"activation {activation!r} has no exact zeros, so the gate cannot decide which neurons to skip; pass "
+            f"tau and w_down_norms_F (the neuron-norm sparse mode, from `python -m prosparse_jax.analyze "
+            f"--metric=pplp`) or use one of {sorted(GATE_MASK_ACTIVATIONS)}")
+    if x_BxD.ndim != 2:
+        raise KernelInputError(f"x_BxD: expected [batch, d_model], got shape {x_BxD.shape}; flatten batch and time")
+    B, D = x_BxD.shape
+    if not 1 <= B <= MAX_BATCH:
+        raise KernelInputError(f"x_BxD: batch {B} outside 1..{MAX_BATCH}; the sparse kernels are for decode tokens "
+                               "(use the dense FFN for prefill)")
+    _check_dtype("x_BxD", x_BxD)
+    if w_gate_DxF.ndim != 2 or w_gate_DxF.shape[0] != D:
+        raise KernelInputError(f"w_gate_DxF: shape {w_gate_DxF.shape} does not match x's d_model {D}; expected "
+                               f"[{D}, d_ff]")
+    F = w_gate_DxF.shape[1]
+    if w_up_FxD.shape != (F, D):
+        raise KernelInputError(f"w_up_FxD: shape {w_up_FxD.shape}, expected ({F}, {D}) (W_up transposed: one row "
+                               "per neuron; sparse_ffn.prepare_weights makes it)")
+    _check_dtype("w_gate_DxF", w_gate_DxF, x_BxD.dtype)
+    _check_dtype("w_up_FxD", w_up_FxD, x_BxD.dtype)
+    _check_nonneg("threshold", threshold)
+    if tau is not None:
+        _check_nonneg("tau", tau)
+        if w_down_norms_F is None:
+            raise KernelInputError("tau given without w_down_norms_F; pass ||W_down[i, :]|| "
+                                   "(sparse_ffn.prepare_weights)")
+        if w_down_norms_F.shape != (F,):
+            raise KernelInputError(f"w_down_norms_F: shape {w_down_norms_F.shape}, expected ({F},)")
+
+
+def check_s3_inputs(x1_BxF: Array, w_down_FxD: Array) -> None:
+    """Raises :class:`KernelInputError` naming the problem and the fix; returns None when S3 can run."""
+    if x1_BxF.ndim != 2:
+        raise KernelInputError(f"x1_BxF: expected [batch, d_ff], got shape {x1_BxF.shape}")
+    B, F = x1_BxF.shape
+    if not 1 <= B <= MAX_BATCH:
+        raise KernelInputError(f"x1_BxF: batch {B} outside 1..{MAX_BATCH}; use the dense FFN for prefill")
+    _check_dtype("x1_BxF", x1_BxF)
+    if w_down_FxD.ndim != 2 or w_down_FxD.shape[0] != F:
+        raise KernelInputError(f"w_down_FxD: shape {w_down_FxD.shape} does not match x1's d_ff {F}; expected "
+                               f"[{F}, d_model]")
+    _check_dtype("w_down_FxD", w_down_FxD, x1_BxF.dtype)
+
+
+def s2_reference(x_BxD: Array, w_gate_DxF: Array, w_up_FxD: Array, *, activation: str, threshold: Any = 0.0,
+                 tau: Any = None, w_down_norms_F: Array | None = None) -> Array:
+    """x1_BxF of S2 in plain jnp (float32 accumulation), zero for every dropped neuron."""
+    check_s2_inputs(x_BxD, w_gate_DxF, w_up_FxD, activation=activation, threshold=threshold, tau=tau,
+                    w_down_norms_F=w_down_norms_F)
+    hi = jax.lax.Precision.HIGHEST
+    x = x_BxD.astype(jnp.float32)
+    gate_BxF = jnp.dot(x, w_gate_DxF.astype(jnp.float32), precision=hi)
+    up_BxF = jnp.dot(x, w_up_FxD.astype(jnp.float32).T, precision=hi)
+    x1_BxF, act_BxF = ffn_product(activation, gate_BxF, up_BxF, threshold)
+    if tau is None:
+        keep_F = jnp.any(act_BxF != 0, axis=0)  # the union active set: only these up rows are read
+    else:
+        norms_BxF = jnp.abs(x1_BxF) * w_down_norms_F.astype(jnp.float32)
+        keep_F = None
+        x1_BxF = jnp.where(norms_BxF > jnp.asarray(tau, jnp.float32), x1_BxF, 0.0)
+    if keep_F is not None:
+        x1_BxF = jnp.where(keep_F, x1_BxF, 0.0)
+    return x1_BxF.astype(x_BxD.dtype)
+
+
+def s3_reference(x1_BxF: Array, w_down_FxD: Array) -> Array:
+    """out_BxD of S3 in plain jnp (float32 accumulation); rows of W_down with an all-zero x1 column are not used."""
+    check_s3_inputs(x1_BxF, w_down_FxD)
+    active_F = jnp.any(x1_BxF != 0, axis=0)
+    w = jnp.where(active_F[:, None], w_down_FxD.astype(jnp.float32), 0.0)  # inactive rows never contribute
+    out = jnp.dot(x1_BxF.astype(jnp.float32), w, precision=jax.lax.Precision.HIGHEST)
+    return out.astype(x1_BxF.dtype)
+
+
+def ffn_reference(x_BxD: Array, w_gate_DxF: Array, w_up_FxD: Array, w_down_FxD: Array, **s2_kwargs: Any) -> Array:
+    """S3(S2(x)): the whole sparse gated FFN."""
+    return s3_reference(s2_reference(x_BxD, w_gate_DxF, w_up_FxD, **s2_kwargs), w_down_FxD)

@@ -1,0 +1,337 @@
+"""Sparse FFN GPU kernels (Pallas, Triton lowering): ProSparse's S2 and S3 operators as masked GEMVs.
+
+ProSparse (arXiv 2402.13516) §4.3 splits the activation-sparse gated FFN into two operators, S2 -- the dense gate
+projection, its activation, and the up projection read only for the active neurons -- and S3 -- the down projection
+read only for the neurons whose x1 is non-zero. TEAL (arXiv 2408.14690) implements the same skipping as a *masked
+GEMV*: each program loads whole weight rows under a per-row mask, and a masked-off row issues no memory transaction.
+That is the design here: rows of ``w_up_FxD`` / ``w_down_FxD`` are neurons (contiguous along D), and every load of a
+``[block_f, block_d]`` tile is ``plgpu.load(..., mask=active_f[:, None], other=0.)``, so an inactive neuron costs no
+memory traffic (its weights are never read: a NaN in an inactive row cannot reach the output).
+
+* :func:`s2` -- grid over blocks of ``block_f`` neurons. A program accumulates the gate ``[B, block_f]`` over D in
+  chunks of ``block_d`` from the dense ``w_gate_DxF`` tile, applies the activation (``activations.ffn_product``, the
+  registry's single place), takes the union active set over the batch rows, then reads the active rows of
+  ``w_up_FxD`` (the loop is skipped when the block has no active neuron). Neuron-norm mode (``tau`` given, any
+  activation): the up projection is read in full and x1 is zeroed where ``|x1| * ||W_down[i]|| <= tau``.
+* :func:`s3` -- split-K: grid ``(D / block_d, n_split)``; program (j, k) owns D-columns block j and a contiguous range
+  of neuron chunks, reads the active rows of ``w_down_FxD`` and writes float32 partials ``[n_split, B, D]`` that are
+  summed outside the kernel.
+
+Batches are 1..``MAX_BATCH`` decode tokens: the batch is a static Python loop of elementwise multiply + reduce per row
+(Triton's ``dot`` needs every dimension >= 16, and a GEMV is memory-bound anyway). Products accumulate in float32
+(bf16 inputs included); outputs are cast to the input dtype. Semantics equal ``reference.s2_reference`` /
+``reference.s3_reference``; inputs are checked by ``reference.check_s2_inputs`` / ``check_s3_inputs`` before anything
+is padded or traced.
+
+Padding: Triton needs power-of-two shapes for every loaded tile, while d_ff (11008, 3840, ...) and d_model are
+arbitrary. The default blocks are the largest powers of two (down to ``MIN_BLOCK``) that divide F and D, so real model
+shapes (LLaMA2-7B 4096x11008 -> block_f 64, block_d 128) run without a copy. Otherwise the wrapper pads with zero
+neurons / zero columns -- a zero neuron is provably inactive (gate 0 -> act 0 for relu, fatrelu (t >= 0), drelu,
+relu2; in the norm mode x1 = 0 fails ``0 > tau``) -- which *copies the weights on every call*. To pay that once per
+model, pad the weights with :func:`pad_weights` and the FFN input with zero columns (``x_BxD`` -> ``[B, D_pad]``) and
+slice the output: the padded FFN is the same function.
+
+Lowering is checked without a GPU by ``jax.export(..., platforms=["cuda"])`` (``tests/test_pallas_triton.py``); the
+kernels run on CPU with ``interpret=True``. Known gap (jax 0.10.2): the Triton lowering has no ``erf``, so the
+norm mode with ``gelu`` (exact erf GELU) runs only with ``interpret=True``; compiled for a GPU it is refused up front
+(:data:`NO_TRITON_LOWERING`).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from pallas_kernels.reference import KernelInputError, check_s2_inputs, check_s3_inputs
+from prosparse_jax.activations import ffn_product
+
+Array = jax.Array
+
+#: Default (largest) neurons per program of S2 / per loop step of S3.
+DEFAULT_BLOCK_F = 64
+#: Default (largest) d_model columns per loop step of S2 / per program of S3.
+DEFAULT_BLOCK_D = 128
+#: Smallest block the default choice considers before it falls back to padding.
+MIN_BLOCK = 16
+#: S3 splits F until the grid has about this many programs (a few per SM on an H100's 132 SMs).
+S3_TARGET_PROGRAMS = 512
+#: Activations whose math jax's Triton lowering cannot express (exact GELU needs erf); refused unless interpreted.
+NO_TRITON_LOWERING = frozenset({"gelu"})
+#: Triton launch parameters (GEMV tiles of 64x128 fp32: 4 warps, double-buffered loads).
+NUM_WARPS = 4
+NUM_STAGES = 2
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def _round_up(n: int, m: int) -> int:
+    return -(-n // m) * m
+
+
+def _pick_block(dim: int, block: int | None, default: int, name: str) -> int:
+    """The block for a dimension of size ``dim``: ``block`` if given (a power of two), else a divisor-friendly default.
+
+    The default is the largest power of two in [MIN_BLOCK, default] dividing ``dim`` (no padding needed); failing
+    that ``default`` capped at ``dim`` rounded up to a power of two (the wrapper pads).
+    """
+    if block is not None:
+        if block < 1 or block & (block - 1):
+            raise KernelInputError(f"{name}={block} must be a power of two (Triton tiles are power-of-two shaped); "
+                                   f"e.g. {_next_pow2(block)}")
+        return block
+    cap = min(default, _next_pow2(dim))
+    b = cap
+    while b >= MIN_BLOCK:
+        if dim % b == 0:
+            return b
+        b //= 2
+    return cap
+
+
+def default_blocks(F: int, D: int) -> tuple[int, int]:
+    """(block_f, block_d) that :func:`s2` and :func:`s3` use for d_ff ``F`` and d_model ``D`` when none are given."""
+    return _pick_block(F, None, DEFAULT_BLOCK_F, "block_f"), _pick_block(D, None, DEFAULT_BLOCK_D, "block_d")
+
+
+def _pad2(a: Array, rows: int, cols: int) -> Array:
+    """``a`` zero-padded to ``[rows, cols]`` (no copy when already that shape)."""
+    if a.shape == (rows, cols):
+        return a
+    return jnp.pad(a, ((0, rows - a.shape[0]), (0, cols - a.shape[1])))
+
+
+def pad_weights(w_gate_DxF: Array, w_up_FxD: Array, w_down_FxD: Array, w_down_norms_F: Array | None = None, *,
+                block_f: int | None = None, block_d: int | None = None) -> dict[str, Array]:
+    """One layer's FFN weights zero-padded to multiples of the blocks, so that :func:`s2` / :func:`s3` copy nothing.
+
+    Call once per model. The padded neurons are inactive and the padded d_model columns are zero, so the FFN is
+    unchanged provided the input is zero-padded too: ``s3(s2(jnp.pad(x_BxD, ((0, 0), (0, D_pad - D))), ...), ...)``
+    then ``[:, :D]``. Pass the same ``block_f`` / ``block_d`` (or none) to the kernels.
+
+    Returns:
+      dict with ``w_gate_DxF``, ``w_up_FxD``, ``w_down_FxD`` (and ``w_down_norms_F`` when given), padded.
+    """
+    D, F = w_gate_DxF.shape
+    bf = _pick_block(F, block_f, DEFAULT_BLOCK_F, "block_f")
+    bd = _pick_block(D, block_d, DEFAULT_BLOCK_D, "block_d")
+    Fp, Dp = _round_up(F, bf), _round_up(D, bd)
+    out = {"w_gate_DxF": _pad2(w_gate_DxF, Dp, Fp), "w_up_FxD": _pad2(w_up_FxD, Fp, Dp),
+           "w_down_FxD": _pad2(w_down_FxD, Fp, Dp)}
+    if w_down_norms_F is not None:
+        out["w_down_norms_F"] = jnp.pad(w_down_norms_F, (0, Fp - F))
+    return out
+
+
+def _compiler_params() -> plgpu.CompilerParams:
+    return plgpu.CompilerParams(num_warps=NUM_WARPS, num_stages=NUM_STAGES)
+
+
+def _row(b: int) -> Array:
+    """A static batch-row index as an int32 scalar (the interpreter's load discharge rejects Python ints)."""
+    return jnp.int32(b)
+
+
+def _any_nonzero(rows: list[Array]) -> Array:
+    """Bool vector: element i is True iff some row is non-zero at i (Triton lowering has no jnp.any)."""
+    m = jnp.abs(rows[0])
+    for r in rows[1:]:
+        m = jnp.maximum(m, jnp.abs(r))
+    return m > 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# S2
+# ---------------------------------------------------------------------------------------------------------------
+def _s2_kernel(params_ref, x_ref, w_gate_ref, w_up_ref, norms_ref, x1_ref, *, activation: str, norm_mode: bool,
+               B: int, n_d: int, block_f: int, block_d: int):
+    """One program: neurons [i * block_f, (i + 1) * block_f) of x1 for every batch row."""
+    f0 = pl.multiple_of(pl.program_id(0) * block_f, block_f)
+    f_slice = pl.ds(f0, block_f)
+    threshold = params_ref[0]
+    f32 = jnp.float32
+
+    def x_rows(d0):
+        return [plgpu.load(x_ref.at[_row(b), pl.ds(d0, block_d)]).astype(f32) for b in range(B)]
+
+    def gate_body(k, acc):
+        d0 = pl.multiple_of(k * block_d, block_d)
+        w_DxF = plgpu.load(w_gate_ref.at[pl.ds(d0, block_d), f_slice]).astype(f32)
+        return tuple(a + jnp.sum(xb[:, None] * w_DxF, axis=0) for a, xb in zip(acc, x_rows(d0), strict=True))
+
+    zeros = tuple(jnp.zeros((block_f,), f32) for _ in range(B))
+    gate = lax.fori_loop(0, n_d, gate_body, zeros)
+
+    if norm_mode:
+        active_f = jnp.full((block_f,), True)
+        n_up = n_d
+    else:
+        act = [ffn_product(activation, g, g, threshold)[1] for g in gate]
+        active_f = _any_nonzero(act)
+        n_up = jnp.where(jnp.max(active_f.astype(jnp.int32)) > 0, n_d, 0)  # an all-inactive block reads no W_up
+    mask_FxD = jnp.broadcast_to(active_f[:, None], (block_f, block_d))
+
+    def up_body(k, acc):
+        d0 = pl.multiple_of(k * block_d, block_d)
+        w_ref = w_up_ref.at[f_slice, pl.ds(d0, block_d)]
+        w_FxD = (plgpu.load(w_ref) if norm_mode else plgpu.load(w_ref, mask=mask_FxD, other=0.0)).astype(f32)
+        return tuple(a + jnp.sum(w_FxD * xb[None, :], axis=1) for a, xb in zip(acc, x_rows(d0), strict=True))
+
+    up = lax.fori_loop(0, n_up, up_body, zeros)
+
+    if norm_mode:
+        tau = params_ref[1]
+        norms = plgpu.load(norms_ref.at[f_slice]).astype(f32)
+    for b in range(B):
+        # Gate mode: an inactive neuron has act = 0 and up = 0 (its row was not loaded), so x1 = 0 without a select.
+        x1 = ffn_product(activation, gate[b], up[b], threshold)[0]
+        if norm_mode:
+            x1 = jnp.where(jnp.abs(x1) * norms > tau, x1, 0.0)
+        plgpu.store(x1_ref.at[_row(b), f_slice], x1.astype(x1_ref.dtype))
+
+
+@functools.partial(jax.jit, static_argnames=("activation", "norm_mode", "block_f", "block_d", "interpret"))
+def _s2_call(params_2, x_BxD, w_gate_DxF, w_up_FxD, norms_F, *, activation: str, norm_mode: bool, block_f: int,
+             block_d: int, interpret: bool) -> Array:
+    B, D = x_BxD.shape
+    F = w_gate_DxF.shape[1]
+    Fp, Dp = _round_up(F, block_f), _round_up(D, block_d)
+    x_BxD = _pad2(x_BxD, B, Dp)
+    w_gate_DxF = _pad2(w_gate_DxF, Dp, Fp)
+    w_up_FxD = _pad2(w_up_FxD, Fp, Dp)
+    norms_F = jnp.pad(norms_F.astype(jnp.float32), (0, Fp - F))
+    kernel = functools.partial(_s2_kernel, activation=activation, norm_mode=norm_mode, B=B, n_d=Dp // block_d,
+                               block_f=block_f, block_d=block_d)
+    x1_BxF = pl.pallas_call(
+        kernel,
+        grid=(Fp // block_f,),
+        out_shape=jax.ShapeDtypeStruct((B, Fp), x_BxD.dtype),
+        compiler_params=_compiler_params(),
+        interpret=interpret,
+        name="prosparse_s2",
+    )(params_2, x_BxD, w_gate_DxF, w_up_FxD, norms_F)
+    return x1_BxF[:, :F]
+
+
+def s2(x_BxD: Array, w_gate_DxF: Array, w_up_FxD: Array, *, activation: str, threshold: Any = 0.0, tau: Any = None,
+       w_down_norms_F: Array | None = None, block_f: int | None = None, block_d: int | None = None,
+       interpret: bool = False) -> Array:
+    """ProSparse S2: ``x1 = act(x W_gate) * (x W_up)``, reading W_up rows only for the batch's active neurons.
+
+    Args:
+      x_BxD: FFN input, 1..``MAX_BATCH`` decode tokens, float32 or bfloat16.
+      w_gate_DxF: gate weights as the model stores them (read densely).
+      w_up_FxD: W_up transposed, one contiguous row per neuron (``sparse_ffn.prepare_weights``).
+      activation: a gate-mask activation (relu, fatrelu, drelu, relu2) or, with ``tau``, any registered one.
+      threshold: FATReLU threshold t (gate >= t kept); a Python float or a traced scalar.
+      tau: neuron-norm mode threshold (neuron i of row b kept iff ``|x1| * w_down_norms_F[i] > tau``); a Python float
+        or a traced scalar (e.g. a per-layer tau under jit). The up projection is then read in full.
+      w_down_norms_F: ``||W_down[i, :]||``, required with ``tau``.
+      block_f: neurons per program (power of two); default :func:`default_blocks`.
+      block_d: d_model columns per loop step (power of two); default :func:`default_blocks`.
+      interpret: run the kernel in the Pallas interpreter (CPU tests).
+
+    Returns:
+      x1_BxF in ``x_BxD.dtype``, exactly zero for every dropped neuron.
+
+    Raises:
+      KernelInputError: inputs the kernel cannot run on (checked before anything is traced).
+    """
+    check_s2_inputs(x_BxD, w_gate_DxF, w_up_FxD, activation=activation, threshold=threshold, tau=tau,
+                    w_down_norms_F=w_down_norms_F)
+    if activation in NO_TRITON_LOWERING and not interpret:
+        raise KernelInputError(f"activation {activation!r}: jax's Triton lowering has no erf, so this kernel cannot be "
+                               "compiled for a GPU; decode this model with implementation='dense'")
+    D, F = w_gate_DxF.shape
+    bf = _pick_block(F, block_f, DEFAULT_BLOCK_F, "block_f")
+    bd = _pick_block(D, block_d, DEFAULT_BLOCK_D, "block_d")
+    norm_mode = tau is not None
+    params_2 = jnp.stack([jnp.asarray(threshold, jnp.float32).reshape(()),
+                          jnp.asarray(0.0 if tau is None else tau, jnp.float32).reshape(())])
+    norms_F = w_down_norms_F if norm_mode else jnp.zeros((F,), jnp.float32)
+    return _s2_call(params_2, x_BxD, w_gate_DxF, w_up_FxD, norms_F, activation=activation, norm_mode=norm_mode,
+                    block_f=bf, block_d=bd, interpret=interpret)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# S3
+# ---------------------------------------------------------------------------------------------------------------
+def _s3_kernel(x1_ref, w_down_ref, out_ref, *, B: int, n_f: int, chunks_per_split: int, block_f: int,
+               block_d: int):
+    """Program (j, k): float32 partial sums of out[:, j-th D block] over neuron chunks of split k."""
+    d_slice = pl.ds(pl.multiple_of(pl.program_id(0) * block_d, block_d), block_d)
+    k = pl.program_id(1)
+    c_lo = k * chunks_per_split
+    c_hi = jnp.minimum(c_lo + chunks_per_split, n_f)
+    f32 = jnp.float32
+
+    def body(c, acc):
+        f0 = pl.multiple_of(c * block_f, block_f)
+        x1 = [plgpu.load(x1_ref.at[_row(b), pl.ds(f0, block_f)]).astype(f32) for b in range(B)]
+        active_f = _any_nonzero(x1)
+        mask_FxD = jnp.broadcast_to(active_f[:, None], (block_f, block_d))
+        w_FxD = plgpu.load(w_down_ref.at[pl.ds(f0, block_f), d_slice], mask=mask_FxD, other=0.0).astype(f32)
+        return tuple(a + jnp.sum(xb[:, None] * w_FxD, axis=0) for a, xb in zip(acc, x1, strict=True))
+
+    acc = lax.fori_loop(c_lo, c_hi, body, tuple(jnp.zeros((block_d,), f32) for _ in range(B)))
+    for b in range(B):
+        plgpu.store(out_ref.at[k, _row(b), d_slice], acc[b])
+
+
+@functools.partial(jax.jit, static_argnames=("block_f", "block_d", "interpret", "n_split"))
+def _s3_call(x1_BxF: Array, w_down_FxD: Array, *, block_f: int, block_d: int, interpret: bool,
+             n_split: int | None = None) -> Array:
+    """S3 on checked inputs; ``n_split`` (default: about ``S3_TARGET_PROGRAMS`` programs) splits the neuron chunks."""
+    B, F = x1_BxF.shape
+    D = w_down_FxD.shape[1]
+    Fp, Dp = _round_up(F, block_f), _round_up(D, block_d)
+    x1_BxF_p = _pad2(x1_BxF, B, Fp)
+    w_down_FxD = _pad2(w_down_FxD, Fp, Dp)
+    n_f, n_d = Fp // block_f, Dp // block_d
+    if n_split is None:
+        n_split = S3_TARGET_PROGRAMS // n_d
+    n_split = max(1, min(n_f, n_split))
+    chunks_per_split = -(-n_f // n_split)
+    n_split = -(-n_f // chunks_per_split)  # no empty split
+    kernel = functools.partial(_s3_kernel, B=B, n_f=n_f, chunks_per_split=chunks_per_split, block_f=block_f,
+                               block_d=block_d)
+    partial_SxBxD = pl.pallas_call(
+        kernel,
+        grid=(n_d, n_split),
+        out_shape=jax.ShapeDtypeStruct((n_split, B, Dp), jnp.float32),
+        compiler_params=_compiler_params(),
+        interpret=interpret,
+        name="prosparse_s3",
+    )(x1_BxF_p, w_down_FxD)
+    return jnp.sum(partial_SxBxD, axis=0)[:, :D].astype(x1_BxF.dtype)
+
+
+def s3(x1_BxF: Array, w_down_FxD: Array, *, block_f: int | None = None, block_d: int | None = None,
+       interpret: bool = False) -> Array:
+    """ProSparse S3: ``out = x1 @ W_down``, reading only the rows of W_down whose x1 column is non-zero.
+
+    Args:
+      x1_BxF: the S2 output, 1..``MAX_BATCH`` rows; a neuron is read iff some row is non-zero there.
+      w_down_FxD: down weights, one contiguous row per neuron.
+      block_f: neurons per loop step (power of two); default :func:`default_blocks`.
+      block_d: d_model columns per program (power of two); default :func:`default_blocks`.
+      interpret: run the kernel in the Pallas interpreter (CPU tests).
+
+    Returns:
+      out_BxD in ``x1_BxF.dtype`` (accumulated in float32 over split-K partials).
+
+    Raises:
+      KernelInputError: inputs the kernel cannot run on (checked before anything is traced).
+    """
+    check_s3_inputs(x1_BxF, w_down_FxD)
+    F, D = w_down_FxD.shape
+    bf = _pick_block(F, block_f, DEFAULT_BLOCK_F, "block_f")
+    bd = _pick_block(D, block_d, DEFAULT_BLOCK_D, "block_d")
+    return _s3_call(x1_BxF, w_down_FxD, block_f=bf, block_d=bd, interpret=interpret)
