@@ -14,6 +14,7 @@ smallest set whose probability reaches top_p (nucleus sampling, Holtzman et al. 
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 import time
@@ -46,6 +47,10 @@ _TOP_P = flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass in (0, 1].", fl
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.", flag_values=FLAGS)
 _SPARSE = flags.DEFINE_bool("sparse", False, "Decode in the sparse mode (model.neuron_thresholds).",
                             flag_values=FLAGS)
+_IMPLEMENTATION = flags.DEFINE_enum(
+    "implementation", "auto", ["auto", *sparse_ffn_lib.IMPLEMENTATIONS],
+    "Sparse FFN backend with --sparse: auto = by platform (cpu_gather on CPU, pallas_triton on GPU, pallas_mosaic on "
+    "TPU); a Pallas backend on a CPU runs interpreted (slow, for checking).", flag_values=FLAGS)
 flags.mark_flags_as_required(["checkpoint", "prompt"], flag_values=FLAGS)
 
 
@@ -179,10 +184,11 @@ def prepare_sparse_params(params: model.Params) -> model.Params:
     return dict(params, layers=layers)
 
 
-def sparse_decode_ffn(params: model.Params, cfg: ModelConfig) -> Any:
+def sparse_decode_ffn(params: model.Params, cfg: ModelConfig, implementation: str = "auto") -> Any:
     """The decode FFN hook (:data:`prosparse_jax.decode.FFNImpl`) that runs :func:`prosparse_jax.sparse_ffn.sparse_ffn`:
     only the active neurons' rows of W_up / W_down are read (the union over the batch rows). The zeros it reports per
-    token are d_ff minus that union's size (a lower bound of each row's own count when B > 1)."""
+    token are d_ff minus that union's size (a lower bound of each row's own count when B > 1). ``implementation``:
+    the sparse FFN backend (``functools.partial(sparse_decode_ffn, implementation=...)`` picks one)."""
     del params
     taus_L = jnp.asarray(cfg.neuron_thresholds, jnp.float32) if cfg.neuron_thresholds else None
 
@@ -195,7 +201,8 @@ def sparse_decode_ffn(params: model.Params, cfg: ModelConfig) -> Any:
         out_BxD, count = sparse_ffn_lib.sparse_ffn(
             x_BxTxD.reshape(B * T, -1), lp["w_gate_LxDxF"], lp["w_up_LxDxF"], lp["w_down_LxFxD"],
             activation=cfg.activation, threshold=cfg.activation_threshold,
-            taus=None if taus_L is None else taus_L[layer], w_down_norms_F=norms_F, w_up_FxD=lp.get("w_up_t_LxFxD"))
+            taus=None if taus_L is None else taus_L[layer], w_down_norms_F=norms_F, w_up_FxD=lp.get("w_up_t_LxFxD"),
+            implementation=implementation)
         zeros_BxT = jnp.broadcast_to((cfg.d_ff - count).astype(jnp.float32), (B, T))
         return out_BxD.reshape(B, T, -1).astype(x_BxTxD.dtype), zeros_BxT
 
@@ -215,7 +222,7 @@ def sparse_config(cfg: ModelConfig, sparse: bool) -> ModelConfig:
 
 
 def run_cli(checkpoint_path: str, prompt: str, *, step: int | None, max_new_tokens: int, sparse: bool,
-            **sampling: Any) -> tuple[str, dict[str, Any]]:
+            implementation: str = "auto", **sampling: Any) -> tuple[str, dict[str, Any]]:
     """(generated text, stats dict) of the CLI: loads, checks the prompt against the context, generates."""
     from tokenizers import Tokenizer
 
@@ -240,11 +247,13 @@ def run_cli(checkpoint_path: str, prompt: str, *, step: int | None, max_new_toke
     if sparse:  # the sparse FFN kernel in every decode step, with its per-layer tensors prepared once
         params = prepare_sparse_params(params)
     news, stats = generate(params, mcfg, [ids], max_new_tokens=max_new_tokens, eos_id=eos,
-                           ffn=sparse_decode_ffn if sparse else None, **sampling)
+                           ffn=functools.partial(sparse_decode_ffn, implementation=implementation) if sparse else None,
+                           **sampling)
     return tok.decode(news[0]), {
         "prefill_tokens_per_s": stats.prefill_tokens_per_s, "decode_tokens_per_s": stats.decode_tokens_per_s,
         "sparsity_per_layer": stats.sparsity_per_layer, "prompt_tokens": len(ids),
-        "new_tokens": len(news[0]), "sparse": sparse}
+        "new_tokens": len(news[0]), "sparse": sparse,
+        "implementation": sparse_ffn_lib.resolve_implementation(implementation) if sparse else None}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -252,8 +261,8 @@ def main(argv: list[str] | None = None) -> int:
     def body() -> str:
         cli.check_model_path(_CHECKPOINT.value, "--checkpoint")
         text, stats = run_cli(_CHECKPOINT.value, _PROMPT.value, step=_STEP.value, max_new_tokens=_MAX_NEW.value,
-                              sparse=_SPARSE.value, temperature=_TEMPERATURE.value, top_k=_TOP_K.value,
-                              top_p=_TOP_P.value, seed=_SEED.value)
+                              sparse=_SPARSE.value, implementation=_IMPLEMENTATION.value,
+                              temperature=_TEMPERATURE.value, top_k=_TOP_K.value, top_p=_TOP_P.value, seed=_SEED.value)
         return f"{text}\n{json.dumps(stats)}"
 
     return cli.run("generate", FLAGS, argv, body, (OSError, ValueError, checkpoint.CheckpointError), __doc__)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 from pathlib import Path
@@ -224,3 +225,18 @@ def test_sparse_ffn_decode_gives_the_dense_tokens(kind: str) -> None:
     one, stats = generate.generate(generate.prepare_sparse_params(params), cfg, PROMPTS[:1], max_new_tokens=6,
                                    ffn=generate.sparse_decode_ffn)
     assert min(stats.sparsity_per_layer) > 1 - sparse_ffn.DENSE_CROSSOVER  # below the crossover: the gather runs
+
+
+@pytest.mark.parametrize("implementation", ["pallas_triton", "pallas_mosaic"])
+def test_generate_sparse_with_a_pallas_backend_gives_the_dense_tokens(implementation: str) -> None:
+    """``generate`` with the GPU / TPU kernels as the decode FFN (interpreted on this CPU) emits the dense tokens, for
+    one prompt and for a batch (the union active set)."""
+    cfg = tiny_model_config(activation="relu", d_ff=256).replace(activation="fatrelu", activation_threshold=0.15)
+    params = model.init_params(cfg, jax.random.key(7))
+    ffn = functools.partial(generate.sparse_decode_ffn, implementation=implementation)
+    for prompts in (PROMPTS[:1], PROMPTS):
+        dense, _ = generate.generate(params, cfg, prompts, max_new_tokens=4)
+        sparse, stats = generate.generate(generate.prepare_sparse_params(params), cfg, prompts, max_new_tokens=4,
+                                          ffn=ffn)
+        assert sparse == dense
+    assert min(stats.sparsity_per_layer) > 0.5

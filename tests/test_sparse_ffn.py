@@ -154,3 +154,26 @@ def test_default_buckets():
     assert default_buckets(11008, 128)[-1] == 3328  # ceil(int(0.3 * 11008) / 128) * 128
     assert default_buckets(203, 16, 0.4) == (16, 32, 64, 96)
     assert default_buckets(10, 16, 0.4) == (16,)
+
+
+@pytest.mark.parametrize("implementation", ["pallas_triton", "pallas_mosaic"])
+@pytest.mark.parametrize("activation,threshold,norm_mode", [("relu", 0.0, False), ("fatrelu", FAT_T, False),
+                                                            ("drelu", 0.0, False), ("silu", 0.0, True)])
+def test_pallas_backends_behind_the_interface_equal_dense(implementation, activation, threshold, norm_mode):
+    """The GPU / TPU kernels (interpreted on this CPU) as ``sparse_ffn`` backends: the dense FFN's output, and the
+    count of W_down rows they read (the union of x1's non-zero columns)."""
+    f = _jitted(activation, threshold, norm_mode, implementation, None)
+    for s in (0.0, 0.88, 1.0):
+        x, wg, wu, wd = _weights(s, 2)
+        prep = prepare_weights(wu, wd)
+        x1, _ = model.ffn_hidden(x[:, None, :], {"w_gate_LxDxF": wg, "w_up_LxDxF": wu}, _cfg(activation, threshold))
+        n_F = np.sort(np.abs(np.asarray(x1)[:, 0]).max(axis=0) * np.asarray(prep["w_down_norms_F"]))
+        k = min(round(s * F), F - 1)  # tau midway between two neuron norms: no neuron sits on the cut
+        tau = float(n_F[k - 1] + n_F[k]) / 2 if k > 0 else 0.5 * float(n_F[0])
+        tau = (2.0 * float(n_F[-1]) if s == 1.0 else tau) if norm_mode else None
+        out, count = f(x, wg, wu, wd, 0.0 if tau is None else tau, prep["w_down_norms_F"], prep["w_up_FxD"])
+        _check(out, _dense_ref(x, wg, wu, wd, activation, threshold, tau=tau))
+        x1_ref = np.asarray(x1)[:, 0]
+        if norm_mode:
+            x1_ref = np.where(np.abs(x1_ref) * np.asarray(prep["w_down_norms_F"]) > tau, x1_ref, 0.0)
+        assert int(count) == int(np.sum(np.any(x1_ref != 0, axis=0)))
