@@ -1,0 +1,145 @@
+"""ProSparse's sparse operators S2 / S3 as Pallas kernels against the dense bf16 GEMVs, on a GPU or TPU.
+
+    python experiments/bench_pallas_ffn.py                          # 7B and 13B FFN shapes, 88%, batch 1, bf16
+    python experiments/bench_pallas_ffn.py --shapes=4096x11008 --sparsity=0.9 --reps=200
+    python experiments/bench_pallas_ffn.py --interpret --shapes=128x352 --reps=1   # CPU smoke run (no timing value)
+
+What is timed (ProSparse, arXiv 2402.13516, §4.3 and its Table 5, batch 1, bf16):
+
+* S2 dense: ``relu(x W_gate) * (x W_up)`` (two dense GEMVs and the activation, one jitted XLA function);
+  S2 sparse: ``pallas_kernels.<backend>.s2`` -- the gate GEMV, the activation, and W_up rows of the active neurons only.
+* S3 dense: ``x1 @ W_down``; S3 sparse: ``pallas_kernels.<backend>.s3`` -- W_down rows of the non-zero x1 only.
+
+The inputs follow ``experiments/bench_sparse_ffn.py``: random weights, x built so that a chosen fraction of the gates is
+positive (iid neurons, no permutation). The backend is the platform's (``pallas_triton`` on GPU, ``pallas_mosaic``
+on TPU) unless ``--implementation`` says otherwise. Weights are padded to the kernels' blocks once, outside the
+timing. Each side is called ``--reps`` times back to back after a warm-up; the median per-call time in microseconds is
+printed next to ProSparse's published numbers (A100, their CUDA operators): 7B S2 90.55 -> 45.38 us (2.00x), S3
+82.92 -> 55.05 us (1.51x); 13B S2 131.36 -> 53.78 us (2.44x), S3 113.68 -> 66.73 us (1.70x).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from prosparse_jax import cli  # noqa: E402
+from prosparse_jax.sparse_ffn import resolve_implementation  # noqa: E402
+
+#: ProSparse Table 5 (us, batch 1, bf16, A100): (S2 dense, S2 sparse, S3 dense, S3 sparse).
+PUBLISHED = {"4096x11008": (90.55, 45.38, 82.92, 55.05), "5120x13824": (131.36, 53.78, 113.68, 66.73)}
+
+
+def make_inputs(D: int, F: int, sparsity: float, dtype: str, seed: int = 0) -> tuple[jax.Array, ...]:
+    """(x_1xD, w_gate_DxF, w_up_FxD, w_down_FxD) with round((1 - s) F) positive gates."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((1, D), np.float32)
+    w_gate = rng.standard_normal((D, F), np.float32) / np.float32(np.sqrt(D))
+    on_F = np.zeros(F, bool)
+    on_F[rng.permutation(F)[:round((1.0 - sparsity) * F)]] = True
+    w_gate *= np.where(on_F == (x @ w_gate > 0)[0], 1.0, -1.0).astype(np.float32)
+    w_up = rng.standard_normal((F, D), np.float32) / np.float32(np.sqrt(D))
+    w_down = rng.standard_normal((F, D), np.float32) / np.float32(np.sqrt(F))
+    return tuple(jnp.asarray(a, dtype) for a in (x, w_gate, w_up, w_down))
+
+
+def per_call_us(fn, args: tuple, reps: int) -> float:
+    """Median wall time of one call (us) over ``reps`` calls, after a warm-up."""
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append((time.perf_counter() - t0) * 1e6)
+    return statistics.median(times)
+
+
+def bench_shape(kernels, D: int, F: int, a: argparse.Namespace) -> dict:
+    """S2 / S3 dense and sparse at one shape, and the errors of the sparse results against the dense ones."""
+    x, w_gate, w_up_FxD, w_down = make_inputs(D, F, a.sparsity, a.dtype)
+    interpret = a.interpret
+
+    def dense_s2(x, wg, wu):
+        return (jax.nn.relu(x @ wg) * (x @ wu.T)).astype(x.dtype)
+
+    def sparse_s2(x, wg, wu):
+        return kernels.s2(x, wg, wu, activation="relu", interpret=interpret)
+
+    def sparse_s3(x1, wd):
+        return kernels.s3(x1, wd, interpret=interpret)
+
+    fns = {"s2_dense": jax.jit(dense_s2), "s2_sparse": jax.jit(sparse_s2),
+           "s3_dense": jax.jit(lambda x1, wd: x1 @ wd), "s3_sparse": jax.jit(sparse_s3)}
+    x1 = fns["s2_dense"](x, w_gate, w_up_FxD)
+    args = {"s2_dense": (x, w_gate, w_up_FxD), "s2_sparse": (x, w_gate, w_up_FxD),
+            "s3_dense": (x1, w_down), "s3_sparse": (x1, w_down)}
+    us = {k: per_call_us(fns[k], args[k], a.reps) for k in fns}
+
+    def rel_err(dense_key: str, sparse_key: str) -> float:
+        ref = fns[dense_key](*args[dense_key]).astype(jnp.float32)
+        got = fns[sparse_key](*args[sparse_key]).astype(jnp.float32)
+        return float(jnp.max(jnp.abs(ref - got)) / jnp.maximum(jnp.max(jnp.abs(ref)), 1e-30))
+
+    s_real = float(jnp.mean(jnp.all(x1 == 0, axis=0)))
+    row = {"shape": f"{D}x{F}", "sparsity": s_real, **{f"{k}_us": v for k, v in us.items()},
+           "s2_speedup": us["s2_dense"] / us["s2_sparse"], "s3_speedup": us["s3_dense"] / us["s3_sparse"],
+           "s2_rel_err": rel_err("s2_dense", "s2_sparse"), "s3_rel_err": rel_err("s3_dense", "s3_sparse")}
+    if row["shape"] in PUBLISHED:
+        p = PUBLISHED[row["shape"]]
+        row["prosparse_s2_speedup"], row["prosparse_s3_speedup"] = p[0] / p[1], p[2] / p[3]
+    return row
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shapes", default="4096x11008,5120x13824")
+    ap.add_argument("--sparsity", type=float, default=0.88)
+    ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
+    ap.add_argument("--reps", type=int, default=100)
+    ap.add_argument("--implementation", default="auto", choices=("auto", "pallas_triton", "pallas_mosaic"))
+    ap.add_argument("--interpret", action="store_true", help="run the kernels in interpret mode (CPU smoke run)")
+    ap.add_argument("--out", default="", help="write the rows as JSON here")
+    a = ap.parse_args(argv)
+    platform = jax.default_backend()
+    if platform == "cpu" and not a.interpret:
+        print("bench_pallas_ffn: error: no GPU or TPU here; the CPU sparse FFN is experiments/bench_sparse_ffn.py "
+              "(or pass --interpret for a smoke run of the kernels, whose times mean nothing)", file=sys.stderr)
+        return 1
+    impl = a.implementation
+    if impl == "auto":
+        impl = resolve_implementation("auto", platform)
+        impl = "pallas_triton" if impl not in ("pallas_triton", "pallas_mosaic") else impl
+    kernels = importlib.import_module({"pallas_triton": "pallas_kernels.sparse_ffn_triton",
+                                       "pallas_mosaic": "pallas_kernels.sparse_ffn_mosaic"}[impl])
+    print(f"jax {jax.__version__}, {jax.devices()[0].device_kind}, {impl}, {a.dtype}, batch 1, reps {a.reps}")
+    print(f"{'shape':>11} {'sparsity':>8} {'S2 dense':>9} {'S2 ours':>8} {'S2 x':>6} {'ProSp.':>6} {'S3 dense':>9} "
+          f"{'S3 ours':>8} {'S3 x':>6} {'ProSp.':>6}  (us)")
+    rows = []
+    for shape in a.shapes.split(","):
+        D, F = (int(v) for v in shape.split("x"))
+        r = bench_shape(kernels, D, F, a)
+        rows.append(r)
+        print(f"{shape:>11} {r['sparsity']:>8.3f} {r['s2_dense_us']:>9.1f} {r['s2_sparse_us']:>8.1f} "
+              f"{r['s2_speedup']:>5.2f}x {r.get('prosparse_s2_speedup', float('nan')):>5.2f}x "
+              f"{r['s3_dense_us']:>9.1f} {r['s3_sparse_us']:>8.1f} {r['s3_speedup']:>5.2f}x "
+              f"{r.get('prosparse_s3_speedup', float('nan')):>5.2f}x   rel err S2 {r['s2_rel_err']:.1e} "
+              f"S3 {r['s3_rel_err']:.1e}", flush=True)
+    if a.out:
+        cli.write_text_atomic(a.out, json.dumps({"device": jax.devices()[0].device_kind, "implementation": impl,
+                                           "dtype": a.dtype, "rows": rows}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
