@@ -45,7 +45,7 @@ import jax
 import numpy as np
 
 from prosparse_jax import checkpoint as ckpt
-from prosparse_jax import measure, sparsity
+from prosparse_jax import cli, measure, sparsity
 from prosparse_jax.config import model_config_from_dict
 from prosparse_jax.measure import Batch, LossSums
 from prosparse_jax.model import Params
@@ -394,7 +394,5 @@ def law_ratios(workdir: str | Path, out: str | Path | None = None, *, overwrite:
                              min_step=min_step, search_steps=search_steps, seq_len=seq_len, data=data,
                              data_dir=data_dir, verbose=verbose)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps(res, indent=2))
-    tmp.replace(out)
+    cli.write_text_atomic(out, json.dumps(res, indent=2))  # a failed write leaves no .tmp and the old file intact
     return {**res, "reused": False}

@@ -68,7 +68,7 @@ def distinct_positions(stream_len: int, seq_len: int, batch_size: int, num_batch
         return 0
     row = seq_len + 1
     # data's own choice of windows (one copy of the rule; data exposes no public name for it)
-    windows_W = np.unique(data_lib._window_indices(-(-stream_len // row), batch_size, num_batches))
+    windows_W = np.unique(data_lib.window_indices(-(-stream_len // row), batch_size, num_batches))
     pos_WxT = (windows_W[:, None] * row + np.arange(seq_len)) % stream_len
     return int(np.unique(pos_WxT).size)
 
