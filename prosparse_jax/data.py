@@ -302,7 +302,7 @@ def make_train_iterator(
 
 
 # ---- eval batches -------------------------------------------------------------------------------------------------
-def _window_indices(num_windows: int, batch_size: int, num_batches: int) -> np.ndarray:
+def window_indices(num_windows: int, batch_size: int, num_batches: int) -> np.ndarray:
     """[num_batches, batch_size] window indices, evenly spaced over `num_windows` (cycled if there are too few)."""
     n = batch_size * num_batches
     i = np.arange(n, dtype=np.int64)
@@ -354,7 +354,7 @@ def make_eval_batches(
             f"eval split of {cfg.source!r} is empty (data.eval_fraction={cfg.eval_fraction}); "
             "raise data.eval_fraction or add documents")
     rows = _StreamRows(*split_stream(corpus, tokenizer, cfg.data_dir, EVAL_SPLIT), cfg.seq_len)
-    return [rows(w_B) for w_B in _window_indices(len(rows), batch_size, num_batches)]
+    return [rows(w_B) for w_B in window_indices(len(rows), batch_size, num_batches)]
 
 
 def iter_documents(cfg: DataConfig, split: str = TRAIN_SPLIT) -> Iterator[dict[str, str]]:
