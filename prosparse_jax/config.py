@@ -21,6 +21,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from prosparse_jax.activations import ACTIVATIONS
+from prosparse_jax.attention import NAMES as ATTENTIONS
 
 DTYPES = ("float32", "bfloat16")
 LR_SCHEDULES = ("cosine", "wsd", "constant")
@@ -74,6 +75,10 @@ class ModelConfig:
     init_std: float = 0.02  # std of the matrix init (MiniCPM µP: 0.1 / sqrt(d_model / 256))
     dtype: str = "float32"  # compute dtype; parameters are always stored in float32
     remat: bool = False  # rematerialise each layer in the backward pass
+    # Attention backend (prosparse_jax.attention): 'auto' picks by platform when traced (cpu: xla_blocks, gpu: cudnn
+    # for bfloat16 else xla, tpu: splash); 'xla_blocks' | 'xla' | 'cudnn' | 'splash' force one. KV-cache decoding
+    # always runs xla_blocks.
+    attention: str = "auto"
     # Training layout: True keeps the layers stacked under lax.scan (compile time independent of depth); False trains
     # one parameter group per layer, unrolled (no scan buffers: faster for shallow models, compiles grow with depth).
     # Checkpoints are stacked either way.
@@ -152,6 +157,11 @@ def _validate_model(c: ModelConfig) -> None:
     _require(c.activation in ACTIVATIONS, "model", "activation",
              f"unknown activation {c.activation!r}; choose one of: {', '.join(ACTIVATIONS)}")
     _require(c.dtype in DTYPES, "model", "dtype", f"unknown dtype {c.dtype!r}; choose one of: {', '.join(DTYPES)}")
+    _require(c.attention in ATTENTIONS, "model", "attention", f"unknown attention implementation {c.attention!r}"
+             f"{did_you_mean(str(c.attention), ATTENTIONS)}; choose one of: {', '.join(ATTENTIONS)}")
+    _require(c.attention != "cudnn" or c.dtype == "bfloat16", "model", "attention",
+             "'cudnn' (cuDNN flash attention) has no float32 kernel; set model.dtype='bfloat16', or "
+             "model.attention='xla' (or 'auto') for float32")
     _require(_finite(c.activation_threshold) and c.activation_threshold >= 0, "model", "activation_threshold",
              f"must be a finite number >= 0, got {c.activation_threshold!r}")
     for f in ("norm_eps", "rope_theta", "init_std", "scale_emb"):

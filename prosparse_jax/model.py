@@ -18,6 +18,9 @@ Forward (MiniCPM, arXiv 2404.06395, and its public modeling code; LLaMA 2 when a
 h0 = embed(ids) * scale_emb; per layer
 h += attn(RMSNorm(h)) * r and h += ffn(RMSNorm(h)) * r with r = scale_depth / sqrt(L) (1 for LLaMA);
 logits = RMSNorm(h) / (d_model / dim_model_base) @ head. RMSNorm and softmax in float32, half-split RoPE.
+
+Attention: ``cfg.attention`` names the backend (:mod:`prosparse_jax.attention`: xla_blocks, xla, cudnn, splash or
+auto = by platform); :func:`forward` builds its mask once, :func:`attend` runs it in every layer.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from prosparse_jax import attention as attention_lib
 from prosparse_jax.activations import ffn_product
 from prosparse_jax.config import ModelConfig
 from prosparse_jax.layouts import layer_param, stack_layers, unstack_layers  # noqa: F401 - part of the model API
@@ -35,7 +39,7 @@ from prosparse_jax.layouts import layer_param, stack_layers, unstack_layers  # n
 Array = jax.Array
 Params = dict[str, Any]
 
-_NEG_INF = -1e30
+_NEG_INF = attention_lib.NEG_INF  # decode's bias over the KV cache
 
 
 class FFNStats(NamedTuple):
@@ -124,27 +128,14 @@ def rope(x_BxTxNxH: Array, positions_BxT: Array, theta: float) -> Array:
     return apply_rope(x_BxTxNxH, *rope_tables(positions_BxT, x_BxTxNxH.shape[-1], theta))
 
 
-ATTN_BLOCK = 64  # query rows per block of the causal attention; key blocks above the diagonal are never computed
+ATTN_BLOCK = attention_lib.ATTN_BLOCK  # xla_blocks' query rows per block (read when a forward pass is traced)
 
 
 def attention_bias_blocks(segment_ids_BxT: Array | None, T: int, B: int,
-                          block: int | None = None) -> list[tuple[int, int, Array]]:
-    """Causal (and same-segment) additive attention bias, per block of query rows.
-
-    Returns ``[(t0, t1, bias_Bx(t1-t0)xt1)]``: rows t0..t1-1 attend keys 0..t1-1 only (later keys are causally masked
-    for every row of the block, so they are skipped, not masked); the bias is 0 where attention is allowed and -1e30
-    elsewhere (same values as a select since |score| << ulp(1e30), and its gradient is the identity).
-    ``block`` defaults to :data:`ATTN_BLOCK`.
-    """
-    block = block or ATTN_BLOCK
-    blocks = []
-    for t0 in range(0, T, block):
-        t1 = min(T, t0 + block)
-        allowed_BxtxS = jnp.broadcast_to(jnp.arange(t0, t1)[:, None] >= jnp.arange(t1)[None, :], (B, t1 - t0, t1))
-        if segment_ids_BxT is not None:
-            allowed_BxtxS = allowed_BxtxS & (segment_ids_BxT[:, t0:t1, None] == segment_ids_BxT[:, None, :t1])
-        blocks.append((t0, t1, jnp.where(allowed_BxtxS, 0.0, _NEG_INF).astype(jnp.float32)))
-    return blocks
+                          block: int | None = None) -> attention_lib.BiasBlocks:
+    """xla_blocks' causal, same-segment bias per block of query rows (:func:`attention.bias_blocks`); ``block``
+    defaults to :data:`ATTN_BLOCK`."""
+    return attention_lib.bias_blocks(segment_ids_BxT, B, T, block or ATTN_BLOCK)
 
 
 def project_qkv(x_BxTxD: Array, lp: Params, rope_cs: tuple[Array, Array], cfg: ModelConfig
@@ -161,36 +152,21 @@ def project_qkv(x_BxTxD: Array, lp: Params, rope_cs: tuple[Array, Array], cfg: M
 
 
 def attend(q_BxTxNxH: Array, k_BxSxKxH: Array, v_BxSxKxH: Array, lp: Params,
-           bias_blocks: list[tuple[int, int, Array]], cfg: ModelConfig) -> Array:
+           mask: attention_lib.Mask | attention_lib.BiasBlocks, cfg: ModelConfig) -> Array:
     """Softmax attention (float32) of queries over keys, then the output projection, [B, T, D].
 
-    ``bias_blocks`` as from :func:`attention_bias_blocks`: query rows t0..t1-1 meet the first ``bias.shape[-1]`` keys
-    (t1 in training; the whole KV cache when decoding). The G = N / K query heads of a kv head are folded into the
-    query axis ([B, K, T*G, H]), so MHA and GQA run the same [B, K]-batched matmuls.
+    ``mask`` from :func:`attention.prepare` (the backend ``model.attention`` names), or a list of xla_blocks bias
+    blocks (:func:`attention_bias_blocks`; ``decode`` passes its own over the KV cache).
     """
-    (B, T, N, H), dt, K = q_BxTxNxH.shape, q_BxTxNxH.dtype, cfg.n_kv_heads
-    G = N // K
-    # query index q = t * G + g
-    q_BxKxQxH = q_BxTxNxH.reshape(B, T, K, G, H).transpose(0, 2, 1, 3, 4).reshape(B, K, T * G, H)
-    k_BxKxSxH = k_BxSxKxH.transpose(0, 2, 1, 3)
-    v_BxKxSxH = v_BxSxKxH.transpose(0, 2, 1, 3)
-    outs = []
-    for t0, t1, bias_BxtxS in bias_blocks:
-        n, s = t1 - t0, bias_BxtxS.shape[-1]
-        s_BxKxqxS = jnp.einsum("bkqh,bksh->bkqs", q_BxKxQxH[:, :, t0 * G:t1 * G], k_BxKxSxH[:, :, :s],
-                               preferred_element_type=jnp.float32)
-        s_BxKxqxS = (s_BxKxqxS.reshape(B, K, n, G, s) + bias_BxtxS[:, None, :, None, :]).reshape(B, K, n * G, s)
-        p_BxKxqxS = jax.nn.softmax(s_BxKxqxS, axis=-1).astype(dt)
-        outs.append(jnp.einsum("bkqs,bksh->bkqh", p_BxKxqxS, v_BxKxSxH[:, :, :s]))
-    o_BxKxQxH = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=2)
-    o_MxNH = o_BxKxQxH.reshape(B, K, T, G, H).transpose(0, 2, 1, 3, 4).reshape(B * T, N * H)
-    return (o_MxNH @ lp["wo_LxNxHxD"].reshape(N * H, -1).astype(dt)).reshape(B, T, -1)
+    B, T, N, H = q_BxTxNxH.shape
+    o_MxNH = attention_lib.attend(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask).reshape(B * T, N * H)
+    return (o_MxNH @ lp["wo_LxNxHxD"].reshape(N * H, -1).astype(q_BxTxNxH.dtype)).reshape(B, T, -1)
 
 
-def attention(x_BxTxD: Array, lp: Params, bias_blocks: list[tuple[int, int, Array]], rope_cs: tuple[Array, Array],
+def attention(x_BxTxD: Array, lp: Params, mask: attention_lib.Mask, rope_cs: tuple[Array, Array],
               cfg: ModelConfig) -> Array:
     """Grouped-query causal self-attention (no biases): :func:`project_qkv` then :func:`attend`."""
-    return attend(*project_qkv(x_BxTxD, lp, rope_cs, cfg), lp, bias_blocks, cfg)
+    return attend(*project_qkv(x_BxTxD, lp, rope_cs, cfg), lp, mask, cfg)
 
 
 # A hook that masks x1 (ProSparse's activation, paper Eq. 1: x1 = act(x W_gate) * (x W_up)) of one layer:
@@ -249,7 +225,7 @@ def neuron_norm_mask(params: Params, taus_L: Any) -> X1Mask:
 class _Inputs(NamedTuple):
     """What every layer reads besides its parameters (built once per forward pass)."""
 
-    bias_blocks: list[tuple[int, int, Array]]
+    mask: attention_lib.Mask
     rope_cs: tuple[Array, Array]
     valid_BxT: Array  # noqa: N815 - bool, False on padding
 
@@ -267,7 +243,7 @@ def decoder_layer(h_BxTxD: Array, lp: Params, layer: Array | int, inp: _Inputs, 
                   x1_mask: X1Mask | None, capture: bool) -> tuple[Array, tuple[Array, ...]]:
     """One pre-norm block: h += attn(norm(h)) * r; h += ffn(norm(h)) * r. Returns (h, layer statistics)."""
     dt, r = h_BxTxD.dtype, cfg.residual_scale
-    a = attention(rms_norm(h_BxTxD, lp["attn_norm_LxD"], cfg.norm_eps), lp, inp.bias_blocks, inp.rope_cs, cfg)
+    a = attention(rms_norm(h_BxTxD, lp["attn_norm_LxD"], cfg.norm_eps), lp, inp.mask, inp.rope_cs, cfg)
     h_BxTxD = h_BxTxD + (a * r).astype(dt)
     x1_BxTxF, act_BxTxF = ffn_hidden(rms_norm(h_BxTxD, lp["ffn_norm_LxD"], cfg.norm_eps), lp, cfg)
     if x1_mask is not None:
@@ -314,8 +290,8 @@ def forward(
     if positions_BxT is None:
         positions_BxT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
     valid_BxT = jnp.ones((B, T), bool) if segment_ids_BxT is None else segment_ids_BxT != 0
-    inp = _Inputs(attention_bias_blocks(segment_ids_BxT, T, B), rope_tables(positions_BxT, cfg.head_dim,
-                                                                            cfg.rope_theta), valid_BxT)
+    mask = attention_lib.prepare(cfg.attention, segment_ids_BxT, B, T, dtype=dt, block=ATTN_BLOCK)
+    inp = _Inputs(mask, rope_tables(positions_BxT, cfg.head_dim, cfg.rope_theta), valid_BxT)
     if x1_mask is None and cfg.neuron_thresholds:
         x1_mask = neuron_norm_mask(params, cfg.neuron_thresholds)
 

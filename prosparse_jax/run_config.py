@@ -44,6 +44,8 @@ def model_fields(**kw: Any) -> ml_collections.ConfigDict:
     m.init_std = 0.02  # std of matrix init (MiniCPM µP: 0.1/sqrt(d_model/256))
     m.dtype = "float32"  # compute dtype: float32 | bfloat16 (params stay float32)
     m.remat = False  # rematerialise each layer in the backward pass (less memory, ~1/3 more compute)
+    m.attention = "auto"  # attention backend: auto (by platform: cpu xla_blocks, gpu cudnn for bfloat16 else xla,
+    # tpu splash) | xla_blocks (block-causal XLA) | xla (jax.nn, any platform) | cudnn (bfloat16) | splash (Pallas TPU)
     m.scan_layers = True  # train layers stacked under lax.scan; False: one param group per layer, unrolled (faster on
     # CPU / shallow models, compile time grows with depth); checkpoints are stacked either way
     m.neuron_thresholds = ()  # sparse mode: per-layer CETT threshold on |x1_i|*||W_down row i|| (from analyze pplp)
