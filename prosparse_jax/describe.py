@@ -1,9 +1,13 @@
 """Prints a model's size and cost as one JSON object, without allocating it.
 
     python -m prosparse_jax.describe --config=configs/sparsing_law.py:0.4b-relu
+    python -m prosparse_jax.describe --config=configs/sparsing_law.py:1.2b-relu --mesh=data:2,fsdp:4 \
+        --device_memory=80GB
 
 Parameter counts come from ``jax.eval_shape`` of the real initialiser (checked against the closed form), so a 13B
-model is described in seconds on a laptop.
+model is described in seconds on a laptop. With ``--mesh`` it also compiles the train step for that mesh (abstract
+devices, nothing allocated) and adds its per-device memory as ``memory_plan`` (:mod:`prosparse_jax.memory_plan`):
+with ``--device_memory``, whether it fits and the smallest ``train.grad_accum`` that does.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import jax
 from absl import flags
 from ml_collections import config_flags
 
-from prosparse_jax import cli
+from prosparse_jax import cli, memory_plan
 from prosparse_jax.config import ConfigError, RunConfig
 from prosparse_jax.model import abstract_params
 from prosparse_jax.run_config import resolve
@@ -72,11 +76,24 @@ def main(argv: list[str] | None = None) -> int:
     flag_values = flags.FlagValues()  # fresh per call: config_flags registers the overrides of each parse
     config_flags.DEFINE_config_file("config", None, "Experiment config file (file.py:arg).", lock_config=True,
                                     flag_values=flag_values)
+    flags.DEFINE_string("mesh", None, "Plan the train step's memory on this mesh, e.g. data:2,fsdp:4 (axes: "
+                        f"{', '.join(memory_plan.MESH_AXES)}; one left out has size 1).", flag_values=flag_values)
+    flags.DEFINE_string("device_memory", None, "With --mesh: memory per device to fit, e.g. 80GB (10^9 bytes), "
+                        "80GiB (2^30) or 512MB.", flag_values=flag_values)
 
     def body() -> str:
-        return json.dumps(describe(resolve(cli.load_config(flag_values))), indent=2)
+        fv = flag_values
+        if fv.device_memory is not None and fv.mesh is None:
+            raise cli.UsageError("--device_memory needs --mesh (e.g. --mesh=data:2,fsdp:4)")
+        mesh = memory_plan.parse_mesh(fv.mesh) if fv.mesh is not None else None
+        budget = memory_plan.parse_bytes(fv.device_memory) if fv.device_memory is not None else None
+        rc = resolve(cli.load_config(fv))
+        out = describe(rc)
+        if mesh is not None:
+            out["memory_plan"] = memory_plan.plan(rc, mesh, budget)
+        return json.dumps(out, indent=2)
 
-    return cli.run("describe", flag_values, argv, body, (ConfigError,), __doc__)
+    return cli.run("describe", flag_values, argv, body, (ConfigError, memory_plan.PlanError), __doc__)
 
 
 if __name__ == "__main__":
