@@ -190,9 +190,11 @@ def compile_memory(rc: RunConfig, mesh: Mesh, grad_accums: list[int]) -> dict[in
     key = lambda a: (repr(rc), repr(mesh.devices.tolist()), a)  # noqa: E731
     todo = [a for a in dict.fromkeys(grad_accums) if key(a) not in _COMPILED]
     tx, lr_fn = optim_lib.make_optimizer(rc.optim, rc.train.steps, rc.model.d_model)
-    step_fn = jax.jit(make_train_step(rc, tx, lr_fn, schedules.reg_factor_schedule(rc.sparsity.stages)),
-                      donate_argnums=(0,))
     state = abstract_state(rc, tx, mesh)
+    # as train jits it: the state keeps its shardings (donation holds), metrics replicated
+    out_sh = (jax.tree.map(lambda x: x.sharding, state), NamedSharding(mesh, PartitionSpec()))
+    step_fn = jax.jit(make_train_step(rc, tx, lr_fn, schedules.reg_factor_schedule(rc.sparsity.stages)),
+                      donate_argnums=(0,), out_shardings=out_sh)
     opts = FAST_CPU_COMPILE if mesh.devices.flat[0].platform == "cpu" else {}
 
     def build(a: int) -> tuple[int, Any, dict[str, Any], float]:
