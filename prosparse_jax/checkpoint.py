@@ -345,7 +345,7 @@ def load_model(path: str | os.PathLike, step: int | None = None) -> tuple[ModelC
         if step not in mgr.all_steps():
             raise CheckpointError(f"step {step} not in {path / CKPT_DIR} (have {sorted(mgr.all_steps())})")
         # restore onto this process's first device whatever topology the checkpoint was written with
-        dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        dev = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=dev), abstract_params(mcfg))
         targets = {"params": target}
 

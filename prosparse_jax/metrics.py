@@ -120,7 +120,7 @@ def read_metrics(workdir: str | Path, kind: str | None = None) -> list[dict[str,
 
 def measure_matmul_peak(n: int = 1024, repeats: int = 5, dtype: str = "float32") -> float:
     """Measured FLOP/s of one device on a square matmul (the MFU denominator on CPU, where no spec sheet applies)."""
-    dev = jax.devices()[0]
+    dev = jax.local_devices()[0]
     a = jax.device_put(jnp.ones((n, n), dtype), dev)
     f = jax.jit(lambda x: x @ x)
     f(a).block_until_ready()

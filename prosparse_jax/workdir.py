@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ from prosparse_jax.model import Params, abstract_params
 RESUMABLE_CHANGES = {
     "train.log_every", "train.eval_every", "train.checkpoint_every", "train.keep_checkpoints", "train.keep_period",
     "train.async_checkpoint", "train.progress_bar", "data.data_dir", "model.scan_layers",
+    "model.attention",  # another attention implementation computes the same function (rounding aside)
 }
 
 
@@ -105,6 +107,14 @@ def write_config(workdir: Path, config_json: dict[str, Any]) -> None:
     tmp.replace(path)
 
 
+def _copy_atomically(src: Path, dst: Path) -> None:
+    """Copies ``src`` to ``dst`` through a temporary file: a process reading ``dst`` meanwhile (another process of a
+    multi-process run) sees the old or the new file, never a part."""
+    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
+    shutil.copyfile(src, tmp)
+    tmp.replace(dst)
+
+
 def prepare_tokenizer(rc: RunConfig, workdir: Path) -> tuple[Any, Any]:
     """Tokenizer of the run, kept as ``<workdir>/tokenizer.json``: data.tokenizer, else the init_from checkpoint's,
     else a BPE trained on the corpus. The tokenizer of a workdir that holds a run is never replaced by a different
@@ -117,13 +127,13 @@ def prepare_tokenizer(rc: RunConfig, workdir: Path) -> tuple[Any, Any]:
         src = Path(rc.init_from) / "tokenizer.json"
         if src.is_file() and (fresh or not local.exists()):
             workdir.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(src, local)
+            _copy_atomically(src, local)
         if local.exists():
             dcfg = dataclasses.replace(dcfg, tokenizer=str(local))
     if dcfg.tokenizer and Path(dcfg.tokenizer).resolve() != local.resolve():
         if fresh or not local.exists():
             workdir.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(dcfg.tokenizer, local)
+            _copy_atomically(Path(dcfg.tokenizer), local)
         elif local.read_bytes() != Path(dcfg.tokenizer).read_bytes():
             raise TrainError(f"{local} differs from data.tokenizer={dcfg.tokenizer}; this workdir was trained with "
                              "its own tokenizer: use it, or choose a new --workdir (nothing was changed)")

@@ -1,4 +1,4 @@
-"""Data-parallel + FSDP on simulated CPU devices gives the same training as one device."""
+"""Data-parallel + FSDP on 4 and 8 simulated CPU devices gives the same training as one device."""
 
 import json
 import os
@@ -52,19 +52,31 @@ def test_param_specs_table():
     assert tuple(param_specs(shapes, 1)["embed_VxD"]) == ()
 
 
-@pytest.mark.slow
-def test_fsdp_on_4_devices_matches_single_device(tmp_path):
+@pytest.fixture(scope="module")
+def one_device(tmp_path_factory):
+    """The reference: the same run on one device (corpus, workdir)."""
     from conftest import write_corpus
 
-    corpus = write_corpus(tmp_path / "corpus")
-    _run(corpus, tmp_path / "one", 1, 1)
-    _run(corpus, tmp_path / "four", 4, 2)
-    _, a, _ = ckpt.load_model(tmp_path / "one")
-    _, b, _ = ckpt.load_model(tmp_path / "four")
+    tmp = tmp_path_factory.mktemp("sharding")
+    corpus = write_corpus(tmp / "corpus")
+    _run(corpus, tmp / "one", 1, 1)
+    return corpus, tmp / "one"
+
+
+def _train_losses(workdir):
+    return [json.loads(x)["loss"] for x in (workdir / "metrics.jsonl").read_text().splitlines()
+            if json.loads(x)["kind"] == "train"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("n_devices, fsdp", [(4, 2), (8, 4), (8, 8)], ids=["data2xfsdp2", "data2xfsdp4", "fsdp8"])
+def test_fsdp_matches_single_device(one_device, tmp_path, n_devices, fsdp):
+    corpus, one = one_device
+    _run(corpus, tmp_path / "many", n_devices, fsdp)
+    _, a, _ = ckpt.load_model(one)
+    _, b, _ = ckpt.load_model(tmp_path / "many")
     # same math, different reduction order across devices: equal to float32 round-off
     jax.tree.map(lambda x, y: np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=2e-4, atol=2e-6), a, b)
-    la = [json.loads(x)["loss"] for x in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()
-          if json.loads(x)["kind"] == "train"]
-    lb = [json.loads(x)["loss"] for x in (tmp_path / "four" / "metrics.jsonl").read_text().splitlines()
-          if json.loads(x)["kind"] == "train"]
+    la, lb = _train_losses(one), _train_losses(tmp_path / "many")
+    assert len(la) == len(lb) == 4
     np.testing.assert_allclose(la, lb, rtol=1e-5)
