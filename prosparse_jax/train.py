@@ -8,9 +8,11 @@ ProSparse §3.3). Re-running the same command on the same workdir resumes from i
 and exits 0.
 
 :func:`train` runs four named steps: :func:`_setup` (config, workdir, tokenizer, mesh, batch semantics) ->
-:func:`_init_state` (restore the latest checkpoint, or initialise / load ``init_from``) -> :class:`_Loop` (steps,
-metrics fetched one step late, evaluations, checkpoints, stop requests) -> :func:`_final_eval`. The objective and the
-jitted step are in :mod:`prosparse_jax.step`; the workdir's checks in :mod:`prosparse_jax.workdir`.
+:func:`_init_state` (restore the latest checkpoint, or initialise / load ``init_from``) -> ``loop.Loop`` (steps,
+metrics fetched one step late, evaluations, checkpoints, stop requests) -> ``loop.final_eval``. The objective and the
+jitted step are in :mod:`prosparse_jax.step`, the host loop in :mod:`prosparse_jax.loop`, the workdir's checks in
+:mod:`prosparse_jax.workdir`. ``NonFiniteLossError`` (a :class:`TrainError`) is raised when the loss or gradients
+become NaN/Inf.
 
 Several processes (hosts) run the same command on JAX's runtime: with ``--coordinator_address``, ``--num_processes``
 and ``--process_id`` (or ``JAX_*`` variables), or under SLURM's ``srun`` with nothing added (see
@@ -21,18 +23,14 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import json
 import signal
 import sys
-import threading
-import time
 from pathlib import Path
 from typing import Any
 
 import jax
 import ml_collections
-import numpy as np
 from absl import flags, logging
 from jax.sharding import NamedSharding, PartitionSpec
 from ml_collections import config_flags
@@ -43,11 +41,13 @@ from prosparse_jax import data as data_lib
 from prosparse_jax import optim as optim_lib
 from prosparse_jax import sharding as shard_lib
 from prosparse_jax.config import ConfigError, RunConfig
-from prosparse_jax.metrics import IntervalMeans, MetricsFileError, MetricsWriter, measure_matmul_peak
+from prosparse_jax.loop import Loop, Run, final_eval, install_stop_handlers
+from prosparse_jax.metrics import MetricsFileError
 from prosparse_jax.model import Params, abstract_params, init_params
 from prosparse_jax.run_config import resolve
-from prosparse_jax.step import evaluate, make_train_step, place_state, stack_layers_jit
+from prosparse_jax.step import make_train_step, place_state
 from prosparse_jax.workdir import (
+    NonFiniteLossError,  # noqa: F401  (train's API: raised by the loop)
     TrainError,
     check_workdir_config,
     json_config,
@@ -55,13 +55,6 @@ from prosparse_jax.workdir import (
     prepare_tokenizer,
     write_config,
 )
-
-# step metrics reported as means over the steps since the previous metrics entry
-_MEAN_KEYS = ("loss", "lm_loss", "reg_loss", "grad_norm", "sparsity", "sparsity_per_layer", "mean_abs_x1_per_layer")
-
-
-class NonFiniteLossError(TrainError):
-    """Loss or gradients became NaN/Inf; the update was not applied and the last good checkpoint is kept."""
 
 
 @dataclasses.dataclass
@@ -73,40 +66,10 @@ class TrainResult:
     stop_signal: str | None = None  # "SIGTERM" / "SIGINT" when a signal stopped the run
 
 
-@functools.cache
-def _matmul_peak(device_kind: str) -> float:  # the key: measured once per process and device kind
-    """The MFU denominator: one device's measured matmul FLOP/s."""
-    return measure_matmul_peak()
-
-
-def metrics_lag(n_devices: int) -> bool:
-    """Whether the loop fetches a step's metrics one step late (not on several simulated CPU devices: collectives
-    queued there can deadlock, so every step is synced)."""
-    return n_devices == 1 or jax.devices()[0].platform != "cpu"
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Set-up and state
 # ---------------------------------------------------------------------------------------------------------------
-@dataclasses.dataclass
-class _Run:
-    """What the set-up resolved for one run."""
-
-    rc: RunConfig
-    config_json: dict[str, Any]  # the experiment config as written to config.json and into every checkpoint
-    workdir: Path
-    tokenizer: Any
-    mesh: jax.sharding.Mesh
-    is_main: bool  # process 0: the only one writing metrics, config.json, final_eval.json and printing
-    train_iter: data_lib.TrainIterator  # this process's rows of every batch
-    eval_batches: list[dict[str, jax.Array]]  # the same on every process, rows split over the mesh
-
-    @property
-    def tokens_per_step(self) -> int:
-        return self.rc.train.batch_size * self.rc.data.seq_len
-
-
-def _setup(config: ml_collections.ConfigDict, workdir: str | Path) -> _Run:
+def _setup(config: ml_collections.ConfigDict, workdir: str | Path) -> Run:
     """Joins a multi-process run, resolves the config, refuses a workdir of another config, checks that the mesh
     and batch fit the devices, then prepares the tokenizer and data (process 0 first: it builds the shared caches).
 
@@ -133,7 +96,7 @@ def _setup(config: ml_collections.ConfigDict, workdir: str | Path) -> _Run:
                                                   num_batches=rc.train.eval_batches)
     if is_main:
         print(json.dumps(semantics), flush=True)
-    return _Run(rc, config_json, workdir, tokenizer, mesh, is_main, train_iter,
+    return Run(rc, config_json, workdir, tokenizer, mesh, is_main, train_iter,
                 [shard_lib.replicated_batch_to_global(b, mesh) for b in eval_batches])
 
 
@@ -157,7 +120,7 @@ def _batch_semantics(rc: RunConfig, mesh: jax.sharding.Mesh) -> dict[str, Any]:
             "params": rc.model.params_total}
 
 
-def _init_state(run: _Run, tx: Any, mgr: Any, start: int | None) -> tuple[dict[str, Any], Any]:
+def _init_state(run: Run, tx: Any, mgr: Any, start: int | None) -> tuple[dict[str, Any], Any]:
     """The train state (placed on the mesh) and the data-iterator state: restored from checkpoint ``start``, else
     initialised (from ``init_from`` when set, else randomly with ``train.seed``)."""
     rc, mesh = run.rc, run.mesh
@@ -193,171 +156,6 @@ def _own_data_state(extra: dict[str, Any]) -> Any:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The loop
-# ---------------------------------------------------------------------------------------------------------------
-class _Loop:
-    """Runs the steps from ``start`` to ``train.steps`` (or a stop request) on the host side.
-
-    Metrics are fetched one step late: step s+1 is dispatched before the host waits on step s's metrics, so the
-    host's bookkeeping overlaps device work. Steps that need the state (eval, checkpoint, end, stop) are synced at
-    once. On several simulated CPU devices every step is synced (:func:`metrics_lag`).
-
-    With several processes every one runs this loop in lockstep: each puts its rows of the batch, all save every
-    checkpoint (orbax writes each process's shards), only process 0 writes metrics and prints. A stop request
-    (a signal to any process) is OR-ed over the processes with each step, so all stop after the same step.
-    """
-
-    def __init__(self, run: _Run, state: dict[str, Any], step_fn: Any, mgr: Any, start: int,
-                 data_state: Any, stop_after: int | None) -> None:
-        rc = run.rc
-        self.run, self.rc, self.state, self.step_fn, self.mgr = run, rc, state, step_fn, mgr
-        self.step, self.stop_after = start, stop_after
-        self.stop_requested = ""  # the name of the signal that asked this process to stop, "" while none did
-        self.multi = jax.process_count() > 1
-        self.stop_agreed = False  # several processes: some process asked to stop (the same on every process)
-        self.it = run.train_iter
-        if data_state is not None:
-            self.it.set_state(data_state)
-        self.last_data_state = self.it.get_state()
-        self.eval_batches = run.eval_batches
-        self.batch_sharding = shard_lib.accum_batch_sharding(run.mesh)
-        self.writer = MetricsWriter(run.workdir, resume_step=start, enabled=run.is_main)
-        self.means = IntervalMeans(_MEAN_KEYS)
-        self.peak = _matmul_peak(jax.devices()[0].device_kind) * jax.device_count()
-        self.t_last, self.steps_since = time.perf_counter(), 0
-        self.pbar = None
-        if run.is_main and rc.train.progress_bar:
-            from tqdm import tqdm
-
-            self.pbar = tqdm(total=rc.train.steps, initial=start, desc="train", file=sys.stderr, dynamic_ncols=True)
-
-    def to_device(self, b: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-        """This process's [B_host, T] -> global [A, micro, T]; the micro-batch dimension, made of every process's
-        rows, is sharded over the devices."""
-        A = self.rc.train.grad_accum
-        b = {k: v.reshape(A, v.shape[0] // A, *v.shape[1:]) for k, v in b.items()}
-        return shard_lib.host_batch_to_global(b, self.batch_sharding)
-
-    @property
-    def stopping(self) -> bool:
-        """Whether a stop was requested (with several processes: of any process, as of the last processed step)."""
-        return self.stop_agreed if self.multi else bool(self.stop_requested)
-
-    def run_steps(self) -> bool:
-        """The loop; returns whether it stopped early (a stop request or ``stop_after``)."""
-        lag, pending = metrics_lag(jax.device_count()), None
-        batches = data_lib.prefetch(self.it)
-        while self.step < self.rc.train.steps:
-            batch, next_data_state = next(batches)
-            self.state, m_dev = self.step_fn(self.state, self.to_device(batch))
-            stop_dev = distributed.any_process(bool(self.stop_requested), self.run.mesh) if self.multi else None
-            dispatched = self.step + (2 if pending is not None else 1)  # the step number of the one just dispatched
-            if pending is not None:
-                self.process(*pending)  # the previous step's metrics, fetched while this step runs
-                pending = None
-            if lag and not self.needs_state(dispatched):
-                pending = (m_dev, next_data_state, stop_dev)
-                continue
-            self.process(m_dev, next_data_state, stop_dev)
-            if self.after_step():
-                return True
-        return False
-
-    def needs_state(self, s: int) -> bool:
-        """Whether the host must act on the state right after step s (eval, checkpoint, end, stop)."""
-        t = self.rc.train
-        return (s == t.steps or s % t.checkpoint_every == 0 or bool(t.eval_every and s % t.eval_every == 0)
-                or self.stopping or (self.stop_after is not None and s >= self.stop_after))
-
-    def process(self, m_dev: Any, data_state_after: Any, stop_dev: Any = None) -> None:
-        """Host side of one finished step: NaN guard, interval means, progress bar, metrics entry (and, with several
-        processes, whether any of them asked to stop by then)."""
-        m = shard_lib.to_host(m_dev)
-        if stop_dev is not None:
-            self.stop_agreed = self.stop_agreed or bool(shard_lib.to_host(stop_dev))
-        if not bool(m["finite"]):
-            self.mgr.wait_until_finished()
-            raise NonFiniteLossError(
-                f"non-finite loss/gradient at step {self.step} (loss={float(m['loss'])}, grad_norm="
-                f"{float(m['grad_norm'])}); the update was not applied. Last good checkpoint: "
-                f"{ckpt.latest_step(self.run.workdir)} in {self.run.workdir}/checkpoints. Lower optim.lr or the "
-                "sparsity lambdas.")
-        self.last_data_state = data_state_after
-        self.step += 1
-        self.steps_since += 1
-        self.means.add(m)
-        if self.pbar is not None:
-            self.pbar.update(1)
-            self.pbar.set_postfix(loss=f"{float(m['loss']):.3f}", sp=f"{float(m['sparsity']):.3f}")
-        if self.step % self.rc.train.log_every == 0 or self.step == self.rc.train.steps:
-            self.log(m)
-
-    def log(self, m: dict[str, Any]) -> None:
-        """One train entry: interval means since the previous entry plus the last update's values."""
-        tps = self.steps_since * self.run.tokens_per_step / max(time.perf_counter() - self.t_last, 1e-9)
-        mean, n = self.means.pop()
-        entry = {k: [float(x) for x in v] if k.endswith("_per_layer") else float(v) for k, v in mean.items()}
-        self.writer.write(self.step, {
-            **entry,
-            # values of the update with index step - 1
-            "reg_factor": float(m["reg_factor"]), "lr": float(m["lr"]),
-            "last_loss": float(m["loss"]), "last_sparsity": float(m["sparsity"]),
-            "tokens_per_sec": tps, "mfu": self.rc.model.flops_per_token(self.rc.data.seq_len) * tps / self.peak,
-            "tokens_seen": self.step * self.run.tokens_per_step, "steps_averaged": n,
-        })
-        self.t_last, self.steps_since = time.perf_counter(), 0
-
-    def after_step(self) -> bool:
-        """Eval / checkpoint / stop after a synced step; returns True when the loop must stop."""
-        t, s = self.rc.train, self.step
-        if t.eval_every and s % t.eval_every == 0 and s != t.steps:
-            self.writer.write(s, evaluate(self.state["params"], self.rc.model, self.eval_batches), kind="eval")
-            self.t_last = time.perf_counter()
-        if s % t.checkpoint_every == 0 or s == t.steps:
-            self.save()
-        if self.stopping or (self.stop_after is not None and s >= self.stop_after):
-            if s % t.checkpoint_every and s != t.steps:
-                self.save(force=True)
-            if self.run.is_main:
-                print(f"stopping at step {s}: checkpoint saved in {self.run.workdir}", flush=True)
-            return True
-        return False
-
-    def save(self, force: bool = False) -> None:
-        """Checkpoint of the current step (stacked layout, with the data-iterator state and the model config)."""
-        params, opt_state = self.state["params"], self.state["opt_state"]
-        if not self.rc.model.scan_layers:
-            params, opt_state = stack_layers_jit(params, opt_state)
-        extra = {"step": self.step, "model": dataclasses.asdict(self.rc.model), "run_config": self.run.config_json}
-        if self.multi:  # orbax writes extra from process 0: it carries every process's position in its shard
-            extra["data_states"] = distributed.allgather_json(self.last_data_state)
-        else:
-            extra["data_state"] = self.last_data_state
-        ckpt.save(self.mgr, self.step, params, opt_state, extra, force=force)
-
-    def close(self) -> None:
-        if self.pbar is not None:
-            self.pbar.close()
-
-
-def _final_eval(loop: _Loop) -> dict[str, Any]:
-    """Held-out evaluation at the end, then with FATReLU(t = sparsity.final_threshold) in place of ReLU
-    (ProSparse §3.3: threshold shifting without retraining); written to metrics and ``final_eval.json``."""
-    rc, params = loop.rc, loop.state["params"]
-    final = evaluate(params, rc.model, loop.eval_batches)
-    loop.writer.write(loop.step, final, kind="eval")
-    t = rc.sparsity.final_threshold
-    if t > 0 and rc.model.activation in ("relu", "fatrelu"):
-        fat = evaluate(params, rc.model.replace(activation="fatrelu", activation_threshold=t), loop.eval_batches)
-        fat = {f"fatrelu_{k}": v for k, v in fat.items()} | {"fatrelu_threshold": t}
-        loop.writer.write(loop.step, fat, kind="final_fatrelu")
-        final.update(fat)
-    if loop.run.is_main:
-        (loop.run.workdir / "final_eval.json").write_text(json.dumps(dict(final, step=loop.step), indent=2))
-    return final
-
-
-# ---------------------------------------------------------------------------------------------------------------
 # The run
 # ---------------------------------------------------------------------------------------------------------------
 def train(config: ml_collections.ConfigDict, workdir: str | Path, *, stop_after: int | None = None) -> TrainResult:
@@ -381,14 +179,14 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, stop_after:
     out_sh = (jax.tree.map(lambda x: x.sharding, state), NamedSharding(run.mesh, PartitionSpec()))
     step_fn = jax.jit(make_train_step(rc, tx, lr_fn, schedules.reg_factor_schedule(rc.sparsity.stages)),
                       donate_argnums=(0,), out_shardings=out_sh)
-    loop = _Loop(run, state, step_fn, mgr, start or 0, data_state, stop_after)
+    loop = Loop(run, state, step_fn, mgr, start or 0, data_state, stop_after)
 
-    handlers = _install_stop_handlers(loop)
+    handlers = install_stop_handlers(loop)
     try:
         with jax.set_mesh(run.mesh):  # Mosaic kernels (splash attention) are partitioned under the mesh
             interrupted = loop.run_steps()
         mgr.wait_until_finished()
-        final = {} if interrupted else _final_eval(loop)
+        final = {} if interrupted else final_eval(loop)
     except OSError as e:  # disk full, permissions: the newest committed checkpoint is untouched
         latest = ckpt.latest_step(workdir)
         raise TrainError(f"writing to {workdir} failed ({e}); the newest complete checkpoint (step {latest}) is "
@@ -403,25 +201,6 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, stop_after:
     mgr.close()
     return TrainResult(workdir=workdir, step=loop.step, final_eval=final, interrupted=interrupted,
                        stop_signal=loop.stop_requested or None)
-
-
-def _install_stop_handlers(loop: _Loop) -> dict[int, Any]:
-    """SIGTERM and SIGINT (Ctrl-C) stop the loop after the current step with a checkpoint; a second Ctrl-C aborts
-    at once (KeyboardInterrupt). Returns the previous handlers (none off the main thread, where Python has none)."""
-    if threading.current_thread() is not threading.main_thread():
-        return {}
-
-    def on_signal(signum: int, frame: Any) -> None:
-        del frame
-        name = signal.Signals(signum).name
-        if signum == signal.SIGINT and loop.stop_requested:
-            raise KeyboardInterrupt
-        loop.stop_requested = name
-        again = " (Ctrl-C again aborts at once, without saving)" if signum == signal.SIGINT else ""
-        if loop.run.is_main:
-            print(f"{name}: stopping after this step and saving a checkpoint{again}", file=sys.stderr, flush=True)
-
-    return {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
 
 
 def main(argv: list[str] | None = None) -> int:

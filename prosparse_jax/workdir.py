@@ -35,6 +35,10 @@ class TrainError(RuntimeError):
     """The run cannot start or continue; the message says why and what to do."""
 
 
+class NonFiniteLossError(TrainError):
+    """Loss or gradients became NaN/Inf; the update was not applied and the last good checkpoint is kept."""
+
+
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k, v in d.items():

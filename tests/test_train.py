@@ -17,6 +17,7 @@ from conftest import small_run_config, tiny_model_config, write_corpus
 
 from prosparse_jax import checkpoint as ckpt
 from prosparse_jax import data as data_lib
+from prosparse_jax import loop as loop_mod
 from prosparse_jax import step as step_mod
 from prosparse_jax import train as train_mod
 from prosparse_jax.config import ConfigError
@@ -299,7 +300,7 @@ def test_metrics_fetched_a_step_late_change_nothing(corpus, tmp_path, monkeypatc
     """The one-step metrics lag of the loop gives the same metrics entries and checkpoints as syncing every step."""
     c = small_config(corpus, steps=8, log_every=2, eval_every=4, checkpoint_every=3)
     train_mod.train(c, tmp_path / "lag")
-    monkeypatch.setattr(train_mod, "metrics_lag", lambda n: False)
+    monkeypatch.setattr(loop_mod, "metrics_lag", lambda n: False)
     train_mod.train(c, tmp_path / "sync")
     drop = ("time", "tokens_per_sec", "mfu")
     rows = [[{k: v for k, v in r.items() if k not in drop} for r in read_metrics(tmp_path / d)]
