@@ -27,11 +27,8 @@ replaces an existing file without ``--overwrite``. ``aggregate``: see ``experime
 
 from __future__ import annotations
 
-import dataclasses
-import importlib.util
 import json
 import os
-import re
 import shlex
 import signal
 import socket
@@ -43,302 +40,17 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-for _p in (str(ROOT), str(ROOT / "experiments")):  # configs.sweeps, fit_laws, sweep_aggregate
-    if _p not in sys.path:
-        sys.path.insert(0, _p)
+_HERE = str(Path(__file__).resolve().parent)
+if _HERE not in sys.path:  # sweep_spec (it puts the repository root on it too), sweep_progress, ...
+    sys.path.insert(0, _HERE)
 
-import ml_collections  # noqa: E402
-from absl import flags  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
+from sweep_progress import fmt_s, is_finished, running_marker, status_table  # noqa: E402
+from sweep_spec import LOGS, ROOT, Run, Sweep, SweepError, format_value, load_sweep  # noqa: E402
 
 from prosparse_jax import checkpoint as ckpt  # noqa: E402
 from prosparse_jax import cli  # noqa: E402
-from prosparse_jax.config import ConfigError, RunConfig, did_you_mean  # noqa: E402
-from prosparse_jax.run_config import resolve  # noqa: E402
+from prosparse_jax.config import ConfigError  # noqa: E402
 from prosparse_jax.workdir import TrainError, check_workdir_config, json_config  # noqa: E402
-
-RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")
-RESERVED = ("logs", "results")  # <root>/logs holds the run logs, <root>/results the default aggregate
-LOGS = "logs"
-
-
-class SweepError(ValueError):
-    """A sweep that cannot run as given; the message names the sweep, the run and the field."""
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# The sweep: loaded, every run validated
-# ---------------------------------------------------------------------------------------------------------------
-@dataclasses.dataclass(frozen=True)
-class Run:
-    """One run of a sweep, validated: its overrides and the config train will see."""
-
-    index: int
-    name: str
-    overrides: dict[str, Any]  # dotted field -> value
-    axes: dict[str, str]  # axis -> value label (grid runs)
-    config: ml_collections.ConfigDict  # the base config with the overrides, parsed as train parses its command
-    rc: RunConfig
-
-    @property
-    def steps(self) -> int:
-        return self.rc.train.steps
-
-    @property
-    def tokens_per_step(self) -> int:
-        return self.rc.train.batch_size * self.rc.data.seq_len
-
-
-@dataclasses.dataclass(frozen=True)
-class Sweep:
-    ref: str  # the sweep file (absolute) and its arg
-    name: str
-    base: str  # the base experiment config (absolute) and its arg
-    runs: tuple[Run, ...]
-    analysis: dict[str, Any]
-
-    def workdir(self, root: Path, run: Run) -> Path:
-        return Path(root).absolute() / run.name
-
-    def command(self, root: Path, run: Run) -> list[str]:
-        """The train command of ``run``: ``python -m prosparse_jax.train --config=<base> --workdir=... --config.*``."""
-        return [sys.executable, "-m", "prosparse_jax.train", f"--config={self.base}",
-                f"--workdir={self.workdir(root, run)}", *override_flags(run.overrides)]
-
-
-def format_value(v: Any) -> str:
-    """A config value as ``--config.<field>=`` takes it (bools lower-case, sequences as tuple literals)."""
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, (list, tuple)):
-        return repr(_as_tuple(v))
-    return str(v) if isinstance(v, str) else repr(v)
-
-
-def override_flags(overrides: dict[str, Any]) -> list[str]:
-    return [f"--config.{k}={format_value(v)}" for k, v in overrides.items()]
-
-
-def _as_tuple(v: Any) -> Any:
-    return tuple(_as_tuple(x) for x in v) if isinstance(v, (list, tuple)) else v
-
-
-def _split_ref(ref: str) -> tuple[str, str | None]:
-    """``file.py:arg`` -> (file.py, arg); a ref without ``:arg`` -> (ref, None)."""
-    path, sep, arg = ref.partition(".py:")
-    return (path + ".py", arg) if sep else (ref, None)
-
-
-def _find_file(path: str, what: str) -> Path:
-    """A config file: absolute, or relative to the current directory, else to the repository root."""
-    p = Path(path).expanduser()
-    for cand in [p] if p.is_absolute() else [Path.cwd() / p, ROOT / p]:
-        if cand.is_file():
-            return cand.resolve()
-    raise SweepError(f"{what}: {path} not found (a relative path is looked up in the current directory, then in "
-                     f"{ROOT})")
-
-
-def _load_sweep_config(path: Path, arg: str | None) -> Any:
-    spec = importlib.util.spec_from_file_location(f"_prosparse_sweep_{path.stem}", path)
-    module = importlib.util.module_from_spec(spec)
-    try:
-        spec.loader.exec_module(module)
-    except SyntaxError as e:
-        raise SweepError(f"--sweep: {path} line {e.lineno}: invalid Python ({e.msg})") from e
-    if not hasattr(module, "get_config"):
-        raise SweepError(f"--sweep: {path} has no get_config(arg); see configs/sweeps/__init__.py")
-    try:
-        return module.get_config() if arg is None else module.get_config(arg)
-    except ValueError as e:  # ConfigError: an unknown arg; grid(): axes that clash
-        raise SweepError(f"--sweep: {path}: {e}") from e
-
-
-def parse_config(base: str, args: Sequence[str]) -> ml_collections.ConfigDict:
-    """The ConfigDict that ``prosparse_jax.train --config=<base> <args>`` runs with (same flag parser)."""
-    fv = flags.FlagValues()
-    config_flags.DEFINE_config_file("config", None, "Experiment config.", lock_config=True, flag_values=fv)
-    cli.parse_flags(fv, ["train", f"--config={base}", *args])
-    return cli.load_config(fv)
-
-
-def _flat_fields(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat_fields(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
-def _get(c: ml_collections.ConfigDict, dotted: str) -> Any:
-    for part in dotted.split("."):
-        c = c[part]
-    return c
-
-
-def _validate_run(index: int, spec: Any, sweep_ref: str, base: str, fields: list[str]) -> Run:
-    name = spec.get("name") if hasattr(spec, "get") else None
-    where = f"sweep {sweep_ref}: run {index} ({name!r})"
-    if not isinstance(name, str) or not RUN_NAME.fullmatch(name) or name in RESERVED:
-        raise SweepError(f"{where}: a run name must be a directory name of letters, digits and ._+- (not "
-                         f"{' or '.join(RESERVED)})")
-    overrides = dict(spec.get("overrides") or {})
-    for k in overrides:
-        if any(f.startswith(f"{k}.") for f in fields):
-            raise SweepError(f"{where}: {k!r} is a config section of {base}, not a field; override its fields one by "
-                             f"one ('{k}.<field>')")
-        if k not in fields:
-            raise SweepError(f"{where}: {k!r} is not a config field of {base}{did_you_mean(k, fields)}")
-    try:
-        cfg = parse_config(base, override_flags(overrides))
-    except (flags.Error, cli.UsageError) as e:
-        raise SweepError(f"{where}: {cli.error_line(e)}") from e
-    for k, v in overrides.items():
-        got = _get(cfg, k)
-        if _as_tuple(got) != _as_tuple(v):
-            raise SweepError(f"{where}: {k}={v!r} reads back from the command line as {got!r}; give the value in the "
-                             "field's type")
-    try:
-        rc = resolve(cfg)
-    except ConfigError as e:
-        raise SweepError(f"{where}: {e}") from e
-    return Run(index, name, overrides, {str(a): str(v) for a, v in dict(spec.get("axes") or {}).items()}, cfg, rc)
-
-
-def load_sweep(ref: str) -> Sweep:
-    """Loads a sweep config and validates every run (fields, values, names) before anything is done."""
-    path_s, arg = _split_ref(ref)
-    path = _find_file(path_s, "--sweep")
-    full_ref = f"{path}:{arg}" if arg is not None else str(path)
-    s = _load_sweep_config(path, arg)
-    for key in ("base", "runs"):
-        if key not in s:
-            raise SweepError(f"sweep {full_ref}: no {key!r} field; see configs/sweeps/__init__.py")
-    base_path, base_arg = _split_ref(str(s["base"]))
-    base_file = _find_file(base_path, f"sweep {full_ref}: base")
-    base = f"{base_file}:{base_arg}" if base_arg is not None else str(base_file)
-    try:
-        fields = sorted(_flat_fields(parse_config(base, []).to_dict()))
-    except (flags.Error, cli.UsageError) as e:
-        raise SweepError(f"sweep {full_ref}: base {s['base']}: {cli.error_line(e)}") from e
-    if not s["runs"]:
-        raise SweepError(f"sweep {full_ref}: no runs")
-    runs = tuple(_validate_run(i, r, full_ref, base, fields) for i, r in enumerate(s["runs"]))
-    seen: dict[str, int] = {}
-    for r in runs:
-        if r.name in seen:
-            raise SweepError(f"sweep {full_ref}: runs {seen[r.name]} and {r.index} are both named {r.name!r}")
-        seen[r.name] = r.index
-    analysis = s["analysis"].to_dict() if "analysis" in s and hasattr(s["analysis"], "to_dict") else \
-        dict(s.get("analysis") or {})
-    return Sweep(full_ref, str(s.get("name") or path.stem), base, runs, analysis)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Progress: each run's state from its workdir
-# ---------------------------------------------------------------------------------------------------------------
-@dataclasses.dataclass
-class Progress:
-    state: str  # done | running | partial | pending | failed | stopped
-    step: int
-    total: int
-    loss: float | None = None  # last logged training LM loss
-    tokens_per_sec: float | None = None
-    eta_s: float | None = None
-
-
-def is_finished(workdir: Path, steps: int) -> bool:
-    """The run's latest checkpoint is at ``steps`` (or beyond) and its final evaluation was written."""
-    latest = ckpt.latest_step(workdir)
-    return latest is not None and latest >= steps and (workdir / "final_eval.json").exists()
-
-
-def last_train_entry(path: Path, tail_bytes: int = 65536) -> dict[str, Any] | None:
-    """The last ``train`` entry of a metrics.jsonl, reading only its tail (a cut last line is skipped)."""
-    try:
-        with open(path, "rb") as f:
-            f.seek(0, os.SEEK_END)
-            f.seek(max(f.tell() - tail_bytes, 0))
-            lines = f.read().decode(errors="replace").splitlines()
-    except OSError:
-        return None
-    for line in reversed(lines):
-        try:
-            e = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(e, dict) and e.get("kind", "train") == "train" and "step" in e:
-            return e
-    return None
-
-
-def _marker(root: Path, run: Run) -> Path:
-    return Path(root) / LOGS / f"{run.name}.running"
-
-
-def _marked_running(root: Path, run: Run) -> bool:
-    """A ``<root>/logs/<run>.running`` marker of a live process (on another host: trusted as is)."""
-    try:
-        m = json.loads(_marker(root, run).read_text())
-    except (OSError, ValueError):
-        return False
-    if m.get("host") != socket.gethostname():
-        return True
-    try:
-        os.kill(int(m["pid"]), 0)
-    except (ProcessLookupError, KeyError, ValueError, TypeError):
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def progress(sweep: Sweep, root: Path, run: Run, state: str | None = None) -> Progress:
-    """The state, step and ETA of ``run`` (``state``: what the launcher knows, else read from disk)."""
-    wd = sweep.workdir(root, run)
-    latest = ckpt.latest_step(wd) or 0
-    if is_finished(wd, run.steps):
-        state = "done"
-    elif state is None:
-        state = "running" if _marked_running(root, run) else "partial" if latest else "pending"
-    p = Progress(state, latest, run.steps)
-    e = last_train_entry(wd / "metrics.jsonl") if state != "pending" else None
-    if e is not None:
-        p.loss = e.get("lm_loss")
-        if state == "running":
-            p.step = max(int(e["step"]), latest)
-            p.tokens_per_sec = e.get("tokens_per_sec")
-            if p.tokens_per_sec:
-                p.eta_s = (run.steps - p.step) * run.tokens_per_step / p.tokens_per_sec
-    return p
-
-
-def _fmt_s(s: float | None) -> str:
-    if s is None:
-        return "-"
-    s = int(round(s))
-    return f"{s}s" if s < 60 else f"{s // 60}m{s % 60:02d}s" if s < 3600 else f"{s // 3600}h{s % 3600 // 60:02d}m"
-
-
-def status_table(sweep: Sweep, root: Path, states: dict[str, str] | None = None, elapsed: float | None = None) -> str:
-    """The progress table: one line per run (state, step / total, loss, tokens/s, ETA) and a summary line."""
-    rows = [(r, progress(sweep, root, r, (states or {}).get(r.name))) for r in sweep.runs]
-    w = max(len("run"), *(len(r.name) for r in sweep.runs))
-    lines = [f"{'#':>3}  {'run':<{w}}  {'state':<8} {'step/total':>13} {'%':>4} {'loss':>7} {'tok/s':>8} {'ETA':>7}"]
-    for r, p in rows:
-        loss = f"{p.loss:.3f}" if p.loss is not None else "-"
-        tps = f"{p.tokens_per_sec:,.0f}" if p.tokens_per_sec else "-"
-        lines.append(f"{r.index:>3}  {r.name:<{w}}  {p.state:<8} {f'{p.step}/{p.total}':>13} "
-                     f"{100 * p.step // max(p.total, 1):>4} {loss:>7} {tps:>8} {_fmt_s(p.eta_s):>7}")
-    counts: dict[str, int] = {}
-    for _, p in rows:
-        counts[p.state] = counts.get(p.state, 0) + 1
-    summary = ", ".join(f"{n} {s}" for s, n in counts.items())
-    took = f"; elapsed {_fmt_s(elapsed)}" if elapsed is not None else ""
-    return f"sweep {sweep.name} ({len(rows)} runs in {root}): {summary}{took}\n" + "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -379,7 +91,7 @@ def prepare_corpora(runs: Sequence[Run], echo: Callable[[str], None]) -> None:
             t0 = time.time()
             data_lib.open_corpus(d)
             if time.time() - t0 > 1:
-                echo(f"prepared the corpus {d.source} in {_fmt_s(time.time() - t0)}")
+                echo(f"prepared the corpus {d.source} in {fmt_s(time.time() - t0)}")
 
 
 def _log_tail(path: Path) -> str:
@@ -408,7 +120,7 @@ class _Launcher:
         resumed = ckpt.latest_step(self.sweep.workdir(self.root, run))
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 start_new_session=True)  # Ctrl-C reaches the launcher only; it stops the runs
-        cli.write_text_atomic(_marker(self.root, run), json.dumps(
+        cli.write_text_atomic(running_marker(self.root, run), json.dumps(
             {"host": socket.gethostname(), "pid": proc.pid, "started": time.time()}))
         self.running[run.name] = (run, proc, log, time.time())
         self.echo(f"started {run.name} (pid {proc.pid}{f', resuming from step {resumed}' if resumed else ''}); "
@@ -423,8 +135,8 @@ class _Launcher:
     def _ended(self, name: str, run: Run, code: int, log: Any, t0: float) -> None:
         del self.running[name]
         log.close()
-        _marker(self.root, run).unlink(missing_ok=True)
-        took = _fmt_s(time.time() - t0)
+        running_marker(self.root, run).unlink(missing_ok=True)
+        took = fmt_s(time.time() - t0)
         if is_finished(self.sweep.workdir(self.root, run), run.steps):
             self.results[name] = "done"
             self.echo(f"finished {name} in {took}")
@@ -518,14 +230,14 @@ def run_task(sweep: Sweep, root: Path, index: int, dry_run: bool = False) -> int
     (root / LOGS).mkdir(parents=True, exist_ok=True)
     print(f"task {index}: {run.name}: {shlex.join(cmd)}", flush=True)
     proc = subprocess.Popen(cmd, cwd=ROOT)
-    cli.write_text_atomic(_marker(root, run), json.dumps({"host": socket.gethostname(), "pid": proc.pid,
+    cli.write_text_atomic(running_marker(root, run), json.dumps({"host": socket.gethostname(), "pid": proc.pid,
                                                           "started": time.time()}))
     prev = _set_handlers((signal.SIGTERM, signal.SIGINT), lambda signum, frame: proc.send_signal(signum))
     try:
         code = proc.wait()
     finally:
         _set_handlers(prev)
-        _marker(root, run).unlink(missing_ok=True)
+        running_marker(root, run).unlink(missing_ok=True)
     if code == 0 and not is_finished(wd, run.steps):  # train saved and stopped (SIGTERM): not a finished task
         print(f"task {index}: {run.name} stopped at step {ckpt.latest_step(wd)} of {run.steps}; run the task again "
               "to resume it", flush=True)
@@ -657,5 +369,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.modules.setdefault("sweep", sys.modules["__main__"])  # sweep_aggregate imports this module by name
     sys.exit(main())

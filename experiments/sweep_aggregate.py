@@ -35,7 +35,8 @@ from typing import Any
 
 import fit_laws
 import numpy as np
-from sweep import Run, Sweep, progress
+from sweep_progress import progress
+from sweep_spec import Run, Sweep
 
 from prosparse_jax import checkpoint as ckpt
 from prosparse_jax import cli, law_ratios

@@ -23,10 +23,12 @@ from prosparse_jax.run_config import resolve
 ROOT = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("sweep", ROOT / "experiments" / "sweep.py")
 sweep = importlib.util.module_from_spec(_spec)
-sys.modules["sweep"] = sweep  # sweep_aggregate imports it by name
 _spec.loader.exec_module(sweep)
 
-from configs.sweeps import grid  # noqa: E402 (importable once sweep.py put the repository root on sys.path)
+import sweep_progress  # noqa: E402 (importable once sweep.py put experiments/ and the repository root on sys.path)
+import sweep_spec  # noqa: E402
+
+from configs.sweeps import grid  # noqa: E402
 
 # ml_collections' config_flags loads config files with the deprecated SourceFileLoader.load_module()
 pytestmark = pytest.mark.filterwarnings("ignore:the load_module:DeprecationWarning")
@@ -110,22 +112,22 @@ def test_bad_sweep_field_is_one_error_before_anything_is_created(tmp_path, corpu
 def test_shipped_sweeps_validate_and_match_their_configs():
     from configs import sparsing_law as law_configs
 
-    full = sweep.load_sweep("configs/sweeps/sparsing_law.py:full")
+    full = sweep_spec.load_sweep("configs/sweeps/sparsing_law.py:full")
     assert len(full.runs) == 10
     for r in full.runs:  # each run is exactly configs/sparsing_law.py:<scale>-<act>
         assert r.rc == resolve(law_configs.get_config(f"{r.axes['scale']}-{r.axes['activation']}")), r.name
-    tiny = sweep.load_sweep("configs/sweeps/sparsing_law.py:tiny")
+    tiny = sweep_spec.load_sweep("configs/sweeps/sparsing_law.py:tiny")
     assert [r.name for r in tiny.runs] == ["t64-relu", "t64-silu", "t128-relu", "t128-silu"]
     for r in tiny.runs:
         t = r.rc.train
         assert t.keep_period == t.checkpoint_every and (t.steps - r.rc.optim.warmup_steps) // t.checkpoint_every >= 5
-    abl = sweep.load_sweep("configs/sweeps/prosparse_ablations.py:tiny")
+    abl = sweep_spec.load_sweep("configs/sweeps/prosparse_ablations.py:tiny")
     stages = {r.name: r.rc.sparsity.stages for r in abl.runs}
     assert stages["constant-lam2e-4"] == ((0.0, 10), (2e-4, 100))
     assert stages["progressive-lam2e-4"] == ((0.0, 10), (5e-5, 25), (2e-4, 60), (2e-4, 100))  # the tiny table
     assert stages["progressive-lam4e-4"][-1] == (4e-4, 100)
-    assert len(sweep.load_sweep("configs/sweeps/prosparse_ablations.py:llama2-7b").runs) == 6
-    thr = sweep.load_sweep("configs/sweeps/prosparse_ablations.py:tiny-threshold")
+    assert len(sweep_spec.load_sweep("configs/sweeps/prosparse_ablations.py:llama2-7b").runs) == 6
+    thr = sweep_spec.load_sweep("configs/sweeps/prosparse_ablations.py:tiny-threshold")
     assert [r.rc.sparsity.final_threshold for r in thr.runs] == [0.0, 0.01, 0.1, 0.5]
 
 
@@ -139,7 +141,7 @@ def test_slurm_script_has_one_task_per_run_and_each_task_runs_its_run(tmp_path, 
     assert text.rstrip().splitlines()[-1].endswith('--index="$SLURM_ARRAY_TASK_ID"')
     assert (root / "logs").is_dir() and not list(root.glob("s??-*"))  # no workdir: nothing trained
 
-    s = sweep.load_sweep(ref)
+    s = sweep_spec.load_sweep(ref)
     for r in s.runs:  # task i -> run i: its workdir and its overrides, exactly the plan's command
         rc, cmd, _ = main(capsys, "task", f"--sweep={ref}", f"--root={root}", f"--index={r.index}", "--dry_run")
         assert rc == 0 and cmd.strip() == shlex.join(s.command(root, r))
@@ -183,9 +185,9 @@ def finished_sweep(tmp_path_factory, corpus):
 def test_sweep_runs_end_to_end_with_a_progress_table(finished_sweep, capsys):
     ref, root, rc, _ = finished_sweep
     assert rc == 0, [p.read_text()[-2000:] for p in (root / "logs").glob("*.log")]
-    s = sweep.load_sweep(ref)
+    s = sweep_spec.load_sweep(ref)
     for r in s.runs:
-        assert sweep.is_finished(root / r.name, STEPS) and not (root / "logs" / f"{r.name}.running").exists()
+        assert sweep_progress.is_finished(root / r.name, STEPS) and not (root / "logs" / f"{r.name}.running").exists()
     rc, out, _ = main(capsys, "status", f"--sweep={ref}", f"--root={root}")
     assert rc == 0 and "4 done" in out and out.count(f"{STEPS}/{STEPS}") == 4
     assert json.loads((root / "sweep.json").read_text())["runs"][3]["name"] == "s32-silu"
@@ -228,7 +230,7 @@ def test_interrupted_sweep_resumes_without_redoing_finished_runs(tmp_path, corpu
 
     ref = write_sweep(tmp_path / "sw.py", corpus) + ":1x2"
     root = tmp_path / "root"
-    s = sweep.load_sweep(ref)
+    s = sweep_spec.load_sweep(ref)
     assert sweep.main(["task", f"--sweep={ref}", f"--root={root}", "--index=0"]) == 0  # s16-relu: finished
     res = train(s.runs[1].config, root / "s16-silu", stop_after=6)  # s16-silu: killed after step 6 (checkpoint 6)
     assert res.interrupted and ckpt.latest_step(root / "s16-silu") == 6
@@ -243,7 +245,7 @@ def test_interrupted_sweep_resumes_without_redoing_finished_runs(tmp_path, corpu
     assert "skipping 1 finished run(s): s16-relu" in out and "started s16-silu" in out and "resuming from step 6" in out
     assert "started s16-relu" not in out
     assert snapshot(root / "s16-relu") == before  # not touched: same files, contents and mtimes
-    assert sweep.is_finished(root / "s16-silu", STEPS)
+    assert sweep_progress.is_finished(root / "s16-silu", STEPS)
     assert "resuming" in (root / "logs" / "s16-silu.log").read_text()
     steps = [e["step"] for e in read_metrics(root / "s16-silu", "train")]
     assert steps == list(range(EVERY, STEPS + 1, EVERY))  # one uninterrupted log: 2..6 kept, 8..12 resumed
@@ -261,7 +263,7 @@ def test_ctrl_c_stops_every_run_with_a_checkpoint(tmp_path, corpus):
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 240
     while time.time() < deadline and not all(
-            (e := sweep.last_train_entry(root / n / "metrics.jsonl")) and e["step"] >= 4
+            (e := sweep_progress.last_train_entry(root / n / "metrics.jsonl")) and e["step"] >= 4
             for n in ("s16-relu", "s16-silu")):
         time.sleep(0.5)
     proc.send_signal(signal.SIGINT)
