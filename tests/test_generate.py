@@ -240,3 +240,34 @@ def test_generate_sparse_with_a_pallas_backend_gives_the_dense_tokens(implementa
                                           ffn=ffn)
         assert sparse == dense
     assert min(stats.sparsity_per_layer) > 0.5
+
+
+def _decode_logits(params, cfg, ffn_impl) -> np.ndarray:
+    """Logits of one cached decode step after the first prompt, with the given FFN hook."""
+    ids_BxP, pad_B = generate.left_pad(PROMPTS[:1])
+    cache = decode.init_cache(cfg, 1, ids_BxP.shape[1] + 1, pad_B)
+    logits_BxV, cache = decode.prefill(params, jnp.asarray(ids_BxP), cache, cfg)
+    tok_B = jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
+    logits_BxV, _, _ = decode.decode_step(params, tok_B, cache, jnp.ones(1, bool), cfg, ffn_impl=ffn_impl)
+    return np.asarray(logits_BxV[0], np.float64)
+
+
+def test_sparse_decode_check_catches_a_kernel_that_skips_one_active_neuron(monkeypatch) -> None:
+    """The decode equality check can fail: a backend that drops one active neuron per call (a kernel whose last
+    chunk loses a row) moves the step's logits far beyond the tolerance the correct kernel meets."""
+    cfg = tiny_model_config(activation="relu", d_ff=256).replace(activation="fatrelu", activation_threshold=0.15)
+    params = generate.prepare_sparse_params(model.init_params(cfg, jax.random.key(7)))
+    good = sparse_ffn.IMPLEMENTATIONS["cpu_gather"]
+
+    def broken(x_BxD, w, mode):  # the first active neuron's W_down row is lost
+        act = (x_BxD @ w["w_gate_DxF"]) >= mode.threshold
+        first = jnp.argmax(jnp.any(act, axis=0))
+        return good(x_BxD, dict(w, w_down_FxD=w["w_down_FxD"].at[first].set(0.0)), mode)
+
+    monkeypatch.setitem(sparse_ffn.IMPLEMENTATIONS, "broken", broken)
+    dense = _decode_logits(params, cfg, decode.dense_ffn)
+    scale = np.max(np.abs(dense))
+    right = _decode_logits(params, cfg, functools.partial(generate.sparse_decode_ffn, implementation="cpu_gather"))
+    wrong = _decode_logits(params, cfg, functools.partial(generate.sparse_decode_ffn, implementation="broken"))
+    assert np.max(np.abs(right - dense)) <= 1e-5 * scale
+    assert np.max(np.abs(wrong - dense)) > 1e-3 * scale
