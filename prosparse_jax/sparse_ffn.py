@@ -28,6 +28,11 @@ W_up layout: gathering *columns* of a row-major [D, F] W_up is a strided read (o
 ``w_up_FxD = w_up_DxF.T`` prepared once per model (:func:`prepare_weights`); without it the transpose is done inside
 the call, which costs one full read of W_up.
 
+``pallas_triton`` / ``pallas_mosaic`` (GPU / TPU, :mod:`pallas_kernels`): ProSparse's S2 (gate, activation, up rows of
+the active neurons, fused) and S3 (down rows of the non-zero x1) as Pallas kernels -- masked row loads on GPU,
+scalar-prefetched index lists and row DMAs on TPU. ``implementation="auto"`` picks the platform's backend
+(:data:`AUTO`); on a CPU the Pallas backends run interpreted (for tests).
+
 Batch > 1: the active set is the union of the rows' active sets (a neuron is read if any row needs it), so the
 sparsity seen by the operator falls with the batch.
 """
