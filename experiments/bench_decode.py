@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg, params, prompt = load_trained(args.checkpoint, args.prompt_len)
     else:
         cfg, params, prompt = build(args)
-    sparse_params = generate.prepare_sparse_params(params)  # generate() decodes in the per-layer layout
+    sparse_params = generate.prepare_sparse_params(params)  # per-layer layout, prepared once
     relu = cfg.replace(activation="relu", activation_threshold=0.0)
     tm = None
     if args.torch:
@@ -144,6 +144,7 @@ def main(argv: list[str] | None = None) -> int:
 
         torch.set_num_threads(os.cpu_count() or 1)
         tm = torch_model(relu, params)
+    params = model.unstack_layers(params)  # generate() decodes in the per-layer layout: split the layers once
     rows: dict[str, list[float]] = {"dense": [], "sparse": [], "relu_dense": [], "torch_relu": []}
     time_ours(params, cfg, prompt, args.new_tokens, sparse=False)  # warm-up (first-call allocations)
     time_ours(sparse_params, cfg, prompt, args.new_tokens, sparse=True)

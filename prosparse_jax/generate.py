@@ -128,7 +128,8 @@ def generate(params: model.Params, cfg: ModelConfig, prompts_ids: list[list[int]
                          f"{top_k}, {top_p}")
     ffn = ffn or dense_ffn
     # per-layer layout: the decode step reads each layer's weights in place (a scan over stacked layers copies each
-    # layer's slice every step: 7x slower at the 7B FFN width, 4096 x 11008)
+    # layer's slice every step: 7x slower at the 7B FFN width, 4096 x 11008). Params already per-layer (e.g. from
+    # prepare_sparse_params or model.unstack_layers, done once by a caller that generates repeatedly) are not copied.
     params = model.unstack_layers(params)
     ids_BxP, pad_B = left_pad(prompts_ids)
     B, P = ids_BxP.shape
@@ -175,13 +176,14 @@ def _length(row: np.ndarray, eos_id: int | None) -> int:
 
 
 def prepare_sparse_params(params: model.Params) -> model.Params:
-    """``params`` (stacked) plus what the sparse FFN reads per layer, computed once instead of in every decode step:
-    ``w_up_t_LxFxD`` (W_up with one row per neuron) and ``w_down_norms_LxF`` (||W_down[i, :]||)."""
+    """``params`` plus what the sparse FFN reads per layer, computed once instead of in every decode step:
+    ``w_up_t_LxFxD`` (W_up with one row per neuron) and ``w_down_norms_LxF`` (||W_down[i, :]||); returned in the
+    per-layer layout :func:`generate` decodes with, so repeated ``generate`` calls do not re-split the layers."""
     params = model.stack_layers(params)
     layers = dict(params["layers"])
     layers["w_up_t_LxFxD"] = jnp.swapaxes(layers["w_up_LxDxF"], 1, 2)
     layers["w_down_norms_LxF"] = model.w_down_norms(params)
-    return dict(params, layers=layers)
+    return model.unstack_layers(dict(params, layers=layers))
 
 
 def sparse_decode_ffn(params: model.Params, cfg: ModelConfig, implementation: str = "auto") -> Any:
