@@ -21,6 +21,7 @@ import ml_collections  # noqa: E402
 from absl import flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+from configs.sweeps import flatten  # noqa: E402
 from prosparse_jax import cli  # noqa: E402
 from prosparse_jax.config import ConfigError, RunConfig, did_you_mean  # noqa: E402
 from prosparse_jax.run_config import resolve  # noqa: E402
@@ -129,16 +130,6 @@ def parse_config(base: str, args: Sequence[str]) -> ml_collections.ConfigDict:
     return cli.load_config(fv)
 
 
-def _flat_fields(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat_fields(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def _get(c: ml_collections.ConfigDict, dotted: str) -> Any:
     for part in dotted.split("."):
         c = c[part]
@@ -187,7 +178,7 @@ def load_sweep(ref: str) -> Sweep:
     base_file = _find_file(base_path, f"sweep {full_ref}: base")
     base = f"{base_file}:{base_arg}" if base_arg is not None else str(base_file)
     try:
-        fields = sorted(_flat_fields(parse_config(base, []).to_dict()))
+        fields = sorted(flatten(parse_config(base, []).to_dict()))
     except (flags.Error, cli.UsageError) as e:
         raise SweepError(f"sweep {full_ref}: base {s['base']}: {cli.error_line(e)}") from e
     if not s["runs"]:

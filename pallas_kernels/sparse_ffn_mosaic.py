@@ -75,6 +75,7 @@ from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels.reference import KernelInputError, check_s2_inputs, check_s3_inputs
 from prosparse_jax.activations import ffn_product
+from prosparse_jax.sparse_ffn import default_buckets
 
 Array = jax.Array
 
@@ -90,14 +91,9 @@ def _round_up(n: int, m: int) -> int:
 
 
 def capacity_buckets(F: int, chunk: int) -> tuple[int, ...]:
-    """Grid capacities ``chunk * 2^k`` below F rounded up to ``chunk``, then that bound itself."""
-    top = _round_up(F, chunk)
-    caps, cap = [], chunk
-    while cap < top:
-        caps.append(cap)
-        cap *= 2
-    caps.append(top)
-    return tuple(caps)
+    """Grid capacities ``chunk * 2^k`` below F rounded up to ``chunk``, then that bound itself (the CPU backend's
+    buckets with no dense fallback: every active count fits the last one)."""
+    return default_buckets(F, chunk, crossover=1.0)
 
 
 def _check_chunk(chunk: int | None) -> int:

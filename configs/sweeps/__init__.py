@@ -23,11 +23,12 @@ import ml_collections
 Overrides = dict[str, Any]
 
 
-def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested mappings -> {"a.b.c": leaf}: the dotted field names of a config dict."""
     out: dict[str, Any] = {}
     for k, v in d.items():
         if isinstance(v, Mapping):
-            out.update(_flatten(v, f"{prefix}{k}."))
+            out.update(flatten(v, f"{prefix}{k}."))
         else:
             out[f"{prefix}{k}"] = v
     return out
@@ -35,7 +36,7 @@ def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def config_diff(base: ml_collections.ConfigDict, other: ml_collections.ConfigDict) -> Overrides:
     """The overrides (dotted field -> value) that turn ``base`` into ``other`` (both from ``base_config()``)."""
-    a, b = _flatten(base.to_dict()), _flatten(other.to_dict())
+    a, b = flatten(base.to_dict()), flatten(other.to_dict())
     if set(a) != set(b):
         raise ValueError(f"config_diff: the configs have different fields: {sorted(set(a) ^ set(b))}")
     return {k: b[k] for k in b if a[k] != b[k]}
