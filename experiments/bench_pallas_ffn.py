@@ -3,6 +3,7 @@
     python experiments/bench_pallas_ffn.py                          # 7B and 13B FFN shapes, 88%, batch 1, bf16
     python experiments/bench_pallas_ffn.py --shapes=4096x11008 --sparsity=0.9 --reps=200
     python experiments/bench_pallas_ffn.py --interpret --shapes=128x352 --reps=1   # CPU smoke run (no timing value)
+    python experiments/bench_pallas_ffn.py --tune --shapes=4096x11008    # sweep block_f / block_d / num_warps
 
 What is timed (ProSparse, arXiv 2402.13516, §4.3 and its Table 5, batch 1, bf16):
 
@@ -13,8 +14,9 @@ What is timed (ProSparse, arXiv 2402.13516, §4.3 and its Table 5, batch 1, bf16
 The inputs follow ``experiments/bench_sparse_ffn.py``: random weights, x built so that a chosen fraction of the gates is
 positive (iid neurons, no permutation). The backend is the platform's (``pallas_triton`` on GPU, ``pallas_mosaic``
 on TPU) unless ``--implementation`` says otherwise. Weights are padded to the kernels' blocks once, outside the
-timing. Each side is called ``--reps`` times back to back after a warm-up; the median per-call time in microseconds is
-printed next to ProSparse's published numbers (A100, their CUDA operators): 7B S2 90.55 -> 45.38 us (2.00x), S3
+timing. Each side is called ``--reps`` times back to back after a warm-up (dispatched asynchronously, one wait at
+the end: the device's time per call, not the host's round trip); the mean per-call time in microseconds is printed
+next to ProSparse's published numbers (A100, their CUDA operators): 7B S2 90.55 -> 45.38 us (2.00x), S3
 82.92 -> 55.05 us (1.51x); 13B S2 131.36 -> 53.78 us (2.44x), S3 113.68 -> 66.73 us (1.70x).
 """
 
@@ -22,8 +24,8 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import itertools
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -55,14 +57,44 @@ def make_inputs(D: int, F: int, sparsity: float, dtype: str, seed: int = 0) -> t
 
 
 def per_call_us(fn, args: tuple, reps: int) -> float:
-    """Median wall time of one call (us) over ``reps`` calls, after a warm-up."""
+    """Mean time of one call (us) over ``reps`` calls dispatched back to back after a warm-up; best of 3 such runs."""
     jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(reps):
+    runs = []
+    for _ in range(3):
         t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append((time.perf_counter() - t0) * 1e6)
-    return statistics.median(times)
+        out = None
+        for _ in range(reps):
+            out = fn(*args)
+        jax.block_until_ready(out)
+        runs.append((time.perf_counter() - t0) * 1e6 / reps)
+    return min(runs)
+
+
+def tune(kernels, D: int, F: int, a: argparse.Namespace) -> list[dict]:
+    """Every (block_f, block_d, num_warps) of S2 and S3 at one shape: time per call, fastest first per operator."""
+    x, w_gate, w_up_FxD, w_down = make_inputs(D, F, a.sparsity, a.dtype)
+    x1 = jax.jit(lambda x, wg, wu: (jax.nn.relu(x @ wg) * (x @ wu.T)).astype(x.dtype))(x, w_gate, w_up_FxD)
+    rows = []
+    for op, blocks_f in (("s2", (16, 32, 64)), ("s3", (32, 64, 128))):
+        for bf, bd, nw in itertools.product(blocks_f, (64, 128, 256), (2, 4, 8)):
+            kw = {"block_f": bf, "block_d": bd, "num_warps": nw, "interpret": a.interpret}
+            if op == "s2":
+                fn, args = jax.jit(lambda x, wg, wu, kw=kw: kernels.s2(x, wg, wu, activation="relu", **kw)), \
+                    (x, w_gate, w_up_FxD)
+            else:
+                fn, args = jax.jit(lambda x1, wd, kw=kw: kernels.s3(x1, wd, **kw)), (x1, w_down)
+            try:
+                us = per_call_us(fn, args, a.reps)
+            except Exception as e:  # a config the compiler refuses (registers, shared memory): report, go on
+                us = float("nan")
+                print(f"  {op} {kw}: {type(e).__name__}: {str(e).splitlines()[0][:120]}")
+            rows.append({"op": op, "shape": f"{D}x{F}", "block_f": bf, "block_d": bd, "num_warps": nw, "us": us})
+    for op in ("s2", "s3"):
+        best = sorted((r for r in rows if r["op"] == op and r["us"] == r["us"]), key=lambda r: r["us"])
+        for r in best[:5]:
+            print(f"{op} {r['shape']} block_f={r['block_f']:>3} block_d={r['block_d']:>3} "
+                  f"num_warps={r['num_warps']}: {r['us']:.1f} us")
+    return rows
 
 
 def bench_shape(kernels, D: int, F: int, a: argparse.Namespace) -> dict:
@@ -109,6 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reps", type=int, default=100)
     ap.add_argument("--implementation", default="auto", choices=("auto", "pallas_triton", "pallas_mosaic"))
     ap.add_argument("--interpret", action="store_true", help="run the kernels in interpret mode (CPU smoke run)")
+    ap.add_argument("--tune", action="store_true", help="sweep block_f / block_d / num_warps (Triton) per shape")
     ap.add_argument("--out", default="", help="write the rows as JSON here")
     a = ap.parse_args(argv)
     platform = jax.default_backend()
@@ -122,12 +155,25 @@ def main(argv: list[str] | None = None) -> int:
         impl = "pallas_triton" if impl not in ("pallas_triton", "pallas_mosaic") else impl
     kernels = importlib.import_module({"pallas_triton": "pallas_kernels.sparse_ffn_triton",
                                        "pallas_mosaic": "pallas_kernels.sparse_ffn_mosaic"}[impl])
+    if a.tune and impl != "pallas_triton":
+        print("bench_pallas_ffn: error: --tune sweeps Triton's block_f / block_d / num_warps; "
+              "use --implementation=pallas_triton on a GPU", file=sys.stderr)
+        return 1
     print(f"jax {jax.__version__}, {jax.devices()[0].device_kind}, {impl}, {a.dtype}, batch 1, reps {a.reps}")
-    print(f"{'shape':>11} {'sparsity':>8} {'S2 dense':>9} {'S2 ours':>8} {'S2 x':>6} {'ProSp.':>6} {'S3 dense':>9} "
-          f"{'S3 ours':>8} {'S3 x':>6} {'ProSp.':>6}  (us)")
+    if not a.tune:
+        print(f"{'shape':>11} {'sparsity':>8} {'S2 dense':>9} {'S2 ours':>8} {'S2 x':>6} {'ProSp.':>6} {'S3 dense':>9} "
+              f"{'S3 ours':>8} {'S3 x':>6} {'ProSp.':>6}  (us)")
     rows = []
+    if not a.interpret:  # GPU clocks ramp up under load: a second of dense GEMVs first, so no row is timed cold
+        x, wg, _, _ = make_inputs(*(int(v) for v in a.shapes.split(",")[0].split("x")), a.sparsity, a.dtype)
+        gemv, t_end = jax.jit(lambda x, wg: x @ wg), time.perf_counter() + 1.0
+        while time.perf_counter() < t_end:
+            jax.block_until_ready([gemv(x, wg) for _ in range(20)])
     for shape in a.shapes.split(","):
         D, F = (int(v) for v in shape.split("x"))
+        if a.tune:
+            rows += tune(kernels, D, F, a)
+            continue
         r = bench_shape(kernels, D, F, a)
         rows.append(r)
         print(f"{shape:>11} {r['sparsity']:>8.3f} {r['s2_dense_us']:>9.1f} {r['s2_sparse_us']:>8.1f} "

@@ -25,7 +25,7 @@ is padded or traced.
 
 Padding: Triton needs power-of-two shapes for every loaded tile, while d_ff (11008, 3840, ...) and d_model are
 arbitrary. The default blocks are the largest powers of two (down to ``MIN_BLOCK``) that divide F and D, so real model
-shapes (LLaMA2-7B 4096x11008 -> block_f 64, block_d 128) run without a copy. Otherwise the wrapper pads with zero
+shapes (LLaMA2-7B 4096x11008 -> block_f 64, block_d 256) run without a copy. Otherwise the wrapper pads with zero
 neurons / zero columns -- a zero neuron is provably inactive (gate 0 -> act 0 for relu, fatrelu (t >= 0), drelu,
 relu2; in the norm mode x1 = 0 fails ``0 > tau``) -- which *copies the weights on every call*. To pay that once per
 model, pad the weights with :func:`pad_weights` and the FFN input with zero columns (``x_BxD`` -> ``[B, D_pad]``) and
@@ -55,16 +55,18 @@ Array = jax.Array
 
 #: Default (largest) neurons per program of S2 / per loop step of S3.
 DEFAULT_BLOCK_F = 64
-#: Default (largest) d_model columns per loop step of S2 / per program of S3.
-DEFAULT_BLOCK_D = 128
+#: Default (largest) d_model columns per loop step of S2 / per program of S3. Tuned on an H200 (jax 0.11.2, bf16,
+#: 4096x11008, 88%, ``bench_pallas_ffn.py --tune``): block_f 64 / block_d 256 / 8 warps was the fastest S2 of 27
+#: (68 us; 64/128/4 took 76 us) and within 5% of the fastest S3 (32 vs 30.5 us; 64/128/4 took 43 us).
+DEFAULT_BLOCK_D = 256
 #: Smallest block the default choice considers before it falls back to padding.
 MIN_BLOCK = 16
 #: S3 splits F until the grid has about this many programs (a few per SM on an H100's 132 SMs).
 S3_TARGET_PROGRAMS = 512
 #: Activations whose math jax's Triton lowering cannot express (exact GELU needs erf); refused unless interpreted.
 NO_TRITON_LOWERING = frozenset({"gelu"})
-#: Triton launch parameters (GEMV tiles of 64x128 fp32: 4 warps, double-buffered loads).
-NUM_WARPS = 4
+#: Triton launch parameters (GEMV tiles of 64x256: 8 warps, double-buffered loads; see DEFAULT_BLOCK_D).
+NUM_WARPS = 8
 NUM_STAGES = 2
 
 
@@ -130,8 +132,10 @@ def pad_weights(w_gate_DxF: Array, w_up_FxD: Array, w_down_FxD: Array, w_down_no
     return out
 
 
-def _compiler_params() -> plgpu.CompilerParams:
-    return plgpu.CompilerParams(num_warps=NUM_WARPS, num_stages=NUM_STAGES)
+def _compiler_params(num_warps: int | None) -> plgpu.CompilerParams:
+    if num_warps is not None and (num_warps < 1 or num_warps & (num_warps - 1)):
+        raise KernelInputError(f"num_warps={num_warps} must be a power of two, e.g. {NUM_WARPS}")
+    return plgpu.CompilerParams(num_warps=NUM_WARPS if num_warps is None else num_warps, num_stages=NUM_STAGES)
 
 
 def _row(b: int) -> Array:
@@ -175,7 +179,9 @@ def _s2_kernel(params_ref, x_ref, w_gate_ref, w_up_ref, norms_ref, x1_ref, *, ac
     else:
         act = [ffn_product(activation, g, g, threshold)[1] for g in gate]
         active_f = _any_nonzero(act)
-        n_up = jnp.where(jnp.max(active_f.astype(jnp.int32)) > 0, n_d, 0)  # an all-inactive block reads no W_up
+        # An all-inactive block reads no W_up. (A jnp.where here lowers to an i1 select that Triton's verifier
+        # rejects as a loop bound; the product stays int32.)
+        n_up = n_d * jnp.max(active_f.astype(jnp.int32))
     mask_FxD = jnp.broadcast_to(active_f[:, None], (block_f, block_d))
 
     def up_body(k, acc):
@@ -197,9 +203,10 @@ def _s2_kernel(params_ref, x_ref, w_gate_ref, w_up_ref, norms_ref, x1_ref, *, ac
         plgpu.store(x1_ref.at[_row(b), f_slice], x1.astype(x1_ref.dtype))
 
 
-@functools.partial(jax.jit, static_argnames=("activation", "norm_mode", "block_f", "block_d", "interpret"))
+@functools.partial(jax.jit, static_argnames=("activation", "norm_mode", "block_f", "block_d", "interpret",
+                                             "num_warps"))
 def _s2_call(params_2, x_BxD, w_gate_DxF, w_up_FxD, norms_F, *, activation: str, norm_mode: bool, block_f: int,
-             block_d: int, interpret: bool) -> Array:
+             block_d: int, interpret: bool, num_warps: int | None = None) -> Array:
     B, D = x_BxD.shape
     F = w_gate_DxF.shape[1]
     Fp, Dp = _round_up(F, block_f), _round_up(D, block_d)
@@ -213,7 +220,7 @@ def _s2_call(params_2, x_BxD, w_gate_DxF, w_up_FxD, norms_F, *, activation: str,
         kernel,
         grid=(Fp // block_f,),
         out_shape=jax.ShapeDtypeStruct((B, Fp), x_BxD.dtype),
-        compiler_params=_compiler_params(),
+        compiler_params=_compiler_params(num_warps),
         interpret=interpret,
         name="prosparse_s2",
     )(params_2, x_BxD, w_gate_DxF, w_up_FxD, norms_F)
@@ -222,7 +229,7 @@ def _s2_call(params_2, x_BxD, w_gate_DxF, w_up_FxD, norms_F, *, activation: str,
 
 def s2(x_BxD: Array, w_gate_DxF: Array, w_up_FxD: Array, *, activation: str, threshold: Any = 0.0, tau: Any = None,
        w_down_norms_F: Array | None = None, block_f: int | None = None, block_d: int | None = None,
-       interpret: bool = False) -> Array:
+       num_warps: int | None = None, interpret: bool = False) -> Array:
     """ProSparse S2: ``x1 = act(x W_gate) * (x W_up)``, reading W_up rows only for the batch's active neurons.
 
     Args:
@@ -236,6 +243,7 @@ def s2(x_BxD: Array, w_gate_DxF: Array, w_up_FxD: Array, *, activation: str, thr
       w_down_norms_F: ``||W_down[i, :]||``, required with ``tau``.
       block_f: neurons per program (power of two); default :func:`default_blocks`.
       block_d: d_model columns per loop step (power of two); default :func:`default_blocks`.
+      num_warps: Triton warps per program (power of two); default :data:`NUM_WARPS`.
       interpret: run the kernel in the Pallas interpreter (CPU tests).
 
     Returns:
@@ -257,7 +265,7 @@ def s2(x_BxD: Array, w_gate_DxF: Array, w_up_FxD: Array, *, activation: str, thr
                           jnp.asarray(0.0 if tau is None else tau, jnp.float32).reshape(())])
     norms_F = w_down_norms_F if norm_mode else jnp.zeros((F,), jnp.float32)
     return _s2_call(params_2, x_BxD, w_gate_DxF, w_up_FxD, norms_F, activation=activation, norm_mode=norm_mode,
-                    block_f=bf, block_d=bd, interpret=interpret)
+                    block_f=bf, block_d=bd, interpret=interpret, num_warps=num_warps)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -285,9 +293,9 @@ def _s3_kernel(x1_ref, w_down_ref, out_ref, *, B: int, n_f: int, chunks_per_spli
         plgpu.store(out_ref.at[k, _row(b), d_slice], acc[b])
 
 
-@functools.partial(jax.jit, static_argnames=("block_f", "block_d", "interpret", "n_split"))
+@functools.partial(jax.jit, static_argnames=("block_f", "block_d", "interpret", "n_split", "num_warps"))
 def _s3_call(x1_BxF: Array, w_down_FxD: Array, *, block_f: int, block_d: int, interpret: bool,
-             n_split: int | None = None) -> Array:
+             n_split: int | None = None, num_warps: int | None = None) -> Array:
     """S3 on checked inputs; ``n_split`` (default: about ``S3_TARGET_PROGRAMS`` programs) splits the neuron chunks."""
     B, F = x1_BxF.shape
     D = w_down_FxD.shape[1]
@@ -306,7 +314,7 @@ def _s3_call(x1_BxF: Array, w_down_FxD: Array, *, block_f: int, block_d: int, in
         kernel,
         grid=(n_d, n_split),
         out_shape=jax.ShapeDtypeStruct((n_split, B, Dp), jnp.float32),
-        compiler_params=_compiler_params(),
+        compiler_params=_compiler_params(num_warps),
         interpret=interpret,
         name="prosparse_s3",
     )(x1_BxF_p, w_down_FxD)
@@ -314,7 +322,7 @@ def _s3_call(x1_BxF: Array, w_down_FxD: Array, *, block_f: int, block_d: int, in
 
 
 def s3(x1_BxF: Array, w_down_FxD: Array, *, block_f: int | None = None, block_d: int | None = None,
-       interpret: bool = False) -> Array:
+       num_warps: int | None = None, interpret: bool = False) -> Array:
     """ProSparse S3: ``out = x1 @ W_down``, reading only the rows of W_down whose x1 column is non-zero.
 
     Args:
@@ -322,6 +330,7 @@ def s3(x1_BxF: Array, w_down_FxD: Array, *, block_f: int | None = None, block_d:
       w_down_FxD: down weights, one contiguous row per neuron.
       block_f: neurons per loop step (power of two); default :func:`default_blocks`.
       block_d: d_model columns per program (power of two); default :func:`default_blocks`.
+      num_warps: Triton warps per program (power of two); default :data:`NUM_WARPS`.
       interpret: run the kernel in the Pallas interpreter (CPU tests).
 
     Returns:
@@ -334,4 +343,4 @@ def s3(x1_BxF: Array, w_down_FxD: Array, *, block_f: int | None = None, block_d:
     F, D = w_down_FxD.shape
     bf = _pick_block(F, block_f, DEFAULT_BLOCK_F, "block_f")
     bd = _pick_block(D, block_d, DEFAULT_BLOCK_D, "block_d")
-    return _s3_call(x1_BxF, w_down_FxD, block_f=bf, block_d=bd, interpret=interpret)
+    return _s3_call(x1_BxF, w_down_FxD, block_f=bf, block_d=bd, interpret=interpret, num_warps=num_warps)
