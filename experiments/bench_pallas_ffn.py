@@ -79,7 +79,8 @@ def tune(kernels, D: int, F: int, a: argparse.Namespace) -> list[dict]:
         for bf, bd, nw in itertools.product(blocks_f, (64, 128, 256), (2, 4, 8)):
             kw = {"block_f": bf, "block_d": bd, "num_warps": nw, "interpret": a.interpret}
             if op == "s2":
-                fn, args = jax.jit(lambda x, wg, wu, kw=kw: kernels.s2(x, wg, wu, activation="relu", **kw)), \
+                s2_kw = {**kw, **({"gate": a.gate} if a.gate else {})}
+                fn, args = jax.jit(lambda x, wg, wu, kw=s2_kw: kernels.s2(x, wg, wu, activation="relu", **kw)), \
                     (x, w_gate, w_up_FxD)
             else:
                 fn, args = jax.jit(lambda x1, wd, kw=kw: kernels.s3(x1, wd, **kw)), (x1, w_down)
@@ -101,12 +102,13 @@ def bench_shape(kernels, D: int, F: int, a: argparse.Namespace) -> dict:
     """S2 / S3 dense and sparse at one shape, and the errors of the sparse results against the dense ones."""
     x, w_gate, w_up_FxD, w_down = make_inputs(D, F, a.sparsity, a.dtype)
     interpret = a.interpret
+    gate_kw = {"gate": a.gate} if a.gate else {}
 
     def dense_s2(x, wg, wu):
         return (jax.nn.relu(x @ wg) * (x @ wu.T)).astype(x.dtype)
 
     def sparse_s2(x, wg, wu):
-        return kernels.s2(x, wg, wu, activation="relu", interpret=interpret)
+        return kernels.s2(x, wg, wu, activation="relu", interpret=interpret, **gate_kw)
 
     def sparse_s3(x1, wd):
         return kernels.s3(x1, wd, interpret=interpret)
@@ -141,6 +143,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reps", type=int, default=100)
     ap.add_argument("--implementation", default="auto", choices=("auto", "pallas_triton", "pallas_mosaic"))
     ap.add_argument("--interpret", action="store_true", help="run the kernels in interpret mode (CPU smoke run)")
+    ap.add_argument("--gate", default="", choices=("", "xla", "fused"),
+                    help="Triton S2: gate GEMV in XLA or fused in the kernel (default: the module's DEFAULT_GATE)")
     ap.add_argument("--tune", action="store_true", help="sweep block_f / block_d / num_warps (Triton) per shape")
     ap.add_argument("--out", default="", help="write the rows as JSON here")
     a = ap.parse_args(argv)
@@ -155,11 +159,12 @@ def main(argv: list[str] | None = None) -> int:
         impl = "pallas_triton" if impl not in ("pallas_triton", "pallas_mosaic") else impl
     kernels = importlib.import_module({"pallas_triton": "pallas_kernels.sparse_ffn_triton",
                                        "pallas_mosaic": "pallas_kernels.sparse_ffn_mosaic"}[impl])
-    if a.tune and impl != "pallas_triton":
-        print("bench_pallas_ffn: error: --tune sweeps Triton's block_f / block_d / num_warps; "
-              "use --implementation=pallas_triton on a GPU", file=sys.stderr)
+    if (a.tune or a.gate) and impl != "pallas_triton":
+        print("bench_pallas_ffn: error: --tune and --gate are options of the Triton kernels (block_f / block_d / "
+              "num_warps / gate); use --implementation=pallas_triton on a GPU", file=sys.stderr)
         return 1
-    print(f"jax {jax.__version__}, {jax.devices()[0].device_kind}, {impl}, {a.dtype}, batch 1, reps {a.reps}")
+    print(f"jax {jax.__version__}, {jax.devices()[0].device_kind}, {impl}, {a.dtype}, batch 1, reps {a.reps}"
+          + (f", gate {a.gate}" if a.gate else ""))
     if not a.tune:
         print(f"{'shape':>11} {'sparsity':>8} {'S2 dense':>9} {'S2 ours':>8} {'S2 x':>6} {'ProSp.':>6} {'S3 dense':>9} "
               f"{'S3 ours':>8} {'S3 x':>6} {'ProSp.':>6}  (us)")

@@ -8,8 +8,9 @@ That is the design here: rows of ``w_up_FxD`` / ``w_down_FxD`` are neurons (cont
 ``[block_f, block_d]`` tile is ``plgpu.load(..., mask=active_f[:, None], other=0.)``, so an inactive neuron costs no
 memory traffic (its weights are never read: a NaN in an inactive row cannot reach the output).
 
-* :func:`s2` -- grid over blocks of ``block_f`` neurons. A program accumulates the gate ``[B, block_f]`` over D in
-  chunks of ``block_d`` from the dense ``w_gate_DxF`` tile, applies the activation (``activations.ffn_product``, the
+* :func:`s2` -- grid over blocks of ``block_f`` neurons. A program takes the gate ``[B, block_f]`` (by default computed
+  by XLA's dense GEMV before the kernel, ``gate="xla"``; with ``gate="fused"`` accumulated over D in chunks of
+  ``block_d`` from the dense ``w_gate_DxF`` tiles), applies the activation (``activations.ffn_product``, the
   registry's single place), takes the union active set over the batch rows, then reads the active rows of
   ``w_up_FxD`` (the loop is skipped when the block has no active neuron). Neuron-norm mode (``tau`` given, any
   activation): the up projection is read in full and x1 is zeroed where ``|x1| * ||W_down[i]|| <= tau``.
@@ -67,6 +68,10 @@ S3_TARGET_PROGRAMS = 512
 NO_TRITON_LOWERING = frozenset({"gelu"})
 #: Triton launch parameters (GEMV tiles of 64x256: 8 warps, double-buffered loads; see DEFAULT_BLOCK_D).
 NUM_WARPS = 8
+#: Where S2's dense gate GEMV runs: "xla" (cuBLAS on a GPU; the kernel reads the [B, F] gate) or "fused" (in-kernel
+#: from [block_d, block_f] tiles of W_gate [D, F]). H200, bf16, 4096x11008, 88%, one session: S2 60.7 us with the
+#: gate in XLA vs 67.6 us fused (``bench_pallas_ffn.py --gate=...``).
+DEFAULT_GATE = "xla"
 NUM_STAGES = 2
 
 
@@ -132,9 +137,12 @@ def pad_weights(w_gate_DxF: Array, w_up_FxD: Array, w_down_FxD: Array, w_down_no
     return out
 
 
-def _compiler_params(num_warps: int | None) -> plgpu.CompilerParams:
+def _check_num_warps(num_warps: int | None) -> None:
     if num_warps is not None and (num_warps < 1 or num_warps & (num_warps - 1)):
         raise KernelInputError(f"num_warps={num_warps} must be a power of two, e.g. {NUM_WARPS}")
+
+
+def _compiler_params(num_warps: int | None) -> plgpu.CompilerParams:
     return plgpu.CompilerParams(num_warps=NUM_WARPS if num_warps is None else num_warps, num_stages=NUM_STAGES)
 
 
@@ -155,8 +163,9 @@ def _any_nonzero(rows: list[Array]) -> Array:
 # S2
 # ---------------------------------------------------------------------------------------------------------------
 def _s2_kernel(params_ref, x_ref, w_gate_ref, w_up_ref, norms_ref, x1_ref, *, activation: str, norm_mode: bool,
-               B: int, n_d: int, block_f: int, block_d: int):
-    """One program: neurons [i * block_f, (i + 1) * block_f) of x1 for every batch row."""
+               B: int, n_d: int, block_f: int, block_d: int, gate_given: bool):
+    """One program: neurons [i * block_f, (i + 1) * block_f) of x1 for every batch row. ``gate_given``:
+    ``w_gate_ref`` holds the gate pre-activations [B, F] (computed outside), else the gate weights [D, F]."""
     f0 = pl.multiple_of(pl.program_id(0) * block_f, block_f)
     f_slice = pl.ds(f0, block_f)
     threshold = params_ref[0]
@@ -171,7 +180,10 @@ def _s2_kernel(params_ref, x_ref, w_gate_ref, w_up_ref, norms_ref, x1_ref, *, ac
         return tuple(a + jnp.sum(xb[:, None] * w_DxF, axis=0) for a, xb in zip(acc, x_rows(d0), strict=True))
 
     zeros = tuple(jnp.zeros((block_f,), f32) for _ in range(B))
-    gate = lax.fori_loop(0, n_d, gate_body, zeros)
+    if gate_given:
+        gate = tuple(plgpu.load(w_gate_ref.at[_row(b), f_slice]).astype(f32) for b in range(B))
+    else:
+        gate = lax.fori_loop(0, n_d, gate_body, zeros)
 
     if norm_mode:
         active_f = jnp.full((block_f,), True)
@@ -204,18 +216,23 @@ def _s2_kernel(params_ref, x_ref, w_gate_ref, w_up_ref, norms_ref, x1_ref, *, ac
 
 
 @functools.partial(jax.jit, static_argnames=("activation", "norm_mode", "block_f", "block_d", "interpret",
-                                             "num_warps"))
+                                             "num_warps", "gate"))
 def _s2_call(params_2, x_BxD, w_gate_DxF, w_up_FxD, norms_F, *, activation: str, norm_mode: bool, block_f: int,
-             block_d: int, interpret: bool, num_warps: int | None = None) -> Array:
+             block_d: int, interpret: bool, num_warps: int | None = None, gate: str = "xla") -> Array:
     B, D = x_BxD.shape
     F = w_gate_DxF.shape[1]
     Fp, Dp = _round_up(F, block_f), _round_up(D, block_d)
+    if gate == "xla":  # the dense gate GEMV by XLA (cuBLAS), float32 accumulation, no TF32
+        w_gate_DxF = lax.dot(x_BxD, w_gate_DxF.astype(x_BxD.dtype), precision=lax.Precision.HIGHEST,
+                             preferred_element_type=jnp.float32)
+        w_gate_DxF = _pad2(w_gate_DxF, B, Fp)  # [B, Fp] gate pre-activations; padded neurons have gate 0
+    else:
+        w_gate_DxF = _pad2(w_gate_DxF, Dp, Fp)
     x_BxD = _pad2(x_BxD, B, Dp)
-    w_gate_DxF = _pad2(w_gate_DxF, Dp, Fp)
     w_up_FxD = _pad2(w_up_FxD, Fp, Dp)
     norms_F = jnp.pad(norms_F.astype(jnp.float32), (0, Fp - F))
     kernel = functools.partial(_s2_kernel, activation=activation, norm_mode=norm_mode, B=B, n_d=Dp // block_d,
-                               block_f=block_f, block_d=block_d)
+                               block_f=block_f, block_d=block_d, gate_given=gate == "xla")
     x1_BxF = pl.pallas_call(
         kernel,
         grid=(Fp // block_f,),
@@ -229,7 +246,7 @@ def _s2_call(params_2, x_BxD, w_gate_DxF, w_up_FxD, norms_F, *, activation: str,
 
 def s2(x_BxD: Array, w_gate_DxF: Array, w_up_FxD: Array, *, activation: str, threshold: Any = 0.0, tau: Any = None,
        w_down_norms_F: Array | None = None, block_f: int | None = None, block_d: int | None = None,
-       num_warps: int | None = None, interpret: bool = False) -> Array:
+       num_warps: int | None = None, gate: str | None = None, interpret: bool = False) -> Array:
     """ProSparse S2: ``x1 = act(x W_gate) * (x W_up)``, reading W_up rows only for the batch's active neurons.
 
     Args:
@@ -244,6 +261,9 @@ def s2(x_BxD: Array, w_gate_DxF: Array, w_up_FxD: Array, *, activation: str, thr
       block_f: neurons per program (power of two); default :func:`default_blocks`.
       block_d: d_model columns per loop step (power of two); default :func:`default_blocks`.
       num_warps: Triton warps per program (power of two); default :data:`NUM_WARPS`.
+      gate: ``"xla"`` -- the dense gate GEMV ``x @ W_gate`` runs in XLA (cuBLAS on a GPU) and the kernel reads its
+        [B, F] result; ``"fused"`` -- the kernel accumulates the gate from [block_d, block_f] tiles of W_gate itself.
+        Same function; default :data:`DEFAULT_GATE`.
       interpret: run the kernel in the Pallas interpreter (CPU tests).
 
     Returns:
@@ -254,6 +274,10 @@ def s2(x_BxD: Array, w_gate_DxF: Array, w_up_FxD: Array, *, activation: str, thr
     """
     check_s2_inputs(x_BxD, w_gate_DxF, w_up_FxD, activation=activation, threshold=threshold, tau=tau,
                     w_down_norms_F=w_down_norms_F)
+    _check_num_warps(num_warps)
+    gate = DEFAULT_GATE if gate is None else gate
+    if gate not in ("xla", "fused"):
+        raise KernelInputError(f"gate={gate!r}: choose 'xla' (the gate GEMV outside the kernel) or 'fused'")
     if activation in NO_TRITON_LOWERING and not interpret:
         raise KernelInputError(f"activation {activation!r}: jax's Triton lowering has no erf, so this kernel cannot be "
                                "compiled for a GPU; decode this model with implementation='dense'")
@@ -265,7 +289,7 @@ def s2(x_BxD: Array, w_gate_DxF: Array, w_up_FxD: Array, *, activation: str, thr
                           jnp.asarray(0.0 if tau is None else tau, jnp.float32).reshape(())])
     norms_F = w_down_norms_F if norm_mode else jnp.zeros((F,), jnp.float32)
     return _s2_call(params_2, x_BxD, w_gate_DxF, w_up_FxD, norms_F, activation=activation, norm_mode=norm_mode,
-                    block_f=bf, block_d=bd, interpret=interpret, num_warps=num_warps)
+                    block_f=bf, block_d=bd, interpret=interpret, num_warps=num_warps, gate=gate)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -340,6 +364,7 @@ def s3(x1_BxF: Array, w_down_FxD: Array, *, block_f: int | None = None, block_d:
       KernelInputError: inputs the kernel cannot run on (checked before anything is traced).
     """
     check_s3_inputs(x1_BxF, w_down_FxD)
+    _check_num_warps(num_warps)
     F, D = w_down_FxD.shape
     bf = _pick_block(F, block_f, DEFAULT_BLOCK_F, "block_f")
     bd = _pick_block(D, block_d, DEFAULT_BLOCK_D, "block_d")

@@ -149,6 +149,16 @@ def test_s2_equals_reference_at_every_sparsity(dtype, B, D, F, activation):
         assert zero_cols >= achieved  # the reference drops (at least) the neurons the case meant to drop
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("activation", ACTS)
+def test_s2_with_the_gate_fused_in_the_kernel_equals_reference(activation, dtype):
+    """gate="fused" (the kernel accumulates x @ W_gate itself) is the same function as the default gate="xla"."""
+    for sparsity in (0.0, 0.88, 1.0):
+        x, wg, wu, _, kw, _ = _s2_case(3, 100, 200, activation, sparsity, dtype)
+        out = s2(x, wg, wu, activation=activation, gate="fused", interpret=INTERPRET, **kw)
+        _assert_close(out, s2_reference(x, wg, wu, activation=activation, **kw), dtype)
+
+
 S3_CASES = [(jnp.float32, 1, 100, 48), (jnp.float32, 3, 200, 100), (jnp.bfloat16, 3, 200, 96)]
 
 
@@ -266,7 +276,8 @@ def _no_kernel(*args, **kwargs):
 
 
 @pytest.mark.parametrize("case", ["up_shape", "gate_shape", "neg_threshold", "neg_tau", "float16", "silu_no_tau",
-                                  "unknown_act", "batch_9", "tau_no_norms", "block_not_pow2", "gelu_on_gpu"])
+                                  "unknown_act", "batch_9", "tau_no_norms", "block_not_pow2", "gelu_on_gpu", "bad_gate",
+                                  "warps_not_pow2"])
 def test_s2_bad_input_raises_before_kernel(case, monkeypatch):
     monkeypatch.setattr(triton_ffn, "_s2_call", _no_kernel)
     B, D, F = 2, 16, 32
@@ -294,9 +305,14 @@ def test_s2_bad_input_raises_before_kernel(case, monkeypatch):
         kw.update(block_f=48)
     elif case == "gelu_on_gpu":  # the Triton lowering has no erf: refused unless interpreted
         kw.update(activation="gelu", tau=0.1, w_down_norms_F=jnp.ones(F), interpret=False)
+    elif case == "bad_gate":
+        kw.update(gate="cublas")
+    elif case == "warps_not_pow2":
+        kw.update(num_warps=6)
     words = {"up_shape": "w_up_FxD", "gate_shape": "w_gate_DxF", "neg_threshold": "threshold", "neg_tau": "tau",
              "float16": "float16", "silu_no_tau": "pplp", "unknown_act": "rleu", "batch_9": "batch 9",
-             "tau_no_norms": "w_down_norms_F", "block_not_pow2": "block_f", "gelu_on_gpu": "erf"}
+             "tau_no_norms": "w_down_norms_F", "block_not_pow2": "block_f", "gelu_on_gpu": "erf",
+             "bad_gate": "gate='cublas'.*'xla'", "warps_not_pow2": "num_warps=6"}
     with pytest.raises(KernelInputError, match=words[case]):
         s2(x, wg, wu, **{"interpret": INTERPRET, **kw})
 
@@ -350,7 +366,7 @@ def _tile_loads_masked(triton_ir: str, rows: int, cols: int) -> list[bool]:
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-@pytest.mark.parametrize("op", ["s2_relu", "s2_drelu", "s2_fatrelu", "s2_silu_norm", "s3"])
+@pytest.mark.parametrize("op", ["s2_relu", "s2_drelu", "s2_fatrelu", "s2_silu_norm", "s2_relu_fused", "s3"])
 def test_lowers_for_cuda_at_llama2_7b_shape(op, dtype, monkeypatch):
     """Exports for CUDA at 4096x11008; the W_up / W_down row tiles are masked Triton loads (dense in norm-mode S2)."""
     B, D, F = 4, 4096, 11008
@@ -364,9 +380,9 @@ def test_lowers_for_cuda_at_llama2_7b_shape(op, dtype, monkeypatch):
                                                                w_down_norms_F=n), x, wg, w_FxD, scalar, norms,
                                  monkeypatch=monkeypatch)
     else:
-        act = op.removeprefix("s2_")
-        text, irs = _export_cuda(lambda x, wg, wu, t: s2(x, wg, wu, activation=act, threshold=t), x, wg, w_FxD,
-                                 scalar, monkeypatch=monkeypatch)
+        act, _, gate = op.removeprefix("s2_").partition("_")
+        text, irs = _export_cuda(lambda x, wg, wu, t: s2(x, wg, wu, activation=act, threshold=t, gate=gate or None),
+                                 x, wg, w_FxD, scalar, monkeypatch=monkeypatch)
     assert TRITON_CALL in text
     assert len(irs) == 1
     masked = _tile_loads_masked(irs[0], *default_blocks(F, D))  # [block_f, block_d] tiles of W_up or W_down rows
