@@ -5,7 +5,8 @@ The experiment files in ``configs/`` are ml_collections ConfigDicts (defaults an
 :class:`RunConfig` of :class:`ModelConfig`, :class:`DataConfig`, :class:`OptimConfig`, :class:`TrainConfig` and
 :class:`SparsityConfig`, validated once; every violation names its ``section.field`` and the fix, and an unknown
 field in any section is an error that lists the valid ones. The modules that consume a section import it from here:
-configuration walks one way, ``config -> model / data / optim -> train``.
+configuration walks one way, ``config -> model / data / optim -> train``. The field checks and the stage-table rules
+are in :mod:`prosparse_jax.config_checks`.
 
 MiniCPM vs LLaMA (MiniCPM, arXiv 2404.06395 §4 and its modeling code): a LLaMA model is a MiniCPM model with
 ``scale_emb = 1``, ``scale_depth = 0`` (residual branches not scaled) and ``dim_model_base = 0`` (logits not divided).
@@ -16,38 +17,26 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
-import operator
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from prosparse_jax.activations import ACTIVATIONS
 from prosparse_jax.attention import NAMES as ATTENTIONS
+from prosparse_jax.config_checks import (
+    ConfigError,
+    Stages,
+    finite,
+    int_at_least,
+    positive_int,
+    require,
+    validate_stages,
+)
+
+__all__ = ["ConfigError", "Stages", "validate_stages"]  # re-exported: the rules live in config_checks
 
 DTYPES = ("float32", "bfloat16")
 LR_SCHEDULES = ("cosine", "wsd", "constant")
 L1_REDUCTIONS = ("sum", "mean")  # sparsity.l1_reduction: 'sum' is ProSparse Eq. 2's literal form (default)
-Stages = list[tuple[float, int]]
-
-
-class ConfigError(ValueError):
-    """A configuration value is invalid; the message names the field and the fix."""
-
-
-def _positive_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and v > 0
-
-
-def _int_at_least(v: Any, lo: int) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and v >= lo
-
-
-def _finite(v: Any) -> bool:
-    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def _require(ok: bool, section: str, field: str, msg: str) -> None:
-    if not ok:
-        raise ConfigError(f"{section}.{field}: {msg}")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -88,7 +77,7 @@ class ModelConfig:
     neuron_thresholds: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
-        if self.head_dim == 0 and _positive_int(self.d_model) and _positive_int(self.n_heads) \
+        if self.head_dim == 0 and positive_int(self.d_model) and positive_int(self.n_heads) \
                 and self.d_model % self.n_heads == 0:
             object.__setattr__(self, "head_dim", self.d_model // self.n_heads)
         _validate_model(self)
@@ -145,36 +134,36 @@ class ModelConfig:
 
 def _validate_model(c: ModelConfig) -> None:
     for f in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff"):
-        _require(_positive_int(getattr(c, f)), "model", f, f"must be a positive integer, got {getattr(c, f)!r}")
-    _require(_int_at_least(c.head_dim, 0), "model", "head_dim",
+        require(positive_int(getattr(c, f)), "model", f, f"must be a positive integer, got {getattr(c, f)!r}")
+    require(int_at_least(c.head_dim, 0), "model", "head_dim",
              f"must be an integer >= 0 (0 means d_model // n_heads), got {c.head_dim!r}")
-    _require(c.head_dim > 0, "model", "n_heads",
+    require(c.head_dim > 0, "model", "n_heads",
              f"n_heads={c.n_heads} must divide d_model={c.d_model} (or set model.head_dim explicitly)")
-    _require(c.n_heads % c.n_kv_heads == 0, "model", "n_kv_heads",
+    require(c.n_heads % c.n_kv_heads == 0, "model", "n_kv_heads",
              f"n_kv_heads={c.n_kv_heads} must divide n_heads={c.n_heads}")
-    _require(c.head_dim % 2 == 0, "model", "head_dim", f"head dimension {c.head_dim} must be even for rotary "
+    require(c.head_dim % 2 == 0, "model", "head_dim", f"head dimension {c.head_dim} must be even for rotary "
              "embeddings")
-    _require(c.activation in ACTIVATIONS, "model", "activation",
+    require(c.activation in ACTIVATIONS, "model", "activation",
              f"unknown activation {c.activation!r}; choose one of: {', '.join(ACTIVATIONS)}")
-    _require(c.dtype in DTYPES, "model", "dtype", f"unknown dtype {c.dtype!r}; choose one of: {', '.join(DTYPES)}")
-    _require(c.attention in ATTENTIONS, "model", "attention", f"unknown attention implementation {c.attention!r}"
+    require(c.dtype in DTYPES, "model", "dtype", f"unknown dtype {c.dtype!r}; choose one of: {', '.join(DTYPES)}")
+    require(c.attention in ATTENTIONS, "model", "attention", f"unknown attention implementation {c.attention!r}"
              f"{did_you_mean(str(c.attention), ATTENTIONS)}; choose one of: {', '.join(ATTENTIONS)}")
-    _require(c.attention != "cudnn" or c.dtype == "bfloat16", "model", "attention",
+    require(c.attention != "cudnn" or c.dtype == "bfloat16", "model", "attention",
              "'cudnn' (cuDNN flash attention) has no float32 kernel; set model.dtype='bfloat16', or "
              "model.attention='xla' (or 'auto') for float32")
-    _require(_finite(c.activation_threshold) and c.activation_threshold >= 0, "model", "activation_threshold",
+    require(finite(c.activation_threshold) and c.activation_threshold >= 0, "model", "activation_threshold",
              f"must be a finite number >= 0, got {c.activation_threshold!r}")
     for f in ("norm_eps", "rope_theta", "init_std", "scale_emb"):
-        _require(_finite(getattr(c, f)) and getattr(c, f) > 0, "model", f, f"must be > 0, got {getattr(c, f)!r}")
+        require(finite(getattr(c, f)) and getattr(c, f) > 0, "model", f, f"must be > 0, got {getattr(c, f)!r}")
     for f in ("scale_depth", "dim_model_base"):
-        _require(_finite(getattr(c, f)) and getattr(c, f) >= 0, "model", f,
+        require(finite(getattr(c, f)) and getattr(c, f) >= 0, "model", f,
                  f"must be >= 0 (0 disables it), got {getattr(c, f)!r}")
     for f in ("remat", "scan_layers", "tie_embeddings"):
-        _require(isinstance(getattr(c, f), bool), "model", f, f"must be true or false, got {getattr(c, f)!r}")
+        require(isinstance(getattr(c, f), bool), "model", f, f"must be true or false, got {getattr(c, f)!r}")
     if c.neuron_thresholds:
-        _require(len(c.neuron_thresholds) == c.n_layers, "model", "neuron_thresholds",
+        require(len(c.neuron_thresholds) == c.n_layers, "model", "neuron_thresholds",
                  f"needs one value per layer ({c.n_layers}), got {len(c.neuron_thresholds)}")
-        _require(all(_finite(t) and t >= 0 for t in c.neuron_thresholds), "model", "neuron_thresholds",
+        require(all(finite(t) and t >= 0 for t in c.neuron_thresholds), "model", "neuron_thresholds",
                  "every threshold must be a finite number >= 0")
 
 
@@ -197,18 +186,18 @@ class DataConfig:
     def __post_init__(self) -> None:
         src = self.source
         kind, _, rest = src.partition(":") if isinstance(src, str) else ("", "", "")
-        _require(src == "stdlib" or (kind in ("files", "tfds") and bool(rest.strip())), "data", "source",
+        require(src == "stdlib" or (kind in ("files", "tfds") and bool(rest.strip())), "data", "source",
                  f"must be 'stdlib', 'files:<glob>' or 'tfds:<name>', got {src!r}")
         for name in ("data_dir", "text_key", "tokenizer"):
-            _require(isinstance(getattr(self, name), str), "data", name,
+            require(isinstance(getattr(self, name), str), "data", name,
                      f"must be a string, got {getattr(self, name)!r}")
-        _require(bool(self.text_key), "data", "text_key", "must be a non-empty feature name, got ''")
-        _require(_int_at_least(self.vocab_size, 257), "data", "vocab_size",
+        require(bool(self.text_key), "data", "text_key", "must be a non-empty feature name, got ''")
+        require(int_at_least(self.vocab_size, 257), "data", "vocab_size",
                  f"must be an integer >= 257 (256 bytes + EOS), got {self.vocab_size!r}")
-        _require(_positive_int(self.seq_len), "data", "seq_len", f"must be a positive integer, got {self.seq_len!r}")
+        require(positive_int(self.seq_len), "data", "seq_len", f"must be a positive integer, got {self.seq_len!r}")
         ef = self.eval_fraction
-        _require(_finite(ef) and 0.0 <= ef < 1.0, "data", "eval_fraction", f"must be a number in [0, 1), got {ef!r}")
-        _require(_int_at_least(self.seed, 0) and self.seed < 2**32, "data", "seed",
+        require(finite(ef) and 0.0 <= ef < 1.0, "data", "eval_fraction", f"must be a number in [0, 1), got {ef!r}")
+        require(int_at_least(self.seed, 0) and self.seed < 2**32, "data", "seed",
                  f"must be an integer in [0, 2**32), got {self.seed!r}")
         object.__setattr__(self, "eval_fraction", float(ef))
 
@@ -235,25 +224,25 @@ class OptimConfig:
 
     def __post_init__(self) -> None:
         for f in ("lr", "decay_fraction", "min_lr_ratio", "b1", "b2", "eps", "weight_decay", "clip_norm"):
-            _require(_finite(getattr(self, f)), "optim", f, f"must be a finite number, got {getattr(self, f)!r}")
-        _require(self.lr > 0, "optim", "lr", f"must be > 0, got {self.lr}")
-        _require(self.schedule in LR_SCHEDULES, "optim", "schedule",
+            require(finite(getattr(self, f)), "optim", f, f"must be a finite number, got {getattr(self, f)!r}")
+        require(self.lr > 0, "optim", "lr", f"must be > 0, got {self.lr}")
+        require(self.schedule in LR_SCHEDULES, "optim", "schedule",
                  f"unknown schedule {self.schedule!r}; choose one of: {', '.join(LR_SCHEDULES)}")
-        _require(_int_at_least(self.warmup_steps, 0), "optim", "warmup_steps",
+        require(int_at_least(self.warmup_steps, 0), "optim", "warmup_steps",
                  f"must be an integer >= 0, got {self.warmup_steps!r}")
-        _require(0 <= self.decay_fraction <= 1, "optim", "decay_fraction", f"must be in [0, 1], got "
+        require(0 <= self.decay_fraction <= 1, "optim", "decay_fraction", f"must be in [0, 1], got "
                  f"{self.decay_fraction}")
-        _require(0 <= self.min_lr_ratio <= 1, "optim", "min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
-        _require(self.schedule != "wsd" or self.min_lr_ratio > 0, "optim", "min_lr_ratio",
+        require(0 <= self.min_lr_ratio <= 1, "optim", "min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
+        require(self.schedule != "wsd" or self.min_lr_ratio > 0, "optim", "min_lr_ratio",
                  "the wsd decay is exponential and needs a ratio > 0 (e.g. 0.01), got 0")
         for f in ("b1", "b2"):
-            _require(0 <= getattr(self, f) < 1, "optim", f, f"must be in [0, 1), got {getattr(self, f)}")
-        _require(self.eps > 0, "optim", "eps", f"must be > 0, got {self.eps}")
-        _require(self.weight_decay >= 0, "optim", "weight_decay", f"must be >= 0, got {self.weight_decay}")
-        _require(self.clip_norm >= 0, "optim", "clip_norm", f"must be >= 0 (0 disables clipping), got "
+            require(0 <= getattr(self, f) < 1, "optim", f, f"must be in [0, 1), got {getattr(self, f)}")
+        require(self.eps > 0, "optim", "eps", f"must be > 0, got {self.eps}")
+        require(self.weight_decay >= 0, "optim", "weight_decay", f"must be >= 0, got {self.weight_decay}")
+        require(self.clip_norm >= 0, "optim", "clip_norm", f"must be >= 0 (0 disables clipping), got "
                  f"{self.clip_norm}")
-        _require(isinstance(self.mup, bool), "optim", "mup", f"must be true or false, got {self.mup!r}")
-        _require(_positive_int(self.mup_base_dim), "optim", "mup_base_dim",
+        require(isinstance(self.mup, bool), "optim", "mup", f"must be true or false, got {self.mup!r}")
+        require(positive_int(self.mup_base_dim), "optim", "mup_base_dim",
                  f"must be a positive integer, got {self.mup_base_dim!r}")
 
     def replace(self, **kw: Any) -> OptimConfig:
@@ -285,68 +274,23 @@ class TrainConfig:
     def __post_init__(self) -> None:
         for f in ("steps", "batch_size", "grad_accum", "log_every", "eval_batches", "checkpoint_every",
                   "keep_checkpoints", "mesh_fsdp"):
-            _require(_positive_int(getattr(self, f)), "train", f,
+            require(positive_int(getattr(self, f)), "train", f,
                      f"must be a positive integer, got {getattr(self, f)!r}")
         for f in ("seed", "eval_every", "keep_period"):
-            _require(_int_at_least(getattr(self, f), 0), "train", f,
+            require(int_at_least(getattr(self, f), 0), "train", f,
                      f"must be an integer >= 0 (0 = off), got {getattr(self, f)!r}")
-        _require(isinstance(self.mesh_data, int) and (self.mesh_data == -1 or self.mesh_data > 0), "train",
+        require(isinstance(self.mesh_data, int) and (self.mesh_data == -1 or self.mesh_data > 0), "train",
                  "mesh_data", f"must be a positive integer or -1 (all devices), got {self.mesh_data!r}")
         for f in ("async_checkpoint", "progress_bar"):
-            _require(isinstance(getattr(self, f), bool), "train", f, f"must be true or false, got "
+            require(isinstance(getattr(self, f), bool), "train", f, f"must be true or false, got "
                      f"{getattr(self, f)!r}")
-        _require(self.batch_size % self.grad_accum == 0, "train", "batch_size",
+        require(self.batch_size % self.grad_accum == 0, "train", "batch_size",
                  f"{self.batch_size} must be divisible by train.grad_accum={self.grad_accum}")
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# sparsity: the ProSparse stage table (ProSparse §3.2)
+# sparsity
 # ---------------------------------------------------------------------------------------------------------------
-def _as_int(v: Any) -> int | None:
-    """``v`` as an int if it is an integer or an integral float (e.g. 5e3 from a config file), else None."""
-    if isinstance(v, bool):
-        return None
-    if isinstance(v, float):
-        return int(v) if v.is_integer() else None
-    try:
-        return operator.index(v)
-    except TypeError:
-        return None
-
-
-def validate_stages(stages: Sequence[Sequence[float]]) -> Stages:
-    """Checks a stage table ``[(reg_factor_i, T_i), ...]`` (T_i cumulative updates) and returns it normalised.
-
-    Raises:
-        ConfigError: naming ``sparsity.stages`` when the table is empty, a pair is malformed, a factor is negative
-            or not finite, or a step is not an integer (10.5 is an error, 5e3 is 5000) or not strictly increasing.
-    """
-    def bad(msg: str) -> ConfigError:
-        return ConfigError(f"sparsity.stages: {msg}")
-
-    try:
-        pairs = [tuple(s) for s in stages]
-    except TypeError:
-        raise bad(f"must be a list of (lambda, steps) pairs, got {stages!r}") from None
-    if not pairs:
-        raise bad("needs at least one (lambda, steps) stage, got an empty list")
-    out: Stages = []
-    for i, pair in enumerate(pairs):
-        if len(pair) != 2:
-            raise bad(f"stage {i} must be a (lambda, steps) pair, got {pair!r}")
-        reg, steps = pair
-        if not _finite(reg) or reg < 0:
-            raise bad(f"stage {i}: lambda must be a number, finite and >= 0, got {reg!r}")
-        steps_i = _as_int(steps)
-        if steps_i is None or steps_i <= 0:
-            raise bad(f"stage {i}: steps must be a positive integer (cumulative update count), got {steps!r}")
-        if out and steps_i <= out[-1][1]:
-            raise bad(f"steps must be strictly increasing (they are cumulative), but stage {i} ends at {steps_i} "
-                      f"<= stage {i - 1} end {out[-1][1]}")
-        out.append((float(reg), steps_i))
-    return out
-
-
 @dataclasses.dataclass(frozen=True)
 class SparsityConfig:
     """The ProSparse regularisation: stage table of lambda (``reg_factor``), L1 form, final FATReLU threshold."""
@@ -357,9 +301,9 @@ class SparsityConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "stages", tuple(validate_stages(self.stages)))
-        _require(self.l1_reduction in L1_REDUCTIONS, "sparsity", "l1_reduction",
+        require(self.l1_reduction in L1_REDUCTIONS, "sparsity", "l1_reduction",
                  f"{self.l1_reduction!r}; choose one of: {', '.join(L1_REDUCTIONS)}")
-        _require(_finite(self.final_threshold) and self.final_threshold >= 0, "sparsity", "final_threshold",
+        require(finite(self.final_threshold) and self.final_threshold >= 0, "sparsity", "final_threshold",
                  f"must be a finite value >= 0, got {self.final_threshold!r}")
 
 
