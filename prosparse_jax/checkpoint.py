@@ -123,11 +123,20 @@ def _mismatch(step_dir: Path, targets: dict[str, Any], *, by_name: bool) -> str 
 
 
 def _is_abandoned_read(u: Any) -> bool:
-    """An unraisable exception of orbax's reads left running when a restore failed (see :func:`_quiet_orbax`)."""
+    """An unraisable exception of orbax's reads left running when a restore failed (see :func:`quiet_orbax_noise`):
+    "Event loop is closed" from tensorstore's threads, a coroutine of orbax's never awaited, or a traceback through
+    orbax's checkpoint code."""
     if isinstance(u.exc_value, RuntimeError) and "Event loop is closed" in str(u.exc_value):
         return True
-    code = getattr(u.object, "cr_code", None)
-    return code is not None and "orbax" in code.co_filename
+    code = getattr(getattr(u, "object", None), "cr_code", None)
+    if code is not None and "orbax" in code.co_filename:
+        return True
+    tb = getattr(u, "exc_traceback", None)
+    while tb is not None:
+        if "/orbax/checkpoint/" in tb.tb_frame.f_code.co_filename.replace("\\", "/"):
+            return True
+        tb = tb.tb_next
+    return False
 
 
 class _AbandonedOrbaxTasks(stdlib_logging.Filter):
@@ -139,13 +148,14 @@ class _AbandonedOrbaxTasks(stdlib_logging.Filter):
         return not ("exception was never retrieved" in msg and any(k in msg for k in ("orbax", "OCDBT", "TensorStore")))
 
 
-def _quiet_orbax() -> None:
+def quiet_orbax_noise() -> None:
     """Drops the noise of a failed orbax restore (installed once, before the first restore).
 
     When one array cannot be read, orbax's restore raises while its other reads are still in flight; during the
     restore or later they report "Exception ignored in <coroutine ...>" / "Event loop is closed" tracebacks through
     ``sys.unraisablehook`` and "Task/Future exception was never retrieved" through the ``asyncio`` logger, burying
     the one-line error. Only those are dropped; other unraisable exceptions and asyncio records pass through.
+    Idempotent; every restore of this module installs it first.
     """
     asyncio_log = stdlib_logging.getLogger("asyncio")
     if not any(isinstance(f, _AbandonedOrbaxTasks) for f in asyncio_log.filters):
@@ -176,7 +186,7 @@ def _read(mgr: ocp.CheckpointManager, step: int, targets: dict[str, Any],
         raise mismatch(what)  # checked first: a restore that fails leaves orbax's reads running
     items: dict[str, Any] = {k: ocp.args.StandardRestore(v) for k, v in targets.items()}
     items["extra"] = ocp.args.JsonRestore()
-    _quiet_orbax()
+    quiet_orbax_noise()
     failure = None
     try:
         out = mgr.restore(step, args=ocp.args.Composite(**items))

@@ -70,7 +70,6 @@ def run(prog: str, flag_values: flags.FlagValues, argv: list[str] | None, body: 
         print(f"{(doc or prog).strip()}\n\nflags:\n{flag_values.get_help(include_special_flags=False)}")
         return 0
     verbose = any(a in ("--verbose", "--verbose=true", "--verbose=True", "--verbose=1") for a in args[1:])
-    quiet_orbax_shutdown()
     flag_values.unparse_flags()
     try:
         parse_flags(flag_values, args)
@@ -136,35 +135,6 @@ def error_line(e: BaseException) -> str:
         text = f"{head}: {last}" if head else last
     line = " ".join(text.split())
     return line if len(line) <= 1200 else line[:1197] + "..."
-
-
-def _orbax_leftover(u: Any) -> bool:
-    """An unraisable of orbax's reads left running after a failed restore: "Event loop is closed" from
-    tensorstore's threads, or the read error of a coroutine orbax never awaited (``Exception ignored in``)."""
-    if isinstance(u.exc_value, RuntimeError) and str(u.exc_value) == "Event loop is closed":
-        return True
-    tb = getattr(u, "exc_traceback", None)
-    while tb is not None:
-        if "/orbax/checkpoint/" in tb.tb_frame.f_code.co_filename.replace("\\", "/"):
-            return True
-        tb = tb.tb_next
-    return False
-
-
-def quiet_orbax_shutdown() -> None:
-    """Silences orbax's leftover reads after a failed restore (:func:`_orbax_leftover`; printed as "Exception
-    ignored in ..." with a TensorStore spec, possibly after the error line), so a damaged checkpoint stays one error
-    line. Every other unraisable goes to the previous hook. Idempotent."""
-    hook = sys.unraisablehook
-    if getattr(hook, "_prosparse_quiet", False):
-        return
-
-    def quiet(u: Any) -> None:
-        if not _orbax_leftover(u):
-            hook(u)
-
-    quiet._prosparse_quiet = True  # type: ignore[attr-defined]
-    sys.unraisablehook = quiet
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -325,7 +295,6 @@ def call(prog: str, argv: list[str] | None, body: Callable[[], int | None],
     :class:`InputError` or one of ``errors``) is ONE line ``<prog>: error: <message>`` on stderr and exit code 1,
     re-raised with its traceback under ``--verbose``. Returns the exit code."""
     args = sys.argv[1:] if argv is None else argv
-    quiet_orbax_shutdown()
     try:
         return body() or 0
     except (UsageError, OutputError, InputError, *errors) as e:

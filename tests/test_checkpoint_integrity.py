@@ -239,3 +239,18 @@ def test_sharded_digests_match_the_unsharded_one():
     out = subprocess.run([sys.executable, "-c", SHARDED], cwd=ROOT, env=env, capture_output=True, text=True,
                          timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]
+
+
+def test_the_orbax_noise_filter_is_narrow():
+    """Only orbax's leftover reads are dropped ("Event loop is closed"); any other unraisable reaches the hook."""
+    ckpt.quiet_orbax_noise()
+    seen = []
+    hook = sys.unraisablehook
+    try:
+        sys.unraisablehook = lambda u: seen.append(u)
+        ckpt.quiet_orbax_noise()
+        for exc in (RuntimeError("Event loop is closed"), RuntimeError("other")):
+            sys.unraisablehook(type("U", (), {"exc_value": exc, "object": None, "exc_traceback": None})())
+    finally:
+        sys.unraisablehook = hook
+    assert [str(u.exc_value) for u in seen] == ["other"]
