@@ -33,7 +33,7 @@ from prosparse_jax.activations import RELU_FAMILY
 from prosparse_jax.config import ModelConfig
 from prosparse_jax.decode import FFNImpl, KVCache, decode_step, dense_ffn, init_cache, prefill
 
-__all__ = ["GenerateStats", "KVCache", "decode_step", "generate", "prefill", "sample"]
+__all__ = ["GenerateStats", "KVCache", "decode_loop", "decode_step", "generate", "prefill", "sample"]
 
 Array = jax.Array
 FLAGS = flags.FlagValues()  # own flag set: the CLI modules can be imported together (tests)
@@ -135,36 +135,57 @@ def generate(params: model.Params, cfg: ModelConfig, prompts_ids: list[list[int]
     B, P = ids_BxP.shape
     cache = init_cache(cfg, B, P + max_new_tokens, pad_B)
     _, (logits_BxV, cache), t_prefill = _timed(prefill, params, jnp.asarray(ids_BxP), cache, cfg=cfg)
-    key = jax.random.key(seed)
-    samp = sample.lower(logits_BxV, key, temperature=temperature, top_k=top_k, top_p=top_p).compile()
-    out = np.zeros((B, max_new_tokens), np.int32)
-    active = np.ones(B, bool)
-    zeros_L, decoded, t_decode, step_fn = np.zeros(cfg.n_layers), 0, 0.0, None
-    for i in range(max_new_tokens):  # timed: sampling, the host's EOS check and the step; not the step's compile
-        t0 = time.perf_counter()
-        key, sub = jax.random.split(key)
-        tok_B = np.asarray(samp(logits_BxV, sub))
-        out[:, i] = tok_B
-        active_next = active & (tok_B != eos_id) if eos_id is not None else active
-        if i == max_new_tokens - 1 or not active_next.any():
-            break
-        args = (params, jnp.asarray(tok_B), cache, jnp.asarray(active_next))
-        if step_fn is None:
-            t1 = time.perf_counter()
-            step_fn = decode_step.lower(*args, cfg=cfg, ffn_impl=ffn).compile()
-            t0 += time.perf_counter() - t1
-        logits_BxV, cache, z_L = jax.block_until_ready(step_fn(*args))
-        t_decode += time.perf_counter() - t0
-        zeros_L += np.asarray(z_L)
-        decoded += int(active_next.sum())
-        active = active_next
+    loop_args = (params, logits_BxV, cache, jax.random.key(seed))
+    loop_kw = dict(cfg=cfg, ffn_impl=ffn, max_new_tokens=max_new_tokens, eos_id=eos_id, temperature=temperature,
+                   top_k=top_k, top_p=top_p)
+    _, (out_BxN, zeros_L, decoded), t_decode = _timed(decode_loop, *loop_args, **loop_kw)
+    out, zeros_L, decoded = np.asarray(out_BxN), np.asarray(zeros_L), int(decoded)
     news = [list(out[b, :_length(out[b], eos_id)]) for b in range(B)]
     stats = GenerateStats(
         prefill_tokens_per_s=float(B * P / max(t_prefill, 1e-9)),
-        decode_tokens_per_s=float(decoded / t_decode) if t_decode > 0 else 0.0,
+        decode_tokens_per_s=float(decoded / t_decode) if decoded and t_decode > 0 else 0.0,
         sparsity_per_layer=[float(z / max(decoded * cfg.d_ff, 1)) for z in zeros_L],
         prefill_tokens=int(B * P), decoded_tokens=decoded)
     return [[int(t) for t in n] for n in news], stats
+
+
+@partial(jax.jit, static_argnames=("cfg", "ffn_impl", "max_new_tokens", "eos_id", "temperature", "top_k", "top_p"))
+def decode_loop(params: model.Params, logits_BxV: Array, cache: KVCache, key: Array, *, cfg: ModelConfig,
+                ffn_impl: FFNImpl, max_new_tokens: int, eos_id: int | None, temperature: float, top_k: int,
+                top_p: float) -> tuple[Array, Array, Array]:
+    """Samples up to ``max_new_tokens`` tokens per row after the prefill's ``logits_BxV``, on the device: one
+    ``lax.while_loop`` of (:func:`decode_step`, :func:`sample`) with no host round trip per token. It stops when
+    every row has emitted ``eos_id`` or after ``max_new_tokens`` samples (the last sample runs no step).
+
+    Returns:
+      (tokens [B, max_new_tokens] int32 (after a row's EOS: whatever was sampled, trimmed by the caller), zeros of x1
+      per layer summed over the active rows of every step [L] float32, decoded tokens (steps x active rows) int32).
+    """
+    B = logits_BxV.shape[0]
+
+    def draw(logits: Array, key: Array, i: Array, out: Array, active: Array) -> tuple[Array, ...]:
+        key, sub = jax.random.split(key)
+        tok_B = sample(logits, sub, temperature=temperature, top_k=top_k, top_p=top_p)
+        active = active & (tok_B != eos_id) if eos_id is not None else active
+        return key, tok_B, out.at[:, i].set(tok_B), active
+
+    key, tok_B, out, active = draw(logits_BxV, key, jnp.int32(0), jnp.zeros((B, max_new_tokens), jnp.int32),
+                                   jnp.ones((B,), bool))
+
+    def cond(c: tuple[Any, ...]) -> Array:
+        i, _, _, _, active, *_ = c
+        return (i < max_new_tokens) & jnp.any(active)
+
+    def body(c: tuple[Any, ...]) -> tuple[Any, ...]:
+        i, key, tok_B, cache, active, out, zeros_L, decoded = c
+        logits, cache, z_L = decode_step(params, tok_B, cache, active, cfg=cfg, ffn_impl=ffn_impl)
+        decoded = decoded + jnp.sum(active, dtype=jnp.int32)
+        key, tok_B, out, active = draw(logits, key, i, out, active)
+        return i + 1, key, tok_B, cache, active, out, zeros_L + z_L, decoded
+
+    c0 = (jnp.int32(1), key, tok_B, cache, active, out, jnp.zeros((cfg.n_layers,), jnp.float32), jnp.int32(0))
+    _, _, _, _, _, out, zeros_L, decoded = jax.lax.while_loop(cond, body, c0)
+    return out, zeros_L, decoded
 
 
 def _length(row: np.ndarray, eos_id: int | None) -> int:
