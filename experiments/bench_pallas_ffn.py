@@ -4,6 +4,7 @@
     python experiments/bench_pallas_ffn.py --shapes=4096x11008 --sparsity=0.9 --reps=200
     python experiments/bench_pallas_ffn.py --interpret --shapes=128x352 --reps=1   # CPU smoke run (no timing value)
     python experiments/bench_pallas_ffn.py --tune --shapes=4096x11008    # sweep block_f / block_d / num_warps
+    python experiments/bench_pallas_ffn.py --timing=loop    # device time per call, without the host's dispatch
 
 What is timed (ProSparse, arXiv 2402.13516, §4.3 and its Table 5, batch 1, bf16):
 
@@ -56,8 +57,29 @@ def make_inputs(D: int, F: int, sparsity: float, dtype: str, seed: int = 0) -> t
     return tuple(jnp.asarray(a, dtype) for a in (x, w_gate, w_up, w_down))
 
 
-def per_call_us(fn, args: tuple, reps: int) -> float:
-    """Mean time of one call (us) over ``reps`` calls dispatched back to back after a warm-up; best of 3 such runs."""
+def per_call_us(fn, args: tuple, reps: int, timing: str = "dispatch") -> float:
+    """Mean time of one call (us), best of 3 runs of ``reps`` calls after a warm-up.
+
+    ``timing="dispatch"``: ``reps`` jitted calls dispatched back to back from Python, one wait at the end (includes
+    the host's dispatch cost per call, tens of us). ``timing="loop"``: the ``reps`` calls inside ONE jitted
+    ``lax.fori_loop``, each call's first input depending on the previous output (so no call can be hoisted or
+    dropped): device time per call without dispatch.
+    """
+    if timing == "loop":
+        def looped(*xs):
+            def body(_, carry):
+                x, out = jax.lax.optimization_barrier((carry, fn(carry, *xs[1:])))
+                # x * 1 + 0 * out[first]: a real data dependency (XLA keeps float x * 0), so no call is dropped
+                return x + (jnp.ravel(out)[0] * 0).astype(x.dtype)
+            return jax.lax.fori_loop(0, reps, body, xs[0])
+        looped_fn = jax.jit(looped)
+        jax.block_until_ready(looped_fn(*args))
+        runs = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            jax.block_until_ready(looped_fn(*args))
+            runs.append((time.perf_counter() - t0) * 1e6 / reps)
+        return min(runs)
     jax.block_until_ready(fn(*args))
     runs = []
     for _ in range(3):
@@ -85,7 +107,7 @@ def tune(kernels, D: int, F: int, a: argparse.Namespace) -> list[dict]:
             else:
                 fn, args = jax.jit(lambda x1, wd, kw=kw: kernels.s3(x1, wd, **kw)), (x1, w_down)
             try:
-                us = per_call_us(fn, args, a.reps)
+                us = per_call_us(fn, args, a.reps, a.timing)
             except Exception as e:  # a config the compiler refuses (registers, shared memory): report, go on
                 us = float("nan")
                 print(f"  {op} {kw}: {type(e).__name__}: {str(e).splitlines()[0][:120]}")
@@ -118,7 +140,7 @@ def bench_shape(kernels, D: int, F: int, a: argparse.Namespace) -> dict:
     x1 = fns["s2_dense"](x, w_gate, w_up_FxD)
     args = {"s2_dense": (x, w_gate, w_up_FxD), "s2_sparse": (x, w_gate, w_up_FxD),
             "s3_dense": (x1, w_down), "s3_sparse": (x1, w_down)}
-    us = {k: per_call_us(fns[k], args[k], a.reps) for k in fns}
+    us = {k: per_call_us(fns[k], args[k], a.reps, a.timing) for k in fns}
 
     def rel_err(dense_key: str, sparse_key: str) -> float:
         ref = fns[dense_key](*args[dense_key]).astype(jnp.float32)
@@ -143,6 +165,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reps", type=int, default=100)
     ap.add_argument("--implementation", default="auto", choices=("auto", "pallas_triton", "pallas_mosaic"))
     ap.add_argument("--interpret", action="store_true", help="run the kernels in interpret mode (CPU smoke run)")
+    ap.add_argument("--timing", default="dispatch", choices=("dispatch", "loop"),
+                    help="dispatch: back-to-back jitted calls from Python; loop: the calls inside one jitted loop "
+                         "(device time without the host's dispatch)")
     ap.add_argument("--gate", default="", choices=("", "xla", "fused"),
                     help="Triton S2: gate GEMV in XLA or fused in the kernel (default: the module's DEFAULT_GATE)")
     ap.add_argument("--tune", action="store_true", help="sweep block_f / block_d / num_warps (Triton) per shape")
@@ -164,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
               "num_warps / gate); use --implementation=pallas_triton on a GPU", file=sys.stderr)
         return 1
     print(f"jax {jax.__version__}, {jax.devices()[0].device_kind}, {impl}, {a.dtype}, batch 1, reps {a.reps}"
-          + (f", gate {a.gate}" if a.gate else ""))
+          + (f", gate {a.gate}" if a.gate else "") + f", timing {a.timing}")
     if not a.tune:
         print(f"{'shape':>11} {'sparsity':>8} {'S2 dense':>9} {'S2 ours':>8} {'S2 x':>6} {'ProSp.':>6} {'S3 dense':>9} "
               f"{'S3 ours':>8} {'S3 x':>6} {'ProSp.':>6}  (us)")
