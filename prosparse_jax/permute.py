@@ -1,7 +1,8 @@
 r"""Exact offline neuron permutation of the FFN: co-active neurons side by side, and a block-sparsity report.
 
     python -m prosparse_jax.permute --checkpoint=<workdir or HF folder> --out=<new workdir> \
-        [--order=frequency|coactivation] [--data=stdlib] [--num_batches=4 --batch_size=8 --seq_len=... --step=N]
+        [--order=frequency|coactivation] [--data=stdlib] [--num_batches=4 --report_batches=4 --batch_size=8]
+        [--seq_len=... --step=N]
 
 A sparse FFN kernel reads only the rows of W_up / W_gate / W_down of the active neurons, but on GPU / TPU it reads
 them in blocks of 16-64 rows: a block is skipped only when all its neurons are inactive. At 88% sparsity with neurons
@@ -15,14 +16,21 @@ Activity: a neuron is active on a valid token iff its x1 is non-zero in the mode
 in sparse mode also iff its output norm |x1_i| * ||W_down[i]|| exceeds the layer's tau, the rule sparse mode runs).
 
 Orders: ``frequency`` (most active first, PowerInfer's hot / cold split) or ``coactivation`` (greedy clusters of
-``--cluster`` neurons that fire together, picked among the ``--window`` most frequent unassigned neurons; O(F^2) per
-layer and an [L, F, F] co-activation count: for small models).
+``--cluster`` neurons that fire together, picked among the ``--window`` most frequent unassigned neurons). Memory of
+``coactivation``: every token's activity packed 8 neurons to a byte (L x N x F / 8 bytes), and the [F, F]
+co-activation counts of one layer at a time (float32: 485 MB for LLaMA2-7B's F = 11008), built, clustered and
+dropped before the next layer's; time O(N F^2) per layer.
+
+Data: ``--num_batches`` + ``--report_batches`` held-out batches of one deterministic draw (windows spaced evenly over
+the held-out split, each batch spanning all of it); the order is chosen on the first ``--num_batches``, the report is
+measured on the other ``--report_batches`` (default: as many), which share no token with them (refused when the split
+is too small for that). ``--report_batches=0`` reports on the fitting batches instead (in-sample, labelled so).
 
 Writes ``<out>`` as a params-only workdir (the checkpoint's config and tokenizer.json, the permuted params at step 0,
 ``permuted_from`` in config.json) and ``<out>/permutation.json``: ``permutation`` [L][F] (new neuron j of layer l is
-old neuron ``permutation[l][j]``), and the block-sparsity report before / after (the "after" figures are measured on
-the permuted model's own forward pass, on the same held-out batches the order was chosen on: in-sample figures),
-with the loss of both models (equal up to float rounding).
+old neuron ``permutation[l][j]``), ``tokens`` (the tokens the order was chosen on), ``report_batches`` ({"count",
+"tokens", "held_out_from_fit"}) and the block-sparsity report before / after on them (the "after" figures are measured
+on the permuted model's own forward pass), with the loss of both models (equal up to float rounding).
 """
 
 from __future__ import annotations
@@ -39,6 +47,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import flags
+from scipy.linalg import blas
 
 from prosparse_jax import checkpoint as ckpt
 from prosparse_jax import cli, measure, model
@@ -50,6 +59,7 @@ from prosparse_jax.model import Params
 
 ORDERS = ("frequency", "coactivation")
 BLOCKS = (16, 32, 64)
+_FLOAT32_EXACT = 2**24  # token counts up to here sum exactly in float32
 _FFN_LEAVES = {"w_gate_LxDxF": 2, "w_up_LxDxF": 2, "w_down_LxFxD": 1}  # leaf -> its F axis (stacked layout)
 
 FLAGS = flags.FlagValues()  # own flag set: the CLI modules can be imported together (tests)
@@ -57,7 +67,10 @@ _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Workdir or HF model folde
 _OUT = flags.DEFINE_string("out", None, "New (empty) workdir for the permuted model.", flag_values=FLAGS)
 _ORDER = flags.DEFINE_string("order", "frequency", f"Neuron order: {' | '.join(ORDERS)}.", flag_values=FLAGS)
 _DATA = flags.DEFINE_string("data", "stdlib", "Data source: stdlib | files:<glob> | tfds:<name>.", flag_values=FLAGS)
-_NUM_BATCHES = flags.DEFINE_integer("num_batches", 4, "Held-out batches measured.", flag_values=FLAGS)
+_NUM_BATCHES = flags.DEFINE_integer("num_batches", 4, "Held-out batches the order is chosen on.", flag_values=FLAGS)
+_REPORT_BATCHES = flags.DEFINE_integer(
+    "report_batches", None, "Further held-out batches, disjoint from those, the block-sparsity report is measured on; "
+    "default: --num_batches; 0: report on the --num_batches batches (in-sample).", flag_values=FLAGS)
 _BATCH = flags.DEFINE_integer("batch_size", 8, "Sequences per batch.", flag_values=FLAGS)
 _SEQ_LEN = flags.DEFINE_integer("seq_len", None, "Tokens per sequence; default: the run's data.seq_len, else 256.",
                                 flag_values=FLAGS)
@@ -106,7 +119,12 @@ def _tokens(active_LxBxTxF: jax.Array, valid_BxT: jax.Array) -> np.ndarray:
     return a.reshape(a.shape[0], -1, a.shape[-1])[:, np.asarray(valid_BxT).reshape(-1)]
 
 
-def neuron_stats(params: Params, cfg: ModelConfig, batches: Iterable[Batch], *, coactivation: bool = False
+def pack_activity(active_NxF: Any) -> np.ndarray:
+    """One layer's activity packed 8 neurons to a byte along F: uint8 [N, ceil(F / 8)] (``np.packbits``)."""
+    return np.packbits(np.asarray(active_NxF, bool), axis=-1)
+
+
+def neuron_stats(params: Params, cfg: ModelConfig, batches: Iterable[Batch], *, keep_activity: bool = False
                  ) -> dict[str, Any]:
     """Per-layer activity of every neuron over the valid tokens of ``batches`` (one forward with capture each).
 
@@ -114,31 +132,63 @@ def neuron_stats(params: Params, cfg: ModelConfig, batches: Iterable[Batch], *, 
       params: parameters (either layer layout).
       cfg: model config; in sparse mode (``neuron_thresholds``) activity follows the sparse mode's rule.
       batches: held-out batches (inputs, targets, segment_ids, positions, weights).
-      coactivation: also count co-activations (``co_LxFxF``: O(L F^2) memory, for small models).
+      keep_activity: also keep every token's activity, packed (``activity_L``: L x N x F / 8 bytes), for
+        :func:`permutation_from_activity`.
 
     Returns:
       {"freq_LxF": activation frequency (float64), "count_LxF": active tokens (int64), "tokens": valid tokens,
-      "nll": NLL sum, "weight": weight sum, and "co_LxFxF" (tokens where both neurons are active) if asked}.
+      "nll": NLL sum, "weight": weight sum, and "activity_L" (per layer, :func:`pack_activity` of its [N, F]
+      activity) if asked}.
     """
     capture = _capture_fn(cfg)
-    count_LxF, co_LxFxF, tokens, nll, weight = None, None, 0, 0.0, 0.0
+    count_LxF, packed_L, tokens, nll, weight = None, [[] for _ in range(cfg.n_layers)], 0, 0.0, 0.0
     for b in batches:
         n, w, active_LxBxTxF, valid_BxT = capture(params, b)
         a_LxNxF = _tokens(active_LxBxTxF, valid_BxT)
         nll, weight, tokens = nll + float(n), weight + float(w), tokens + a_LxNxF.shape[1]
         c_LxF = a_LxNxF.sum(axis=1, dtype=np.int64)
         count_LxF = c_LxF if count_LxF is None else count_LxF + c_LxF
-        if coactivation:
-            f_LxNxF = a_LxNxF.astype(np.float32)
-            c = np.einsum("lnf,lng->lfg", f_LxNxF, f_LxNxF).astype(np.int64)
-            co_LxFxF = c if co_LxFxF is None else co_LxFxF + c
+        if keep_activity:
+            for packed, a_NxF in zip(packed_L, a_LxNxF, strict=True):
+                packed.append(pack_activity(a_NxF))
     if count_LxF is None:
         raise ValueError("neuron_stats: no batches")
     out = {"freq_LxF": count_LxF / max(tokens, 1), "count_LxF": count_LxF, "tokens": tokens, "nll": nll,
            "weight": weight}
-    if coactivation:
-        out["co_LxFxF"] = co_LxFxF
+    if keep_activity:
+        out["activity_L"] = [np.concatenate(packed) for packed in packed_L]
     return out
+
+
+def _mirror_upper(m_FxF: np.ndarray, block: int = 64) -> None:
+    """Copies the upper triangle of a square matrix onto its lower one, in place, ``block`` rows at a time."""
+    F = m_FxF.shape[0]
+    for i0 in range(0, F, block):
+        i1 = min(i0 + block, F)
+        m_FxF[i0:i1, :i0] = m_FxF[:i0, i0:i1].T
+        d_BxB, lower = m_FxF[i0:i1, i0:i1], np.tril_indices(i1 - i0, -1)
+        d_BxB[lower] = d_BxB.T[lower]
+
+
+def coactivation_counts(activity_NxP: np.ndarray, d_ff: int, block: int | None = None) -> np.ndarray:
+    """co_FxF[i, j] = tokens on which neurons i and j are both active (A^T A, a BLAS rank-k update of its upper
+    triangle per ``block`` tokens), from one layer's packed activity (:func:`pack_activity`): float32, exact below
+    2^24 tokens (float64 from there on).
+
+    Memory: the F x F result plus ``block`` unpacked tokens (default max(256, F / 4): about 1.3 F^2 floats in all
+    for F >= 1024), whatever the token count.
+    """
+    n_tokens = activity_NxP.shape[0]
+    dtype, syrk = (np.float32, blas.ssyrk) if n_tokens < _FLOAT32_EXACT else (np.float64, blas.dsyrk)
+    block = block or max(256, d_ff // 4)
+    co_FxF = np.zeros((d_ff, d_ff), dtype, order="F")  # Fortran order: syrk updates it in place
+    buf_TxF = np.empty((min(block, n_tokens), d_ff), dtype)
+    for t0 in range(0, n_tokens, block):
+        a_TxF = buf_TxF[:min(block, n_tokens - t0)]
+        a_TxF[...] = np.unpackbits(activity_NxP[t0:t0 + block], axis=-1, count=d_ff)
+        co_FxF = syrk(1.0, a_TxF.T, beta=1.0, c=co_FxF, trans=0, lower=0, overwrite_c=1)
+    _mirror_upper(co_FxF)
+    return co_FxF
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -173,10 +223,19 @@ def _greedy_layer(count_F: np.ndarray, co_FxF: np.ndarray, cluster: int, window:
     return np.asarray(order, np.int64)
 
 
+def _check_cluster(cluster: int, window: int | None) -> int:
+    """The window (None = cluster), after checking both are >= 1."""
+    window = cluster if window is None else window
+    if cluster < 1 or window < 1:
+        raise ValueError(f"cluster and window must be >= 1, got {cluster}, {window}")
+    return window
+
+
 def permutation_by_coactivation(count_LxF: Any, co_LxFxF: Any, cluster: int = 16, window: int | None = None
                                 ) -> np.ndarray:
     """Co-active neurons together (greedy clustering, :func:`_greedy_layer`), clusters in decreasing frequency of
-    their seeds: int [L, F].
+    their seeds: int [L, F]. Holds all L co-activation matrices: :func:`permutation_from_activity` builds one layer's
+    at a time.
 
     Args:
       count_LxF: active tokens per neuron (or frequencies).
@@ -184,11 +243,20 @@ def permutation_by_coactivation(count_LxF: Any, co_LxFxF: Any, cluster: int = 16
       cluster: neurons per cluster (the kernel's block size; clusters of 16 nest into blocks of 32 / 64).
       window: candidates per pick, the most frequent unassigned neurons; None = cluster (F: pure co-activation).
     """
-    window = cluster if window is None else window
-    if cluster < 1 or window < 1:
-        raise ValueError(f"cluster and window must be >= 1, got {cluster}, {window}")
+    window = _check_cluster(cluster, window)
     count_LxF, co_LxFxF = np.asarray(count_LxF), np.asarray(co_LxFxF)
     return np.stack([_greedy_layer(count_LxF[i], co_LxFxF[i], cluster, window) for i in range(count_LxF.shape[0])])
+
+
+def permutation_from_activity(count_LxF: Any, activity_L: list[np.ndarray], d_ff: int, cluster: int = 16,
+                              window: int | None = None) -> np.ndarray:
+    """:func:`permutation_by_coactivation` from the packed activity (``neuron_stats(..., keep_activity=True)``), one
+    layer at a time: its co-activation counts (:func:`coactivation_counts`, O(F^2)) are built, clustered and dropped
+    before the next layer's. Same order, int [L, F]."""
+    window = _check_cluster(cluster, window)
+    count_LxF = np.asarray(count_LxF)
+    return np.stack([_greedy_layer(count_LxF[i], coactivation_counts(activity_L[i], d_ff), cluster, window)
+                     for i in range(count_LxF.shape[0])])
 
 
 def check_permutation(perm_LxF: Any, n_layers: int, d_ff: int) -> np.ndarray:
@@ -255,8 +323,9 @@ def block_sparsity(active_LxNxF: Any, block: int) -> np.ndarray:
 
 def block_report(params: Params, cfg: ModelConfig, batches: Iterable[Batch], blocks: Iterable[int] = BLOCKS
                  ) -> dict[str, Any]:
-    """Block sparsity of the model's own activity on ``batches``: {"loss", "activation_ratio",
-    "block_sparsity": {str(block): {"mean", "per_layer"}}} (one forward with capture per batch)."""
+    """Block sparsity of the model's own activity on ``batches``: {"loss", "tokens" (valid tokens),
+    "activation_ratio", "block_sparsity": {str(block): {"mean", "per_layer"}}} (one forward with capture per
+    batch)."""
     capture, blocks = _capture_fn(cfg), list(blocks)
     counts = {b: np.zeros(cfg.n_layers, np.int64) for b in blocks}
     active, tokens, nll, weight = np.zeros(cfg.n_layers, np.int64), 0, 0.0, 0.0
@@ -268,7 +337,7 @@ def block_report(params: Params, cfg: ModelConfig, batches: Iterable[Batch], blo
         for b in blocks:
             counts[b] += block_inactive_counts(a_LxNxF, b)
     per = {b: counts[b] / max(tokens * math.ceil(cfg.d_ff / b), 1) for b in blocks}
-    return {"loss": measure.mean_loss(nll, weight),
+    return {"loss": measure.mean_loss(nll, weight), "tokens": tokens,
             "activation_ratio": float(active.sum() / max(tokens * cfg.d_ff * cfg.n_layers, 1)),
             "block_sparsity": {str(b): {"mean": float(per[b].mean()), "per_layer": [float(x) for x in per[b]]}
                                for b in blocks}}
@@ -278,7 +347,7 @@ def block_report(params: Params, cfg: ModelConfig, batches: Iterable[Batch], blo
 # CLI
 # ---------------------------------------------------------------------------------------------------------------
 def _check_args(checkpoint: str | Path, out: str | Path, order: str, batch_size: int, num_batches: int,
-                cluster: int, window: int | None) -> Path:
+                report_batches: int, cluster: int, window: int | None) -> Path:
     """Checks the arguments before any work: --out first (refused when it exists and is not empty)."""
     out = cli.check_output_dir(out, "--out")
     if out.is_dir() and any(out.iterdir()):
@@ -290,12 +359,32 @@ def _check_args(checkpoint: str | Path, out: str | Path, order: str, batch_size:
                     ("window", 1 if window is None else window)):
         if v <= 0:
             raise PermuteError(f"--{name}: must be a positive integer, got {v}")
+    if report_batches < 0:
+        raise PermuteError(f"--report_batches: must be >= 0 (0 = report on the --num_batches batches, in-sample), "
+                           f"got {report_batches}")
     return out
 
 
+def _split_batches(batches: list[Batch], distinct: int, data: str, num_batches: int, report_batches: int
+                   ) -> tuple[list[Batch], list[Batch]]:
+    """(fit batches, report batches): the first ``num_batches`` and the rest, refused unless their ``distinct``
+    token positions show that no token is in both (a held-out split too small for them is cycled)."""
+    fit, held = batches[:num_batches], batches[num_batches:]
+    need = sum(int(np.prod(b["inputs"].shape)) for b in batches)
+    if held and distinct < need:
+        raise PermuteError(
+            f"--num_batches / --report_batches: the held-out split of {data!r} has {distinct} distinct token "
+            f"positions, fewer than the {need} of {num_batches} + {report_batches} disjoint batches; lower "
+            "--num_batches, --report_batches or --batch_size, raise the run's data.eval_fraction, or pass "
+            "--report_batches=0 to report on the fitting batches (in-sample)")
+    return fit, held
+
+
 def _load(checkpoint: str | Path, step: int | None, data: str, seq_len: int | None, data_dir: str | None,
-          batch_size: int, num_batches: int) -> tuple[ModelConfig, Params, Path, dict[str, Any], list[Batch]]:
-    """(model config, params, tokenizer path, run config, held-out batches) of a checkpoint."""
+          batch_size: int, num_batches: int, report_batches: int
+          ) -> tuple[ModelConfig, Params, Path, dict[str, Any], list[Batch], list[Batch]]:
+    """(model config, params, tokenizer path, run config, fit batches, report batches) of a checkpoint: the
+    num_batches + report_batches held-out batches of one deterministic draw, split in two."""
     try:
         mcfg, params, tok_path = ckpt.load_model(checkpoint, step)
     except HFConversionError as e:
@@ -304,37 +393,48 @@ def _load(checkpoint: str | Path, step: int | None, data: str, seq_len: int | No
         raise PermuteError(f"--checkpoint: {checkpoint} has no tokenizer.json next to config.json")
     run_cfg = cli.read_json(Path(checkpoint) / "config.json", "config.json")
     try:
-        batches = measure.load_batches([data], tok_path, measure.run_data_section(run_cfg), seq_len, data_dir,
-                                       batch_size, num_batches, mcfg.vocab_size)[data]
+        batches, distinct = measure.load_eval([data], tok_path, measure.run_data_section(run_cfg), seq_len,
+                                              data_dir, batch_size, num_batches + report_batches, mcfg.vocab_size)
     except measure.MeasureError as e:
         raise PermuteError(str(e)) from e
+    fit, held = _split_batches(batches[data], distinct[data], data, num_batches, report_batches)
     is_hf = "model_type" in run_cfg or "architectures" in run_cfg
-    return mcfg, jax.device_put(params), tok_path, {} if is_hf else run_cfg, batches
+    return mcfg, jax.device_put(params), tok_path, {} if is_hf else run_cfg, fit, held
+
+
+def _order(params: Params, cfg: ModelConfig, batches: list[Batch], order: str, cluster: int, window: int
+           ) -> tuple[np.ndarray, int]:
+    """(the permutation int [L, F] in ``order``, tokens it was chosen on) from the activity on ``batches``."""
+    st = neuron_stats(params, cfg, batches, keep_activity=order == "coactivation")
+    if order == "frequency":
+        return permutation_by_frequency(st["freq_LxF"]), st["tokens"]
+    return permutation_from_activity(st["count_LxF"], st["activity_L"], cfg.d_ff, cluster, window), st["tokens"]
 
 
 def permute(checkpoint: str | Path, out: str | Path, *, order: str = "frequency", data: str = "stdlib",
-            num_batches: int = 4, batch_size: int = 8, seq_len: int | None = None, step: int | None = None,
-            data_dir: str | None = None, cluster: int = 16, window: int | None = None) -> dict[str, Any]:
-    """Measures neuron activity on held-out ``data``, permutes the neurons in ``order`` and writes ``out``.
+            num_batches: int = 4, report_batches: int | None = None, batch_size: int = 8, seq_len: int | None = None,
+            step: int | None = None, data_dir: str | None = None, cluster: int = 16, window: int | None = None
+            ) -> dict[str, Any]:
+    """Measures neuron activity on ``num_batches`` held-out batches of ``data``, permutes the neurons in ``order``,
+    reports block sparsity before / after on ``report_batches`` further batches (None = num_batches; 0 = the
+    fitting batches, in-sample) and writes ``out``.
 
     Returns:
       The dict written to ``<out>/permutation.json`` (the permutation and the block-sparsity report).
     """
-    out = _check_args(checkpoint, out, order, batch_size, num_batches, cluster, window)
-    mcfg, params, tok_path, run_cfg, batches = _load(checkpoint, step, data, seq_len, data_dir, batch_size,
-                                                     num_batches)
-    st = neuron_stats(params, mcfg, batches, coactivation=order == "coactivation")
-    if order == "frequency":
-        perm_LxF = permutation_by_frequency(st["freq_LxF"])
-    else:
-        window = cluster if window is None else window
-        perm_LxF = permutation_by_coactivation(st["count_LxF"], st["co_LxFxF"], cluster, window)
+    report_batches = num_batches if report_batches is None else report_batches
+    out = _check_args(checkpoint, out, order, batch_size, num_batches, report_batches, cluster, window)
+    mcfg, params, tok_path, run_cfg, fit, held = _load(checkpoint, step, data, seq_len, data_dir, batch_size,
+                                                       num_batches, report_batches)
+    window = cluster if window is None else window
+    perm_LxF, tokens = _order(params, mcfg, fit, order, cluster, window)
     new_params = permute_neurons(params, perm_LxF)
-    before, after = block_report(params, mcfg, batches), block_report(new_params, mcfg, batches)
-    res = {"checkpoint": str(checkpoint), "step": step, "order": order, "data": data, "tokens": st["tokens"],
+    before, after = block_report(params, mcfg, held or fit), block_report(new_params, mcfg, held or fit)
+    res = {"checkpoint": str(checkpoint), "step": step, "order": order, "data": data, "tokens": tokens,
            "cluster": cluster if order == "coactivation" else None,
            "window": window if order == "coactivation" else None, "before": before, "after": after,
-           "report_batches": "the held-out batches the order was chosen on (in-sample)",
+           "report_batches": {"count": len(held) or len(fit), "tokens": before["tokens"],
+                              "held_out_from_fit": bool(held)},
            "permutation_rule": "new neuron j of layer l = old neuron permutation[l][j]",
            "permutation": perm_LxF.tolist()}
     run_cfg = dict(run_cfg, permuted_from={"checkpoint": str(Path(checkpoint).absolute()), "step": step,
@@ -347,10 +447,12 @@ def permute(checkpoint: str | Path, out: str | Path, *, order: str = "frequency"
 
 
 def summary_line(res: dict[str, Any]) -> str:
-    """The report as one JSON line: mean block sparsity before / after per block size, and both losses."""
+    """The report as one JSON line: the tokens the order was chosen on, the report's batches (held out from those
+    or in-sample), mean block sparsity before / after per block size, and both losses."""
     keys = res["before"]["block_sparsity"]
     return json.dumps({
-        "order": res["order"], "tokens": res["tokens"], "activation_ratio": res["before"]["activation_ratio"],
+        "order": res["order"], "tokens": res["tokens"], "report_batches": res["report_batches"],
+        "activation_ratio": res["before"]["activation_ratio"],
         "loss_before": res["before"]["loss"], "loss_after": res["after"]["loss"],
         "block_sparsity_before": {b: res["before"]["block_sparsity"][b]["mean"] for b in keys},
         "block_sparsity_after": {b: res["after"]["block_sparsity"][b]["mean"] for b in keys}})
@@ -365,8 +467,8 @@ def main(argv: list[str] | None = None) -> int:
             raise PermuteError("--checkpoint: required (a workdir or HF model folder)")
         return summary_line(permute(
             _CHECKPOINT.value, _OUT.value, order=_ORDER.value, data=_DATA.value, num_batches=_NUM_BATCHES.value,
-            batch_size=_BATCH.value, seq_len=_SEQ_LEN.value, step=_STEP.value, data_dir=_DATA_DIR.value,
-            cluster=_CLUSTER.value, window=_WINDOW.value))
+            report_batches=_REPORT_BATCHES.value, batch_size=_BATCH.value, seq_len=_SEQ_LEN.value, step=_STEP.value,
+            data_dir=_DATA_DIR.value, cluster=_CLUSTER.value, window=_WINDOW.value))
 
     return cli.run("permute", FLAGS, argv, body,
                    (PermuteError, ConfigError, ckpt.CheckpointError, data_lib.DataError, OSError), __doc__)

@@ -3,6 +3,7 @@ are bijections, block sparsity (hand example, frequency and co-activation orders
 CLI (a loadable workdir with the same logits, refusals before any work)."""
 
 import json
+import tracemalloc
 
 import jax
 import jax.numpy as jnp
@@ -144,6 +145,12 @@ def test_coactivation_order_finds_co_active_groups():
     np.testing.assert_array_equal(np.take_along_axis(perm_co, inv, axis=1), np.tile(np.arange(F), (L, 1)))
 
 
+def _old_coactivation_counts(a_LxNxF):
+    """The co-activation counts of all layers at once, as permute computed them before the per-layer path."""
+    f = a_LxNxF.astype(np.float32)
+    return np.einsum("lnf,lng->lfg", f, f).astype(np.int64)
+
+
 def test_neuron_stats_counts_valid_tokens_only():
     cfg = tiny_model_config()
     params = model.init_params(cfg, jax.random.key(0))
@@ -151,14 +158,72 @@ def test_neuron_stats_counts_valid_tokens_only():
     seg = jnp.asarray([[1] * 8, [1] * 5 + [0] * 3], jnp.int32)
     batch = {"inputs": ids, "targets": ids, "segment_ids": seg, "weights": (seg != 0).astype(jnp.float32),
              "positions": jnp.broadcast_to(jnp.arange(8, dtype=jnp.int32), (2, 8))}
-    st = pm.neuron_stats(params, cfg, [batch, batch], coactivation=True)
+    st = pm.neuron_stats(params, cfg, [batch, batch], keep_activity=True)
     _, fs = _forward(params, ids, cfg=cfg, segment_ids_BxT=seg, capture=True)
     x1 = np.asarray(fs.x1)[:, np.asarray(seg) != 0]  # [L, 13, F]
     assert st["tokens"] == 26
     np.testing.assert_array_equal(st["count_LxF"], 2 * (x1 != 0).sum(axis=1))
     np.testing.assert_allclose(st["freq_LxF"], (x1 != 0).mean(axis=1))
-    np.testing.assert_array_equal(np.diagonal(st["co_LxFxF"], axis1=1, axis2=2), st["count_LxF"])
+    for i, packed in enumerate(st["activity_L"]):
+        assert packed.dtype == np.uint8 and packed.shape == (26, -(-cfg.d_ff // 8))
+        np.testing.assert_array_equal(np.unpackbits(packed, axis=-1, count=cfg.d_ff).astype(bool),
+                                      np.concatenate([x1[i] != 0] * 2))
     assert 0.2 < st["freq_LxF"].mean() < 0.8  # ReLU at init: about half active
+
+
+def test_per_layer_coactivation_order_equals_the_all_layers_one_on_a_model():
+    """The order from the packed activity, one layer's counts at a time, is the order the [L, F, F] counts give
+    (the model's own activity, several batches, window = F: co-activation decides every pick)."""
+    cfg = tiny_model_config()
+    params = model.init_params(cfg, jax.random.key(4))
+    batches = []
+    for seed in (1, 2):
+        ids = _ids(cfg, B=2, T=12, seed=seed)
+        batches.append({"inputs": ids, "targets": ids, "segment_ids": jnp.ones((2, 12), jnp.int32),
+                        "weights": jnp.ones((2, 12), jnp.float32),
+                        "positions": jnp.broadcast_to(jnp.arange(12, dtype=jnp.int32), (2, 12))})
+    st = pm.neuron_stats(params, cfg, batches, keep_activity=True)
+    a_LxNxF = np.concatenate([np.asarray(_forward(params, b["inputs"], cfg=cfg, capture=True)[1].x1) != 0
+                              for b in batches], axis=2).reshape(cfg.n_layers, -1, cfg.d_ff)
+    for cluster, window in ((4, cfg.d_ff), (16, None), (8, 3)):
+        old = pm.permutation_by_coactivation(a_LxNxF.sum(axis=1), _old_coactivation_counts(a_LxNxF), cluster, window)
+        new = pm.permutation_from_activity(st["count_LxF"], st["activity_L"], cfg.d_ff, cluster, window)
+        np.testing.assert_array_equal(new, old)
+
+
+@pytest.mark.parametrize("block", [None, 5, 64, 1000])
+def test_coactivation_counts_equal_the_einsum(block):
+    """Token blocks that do not divide N, F not a multiple of 8 nor of the mirroring's 64 rows: exact counts."""
+    rng = np.random.default_rng(2)
+    a_NxF = rng.random((301, 75)) < 0.3
+    co = pm.coactivation_counts(pm.pack_activity(a_NxF), 75, block)
+    assert co.dtype == np.float32
+    np.testing.assert_array_equal(co, _old_coactivation_counts(a_NxF[None])[0])
+
+
+def test_coactivation_counts_switch_to_float64_where_float32_stops_being_exact(monkeypatch):
+    monkeypatch.setattr(pm, "_FLOAT32_EXACT", 100)  # 2^24 tokens in production
+    a_NxF = np.random.default_rng(3).random((101, 20)) < 0.5
+    co = pm.coactivation_counts(pm.pack_activity(a_NxF), 20, 32)
+    assert co.dtype == np.float64
+    np.testing.assert_array_equal(co, _old_coactivation_counts(a_NxF[None])[0])
+
+
+def test_coactivation_order_memory_is_one_layer_of_counts():
+    """tracemalloc sees numpy's allocations: the order of L = 4 layers of F = 1024 neurons peaks near one layer's
+    F x F float32 counts, a quarter of the [L, F, F] array the all-layers path held (int64: twice that again)."""
+    L, N, F = 4, 2000, 1024
+    a = _skewed_activity(L, N, F, seed=3)
+    count_LxF, activity_L = a.sum(axis=1), [pm.pack_activity(x) for x in a]
+    del a
+    tracemalloc.start()
+    try:
+        perm = pm.permutation_from_activity(count_LxF, activity_L, F)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    pm.check_permutation(perm, L, F)
+    assert peak < 1.5 * F * F * 4, (peak, F * F * 4)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -224,3 +289,51 @@ def test_cli_refuses_an_existing_out_before_any_work(workdir, tmp_path, capsys, 
     assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
     assert pm.main(["permute", f"--checkpoint={wd}", f"--out={tmp_path / 'new'}", "--order=spectral"]) == 1
     assert "--order" in capsys.readouterr().err
+
+
+def _spy(monkeypatch, name):
+    """Records the batches passed to ``pm.<name>`` (then runs it): a list of batch lists, one per call."""
+    seen, real = [], getattr(pm, name)
+
+    def spy(params, cfg, batches, *a, **k):
+        seen.append(list(batches))
+        return real(params, cfg, batches, *a, **k)
+
+    monkeypatch.setattr(pm, name, spy)
+    return seen
+
+
+def _rows(batches):
+    return {tuple(row) for b in batches for row in np.asarray(b["inputs"]).tolist()}
+
+
+def test_cli_reports_on_held_out_batches_disjoint_from_the_fitting_ones(workdir, tmp_path, capsys, monkeypatch):
+    wd, data = workdir
+    fit, report = _spy(monkeypatch, "neuron_stats"), _spy(monkeypatch, "block_report")
+    argv = ["permute", f"--checkpoint={wd}", f"--data={data}", "--num_batches=2", "--batch_size=4"]
+    assert pm.main([*argv, f"--out={tmp_path / 'held'}", "--report_batches=1"]) == 0
+    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert line["tokens"] == 2 * 4 * 16
+    assert line["report_batches"] == {"count": 1, "tokens": 1 * 4 * 16, "held_out_from_fit": True}
+    assert len(fit) == 1 and len(fit[0]) == 2 and len(report) == 2 and len(report[0]) == 1
+    assert not _rows(report[0]) & _rows(fit[0])  # no window in both
+    res = json.loads((tmp_path / "held" / "permutation.json").read_text())
+    assert res["report_batches"] == line["report_batches"] and res["before"]["tokens"] == 1 * 4 * 16
+
+    fit.clear(), report.clear()
+    assert pm.main([*argv, f"--out={tmp_path / 'in'}", "--report_batches=0"]) == 0
+    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert line["report_batches"] == {"count": 2, "tokens": 2 * 4 * 16, "held_out_from_fit": False}
+    assert _rows(report[0]) == _rows(fit[0]) == _rows(report[1])
+
+
+def test_cli_refuses_bad_report_batches_in_one_line(workdir, tmp_path, capsys):
+    wd, data = workdir
+    argv = ["permute", f"--checkpoint={wd}", f"--data={data}", "--batch_size=4"]
+    assert pm.main([*argv, f"--out={tmp_path / 'neg'}", "--report_batches=-1"]) == 1
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert len(err) == 1 and err[0].startswith("permute: error: --report_batches: must be >= 0"), err
+    assert pm.main([*argv, f"--out={tmp_path / 'many'}", "--num_batches=40"]) == 1
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert len(err) == 1 and err[0].startswith("permute: error: --num_batches / --report_batches:"), err
+    assert "--report_batches=0" in err[0] and not (tmp_path / "many").exists()
