@@ -13,6 +13,7 @@ from conftest import WORDS, tiny_model_config, write_corpus
 
 from prosparse_jax import checkpoint, model
 from prosparse_jax import permute as pm
+from prosparse_jax import permute_orders as po
 
 RTOL = 1e-5
 _forward = jax.jit(model.forward, static_argnames=("cfg", "capture"))
@@ -112,8 +113,8 @@ def _skewed_activity(L=2, N=2000, F=256, seed=0):
 def test_frequency_order_is_a_bijection_and_raises_block_sparsity():
     a = _skewed_activity()
     freq = a.mean(axis=1)
-    perm = pm.permutation_by_frequency(freq)
-    pm.check_permutation(perm, 2, 256)
+    perm = po.permutation_by_frequency(freq)
+    po.check_permutation(perm, 2, 256)
     assert np.all(np.diff(np.take_along_axis(freq, perm, axis=1), axis=1) <= 0)  # most active first
     after_a = np.stack([a[i][:, perm[i]] for i in range(2)])
     for block in pm.BLOCKS:
@@ -132,16 +133,16 @@ def test_coactivation_order_finds_co_active_groups():
     a = (group_LxF[:, None, :] == fired_N[None, :, None]) & (rng.random((L, N, F)) < 0.9)
     count = a.sum(axis=1)
     co = np.einsum("lnf,lng->lfg", a.astype(np.int64), a.astype(np.int64))
-    perm_co = pm.permutation_by_coactivation(count, co, cluster=16, window=F)
-    perm_fr = pm.permutation_by_frequency(count)
+    perm_co = po.permutation_by_coactivation(count, co, cluster=16, window=F)
+    perm_fr = po.permutation_by_frequency(count)
     for p in (perm_co, perm_fr):
-        pm.check_permutation(p, L, F)
+        po.check_permutation(p, L, F)
     apply = lambda p: np.stack([a[i][:, p[i]] for i in range(L)])  # noqa: E731
     bs_co, bs_fr, bs_0 = (pm.block_sparsity(apply(perm_co), 16), pm.block_sparsity(apply(perm_fr), 16),
                           pm.block_sparsity(a, 16))
     assert np.all(bs_co > 0.99 * (G - 1) / G)  # the ideal: one block per token
     assert np.all(bs_co > bs_fr + 0.3) and np.all(bs_co > bs_0 + 0.3), (bs_co, bs_fr, bs_0)
-    inv = pm.inverse_permutation(perm_co)
+    inv = po.inverse_permutation(perm_co)
     np.testing.assert_array_equal(np.take_along_axis(perm_co, inv, axis=1), np.tile(np.arange(F), (L, 1)))
 
 
@@ -186,8 +187,8 @@ def test_per_layer_coactivation_order_equals_the_all_layers_one_on_a_model():
     a_LxNxF = np.concatenate([np.asarray(_forward(params, b["inputs"], cfg=cfg, capture=True)[1].x1) != 0
                               for b in batches], axis=2).reshape(cfg.n_layers, -1, cfg.d_ff)
     for cluster, window in ((4, cfg.d_ff), (16, None), (8, 3)):
-        old = pm.permutation_by_coactivation(a_LxNxF.sum(axis=1), _old_coactivation_counts(a_LxNxF), cluster, window)
-        new = pm.permutation_from_activity(st["count_LxF"], st["activity_L"], cfg.d_ff, cluster, window)
+        old = po.permutation_by_coactivation(a_LxNxF.sum(axis=1), _old_coactivation_counts(a_LxNxF), cluster, window)
+        new = po.permutation_from_activity(st["count_LxF"], st["activity_L"], cfg.d_ff, cluster, window)
         np.testing.assert_array_equal(new, old)
 
 
@@ -196,15 +197,15 @@ def test_coactivation_counts_equal_the_einsum(block):
     """Token blocks that do not divide N, F not a multiple of 8 nor of the mirroring's 64 rows: exact counts."""
     rng = np.random.default_rng(2)
     a_NxF = rng.random((301, 75)) < 0.3
-    co = pm.coactivation_counts(pm.pack_activity(a_NxF), 75, block)
+    co = po.coactivation_counts(po.pack_activity(a_NxF), 75, block)
     assert co.dtype == np.float32
     np.testing.assert_array_equal(co, _old_coactivation_counts(a_NxF[None])[0])
 
 
 def test_coactivation_counts_switch_to_float64_where_float32_stops_being_exact(monkeypatch):
-    monkeypatch.setattr(pm, "_FLOAT32_EXACT", 100)  # 2^24 tokens in production
+    monkeypatch.setattr(po, "_FLOAT32_EXACT", 100)  # 2^24 tokens in production
     a_NxF = np.random.default_rng(3).random((101, 20)) < 0.5
-    co = pm.coactivation_counts(pm.pack_activity(a_NxF), 20, 32)
+    co = po.coactivation_counts(po.pack_activity(a_NxF), 20, 32)
     assert co.dtype == np.float64
     np.testing.assert_array_equal(co, _old_coactivation_counts(a_NxF[None])[0])
 
@@ -214,15 +215,15 @@ def test_coactivation_order_memory_is_one_layer_of_counts():
     F x F float32 counts, a quarter of the [L, F, F] array the all-layers path held (int64: twice that again)."""
     L, N, F = 4, 2000, 1024
     a = _skewed_activity(L, N, F, seed=3)
-    count_LxF, activity_L = a.sum(axis=1), [pm.pack_activity(x) for x in a]
+    count_LxF, activity_L = a.sum(axis=1), [po.pack_activity(x) for x in a]
     del a
     tracemalloc.start()
     try:
-        perm = pm.permutation_from_activity(count_LxF, activity_L, F)
+        perm = po.permutation_from_activity(count_LxF, activity_L, F)
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
-    pm.check_permutation(perm, L, F)
+    po.check_permutation(perm, L, F)
     assert peak < 1.5 * F * F * 4, (peak, F * F * 4)
 
 
@@ -265,7 +266,7 @@ def test_cli_writes_a_loadable_permuted_workdir(workdir, tmp_path, capsys, order
     cfg1, p1, tok1 = checkpoint.load_model(out)
     assert cfg1 == cfg0 and tok1.read_bytes() == (wd / "tokenizer.json").read_bytes()
     res = json.loads((out / "permutation.json").read_text())
-    perm = pm.check_permutation(res["permutation"], cfg0.n_layers, cfg0.d_ff)
+    perm = po.check_permutation(res["permutation"], cfg0.n_layers, cfg0.d_ff)
     np.testing.assert_array_equal(np.asarray(p1["layers"]["w_down_LxFxD"]),
                                   np.asarray(pm.permute_neurons(p0, perm)["layers"]["w_down_LxFxD"]))
     ids = _ids(cfg0)
