@@ -8,8 +8,9 @@ chosen as the ``--sparsity`` quantile of the gate pre-activations of the prompt 
 sparsity; measured sparsity is printed), batch 1, fp32, greedy:
 
 * ours dense: ``prosparse_jax.generate.generate`` with the dense FFN hook;
-* ours sparse: the same with ``generate.sparse_decode_ffn`` (``prosparse_jax.sparse_ffn``: only the active neurons'
-  rows of W_up / W_down are read), which must emit the same tokens;
+* ours sparse, one per backend of ``--implementations`` (default ``cpu_gather`` and ``cpu_ffi``): the same with
+  ``generate.sparse_decode_ffn`` (``prosparse_jax.sparse_ffn``: only the active neurons' rows of W_up / W_down are
+  read), which must emit the same tokens;
 * PyTorch: the same weights as a transformers ``LlamaForCausalLM`` with ``hidden_act=relu`` against our dense decode
   of the ReLU model (transformers has no FATReLU), ``generate(do_sample=False)``, same threads; its decode speed is
   (N - 1) / (t(N new tokens) - t(1 new token)), i.e. with the prefill subtracted.
@@ -18,7 +19,8 @@ With ``--checkpoint`` the model is a trained one as it is (e.g. the main job's `
 FATReLU threshold, or its sparse-mode thresholds), the prompt the first ``--prompt_len`` tokens of a standard-library
 source file (``json/decoder.py``, the built-in corpus) under its own tokenizer, and ``--torch`` is not available.
 
-One untimed warm-up run of each, then repetitions alternate; medians are printed. Compile time is excluded on our
+One untimed warm-up run of each, then repetitions alternate; medians are printed (``decode_tokens_per_s`` per
+backend, ``over_dense`` the ratio of each to the dense decode). Compile time is excluded on our
 side (``generate`` compiles ahead of time); decode tokens/s include sampling and the host-side EOS check of every
 step.
 """
@@ -26,6 +28,7 @@ step.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -39,7 +42,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from prosparse_jax import cli, generate, model  # noqa: E402
+from prosparse_jax import cli, generate, model, sparse_ffn  # noqa: E402
 from prosparse_jax.config import ModelConfig  # noqa: E402
 
 
@@ -71,9 +74,11 @@ def build(args: argparse.Namespace) -> tuple[ModelConfig, model.Params, list[int
     return cfg.replace(activation="fatrelu", activation_threshold=t), params, prompt
 
 
-def time_ours(params: model.Params, cfg: ModelConfig, prompt: list[int], n: int, sparse: bool
+def time_ours(params: model.Params, cfg: ModelConfig, prompt: list[int], n: int, implementation: str = "dense"
               ) -> tuple[float, list[int], list[float]]:
-    ffn = generate.sparse_decode_ffn if sparse else None
+    """(decode tokens/s, new tokens, sparsity per layer) of ``generate`` with the dense FFN or a sparse backend."""
+    ffn = None if implementation == "dense" else functools.partial(generate.sparse_decode_ffn,
+                                                                   implementation=implementation)
     news, stats = generate.generate(params, cfg, [prompt], max_new_tokens=n, ffn=ffn)
     return stats.decode_tokens_per_s, news[0], stats.sparsity_per_layer
 
@@ -122,11 +127,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prompt_len", type=int, default=16)
     p.add_argument("--new_tokens", type=int, default=32)
     p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--implementations", default="dense,cpu_gather,cpu_ffi",
+                   help="sparse FFN backends to time (prosparse_jax.sparse_ffn); the dense decode is always timed")
     p.add_argument("--torch", action="store_true", help="also time transformers generate (dense ReLU model)")
     p.add_argument("--out", default="", help="write the results JSON here")
     args = p.parse_args(argv)
     if not 0 <= args.sparsity < 1 or args.new_tokens < 2:
         print("bench_decode: error: --sparsity must be in [0, 1) and --new_tokens >= 2", file=sys.stderr)
+        return 1
+    impls = [n for n in args.implementations.split(",") if n and n != "dense"]
+    unknown = [n for n in impls if n not in sparse_ffn.IMPLEMENTATIONS]
+    if unknown:
+        print(f"bench_decode: error: unknown --implementations {unknown}; choose from "
+              f"{', '.join(sparse_ffn.IMPLEMENTATIONS)}", file=sys.stderr)
         return 1
     if args.checkpoint and args.torch:
         print("bench_decode: error: --torch compares random ReLU models; drop it with --checkpoint", file=sys.stderr)
@@ -145,19 +158,22 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(os.cpu_count() or 1)
         tm = torch_model(relu, params)
     params = model.unstack_layers(params)  # generate() decodes in the per-layer layout: split the layers once
-    rows: dict[str, list[float]] = {"dense": [], "sparse": [], "relu_dense": [], "torch_relu": []}
-    time_ours(params, cfg, prompt, args.new_tokens, sparse=False)  # warm-up (first-call allocations)
-    time_ours(sparse_params, cfg, prompt, args.new_tokens, sparse=True)
+    rows: dict[str, list[float]] = {"dense": [], **{n: [] for n in impls}, "relu_dense": [], "torch_relu": []}
+    time_ours(params, cfg, prompt, args.new_tokens)  # warm-up (first-call allocations)
+    for name in impls:
+        time_ours(sparse_params, cfg, prompt, args.new_tokens, name)
     for _ in range(args.reps):
-        d, toks_d, sp = time_ours(params, cfg, prompt, args.new_tokens, sparse=False)
-        s, toks_s, _ = time_ours(sparse_params, cfg, prompt, args.new_tokens, sparse=True)
-        if toks_s != toks_d:
-            print("bench_decode: error: sparse decode emitted other tokens than dense decode", file=sys.stderr)
-            return 1
+        d, toks_d, sp = time_ours(params, cfg, prompt, args.new_tokens)
         rows["dense"].append(d)
-        rows["sparse"].append(s)
+        for name in impls:
+            s, toks_s, _ = time_ours(sparse_params, cfg, prompt, args.new_tokens, name)
+            if toks_s != toks_d:
+                print(f"bench_decode: error: sparse decode ({name}) emitted other tokens than dense decode",
+                      file=sys.stderr)
+                return 1
+            rows[name].append(s)
         if tm is not None:
-            r, toks_r, _ = time_ours(params, relu, prompt, args.new_tokens, sparse=False)
+            r, toks_r, _ = time_ours(params, relu, prompt, args.new_tokens)
             t, toks_t = time_torch(tm, prompt, args.new_tokens)
             rows["relu_dense"].append(r)
             rows["torch_relu"].append(t)
@@ -166,7 +182,8 @@ def main(argv: list[str] | None = None) -> int:
     res = {"model": args.checkpoint or "random", "shape": f"{cfg.d_model}x{cfg.d_ff}", "layers": cfg.n_layers,
            "activation": cfg.activation, "threshold": cfg.activation_threshold,
            "measured_sparsity_per_layer": sp, "decode_tokens_per_s": med,
-           "sparse_over_dense": med["sparse"] / med["dense"], "devices": str(jax.devices()), "cpus": os.cpu_count()}
+           "over_dense": {n: med[n] / med["dense"] for n in impls}, "devices": str(jax.devices()),
+           "cpus": os.cpu_count()}
     if tm is not None:
         res["ours_over_torch_dense_relu"] = med["relu_dense"] / med["torch_relu"]
     print(json.dumps(res))

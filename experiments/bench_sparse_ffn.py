@@ -3,21 +3,22 @@
     python experiments/bench_sparse_ffn.py                       # 4096x11008 and 1536x3840, batch 1 and 4
     python experiments/bench_sparse_ffn.py --shapes=4096x11008 --batches=1 --sparsities=0.88 --reps=10
     python experiments/bench_sparse_ffn.py --crossover            # density sweep for DENSE_CROSSOVER
+    python experiments/bench_sparse_ffn.py --implementations=cpu_ffi   # dense and one backend
     python experiments/bench_sparse_ffn.py --checkpoint=runs/miniature/b_prosparse   # real activations, per layer
 
 ReLU FFN, fp32, iid masks: the gate weights are random and the input x is built so that a chosen fraction
 (1 - sparsity) of the gates is positive for every batch row (same neurons on every row, so the union active set
-has exactly that density). Both sides are jitted; the sparse
-side uses the ``cpu_gather`` backend with W_up^T prepared once (``prepare_weights``), with the dense fallback disabled
-(one bucket = F) so the sweep shows the raw operator; ``--fallback`` times the default buckets instead (dense FFN
-above ``DENSE_CROSSOVER``). Timed repetitions alternate dense / sparse; medians reported
-(speedup, %bound, tok/s of the sparse side), plus ``min/min``, the ratio of the fastest repetitions, which is the
-better estimate when other processes share the cores.
+has exactly that density). Every backend is jitted; the sparse backends of ``--implementations`` (default
+``cpu_gather`` and ``cpu_ffi``, one row each beside ``dense``) get W_up^T prepared once (``prepare_weights``) and the
+dense fallback disabled (one bucket >= F) so the sweep shows the raw operator; ``--fallback`` times the default
+buckets / crossover instead (dense FFN above ``DENSE_CROSSOVER`` / ``CPU_FFI_CROSSOVER``). Timed repetitions alternate
+the backends; medians reported (ms, speedup over dense, %bound, tok/s), plus ``min/min``, the ratio of dense's fastest
+repetition to the backend's, the better estimate when other processes share the cores.
 ``--checkpoint``: real activations of a trained model instead of iid masks. The FFN inputs of every layer are
 recorded while the model prefills a standard-library source file (the built-in corpus) under its own tokenizer; per
 layer, each recorded token is one batch-1 call with that layer's weights and the model's own activation / FATReLU
-threshold / sparse-mode tau, with the default buckets (dense above ``DENSE_CROSSOVER``). The row gives the mean
-sparsity of the union active set, the summed dense and sparse times over the tokens and their ratio.
+threshold / sparse-mode tau, with the default buckets (dense above the crossover), one row per backend. The row gives
+the mean sparsity of the union active set, the summed dense and sparse times over the tokens and their ratio.
 The speedup bound is 3 / (1 + 2 (1 - s)) (the gate-mask case: W_gate in full, (1 - s) of W_up and W_down).
 """
 
@@ -32,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from prosparse_jax.sparse_ffn import DEFAULT_CHUNK, prepare_weights, sparse_ffn
+from prosparse_jax.sparse_ffn import DEFAULT_CHUNK, IMPLEMENTATIONS, prepare_weights, sparse_ffn
 
 
 @functools.cache
@@ -71,27 +72,39 @@ def timed(fn, args, reps: int) -> list[float]:
     return out
 
 
-def bench_one(D: int, F: int, B: int, s: float, reps: int, chunk: int, fallback: bool = False) -> dict:
-    """Alternating dense / sparse timings at one shape, batch and sparsity."""
+def _sparse_fn(implementation: str, F: int, chunk: int, fallback: bool):
+    """The jitted backend with W_up^T passed in; without ``fallback`` one bucket holding F (never the dense FFN)."""
+    buckets = None if fallback else (-(-F // chunk) * chunk,)
+    return jax.jit(lambda x, wg, wu, wd, wut: sparse_ffn(
+        x, wg, wu, wd, activation="relu", w_up_FxD=wut, implementation=implementation, chunk=chunk, buckets=buckets))
+
+
+def bench_one(D: int, F: int, B: int, s: float, reps: int, chunk: int, implementations: list[str],
+              fallback: bool = False) -> list[dict]:
+    """Alternating timings of dense and each sparse backend at one shape, batch and sparsity (one row each)."""
     x, wg, wu, wd = make_inputs(D, F, B, s)
     prep = prepare_weights(wu, wd)
     w_up_FxD = jax.block_until_ready(prep["w_up_FxD"])
-    dense = jax.jit(lambda x, wg, wu, wd: sparse_ffn(x, wg, wu, wd, activation="relu", implementation="dense"))
-    sparse = jax.jit(lambda x, wg, wu, wd, wut: sparse_ffn(
-        x, wg, wu, wd, activation="relu", w_up_FxD=wut, implementation="cpu_gather", chunk=chunk,
-        buckets=None if fallback else (-(-F // chunk) * chunk,)))
-    (ref, _), (got, count) = dense(x, wg, wu, wd), sparse(x, wg, wu, wd, w_up_FxD)
-    err = float(jnp.max(jnp.abs(ref - got)) / jnp.maximum(jnp.max(jnp.abs(ref)), 1e-30))
-    td, ts = [], []
+    dense = jax.jit(lambda x, wg, wu, wd, wut: sparse_ffn(x, wg, wu, wd, activation="relu", implementation="dense"))
+    fns = {"dense": dense, **{name: _sparse_fn(name, F, chunk, fallback) for name in implementations}}
+    args = (x, wg, wu, wd, w_up_FxD)
+    ref, _ = fns["dense"](*args)
+    outs = {name: fn(*args) for name, fn in fns.items()}
+    times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(reps):
-        td += timed(dense, (x, wg, wu, wd), 1)
-        ts += timed(sparse, (x, wg, wu, wd, w_up_FxD), 1)
-    md, ms = statistics.median(td), statistics.median(ts)
-    best = min(td) / min(ts)  # robust to other processes sharing the cores
-    s_real = 1.0 - int(count) / F
-    bound = 3.0 / (1.0 + 2.0 * (1.0 - s_real))
-    return dict(D=D, F=F, B=B, s=s_real, dense_ms=md, sparse_ms=ms, speedup=md / ms, bound=bound,
-                pct_bound=100 * md / ms / bound, tok_s=B * 1e3 / ms, rel_err=err, best=best)
+        for name, fn in fns.items():
+            times[name] += timed(fn, args, 1)
+    md, best_d = statistics.median(times["dense"]), min(times["dense"])
+    rows = []
+    for name, (got, count) in outs.items():
+        err = float(jnp.max(jnp.abs(ref - got)) / jnp.maximum(jnp.max(jnp.abs(ref)), 1e-30))
+        ms = statistics.median(times[name])
+        s_real = 1.0 - int(count) / F
+        bound = 3.0 / (1.0 + 2.0 * (1.0 - s_real))
+        rows.append(dict(D=D, F=F, B=B, s=s_real, implementation=name, ms=ms, speedup=md / ms, bound=bound,
+                         pct_bound=100 * md / ms / bound, tok_s=B * 1e3 / ms, rel_err=err,
+                         best=best_d / min(times[name])))  # min/min: robust to other processes on the cores
+    return rows
 
 
 def record_ffn_inputs(path: str, n_tokens: int) -> tuple:
@@ -124,37 +137,48 @@ def record_ffn_inputs(path: str, n_tokens: int) -> tuple:
     return cfg, model.stack_layers(params), seen
 
 
-def bench_trained(path: str, n_tokens: int, chunk: int) -> None:
-    """Per layer of a trained model: dense vs sparse FFN over its recorded batch-1 FFN inputs."""
+def bench_trained(path: str, n_tokens: int, chunk: int, implementations: list[str]) -> None:
+    """Per layer of a trained model: dense vs each sparse backend over its recorded batch-1 FFN inputs."""
     cfg, params, seen = record_ffn_inputs(path, n_tokens)
     taus = cfg.neuron_thresholds or None
     print(f"{path}: {cfg.activation} (threshold {cfg.activation_threshold}), sparse-mode taus: {taus is not None}, "
           f"{len(seen[0])} tokens")
-    print(f"{'layer':>5} {'DxF':>9} {'sparsity':>8} {'dense ms':>9} {'sparse ms':>9} {'speedup':>7} {'bound':>6} "
-          f"{'max rel err':>11}")
+    print(f"{'layer':>5} {'DxF':>9} {'implementation':>14} {'sparsity':>8} {'dense ms':>9} {'sparse ms':>9} "
+          f"{'speedup':>7} {'bound':>6} {'max rel err':>11}")
     for layer in sorted(seen):
         lp = {k: v[layer] for k, v in params["layers"].items()}
-        prep = prepare_weights(lp["w_up_LxDxF"], lp["w_down_LxFxD"])
+        prep = jax.block_until_ready(prepare_weights(lp["w_up_LxDxF"], lp["w_down_LxFxD"]))
         w = (lp["w_gate_LxDxF"], lp["w_up_LxDxF"], lp["w_down_LxFxD"])
         kw = dict(activation=cfg.activation, threshold=cfg.activation_threshold, w_down_norms_F=prep["w_down_norms_F"],
                   taus=None if taus is None else taus[layer])
         dense = jax.jit(functools.partial(sparse_ffn, implementation="dense", **kw))
-        sparse = jax.jit(lambda x, wg, wu, wd, wut, kw=kw: sparse_ffn(x, wg, wu, wd, w_up_FxD=wut, chunk=chunk,
-                                                                      implementation="cpu_gather", **kw))
         xs = [jnp.asarray(x[None]) for x in seen[layer]]
-        td = ts = 0.0
-        counts, err = [], 0.0
-        for x in xs:
-            (ref, _), (got, count) = dense(x, *w), sparse(x, *w, prep["w_up_FxD"])
-            err = max(err, float(jnp.max(jnp.abs(ref - got)) / jnp.maximum(jnp.max(jnp.abs(ref)), 1e-30)))
-            counts.append(int(count))
-            td += min(timed(dense, (x, *w), 3))
-            ts += min(timed(sparse, (x, *w, prep["w_up_FxD"]), 3))
-        F = cfg.d_ff
-        s_real = 1.0 - float(np.mean(counts)) / F
-        bound = 3.0 / (1.0 + 2.0 * (1.0 - s_real)) if taus is None else 3.0 / (2.0 + (1.0 - s_real))
-        print(f"{layer:>5} {cfg.d_model:>4}x{F:<4} {s_real:>8.3f} {td:>9.2f} {ts:>9.2f} {td / ts:>6.2f}x "
-              f"{bound:>5.2f}x {err:>11.1e}", flush=True)
+        for name in (n for n in implementations if n != "dense"):
+            sparse = jax.jit(lambda x, wg, wu, wd, wut, kw=kw, name=name: sparse_ffn(
+                x, wg, wu, wd, w_up_FxD=wut, chunk=chunk, implementation=name, **kw))
+            td = ts = 0.0
+            counts, err = [], 0.0
+            for x in xs:
+                (ref, _), (got, count) = dense(x, *w), sparse(x, *w, prep["w_up_FxD"])
+                err = max(err, float(jnp.max(jnp.abs(ref - got)) / jnp.maximum(jnp.max(jnp.abs(ref)), 1e-30)))
+                counts.append(int(count))
+                td += min(timed(dense, (x, *w), 3))
+                ts += min(timed(sparse, (x, *w, prep["w_up_FxD"]), 3))
+            F = cfg.d_ff
+            s_real = 1.0 - float(np.mean(counts)) / F
+            bound = 3.0 / (1.0 + 2.0 * (1.0 - s_real)) if taus is None else 3.0 / (2.0 + (1.0 - s_real))
+            print(f"{layer:>5} {cfg.d_model:>4}x{F:<4} {name:>14} {s_real:>8.3f} {td:>9.2f} {ts:>9.2f} "
+                  f"{td / ts:>6.2f}x {bound:>5.2f}x {err:>11.1e}", flush=True)
+
+
+def parse_implementations(text: str) -> list[str]:
+    """``dense,cpu_gather,cpu_ffi`` -> the list, dense first (always timed: the reference); unknown names error."""
+    names = [n for n in text.split(",") if n]
+    bad = [n for n in names if n not in IMPLEMENTATIONS]
+    if bad:
+        raise SystemExit(f"bench_sparse_ffn: error: unknown --implementations {bad}; choose from "
+                         f"{', '.join(IMPLEMENTATIONS)}")
+    return ["dense", *(n for n in names if n != "dense")]
 
 
 def main() -> None:
@@ -168,23 +192,27 @@ def main() -> None:
     ap.add_argument("--fallback", action="store_true", help="default buckets: dense above DENSE_CROSSOVER")
     ap.add_argument("--checkpoint", default="", help="real activations: a trained workdir / HF folder")
     ap.add_argument("--tokens", type=int, default=64, help="with --checkpoint: recorded tokens per layer")
+    ap.add_argument("--implementations", default="dense,cpu_gather,cpu_ffi",
+                    help="backends of prosparse_jax.sparse_ffn to time (dense is always timed: the reference)")
     a = ap.parse_args()
+    impls = parse_implementations(a.implementations)
     if a.checkpoint:
         print(f"jax {jax.__version__}, backend {jax.default_backend()}, chunk {a.chunk}")
-        bench_trained(a.checkpoint, a.tokens, a.chunk)
+        bench_trained(a.checkpoint, a.tokens, a.chunk, impls)
         return
     sps = [0.7, 0.65, 0.6, 0.55, 0.5, 0.45, 0.4, 0.3] if a.crossover else [float(v) for v in a.sparsities.split(",")]
-    print(f"jax {jax.__version__}, backend {jax.default_backend()}, chunk {a.chunk}, reps {a.reps}")
-    print(f"{'shape':>11} {'B':>2} {'sparsity':>8} {'dense ms':>9} {'sparse ms':>9} {'speedup':>7} {'bound':>6} "
+    print(f"jax {jax.__version__}, backend {jax.default_backend()}, chunk {a.chunk} (cpu_gather), reps {a.reps}, "
+          f"fallback {a.fallback}")
+    print(f"{'shape':>11} {'B':>2} {'sparsity':>8} {'implementation':>14} {'ms':>8} {'vs dense':>8} {'bound':>6} "
           f"{'%bound':>6} {'tok/s':>8} {'rel err':>8} {'min/min':>7}")
     for shape in a.shapes.split(","):
         D, F = (int(v) for v in shape.split("x"))
         for B in (int(v) for v in a.batches.split(",")):
             for s in sps:
-                r = bench_one(D, F, B, s, a.reps, a.chunk, a.fallback)
-                print(f"{shape:>11} {B:>2} {r['s']:>8.3f} {r['dense_ms']:>9.2f} {r['sparse_ms']:>9.2f} "
-                      f"{r['speedup']:>6.2f}x {r['bound']:>5.2f}x {r['pct_bound']:>5.0f}% {r['tok_s']:>8.1f} "
-                      f"{r['rel_err']:>8.1e} {r['best']:>6.2f}x", flush=True)
+                for r in bench_one(D, F, B, s, a.reps, a.chunk, impls[1:], a.fallback):
+                    print(f"{shape:>11} {B:>2} {r['s']:>8.3f} {r['implementation']:>14} {r['ms']:>8.2f} "
+                          f"{r['speedup']:>7.2f}x {r['bound']:>5.2f}x {r['pct_bound']:>5.0f}% {r['tok_s']:>8.1f} "
+                          f"{r['rel_err']:>8.1e} {r['best']:>6.2f}x", flush=True)
 
 
 if __name__ == "__main__":

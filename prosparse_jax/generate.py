@@ -49,8 +49,8 @@ _SPARSE = flags.DEFINE_bool("sparse", False, "Decode in the sparse mode (model.n
                             flag_values=FLAGS)
 _IMPLEMENTATION = flags.DEFINE_enum(
     "implementation", "auto", ["auto", *sparse_ffn_lib.IMPLEMENTATIONS],
-    "Sparse FFN backend with --sparse: auto = by platform (cpu_gather on CPU, pallas_triton on GPU, pallas_mosaic on "
-    "TPU); a Pallas backend on a CPU runs interpreted (slow, for checking).", flag_values=FLAGS)
+    "Sparse FFN backend with --sparse: auto = by platform (cpu_ffi on CPU, or cpu_gather without g++; pallas_triton "
+    "on GPU, pallas_mosaic on TPU); a Pallas backend on a CPU runs interpreted (slow: for checks).", flag_values=FLAGS)
 flags.mark_flags_as_required(["checkpoint", "prompt"], flag_values=FLAGS)
 
 

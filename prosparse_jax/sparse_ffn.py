@@ -20,9 +20,26 @@ sparsity a block of 16 neurons is all-zero with probability 0.88^16 ~ 0.13, so b
 The capacity is bucketed (powers of two times ``chunk``), one ``lax.switch`` branch per bucket, and above
 ``DENSE_CROSSOVER`` active density the dense FFN runs instead (measured: ``experiments/bench_sparse_ffn.py``).
 A single ``jnp.take`` of all active rows is slower than the dense FFN on CPU (it materialises the whole gathered
-copy); the chunked loop materialises one chunk at a time. Measured (2-core AVX2, fp32, 4096x11008, batch 1, shared
-machine): 1.67-1.77x dense at 88% sparsity (bound 2.42x), 2.1-2.3x at 95% (bound 2.73x); the gap is the gather loop,
-which streams the active rows at roughly 1/3-1/2 of the dense matvec's bandwidth (it runs on one thread).
+copy); the chunked loop materialises one chunk at a time. It streams the active rows on one thread, at roughly 1/3-1/2
+of the dense matvec's bandwidth.
+
+``cpu_ffi`` (XLA:CPU custom call in C++, :mod:`cpu_ffi`, ``csrc/sparse_ffn_cpu.cc``; compiled with g++ on first use):
+the gate projection stays in XLA; the kernel takes the active mask, reads the active rows of W_up^T and W_down in place
+(no gathered copy), four neurons' rows streaming together with the next four prefetched, on every core of XLA's
+intra-op thread pool (chunks of neurons claimed dynamically, one accumulator per thread). It handles any active count
+in one call (no buckets); the dense FFN runs above ``CPU_FFI_CROSSOVER``. float32 only: other dtypes run
+``cpu_gather``. Building the index list inside the kernel instead of ``jnp.nonzero`` in XLA (~20 small XLA ops) saved
+~0.4 ms per call at 4096x11008.
+
+Measured (2-core AMD EPYC with AVX-512, VM shared with other jobs, fp32, relu, iid masks, ``python
+experiments/bench_sparse_ffn.py --shapes=4096x11008,1536x3840 --batches=1,4 --sparsities=0,0.5,0.8,0.88,0.95,0.99
+--reps=15``, medians of two runs): 4096x11008 batch 1 at 88% sparsity (bound 2.42x): ``cpu_ffi`` 2.50x / 2.43x dense,
+``cpu_gather`` 1.88x / 1.54x; at 95% 2.91x / 2.61x vs 2.10x / 2.14x; batch 4 at 88% 2.50x / 2.44x vs 1.82x / 1.60x;
+at 0% sparsity ``cpu_ffi`` is 0.99-1.30x dense (it reads the same bytes). The gate projection is ~3/4 of the op's
+time at 88%; the custom call alone streams the active rows (not in cache) at ~30 GB/s on two threads, ~24 GB/s on one.
+End to end (``experiments/bench_decode.py --d_model=4096 --d_ff=11008 --n_layers=2 --n_heads=32 --new_tokens=32
+--reps=3``, 88% sparsity): ``cpu_ffi`` 1.51x / 1.54x dense decode (``cpu_gather`` 1.37x / 1.16x); with another job
+busy on one of the two cores, 1.14x (likely a preempted pool thread holding a chunk the call waits for).
 
 W_up layout: gathering *columns* of a row-major [D, F] W_up is a strided read (one cache line per float), so pass
 ``w_up_FxD = w_up_DxF.T`` prepared once per model (:func:`prepare_weights`); without it the transpose is done inside
@@ -39,7 +56,9 @@ sparsity seen by the operator falls with the batch.
 
 from __future__ import annotations
 
+import functools
 import importlib
+import warnings
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -47,6 +66,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from prosparse_jax import cpu_ffi
 from prosparse_jax.activations import RELU_FAMILY, check_activation, ffn_product
 
 Array = jax.Array
@@ -56,6 +76,13 @@ Array = jax.Array
 #: fallback): break-even at density ~0.3-0.45 for 4096x11008 (batch 1 and 4), ~0.2-0.3 for 1536x3840 (the loop's
 #: per-chunk overhead weighs more on small rows). We switch at 0.3; pass ``buckets`` to move it per shape.
 DENSE_CROSSOVER = 0.3
+
+#: Active density above which ``cpu_ffi`` runs the dense FFN. Measured as ``DENSE_CROSSOVER`` (raw operator,
+#: ``--sparsities=0,0.2,0.35,0.5,0.65 --implementations=cpu_ffi``, 4096x11008 and 1536x3840, batch 1 and 4):
+#: ``cpu_ffi`` is 1.3-1.9x dense at density 0.35-0.65, 0.9-1.3x at 0.8 and 0.93-1.15x at 1 (it reads the same bytes),
+#: so the dense FFN only runs for nearly dense inputs; pass ``buckets`` (its largest entry is the threshold) to move
+#: it.
+CPU_FFI_CROSSOVER = 0.8
 
 #: Neurons per iteration of the gather loop (64-256 measured equally good; 128 is in the middle).
 DEFAULT_CHUNK = 128
@@ -189,14 +216,46 @@ def _cpu_gather_impl(x_BxD: Array, w: dict[str, Array], mode: Mode) -> tuple[Arr
     return lax.switch(branch, branches), count
 
 
+def _is_float32(x_BxD: Array, w: dict[str, Array]) -> bool:
+    """Whether the input and the weights ``cpu_ffi`` reads (W_up, W_down) are all float32."""
+    w_up = w["w_up_DxF"] if w["w_up_FxD"] is None else w["w_up_FxD"]
+    return all(a.dtype == jnp.float32 for a in (x_BxD, w_up, w["w_down_FxD"]))
+
+
+def _cpu_ffi_impl(x_BxD: Array, w: dict[str, Array], mode: Mode) -> tuple[Array, Array]:
+    """C++ backend (:mod:`prosparse_jax.cpu_ffi`): the active rows of W_up^T / W_down read in place on all cores.
+
+    One custom call handles any active count (no capacity buckets); above the crossover (``CPU_FFI_CROSSOVER`` of F,
+    or the largest of ``mode.buckets``) the dense FFN runs. Non-float32 inputs or weights run ``cpu_gather``.
+    """
+    if not _is_float32(x_BxD, w):
+        return _cpu_gather_impl(x_BxD, w, mode)
+    active_F, act_BxF, x1_BxF = _active_set(x_BxD, w["w_gate_DxF"], w["w_up_DxF"], mode.activation, mode.threshold,
+                                            mode.tau, w["w_down_norms_F"])
+    cap = max(mode.buckets) if mode.buckets else int(CPU_FFI_CROSSOVER * active_F.shape[0])
+    count = jnp.sum(active_F, dtype=jnp.int32)
+    read_up = x1_BxF is None
+
+    def sparse() -> Array:
+        w_up_FxD = w["w_down_FxD"]  # not read when x1 is known
+        if read_up:
+            w_up_FxD = w["w_up_DxF"].T if w["w_up_FxD"] is None else w["w_up_FxD"]
+        return cpu_ffi.gather_down(x_BxD, act_BxF if read_up else x1_BxF, active_F, w_up_FxD, w["w_down_FxD"],
+                                   read_up=read_up, drelu=mode.activation == "drelu")
+
+    return lax.cond(count <= cap, sparse, lambda: _dense_down(x_BxD, w, act_BxF, x1_BxF, mode.activation)), count
+
+
 def _pallas_impl(module_name: str) -> Callable[[Array, dict[str, Array], Mode], tuple[Array, Array]]:
     """A backend from a ``pallas_kernels`` module's ``s2`` (gate, activation, up rows of the active neurons -> x1)
     and ``s3`` (W_down rows of the non-zero x1 columns). On a CPU the kernels run in Pallas' interpret mode (to test
-    them; slow). The active count is the union of x1's non-zero columns: the W_down rows S3 reads."""
+    them; slow), and so on any platform that is not the kernels' own (the Mosaic kernels on a GPU). The active count
+    is the union of x1's non-zero columns: the W_down rows S3 reads."""
+    native = {"sparse_ffn_triton": ("gpu", "cuda", "rocm"), "sparse_ffn_mosaic": ("tpu",)}[module_name]
 
     def impl(x_BxD: Array, w: dict[str, Array], mode: Mode) -> tuple[Array, Array]:
         kernels = importlib.import_module(f"pallas_kernels.{module_name}")
-        interpret = jax.default_backend() == "cpu"
+        interpret = jax.default_backend() not in native
         w_up_FxD = w["w_up_DxF"].T if w["w_up_FxD"] is None else w["w_up_FxD"]
         x1_BxF = kernels.s2(x_BxD, w["w_gate_DxF"], w_up_FxD, activation=mode.activation, threshold=mode.threshold,
                             tau=mode.tau, w_down_norms_F=w["w_down_norms_F"], interpret=interpret)
@@ -207,22 +266,34 @@ def _pallas_impl(module_name: str) -> Callable[[Array, dict[str, Array], Mode], 
 
 
 #: name -> backend ``(x_BxD, weights, mode) -> (out_BxD, active_count)``; ``weights`` holds w_gate_DxF, w_up_DxF,
-#: w_up_FxD (or None), w_down_FxD, w_down_norms_F (or None). ``pallas_triton``: GPU kernels through Pallas' Triton
-#: lowering (per-neuron masked row loads); ``pallas_mosaic``: TPU kernels (scalar-prefetched index lists, row DMAs);
-#: both in ``pallas_kernels/``.
+#: w_up_FxD (or None), w_down_FxD, w_down_norms_F (or None). ``cpu_gather``: XLA gather loop; ``cpu_ffi``: C++ custom
+#: call on all cores (float32; other dtypes run ``cpu_gather``). ``pallas_triton``: GPU kernels through Pallas'
+#: Triton lowering (per-neuron masked row loads); ``pallas_mosaic``: TPU kernels (scalar-prefetched index lists, row
+#: DMAs); both in ``pallas_kernels/``.
 IMPLEMENTATIONS: dict[str, Callable[[Array, dict[str, Array], Mode], tuple[Array, Array]]] = {
-    "dense": _dense_impl, "cpu_gather": _cpu_gather_impl,
+    "dense": _dense_impl, "cpu_gather": _cpu_gather_impl, "cpu_ffi": _cpu_ffi_impl,
     "pallas_triton": _pallas_impl("sparse_ffn_triton"), "pallas_mosaic": _pallas_impl("sparse_ffn_mosaic")}
 
-#: What ``implementation="auto"`` runs on each platform (anything else: ``dense``).
-AUTO: dict[str, str] = {"cpu": "cpu_gather", "gpu": "pallas_triton", "cuda": "pallas_triton", "rocm": "pallas_triton",
+#: What ``implementation="auto"`` runs on each platform (anything else: ``dense``). ``cpu_ffi`` is built on first use;
+#: where it cannot be (no g++), ``auto`` warns once and runs ``cpu_gather``.
+AUTO: dict[str, str] = {"cpu": "cpu_ffi", "gpu": "pallas_triton", "cuda": "pallas_triton", "rocm": "pallas_triton",
                         "tpu": "pallas_mosaic"}
+
+
+@functools.cache
+def _cpu_ffi_or_gather() -> str:
+    """``cpu_ffi`` when its kernel builds here (compiled on this first call), else ``cpu_gather`` with one warning."""
+    if cpu_ffi.available():
+        return "cpu_ffi"
+    warnings.warn(f"sparse_ffn: implementation='auto' runs cpu_gather: {cpu_ffi.unavailable_reason()}", stacklevel=3)
+    return "cpu_gather"
 
 
 def resolve_implementation(implementation: str, platform: str | None = None) -> str:
     """``auto`` -> the backend of ``platform`` (default: JAX's default backend) in :data:`AUTO`; else checked."""
     if implementation == "auto":
-        return AUTO.get(platform or jax.default_backend(), "dense")
+        name = AUTO.get(platform or jax.default_backend(), "dense")
+        return _cpu_ffi_or_gather() if name == "cpu_ffi" else name
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"unknown sparse FFN implementation {implementation!r}; choose one of: "
                          f"{', '.join(['auto', *IMPLEMENTATIONS])}")
@@ -249,11 +320,13 @@ def sparse_ffn(x_BxD: Array, w_gate_DxF: Array, w_up_DxF: Array, w_down_FxD: Arr
         The up projection is then dense and only W_down rows are skipped (bound 3 / (2 + (1 - s))).
       w_down_norms_F: ||W_down[i, :]||, required with ``taus`` (:func:`prepare_weights`).
       w_up_FxD: W_up^T prepared once (:func:`prepare_weights`); computed per call when omitted.
-      implementation: ``auto`` (by platform, :data:`AUTO`: ``cpu_gather`` on CPU, ``pallas_triton`` on GPU,
-        ``pallas_mosaic`` on TPU), or a key of :data:`IMPLEMENTATIONS`.
+      implementation: ``auto`` (by platform, :data:`AUTO`: ``cpu_ffi`` on CPU, or ``cpu_gather`` where the C++
+        kernel cannot be built; ``pallas_triton`` on GPU, ``pallas_mosaic`` on TPU), or a key of
+        :data:`IMPLEMENTATIONS`.
       chunk: active neurons per loop iteration of ``cpu_gather``.
       buckets: capacities (multiples of ``chunk``) of ``cpu_gather``; default :func:`default_buckets`. Above the last
-        one the dense FFN runs.
+        one the dense FFN runs. ``cpu_ffi`` uses only the largest as its dense threshold (default
+        ``CPU_FFI_CROSSOVER * F``).
 
     Returns:
       (out_BxD, active_count): the FFN output and the int32 number of neurons in the batch's union active set
@@ -261,6 +334,7 @@ def sparse_ffn(x_BxD: Array, w_gate_DxF: Array, w_up_DxF: Array, w_down_FxD: Arr
 
     Raises:
       ValueError: unknown implementation or activation, or a mode missing its inputs.
+      cpu_ffi.CpuKernelUnavailableError: ``implementation="cpu_ffi"`` where its kernel cannot be built.
     """
     impl = IMPLEMENTATIONS[resolve_implementation(implementation)]
     check_activation(activation)

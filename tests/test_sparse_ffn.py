@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from conftest import tiny_model_config
 
-from prosparse_jax import model
+from prosparse_jax import cpu_ffi, model
 from prosparse_jax.sparse_ffn import (
     IMPLEMENTATIONS,
     default_buckets,
@@ -138,14 +138,15 @@ def test_bad_names_error():
         sparse_ffn(x, wg, wu, wd, activation="silu", taus=0.1)
     with pytest.raises(ValueError, match="multiples of chunk"):
         sparse_ffn(x, wg, wu, wd, activation="relu", implementation="cpu_gather", chunk=16, buckets=(24,))
-    assert set(IMPLEMENTATIONS) == {"dense", "cpu_gather", "pallas_triton", "pallas_mosaic"}
+    assert set(IMPLEMENTATIONS) == {"dense", "cpu_gather", "cpu_ffi", "pallas_triton", "pallas_mosaic"}
 
 
 def test_auto_picks_the_platform_backend():
-    assert resolve_implementation("auto", "cpu") == "cpu_gather"
+    cpu = "cpu_ffi" if cpu_ffi.available() else "cpu_gather"  # the C++ kernel where it builds (g++), else XLA's loop
+    assert resolve_implementation("auto", "cpu") == cpu
     assert resolve_implementation("auto", "gpu") == "pallas_triton"
     assert resolve_implementation("auto", "tpu") == "pallas_mosaic"
-    assert resolve_implementation("auto") == "cpu_gather"  # this machine
+    assert resolve_implementation("auto") == cpu  # this machine
     assert resolve_implementation("dense", "tpu") == "dense"
 
 

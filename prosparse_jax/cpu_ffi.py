@@ -1,0 +1,170 @@
+"""Build, load and call the C++ sparse FFN kernel for XLA:CPU (``csrc/sparse_ffn_cpu.cc``).
+
+The kernel is an XLA FFI custom call (https://docs.jax.dev/en/latest/ffi.html): given the active neurons' mask it
+reads their rows of W_up^T and W_down in place on all cores (XLA's intra-op thread pool) and returns
+sum_i x1[:, i] * W_down[i, :] -- ProSparse (arXiv 2402.13516) §4.3 S2 + S3 after the dense gate projection.
+
+It is compiled on first use with the system C++ compiler (``$CXX``, default ``g++``) into a cache directory
+(``$PROSPARSE_CACHE_DIR``, else ``$XDG_CACHE_HOME/prosparse_jax``, else ``~/.cache/prosparse_jax``). The file name
+carries a hash of the source, the compiler and its flags, the jaxlib version and the CPU (``-march=native``), so a
+changed source or jaxlib rebuilds and a cache shared between different machines never loads a foreign build; the
+build writes a temporary file and renames it, so two processes building at once are safe.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import jaxlib
+import numpy as np
+
+Array = jax.Array
+
+SOURCE = Path(__file__).parent / "csrc" / "sparse_ffn_cpu.cc"
+#: The FFI target name and the exported handler symbol.
+TARGET = "prosparse_sparse_ffn_down"
+SYMBOL = "ProsparseSparseFfnDown"
+#: Compiler flags besides the include directory (-ffp-contract=fast: fused multiply-adds; no -ffast-math).
+FLAGS = ("-O3", "-march=native", "-ffp-contract=fast", "-shared", "-fPIC", "-std=c++17")
+FIX = "install g++ (Debian: apt-get install g++) or use implementation='cpu_gather'"
+
+
+class CpuKernelUnavailableError(RuntimeError):
+    """The C++ kernel could not be built or loaded (no compiler, a failed compile, an unloadable library)."""
+
+
+def cache_dir() -> Path:
+    """``$PROSPARSE_CACHE_DIR``, else ``$XDG_CACHE_HOME/prosparse_jax``, else ``~/.cache/prosparse_jax``."""
+    if os.environ.get("PROSPARSE_CACHE_DIR"):
+        return Path(os.environ["PROSPARSE_CACHE_DIR"])
+    xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(xdg) / "prosparse_jax"
+
+
+def compiler() -> str:
+    """The C++ compiler: ``$CXX`` or ``g++``."""
+    return os.environ.get("CXX") or "g++"
+
+
+def _cpu_id() -> str:
+    """What ``-march=native`` depends on: the CPU's feature flags (Linux), else the processor name."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def library_path(source: str | None = None, cxx: str | None = None) -> Path:
+    """Where the build of ``source`` (default: the kernel's) with ``cxx`` lives in :func:`cache_dir`."""
+    source = SOURCE.read_text() if source is None else source
+    key = "\n".join([source, cxx or compiler(), *FLAGS, jaxlib.__version__, platform.machine(), _cpu_id()])
+    return cache_dir() / f"sparse_ffn_cpu-{hashlib.sha256(key.encode()).hexdigest()[:16]}.so"
+
+
+def _excerpt(stderr: str, limit: int = 2000) -> str:
+    """The compiler's error lines (at most ``limit`` characters), else the tail of its output."""
+    errors = [line for line in stderr.splitlines() if "error" in line.lower()]
+    return ("\n".join(errors) if errors else stderr.strip())[-limit:]
+
+
+def build() -> Path:
+    """The compiled kernel: the cached library when it exists, else compiled now (atomically).
+
+    Raises:
+      CpuKernelUnavailableError: no source or compiler, or the compile failed (with the compiler's error lines).
+    """
+    if not SOURCE.exists():
+        raise CpuKernelUnavailableError(f"cpu_ffi: the kernel source {SOURCE} is missing (an install without the "
+                                        f"package's csrc/ files); install from the repository (pip install -e .) or "
+                                        f"use implementation='cpu_gather'")
+    cxx = compiler()
+    path = library_path(cxx=cxx)
+    if path.exists():
+        return path
+    exe = shutil.which(cxx)
+    if exe is None:
+        raise CpuKernelUnavailableError(f"cpu_ffi: the C++ compiler {cxx!r} ($CXX, default g++) was not found; {FIX}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}-", suffix=".so.tmp", dir=path.parent)
+    os.close(fd)
+    cmd = [exe, *FLAGS, "-isystem", jax.ffi.include_dir(), str(SOURCE), "-o", tmp]
+    try:
+        res = subprocess.run(cmd, capture_output=True, text=True)
+        if res.returncode != 0:
+            tail = _excerpt(res.stderr or res.stdout or "")
+            raise CpuKernelUnavailableError(f"cpu_ffi: compiling {SOURCE.name} failed (exit status {res.returncode}: "
+                                            f"{' '.join(cmd)}); {FIX}\n{tail}")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
+
+
+@functools.cache
+def _loaded() -> ctypes.CDLL | CpuKernelUnavailableError:
+    """The kernel built (or reused), loaded and registered as an FFI target, or why not; tried once per process."""
+    try:
+        path = build()
+    except CpuKernelUnavailableError as e:
+        return e
+    try:
+        lib = ctypes.cdll.LoadLibrary(str(path))
+        handler = getattr(lib, SYMBOL)
+    except (OSError, AttributeError) as e:
+        return CpuKernelUnavailableError(f"cpu_ffi: cannot load {path} ({e}); delete it to rebuild, or {FIX}")
+    jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(handler), platform="cpu")
+    return lib
+
+
+def _load() -> ctypes.CDLL:
+    """The loaded kernel; raises CpuKernelUnavailableError (the first attempt's message) when it cannot be built."""
+    lib = _loaded()
+    if isinstance(lib, CpuKernelUnavailableError):
+        raise CpuKernelUnavailableError(str(lib))
+    return lib
+
+
+def available() -> bool:
+    """Whether the kernel builds and loads on this machine (compiles on the first call; the answer is cached)."""
+    return not isinstance(_loaded(), CpuKernelUnavailableError)
+
+
+def unavailable_reason() -> str:
+    """Why :func:`available` is False (the build error's message), or '' when it is True."""
+    lib = _loaded()
+    return str(lib) if isinstance(lib, CpuKernelUnavailableError) else ""
+
+
+def gather_down(x_BxD: Array, coeff_BxF: Array, active_F: Array, w_up_FxD: Array, w_down_FxD: Array, *,
+                read_up: bool, drelu: bool) -> Array:
+    """out_BxD = sum over the neurons i with active_F[i] of x1[:, i] * W_down[i, :], on all cores (float32 only).
+
+    Args:
+      x_BxD: the FFN input.
+      coeff_BxF: act(gate) when ``read_up`` (x1 = coeff * (x . W_up^T[i]), with relu(up) when ``drelu``); else x1.
+      active_F: bool, the neurons whose rows are read (the kernel builds their index list itself: cheaper than
+        ``jnp.nonzero`` in XLA, measured in ``sparse_ffn``'s docstring).
+      w_up_FxD: W_up^T (one row per neuron); not read unless ``read_up`` (any [F, D] array then).
+      w_down_FxD: W_down.
+
+    Raises:
+      CpuKernelUnavailableError: the kernel cannot be built here.
+    """
+    _load()
+    call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct(x_BxD.shape, jnp.float32))
+    return call(x_BxD, coeff_BxF, jnp.asarray(active_F, jnp.bool_), w_up_FxD, w_down_FxD, read_up=np.bool_(read_up),
+                drelu=np.bool_(drelu))
