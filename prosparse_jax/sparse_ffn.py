@@ -31,15 +31,13 @@ in one call (no buckets); the dense FFN runs above ``CPU_FFI_CROSSOVER``. float3
 ``cpu_gather``. Building the index list inside the kernel instead of ``jnp.nonzero`` in XLA (~20 small XLA ops) saved
 ~0.4 ms per call at 4096x11008.
 
-Measured (2-core AMD EPYC with AVX-512, VM shared with other jobs, fp32, relu, iid masks, ``python
-experiments/bench_sparse_ffn.py --shapes=4096x11008,1536x3840 --batches=1,4 --sparsities=0,0.5,0.8,0.88,0.95,0.99
---reps=15``, medians of two runs): 4096x11008 batch 1 at 88% sparsity (bound 2.42x): ``cpu_ffi`` 2.50x / 2.43x dense,
-``cpu_gather`` 1.88x / 1.54x; at 95% 2.91x / 2.61x vs 2.10x / 2.14x; batch 4 at 88% 2.50x / 2.44x vs 1.82x / 1.60x;
-at 0% sparsity ``cpu_ffi`` is 0.99-1.30x dense (it reads the same bytes). The gate projection is ~3/4 of the op's
-time at 88%; the custom call alone streams the active rows (not in cache) at ~30 GB/s on two threads, ~24 GB/s on one.
-End to end (``experiments/bench_decode.py --d_model=4096 --d_ff=11008 --n_layers=2 --n_heads=32 --new_tokens=32
---reps=3``, 88% sparsity): ``cpu_ffi`` 1.51x / 1.54x dense decode (``cpu_gather`` 1.37x / 1.16x); with another job
-busy on one of the two cores, 1.14x (likely a preempted pool thread holding a chunk the call waits for).
+Measured (2-core AMD EPYC with AVX-512, load ~1, fp32, relu, iid masks, ``python experiments/bench_sparse_ffn.py
+--sparsities=0,0.5,0.8,0.88,0.95,0.99``, README "Sparse decoding"): 4096x11008 batch 1 at 88% sparsity (bound 2.42x):
+``cpu_ffi`` 2.34x dense, ``cpu_gather`` 1.35x; at 95% 2.77x vs 1.92x; batch 4 at 88% 2.47x vs 1.32x; at 0% sparsity
+``cpu_ffi`` is 1.05x dense (it reads the same bytes). The gate projection is ~3/4 of the op's time at 88%; the custom
+call alone streams the active rows (not in cache) at ~30 GB/s on two threads, ~24 GB/s on one. End to end
+(``experiments/bench_decode.py --d_model=4096 --d_ff=11008 --n_layers=2 --n_heads=32``, 88%): ``cpu_ffi`` 1.54x
+dense decode, ``cpu_gather`` 1.45x.
 
 W_up layout: gathering *columns* of a row-major [D, F] W_up is a strided read (one cache line per float), so pass
 ``w_up_FxD = w_up_DxF.T`` prepared once per model (:func:`prepare_weights`); without it the transpose is done inside
