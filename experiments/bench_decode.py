@@ -35,6 +35,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -115,7 +116,11 @@ def time_torch(m, prompt: list[int], n: int) -> tuple[float, list[int]]:
     return (n - 1) / max(tn - t1, 1e-9), toks
 
 
-def main(argv: list[str] | None = None) -> int:
+class BenchError(ValueError):
+    """A bad argument or a sparse decode that differs from the dense one: one error line, exit 1."""
+
+
+def _parser() -> argparse.ArgumentParser:
     p = cli.ArgumentParser(description=__doc__, prog="bench_decode")
     p.add_argument("--checkpoint", default="", help="a trained workdir / HF folder instead of the random model")
     p.add_argument("--d_model", type=int, default=4096)
@@ -131,46 +136,40 @@ def main(argv: list[str] | None = None) -> int:
                    help="sparse FFN backends to time (prosparse_jax.sparse_ffn); the dense decode is always timed")
     p.add_argument("--torch", action="store_true", help="also time transformers generate (dense ReLU model)")
     p.add_argument("--out", default="", help="write the results JSON here")
-    args = p.parse_args(argv)
+    return p
+
+
+def _check(args: argparse.Namespace) -> list[str]:
+    """The sparse backends to time; BenchError on bad arguments."""
     if not 0 <= args.sparsity < 1 or args.new_tokens < 2:
-        print("bench_decode: error: --sparsity must be in [0, 1) and --new_tokens >= 2", file=sys.stderr)
-        return 1
+        raise BenchError("--sparsity must be in [0, 1) and --new_tokens >= 2")
     impls = [n for n in args.implementations.split(",") if n and n != "dense"]
     unknown = [n for n in impls if n not in sparse_ffn.IMPLEMENTATIONS]
     if unknown:
-        print(f"bench_decode: error: unknown --implementations {unknown}; choose from "
-              f"{', '.join(sparse_ffn.IMPLEMENTATIONS)}", file=sys.stderr)
-        return 1
+        raise BenchError(f"unknown --implementations {unknown}; choose from {', '.join(sparse_ffn.IMPLEMENTATIONS)}")
     if args.checkpoint and args.torch:
-        print("bench_decode: error: --torch compares random ReLU models; drop it with --checkpoint", file=sys.stderr)
-        return 1
-    if args.checkpoint:
-        cli.check_model_path(args.checkpoint, "--checkpoint")
-        cfg, params, prompt = load_trained(args.checkpoint, args.prompt_len)
-    else:
-        cfg, params, prompt = build(args)
-    sparse_params = generate.prepare_sparse_params(params)  # per-layer layout, prepared once
-    relu = cfg.replace(activation="relu", activation_threshold=0.0)
-    tm = None
-    if args.torch:
-        import torch
+        raise BenchError("--torch compares random ReLU models; drop it with --checkpoint")
+    return impls
 
-        torch.set_num_threads(os.cpu_count() or 1)
-        tm = torch_model(relu, params)
-    params = model.unstack_layers(params)  # generate() decodes in the per-layer layout: split the layers once
+
+def _alternate(cfg: ModelConfig, params: Any, sparse_params: Any, prompt: list[int], impls: list[str], tm: Any,
+               args: argparse.Namespace) -> tuple[dict[str, list[float]], list[float]]:
+    """``args.reps`` rounds of dense, each sparse backend (and the ReLU model in JAX and PyTorch with ``tm``), one
+    after the other: (tok/s per round per name, measured sparsity per layer). BenchError if a backend's tokens
+    differ."""
+    relu = cfg.replace(activation="relu", activation_threshold=0.0)
     rows: dict[str, list[float]] = {"dense": [], **{n: [] for n in impls}, "relu_dense": [], "torch_relu": []}
     time_ours(params, cfg, prompt, args.new_tokens)  # warm-up (first-call allocations)
     for name in impls:
         time_ours(sparse_params, cfg, prompt, args.new_tokens, name)
+    sp: list[float] = []
     for _ in range(args.reps):
         d, toks_d, sp = time_ours(params, cfg, prompt, args.new_tokens)
         rows["dense"].append(d)
         for name in impls:
             s, toks_s, _ = time_ours(sparse_params, cfg, prompt, args.new_tokens, name)
             if toks_s != toks_d:
-                print(f"bench_decode: error: sparse decode ({name}) emitted other tokens than dense decode",
-                      file=sys.stderr)
-                return 1
+                raise BenchError(f"sparse decode ({name}) emitted other tokens than dense decode")
             rows[name].append(s)
         if tm is not None:
             r, toks_r, _ = time_ours(params, relu, prompt, args.new_tokens)
@@ -178,6 +177,30 @@ def main(argv: list[str] | None = None) -> int:
             rows["relu_dense"].append(r)
             rows["torch_relu"].append(t)
             rows.setdefault("same_tokens_as_torch", []).append(float(toks_r == toks_t))
+    return rows, sp
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        impls = _check(args)
+        if args.checkpoint:
+            cli.check_model_path(args.checkpoint, "--checkpoint")
+            cfg, params, prompt = load_trained(args.checkpoint, args.prompt_len)
+        else:
+            cfg, params, prompt = build(args)
+        sparse_params = generate.prepare_sparse_params(params)  # per-layer layout, prepared once
+        tm = None
+        if args.torch:
+            import torch
+
+            torch.set_num_threads(os.cpu_count() or 1)
+            tm = torch_model(cfg.replace(activation="relu", activation_threshold=0.0), params)
+        params = model.unstack_layers(params)  # generate() decodes in the per-layer layout: split the layers once
+        rows, sp = _alternate(cfg, params, sparse_params, prompt, impls, tm, args)
+    except BenchError as e:
+        print(f"bench_decode: error: {e}", file=sys.stderr)
+        return 1
     med = {k: statistics.median(v) for k, v in rows.items() if v}
     res = {"model": args.checkpoint or "random", "shape": f"{cfg.d_model}x{cfg.d_ff}", "layers": cfg.n_layers,
            "activation": cfg.activation, "threshold": cfg.activation_threshold,
