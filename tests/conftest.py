@@ -73,3 +73,24 @@ def write_bpe_tokenizer(path, vocab_size: int, texts=TOKENIZER_TEXTS):
     assert tok.get_vocab_size() <= vocab_size
     tok.save(str(path))
     return path
+
+
+def gated_ffn_weights(sparsity: float, B: int, D: int, F: int, fat_t: float, seed: int = 0):
+    """(x_BxD, w_gate_DxF, w_up_DxF, w_down_FxD) float32 for the sparse FFN tests: round((1 - s) F) positive gates on
+    every row (rows b > 0 are (1 + b / 4) x0, the same sign set), every gate at least 2 * fat_t away from 0 (so a
+    FATReLU threshold fat_t decides nothing differently), and x . W_up > 0 on two thirds of the neurons (dReLU's
+    relu(up) zeros the rest: most active neurons still count, so a lost one shows)."""
+    import jax.numpy as jnp
+
+    rng = np.random.default_rng(seed)
+    wg = rng.normal(size=(D, F)).astype(np.float32) / np.sqrt(D)
+    wu = rng.normal(size=(D, F)).astype(np.float32) / np.sqrt(D)
+    wd = rng.normal(size=(F, D)).astype(np.float32) / np.sqrt(F)
+    x0 = rng.normal(size=D).astype(np.float32)
+    on_F = np.zeros(F, bool)
+    on_F[rng.permutation(F)[:round((1.0 - sparsity) * F)]] = True
+    wg = wg * np.where(on_F == (x0 @ wg > 0), 1.0, -1.0).astype(np.float32)
+    wg = wg * np.maximum(1.0, 2 * fat_t / np.maximum(np.abs(x0 @ wg), 1e-6)).astype(np.float32)
+    wu = wu * np.where((x0 @ wu > 0) == (rng.random(F) < 2 / 3), 1.0, -1.0).astype(np.float32)
+    x = np.stack([(1.0 + b / 4) * x0 for b in range(B)])
+    return tuple(jnp.asarray(a) for a in (x, wg, wu, wd))

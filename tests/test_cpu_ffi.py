@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import gated_ffn_weights
 
 from prosparse_jax import cpu_ffi, sparse_ffn
 from prosparse_jax.sparse_ffn import prepare_weights
@@ -19,21 +20,7 @@ FAT_T = 0.05
 
 
 def _weights(sparsity: float, B: int, seed: int = 0, D: int = D, F: int = F) -> tuple[jax.Array, ...]:
-    """x and weights with round((1 - s) F) positive gates on every row (rows b > 0 are (1 + b / 4) x0), every gate
-    at least 2 * FAT_T away from 0, and x . W_up > 0 on two thirds of the neurons (dReLU's relu(up) zeros the rest:
-    most active neurons still count, so a lost one shows)."""
-    rng = np.random.default_rng(seed)
-    wg = rng.normal(size=(D, F)).astype(np.float32) / np.sqrt(D)
-    wu = rng.normal(size=(D, F)).astype(np.float32) / np.sqrt(D)
-    wd = rng.normal(size=(F, D)).astype(np.float32) / np.sqrt(F)
-    x0 = rng.normal(size=D).astype(np.float32)
-    on_F = np.zeros(F, bool)
-    on_F[rng.permutation(F)[:round((1.0 - sparsity) * F)]] = True
-    wg = wg * np.where(on_F == (x0 @ wg > 0), 1.0, -1.0).astype(np.float32)
-    wg = wg * np.maximum(1.0, 2 * FAT_T / np.maximum(np.abs(x0 @ wg), 1e-6)).astype(np.float32)
-    wu = wu * np.where((x0 @ wu > 0) == (rng.random(F) < 2 / 3), 1.0, -1.0).astype(np.float32)
-    x = np.stack([(1.0 + b / 4) * x0 for b in range(B)])
-    return tuple(jnp.asarray(a) for a in (x, wg, wu, wd))
+    return gated_ffn_weights(sparsity, B, D, F, FAT_T, seed)
 
 
 @functools.cache

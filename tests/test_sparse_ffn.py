@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import tiny_model_config
+from conftest import gated_ffn_weights, tiny_model_config
 
 from prosparse_jax import cpu_ffi, model
 from prosparse_jax.sparse_ffn import (
@@ -23,20 +23,7 @@ FAT_T = 0.05
 
 
 def _weights(sparsity: float, B: int, seed: int = 0):
-    """Weights and x with round((1 - s) F) positive gates on row 0; rows b > 0 are (1 + b / 4) x0 (same sign set)."""
-    rng = np.random.default_rng(seed)
-    wg = rng.normal(size=(D, F)).astype(np.float32) / np.sqrt(D)
-    wu = rng.normal(size=(D, F)).astype(np.float32) / np.sqrt(D)
-    wd = rng.normal(size=(F, D)).astype(np.float32) / np.sqrt(F)
-    x0 = rng.normal(size=D).astype(np.float32)
-    on_F = np.zeros(F, bool)
-    on_F[rng.permutation(F)[:round((1.0 - sparsity) * F)]] = True
-    wg = wg * np.where(on_F == (x0 @ wg > 0), 1.0, -1.0).astype(np.float32)
-    # Gates well away from 0 and from the FATReLU threshold: scale each column so |gate| >= 2 * FAT_T on row 0.
-    g0 = x0 @ wg
-    wg = wg * np.maximum(1.0, 2 * FAT_T / np.maximum(np.abs(g0), 1e-6)).astype(np.float32)
-    x = np.stack([(1.0 + b / 4) * x0 for b in range(B)])
-    return tuple(jnp.asarray(a) for a in (x, wg, wu, wd))
+    return gated_ffn_weights(sparsity, B, D, F, FAT_T, seed)
 
 
 def _cfg(activation, threshold=0.0):
