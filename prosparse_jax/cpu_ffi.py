@@ -165,6 +165,7 @@ def gather_down(x_BxD: Array, coeff_BxF: Array, active_F: Array, w_up_FxD: Array
       CpuKernelUnavailableError: the kernel cannot be built here.
     """
     _load()
-    call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct(x_BxD.shape, jnp.float32))
+    # under jax.vmap the call loops over the mapped axis (weights unbatched: no copies)
+    call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct(x_BxD.shape, jnp.float32), vmap_method="sequential")
     return call(x_BxD, coeff_BxF, jnp.asarray(active_F, jnp.bool_), w_up_FxD, w_down_FxD, read_up=np.bool_(read_up),
                 drelu=np.bool_(drelu))

@@ -49,7 +49,9 @@ scalar-prefetched index lists and row DMAs on TPU. ``implementation="auto"`` pic
 (:data:`AUTO`); on a CPU the Pallas backends run interpreted (for tests).
 
 Batch > 1: the active set is the union of the rows' active sets (a neuron is read if any row needs it), so the
-sparsity seen by the operator falls with the batch.
+sparsity seen by the operator falls with the batch. Under ``jax.vmap`` (independent calls side by side) every backend
+gives the same results, but the bucket / dense-fallback ``lax.switch`` / ``lax.cond`` becomes a select that runs all
+its branches, the dense FFN included: batch the rows into one call instead to keep the skipping.
 """
 
 from __future__ import annotations
