@@ -143,10 +143,11 @@ def _check(args: argparse.Namespace) -> list[str]:
     """The sparse backends to time; BenchError on bad arguments."""
     if not 0 <= args.sparsity < 1 or args.new_tokens < 2:
         raise BenchError("--sparsity must be in [0, 1) and --new_tokens >= 2")
-    impls = [n for n in args.implementations.split(",") if n and n != "dense"]
-    unknown = [n for n in impls if n not in sparse_ffn.IMPLEMENTATIONS]
-    if unknown:
-        raise BenchError(f"unknown --implementations {unknown}; choose from {', '.join(sparse_ffn.IMPLEMENTATIONS)}")
+    try:
+        names = [sparse_ffn.resolve_implementation(n) for n in args.implementations.split(",") if n]
+    except ValueError as e:
+        raise BenchError(f"--implementations: {e}") from None
+    impls = list(dict.fromkeys(n for n in names if n != "dense"))
     if args.checkpoint and args.torch:
         raise BenchError("--torch compares random ReLU models; drop it with --checkpoint")
     return impls

@@ -246,16 +246,16 @@ def _cpu_ffi_impl(x_BxD: Array, w: dict[str, Array], mode: Mode) -> tuple[Array,
     return lax.cond(count <= cap, sparse, lambda: _dense_down(x_BxD, w, act_BxF, x1_BxF, mode.activation)), count
 
 
-def _pallas_impl(module_name: str) -> Callable[[Array, dict[str, Array], Mode], tuple[Array, Array]]:
+def _pallas_impl(name: str, module_name: str) -> Callable[[Array, dict[str, Array], Mode], tuple[Array, Array]]:
     """A backend from a ``pallas_kernels`` module's ``s2`` (gate, activation, up rows of the active neurons -> x1)
     and ``s3`` (W_down rows of the non-zero x1 columns). On a CPU the kernels run in Pallas' interpret mode (to test
     them; slow), and so on any platform that is not the kernels' own (the Mosaic kernels on a GPU). The active count
-    is the union of x1's non-zero columns: the W_down rows S3 reads."""
-    native = {"sparse_ffn_triton": ("gpu", "cuda", "rocm"), "sparse_ffn_mosaic": ("tpu",)}[module_name]
+    is the union of x1's non-zero columns: the W_down rows S3 reads. ``name``'s own platforms are those :data:`AUTO`
+    gives it."""
 
     def impl(x_BxD: Array, w: dict[str, Array], mode: Mode) -> tuple[Array, Array]:
         kernels = importlib.import_module(f"pallas_kernels.{module_name}")
-        interpret = jax.default_backend() not in native
+        interpret = AUTO.get(jax.default_backend()) != name
         w_up_FxD = w["w_up_DxF"].T if w["w_up_FxD"] is None else w["w_up_FxD"]
         x1_BxF = kernels.s2(x_BxD, w["w_gate_DxF"], w_up_FxD, activation=mode.activation, threshold=mode.threshold,
                             tau=mode.tau, w_down_norms_F=w["w_down_norms_F"], interpret=interpret)
@@ -272,7 +272,8 @@ def _pallas_impl(module_name: str) -> Callable[[Array, dict[str, Array], Mode], 
 #: DMAs); both in ``pallas_kernels/``.
 IMPLEMENTATIONS: dict[str, Callable[[Array, dict[str, Array], Mode], tuple[Array, Array]]] = {
     "dense": _dense_impl, "cpu_gather": _cpu_gather_impl, "cpu_ffi": _cpu_ffi_impl,
-    "pallas_triton": _pallas_impl("sparse_ffn_triton"), "pallas_mosaic": _pallas_impl("sparse_ffn_mosaic")}
+    "pallas_triton": _pallas_impl("pallas_triton", "sparse_ffn_triton"),
+    "pallas_mosaic": _pallas_impl("pallas_mosaic", "sparse_ffn_mosaic")}
 
 #: What ``implementation="auto"`` runs on each platform (anything else: ``dense``). ``cpu_ffi`` is built on first use;
 #: where it cannot be (no g++), ``auto`` warns once and runs ``cpu_gather``.
