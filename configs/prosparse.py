@@ -12,7 +12,7 @@ so the published stage tables (ProSparse Sec. 4 / App.) mean what the paper mean
 
 from prosparse_jax.config import ConfigError
 from prosparse_jax.run_config import base_config
-from prosparse_jax.schedules import PROSPARSE_STAGES
+from prosparse_jax.training.schedules import PROSPARSE_STAGES
 
 NAMES = ("tiny", "tiny-silu", "minicpm-1b", "llama2-7b", "llama2-13b")
 

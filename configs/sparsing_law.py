@@ -11,8 +11,8 @@ Law inputs: the Sparsing Law's A(D) is the CETT-PPL-1% activation ratio of every
 ``train.checkpoint_every``), not only the last few.
 """
 
-from prosparse_jax.activations import ACTIVATIONS
 from prosparse_jax.config import ConfigError
+from prosparse_jax.model.activations import ACTIVATIONS
 from prosparse_jax.run_config import base_config
 
 # scale -> (d_model, n_layers, n_heads, tokens per optimizer step in the paper's Table 3)

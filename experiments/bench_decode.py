@@ -7,9 +7,9 @@ A random model at the given FFN width (LLaMA2-7B: 4096 x 11008) with a few layer
 chosen as the ``--sparsity`` quantile of the gate pre-activations of the prompt (so every layer decodes at about that
 sparsity; measured sparsity is printed), batch 1, fp32, greedy:
 
-* ours dense: ``prosparse_jax.generate.generate`` with the dense FFN hook;
+* ours dense: ``prosparse_jax.inference.generate.generate`` with the dense FFN hook;
 * ours sparse, one per backend of ``--implementations`` (default ``cpu_gather`` and ``cpu_ffi``): the same with
-  ``generate.sparse_decode_ffn`` (``prosparse_jax.sparse_ffn``: only the active neurons' rows of W_up / W_down are
+  ``generate.sparse_decode_ffn`` (``prosparse_jax.inference.sparse_ffn``: only the active neurons' rows of W_up / W_down are
   read), which must emit the same tokens;
 * PyTorch: the same weights as a transformers ``LlamaForCausalLM`` with ``hidden_act=relu`` against our dense decode
   of the ReLU model (transformers has no FATReLU), ``generate(do_sample=False)``, same threads; its decode speed is
@@ -37,14 +37,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from prosparse_jax import cli, generate, model, sparse_ffn  # noqa: E402
 from prosparse_jax.config import ModelConfig  # noqa: E402
+from prosparse_jax.inference import generate, sparse_ffn
+from prosparse_jax.main import common as cli  # noqa: E402
+from prosparse_jax.model import transformer as model
 
 
 def load_trained(path: str, prompt_len: int) -> tuple[ModelConfig, model.Params, list[int]]:
@@ -53,7 +53,7 @@ def load_trained(path: str, prompt_len: int) -> tuple[ModelConfig, model.Params,
 
     from tokenizers import Tokenizer
 
-    from prosparse_jax import checkpoint
+    from prosparse_jax.training import checkpoint
 
     cfg, params, tok_path = checkpoint.load_model(path)
     if tok_path is None:
@@ -88,8 +88,8 @@ def torch_model(cfg: ModelConfig, params: model.Params):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from prosparse_jax.hf_config import hf_config_from_model
-    from prosparse_jax.hf_weights import to_hf_state_dict
+    from prosparse_jax.hf.config import hf_config_from_model
+    from prosparse_jax.hf.weights import to_hf_state_dict
 
     raw = hf_config_from_model(cfg, "llama")
     keep = {k: v for k, v in raw.items() if k in LlamaConfig().to_dict() and k not in ("torch_dtype", "dtype")}
@@ -133,7 +133,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--new_tokens", type=int, default=32)
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--implementations", default="dense,cpu_gather,cpu_ffi",
-                   help="sparse FFN backends to time (prosparse_jax.sparse_ffn); the dense decode is always timed")
+                   help="sparse FFN backends to time (prosparse_jax.inference.sparse_ffn); the dense decode is always timed")
     p.add_argument("--torch", action="store_true", help="also time transformers generate (dense ReLU model)")
     p.add_argument("--out", default="", help="write the results JSON here")
     return p

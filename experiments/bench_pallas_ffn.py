@@ -29,16 +29,13 @@ import itertools
 import json
 import sys
 import time
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from prosparse_jax import cli  # noqa: E402
-from prosparse_jax.sparse_ffn import resolve_implementation  # noqa: E402
+from prosparse_jax.inference.sparse_ffn import resolve_implementation  # noqa: E402
+from prosparse_jax.main import common as cli  # noqa: E402
 
 #: ProSparse Table 5 (us, batch 1, bf16, A100): (S2 dense, S2 sparse, S3 dense, S3 sparse).
 PUBLISHED = {"4096x11008": (90.55, 45.38, 82.92, 55.05), "5120x13824": (131.36, 53.78, 113.68, 66.73)}

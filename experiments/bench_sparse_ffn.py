@@ -1,4 +1,4 @@
-"""Dense vs sparse FFN (``prosparse_jax.sparse_ffn``) for batch-1..4 decoding on CPU.
+"""Dense vs sparse FFN (``prosparse_jax.inference.sparse_ffn``) for batch-1..4 decoding on CPU.
 
     python experiments/bench_sparse_ffn.py                       # 4096x11008 and 1536x3840, batch 1 and 4
     python experiments/bench_sparse_ffn.py --shapes=4096x11008 --batches=1 --sparsities=0.88 --reps=10
@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from prosparse_jax.sparse_ffn import DEFAULT_CHUNK, prepare_weights, resolve_implementation, sparse_ffn
+from prosparse_jax.inference.sparse_ffn import DEFAULT_CHUNK, prepare_weights, resolve_implementation, sparse_ffn
 
 
 @functools.cache
@@ -114,7 +114,9 @@ def record_ffn_inputs(path: str, n_tokens: int) -> tuple:
 
     from tokenizers import Tokenizer
 
-    from prosparse_jax import checkpoint, decode, generate, model, score
+    from prosparse_jax.inference import decode, generate, score
+    from prosparse_jax.model import transformer as model
+    from prosparse_jax.training import checkpoint
 
     cfg, params, tok_path = checkpoint.load_model(path)
     if tok_path is None:
@@ -193,7 +195,7 @@ def main() -> None:
     ap.add_argument("--checkpoint", default="", help="real activations: a trained workdir / HF folder")
     ap.add_argument("--tokens", type=int, default=64, help="with --checkpoint: recorded tokens per layer")
     ap.add_argument("--implementations", default="dense,cpu_gather,cpu_ffi",
-                    help="backends of prosparse_jax.sparse_ffn to time (dense is always timed: the reference)")
+                    help="backends of prosparse_jax.inference.sparse_ffn to time (dense is always timed: the reference)")
     a = ap.parse_args()
     impls = parse_implementations(a.implementations)
     if a.checkpoint:

@@ -7,8 +7,8 @@ Compute dtype: float32 by default; ``--dtypes=bfloat16`` compares our ``model.dt
 master weights, norms and softmax) with torch autocast bf16. Our layer layout is the tiny config's
 (``model.scan_layers=False``: per-layer parameter groups, unrolled), printed in each row.
 
-For every shape, in ONE process: (a) ``prosparse_jax.train.make_train_step`` with the optimizer of
-``prosparse_jax.optim.make_optimizer`` (AdamW + global-norm clipping), the real loss (CE + lambda * sum_l mean|x1_l|,
+For every shape, in ONE process: (a) ``prosparse_jax.training.train.make_train_step`` with the optimizer of
+``prosparse_jax.training.optim.make_optimizer`` (AdamW + global-norm clipping), the real loss (CE + lambda * sum_l mean|x1_l|,
 lambda > 0), grad_accum = 1, jitted with the state donated exactly as ``train.train`` does; (b) HF
 ``LlamaForCausalLM`` (hidden_act relu, no biases, untied head, attn_implementation='sdpa') with ``torch.optim.AdamW``
 and the same clipping; its loss is CE + lambda * sum_l mean|x1_l| too, x1 (the input of ``down_proj``) being taken
@@ -22,7 +22,7 @@ libraries load), then one table shows every row. ``avx2`` caps both sides to AVX
 ``MKL_ENABLE_INSTRUCTIONS=AVX2`` and ``ONEDNN_MAX_CPU_ISA=AVX2`` for torch. The matmul peak of each side is measured
 inside each child and printed, so a cap that a library ignores shows up as an unchanged peak.
 
-Loop row (``--loop_steps=N``, tiny shape): the real ``prosparse_jax.train.train`` loop on the tiny config for N steps
+Loop row (``--loop_steps=N``, tiny shape): the real ``prosparse_jax.training.train.train`` loop on the tiny config for N steps
 (data pipeline, prefetch, metrics, checkpoint at the end) in a temporary workdir; its tokens/s is the median of the
 ``tokens_per_sec`` entries of metrics.jsonl after the first (which holds compilation), next to the isolated step of the
 same shape timed right before and after it in the same process (goal: loop >= 90% of the step).
@@ -42,20 +42,18 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from configs import prosparse as prosparse_configs  # noqa: E402
-from experiments.bench_train_torch import TorchBench, torch_matmul_peak  # noqa: E402
-from prosparse_jax import cli, schedules  # noqa: E402
-from prosparse_jax import optim as optim_lib  # noqa: E402
-from prosparse_jax.metrics import measure_matmul_peak  # noqa: E402
-from prosparse_jax.model import init_params  # noqa: E402
+from prosparse_jax.main import common as cli  # noqa: E402
+from prosparse_jax.model.transformer import init_params  # noqa: E402
 from prosparse_jax.run_config import resolve  # noqa: E402
-from prosparse_jax.sharding import make_mesh  # noqa: E402
-from prosparse_jax.step import make_train_step, place_state  # noqa: E402
+from prosparse_jax.training import optim as optim_lib  # noqa: E402
+from prosparse_jax.training import schedules
+from prosparse_jax.training.metrics import measure_matmul_peak  # noqa: E402
+from prosparse_jax.training.sharding import make_mesh  # noqa: E402
+from prosparse_jax.training.step import make_train_step, place_state  # noqa: E402
 
 # name -> (model fields, batch, seq_len)
 SHAPES = {
@@ -177,8 +175,8 @@ def loop_row(steps: int, args: argparse.Namespace, workdir: Path) -> dict:
     The isolated step (tiny shape, batch 8 x 256) is timed right before and right after the loop in the same process
     (``args.reps`` repetitions of ``args.steps`` steps on each side, median), so both see the same machine state.
     """
-    from prosparse_jax.metrics import read_metrics
-    from prosparse_jax.train import train
+    from prosparse_jax.training.metrics import read_metrics
+    from prosparse_jax.training.train import train
 
     _, batch, seq = SHAPES["tiny"]
     jb = JaxBench("tiny", batch, seq, args.reg_factor)
@@ -361,6 +359,82 @@ def _run(argv: list[str] | None) -> int:
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point; returns the exit code (1 with one error line on stderr for bad input; --verbose: traceback)."""
     return cli.call("bench_train", argv, lambda: _run(argv), (BenchError, OSError))
+
+
+# The PyTorch side: the reference training step and PyTorch's matmul peak (torch is imported only here).
+class TorchBench:
+    """The same training step in PyTorch (CPU): transformers' LlamaForCausalLM with ReLU, AdamW with the same
+    decay groups and clipping, and the ProSparse L1 term on the input of every down_proj (mean |x1| per layer,
+    summed), on one fixed random batch. bf16 runs under autocast (fp32 master weights), like model.dtype=bfloat16."""
+
+    def __init__(self, rc, batch: int, seq: int, reg_factor: float, seed: int = 0) -> None:
+        import torch
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        m, o = rc.model, rc.optim
+        torch.manual_seed(seed)
+        hf_cfg = LlamaConfig(
+            vocab_size=m.vocab_size, hidden_size=m.d_model, intermediate_size=m.d_ff, num_hidden_layers=m.n_layers,
+            num_attention_heads=m.n_heads, num_key_value_heads=m.n_kv_heads, head_dim=m.head_dim, hidden_act="relu",
+            max_position_embeddings=max(seq, 512), rms_norm_eps=m.norm_eps, rope_theta=m.rope_theta,
+            attention_bias=False, mlp_bias=False, tie_word_embeddings=False, initializer_range=m.init_std,
+            use_cache=False, attn_implementation="sdpa",
+        )
+        self.model = LlamaForCausalLM(hf_cfg).float().train()
+        self.attn_impl = self.model.config._attn_implementation
+        decay = [p for n, p in self.model.named_parameters() if "norm" not in n and "embed" not in n]
+        no_decay = [p for n, p in self.model.named_parameters() if "norm" in n or "embed" in n]
+        self.opt = torch.optim.AdamW([{"params": decay, "weight_decay": o.weight_decay},
+                                      {"params": no_decay, "weight_decay": 0.0}],
+                                     lr=o.lr, betas=(o.b1, o.b2), eps=o.eps, foreach=True)
+        self.clip = o.clip_norm
+        self.reg_factor = reg_factor
+        self._l1: list = []
+        for layer in self.model.model.layers:  # x1 = act(gate) * up is the input of down_proj
+            layer.mlp.down_proj.register_forward_pre_hook(lambda mod, args: self._l1.append(args[0].abs().mean()))
+        g = torch.Generator().manual_seed(seed)
+        toks = torch.randint(0, m.vocab_size, (batch, seq + 1), generator=g)
+        self.inputs, self.targets = toks[:, :-1].contiguous(), toks[:, 1:].contiguous()
+        self.torch = torch
+        # bf16: autocast (bf16 matmuls, fp32 master weights and optimizer), like our model.dtype=bfloat16
+        self.autocast = m.dtype == "bfloat16"
+        self.loss = None
+
+    def run(self, n: int) -> float:
+        """Runs n steps; returns the seconds they took."""
+        if n <= 0:
+            return 0.0
+        torch = self.torch
+        t0 = time.perf_counter()
+        for _ in range(n):
+            self._l1.clear()
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.autocast):
+                logits = self.model(input_ids=self.inputs).logits
+                l1 = torch.stack([x.float() for x in self._l1]).sum()
+            ce = torch.nn.functional.cross_entropy(logits.float().view(-1, logits.shape[-1]), self.targets.view(-1))
+            loss = ce + self.reg_factor * l1
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if self.clip > 0:
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip, foreach=True)
+            self.opt.step()
+        dt = time.perf_counter() - t0
+        self.loss = float(loss.detach())
+        return dt
+
+
+def torch_matmul_peak(n: int = 1024, repeats: int = 5) -> float:
+    """PyTorch's best n x n fp32 matmul rate on this machine (FLOP/s), for the table's % of peak."""
+    import torch
+
+    a = torch.ones(n, n)
+    a @ a
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        a @ a
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best
 
 
 if __name__ == "__main__":

@@ -15,8 +15,8 @@
 Every row is measured on the same held-out set (``train.eval_batches`` batches sampled across the stratified
 held-out split of the corpus): activation sparsity (exact zeros of x1), held-out loss and perplexity, the training
 loss next to it (mean of the last logged interval), the dead-neuron fraction (neurons active on < 0.1% of held-out
-tokens) and the CETT-PPL-1% activation ratio (Sparsing Law, arXiv 2411.02335 Sec. 4.1; ``prosparse_jax.analyze``).
-Writes ``<workdir>/results.json``, ``results.md`` and plots; every run is an ordinary ``prosparse_jax.train`` workdir
+tokens) and the CETT-PPL-1% activation ratio (Sparsing Law, arXiv 2411.02335 Sec. 4.1; ``prosparse_jax.analysis.analyze``).
+Writes ``<workdir>/results.json``, ``results.md`` and plots; every run is an ordinary ``prosparse_jax.training.train`` workdir
 (``<workdir>/{silu,control_silu,a_relu,b_prosparse}``), so re-running resumes / reuses finished runs.
 """
 
@@ -32,21 +32,19 @@ import jax
 import numpy as np
 from absl import flags, logging
 
-from prosparse_jax import analyze as analyze_lib
-from prosparse_jax import checkpoint as ckpt
-from prosparse_jax import cli
-from prosparse_jax import data as data_lib
-from prosparse_jax.config import ConfigError, DataConfig, build_section
-from prosparse_jax.metrics import MetricsFileError, read_metrics
-from prosparse_jax.model import forward
-from prosparse_jax.step import evaluate
-from prosparse_jax.train import train
-from prosparse_jax.workdir import TrainError
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from configs import prosparse as prosparse_configs  # noqa: E402
+from prosparse_jax.analysis import analyze as analyze_lib
+from prosparse_jax.config import ConfigError, DataConfig, build_section
+from prosparse_jax.data import pipeline as data_lib
+from prosparse_jax.main import common as cli
+from prosparse_jax.model.transformer import forward
+from prosparse_jax.training import checkpoint as ckpt
+from prosparse_jax.training.metrics import MetricsFileError, read_metrics
+from prosparse_jax.training.step import evaluate
+from prosparse_jax.training.train import train
+from prosparse_jax.training.workdir import TrainError
 
-FLAGS = flags.FlagValues()  # own flag set, parsed by prosparse_jax.cli.run (one-line errors, --verbose)
+FLAGS = flags.FlagValues()  # own flag set, parsed by prosparse_jax.main.common.run (one-line errors, --verbose)
 _WORKDIR = flags.DEFINE_string("workdir", "runs/miniature", "Output directory (one sub-workdir per run).",
                                flag_values=FLAGS)
 _PRETRAIN = flags.DEFINE_integer("pretrain_steps", 180, "SiLU pretraining steps (warm-up, then constant LR).",

@@ -7,6 +7,6 @@
 
 Both expose ``s2(x_BxD, w_gate_DxF, w_up_FxD, *, activation, threshold, tau, w_down_norms_F, ..., interpret)`` and
 ``s3(x1_BxF, w_down_FxD, ..., interpret)``, and are the ``pallas_triton`` / ``pallas_mosaic`` backends of
-:func:`prosparse_jax.sparse_ffn.sparse_ffn` (``implementation="auto"`` picks them on GPU / TPU). Tests run them with
+:func:`prosparse_jax.inference.sparse_ffn.sparse_ffn` (``implementation="auto"`` picks them on GPU / TPU). Tests run them with
 ``interpret=True`` on CPU against the references and lower them for ``cuda`` / ``tpu`` with ``jax.export``.
 """

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from prosparse_jax.activations import ACTIVATIONS, RELU_FAMILY, ffn_product
+from prosparse_jax.model.activations import ACTIVATIONS, RELU_FAMILY, ffn_product
 
 Array = jax.Array
 
@@ -81,7 +81,7 @@ def check_s2_inputs(x_BxD: Array, w_gate_DxF: Array, w_up_FxD: Array, *, activat
     if tau is None and activation not in GATE_MASK_ACTIVATIONS:
         raise KernelInputError(
             f"activation {activation!r} has no exact zeros, so the gate cannot decide which neurons to skip; pass "
-            f"tau and w_down_norms_F (the neuron-norm sparse mode, from `python -m prosparse_jax.analyze "
+            f"tau and w_down_norms_F (the neuron-norm sparse mode, from `python -m prosparse_jax.analysis.analyze "
             f"--metric=pplp`) or use one of {sorted(GATE_MASK_ACTIVATIONS)}")
     if x_BxD.ndim != 2:
         raise KernelInputError(f"x_BxD: expected [batch, d_model], got shape {x_BxD.shape}; flatten batch and time")

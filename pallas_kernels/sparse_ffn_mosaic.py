@@ -32,13 +32,13 @@ almost nothing anyway. So the skipping is per neuron:
      the last step writes ``out_BxD``.
 3. Capacity buckets: the grid is static, so one ``pallas_call`` is built per capacity ``chunk * 2^k`` (up to F
    rounded up to ``chunk``) and ``lax.switch`` on the dynamic count picks the smallest that holds the active set (as
-   :mod:`prosparse_jax.sparse_ffn` does on CPU): an 88%-sparse call runs ~F/8/chunk grid steps, not F/chunk.
+   :mod:`prosparse_jax.inference.sparse_ffn` does on CPU): an 88%-sparse call runs ~F/8/chunk grid steps, not F/chunk.
 
 Neuron-norm mode (``tau`` given; any activation, e.g. SiLU; CETT, Sparsing Law §4.1): neuron i is kept iff
 ``|x1_i| * ||W_down[i, :]|| > tau``, which needs the up projection of *every* neuron, so S2 computes it densely in
 XLA and skips nothing (its x1 is masked exactly as the reference does); the skipping happens in S3.
 
-Neuron permutation: :mod:`prosparse_jax.permute` reorders the neurons offline by activation frequency, so the active
+Neuron permutation: :mod:`prosparse_jax.analysis.permute` reorders the neurons offline by activation frequency, so the active
 rows cluster and neighbouring row DMAs read neighbouring HBM addresses (merging such runs into one multi-row DMA is a
 possible refinement, not done here). The per-neuron gather does not need the permutation for correctness: any order
 of ``idx`` gives the same result.
@@ -74,8 +74,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels.reference import KernelInputError, check_s2_inputs, check_s3_inputs
-from prosparse_jax.activations import ffn_product
-from prosparse_jax.sparse_ffn import default_buckets
+from prosparse_jax.inference.sparse_ffn import default_buckets
+from prosparse_jax.model.activations import ffn_product
 
 Array = jax.Array
 

@@ -50,7 +50,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.reference import KernelInputError, check_s2_inputs, check_s3_inputs
-from prosparse_jax.activations import ffn_product
+from prosparse_jax.model.activations import ffn_product
 
 Array = jax.Array
 

@@ -20,8 +20,6 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from prosparse_jax.activations import ACTIVATIONS
-from prosparse_jax.attention import NAMES as ATTENTIONS
 from prosparse_jax.config_checks import (
     ConfigError,
     Stages,
@@ -31,6 +29,8 @@ from prosparse_jax.config_checks import (
     require,
     validate_stages,
 )
+from prosparse_jax.model.activations import ACTIVATIONS
+from prosparse_jax.model.attention import NAMES as ATTENTIONS
 
 __all__ = ["ConfigError", "Stages", "validate_stages"]  # re-exported: the rules live in config_checks
 
@@ -64,7 +64,7 @@ class ModelConfig:
     init_std: float = 0.02  # std of the matrix init (MiniCPM µP: 0.1 / sqrt(d_model / 256))
     dtype: str = "float32"  # compute dtype; parameters are always stored in float32
     remat: bool = False  # rematerialise each layer in the backward pass
-    # Attention backend (prosparse_jax.attention): 'auto' picks by platform when traced (cpu: xla_blocks, gpu: cudnn
+    # Attention backend (prosparse_jax.model.attention): 'auto' picks by platform when traced (cpu: xla_blocks, gpu: cudnn
     # for bfloat16 else xla, tpu: splash); 'xla_blocks' | 'xla' | 'cudnn' | 'splash' force one. KV-cache decoding
     # always runs xla_blocks.
     attention: str = "auto"
@@ -172,7 +172,7 @@ def _validate_model(c: ModelConfig) -> None:
 # ---------------------------------------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-    """Where the text comes from and how it becomes batches (:mod:`prosparse_jax.data`)."""
+    """Where the text comes from and how it becomes batches (:mod:`prosparse_jax.data.pipeline`)."""
 
     source: str = "stdlib"  # 'stdlib' | 'files:<glob>' (** allowed) | 'tfds:<name>' (prepared as array_record)
     data_dir: str = ""  # TFDS data dir; '' -> $PROSPARSE_DATA_DIR or ~/.cache/prosparse_jax/tfds
@@ -207,7 +207,7 @@ class DataConfig:
 # ---------------------------------------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class OptimConfig:
-    """Optimizer hyper-parameters (:mod:`prosparse_jax.optim`)."""
+    """Optimizer hyper-parameters (:mod:`prosparse_jax.training.optim`)."""
 
     lr: float = 1e-3  # peak learning rate
     schedule: str = "cosine"  # 'cosine' | 'wsd' | 'constant'
@@ -254,7 +254,7 @@ class OptimConfig:
 # ---------------------------------------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    """Steps, batch semantics, logging, checkpoints and mesh (:mod:`prosparse_jax.train`)."""
+    """Steps, batch semantics, logging, checkpoints and mesh (:mod:`prosparse_jax.training.train`)."""
 
     steps: int = 1000
     batch_size: int = 8  # GLOBAL sequences per optimizer step (all devices, hosts and micro-steps)

@@ -1,6 +1,6 @@
 """ProSparse for Flax NNX models: a gated-FFN layer that records the L1 statistic, its penalty, sparse inference.
 
-The core of prosparse_jax stays functional (:mod:`prosparse_jax.model`, :mod:`prosparse_jax.step`); this module is the
+The core of prosparse_jax stays functional (:mod:`prosparse_jax.model.transformer`, :mod:`prosparse_jax.training.step`); this module is the
 thin adoption layer for a researcher whose model is a Flax NNX module. :class:`GatedFFN` computes exactly the
 functional model's FFN (it calls ``model.ffn_hidden`` / ``model.ffn_down``), keeps its weights under the functional
 names without the ``L`` axis (``w_gate_DxF``, ``w_up_DxF``, ``w_down_FxD``) and records, at each call, the layer's
@@ -34,7 +34,7 @@ objective (ProSparse Eq. 2, as in ``step.loss_fn``) is then ``task_loss + reg_fa
     sparsity = psnnx.activation_sparsity(model)  # fraction of exact zeros of x1, mean over GatedFFNs
 
 Inference on a few decode tokens reads only the active neurons' weights with ``ffn(x, sparse=True)``
-(:func:`prosparse_jax.sparse_ffn.sparse_ffn`); :meth:`GatedFFN.from_params` / :meth:`GatedFFN.to_params` move weights
+(:func:`prosparse_jax.inference.sparse_ffn.sparse_ffn`); :meth:`GatedFFN.from_params` / :meth:`GatedFFN.to_params` move weights
 to and from the functional model's parameters.
 """
 
@@ -48,12 +48,12 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from prosparse_jax import model
-from prosparse_jax.activations import check_activation
 from prosparse_jax.config import L1_REDUCTIONS, ModelConfig
-from prosparse_jax.layouts import layer_param
-from prosparse_jax.model import layer_stats  # the functional statistic itself, not a copy of it
-from prosparse_jax.sparse_ffn import GATE_MASK_ACTIVATIONS, prepare_weights, sparse_ffn
+from prosparse_jax.inference.sparse_ffn import GATE_MASK_ACTIVATIONS, prepare_weights, sparse_ffn
+from prosparse_jax.model import transformer as model
+from prosparse_jax.model.activations import check_activation
+from prosparse_jax.model.layouts import layer_param
+from prosparse_jax.model.transformer import layer_stats  # the functional statistic itself, not a copy of it
 
 Array = jax.Array
 
@@ -104,7 +104,7 @@ class GatedFFN(nnx.Module):
         Args:
           d_model: width D of the input and output.
           d_ff: number of FFN neurons F.
-          activation: a name from ``prosparse_jax.activations.ACTIVATIONS`` (relu, fatrelu, drelu, relu2, silu, gelu).
+          activation: a name from ``prosparse_jax.model.activations.ACTIVATIONS`` (relu, fatrelu, drelu, relu2, silu, gelu).
           activation_threshold: FATReLU threshold t >= 0 (ignored by the other activations).
           dtype: compute dtype (the input is cast to it); None computes in the input's dtype.
           param_dtype: dtype the weights are stored in (the functional model stores float32).
@@ -218,7 +218,7 @@ class GatedFFN(nnx.Module):
           x_BxTxD: the FFN input (after the block's norm).
           valid_BxT: False on padding tokens, which the statistics exclude (the output is computed for every token).
             None = all valid.
-          sparse: run :func:`prosparse_jax.sparse_ffn.sparse_ffn` (at most :data:`MAX_SPARSE_TOKENS` tokens B * T),
+          sparse: run :func:`prosparse_jax.inference.sparse_ffn.sparse_ffn` (at most :data:`MAX_SPARSE_TOKENS` tokens B * T),
             reading only the active neurons' rows of W_up / W_down. Its ``mean_abs_x1`` is NaN (x1 is not formed for
             the skipped neurons) and ``zero_frac`` is 1 - (union of the tokens' active neurons) / F.
           implementation: the sparse backend: ``auto`` (by platform) or a key of ``sparse_ffn.IMPLEMENTATIONS``.
@@ -262,7 +262,7 @@ class GatedFFN(nnx.Module):
         if tau is None and self.activation not in GATE_MASK_ACTIVATIONS:
             raise ValueError(
                 f"activation {self.activation!r} has no exact zeros, so sparse=True needs tau, this layer's "
-                "neuron-norm threshold; get thresholds with `python -m prosparse_jax.analyze --metric=pplp --value=1` "
+                "neuron-norm threshold; get thresholds with `python -m prosparse_jax.analysis.analyze --metric=pplp --value=1` "
                 f"(its sparse_mode.json), or use an activation of {sorted(GATE_MASK_ACTIVATIONS)}, or sparse=False")
         w_up_FxD = None if self.w_up_FxD is None else self.w_up_FxD[...]
         norms_F = None
@@ -304,7 +304,7 @@ def ffn_stats(module: nnx.Module) -> model.FFNStats:
 def l1_penalty(module: nnx.Module, *, l1_reduction: str = "sum") -> Array:
     """The ProSparse L1 term summed over the GatedFFNs of ``module``, as ``step.loss_fn`` combines layers.
 
-    Multiply by the regularization factor λ (``reg_factor``, :func:`prosparse_jax.schedules.reg_factor_schedule`) and
+    Multiply by the regularization factor λ (``reg_factor``, :func:`prosparse_jax.training.schedules.reg_factor_schedule`) and
     add to the task loss, in the same function as (after) the forward pass that recorded the statistics.
 
     Args:

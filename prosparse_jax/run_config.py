@@ -19,8 +19,8 @@ from typing import Any
 
 import ml_collections
 
-from prosparse_jax import schedules
 from prosparse_jax.config import SECTIONS, ConfigError, RunConfig, build_section
+from prosparse_jax.training import schedules
 
 
 def model_fields(**kw: Any) -> ml_collections.ConfigDict:

@@ -10,8 +10,8 @@ import pytest
 from ml_collections import config_flags
 
 from prosparse_jax.config import ConfigError
-from prosparse_jax.describe import describe
-from prosparse_jax.model import abstract_params
+from prosparse_jax.main.describe import describe
+from prosparse_jax.model.transformer import abstract_params
 from prosparse_jax.run_config import resolve
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -104,7 +104,7 @@ def test_bad_config_arg():
 
 
 def _describe_cli(*args):
-    return subprocess.run([sys.executable, "-m", "prosparse_jax.describe", *args], cwd=ROOT, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "prosparse_jax.main.describe", *args], cwd=ROOT, capture_output=True,
                           text=True, timeout=120)
 
 
@@ -133,7 +133,7 @@ def test_sparsing_law_tokens_per_step_and_heads(scale, heads, tokens):
 
 
 def test_describe_cli_prints_paper_tokens_per_step():
-    out = subprocess.run([sys.executable, "-m", "prosparse_jax.describe",
+    out = subprocess.run([sys.executable, "-m", "prosparse_jax.main.describe",
                           "--config=configs/sparsing_law.py:1.2b-relu"], cwd=ROOT, capture_output=True, text=True,
                          check=True).stdout
     assert json.loads(out)["tokens_per_step"] == 1_572_864
@@ -141,7 +141,7 @@ def test_describe_cli_prints_paper_tokens_per_step():
 
 def test_minicpm_lr_decays_over_the_whole_last_stage():
     """ProSparse MiniCPM-1B: WSD decay from step 35k (end of the last lambda ramp) to 95k, lambda held at 5e-2."""
-    from prosparse_jax import optim, schedules
+    from prosparse_jax.training import optim, schedules
 
     rc = resolve(load("prosparse.py", "minicpm-1b"))
     _, lr = optim.make_optimizer(rc.optim, rc.train.steps, rc.model.d_model)

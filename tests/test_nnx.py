@@ -11,7 +11,8 @@ from conftest import tiny_model_config
 from flax import nnx
 
 import prosparse_jax.nnx as psnnx
-from prosparse_jax import model, step
+from prosparse_jax.model import transformer as model
+from prosparse_jax.training import step
 
 D, F = 16, 40
 

@@ -82,7 +82,7 @@ def analysis(law_input: str = "cett_ppl", *, p: float = 1.0, n_search: int = 5, 
 
     Args:
       law_input: ``cett_ppl`` (the Sparsing Law's A: CETT-PPL-p% activation ratio of every kept checkpoint,
-        ``prosparse_jax.law_ratios``), ``exact_zero`` (1 - exact-zero training sparsity from metrics.jsonl; cheap,
+        ``prosparse_jax.analysis.law_inputs``), ``exact_zero`` (1 - exact-zero training sparsity from metrics.jsonl; cheap,
         not the paper's A) or ``""`` (no law fit: a ProSparse ablation).
       p, n_search, num_batches, batch_size, search_steps: the CETT-PPL protocol's settings (``fit_laws.py``).
       min_step: warm-up cut (checkpoints with step <= min_step are dropped); -1 = the run's optim.warmup_steps.

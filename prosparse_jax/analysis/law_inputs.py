@@ -1,0 +1,399 @@
+"""Per-checkpoint inputs of the Sparsing Law fit: the CETT-PPL-p% activation ratio of every kept checkpoint.
+
+The Sparsing Law (arXiv 2411.02335) fits the activation ratio A of a run against its training tokens D, with A the
+CETT-PPL-1% activation ratio measured on validation data at each checkpoint, under the paper's sparsity stabilizing
+strategy (App. E):
+
+1. the warmup checkpoints are dropped (their sparsity fluctuates); here: every step <= ``min_step``, by default the
+   run's ``optim.warmup_steps``;
+2. ONE CETT target t is searched on the last ``n_search`` (5) kept checkpoints (Algorithm 1, a bisection on t in
+   [0, 1] like ``prosparse_jax.analysis.analyze --metric=pplp``) and then applied to all kept checkpoints. "Jointly" is read
+   as the worst case: t is feasible iff on EVERY one of those checkpoints the perplexity ratio
+   exp(sparse_loss - dense_loss) <= 1 + p/100. t = 1 is tried first (it truncates every neuron); otherwise the
+   bisection keeps [lo, hi] with lo feasible (or 0) and hi tested infeasible, and t = lo after ``search_steps``
+   halvings, so t + 2^-search_steps breaks the bound on at least one search checkpoint;
+3. per checkpoint, per-layer thresholds tau_l are found by bisection so that CETT(tau_l) = t (CETT, paper §3 /
+   §4.1: the relative norm of the FFN output that the truncated neurons carry; :class:`prosparse_jax.analysis.sparsity.
+   CETTCache`), and the activation ratio is the fraction of (valid token x d_ff) units whose neuron output norm
+   |x1_i| * ||W_down[:, i]|| exceeds tau_l, averaged over layers -- exactly ``analyze --metric=cett --value=t``.
+
+The validation data are the held-out split of the run's own ``data.source``, tokenized with the workdir's
+tokenizer.json (:func:`prosparse_jax.analysis.measure.load_batches`); the same batches serve every checkpoint.
+
+Cost: one captured forward per eval batch per kept checkpoint (dense loss and x1); the CETT bisections reuse the
+captured x1; one sparse forward per batch per search step per search checkpoint (a step stops at the first checkpoint
+that breaks the bound) and one per batch for each other checkpoint's PPL ratio. The search holds the captured x1 of
+the ``n_search`` checkpoints at once: n_search x L x batch_size x num_batches x seq_len x d_ff float32 values --
+lower ``num_batches`` / ``batch_size`` for large models.
+
+Result (JSON, by default ``<workdir>/law_ratios.json``; see :func:`law_ratios`): the settings, the CETT target, the
+dropped steps, the search trace and, per kept checkpoint, step / tokens / D (= tokens / 1e9) / activation ratio (mean
+and per layer) / PPL ratio.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from prosparse_jax.analysis import measure, sparsity
+from prosparse_jax.analysis.measure import Batch, LossSums
+from prosparse_jax.config import model_config_from_dict
+from prosparse_jax.main import common as cli
+from prosparse_jax.model.transformer import Params
+from prosparse_jax.training import checkpoint as ckpt
+
+DEFAULT_FILE = "law_ratios.json"
+PROTOCOL = "CETT-PPL-p% activation ratio per checkpoint (Sparsing Law arXiv 2411.02335, App. E)"
+FORMAT_VERSION = 1
+
+
+class LawRatiosError(ValueError):
+    """Bad inputs of the law-ratio protocol (workdir, checkpoints, settings, existing output); says how to fix it."""
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointPlan:
+    """Which checkpoints of a run the protocol measures.
+
+    Attributes:
+      kept_steps: steps > min_step, ascending (the law's points).
+      dropped_steps: steps <= min_step (warmup), ascending.
+      min_step: the cut (default: the run's optim.warmup_steps).
+      tokens_per_step: train.batch_size * data.seq_len (global sequences per optimizer step x tokens each).
+    """
+
+    kept_steps: tuple[int, ...]
+    dropped_steps: tuple[int, ...]
+    min_step: int
+    tokens_per_step: int
+
+    def tokens(self, step: int) -> int:
+        """Training tokens seen after ``step`` optimizer steps."""
+        return step * self.tokens_per_step
+
+
+def checkpoint_steps(workdir: str | Path) -> list[int]:
+    """All checkpoint steps on disk under ``<workdir>/checkpoints`` (those with params), ascending."""
+    d = Path(workdir) / ckpt.CKPT_DIR
+    if not d.is_dir():
+        return []
+    return sorted(int(p.name) for p in d.iterdir() if p.name.isdigit() and (p / "params").exists())
+
+
+def _train_settings(workdir: Path) -> tuple[dict[str, Any], int, int, int]:
+    """(run config, warmup steps, train.batch_size, data.seq_len) of a training workdir."""
+    try:
+        run_cfg = ckpt.read_run_config(workdir)
+    except ckpt.CheckpointError as e:
+        raise LawRatiosError(str(e)) from e
+    try:
+        warmup = int(run_cfg["optim"]["warmup_steps"])
+        batch = int(run_cfg["train"]["batch_size"])
+        seq_len = int(run_cfg["data"]["seq_len"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise LawRatiosError(
+            f"{workdir}/config.json lacks optim.warmup_steps / train.batch_size / data.seq_len ({e!r}): the law "
+            "needs a training workdir of prosparse_jax.training.train (an imported HF model has no training tokens)") from e
+    return run_cfg, warmup, batch, seq_len
+
+
+def plan_checkpoints(workdir: str | Path, min_step: int | None = None) -> CheckpointPlan:
+    """Lists a run's checkpoints and drops the warmup ones (paper App. E).
+
+    Args:
+      workdir: a training workdir (config.json + checkpoints/).
+      min_step: checkpoints with step <= min_step are dropped; None = the run's optim.warmup_steps.
+
+    Returns:
+      The :class:`CheckpointPlan` (may have no kept steps; :func:`compute_law_ratios` raises then).
+    """
+    workdir = Path(workdir)
+    _, warmup, batch, seq_len = _train_settings(workdir)
+    cut = warmup if min_step is None else int(min_step)
+    if cut < 0:
+        raise LawRatiosError(f"min_step: must be >= 0 (checkpoints with step <= min_step are dropped), got {cut}")
+    steps = checkpoint_steps(workdir)
+    return CheckpointPlan(kept_steps=tuple(s for s in steps if s > cut),
+                          dropped_steps=tuple(s for s in steps if s <= cut), min_step=cut,
+                          tokens_per_step=batch * seq_len)
+
+
+def _validate(p: float, n_search: int, num_batches: int, batch_size: int, search_steps: int) -> None:
+    if not (math.isfinite(p) and p >= 0):
+        raise LawRatiosError(f"p: the PPL budget in percent must be a finite value >= 0, got {p}")
+    for name, v in (("n_search", n_search), ("num_batches", num_batches), ("batch_size", batch_size),
+                    ("search_steps", search_steps)):
+        if not isinstance(v, int) or v <= 0:
+            raise LawRatiosError(f"{name}: must be a positive integer, got {v!r}")
+
+
+def _settings(workdir: Path, plan: CheckpointPlan, *, p: float, n_search: int, num_batches: int, batch_size: int,
+              search_steps: int, seq_len: int | None, data: str | None, data_dir: str | None) -> dict[str, Any]:
+    """The resolved protocol settings (what an existing output file must match to be reused)."""
+    run_data = measure.run_data_section(ckpt.read_run_config(workdir))
+    source = data if data is not None else str(run_data.get("source", "stdlib"))
+    sources = [s.strip() for s in source.split(",") if s.strip()]
+    if not sources:
+        raise LawRatiosError("data: give at least one source (stdlib, files:<glob>, tfds:<name>)")
+    return {"p": float(p), "n_search": int(n_search), "num_batches": int(num_batches), "batch_size": int(batch_size),
+            "search_steps": int(search_steps), "seq_len": int(seq_len or run_data.get("seq_len", 256)),
+            "data": ",".join(sources), "data_dir": data_dir, "min_step": int(plan.min_step),
+            "kept_steps": list(plan.kept_steps)}
+
+
+@dataclasses.dataclass(frozen=True)
+class _Validation:
+    """The validation batches and jitted forwards of a run, shared by every checkpoint.
+
+    Attributes:
+      workdir: the training workdir.
+      batches: held-out batches of every source, in source order.
+      capture: :func:`prosparse_jax.analysis.measure.make_capture` of the dense model.
+      tau_forward: :func:`prosparse_jax.analysis.measure.make_tau_forward` of the dense model.
+    """
+
+    workdir: Path
+    batches: list[Batch]
+    capture: Callable[[Params, Batch], tuple[jax.Array, ...]]
+    tau_forward: measure.SparseForward
+
+    @classmethod
+    def load(cls, workdir: Path, settings: dict[str, Any]) -> _Validation:
+        """The run's tokenizer, dense model config and held-out batches as ``settings`` say."""
+        run_cfg = ckpt.read_run_config(workdir)
+        sources = settings["data"].split(",")
+        tok_path = workdir / "tokenizer.json"
+        if not tok_path.is_file():
+            raise LawRatiosError(f"{workdir} has no tokenizer.json: the validation data must use the run's tokenizer")
+        mcfg = model_config_from_dict(run_cfg["model"]).replace(neuron_thresholds=())  # dense baseline
+        by_src = measure.load_batches(sources, tok_path, measure.run_data_section(run_cfg), settings["seq_len"],
+                                      settings["data_dir"], settings["batch_size"], settings["num_batches"],
+                                      mcfg.vocab_size)
+        return cls(workdir, [b for src in sources for b in by_src[src]], measure.make_capture(mcfg),
+                   measure.make_tau_forward(mcfg))
+
+    def measure(self, step: int) -> _Measured:
+        """Loads checkpoint ``step`` and runs its dense capture pass."""
+        _, params, _ = ckpt.load_model(self.workdir, step)
+        return _Measured(step, jax.device_put(params), self)
+
+
+class _Measured:
+    """One checkpoint's params, dense loss and captured x1 (a CETTCache) on the shared validation batches."""
+
+    def __init__(self, step: int, params: Params, val: _Validation) -> None:
+        self.step = step
+        self.params = params
+        self._val = val
+        dense = LossSums()
+        captured = []
+        for b in val.batches:
+            nll, w, x1_LxBxTxF, act_LxBxTxF = val.capture(params, b)
+            del act_LxBxTxF
+            dense.add(nll, w)
+            captured.append((x1_LxBxTxF, b["segment_ids"] != 0))
+        self.dense_loss = dense.loss
+        self.cache = sparsity.CETTCache(params["layers"]["w_down_LxFxD"], captured)
+        self.memo: dict[float, tuple[np.ndarray, np.ndarray, float]] = {}  # target -> (taus_L, cett_L, sparse loss)
+
+    def at(self, target: float) -> tuple[np.ndarray, np.ndarray, float]:
+        """(taus_L, achieved CETT per layer, sparse loss) at the CETT target (memoised)."""
+        if target not in self.memo:
+            taus_L, cett_L = self.cache.bisect(target)
+            sparse = measure.sparse_pass(self._val.tau_forward, self.params, self._val.batches, taus_L)
+            self.memo[target] = (taus_L, cett_L, sparse.loss)
+        return self.memo[target]
+
+    def row(self, target: float, plan: CheckpointPlan) -> dict[str, Any]:
+        """This checkpoint's entry of the result's ``checkpoints`` at the CETT target."""
+        taus_L, cett_L, sparse_loss = self.at(target)
+        ratio_L = measure.tau_activation_ratio(self.cache, taus_L)
+        tokens = plan.tokens(self.step)
+        return {"step": int(self.step), "tokens": int(tokens), "D": tokens / 1e9,
+                "activation_ratio": float(np.mean(ratio_L)),
+                "activation_ratio_per_layer": [float(x) for x in ratio_L],
+                "ppl_ratio": measure.ppl_ratio(sparse_loss, self.dense_loss), "dense_loss": float(self.dense_loss),
+                "sparse_loss": float(sparse_loss),
+                "taus_per_layer": [float(t) for t in np.asarray(taus_L, np.float32)],
+                "cett_achieved_per_layer": [float(c) for c in cett_L]}
+
+
+class _JointSearch:
+    """The shared CETT target of the search checkpoints (paper App. E; Algorithm 1 on the worst case over them).
+
+    Args:
+      meas: the measured search checkpoints, ascending steps.
+      limit: the PPL ratio bound 1 + p/100.
+    """
+
+    def __init__(self, meas: dict[int, _Measured], limit: float) -> None:
+        self.meas = meas
+        self.limit = limit
+        self.order = list(reversed(meas))  # the latest checkpoint first; a checkpoint that failed moves to the front
+        self.trace: list[dict[str, Any]] = []
+
+    def feasible(self, target: float) -> bool:
+        """Whether every search checkpoint has PPL ratio <= limit at ``target`` (stops at the first that fails)."""
+        ratios: dict[str, float] = {}
+        ok = True
+        for s in list(self.order):
+            m = self.meas[s]
+            r = measure.ppl_ratio(m.at(target)[2], m.dense_loss)
+            ratios[str(s)] = r
+            if r > self.limit:  # one checkpoint over the bound decides: skip the others
+                ok = False
+                self.order.remove(s)
+                self.order.insert(0, s)
+                break
+        self.trace.append({"cett_target": target, "feasible": ok, "ppl_ratio_per_step": ratios})
+        return ok
+
+    def search(self, steps: int) -> float:
+        """t = 1 if feasible, else the bisection's lo after ``steps`` halvings (0: tau = 0, only exact zeros)."""
+        if self.feasible(1.0):  # every neuron truncated (A = 0) and still within budget: FFNs that do not matter yet
+            return 1.0
+        return measure.bisect_target(self.feasible, steps)
+
+
+def _kept_plan(workdir: Path, min_step: int | None) -> CheckpointPlan:
+    """:func:`plan_checkpoints`; raises when no checkpoint is left after the warmup cut."""
+    plan = plan_checkpoints(workdir, min_step)
+    if not plan.kept_steps:
+        raise LawRatiosError(
+            f"{workdir}: no checkpoint with step > {plan.min_step} (have {list(plan.dropped_steps)}, all within the "
+            "warmup cut); train longer with train.keep_period set so checkpoints are kept, or lower min_step")
+    return plan
+
+
+def _measure_all(val: _Validation, plan: CheckpointPlan, meas: dict[int, _Measured], target: float,
+                 log: Callable[[str], None]) -> tuple[list[dict[str, Any]], int]:
+    """(one row per kept checkpoint at ``target`` in step order, eval tokens); frees the search set's captures
+    first."""
+    rows = []
+    eval_tokens = 0
+    for step in list(meas) + [s for s in plan.kept_steps if s not in meas]:
+        m = meas.pop(step) if step in meas else val.measure(step)
+        rows.append(m.row(target, plan))
+        log(f"law_ratios: step {step}: A = {rows[-1]['activation_ratio']:.4f}, PPL ratio {rows[-1]['ppl_ratio']:.4f}")
+        eval_tokens = int(round(m.cache.n_tokens))
+        del m
+    rows.sort(key=lambda r: r["step"])
+    return rows, eval_tokens
+
+
+def _assemble(workdir: Path, settings: dict[str, Any], plan: CheckpointPlan, search_set: list[int], target: float,
+              limit: float, trace: list[dict[str, Any]], rows: list[dict[str, Any]], eval_tokens: int
+              ) -> dict[str, Any]:
+    """The result dict of :func:`compute_law_ratios`."""
+    return {
+        "format": FORMAT_VERSION, "protocol": PROTOCOL, "workdir": str(workdir), "settings": settings,
+        "cett_target": float(target), "ppl_limit": limit, "search_checkpoints": search_set,
+        "dropped_steps": list(plan.dropped_steps), "tokens_per_step": plan.tokens_per_step,
+        "eval_tokens": eval_tokens, "search": trace, "checkpoints": rows,
+        "activation_definition": "neuron output norm |x1_i| * ||W_down[:, i]|| > tau_l (tau_l: CETT = target on "
+                                 "layer l, pooled over the eval tokens); fraction of valid tokens x d_ff, mean over "
+                                 "layers",
+        "joint_search": "worst case: the target is feasible iff every search checkpoint has PPL ratio <= ppl_limit",
+    }
+
+
+def compute_law_ratios(workdir: str | Path, *, p: float = 1.0, n_search: int = 5, num_batches: int = 4,
+                       batch_size: int = 8, min_step: int | None = None, search_steps: int = 12,
+                       seq_len: int | None = None, data: str | None = None, data_dir: str | None = None,
+                       verbose: bool = False) -> dict[str, Any]:
+    """Measures the CETT-PPL-p% activation ratio of every kept checkpoint (paper App. E; module docstring).
+
+    Args:
+      workdir: a training workdir of prosparse_jax.training.train (config.json, tokenizer.json, checkpoints/).
+      p: PPL budget in percent: the perplexity ratio bound is 1 + p/100.
+      n_search: the CETT target is searched on the last n_search kept checkpoints (all kept ones if fewer).
+      num_batches, batch_size: validation batches (the same for every checkpoint).
+      min_step: checkpoints with step <= min_step are dropped; None = the run's optim.warmup_steps.
+      search_steps: bisection steps on the CETT target in [0, 1] (resolution 2^-search_steps).
+      seq_len: tokens per validation sequence; None = the run's data.seq_len.
+      data: DataConfig.source(s) of the validation data, comma-separated; None = the run's data.source.
+      data_dir: TFDS data dir; None = the run's data.data_dir.
+      verbose: one progress line per checkpoint on stderr.
+
+    Returns:
+      A JSON-serialisable dict: ``settings``, ``cett_target``, ``ppl_limit``, ``search_checkpoints``,
+      ``dropped_steps``, ``eval_tokens``, ``search`` (trace: target, feasible, PPL ratio per checked step) and
+      ``checkpoints`` = [{step, tokens, D, activation_ratio, activation_ratio_per_layer, ppl_ratio, dense_loss,
+      sparse_loss, taus_per_layer, cett_achieved_per_layer}, ...] in step order.
+
+    Raises:
+      LawRatiosError: no checkpoint after the warmup cut, bad settings, or no tokenizer.json in the workdir.
+    """
+    _validate(p, n_search, num_batches, batch_size, search_steps)
+    workdir = Path(workdir)
+    plan = _kept_plan(workdir, min_step)
+    settings = _settings(workdir, plan, p=p, n_search=n_search, num_batches=num_batches, batch_size=batch_size,
+                         search_steps=search_steps, seq_len=seq_len, data=data, data_dir=data_dir)
+    val = _Validation.load(workdir, settings)
+    log = (lambda msg: print(msg, file=sys.stderr, flush=True)) if verbose else (lambda msg: None)
+    # 1. the shared CETT target, searched on the last n_search kept checkpoints (worst case over them)
+    search_set, limit = list(plan.kept_steps[-n_search:]), 1.0 + p / 100.0
+    meas = {s: val.measure(s) for s in search_set}
+    log(f"law_ratios: {workdir}: searching one CETT target on steps {search_set} (PPL ratio <= {limit:g})")
+    joint = _JointSearch(meas, limit)
+    target = joint.search(search_steps)
+    log(f"law_ratios: CETT target {target:.6g}")
+    # 2. every kept checkpoint at that target; 3. the result
+    rows, eval_tokens = _measure_all(val, plan, meas, target, log)
+    return _assemble(workdir, settings, plan, search_set, target, limit, joint.trace, rows, eval_tokens)
+
+
+def law_ratios(workdir: str | Path, out: str | Path | None = None, *, overwrite: bool = False, p: float = 1.0,
+               n_search: int = 5, num_batches: int = 4, batch_size: int = 8, min_step: int | None = None,
+               search_steps: int = 12, seq_len: int | None = None, data: str | None = None,
+               data_dir: str | None = None, verbose: bool = False) -> dict[str, Any]:
+    """The law inputs of a run: reads ``out`` if it holds the same settings, else computes and writes it.
+
+    Args:
+      workdir: a training workdir.
+      out: JSON file; None = ``<workdir>/law_ratios.json``.
+      overwrite: recompute and replace an existing ``out`` whose settings differ.
+      p, n_search, num_batches, batch_size, min_step, search_steps, seq_len, data, data_dir, verbose: see
+        :func:`compute_law_ratios`.
+
+    Returns:
+      The result dict (``"reused": True`` when read from an existing file).
+
+    Raises:
+      LawRatiosError: ``out`` exists with other settings (or other kept checkpoints, e.g. the run went on) and
+        ``overwrite`` is False -- nothing is computed or written then; or any error of :func:`compute_law_ratios`.
+    """
+    workdir = Path(workdir)
+    out = workdir / DEFAULT_FILE if out is None else Path(out)
+    if out.exists() and not overwrite:
+        _validate(p, n_search, num_batches, batch_size, search_steps)
+        try:
+            old = json.loads(out.read_text())
+            have = old["settings"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise LawRatiosError(f"{out} exists but is not a law_ratios file ({e!r}); pass overwrite=True "
+                                 "(--overwrite) to replace it or choose another output (nothing was written)") from e
+        want = _settings(workdir, plan_checkpoints(workdir, min_step), p=p, n_search=n_search,
+                         num_batches=num_batches, batch_size=batch_size, search_steps=search_steps, seq_len=seq_len,
+                         data=data, data_dir=data_dir)
+        diffs = [f"{k}: file {have.get(k)!r} vs now {v!r}" for k, v in want.items() if have.get(k) != v]
+        if diffs:
+            raise LawRatiosError(
+                f"{out} was computed with other settings ({'; '.join(diffs)}); pass overwrite=True (--overwrite) to "
+                "recompute it, or choose another output file (nothing was written)")
+        return {**old, "reused": True}
+    res = compute_law_ratios(workdir, p=p, n_search=n_search, num_batches=num_batches, batch_size=batch_size,
+                             min_step=min_step, search_steps=search_steps, seq_len=seq_len, data=data,
+                             data_dir=data_dir, verbose=verbose)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    cli.write_text_atomic(out, json.dumps(res, indent=2))  # a failed write leaves no .tmp and the old file intact
+    return {**res, "reused": False}

@@ -1,0 +1,251 @@
+"""Measurement passes shared by :mod:`prosparse_jax.analysis.analyze` and :mod:`prosparse_jax.analysis.law_inputs`.
+
+One copy each of: the held-out batches of a checkpoint, the jitted dense forward with capture (dense loss, x1 and
+act(gate) of every layer), the jitted sparse forwards through the model's one x1 hook (``model.forward(x1_mask=...)``:
+CETT thresholds via ``model.neuron_norm_mask``, the rule sparse mode runs; Top-k / FAT-eps via
+:func:`prosparse_jax.analysis.sparsity.topk_x1_mask` / :func:`prosparse_jax.analysis.sparsity.fat_x1_mask`), CETT activity
+(:func:`active_tau`, :func:`tau_activation_ratio`), loss sums, the perplexity ratio and the bisection on a shared
+CETT target.
+
+Papers: ProSparse (arXiv 2402.13516) measures exact zeros of x1; the Sparsing Law (arXiv 2411.02335) §4.1 defines
+Top-k, FAT-eps, CETT and CETT-PPL-p% (Algorithm 1: a bisection on the CETT target) and App. E the per-checkpoint
+protocol built on them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from prosparse_jax.analysis import sparsity
+from prosparse_jax.config import ConfigError, ModelConfig
+from prosparse_jax.data import pipeline as data_lib
+from prosparse_jax.model import transformer as model
+from prosparse_jax.model.transformer import Params
+
+Batch = dict[str, jax.Array]
+# (params, batch, per-layer parameter p_L) -> (NLL sum, weight sum, sparse-run activation ratio per layer [L])
+SparseForward = Callable[[Params, Batch, jax.Array], tuple[jax.Array, jax.Array, jax.Array]]
+# (params, p_L) -> the x1 hook of model.forward for per-layer parameters p_L (taus, k or eps)
+MaskFactory = Callable[[Params, jax.Array], model.X1Mask]
+
+
+class MeasureError(ValueError):
+    """Bad measurement inputs (data source, sequence length, tokenizer); the message names the analyze flag."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Held-out batches
+# ---------------------------------------------------------------------------------------------------------------
+def run_data_section(run_cfg: dict[str, Any]) -> dict[str, Any]:
+    """The ``data`` section of a run config dict; {} when it has none (e.g. a HuggingFace config.json)."""
+    return run_cfg.get("data", {}) if isinstance(run_cfg.get("data"), dict) else {}
+
+
+def load_batches(sources: list[str], tok_path: Path, run_data: dict[str, Any], seq_len: int | None,
+                 data_dir: str | None, batch_size: int, num_batches: int, vocab: int) -> dict[str, list[Batch]]:
+    """Held-out eval batches (device arrays) of each source, tokenized with ``tok_path``; {source: [batch, ...]}.
+
+    data_dir / text_key / seq_len / eval_fraction default to the run's ``data`` section (``run_data``).
+
+    Raises:
+      MeasureError: a bad source / sequence length, or a tokenizer larger than the model's vocabulary ``vocab``.
+    """
+    return load_eval(sources, tok_path, run_data, seq_len, data_dir, batch_size, num_batches, vocab)[0]
+
+
+def distinct_positions(stream_len: int, seq_len: int, batch_size: int, num_batches: int) -> int:
+    """Distinct positions of a held-out token stream of ``stream_len`` tokens that the inputs of
+    ``data.make_eval_batches`` cover: its windows of seq_len + 1 tokens, cycled when the split has fewer than
+    batch_size * num_batches of them, the last one wrapping around to the start of the stream."""
+    if stream_len <= 0:
+        return 0
+    row = seq_len + 1
+    # data's own choice of windows (one copy of the rule; data exposes no public name for it)
+    windows_W = np.unique(data_lib.window_indices(-(-stream_len // row), batch_size, num_batches))
+    pos_WxT = (windows_W[:, None] * row + np.arange(seq_len)) % stream_len
+    return int(np.unique(pos_WxT).size)
+
+
+def load_eval(sources: list[str], tok_path: Path, run_data: dict[str, Any], seq_len: int | None,
+              data_dir: str | None, batch_size: int, num_batches: int, vocab: int
+              ) -> tuple[dict[str, list[Batch]], dict[str, int]]:
+    """(:func:`load_batches`, the distinct held-out token positions they measure per source): fewer than the
+    batches' tokens when a small held-out split is cycled (:func:`distinct_positions`)."""
+    out, distinct = {}, {}
+    for src in sources:
+        try:
+            dcfg = data_lib.DataConfig(
+                source=src, data_dir=data_dir if data_dir is not None else run_data.get("data_dir", ""),
+                text_key=run_data.get("text_key", "text"), tokenizer=str(tok_path),
+                seq_len=seq_len or run_data.get("seq_len", 256),
+                eval_fraction=float(run_data.get("eval_fraction", data_lib.DataConfig.eval_fraction)))
+        except ConfigError as e:
+            raise MeasureError(f"--data / --seq_len: {e}") from e
+        tok = data_lib.get_tokenizer(dcfg, cache_dir=tok_path.parent)
+        if tok.get_vocab_size() > vocab:
+            raise MeasureError(f"--checkpoint: tokenizer has {tok.get_vocab_size()} tokens > model vocab {vocab}")
+        batches = data_lib.make_eval_batches(dcfg, tok, batch_size=batch_size, num_batches=num_batches)
+        out[src] = [{k: jnp.asarray(v) for k, v in b.items()} for b in batches]
+        stream_L, _ = data_lib.split_stream(data_lib.open_corpus(dcfg), tok, dcfg.data_dir, data_lib.EVAL_SPLIT)
+        distinct[src] = distinct_positions(len(stream_L), dcfg.seq_len, batch_size, num_batches)
+    return out, distinct
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Jitted forwards
+# ---------------------------------------------------------------------------------------------------------------
+def _nll_sums(logits_BxTxV: jax.Array, batch: Batch) -> tuple[jax.Array, jax.Array]:
+    """(NLL summed over weighted targets, weight sum) of one batch."""
+    w_BxT = batch["weights"]
+    return model.cross_entropy(logits_BxTxV, batch["targets"], w_BxT) * jnp.maximum(w_BxT.sum(), 1.0), w_BxT.sum()
+
+
+def make_capture(cfg: ModelConfig) -> Callable[[Params, Batch], tuple[jax.Array, ...]]:
+    """Jitted dense forward with capture: (params, batch) -> (NLL sum, weight sum, x1_LxBxTxF, act_gate_LxBxTxF)."""
+
+    def f(params: Params, batch: Batch) -> tuple[jax.Array, ...]:
+        logits_BxTxV, st = model.forward(params, batch["inputs"], cfg, segment_ids_BxT=batch["segment_ids"],
+                                         positions_BxT=batch["positions"], capture=True)
+        return (*_nll_sums(logits_BxTxV, batch), st.x1, st.act_gate)
+
+    return jax.jit(f)
+
+
+def make_sparse_forward(cfg: ModelConfig, mask_factory: MaskFactory) -> SparseForward:
+    """Jitted sparse loss of the model run with the x1 hook ``mask_factory(params, p_L)`` (:data:`SparseForward`)."""
+
+    def f(params: Params, batch: Batch, p_L: jax.Array) -> tuple[jax.Array, ...]:
+        logits_BxTxV, st = model.forward(params, batch["inputs"], cfg, segment_ids_BxT=batch["segment_ids"],
+                                         positions_BxT=batch["positions"], x1_mask=mask_factory(params, p_L))
+        return (*_nll_sums(logits_BxTxV, batch), 1.0 - st.zero_frac)
+
+    return jax.jit(f)
+
+
+def make_tau_forward(cfg: ModelConfig) -> SparseForward:
+    """Sparse loss at per-layer CETT thresholds taus_L through the model's own sparse-mode hook (what sparse mode
+    runs: neuron i dropped iff |x1_i| * ||W_down[i]|| <= tau_l)."""
+    return make_sparse_forward(cfg, model.neuron_norm_mask)
+
+
+def make_topk_forward(cfg: ModelConfig, mode: str) -> SparseForward:
+    """Sparse loss of Top-k (per-layer k_L, ``mode`` 'token' or 'global') on |act(gate)|."""
+    return make_sparse_forward(cfg, lambda params, k_L: sparsity.topk_x1_mask(k_L, mode))
+
+
+def make_fat_forward(cfg: ModelConfig) -> SparseForward:
+    """Sparse loss of FAT-eps (per-layer eps_L) on |act(gate)|."""
+    return make_sparse_forward(cfg, lambda params, eps_L: sparsity.fat_x1_mask(eps_L))
+
+
+@jax.jit
+def active_tau(x1_LxBxTxF: jax.Array, norms_LxF: jax.Array, taus_L: jax.Array) -> jax.Array:
+    """CETT activity: neuron output norm |x1_i| * ||W_down[:, i]|| > tau of its layer, [L, B, T, F] bool."""
+    n_LxBxTxF = jnp.abs(x1_LxBxTxF.astype(jnp.float32)) * norms_LxF[:, None, None, :]
+    return n_LxBxTxF > taus_L[:, None, None, None]
+
+
+@jax.jit
+def _active_counts_tau(x1_LxBxTxF: jax.Array, norms_LxF: jax.Array, taus_L: jax.Array, valid_BxT: jax.Array
+                       ) -> jax.Array:
+    """Active units (neuron output norm > tau) on valid tokens, per layer and sequence: [L, B] int32."""
+    active_LxBxTxF = active_tau(x1_LxBxTxF, norms_LxF, taus_L) & valid_BxT[None, :, :, None]
+    return jnp.sum(active_LxBxTxF, axis=(2, 3), dtype=jnp.int32)
+
+
+def tau_activation_ratio(cache: sparsity.CETTCache, taus_L: Any) -> np.ndarray:
+    """Per-layer fraction of the cached (valid token x d_ff) units with neuron output norm > tau_l, [L] float64."""
+    taus_dev_L = jnp.asarray(np.asarray(taus_L, np.float32))
+    active_L = np.zeros(cache.norms_LxF.shape[0], np.int64)
+    for x1_LxBxTxF, valid_BxT in cache.batches:
+        counts_LxB = np.asarray(_active_counts_tau(x1_LxBxTxF, cache.norms_LxF, taus_dev_L, valid_BxT), np.int64)
+        active_L += counts_LxB.sum(axis=1)
+    return active_L / (max(cache.n_tokens, 1.0) * cache.norms_LxF.shape[1])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Loss sums, perplexity ratio, sparse passes
+# ---------------------------------------------------------------------------------------------------------------
+def mean_loss(nll_sum: float, weight_sum: float) -> float:
+    """Mean NLL per weighted target."""
+    return nll_sum / max(weight_sum, 1.0)
+
+
+def ppl_ratio(sparse_loss: float, dense_loss: float) -> float:
+    """Perplexity ratio exp(sparse_loss - dense_loss) (exponent capped at 50)."""
+    return float(math.exp(min(sparse_loss - dense_loss, 50.0)))
+
+
+@dataclasses.dataclass
+class LossSums:
+    """Sums over eval batches of one (dense or sparse) run.
+
+    Attributes:
+      nll: NLL summed over weighted targets.
+      weight: target weight sum.
+      ratio_sum_L: sum over batches of the sparse run's per-layer activation ratio (None until one is added).
+      batches: batches added.
+    """
+
+    nll: float = 0.0
+    weight: float = 0.0
+    ratio_sum_L: np.ndarray | None = None  # noqa: N815 - shape suffix
+    batches: int = 0
+
+    def add(self, nll: jax.Array | float, weight: jax.Array | float, ratio_L: jax.Array | None = None) -> None:
+        """Adds one batch's sums (and its per-layer activation ratio)."""
+        self.nll += float(nll)
+        self.weight += float(weight)
+        if ratio_L is not None:
+            r_L = np.asarray(ratio_L, np.float64)
+            self.ratio_sum_L = r_L if self.ratio_sum_L is None else self.ratio_sum_L + r_L
+        self.batches += 1
+
+    @property
+    def loss(self) -> float:
+        """Mean NLL per weighted target."""
+        return mean_loss(self.nll, self.weight)
+
+    @staticmethod
+    def pool(parts: Iterable[LossSums]) -> LossSums:
+        """The sums of several runs (e.g. data sources) together."""
+        parts = list(parts)
+        ratios = [p.ratio_sum_L for p in parts if p.ratio_sum_L is not None]
+        return LossSums(sum(p.nll for p in parts), sum(p.weight for p in parts), sum(ratios) if ratios else None,
+                        sum(p.batches for p in parts))
+
+
+def sparse_pass(forward: SparseForward, params: Params, batches: list[Batch], p_L: Any,
+                on_batch: Callable[[], None] | None = None) -> LossSums:
+    """Runs ``forward`` at per-layer parameters ``p_L`` on every batch; ``on_batch`` is called after each one."""
+    p_dev_L = jnp.asarray(np.asarray(p_L, np.float32))
+    sums = LossSums()
+    for b in batches:
+        sums.add(*forward(params, b, p_dev_L))
+        if on_batch is not None:
+            on_batch()
+    return sums
+
+
+def bisect_target(feasible: Callable[[float], bool], steps: int) -> float:
+    """Bisection on the shared CETT target in [0, 1] (Sparsing Law arXiv 2411.02335, Algorithm 1).
+
+    Keeps [lo, hi] with lo feasible (or 0) and hi tested infeasible (or 1); ``feasible`` is called once per step at
+    the midpoint. Returns lo after ``steps`` halvings: 0.0 iff no midpoint was feasible.
+    """
+    lo, hi = 0.0, 1.0
+    for _ in range(steps):
+        mid = (lo + hi) / 2
+        if feasible(mid):
+            lo = mid
+        else:
+            hi = mid
+    return lo

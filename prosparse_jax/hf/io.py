@@ -1,0 +1,301 @@
+"""Reads and writes HuggingFace model folders: ``config.json``, safetensors weights (single, sharded with an index,
+or ``pytorch_model.bin``), ``generation_config.json``, the tokenizer files ``AutoTokenizer`` loads and, when needed,
+the remote-code files of :mod:`prosparse_jax.hf.modeling`; the folder layout is transformers' ``save_pretrained``
+one. The config and weight mappings themselves live in :mod:`prosparse_jax.hf.config` and
+:mod:`prosparse_jax.hf.weights`. Errors name the file that is missing or wrong; an export refuses a non-empty output
+folder unless asked to overwrite, and then replaces only the files an export writes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import re
+import shutil
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+
+from prosparse_jax.config import ModelConfig
+from prosparse_jax.hf.config import (
+    HFConversionError,
+    check_format,
+    hf_config_from_model,
+    model_config_from_hf,
+    needs_remote_code,
+)
+from prosparse_jax.hf.modeling import MODELING_FILES
+from prosparse_jax.hf.weights import from_hf_state_dict, to_hf_state_dict
+from prosparse_jax.model.transformer import Params
+
+EXPORT_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}
+SPECIAL_TOKEN = "<|endoftext|>"
+_MODELING_DIR = Path(__file__).parent / "modeling"
+# Files an export writes; --overwrite removes these (and old shards) but nothing else.
+_EXPORT_FILE_RE = re.compile(
+    r"^(model(-\d+-of-\d+)?\.safetensors|model\.safetensors\.index\.json|pytorch_model.*\.bin|"
+    r"pytorch_model\.bin\.index\.json|config\.json|generation_config\.json|tokenizer\.json|tokenizer_config\.json|"
+    r"special_tokens_map\.json|configuration_prosparse\.py|modeling_prosparse\.py)$"
+)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reading
+# ---------------------------------------------------------------------------------------------------------------
+class _LazyTensors(Mapping[str, np.ndarray]):
+    """Read-only mapping name -> float32 numpy array over safetensors / pytorch_model.bin files."""
+
+    def __init__(self, files: dict[str, Path], kind: str) -> None:
+        self._files, self._kind = files, kind
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        path = self._files[name]
+        if self._kind == "safetensors":
+            with _safetensors(path) as f:
+                try:
+                    return np.asarray(f.get_tensor(name)).astype(np.float32)
+                except Exception as e:  # safetensors' SafetensorError: a damaged file
+                    raise _corrupt_weights(path, e) from None
+        return _torch_load(path)[name].float().numpy()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._files)
+
+    def __len__(self) -> int:
+        return len(self._files)
+
+
+_TORCH_CACHE: dict[Path, Any] = {}
+
+
+def _corrupt_weights(path: Path, e: BaseException) -> HFConversionError:
+    why = " ".join(str(e).split())
+    return HFConversionError(f"{path}: not a readable weight file ({type(e).__name__}: {why}); it is truncated or "
+                             "damaged: re-download or re-export it")
+
+
+@contextlib.contextmanager
+def _safetensors(path: Path) -> Iterator[Any]:
+    """``safe_open`` of ``path``; a truncated or damaged file is an HFConversionError naming it."""
+    from safetensors import safe_open
+
+    try:
+        handle = safe_open(str(path), framework="numpy")
+    except Exception as e:  # SafetensorError (header unreadable, file shorter than its header says) or OSError
+        raise _corrupt_weights(path, e) from None
+    with handle as f:
+        yield f
+
+
+def _read_json(path: Path) -> Any:
+    """A JSON file of the folder; an HFConversionError naming it when it is not valid JSON."""
+    try:
+        return json.loads(path.read_text())
+    except ValueError as e:
+        raise HFConversionError(f"{path}: not valid JSON ({e}); re-download or re-export the folder") from None
+
+
+def _torch_load(path: Path) -> Any:
+    """The state dict in the PyTorch file ``path``; the last file read is cached so a shard is read once."""
+    if path not in _TORCH_CACHE:
+        try:
+            import torch
+        except ImportError:
+            raise HFConversionError(f"{path} is a PyTorch checkpoint: install torch or convert it to safetensors") \
+                from None
+        _TORCH_CACHE.clear()
+        try:
+            _TORCH_CACHE[path] = torch.load(path, map_location="cpu", weights_only=True)
+        except (RuntimeError, EOFError, OSError, ValueError) as e:  # torch's truncated / damaged archive errors
+            raise _corrupt_weights(path, e) from None
+    return _TORCH_CACHE[path]
+
+
+def read_hf_tensors(path: str | os.PathLike) -> Mapping[str, np.ndarray]:
+    """Lazy mapping over the weights of a HF folder: model.safetensors, a sharded index, or pytorch_model.bin.
+
+    Raises:
+      HFConversionError: no weight file, or an index naming a shard that does not exist.
+    """
+    path = Path(path)
+    for index_name, kind in (("model.safetensors.index.json", "safetensors"), ("pytorch_model.bin.index.json", "bin")):
+        index = path / index_name
+        if index.is_file():
+            data = _read_json(index)
+            weight_map: dict[str, str] = data.get("weight_map", {}) if isinstance(data, dict) else {}
+            if not weight_map:
+                raise HFConversionError(f"{index}: no 'weight_map'; re-download or re-export the folder")
+            for shard in sorted(set(weight_map.values())):
+                if not (path / shard).is_file():
+                    raise HFConversionError(f"weight file {path / shard} named in {index_name} does not exist")
+            return _LazyTensors({k: path / v for k, v in weight_map.items()}, kind)
+    single = path / "model.safetensors"
+    if single.is_file():
+        with _safetensors(single) as f:
+            return _LazyTensors({k: single for k in f.keys()}, "safetensors")  # noqa: SIM118
+    binary = path / "pytorch_model.bin"
+    if binary.is_file():
+        return _LazyTensors({k: binary for k in _torch_load(binary)}, "bin")
+    raise HFConversionError(
+        f"no weight file in {path}: expected model.safetensors, model.safetensors.index.json, pytorch_model.bin or "
+        "pytorch_model.bin.index.json"
+    )
+
+
+def load_hf_folder(path: str | os.PathLike) -> tuple[ModelConfig, Params]:
+    """Loads (ModelConfig, float32 numpy params) from a local HF model folder (used by ``checkpoint.load_model``)."""
+    path = Path(path)
+    cfg_file = path / "config.json"
+    if not cfg_file.is_file():
+        raise HFConversionError(f"{cfg_file} not found: {path} is not a HuggingFace model folder")
+    raw = _read_json(cfg_file)
+    cfg = model_config_from_hf(raw)
+    tensors = read_hf_tensors(path)
+    if "tie_word_embeddings" not in raw and "lm_head.weight" in tensors:  # unstated: the weights decide
+        cfg = cfg.replace(tie_embeddings=False)
+    params = from_hf_state_dict(cfg, tensors)
+    _TORCH_CACHE.clear()
+    return cfg, params
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Writing
+# ---------------------------------------------------------------------------------------------------------------
+def parse_size(size: str | int) -> int:
+    """Bytes of a size such as ``2GB``, ``500MB``, ``10KB`` or ``123`` (decimal units, like transformers)."""
+    if isinstance(size, int):
+        return size
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(B|KB|MB|GB|KIB|MIB|GIB)?\s*", size.upper())
+    if not m:
+        raise HFConversionError(f"invalid size {size!r}; use e.g. 2GB, 500MB, 64KB or a byte count")
+    unit = {None: 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+    return int(float(m.group(1)) * unit[m.group(2)])
+
+
+def write_safetensors(tensors: Mapping[str, np.ndarray], out: Path, *, max_shard_size: int) -> list[str]:
+    """Writes model.safetensors, or model-0000i-of-0000n.safetensors + index json above ``max_shard_size``."""
+    from safetensors.numpy import save_file
+
+    shards: list[dict[str, np.ndarray]] = [{}]
+    size = 0
+    for name, a in tensors.items():
+        if shards[-1] and size + a.nbytes > max_shard_size:
+            shards.append({})
+            size = 0
+        shards[-1][name] = a
+        size += a.nbytes
+    meta = {"format": "pt"}
+
+    def save(shard: dict[str, np.ndarray], path: Path) -> None:
+        try:
+            save_file(shard, str(path), metadata=meta)
+        except OSError:
+            raise
+        except Exception as e:  # safetensors reports a failed write (disk full) as SafetensorError: an OSError here
+            full = "os error 28" in str(e) or "No space left" in str(e)
+            raise OSError(errno.ENOSPC if full else errno.EIO, " ".join(str(e).split()), str(path)) from e
+
+    if len(shards) == 1:
+        save(shards[0], out / "model.safetensors")
+        return ["model.safetensors"]
+    names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    weight_map = {}
+    for name, shard in zip(names, shards, strict=True):
+        save(shard, out / name)
+        weight_map.update(dict.fromkeys(shard, name))
+    index = {"metadata": {"total_size": sum(a.nbytes for a in tensors.values())}, "weight_map": weight_map}
+    _write_json(out / "model.safetensors.index.json", index)
+    return [*names, "model.safetensors.index.json"]
+
+
+def special_token_id(tokenizer_json: Path | None) -> int | None:
+    """Id of ``<|endoftext|>`` in a tokenizers file, or None."""
+    if tokenizer_json is None:
+        return None
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(str(tokenizer_json)).token_to_id(SPECIAL_TOKEN)
+
+
+def write_tokenizer_files(tokenizer_json: Path, out: Path, *, model_max_length: int) -> None:
+    """Copies tokenizer.json and writes tokenizer_config.json for ``AutoTokenizer`` (PreTrainedTokenizerFast)."""
+    shutil.copyfile(tokenizer_json, out / "tokenizer.json")
+    tok_cfg: dict[str, Any] = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "model_max_length": model_max_length,
+        "clean_up_tokenization_spaces": False,
+    }
+    special = {}
+    if special_token_id(tokenizer_json) is not None:
+        special = {"bos_token": SPECIAL_TOKEN, "eos_token": SPECIAL_TOKEN}
+        tok_cfg.update(special)
+    _write_json(out / "tokenizer_config.json", tok_cfg)
+    _write_json(out / "special_tokens_map.json", special)
+
+
+def check_output_dir(out: Path, overwrite: bool) -> None:
+    """Refuses a non-empty ``out`` unless ``overwrite``; with it, removes only files an export writes."""
+    if out.exists() and not out.is_dir():
+        raise HFConversionError(f"--out {out} exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            raise HFConversionError(f"--out {out} is not empty; pass --overwrite or choose an empty folder "
+                                    "(nothing was written)")
+        for p in out.iterdir():
+            if p.is_file() and _EXPORT_FILE_RE.match(p.name):
+                p.unlink()
+
+
+def save_hf_folder(cfg: ModelConfig, params: Params, out: str | os.PathLike, *, fmt: str = "llama",
+                   dtype: str = "float32", max_shard_size: str | int = "2GB", overwrite: bool = False,
+                   tokenizer_json: str | os.PathLike | None = None,
+                   max_position_embeddings: int = 4096) -> Path:
+    """Writes a HF model folder (weights, config.json, generation_config.json, tokenizer, remote code if needed).
+
+    Args:
+      cfg: model config.
+      params: our parameter pytree.
+      out: output folder; must be empty or absent unless ``overwrite``.
+      fmt: ``llama`` (folded, plain transformers where possible) or ``minicpm`` (unfolded, remote code).
+      dtype: dtype of the stored weights (``float32`` or ``bfloat16``).
+      max_shard_size: shard the safetensors above this size (e.g. ``2GB``).
+      overwrite: allow a non-empty ``out`` (previous export files there are replaced).
+      tokenizer_json: tokenizers file to ship; its ``<|endoftext|>`` becomes bos / eos.
+      max_position_embeddings: written to config.json (RoPE has no length limit here).
+
+    Returns:
+      The output folder.
+    """
+    out = Path(out)
+    check_format(fmt)
+    if dtype not in EXPORT_DTYPES:
+        raise HFConversionError(f"unknown dtype {dtype!r}; choose one of: {', '.join(EXPORT_DTYPES)}")
+    shard_bytes = parse_size(max_shard_size)
+    tok = Path(tokenizer_json) if tokenizer_json is not None else None
+    if tok is not None and not tok.is_file():
+        raise HFConversionError(f"tokenizer file {tok} not found")
+    check_output_dir(out, overwrite)
+    special = special_token_id(tok)
+    hf_cfg = hf_config_from_model(cfg, fmt, bos_token_id=special, eos_token_id=special,
+                                  max_position_embeddings=max_position_embeddings, dtype=dtype)
+    tensors = {k: v.astype(EXPORT_DTYPES[dtype]) for k, v in to_hf_state_dict(cfg, params, fold=fmt == "llama").items()}
+    out.mkdir(parents=True, exist_ok=True)
+    write_safetensors(tensors, out, max_shard_size=shard_bytes)
+    _write_json(out / "config.json", hf_cfg)
+    _write_json(out / "generation_config.json", {"bos_token_id": special, "eos_token_id": special, "do_sample": False})
+    if needs_remote_code(cfg, fmt):
+        for name in MODELING_FILES:
+            shutil.copyfile(_MODELING_DIR / name, out / name)
+    if tok is not None:
+        write_tokenizer_files(tok, out, model_max_length=max_position_embeddings)
+    return out
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    """Writes ``obj`` as indented JSON (the layout transformers' ``save_pretrained`` uses)."""
+    path.write_text(json.dumps(obj, indent=2))

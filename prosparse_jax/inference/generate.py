@@ -1,0 +1,298 @@
+r"""Generates text with a KV cache (:mod:`prosparse_jax.inference.decode`): greedy or sampled, with speed and sparsity stats.
+
+    python -m prosparse_jax.inference.generate --checkpoint=<workdir or HF folder> --prompt="..." [--max_new_tokens=N] \
+        [--temperature=T --top_k=K --top_p=P --seed=S] [--sparse] [--step=N]
+
+Prints the prompt's continuation, then one JSON line: prefill and decode tokens/s (compile excluded) and the
+activation sparsity of every layer during decoding (fraction of exact zeros of x1 over the decoded tokens, ProSparse's
+measure). ``--sparse`` decodes in the sparse mode: the per-layer CETT thresholds ``model.neuron_thresholds`` (from
+``python -m prosparse_jax.analysis.analyze --metric=pplp --value=1``, its sparse_mode.json) drop the neurons whose output norm
+is at most the threshold, exactly as the sparse-mode forward does; without ``--sparse`` the FFN is dense.
+Sampling: temperature 0 is greedy; else softmax(logits / T) restricted to the top_k tokens (0 = all) and to the
+smallest set whose probability reaches top_p (nucleus sampling, Holtzman et al. 2020, arXiv:1904.09751).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+import time
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import flags
+
+from prosparse_jax.config import ModelConfig
+from prosparse_jax.inference import score
+from prosparse_jax.inference import sparse_ffn as sparse_ffn_lib
+from prosparse_jax.inference.decode import FFNImpl, KVCache, decode_step, dense_ffn, init_cache, prefill
+from prosparse_jax.main import common as cli
+from prosparse_jax.model import transformer as model
+from prosparse_jax.model.activations import RELU_FAMILY
+from prosparse_jax.training import checkpoint
+
+__all__ = ["GenerateStats", "KVCache", "decode_loop", "decode_step", "generate", "prefill", "sample"]
+
+Array = jax.Array
+FLAGS = flags.FlagValues()  # own flag set: the CLI modules can be imported together (tests)
+_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Workdir or HF model folder.", flag_values=FLAGS)
+_STEP = flags.DEFINE_integer("step", None, "Checkpoint step of a workdir; default: the latest.", flag_values=FLAGS)
+_PROMPT = flags.DEFINE_string("prompt", None, "Text to continue.", flag_values=FLAGS)
+_MAX_NEW = flags.DEFINE_integer("max_new_tokens", 64, "Tokens to generate at most.", flag_values=FLAGS)
+_TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "Sampling temperature; 0 = greedy.", flag_values=FLAGS)
+_TOP_K = flags.DEFINE_integer("top_k", 0, "Sample among the k most likely tokens; 0 = all.", flag_values=FLAGS)
+_TOP_P = flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass in (0, 1].", flag_values=FLAGS)
+_SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.", flag_values=FLAGS)
+_SPARSE = flags.DEFINE_bool("sparse", False, "Decode in the sparse mode (model.neuron_thresholds).",
+                            flag_values=FLAGS)
+_IMPLEMENTATION = flags.DEFINE_enum(
+    "implementation", "auto", ["auto", *sparse_ffn_lib.IMPLEMENTATIONS],
+    "Sparse FFN backend with --sparse: auto = by platform (cpu_ffi on CPU, or cpu_gather without g++; pallas_triton "
+    "on GPU, pallas_mosaic on TPU); a Pallas backend on a CPU runs interpreted (slow: for checks).", flag_values=FLAGS)
+flags.mark_flags_as_required(["checkpoint", "prompt"], flag_values=FLAGS)
+
+
+@dataclass
+class GenerateStats:
+    """Speed and activation sparsity of one :func:`generate` call (compile time excluded)."""
+
+    prefill_tokens_per_s: float
+    decode_tokens_per_s: float
+    sparsity_per_layer: list[float]  # fraction of exact zeros of x1 over the decoded tokens x d_ff
+    prefill_tokens: int
+    decoded_tokens: int
+
+
+@partial(jax.jit, static_argnames=("temperature", "top_k", "top_p"))
+def sample(logits_BxV: Array, key: Array, *, temperature: float = 0.0, top_k: int = 0,
+           top_p: float = 1.0) -> Array:
+    """Next token per row, int32 [B]: argmax when ``temperature == 0``, else a top-k / top-p filtered sample."""
+    if temperature == 0.0:
+        return jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
+    z_BxV = logits_BxV.astype(jnp.float32) / temperature
+    if top_k > 0:
+        kth_Bx1 = jax.lax.top_k(z_BxV, min(top_k, z_BxV.shape[-1]))[0][:, -1:]
+        z_BxV = jnp.where(z_BxV < kth_Bx1, -jnp.inf, z_BxV)
+    if top_p < 1.0:
+        sorted_BxV = jnp.sort(z_BxV, axis=-1)[:, ::-1]
+        p_BxV = jax.nn.softmax(sorted_BxV, axis=-1)
+        # keep a token iff the mass of the tokens before it is < top_p (the most likely token is always kept)
+        before_BxV = jnp.cumsum(p_BxV, axis=-1) - p_BxV
+        cut_Bx1 = jnp.min(jnp.where(before_BxV < top_p, sorted_BxV, jnp.inf), axis=-1, keepdims=True)
+        z_BxV = jnp.where(z_BxV < cut_Bx1, -jnp.inf, z_BxV)
+    return jax.random.categorical(key, z_BxV, axis=-1).astype(jnp.int32)
+
+
+def left_pad(prompts_ids: list[list[int]], pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(ids [B, P] int32 left-padded with ``pad_id``, padding count per row [B] int32); P = the longest prompt."""
+    if not prompts_ids or any(len(p) == 0 for p in prompts_ids):
+        raise ValueError("every prompt needs at least one token")
+    P = max(len(p) for p in prompts_ids)
+    ids_BxP = np.full((len(prompts_ids), P), pad_id, np.int32)
+    for b, p in enumerate(prompts_ids):
+        ids_BxP[b, P - len(p):] = p
+    return ids_BxP, np.asarray([P - len(p) for p in prompts_ids], np.int32)
+
+
+def _timed(fn: Any, *args: Any, **kw: Any) -> tuple[Any, Any, float]:
+    """(compiled fn, its outputs, run seconds): compiles ahead of time so the timing excludes compilation."""
+    compiled = fn.lower(*args, **kw).compile()
+    t0 = time.perf_counter()
+    out = jax.block_until_ready(compiled(*args))
+    return compiled, out, time.perf_counter() - t0
+
+
+def generate(params: model.Params, cfg: ModelConfig, prompts_ids: list[list[int]], *, max_new_tokens: int,
+             temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0, eos_id: int | None = None,
+             ffn: FFNImpl | None = None) -> tuple[list[list[int]], GenerateStats]:
+    """Continues every prompt by up to ``max_new_tokens`` tokens (a row stops after emitting ``eos_id``).
+
+    Args:
+      params: model parameters; cfg: its config (``cfg.neuron_thresholds`` apply as in :func:`model.forward`).
+      prompts_ids: token ids per prompt (different lengths are left-padded into one batch).
+      max_new_tokens: tokens to generate at most per prompt (>= 1).
+      temperature, top_k, top_p, seed: sampling (:func:`sample`); temperature 0 = greedy.
+      eos_id: a row ends after producing this token (included in its output). None = never.
+      ffn: the FFN hook of every layer in the decode steps (:data:`prosparse_jax.inference.decode.FFNImpl`); None =
+        :func:`decode.dense_ffn`. The prefill always runs the dense FFN (with the same sparse-mode mask).
+
+    Returns:
+      (new tokens per prompt, :class:`GenerateStats`).
+    """
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if temperature < 0 or top_k < 0 or not 0 < top_p <= 1:
+        raise ValueError(f"sampling needs temperature >= 0, top_k >= 0 and 0 < top_p <= 1; got {temperature}, "
+                         f"{top_k}, {top_p}")
+    ffn = ffn or dense_ffn
+    # per-layer layout: the decode step reads each layer's weights in place (a scan over stacked layers copies each
+    # layer's slice every step: 7x slower at the 7B FFN width, 4096 x 11008). Params already per-layer (e.g. from
+    # prepare_sparse_params or model.unstack_layers, done once by a caller that generates repeatedly) are not copied.
+    params = model.unstack_layers(params)
+    ids_BxP, pad_B = left_pad(prompts_ids)
+    B, P = ids_BxP.shape
+    cache = init_cache(cfg, B, P + max_new_tokens, pad_B)
+    _, (logits_BxV, cache), t_prefill = _timed(prefill, params, jnp.asarray(ids_BxP), cache, cfg=cfg)
+    loop_args = (params, logits_BxV, cache, jax.random.key(seed))
+    loop_kw = dict(cfg=cfg, ffn_impl=ffn, max_new_tokens=max_new_tokens, eos_id=eos_id, temperature=temperature,
+                   top_k=top_k, top_p=top_p)
+    _, (out_BxN, zeros_L, decoded), t_decode = _timed(decode_loop, *loop_args, **loop_kw)
+    out, zeros_L, decoded = np.asarray(out_BxN), np.asarray(zeros_L), int(decoded)
+    news = [list(out[b, :_length(out[b], eos_id)]) for b in range(B)]
+    stats = GenerateStats(
+        prefill_tokens_per_s=float(B * P / max(t_prefill, 1e-9)),
+        decode_tokens_per_s=float(decoded / t_decode) if decoded and t_decode > 0 else 0.0,
+        sparsity_per_layer=[float(z / max(decoded * cfg.d_ff, 1)) for z in zeros_L],
+        prefill_tokens=int(B * P), decoded_tokens=decoded)
+    return [[int(t) for t in n] for n in news], stats
+
+
+@partial(jax.jit, static_argnames=("cfg", "ffn_impl", "max_new_tokens", "eos_id", "temperature", "top_k", "top_p"))
+def decode_loop(params: model.Params, logits_BxV: Array, cache: KVCache, key: Array, *, cfg: ModelConfig,
+                ffn_impl: FFNImpl, max_new_tokens: int, eos_id: int | None, temperature: float, top_k: int,
+                top_p: float) -> tuple[Array, Array, Array]:
+    """Samples up to ``max_new_tokens`` tokens per row after the prefill's ``logits_BxV``, on the device: one
+    ``lax.while_loop`` of (:func:`decode_step`, :func:`sample`) with no host round trip per token. It stops when
+    every row has emitted ``eos_id`` or after ``max_new_tokens`` samples (the last sample runs no step).
+
+    Returns:
+      (tokens [B, max_new_tokens] int32 (after a row's EOS: whatever was sampled, trimmed by the caller), zeros of x1
+      per layer summed over the active rows of every step [L] float32, decoded tokens (steps x active rows) int32).
+    """
+    B = logits_BxV.shape[0]
+
+    def draw(logits: Array, key: Array, i: Array, out: Array, active: Array) -> tuple[Array, ...]:
+        key, sub = jax.random.split(key)
+        tok_B = sample(logits, sub, temperature=temperature, top_k=top_k, top_p=top_p)
+        active = active & (tok_B != eos_id) if eos_id is not None else active
+        return key, tok_B, out.at[:, i].set(tok_B), active
+
+    key, tok_B, out, active = draw(logits_BxV, key, jnp.int32(0), jnp.zeros((B, max_new_tokens), jnp.int32),
+                                   jnp.ones((B,), bool))
+
+    def cond(c: tuple[Any, ...]) -> Array:
+        i, _, _, _, active, *_ = c
+        return (i < max_new_tokens) & jnp.any(active)
+
+    def body(c: tuple[Any, ...]) -> tuple[Any, ...]:
+        i, key, tok_B, cache, active, out, zeros_L, decoded = c
+        logits, cache, z_L = decode_step(params, tok_B, cache, active, cfg=cfg, ffn_impl=ffn_impl)
+        decoded = decoded + jnp.sum(active, dtype=jnp.int32)
+        key, tok_B, out, active = draw(logits, key, i, out, active)
+        return i + 1, key, tok_B, cache, active, out, zeros_L + z_L, decoded
+
+    c0 = (jnp.int32(1), key, tok_B, cache, active, out, jnp.zeros((cfg.n_layers,), jnp.float32), jnp.int32(0))
+    _, _, _, _, _, out, zeros_L, decoded = jax.lax.while_loop(cond, body, c0)
+    return out, zeros_L, decoded
+
+
+def _length(row: np.ndarray, eos_id: int | None) -> int:
+    """Tokens of a generated row up to and including its first EOS."""
+    if eos_id is None:
+        return len(row)
+    hits = np.flatnonzero(row == eos_id)
+    return int(hits[0]) + 1 if len(hits) else len(row)
+
+
+def prepare_sparse_params(params: model.Params) -> model.Params:
+    """``params`` plus what the sparse FFN reads per layer, computed once instead of in every decode step:
+    ``w_up_t_LxFxD`` (W_up with one row per neuron) and ``w_down_norms_LxF`` (||W_down[i, :]||); returned in the
+    per-layer layout :func:`generate` decodes with, so repeated ``generate`` calls do not re-split the layers."""
+    params = model.stack_layers(params)
+    layers = dict(params["layers"])
+    layers["w_up_t_LxFxD"] = jnp.swapaxes(layers["w_up_LxDxF"], 1, 2)
+    layers["w_down_norms_LxF"] = model.w_down_norms(params)
+    return model.unstack_layers(dict(params, layers=layers))
+
+
+def sparse_decode_ffn(params: model.Params, cfg: ModelConfig, implementation: str = "auto") -> Any:
+    """The decode FFN hook (:data:`prosparse_jax.inference.decode.FFNImpl`) that runs :func:`prosparse_jax.inference.sparse_ffn.sparse_ffn`:
+    only the active neurons' rows of W_up / W_down are read (the union over the batch rows). The zeros it reports per
+    token are d_ff minus that union's size (a lower bound of each row's own count when B > 1). ``implementation``:
+    the sparse FFN backend (``functools.partial(sparse_decode_ffn, implementation=...)`` picks one)."""
+    del params
+    taus_L = jnp.asarray(cfg.neuron_thresholds, jnp.float32) if cfg.neuron_thresholds else None
+
+    def ffn(layer: jax.Array, x_BxTxD: jax.Array, lp: model.Params, valid_BxT: jax.Array
+            ) -> tuple[jax.Array, jax.Array]:
+        del valid_BxT
+        B, T, _ = x_BxTxD.shape  # T == 1 in decode steps
+        norms_F = lp["w_down_norms_LxF"] if "w_down_norms_LxF" in lp else \
+            jnp.linalg.norm(lp["w_down_LxFxD"].astype(jnp.float32), axis=-1)
+        out_BxD, count = sparse_ffn_lib.sparse_ffn(
+            x_BxTxD.reshape(B * T, -1), lp["w_gate_LxDxF"], lp["w_up_LxDxF"], lp["w_down_LxFxD"],
+            activation=cfg.activation, threshold=cfg.activation_threshold,
+            taus=None if taus_L is None else taus_L[layer], w_down_norms_F=norms_F, w_up_FxD=lp.get("w_up_t_LxFxD"),
+            implementation=implementation)
+        zeros_BxT = jnp.broadcast_to((cfg.d_ff - count).astype(jnp.float32), (B, T))
+        return out_BxD.reshape(B, T, -1).astype(x_BxTxD.dtype), zeros_BxT
+
+    return ffn
+
+
+def sparse_config(cfg: ModelConfig, sparse: bool) -> ModelConfig:
+    """The config a CLI run decodes with: the sparse mode's thresholds with ``sparse``, else a dense FFN."""
+    if not sparse:
+        return cfg.replace(neuron_thresholds=())
+    if not cfg.neuron_thresholds and cfg.activation not in RELU_FAMILY:
+        raise cli.UsageError(
+            f"--sparse: this {cfg.activation} model has no model.neuron_thresholds; get them with `python -m "
+            "prosparse_jax.analysis.analyze --metric=pplp --value=1` and pass --config.model.neuron_thresholds or use its "
+            "sparse_mode.json")
+    return cfg
+
+
+def run_cli(checkpoint_path: str, prompt: str, *, step: int | None, max_new_tokens: int, sparse: bool,
+            implementation: str = "auto", **sampling: Any) -> tuple[str, dict[str, Any]]:
+    """(generated text, stats dict) of the CLI: loads, checks the prompt against the context, generates."""
+    from tokenizers import Tokenizer
+
+    if max_new_tokens < 1:
+        raise cli.UsageError(f"--max_new_tokens: must be at least 1, got {max_new_tokens}")
+    if not prompt:
+        raise cli.UsageError("--prompt: empty; give the text to continue")
+    context, source = score.context_window(checkpoint_path)
+    mcfg, params, tok_path = checkpoint.load_model(checkpoint_path, step)
+    if tok_path is None:
+        raise checkpoint.CheckpointError(
+            f"{checkpoint_path} has no tokenizer.json; copy the tokenizer used for training next to config.json")
+    mcfg = sparse_config(mcfg, sparse)
+    tok = Tokenizer.from_file(str(tok_path))
+    ids = tok.encode(prompt).ids
+    if not ids:
+        raise cli.UsageError("--prompt: encodes to zero tokens; give some text")
+    if len(ids) > context:
+        raise cli.UsageError(f"--prompt: {len(ids)} tokens, longer than the model's context of {context} ({source});"
+                             " shorten it")
+    eos = tok.token_to_id("<|endoftext|>")
+    if sparse:  # the sparse FFN kernel in every decode step, with its per-layer tensors prepared once
+        params = prepare_sparse_params(params)
+    news, stats = generate(params, mcfg, [ids], max_new_tokens=max_new_tokens, eos_id=eos,
+                           ffn=functools.partial(sparse_decode_ffn, implementation=implementation) if sparse else None,
+                           **sampling)
+    return tok.decode(news[0]), {
+        "prefill_tokens_per_s": stats.prefill_tokens_per_s, "decode_tokens_per_s": stats.decode_tokens_per_s,
+        "sparsity_per_layer": stats.sparsity_per_layer, "prompt_tokens": len(ids),
+        "new_tokens": len(news[0]), "sparse": sparse,
+        "implementation": sparse_ffn_lib.resolve_implementation(implementation) if sparse else None}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI entry point: parses ``argv`` (default ``sys.argv``), prints the text and a JSON line; the exit code."""
+    def body() -> str:
+        cli.check_model_path(_CHECKPOINT.value, "--checkpoint")
+        text, stats = run_cli(_CHECKPOINT.value, _PROMPT.value, step=_STEP.value, max_new_tokens=_MAX_NEW.value,
+                              sparse=_SPARSE.value, implementation=_IMPLEMENTATION.value,
+                              temperature=_TEMPERATURE.value, top_k=_TOP_K.value, top_p=_TOP_P.value, seed=_SEED.value)
+        return f"{text}\n{json.dumps(stats)}"
+
+    return cli.run("generate", FLAGS, argv, body, (OSError, ValueError, checkpoint.CheckpointError), __doc__)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

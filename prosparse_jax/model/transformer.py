@@ -1,0 +1,355 @@
+"""Pure functional LLaMA / MiniCPM decoder with a gated FFN and per-layer activation statistics.
+
+Parameters are a plain pytree (nested dicts of float32 arrays) whose leaf names carry their shapes; the layer
+parameters are stacked on a leading ``L`` axis and the layers run under ``jax.lax.scan`` (fast compiles at 52 layers,
+one place for rematerialisation). ``forward`` is a pure function of (params, token ids, config) that returns logits
+*and* the FFN statistics measured where the activation is applied -- no second pass.
+
+Layer layouts. The stacked form ``params["layers"] = {name: [L, ...]}`` is the canonical one (checkpoints, HF
+conversion, analysis). The per-layer form ``params["layers"] = [{name: [1, ...]}] * L`` (same leaf names, L = 1 in each
+group; :func:`unstack_layers` / :func:`stack_layers`) runs the layers unrolled. Training uses it when
+``model.scan_layers = False``: the gradient of each layer is then its own buffer, with none of the scan's costs
+(zero-filled stacked residual and gradient buffers, dynamic slices and updates of them), which on CPU is ~10% of a step.
+
+Shape letters: B batch, T sequence, D d_model, N query heads, K kv heads, G = N / K, H head_dim, F d_ff, V vocab,
+L layers.
+
+Forward (MiniCPM, arXiv 2404.06395, and its public modeling code; LLaMA 2 when all scales are 1):
+h0 = embed(ids) * scale_emb; per layer
+h += attn(RMSNorm(h)) * r and h += ffn(RMSNorm(h)) * r with r = scale_depth / sqrt(L) (1 for LLaMA);
+logits = RMSNorm(h) / (d_model / dim_model_base) @ head. RMSNorm and softmax in float32, half-split RoPE.
+
+Attention: ``cfg.attention`` names the backend (:mod:`prosparse_jax.model.attention`: xla_blocks, xla, cudnn, splash or
+auto = by platform); :func:`forward` builds its mask once, :func:`attend` runs it in every layer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from prosparse_jax.config import ModelConfig
+from prosparse_jax.model import attention as attention_lib
+from prosparse_jax.model.activations import ffn_product
+from prosparse_jax.model.layouts import layer_param, stack_layers, unstack_layers  # noqa: F401 - part of the model API
+
+Array = jax.Array
+Params = dict[str, Any]
+
+_NEG_INF = attention_lib.NEG_INF  # decode's bias over the KV cache
+
+
+class FFNStats(NamedTuple):
+    """Per-layer FFN statistics, each with a leading layer axis ``L``.
+
+    mean_abs_x1: mean |x1| over valid tokens x d_ff (x d_ff = the layer's ProSparse Eq. 2 L1 term per token).
+    zero_frac: fraction of exact zeros of x1 over valid tokens x d_ff (ProSparse activation sparsity).
+    x1 / act_gate: the full [L, B, T, F] tensors, only when ``capture=True`` (else None).
+    """
+
+    mean_abs_x1: Array
+    zero_frac: Array
+    x1: Array | None = None
+    act_gate: Array | None = None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Parameters
+# ---------------------------------------------------------------------------------------------------------------
+def init_params(cfg: ModelConfig, rng: Array) -> Params:
+    """Random float32 parameters: matrices ~ N(0, init_std), norms = 1 (MiniCPM/µP style init)."""
+    D, L, N, K, H, F, V = cfg.d_model, cfg.n_layers, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_ff, cfg.vocab_size
+    keys = iter(jax.random.split(rng, 9))
+
+    def normal(shape: tuple[int, ...]) -> Array:
+        return cfg.init_std * jax.random.normal(next(keys), shape, jnp.float32)
+
+    params: Params = {
+        "embed_VxD": normal((V, D)),
+        "layers": {
+            "attn_norm_LxD": jnp.ones((L, D), jnp.float32),
+            "wq_LxDxNxH": normal((L, D, N, H)),
+            "wk_LxDxKxH": normal((L, D, K, H)),
+            "wv_LxDxKxH": normal((L, D, K, H)),
+            "wo_LxNxHxD": normal((L, N, H, D)),
+            "ffn_norm_LxD": jnp.ones((L, D), jnp.float32),
+            "w_gate_LxDxF": normal((L, D, F)),
+            "w_up_LxDxF": normal((L, D, F)),
+            "w_down_LxFxD": normal((L, F, D)),
+        },
+        "final_norm_D": jnp.ones((D,), jnp.float32),
+    }
+    if not cfg.tie_embeddings:
+        params["lm_head_DxV"] = normal((D, V))
+    return params
+
+
+def abstract_params(cfg: ModelConfig) -> Params:
+    """Shapes and dtypes of the parameters without allocating them."""
+    return jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Building blocks
+# ---------------------------------------------------------------------------------------------------------------
+def rms_norm(x: Array, w: Array, eps: float) -> Array:
+    """RMSNorm computed in float32, cast back to the input dtype."""
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + eps)
+    return (y * w.astype(jnp.float32)).astype(x.dtype)
+
+
+def rope_tables(positions_BxT: Array, H: int, theta: float) -> tuple[Array, Array]:
+    """cos / sin of the half-split rotary embedding, [B, T, 1, H/2] float32 (computed once per forward pass)."""
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, H, 2, dtype=jnp.float32) / H))
+    ang_BxTxH2 = positions_BxT.astype(jnp.float32)[..., None] * inv_freq
+    cs_2xBxTxH2 = jnp.stack([jnp.cos(ang_BxTxH2), jnp.sin(ang_BxTxH2)])
+    # Materialised by an exact product with the identity: otherwise XLA fuses cos/sin into each consumer and evaluates
+    # them for every element of [B, T, N, H/2], in every layer and again in the backward pass (~4% of a CPU step).
+    cs_2xBxTxH2 = jnp.einsum("cbth,hk->cbtk", cs_2xBxTxH2, jnp.eye(H // 2, dtype=jnp.float32),
+                             precision=jax.lax.Precision.HIGHEST)
+    return cs_2xBxTxH2[0][:, :, None, :], cs_2xBxTxH2[1][:, :, None, :]
+
+
+def apply_rope(x_BxTxNxH: Array, cos_BxTx1xH2: Array, sin_BxTx1xH2: Array) -> Array:
+    """Half-split rotary embedding (HF ``rotate_half``): pairs (i, i + H/2), in float32."""
+    H = x_BxTxNxH.shape[-1]
+    x32 = x_BxTxNxH.astype(jnp.float32)
+    x1, x2 = x32[..., : H // 2], x32[..., H // 2 :]
+    out = jnp.concatenate([x1 * cos_BxTx1xH2 - x2 * sin_BxTx1xH2, x2 * cos_BxTx1xH2 + x1 * sin_BxTx1xH2], axis=-1)
+    return out.astype(x_BxTxNxH.dtype)
+
+
+def rope(x_BxTxNxH: Array, positions_BxT: Array, theta: float) -> Array:
+    """Rotary embedding of ``x`` at ``positions`` (:func:`rope_tables` + :func:`apply_rope`)."""
+    return apply_rope(x_BxTxNxH, *rope_tables(positions_BxT, x_BxTxNxH.shape[-1], theta))
+
+
+ATTN_BLOCK = attention_lib.ATTN_BLOCK  # xla_blocks' query rows per block (read when a forward pass is traced)
+
+
+def attention_bias_blocks(segment_ids_BxT: Array | None, T: int, B: int,
+                          block: int | None = None) -> attention_lib.BiasBlocks:
+    """xla_blocks' causal, same-segment bias per block of query rows (:func:`attention.bias_blocks`); ``block``
+    defaults to :data:`ATTN_BLOCK`."""
+    return attention_lib.bias_blocks(segment_ids_BxT, B, T, block or ATTN_BLOCK)
+
+
+def project_qkv(x_BxTxD: Array, lp: Params, rope_cs: tuple[Array, Array], cfg: ModelConfig
+                ) -> tuple[Array, Array, Array]:
+    """(q * H^-0.5, k, v) of one layer, RoPE applied: [B, T, N, H], [B, T, K, H], [B, T, K, H]."""
+    dt = x_BxTxD.dtype
+    B, T, D = x_BxTxD.shape
+    N, K, H = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+    x_MxD = x_BxTxD.reshape(B * T, D)  # 2-D GEMMs: XLA:CPU emits no transposes for their gradients
+    q_BxTxNxH = (x_MxD @ lp["wq_LxDxNxH"].reshape(D, N * H).astype(dt)).reshape(B, T, N, H)
+    k_BxTxKxH = (x_MxD @ lp["wk_LxDxKxH"].reshape(D, K * H).astype(dt)).reshape(B, T, K, H)
+    v_BxTxKxH = (x_MxD @ lp["wv_LxDxKxH"].reshape(D, K * H).astype(dt)).reshape(B, T, K, H)
+    return apply_rope(q_BxTxNxH, *rope_cs) * jnp.asarray(H**-0.5, dt), apply_rope(k_BxTxKxH, *rope_cs), v_BxTxKxH
+
+
+def attend(q_BxTxNxH: Array, k_BxSxKxH: Array, v_BxSxKxH: Array, lp: Params,
+           mask: attention_lib.Mask | attention_lib.BiasBlocks, cfg: ModelConfig) -> Array:
+    """Softmax attention (float32) of queries over keys, then the output projection, [B, T, D].
+
+    ``mask`` from :func:`attention.prepare` (the backend ``model.attention`` names), or a list of xla_blocks bias
+    blocks (:func:`attention_bias_blocks`; ``decode`` passes its own over the KV cache).
+    """
+    B, T, N, H = q_BxTxNxH.shape
+    o_MxNH = attention_lib.attend(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask).reshape(B * T, N * H)
+    return (o_MxNH @ lp["wo_LxNxHxD"].reshape(N * H, -1).astype(q_BxTxNxH.dtype)).reshape(B, T, -1)
+
+
+def attention(x_BxTxD: Array, lp: Params, mask: attention_lib.Mask, rope_cs: tuple[Array, Array],
+              cfg: ModelConfig) -> Array:
+    """Grouped-query causal self-attention (no biases): :func:`project_qkv` then :func:`attend`."""
+    return attend(*project_qkv(x_BxTxD, lp, rope_cs, cfg), lp, mask, cfg)
+
+
+# A hook that masks x1 (ProSparse's activation, paper Eq. 1: x1 = act(x W_gate) * (x W_up)) of one layer:
+# ``x1_mask(layer, x1_BxTxF, act_gate_BxTxF, valid_BxT) -> x1_BxTxF`` returns x1 with the dropped neurons zeroed.
+# ``layer`` is the layer index (a traced int32 under ``lax.scan``: index per-layer parameters with it), ``valid_BxT``
+# is False on padding. One hook serves the sparse mode (CETT thresholds, :func:`neuron_norm_mask`), the Top-k / FAT
+# evaluation (:mod:`prosparse_jax.analysis.sparsity`) and sparse decoding.
+X1Mask = Callable[[Array, Array, Array, Array], Array]
+
+
+def ffn_hidden(x_BxTxD: Array, lp: Params, cfg: ModelConfig) -> tuple[Array, Array]:
+    """Gated FFN up to the activation: (x1, act(gate)), both [B, T, F]; x1 is where activation sparsity lives."""
+    dt = x_BxTxD.dtype
+    B, T, D = x_BxTxD.shape
+    x_MxD = x_BxTxD.reshape(B * T, D)  # 2-D GEMMs: XLA:CPU emits no transposes for their gradients
+    gate_BxTxF = (x_MxD @ lp["w_gate_LxDxF"].astype(dt)).reshape(B, T, -1)
+    up_BxTxF = (x_MxD @ lp["w_up_LxDxF"].astype(dt)).reshape(B, T, -1)
+    return ffn_product(cfg.activation, gate_BxTxF, up_BxTxF, cfg.activation_threshold)
+
+
+def ffn_down(x1_BxTxF: Array, lp: Params) -> Array:
+    """The FFN's down projection x1 @ W_down, [B, T, D]."""
+    B, T, F = x1_BxTxF.shape
+    return (x1_BxTxF.reshape(B * T, F) @ lp["w_down_LxFxD"].astype(x1_BxTxF.dtype)).reshape(B, T, -1)
+
+
+def neuron_output_norms(x1_BxTxF: Array, w_down_norms_F: Array) -> Array:
+    """n_i = |x1_i| * ||W_down[i, :]|| (float32, [B, T, F]): the norm of neuron i's contribution to the FFN output."""
+    return jnp.abs(x1_BxTxF.astype(jnp.float32)) * w_down_norms_F
+
+
+def w_down_norms(params: Params) -> Array:
+    """||W_down[i, :]|| per layer and neuron, [L, F] float32 (params in either layer layout)."""
+    return jnp.linalg.norm(layer_param(params, "w_down_LxFxD").astype(jnp.float32), axis=-1)
+
+
+def neuron_norm_mask(params: Params, taus_L: Any) -> X1Mask:
+    """The sparse mode's hook (CETT, Sparsing Law §4.1): neuron i of layer l is dropped iff n_i <= tau_l.
+
+    The same rule as :func:`prosparse_jax.analysis.sparsity.cett` (its tail holds the neurons with n_i <= tau), so the sparse
+    mode runs exactly what the measurement counted."""
+    norms_LxF = w_down_norms(params)
+    taus = jnp.asarray(taus_L, jnp.float32)
+
+    def mask(layer: Array, x1_BxTxF: Array, act_gate_BxTxF: Array, valid_BxT: Array) -> Array:
+        del act_gate_BxTxF, valid_BxT
+        dropped_BxTxF = neuron_output_norms(x1_BxTxF, norms_LxF[layer]) <= taus[layer]
+        return jnp.where(dropped_BxTxF, jnp.zeros_like(x1_BxTxF), x1_BxTxF)
+
+    return mask
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Forward pass
+# ---------------------------------------------------------------------------------------------------------------
+class _Inputs(NamedTuple):
+    """What every layer reads besides its parameters (built once per forward pass)."""
+
+    mask: attention_lib.Mask
+    rope_cs: tuple[Array, Array]
+    valid_BxT: Array  # noqa: N815 - bool, False on padding
+
+
+def layer_stats(x1_BxTxF: Array, valid_BxT: Array) -> tuple[Array, Array]:
+    """(mean |x1|, fraction of exact zeros), each over valid tokens x d_ff, float32 scalars."""
+    w_BxTx1 = valid_BxT.astype(jnp.float32)[..., None]
+    n = jnp.maximum(jnp.sum(w_BxTx1), 1.0) * x1_BxTxF.shape[-1]
+    mean_abs = jnp.sum(jnp.abs(x1_BxTxF).astype(jnp.float32) * w_BxTx1) / n
+    zeros = jnp.sum((x1_BxTxF == 0).astype(jnp.float32) * w_BxTx1) / n
+    return mean_abs, zeros
+
+
+def decoder_layer(h_BxTxD: Array, lp: Params, layer: Array | int, inp: _Inputs, cfg: ModelConfig,
+                  x1_mask: X1Mask | None, capture: bool) -> tuple[Array, tuple[Array, ...]]:
+    """One pre-norm block: h += attn(norm(h)) * r; h += ffn(norm(h)) * r. Returns (h, layer statistics)."""
+    dt, r = h_BxTxD.dtype, cfg.residual_scale
+    a = attention(rms_norm(h_BxTxD, lp["attn_norm_LxD"], cfg.norm_eps), lp, inp.mask, inp.rope_cs, cfg)
+    h_BxTxD = h_BxTxD + (a * r).astype(dt)
+    x1_BxTxF, act_BxTxF = ffn_hidden(rms_norm(h_BxTxD, lp["ffn_norm_LxD"], cfg.norm_eps), lp, cfg)
+    if x1_mask is not None:
+        x1_BxTxF = x1_mask(jnp.asarray(layer, jnp.int32), x1_BxTxF, act_BxTxF, inp.valid_BxT)
+    h_BxTxD = h_BxTxD + (ffn_down(x1_BxTxF, lp) * r).astype(dt)
+    return h_BxTxD, layer_stats(x1_BxTxF, inp.valid_BxT) + ((x1_BxTxF, act_BxTxF) if capture else ())
+
+
+def _run_layers(params: Params, h_BxTxD: Array, layer_fn: Callable) -> tuple[Array, tuple[Array, ...]]:
+    """All layers: ``lax.scan`` over the stacked layout, unrolled over the per-layer one; stats stacked on [L]."""
+    if isinstance(params["layers"], (list, tuple)):
+        per_layer = []
+        for i, group in enumerate(params["layers"]):
+            h_BxTxD, o = layer_fn(h_BxTxD, (jax.tree.map(lambda x: x[0], group), i))
+            per_layer.append(o)
+        return h_BxTxD, tuple(jnp.stack(z) for z in zip(*per_layer, strict=True))
+    n_layers = jax.tree.leaves(params["layers"])[0].shape[0]
+    return jax.lax.scan(layer_fn, h_BxTxD, (params["layers"], jnp.arange(n_layers, dtype=jnp.int32)))
+
+
+def forward(
+    params: Params, ids_BxT: Array, cfg: ModelConfig, *, segment_ids_BxT: Array | None = None,
+    positions_BxT: Array | None = None, x1_mask: X1Mask | None = None, capture: bool = False,
+) -> tuple[Array, FFNStats]:
+    """Runs the decoder.
+
+    Args:
+      params: parameter pytree from :func:`init_params`, stacked (layers under ``lax.scan``) or per-layer
+        (:func:`unstack_layers`; layers unrolled).
+      ids_BxT: int token ids.
+      cfg: model config.
+      segment_ids_BxT: packed-sequence ids; attention stays within a segment; id 0 marks padding (excluded from the
+        statistics). None = one sequence per row.
+      positions_BxT: RoPE positions (restart at 0 per segment when packing). None = 0..T-1.
+      x1_mask: a hook that masks x1 in every layer (:data:`X1Mask`). None = the config's sparse mode
+        (``cfg.neuron_thresholds``, :func:`neuron_norm_mask`) when set, else dense; a given hook replaces it.
+      capture: also return the full x1 and act(gate) tensors in the stats.
+
+    Returns:
+      (logits [B, T, V] float32, FFNStats with [L]-shaped statistics).
+    """
+    dt = jnp.dtype(cfg.dtype)
+    B, T = ids_BxT.shape
+    if positions_BxT is None:
+        positions_BxT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+    valid_BxT = jnp.ones((B, T), bool) if segment_ids_BxT is None else segment_ids_BxT != 0
+    mask = attention_lib.prepare(cfg.attention, segment_ids_BxT, B, T, dtype=dt, block=ATTN_BLOCK)
+    inp = _Inputs(mask, rope_tables(positions_BxT, cfg.head_dim, cfg.rope_theta), valid_BxT)
+    if x1_mask is None and cfg.neuron_thresholds:
+        x1_mask = neuron_norm_mask(params, cfg.neuron_thresholds)
+
+    def layer(h_BxTxD: Array, xs: tuple[Params, Array | int]) -> tuple[Array, tuple[Array, ...]]:
+        return decoder_layer(h_BxTxD, xs[0], xs[1], inp, cfg, x1_mask, capture)
+
+    if cfg.remat:
+        layer = jax.checkpoint(layer, prevent_cse=False)
+    h_BxTxD = (params["embed_VxD"][ids_BxT] * cfg.scale_emb).astype(dt)
+    h_BxTxD, outs = _run_layers(params, h_BxTxD, layer)
+    return head_logits(params, h_BxTxD, cfg), FFNStats(*outs)
+
+
+def head_logits(params: Params, h_BxTxD: Array, cfg: ModelConfig) -> Array:
+    """float32 logits [B, T, V] of the last hidden states: final RMSNorm, MiniCPM's divisor, LM head."""
+    (B, T, _), dt = h_BxTxD.shape, h_BxTxD.dtype
+    h_BxTxD = rms_norm(h_BxTxD, params["final_norm_D"], cfg.norm_eps) / jnp.asarray(cfg.logits_divisor, dt)
+    head_DxV = params["embed_VxD"].T if cfg.tie_embeddings else params["lm_head_DxV"]
+    return jnp.dot(h_BxTxD.reshape(B * T, -1), head_DxV.astype(dt),
+                   preferred_element_type=jnp.float32).reshape(B, T, -1)
+
+
+def cross_entropy(
+    logits_BxTxV: Array, targets_BxT: Array, weights_BxT: Array | None = None
+) -> Array:
+    """Mean next-token cross-entropy (float32) over tokens with non-zero weight."""
+    # Fused form: nll = logsumexp(z) - z[target]; the target logit is picked by a compare against an iota (its
+    # gradient is an elementwise select, not a scatter into a [B, T, V] buffer of zeros).
+    z_BxTxV = logits_BxTxV.astype(jnp.float32)
+    m_BxT = jax.lax.stop_gradient(jnp.max(z_BxTxV, axis=-1))
+    lse_BxT = jnp.log(jnp.sum(jnp.exp(z_BxTxV - m_BxT[..., None]), axis=-1)) + m_BxT
+    hit_BxTxV = jax.lax.broadcasted_iota(jnp.int32, z_BxTxV.shape, 2) == targets_BxT[..., None]
+    nll_BxT = lse_BxT - jnp.sum(jnp.where(hit_BxTxV, z_BxTxV, 0.0), axis=-1)
+    if weights_BxT is None:
+        return nll_BxT.mean()
+    w = weights_BxT.astype(jnp.float32)
+    return jnp.sum(nll_BxT * w) / jnp.maximum(w.sum(), 1.0)
+
+
+def fold_minicpm_scales(params: Params, cfg: ModelConfig) -> tuple[Params, ModelConfig]:
+    """Folds MiniCPM's scale_emb, scale_depth/sqrt(L) and logits divisor into the weights (what a MiniCPM checkpoint
+    needs to load as a transformers LlamaForCausalLM).
+
+    Returns an equivalent plain LLaMA model (all scales 1, untied head): embed *= scale_emb;
+    lm_head = (original head) / (d_model / dim_model_base); wo and w_down *= scale_depth / sqrt(L).
+    """
+    params = stack_layers(params)
+    head_DxV = params["embed_VxD"].T if cfg.tie_embeddings else params["lm_head_DxV"]
+    r = cfg.residual_scale
+    layers = dict(params["layers"])
+    layers["wo_LxNxHxD"] = layers["wo_LxNxHxD"] * r
+    layers["w_down_LxFxD"] = layers["w_down_LxFxD"] * r
+    folded = {
+        "embed_VxD": params["embed_VxD"] * cfg.scale_emb,
+        "layers": layers,
+        "final_norm_D": params["final_norm_D"],
+        "lm_head_DxV": head_DxV / cfg.logits_divisor,
+    }
+    # the sparse mode's thresholds are on |x1_i| * ||W_down[i]||, which the folding scales by r too
+    return folded, cfg.replace(scale_emb=1.0, scale_depth=0.0, dim_model_base=0, tie_embeddings=False,
+                               neuron_thresholds=tuple(t * r for t in cfg.neuron_thresholds))

@@ -1,0 +1,390 @@
+"""Orbax checkpoints of a run's workdir, and loading a model from any workdir (ours or imported from HF).
+
+Workdir layout (shared by train, import_hf, analyze, score, export_hf)::
+
+    <workdir>/config.json        resolved run config (the ``model`` section is the ModelConfig)
+    <workdir>/tokenizer.json     HF tokenizers file used by the run (if any)
+    <workdir>/metrics.jsonl      one JSON object per logged step
+    <workdir>/checkpoints/<step>/{params, opt_state, extra}
+
+``params`` and ``opt_state`` are orbax StandardSave pytrees; ``extra`` is JSON (step, data iterator state, model
+config, and the digests of every array leaf). An imported model has ``params`` and ``extra`` only.
+
+Integrity: :func:`save` writes a 64-bit digest of every array leaf of ``params`` / ``opt_state`` into
+``extra["digests"]`` (:func:`digests`: small leaves with numpy, big or multi-process ones by a jitted reduction on
+the devices that hold them, so a sharded array is never gathered); :func:`restore` and :func:`load_model` recompute
+the digests of what they read and compare. A step that cannot be read back (truncated or missing files, undecodable
+chunks, unreadable ``extra``) or whose arrays do not match their digests raises :class:`CorruptCheckpointError`,
+naming the step, what is wrong and the newest older step that still restores and verifies; nothing is deleted.
+Stored shapes that differ from the config's stay a plain :class:`CheckpointError` (a config mismatch, not damage).
+Checkpoints written before the digests existed load unverified.
+"""
+
+from __future__ import annotations
+
+import atexit
+import gc
+import json
+import logging as stdlib_logging
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+from absl import logging
+
+from prosparse_jax.config import ModelConfig, model_config_from_dict, to_dict
+from prosparse_jax.model.transformer import Params, abstract_params
+from prosparse_jax.training.digest import DIGEST_ALGORITHM, digests
+
+CKPT_DIR = "checkpoints"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, unreadable or does not match the config."""
+
+
+class CorruptCheckpointError(CheckpointError):
+    """A checkpoint's files cannot be read back or its arrays do not match the digests written with them."""
+
+
+class _DamageError(Exception):
+    """Internal: a step's files cannot be read back or do not match their digests (``str``: what is wrong)."""
+
+
+def _brief(e: BaseException) -> str:
+    """One line about an exception: the class and first line of its root cause (orbax wraps tensorstore's)."""
+    while e.__cause__ is not None:
+        e = e.__cause__
+    first = (str(e).strip().splitlines() or [""])[0]
+    first = first if len(first) <= 240 else first[:237] + "..."
+    return f"{type(e).__name__}: {first}" if first else type(e).__name__
+
+
+def _verify(step_dir: Path, extra: Any, restored: dict[str, Any]) -> None:
+    """Compares the digests of the ``restored`` items with those saved in ``extra``; raises :class:`_DamageError`."""
+    if not isinstance(extra, dict):
+        raise _DamageError("its extra/metadata is not a JSON object")
+    saved = extra.get("digests")
+    if saved is None:
+        logging.info("%s has no array digests (written before they existed): restored unverified", step_dir)
+        return
+    if not isinstance(saved, dict) or saved.get("algorithm") != DIGEST_ALGORITHM:
+        algo = saved.get("algorithm") if isinstance(saved, dict) else None
+        logging.warning("%s: unknown digest algorithm %r; restored unverified", step_dir, algo)
+        return
+    got = digests(restored)
+    for item, leaves in got.items():
+        want = saved.get(item)
+        if not isinstance(want, dict):
+            raise _DamageError(f"extra/metadata has no digests of its {item}")
+        for name, digest in leaves.items():
+            if name not in want:
+                logging.warning("%s: no digest for %s leaf %s; it is unverified", step_dir, item, name)
+            elif want[name] != digest:
+                raise _DamageError(f"{item} leaf {name} does not match the digest written with it")
+
+
+def _stored_shapes(step_dir: Path, item: str) -> dict[str, tuple[int, ...]] | None:
+    """``{orbax leaf name: shape}`` of the arrays stored for ``item`` (None when its metadata cannot be read)."""
+    try:
+        md = ocp.StandardCheckpointHandler().metadata(step_dir / item)
+    except Exception:  # noqa: BLE001 -- unreadable metadata is damage; the restore reports it
+        return None
+    leaves = [m for m in jax.tree.leaves(getattr(md, "tree", md)) if hasattr(m, "shape")]
+    return {str(getattr(m, "name", i)): tuple(m.shape) for i, m in enumerate(leaves)}
+
+
+def _mismatch(step_dir: Path, targets: dict[str, Any], *, by_name: bool) -> str | None:
+    """How the arrays stored in ``step_dir`` differ from ``targets`` (a config problem, not damage), else None.
+
+    The shapes are compared as a multiset (independent of how orbax names leaves); ``by_name`` also compares the
+    leaf names (only after a failed restore: a different tree is then a mismatch, not damage).
+    """
+    for item, target in targets.items():
+        stored = _stored_shapes(step_dir, item)
+        if stored is None:
+            continue
+        wanted = {jax.tree_util.keystr(p, simple=True, separator="."): tuple(a.shape)
+                  for p, a in jax.tree_util.tree_flatten_with_path(target)[0]}
+        if sorted(stored.values()) == sorted(wanted.values()) and (not by_name or stored.keys() == wanted.keys()):
+            continue
+        diff = [f"{item} leaf {k} has shape {stored[k]} in the checkpoint, {wanted[k]} in the config"
+                for k in wanted if k in stored and stored[k] != wanted[k]]
+        if diff:
+            return diff[0] + (f" (and {len(diff) - 1} more leaves differ)" if len(diff) > 1 else "")
+        only_ckpt, only_cfg = sorted(stored.keys() - wanted.keys()), sorted(wanted.keys() - stored.keys())
+        return (f"its {item} has {len(stored)} arrays, the config {len(wanted)} (only in the checkpoint: "
+                f"{only_ckpt[:3] or 'none'}; only in the config: {only_cfg[:3] or 'none'})")
+    return None
+
+
+def _is_abandoned_read(u: Any) -> bool:
+    """An unraisable exception of orbax's reads left running when a restore failed (see :func:`quiet_orbax_noise`):
+    "Event loop is closed" from tensorstore's threads, a coroutine of orbax's never awaited, or a traceback through
+    orbax's checkpoint code."""
+    if isinstance(u.exc_value, RuntimeError) and "Event loop is closed" in str(u.exc_value):
+        return True
+    code = getattr(getattr(u, "object", None), "cr_code", None)
+    if code is not None and "orbax" in code.co_filename:
+        return True
+    tb = getattr(u, "exc_traceback", None)
+    while tb is not None:
+        if "/orbax/checkpoint/" in tb.tb_frame.f_code.co_filename.replace("\\", "/"):
+            return True
+        tb = tb.tb_next
+    return False
+
+
+class _AbandonedOrbaxTasks(stdlib_logging.Filter):
+    """Drops asyncio's "Task/Future exception was never retrieved" about orbax's (tensorstore's) reads left behind by
+    a failed restore."""
+
+    def filter(self, record: stdlib_logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        return not ("exception was never retrieved" in msg and any(k in msg for k in ("orbax", "OCDBT", "TensorStore")))
+
+
+def quiet_orbax_noise() -> None:
+    """Drops the noise of a failed orbax restore (installed once, before the first restore).
+
+    When one array cannot be read, orbax's restore raises while its other reads are still in flight; during the
+    restore or later they report "Exception ignored in <coroutine ...>" / "Event loop is closed" tracebacks through
+    ``sys.unraisablehook`` and "Task/Future exception was never retrieved" through the ``asyncio`` logger, burying
+    the one-line error. Only those are dropped; other unraisable exceptions and asyncio records pass through.
+    Idempotent; every restore of this module installs it first.
+    """
+    asyncio_log = stdlib_logging.getLogger("asyncio")
+    if not any(isinstance(f, _AbandonedOrbaxTasks) for f in asyncio_log.filters):
+        asyncio_log.addFilter(_AbandonedOrbaxTasks())
+    prev = sys.unraisablehook
+    if getattr(prev, "_prosparse_ckpt_quiet", False):
+        return
+
+    def hook(u: Any, _abandoned: Callable[[Any], bool] = _is_abandoned_read) -> None:  # bound now: usable at exit
+        if not _abandoned(u):
+            prev(u)
+
+    hook._prosparse_ckpt_quiet = True  # type: ignore[attr-defined]
+    sys.unraisablehook = hook
+    atexit.register(gc.collect)  # reads still in flight at the failure are collected before the hook goes away
+
+
+def _read(mgr: ocp.CheckpointManager, step: int, targets: dict[str, Any],
+          mismatch: Callable[[str], CheckpointError]) -> dict[str, Any]:
+    """Restores ``targets`` (item -> abstract pytree) and ``extra`` of ``step`` and verifies their digests.
+
+    Raises:
+      CheckpointError: ``mismatch(what differs)`` when the stored arrays do not fit the targets.
+      _DamageError: when the step cannot be read back or does not match its digests.
+    """
+    step_dir = Path(mgr.directory) / str(step)
+    if (what := _mismatch(step_dir, targets, by_name=False)) is not None:
+        raise mismatch(what)  # checked first: a restore that fails leaves orbax's reads running
+    items: dict[str, Any] = {k: ocp.args.StandardRestore(v) for k, v in targets.items()}
+    items["extra"] = ocp.args.JsonRestore()
+    quiet_orbax_noise()
+    failure = None
+    try:
+        out = mgr.restore(step, args=ocp.args.Composite(**items))
+    except Exception as e:  # noqa: BLE001 -- orbax raises bare Exception around tensorstore read errors
+        failure = _brief(e)  # (not chained: its traceback would keep orbax's abandoned reads alive)
+    if failure is not None:
+        gc.collect()  # finalise the abandoned reads now, while the hook is there (at exit it may be gone)
+        if (what := _mismatch(step_dir, targets, by_name=True)) is not None:
+            raise mismatch(what)
+        raise _DamageError(f"reading it failed ({failure})")
+    _verify(step_dir, out["extra"], {k: out[k] for k in targets})
+    return out
+
+
+def _corrupt(mgr: ocp.CheckpointManager, step: int, targets: dict[str, Any], damage: _DamageError,
+             load: bool) -> CorruptCheckpointError:
+    """The error for a damaged ``step``: what is wrong, and the newest older step that reads back and verifies."""
+    ckpt_dir = Path(mgr.directory)
+    step_dir = ckpt_dir / str(step)
+    intact, bad = None, []
+    for s in sorted((s for s in mgr.all_steps() if s < step), reverse=True):
+        try:
+            _read(mgr, s, targets, CheckpointError)
+        except (_DamageError, CheckpointError) as e:
+            logging.info("checkpoint %s/%d is not intact either: %s", ckpt_dir, s, e)
+            bad.append(s)
+            continue
+        intact = s
+        break
+    also = f" (older step {bad[0]} fails too)" if len(bad) == 1 else ""
+    also = f" (older steps {', '.join(map(str, bad))} fail too)" if len(bad) > 1 else also
+    aside = f"move it aside (`mv {step_dir} {ckpt_dir.parent / f'corrupt-step-{step}'}`)"
+    if intact is None:
+        hint = (f"there is no intact older step{also}; nothing was deleted: restore {step_dir} from a copy, or "
+                "start again in a fresh --workdir")
+    elif load:
+        hint = (f"the newest intact older step is step {intact}{also}: pass --step={intact}, or {aside} and "
+                "rerun (nothing was deleted)")
+    else:
+        hint = (f"the newest intact older step is step {intact}{also}: {aside} and rerun to resume from step "
+                f"{intact} (nothing was deleted)")
+    return CorruptCheckpointError(f"checkpoint {step_dir} is corrupt: {damage}; {hint}")
+
+
+def manager(workdir: str | os.PathLike, *, keep: int = 3, async_save: bool = True,
+            save_interval_steps: int = 1, keep_period: int = 0) -> ocp.CheckpointManager:
+    """A CheckpointManager over ``<workdir>/checkpoints`` with items params / opt_state / extra.
+
+    Args:
+      workdir: the run's workdir.
+      keep: the latest ``keep`` checkpoints are kept on disk (older ones are deleted) ...
+      async_save: write checkpoints in the background.
+      save_interval_steps: orbax's save interval (1: every ``save`` call writes).
+      keep_period: ... except that a checkpoint whose step is a multiple of ``keep_period`` is never deleted
+        (0 = off). The Sparsing Law protocol (``prosparse_jax.analysis.law_inputs``) measures every checkpoint of a run.
+    """
+    if keep_period < 0:
+        raise ValueError(f"keep_period must be >= 0 (0 = off), got {keep_period}")
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=keep, enable_async_checkpointing=async_save, save_interval_steps=save_interval_steps,
+        keep_period=keep_period or None, create=True,
+    )
+    return ocp.CheckpointManager(Path(workdir).absolute() / CKPT_DIR, options=options)
+
+
+def save(mgr: ocp.CheckpointManager, step: int, params: Params, opt_state: Any | None,
+         extra: dict[str, Any], *, force: bool = False) -> bool:
+    """Saves one step (async if the manager is); ``extra`` must be JSON-serialisable.
+
+    ``extra`` is written with ``"digests"`` added: the digests of every array leaf of ``params`` and ``opt_state``
+    (:func:`digests`), checked by :func:`restore` and :func:`load_model`.
+    """
+    trees = {"params": params} if opt_state is None else {"params": params, "opt_state": opt_state}
+    extra = dict(extra, digests={"algorithm": DIGEST_ALGORITHM, **digests(trees)})
+    items: dict[str, Any] = {"params": ocp.args.StandardSave(params), "extra": ocp.args.JsonSave(extra)}
+    if opt_state is not None:
+        items["opt_state"] = ocp.args.StandardSave(opt_state)
+    return mgr.save(step, args=ocp.args.Composite(**items), force=force)
+
+
+def restore(mgr: ocp.CheckpointManager, step: int, abstract_params_: Params,
+            abstract_opt_state: Any | None = None) -> tuple[Params, Any | None, dict[str, Any]]:
+    """Restores (params, opt_state or None, extra) of ``step`` into the given abstract pytrees, verified.
+
+    Raises:
+      CorruptCheckpointError: the step cannot be read back or does not match its digests; the message names the
+        newest older step that restores and verifies.
+      CheckpointError: the stored arrays do not match the configured model/optimizer.
+    """
+    targets: dict[str, Any] = {"params": abstract_params_}
+    if abstract_opt_state is not None:
+        targets["opt_state"] = abstract_opt_state
+
+    def mismatch(what: str) -> CheckpointError:
+        return CheckpointError(
+            f"checkpoint {mgr.directory}/{step} does not match the configured model/optimizer: {what}. "
+            "Use the config the checkpoint was written with, or a fresh --workdir."
+        )
+
+    try:
+        out = _read(mgr, step, targets, mismatch)
+    except _DamageError as d:
+        raise _corrupt(mgr, step, targets, d, load=False) from None
+    return out["params"], out.get("opt_state") if abstract_opt_state is not None else None, out["extra"]
+
+
+def latest_step(workdir: str | os.PathLike) -> int | None:
+    d = Path(workdir) / CKPT_DIR
+    if not d.is_dir():
+        return None
+    steps = [int(p.name) for p in d.iterdir() if p.name.isdigit() and (p / "params").exists()]
+    return max(steps) if steps else None
+
+
+def read_extra(workdir: str | os.PathLike, step: int) -> dict[str, Any]:
+    """The JSON ``extra`` item of checkpoint ``step`` (step, data state, model and run config), read without orbax.
+
+    Raises:
+        CheckpointError: naming the file when it is missing or not JSON.
+    """
+    path = Path(workdir) / CKPT_DIR / str(step) / "extra" / "metadata"
+    try:
+        extra = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise CorruptCheckpointError(f"{path}: unreadable checkpoint metadata ({e}); the checkpoint of step {step} "
+                                     "is damaged") from e
+    if not isinstance(extra, dict):
+        raise CorruptCheckpointError(f"{path}: checkpoint metadata is not a JSON object; the checkpoint of step "
+                                     f"{step} is damaged")
+    return extra
+
+
+def read_run_config(workdir: str | os.PathLike) -> dict[str, Any]:
+    path = Path(workdir) / "config.json"
+    if not path.is_file():
+        raise CheckpointError(f"{path} not found: {workdir} is not a prosparse_jax workdir (train or import_hf one)")
+    return json.loads(path.read_text())
+
+
+def load_model(path: str | os.PathLike, step: int | None = None) -> tuple[ModelConfig, Params, Path | None]:
+    """Loads (model config, float32 params, tokenizer.json path or None) from a workdir or a HF model folder.
+
+    A folder with a HuggingFace ``config.json`` (it has ``architectures`` or ``model_type``) is converted on the fly
+    with :mod:`prosparse_jax.hf.io`.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint path {path} does not exist")
+    cfg_file = path / "config.json"
+    if cfg_file.is_file():
+        raw = json.loads(cfg_file.read_text())
+        if "model_type" in raw or "architectures" in raw:
+            from prosparse_jax.hf import io as hf  # local import: HF conversion pulls in safetensors
+
+            mcfg, params = hf.load_hf_folder(path)
+            tok = path / "tokenizer.json"
+            return mcfg, params, tok if tok.is_file() else None
+    run_cfg = read_run_config(path)
+    mcfg = model_config_from_dict(run_cfg["model"])
+    if step is None:
+        step = latest_step(path)
+        if step is None:
+            raise CheckpointError(f"no checkpoint under {path / CKPT_DIR}; train first or pass a finished workdir")
+    mgr = ocp.CheckpointManager(path.absolute() / CKPT_DIR)
+    try:
+        if step not in mgr.all_steps():
+            raise CheckpointError(f"step {step} not in {path / CKPT_DIR} (have {sorted(mgr.all_steps())})")
+        # restore onto this process's first device whatever topology the checkpoint was written with
+        dev = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=dev), abstract_params(mcfg))
+        targets = {"params": target}
+
+        def mismatch(what: str) -> CheckpointError:
+            return CheckpointError(f"{path / CKPT_DIR}/{step} does not match the model in {cfg_file}: {what}")
+
+        try:
+            params = _read(mgr, step, targets, mismatch)["params"]
+        except _DamageError as d:
+            raise _corrupt(mgr, step, targets, d, load=True) from None
+    finally:
+        mgr.close()
+    tok = path / "tokenizer.json"
+    return mcfg, params, tok if tok.is_file() else None
+
+
+def write_params_workdir(workdir: str | os.PathLike, mcfg: ModelConfig, params: Params,
+                         run_config: dict[str, Any] | None = None, step: int = 0) -> Path:
+    """Writes a params-only workdir (used by import_hf); refuses a workdir that already has checkpoints."""
+    workdir = Path(workdir)
+    if latest_step(workdir) is not None or (workdir / "config.json").exists():
+        raise CheckpointError(f"{workdir} already holds a run; choose an empty --workdir (nothing was overwritten)")
+    workdir.mkdir(parents=True, exist_ok=True)
+    cfg = dict(run_config or {})
+    cfg["model"] = to_dict(mcfg)
+    (workdir / "config.json").write_text(json.dumps(cfg, indent=2))
+    mgr = manager(workdir, async_save=False)
+    params = jax.tree.map(lambda x: jax.numpy.asarray(x, jax.numpy.float32), params)
+    save(mgr, step, params, None, {"step": step, "model": to_dict(mcfg)}, force=True)
+    mgr.wait_until_finished()
+    mgr.close()
+    return workdir

@@ -1,0 +1,209 @@
+"""Multi-process runs on JAX's own runtime (``jax.distributed``): start-up, barriers and agreement between processes.
+
+Each process runs the same command; JAX joins them into one program over all their devices. Where the start-up
+settings come from (the first that applies wins):
+
+1. the train flags ``--coordinator_address``, ``--num_processes``, ``--process_id`` (``--local_device_ids``), each
+   falling back on its environment variable ``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES``, ``JAX_PROCESS_ID``
+   (``JAX_LOCAL_DEVICE_IDS``); ``--num_processes=1`` forces a single process;
+2. SLURM: a task of an ``srun`` step with ``SLURM_NTASKS`` > 1 calls ``jax.distributed.initialize()`` with no
+   arguments, and JAX's SLURM detection supplies everything (coordinator = the step's first node, port from the job
+   id; process id = ``SLURM_PROCID``; on GPUs one device per task, ``SLURM_LOCALID``);
+3. ``PROSPARSE_DISTRIBUTED=1``: ``jax.distributed.initialize()`` for any other cluster JAX detects (Cloud TPU pods,
+   Open MPI).
+
+Otherwise the run is one process. Settings that name only some of coordinator / process count / process id are an
+error naming what is missing. All processes must see the same ``--workdir`` and data dir (a shared filesystem).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import json
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding, PartitionSpec
+
+
+class DistributedError(ValueError):
+    """The multi-process settings are incomplete or inconsistent, or the processes could not join."""
+
+
+# set by srun in each task of a job step; JAX's SLURM detection (jax/_src/clusters/slurm_cluster.py) needs them
+_SLURM_STEP_VARS = ("SLURM_STEP_NODELIST", "SLURM_PROCID", "SLURM_LOCALID")
+# (setting, train flag, environment variable)
+_FIELDS = (("coordinator_address", "--coordinator_address", "JAX_COORDINATOR_ADDRESS"),
+           ("num_processes", "--num_processes", "JAX_NUM_PROCESSES"),
+           ("process_id", "--process_id", "JAX_PROCESS_ID"))
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """What :func:`initialize` passes to ``jax.distributed.initialize`` (None: JAX detects it) and where it came
+    from ('flags/environment', 'SLURM', 'PROSPARSE_DISTRIBUTED=1')."""
+
+    source: str
+    coordinator_address: str | None = None
+    num_processes: int | None = None
+    process_id: int | None = None
+    local_device_ids: tuple[int, ...] | None = None
+
+
+def _int(value: Any, flag: str, env: str) -> int | None:
+    if value is None or value == "":
+        return None
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise DistributedError(f"{flag} (or {env}) must be an integer, got {value!r}") from None
+
+
+def resolve(coordinator_address: str | None = None, num_processes: int | None = None,
+            process_id: int | None = None, local_device_ids: str | Sequence[int] | None = None,
+            environ: Mapping[str, str] | None = None) -> Settings | None:
+    """The multi-process settings from the arguments (the train flags), else the environment; None: one process.
+
+    Raises:
+      DistributedError: a partial or inconsistent setting; the message names the missing flag / variable.
+    """
+    env = os.environ if environ is None else environ
+    given = {"coordinator_address": coordinator_address or env.get("JAX_COORDINATOR_ADDRESS") or None,
+             "num_processes": _int(num_processes if num_processes is not None else env.get("JAX_NUM_PROCESSES"),
+                                   "--num_processes", "JAX_NUM_PROCESSES"),
+             "process_id": _int(process_id if process_id is not None else env.get("JAX_PROCESS_ID"),
+                                "--process_id", "JAX_PROCESS_ID")}
+    ids = local_device_ids if local_device_ids is not None else env.get("JAX_LOCAL_DEVICE_IDS")
+    if isinstance(ids, str):
+        try:
+            ids = [int(x) for x in ids.split(",") if x.strip()] or None
+        except ValueError:
+            raise DistributedError(f"--local_device_ids (or JAX_LOCAL_DEVICE_IDS) must be comma-separated integers, "
+                                   f"got {ids!r}") from None
+    ids = tuple(ids) if ids else None
+    n = given["num_processes"]
+    if n is not None and n < 1:
+        raise DistributedError(f"--num_processes (or JAX_NUM_PROCESSES) must be >= 1, got {n}")
+    if n == 1 and given["coordinator_address"] is None and given["process_id"] in (None, 0):
+        return None  # one process, explicitly: no cluster detection
+    if any(v is not None for v in given.values()):
+        missing = [f"{flag} (or {var})" for key, flag, var in _FIELDS if given[key] is None]
+        if missing:
+            have = ", ".join(f"{flag}={given[key]}" for key, flag, _ in _FIELDS if given[key] is not None)
+            raise DistributedError(f"a multi-process run needs all of --coordinator_address, --num_processes and "
+                                   f"--process_id; {have} is set but {' and '.join(missing)} is missing (or run "
+                                   "under SLURM's srun, which supplies them)")
+        if not 0 <= given["process_id"] < n:
+            raise DistributedError(f"--process_id={given['process_id']} must be in [0, --num_processes={n})")
+        if ":" not in given["coordinator_address"]:
+            raise DistributedError(f"--coordinator_address={given['coordinator_address']} must be host:port of "
+                                   "process 0 (e.g. node001:12345), the same for every process")
+        return Settings("flags/environment", **given, local_device_ids=ids)
+    if env.get("SLURM_JOB_ID") and _int(env.get("SLURM_NTASKS"), "SLURM_NTASKS", "SLURM_NTASKS") not in (None, 1):
+        if all(env.get(v) is not None for v in _SLURM_STEP_VARS):
+            return Settings("SLURM", local_device_ids=ids)
+        print(f"SLURM_NTASKS={env['SLURM_NTASKS']} but this process was not started by srun (no SLURM_PROCID / "
+              "SLURM_STEP_NODELIST): running as one process; launch with `srun python -m prosparse_jax.training.train ...` "
+              "for a multi-process run", flush=True)
+        return None
+    if env.get("PROSPARSE_DISTRIBUTED") == "1":
+        return Settings("PROSPARSE_DISTRIBUTED=1", local_device_ids=ids)
+    return None
+
+
+_decided = False  # whether initialize() has run in this process (single-process runs included)
+
+
+def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
+               process_id: int | None = None, local_device_ids: str | Sequence[int] | None = None) -> bool:
+    """Joins the processes of a multi-process run (:func:`resolve`); returns whether this is one.
+
+    Only the first call in a process decides (the train CLI's, with its flags; ``train()``'s own call then keeps
+    it); must run before anything touches a JAX backend. Process 0 prints one line: processes, devices, coordinator.
+    """
+    global _decided
+    if _decided or jax.distributed.is_initialized():
+        explicit = any(v is not None for v in (coordinator_address, num_processes, process_id))
+        if explicit and not jax.distributed.is_initialized():  # e.g. a second train() call in a notebook
+            s = resolve(coordinator_address, num_processes, process_id, local_device_ids)
+            if s is not None:
+                raise DistributedError(
+                    f"this process already runs JAX as a single process; the multi-process settings ({s.source}) "
+                    "take effect only in a fresh process (start each process with them)")
+        return jax.process_count() > 1
+    s = resolve(coordinator_address, num_processes, process_id, local_device_ids)
+    _decided = True
+    if s is None:
+        return False
+    try:
+        jax.distributed.initialize(coordinator_address=s.coordinator_address, num_processes=s.num_processes,
+                                   process_id=s.process_id, local_device_ids=s.local_device_ids)
+    except (RuntimeError, ValueError) as e:  # XLA's connection errors are RuntimeErrors
+        where = s.coordinator_address or "the address JAX derived from the cluster"
+        raise DistributedError(
+            f"joining the multi-process run ({s.source}) failed: {str(e).strip().splitlines()[0][:300]}. Check that "
+            f"process 0 runs and is reachable at {where}, and that every process got the same coordinator and "
+            "process count and its own process id") from e
+    if jax.process_index() == 0:
+        print(startup_line(s.source, s.coordinator_address), flush=True)
+    return True
+
+
+def startup_line(source: str, coordinator: str | None = None) -> str:
+    """One line about the joined run: processes, devices (local / global) and the coordinator."""
+    if coordinator is None:  # the address JAX connected to, also when it derived it from the cluster
+        from jax._src import distributed as _dist
+
+        coordinator = getattr(getattr(_dist, "global_state", None), "coordinator_address", None) or "detected by JAX"
+    return (f"distributed ({source}): {jax.process_count()} processes, {jax.local_device_count()} local / "
+            f"{jax.device_count()} global {jax.local_devices()[0].platform} devices, coordinator {coordinator}")
+
+
+def barrier(name: str) -> None:
+    """Waits until every process reaches the barrier ``name`` (no-op with one process)."""
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(name)
+
+
+@contextlib.contextmanager
+def main_process_first(name: str) -> Iterator[None]:
+    """Process 0 runs the block first (it builds shared files: tokenizer, data caches); the others wait, then run
+    it (reading what process 0 wrote)."""
+    if jax.process_index() == 0:
+        yield
+        barrier(name)
+    else:
+        barrier(name)
+        yield
+
+
+def allgather_json(obj: Any) -> list[Any]:
+    """``[obj of process 0, obj of process 1, ...]`` for a JSON-serialisable ``obj``; every process must call it."""
+    if jax.process_count() == 1:
+        return [obj]
+    data = np.frombuffer(json.dumps(obj).encode(), np.uint8)
+    lengths = np.asarray(multihost_utils.process_allgather(np.int32(len(data)))).reshape(-1)
+    buf = np.zeros(int(lengths.max()), np.uint8)
+    buf[:len(data)] = data
+    rows = np.asarray(multihost_utils.process_allgather(buf))
+    return [json.loads(rows[i, :n].tobytes()) for i, n in enumerate(lengths)]
+
+
+@functools.cache
+def _any_fn(mesh: jax.sharding.Mesh) -> Any:
+    return jax.jit(jnp.max, out_shardings=NamedSharding(mesh, PartitionSpec()))
+
+
+def any_process(flag: bool, mesh: jax.sharding.Mesh) -> jax.Array:
+    """Dispatches the OR of a per-process flag over all processes: a replicated bool scalar, the same everywhere
+    (used so that every process stops after the same step when only some got a signal)."""
+    sharding = NamedSharding(mesh, PartitionSpec(mesh.axis_names))
+    local = np.full(len(sharding.addressable_devices), flag, bool)
+    return _any_fn(mesh)(jax.make_array_from_process_local_data(sharding, local))

@@ -1,0 +1,122 @@
+"""Device mesh, parameter / batch shardings and host <-> global-array transfers, in one place.
+
+Mesh axes: ``data`` (pure data parallelism) x ``fsdp`` (data parallelism whose parameters and optimizer state are
+sharded). The batch is split over both axes. Parameter sharding is a short rule table: the first matching regex
+on the leaf path gives the dimension sharded over ``fsdp`` (if it divides); everything else is replicated.
+
+With several processes (:mod:`prosparse_jax.training.distributed`) the mesh spans all their devices: each process puts its
+own rows of a batch (:func:`host_batch_to_global`), the same eval rows everywhere (:func:`replicated_batch_to_global`),
+and reads results with :func:`to_host`.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+from prosparse_jax.config import ConfigError
+
+# (regex on the '/'-joined leaf path, dimension to shard over 'fsdp'); stacked layer params have L first.
+FSDP_RULES: tuple[tuple[str, int], ...] = (
+    (r"embed_VxD$", 0),
+    (r"lm_head_DxV$", 1),
+    (r"w[qkv]_LxDx.xH$", 1),
+    (r"wo_LxNxHxD$", 3),
+    (r"w_(gate|up)_LxDxF$", 2),
+    (r"w_down_LxFxD$", 1),
+)
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def make_mesh(data: int = -1, fsdp: int = 1) -> Mesh:
+    """A (data, fsdp) mesh over all devices (of all processes); ``data=-1`` takes what fsdp leaves.
+
+    Raises:
+      ConfigError: the axes do not multiply to the device count; the message lists the sizes that do.
+    """
+    n = jax.device_count()
+    if fsdp <= 0 or n % fsdp:
+        raise ConfigError(f"train.mesh_fsdp={fsdp} must divide the {n} devices; choose one of "
+                          f"{', '.join(map(str, _divisors(n)))}")
+    if data == -1:
+        data = n // fsdp
+    if data * fsdp != n:
+        raise ConfigError(f"train.mesh_data * train.mesh_fsdp = {data}*{fsdp} must equal the {n} devices; set "
+                          f"train.mesh_data={n // fsdp} (or -1: what mesh_fsdp leaves)")
+    devices = np.asarray(jax.devices()).reshape(data, fsdp)  # process-major: a process's devices are neighbours
+    return Mesh(devices, ("data", "fsdp"), axis_types=(AxisType.Auto, AxisType.Auto))
+
+
+def _path_str(path: tuple[Any, ...]) -> str:
+    return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+
+
+def param_specs(params: Any, fsdp_size: int) -> Any:
+    """PartitionSpecs for a params (or same-structured) pytree from ``FSDP_RULES``."""
+
+    def spec(path: tuple[Any, ...], leaf: Any) -> PartitionSpec:
+        name = _path_str(path)
+        shape = getattr(leaf, "shape", ())
+        for pattern, dim in FSDP_RULES:
+            if re.search(pattern, name) and dim < len(shape) and shape[dim] % fsdp_size == 0 and fsdp_size > 1:
+                axes: list[str | None] = [None] * len(shape)
+                axes[dim] = "fsdp"
+                return PartitionSpec(*axes)
+        return PartitionSpec()
+
+    return jax.tree_util.tree_map_with_path(spec, params)
+
+
+def shardings_like(tree: Any, mesh: Mesh) -> Any:
+    """NamedShardings for any pytree (e.g. optimizer state): leaves shaped like a param get its spec."""
+    fsdp = mesh.shape["fsdp"]
+    return jax.tree.map(lambda s: NamedSharding(mesh, s), param_specs(tree, fsdp))
+
+
+def accum_batch_sharding(mesh: Mesh) -> NamedSharding:
+    """[grad_accum, micro_batch, ...] arrays: the micro-batch dimension split over data x fsdp."""
+    return NamedSharding(mesh, PartitionSpec(None, ("data", "fsdp")))
+
+
+
+def batch_sharding(mesh: Mesh, n_rows: int) -> NamedSharding:
+    """[rows, ...] arrays: rows split over data x fsdp when they divide, else replicated."""
+    n = mesh.shape["data"] * mesh.shape["fsdp"]
+    return NamedSharding(mesh, PartitionSpec(("data", "fsdp")) if n_rows % n == 0 else PartitionSpec())
+
+
+def host_batch_to_global(tree: Any, sharding: NamedSharding) -> Any:
+    """This process's rows (numpy) -> global arrays whose rows are every process's rows, in process order."""
+    return jax.tree.map(lambda v: jax.make_array_from_process_local_data(sharding, v), tree)
+
+
+def replicated_batch_to_global(tree: Any, mesh: Mesh) -> Any:
+    """The same numpy batch on every process (eval batches) -> global arrays, rows split over the mesh
+    (:func:`batch_sharding`); each device receives only its rows."""
+
+    def put(v: np.ndarray) -> jax.Array:
+        return jax.make_array_from_callback(v.shape, batch_sharding(mesh, v.shape[0]), lambda idx: v[idx])
+
+    return jax.tree.map(put, tree)
+
+
+def to_host(tree: Any) -> Any:
+    """numpy values of a pytree of (possibly multi-process) arrays: replicated ones are read from a local copy, others
+    gathered from every process (all processes must call it then)."""
+
+    def get(x: Any) -> Any:
+        if not isinstance(x, jax.Array) or x.is_fully_addressable:
+            return np.asarray(jax.device_get(x))
+        if x.is_fully_replicated:
+            return np.asarray(x.addressable_data(0))
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+    return jax.tree.map(get, tree)

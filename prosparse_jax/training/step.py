@@ -1,0 +1,183 @@
+"""The jitted pieces of ProSparse training: the objective, the train step, the train state's layout and evaluation.
+
+Objective (ProSparse Eq. 2): loss = CE(next token) + lambda(t) * sum_l L1_l, where lambda is ``reg_factor`` (the
+ProSparse regularisation factor, from :func:`prosparse_jax.training.schedules.reg_factor_schedule`) and, per
+``sparsity.l1_reduction``, L1_l = mean over valid tokens of ||x1_l||_1 (a sum over d_ff: ``"sum"``, the paper's literal
+form and the default) or the mean of |x1_l| over valid tokens x d_ff (``"mean"`` = ``"sum"`` / d_ff). lambda(t) is
+evaluated inside the jitted step from the step counter stored in the state, so a resumed run continues it exactly.
+
+The loop that drives these (checkpoints, metrics, data) is :mod:`prosparse_jax.training.train`.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from prosparse_jax.config import L1_REDUCTIONS, ConfigError, ModelConfig, RunConfig
+from prosparse_jax.model.transformer import Params, cross_entropy, forward, stack_layers, unstack_layers
+from prosparse_jax.training import sharding as shard_lib
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Objective and step
+# ---------------------------------------------------------------------------------------------------------------
+def loss_fn(params: Params, batch: dict[str, jax.Array], cfg: ModelConfig, reg_factor: jax.Array,
+            l1_reduction: str = "sum") -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Total loss = lm_loss + reg_factor * sum over layers of the layer's L1 term.
+
+    The L1 term of a layer (``sparsity.l1_reduction``, see :data:`prosparse_jax.run_config.L1_REDUCTIONS`):
+    ``"sum"`` = ||x1||_1 of a token's d_ff vector as in ProSparse Eq. 2 (a sum over d_ff), averaged over valid tokens;
+    ``"mean"`` = the mean of |x1| over valid tokens x d_ff, i.e. exactly ``"sum"`` / d_ff.
+    """
+    logits, stats = forward(params, batch["inputs"], cfg, segment_ids_BxT=batch["segment_ids"],
+                            positions_BxT=batch["positions"])
+    lm_loss = cross_entropy(logits, batch["targets"], batch["weights"])
+    if l1_reduction not in L1_REDUCTIONS:
+        raise ConfigError(f"sparsity.l1_reduction: {l1_reduction!r}; choose one of: {', '.join(L1_REDUCTIONS)}")
+    per_element = jnp.sum(stats.mean_abs_x1)  # stats.mean_abs_x1: mean |x1| over valid tokens x d_ff, per layer
+    reg_loss = reg_factor * (per_element * cfg.d_ff if l1_reduction == "sum" else per_element)
+    return lm_loss + reg_loss, {"lm_loss": lm_loss, "reg_loss": reg_loss, "sparsity_per_layer": stats.zero_frac,
+                                "mean_abs_x1_per_layer": stats.mean_abs_x1}
+
+
+def accumulate_grads(params: Params, batch: dict[str, jax.Array], cfg: ModelConfig, reg_factor: jax.Array,
+                     l1_reduction: str = "sum") -> tuple[dict[str, jax.Array], Params]:
+    """Metrics and gradients of the objective over all micro-batches of ``batch`` (leaves [A, micro_batch, T]).
+
+    The objective is the one of a single batch holding every micro-batch's rows: the LM loss is the mean over all
+    target tokens of the step and the L1 term the mean over all its valid tokens -- each micro-batch weighs by its
+    share of the tokens, not 1/A (micro-batches of packed data hold different numbers of valid tokens).
+    """
+    n = batch["inputs"].shape[0]
+    if n == 1:  # no accumulation buffers (zeros + g == g): saves a pass over the parameters
+        (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            params, jax.tree.map(lambda x: x[0], batch), cfg, reg_factor, l1_reduction)
+        return jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), dict(aux, loss=loss)), grads
+    w_A = jnp.sum(batch["weights"].astype(jnp.float32), axis=(1, 2))  # CE target tokens per micro-batch
+    v_A = jnp.sum((batch["segment_ids"] != 0).astype(jnp.float32), axis=(1, 2))  # valid tokens (the L1 mean's)
+    shares = (w_A / jnp.maximum(w_A.sum(), 1.0), v_A / jnp.maximum(v_A.sum(), 1.0))
+
+    def weighted(p: Params, mb: dict[str, jax.Array], ce_share: jax.Array, reg_share: jax.Array
+                 ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        _, aux = loss_fn(p, mb, cfg, reg_factor, l1_reduction)
+        out = {"lm_loss": aux["lm_loss"] * ce_share, "reg_loss": aux["reg_loss"] * reg_share,
+               "sparsity_per_layer": aux["sparsity_per_layer"] * reg_share,
+               "mean_abs_x1_per_layer": aux["mean_abs_x1_per_layer"] * reg_share}
+        return out["lm_loss"] + out["reg_loss"], out
+
+    grad_fn = jax.value_and_grad(weighted, has_aux=True)
+
+    def micro(carry: Any, xs: Any) -> tuple[Any, None]:
+        g_acc, aux_acc = carry
+        mb, ce_share, reg_share = xs
+        (loss, aux), g = grad_fn(params, mb, ce_share, reg_share)
+        aux = dict(aux, loss=loss)
+        return (jax.tree.map(jnp.add, g_acc, g), jax.tree.map(jnp.add, aux_acc, aux)), None
+
+    zeros_aux = {"loss": 0.0, "lm_loss": 0.0, "reg_loss": 0.0,
+                 "sparsity_per_layer": jnp.zeros(cfg.n_layers), "mean_abs_x1_per_layer": jnp.zeros(cfg.n_layers)}
+    zeros_aux = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), zeros_aux)
+    (grads, aux), _ = jax.lax.scan(micro, (jax.tree.map(jnp.zeros_like, params), zeros_aux), (batch, *shares))
+    return aux, grads
+
+
+def make_train_step(rc: RunConfig, tx: Any, lr_fn: Any, reg_factor_fn: Any):
+    """Builds ``step(state, batch) -> (state, metrics)``; batch leaves are [grad_accum, micro_batch, T]."""
+    cfg = rc.model
+
+    def step(state: dict[str, Any], batch: dict[str, jax.Array]) -> tuple[dict[str, Any], dict[str, jax.Array]]:
+        t = state["step"]
+        reg_factor = reg_factor_fn(t)
+        aux, grads = accumulate_grads(state["params"], batch, cfg, reg_factor, rc.sparsity.l1_reduction)
+        grad_norm = optax.tree.norm(grads)
+        finite = jnp.isfinite(aux["loss"]) & jnp.isfinite(grad_norm)
+
+        def apply(operands: tuple[Any, Any, Any]) -> tuple[Any, Any]:
+            params, opt_state, grads = operands
+            updates, new_opt = tx.update(grads, opt_state, params)
+            return jax.tree.map(lambda p, u: p + u, params, updates), new_opt
+
+        # A non-finite step is not applied: the state stays the last good one and the host stops the run.
+        new_params, new_opt = jax.lax.cond(finite, apply, lambda ops: (ops[0], ops[1]),
+                                           (state["params"], state["opt_state"], grads))
+        new_state = {"params": new_params, "opt_state": new_opt, "step": jnp.where(finite, t + 1, t)}
+        metrics = dict(aux, reg_factor=reg_factor, lr=lr_fn(t), grad_norm=grad_norm, finite=finite,
+                       sparsity=jnp.mean(aux["sparsity_per_layer"]))
+        return new_state, metrics
+
+    return step
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Train state layout
+# ---------------------------------------------------------------------------------------------------------------
+def place_state(params: Params, opt_state: Any, step: int, cfg: ModelConfig, mesh: jax.sharding.Mesh
+                ) -> dict[str, Any]:
+    """The train state for the jitted step from stacked params and optimizer state.
+
+    Parameters and optimizer state get their FSDP shardings (a no-op when already placed), the per-layer layout when
+    ``cfg.scan_layers`` is False (checkpoints stay stacked, see ``train``'s ``save``), and the step counter is
+    replicated on the mesh -- everything placed as the jitted step returns it, so its second call does not compile
+    it again.
+    """
+    params = jax.device_put(params, shard_lib.shardings_like(params, mesh))
+    opt_state = jax.device_put(opt_state, shard_lib.shardings_like(opt_state, mesh))
+    if not cfg.scan_layers:
+        params, opt_state = to_per_layer((params, opt_state), mesh)
+    step_arr = jax.device_put(np.int32(step), jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+    return {"params": params, "opt_state": opt_state, "step": step_arr}
+
+
+def to_per_layer(tree: Any, mesh: jax.sharding.Mesh) -> Any:
+    """The per-layer training layout of stacked params / optimizer state (``model.scan_layers = False``).
+
+    Each layer group keeps the FSDP sharding rule of its stacked leaf."""
+    out_sh = shard_lib.shardings_like(jax.eval_shape(unstack_layers, tree), mesh)
+    return jax.jit(unstack_layers, out_shardings=out_sh)(tree)
+
+
+@jax.jit
+def stack_layers_jit(params: Params, opt_state: Any) -> tuple[Params, Any]:
+    """Stacked copies of per-layer params and optimizer state, for a checkpoint (the state itself is unchanged)."""
+    return stack_layers(params), stack_layers(opt_state)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Evaluation
+# ---------------------------------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=8)
+def make_eval_fn(cfg: ModelConfig):
+    """Jitted held-out evaluation of one model config (cached: evaluate() runs every eval_every steps)."""
+
+    def ev(params: Params, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+        logits, stats = forward(params, batch["inputs"], cfg, segment_ids_BxT=batch["segment_ids"],
+                                positions_BxT=batch["positions"])
+        w = batch["weights"]
+        return {"nll_sum": cross_entropy(logits, batch["targets"], w) * jnp.maximum(w.sum(), 1.0),
+                "tokens": w.sum(), "zero_frac": stats.zero_frac}
+
+    return jax.jit(ev)
+
+
+def evaluate(params: Params, cfg: ModelConfig, batches: list[dict[str, np.ndarray]]) -> dict[str, Any]:
+    """Held-out loss / perplexity / activation sparsity (mean over layers and per layer)."""
+    ev = make_eval_fn(cfg)
+    nll, tok, zf = 0.0, 0.0, np.zeros(cfg.n_layers)
+    for b in batches:
+        out = jax.device_get(ev(params, b))
+        nll += float(out["nll_sum"])
+        tok += float(out["tokens"])
+        zf += np.asarray(out["zero_frac"])
+    zf /= max(len(batches), 1)
+    loss = nll / max(tok, 1.0)
+    return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0)), "eval_sparsity": float(zf.mean()),
+            "eval_sparsity_per_layer": [float(x) for x in zf], "eval_tokens": int(tok)}
+
+

@@ -1,0 +1,214 @@
+"""analyze CLI on a trained tiny SiLU model: exact vs PPL-p%, CETT, top-k / FAT, sparse mode, per-dataset, errors."""
+
+import json
+
+import numpy as np
+import pytest
+from conftest import small_run_config, write_corpus
+
+from prosparse_jax.analysis import analyze as an
+from prosparse_jax.data import pipeline as data_lib
+from prosparse_jax.training import checkpoint as ckpt
+from prosparse_jax.training import step as step_mod
+from prosparse_jax.training import train as train_mod
+
+STEPS = 40
+EVAL = dict(batch_size=4, num_batches=2, progress=False)
+
+
+def small_config(corpus, steps):
+    """A 2-layer SiLU model on a tiny file corpus."""
+    return small_run_config(corpus, steps, activation="silu", batch_size=8, checkpoint_every=steps)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """(workdir, corpus dir) of a SiLU model trained for STEPS steps (~30 s)."""
+    root = tmp_path_factory.mktemp("analyze")
+    corpus = write_corpus(root / "corpus", 60)
+    res = train_mod.train(small_config(corpus, STEPS), root / "run")
+    assert res.final_eval["eval_loss"] < 4.5  # well below ln(320) = 5.77: not a random model
+    return root / "run", corpus
+
+
+@pytest.fixture(scope="module")
+def exact_and_pplp(run, tmp_path_factory):
+    wd, corpus = run
+    out = tmp_path_factory.mktemp("out")
+    src = f"files:{corpus}/*.txt"
+    return (an.analyze(wd, src, "exact", None, out / "exact", **EVAL),
+            an.analyze(wd, src, "pplp", 1.0, out / "pplp", **EVAL), out)
+
+
+def test_pplp_is_within_budget_and_far_sparser_than_exact_for_silu(exact_and_pplp):
+    exact, pplp, out = exact_and_pplp
+    assert exact["activation_ratio"] > 0.99  # SiLU has (almost) no exact zeros
+    assert exact["sparse_loss"] == exact["dense_loss"] and exact["forward_passes"] == 2
+    assert pplp["ppl_ratio"] <= 1.01
+    assert pplp["activation_ratio"] < 0.5 * exact["activation_ratio"]
+    assert 0 < pplp["cett_target"] < 1 and len(pplp["thresholds_per_layer"]) == 2
+    assert pplp["forward_passes"] == 2 * (1 + 12)  # capture + one sweep per bisection step, 2 batches each
+    assert pplp["dense_loss"] == pytest.approx(exact["dense_loss"], rel=1e-6)
+    for k in ("activation_ratio_per_layer", "dead_neuron_fraction_per_layer", "dead_neuron_fraction",
+              "tokens_measured", "sparse_run_activation_ratio", "pplp_search", "cett_achieved_per_layer"):
+        assert k in pplp
+    assert pplp["tokens_measured"] == 4 * 32 * 2
+    on_disk = json.loads((out / "pplp" / "sparsity.json").read_text())
+    assert on_disk["ppl_ratio"] == pplp["ppl_ratio"]
+    for f in ("heatmap.png", "per_layer.png", "sparse_mode.json"):
+        assert (out / "pplp" / f).stat().st_size > 0
+    assert not (out / "exact" / "sparse_mode.json").exists()
+
+
+def test_sparse_mode_reproduces_the_reported_sparse_loss(run, exact_and_pplp):
+    wd, corpus = run
+    _, pplp, out = exact_and_pplp
+    taus = json.loads((out / "pplp" / "sparse_mode.json").read_text())["model.neuron_thresholds"]
+    assert taus == pplp["thresholds_per_layer"]
+    mcfg, params, tok_path = ckpt.load_model(wd)
+    dcfg = data_lib.DataConfig(source=f"files:{corpus}/*.txt", data_dir=str(corpus.parent / "tfds"),
+                               tokenizer=str(tok_path), seq_len=32, eval_fraction=0.1)
+    batches = data_lib.make_eval_batches(dcfg, data_lib.get_tokenizer(dcfg, wd), batch_size=4, num_batches=2)
+    sparse = step_mod.evaluate(params, mcfg.replace(neuron_thresholds=tuple(taus)), batches)
+    assert sparse["eval_loss"] == pytest.approx(pplp["sparse_loss"], rel=1e-5)
+    dense = step_mod.evaluate(params, mcfg, batches)
+    assert dense["eval_loss"] == pytest.approx(pplp["dense_loss"], rel=1e-5)
+    assert 1 - sparse["eval_sparsity"] == pytest.approx(pplp["sparse_run_activation_ratio"], abs=1e-6)
+
+
+def test_pplp_without_a_feasible_target_falls_back_to_cett_target_zero(run, tmp_path):
+    """p = 0 allows no perplexity increase and the 2 bisection steps try only large targets (1/2, 1/4 of the FFN
+    output norm truncated), which cost the trained model perplexity: no step is feasible (asserted below), so the
+    result is the target 0 -- tau = 0, only exact zeros truncated, i.e. the dense model (SiLU: no exact zeros)."""
+    wd, corpus = run
+    r = an.analyze(wd, f"files:{corpus}/*.txt", "pplp", 0.0, tmp_path, pplp_steps=2, **EVAL)
+    search = r["pplp_search"]
+    assert [s["cett_target"] for s in search] == [0.5, 0.25]
+    assert all(not s["feasible"] and s["ppl_ratio"] > 1.0 for s in search)
+    assert r["cett_target"] == 0.0 and r["cett_achieved_per_layer"] == [0.0, 0.0]
+    assert r["thresholds_per_layer"] == [0.0, 0.0] and r["sparse_mode"]["model.neuron_thresholds"] == [0.0, 0.0]
+    assert r["ppl_ratio"] == pytest.approx(1.0, rel=1e-5)
+    assert r["sparse_loss"] == pytest.approx(r["dense_loss"], rel=1e-5)
+    assert r["activation_ratio"] == 1.0 and r["activation_ratio_per_layer"] == [1.0, 1.0]
+    assert r["sparse_run_activation_ratio"] == 1.0
+    assert r["forward_passes_detail"] == {"capture": 2, "sparse": 2 * (2 + 1)}  # 2 steps + the sweep at target 0
+
+
+def test_cett_hits_target_without_extra_forward_passes(run, tmp_path):
+    wd, corpus = run
+    r = an.analyze(wd, f"files:{corpus}/*.txt", "cett", 0.2, tmp_path, **EVAL)
+    assert r["forward_passes_detail"] == {"capture": 2, "sparse": 2}
+    assert all(0.19 <= c <= 0.2 for c in r["cett_achieved_per_layer"])
+    assert all(a < 0.9 for a in r["activation_ratio_per_layer"])
+    assert (tmp_path / "sparse_mode.json").exists()
+
+
+@pytest.mark.parametrize("metric,value,mode",
+                         [("topk", 0.5, "global"), ("topk", 0.25, "token"), ("fat", 0.05, "global")])
+def test_topk_and_fat_sparse_loss(run, tmp_path, metric, value, mode):
+    wd, corpus = run
+    r = an.analyze(wd, f"files:{corpus}/*.txt", metric, value, tmp_path, topk_mode=mode, **EVAL)
+    assert r["forward_passes"] == 4 and r["sparse_loss"] != r["dense_loss"]
+    if metric == "topk":
+        assert r["topk_mode"] == mode
+        assert r["activation_ratio_per_layer"] == pytest.approx([value] * 2)
+        assert r["sparse_run_activation_ratio"] == pytest.approx(value)
+        assert all(t > 0 for t in r["thresholds_per_layer"])
+    else:
+        assert r["topk_mode"] is None and r["thresholds_per_layer"] == [value, value]
+        assert 0.2 < r["activation_ratio"] < 1.0
+    assert not (tmp_path / "sparse_mode.json").exists()
+
+
+def test_per_dataset_breakdown(run, tmp_path):
+    wd, corpus = run
+    srcs = [f"files:{corpus}/doc00*.txt", f"files:{corpus}/doc0[1-5]*.txt"]
+    r = an.analyze(wd, ",".join(srcs), "cett", 0.1, tmp_path, **EVAL)
+    assert sorted(r["per_dataset"]) == sorted(srcs) and r["data"] == srcs
+    parts = r["per_dataset"]
+    assert sum(p["tokens_measured"] for p in parts.values()) == r["tokens_measured"]
+    pooled = np.mean([p["activation_ratio_per_layer"] for p in parts.values()], axis=0)
+    np.testing.assert_allclose(pooled, r["activation_ratio_per_layer"], rtol=1e-9)  # equal token counts
+    assert r["forward_passes"] == 2 * 2 * 2
+
+
+def test_cli_runs_and_prints_the_override(run, tmp_path, capsys):
+    wd, corpus = run
+    rc = an.main(["analyze", f"--checkpoint={wd}", f"--data=files:{corpus}/*.txt", "--metric=cett", "--value=0.1",
+                  f"--out={tmp_path}", "--batch_size=2", "--num_batches=1", "--noprogress"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "--config.model.neuron_thresholds='(" in out
+    assert json.loads(out.splitlines()[0])["metric"] == "cett"
+    before = (tmp_path / "sparsity.json").read_text()
+    rc = an.main(["analyze", f"--checkpoint={wd}", "--metric=exact", f"--out={tmp_path}"])
+    assert rc == 1 and "--overwrite" in capsys.readouterr().err
+    assert (tmp_path / "sparsity.json").read_text() == before  # nothing lost
+
+
+@pytest.mark.parametrize("args,flag", [
+    (["--metric=sparse", "--value=1"], "--metric"),
+    (["--metric=topk", "--value=0"], "--value"),
+    (["--metric=topk", "--value=1.5"], "--value"),
+    (["--metric=topk"], "--value"),
+    (["--metric=pplp", "--value=-1"], "--value"),
+    (["--metric=cett", "--value=1.2"], "--value"),
+    (["--metric=fat", "--value=-0.1"], "--value"),
+    (["--metric=topk", "--value=0.5", "--topk_mode=row"], "--topk_mode"),
+    (["--metric=exact", "--batch_size=0"], "--batch_size"),
+])
+def test_bad_arguments_name_the_flag(tmp_path, capsys, args, flag):
+    rc = an.main(["analyze", f"--checkpoint={tmp_path}", f"--out={tmp_path / 'o'}", *args])
+    assert rc != 0 and flag in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_missing_checkpoint_names_the_flag(tmp_path, capsys):
+    rc = an.main(["analyze", f"--checkpoint={tmp_path / 'nope'}", "--metric=exact", f"--out={tmp_path / 'o'}"])
+    assert rc != 0 and "--checkpoint" in capsys.readouterr().err
+    rc = an.main(["analyze", "--metric=exact", f"--out={tmp_path / 'o'}"])
+    assert rc != 0 and "--checkpoint" in capsys.readouterr().err
+    with pytest.raises(an.AnalyzeError, match="--checkpoint"):
+        an.analyze(tmp_path / "nope", "stdlib", "exact", None, tmp_path / "o")
+
+
+def test_distinct_tokens_next_to_tokens_measured(run, exact_and_pplp, tmp_path, capsys):
+    """A small held-out split cycled by many eval rows: distinct_tokens < tokens_measured, said on stderr and in
+    sparsity.json; rows spread over a larger split: equal."""
+    exact, _, _ = exact_and_pplp
+    assert exact["distinct_tokens"] == exact["tokens_measured"] == 4 * 32 * 2 and "warnings" not in exact
+    wd, corpus = run
+    rc = an.main(["analyze", f"--checkpoint={wd}", f"--data=files:{corpus}/*.txt", "--metric=exact",
+                  f"--out={tmp_path}", "--batch_size=8", "--num_batches=16", "--noprogress"])
+    captured = capsys.readouterr()
+    printed = json.loads(captured.out.splitlines()[0])
+    res = json.loads((tmp_path / "sparsity.json").read_text())
+    keys = list(res)
+    assert rc == 0 and keys.index("distinct_tokens") == keys.index("tokens_measured") + 1
+    dcfg = data_lib.DataConfig(source=f"files:{corpus}/*.txt", data_dir=str(corpus.parent / "tfds"),
+                               tokenizer=str(wd / "tokenizer.json"), seq_len=32, eval_fraction=0.1)
+    tok = data_lib.get_tokenizer(dcfg, wd)
+    stream_len = len(data_lib.split_stream(data_lib.open_corpus(dcfg), tok, dcfg.data_dir, "validation")[0])
+    assert printed["tokens_measured"] == res["tokens_measured"] == 8 * 16 * 32 > stream_len  # the split is cycled
+    assert printed["distinct_tokens"] == res["distinct_tokens"] <= stream_len
+    assert res["distinct_tokens"] >= stream_len * 32 / 33 - 32  # every window is used: all but each row's last token
+    warnings = [ln for ln in captured.err.splitlines() if "warning" in ln]
+    assert len(warnings) == 1 and warnings[0].startswith("analyze: warning: the held-out split was cycled")
+    assert f"only {res['distinct_tokens']} distinct" in warnings[0] and res["warnings"][0] in warnings[0]
+
+
+@pytest.mark.parametrize("stream_len,seq_len,batch_size,num_batches", [
+    (1000, 32, 4, 2),  # 31 windows >= 8 rows: all distinct
+    (1000, 32, 8, 8),  # 31 windows < 64 rows: cycled
+    (330, 32, 2, 5),  # 10 windows, exactly 10 rows
+    (20, 32, 2, 2),  # a stream shorter than one row: every row is the same wrapped window
+    (100, 32, 3, 1),  # 4 windows, the last one wraps to the start of the stream
+])
+def test_distinct_positions_matches_the_eval_window_rule(stream_len, seq_len, batch_size, num_batches):
+    """measure.distinct_positions vs the rule of data.make_eval_batches' docstring, enumerated by brute force."""
+    from prosparse_jax.analysis import measure
+
+    row, n = seq_len + 1, batch_size * num_batches
+    W = -(-stream_len // row)
+    chosen = [((2 * i + 1) * W) // (2 * n) if n <= W else i % W for i in range(n)]
+    positions = {(w * row + j) % stream_len for w in chosen for j in range(seq_len)}
+    assert measure.distinct_positions(stream_len, seq_len, batch_size, num_batches) == len(positions)

@@ -1,0 +1,186 @@
+"""prosparse_jax.training.memory_plan: the train step compiled ahead of time for a mesh of abstract devices -- exact argument
+bytes, temporaries that grow with the micro-batch, the fit flag and a suggested grad_accum that fits when compiled;
+describe's --mesh / --device_memory errors as one line, refused before any compile."""
+
+import importlib.util
+import json
+import math
+import resource
+import time
+from pathlib import Path
+
+import jax
+import pytest
+
+from prosparse_jax.config import ConfigError
+from prosparse_jax.main import describe
+from prosparse_jax.model.transformer import abstract_params
+from prosparse_jax.run_config import base_config, resolve
+from prosparse_jax.training import memory_plan
+from prosparse_jax.training import optim as optim_lib
+from prosparse_jax.training import sharding as shard_lib
+
+ROOT = Path(__file__).resolve().parents[2]
+MESH = {"data": 2, "fsdp": 4}
+
+
+def _config(file: str, arg: str):
+    spec = importlib.util.spec_from_file_location(Path(file).stem, ROOT / "configs" / file)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.get_config(arg)
+
+
+def tiny_rc(grad_accum: int = 1, batch_size: int = 8, **model):
+    """A 2-layer model, 4 sequences of 64 tokens per device on a data:2 mesh at grad_accum=1."""
+    c = base_config()
+    c.model.update(dict(vocab_size=320, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64, **model))
+    c.data.vocab_size, c.data.seq_len = 320, 64
+    c.train.batch_size, c.train.grad_accum = batch_size, grad_accum
+    return resolve(c)
+
+
+def cpu_seconds() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)  # all threads of this process
+    return r.ru_utime + r.ru_stime
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The 1.2B Sparsing Law model on data:2,fsdp:4 (8 abstract devices)
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def plan_1p2b():
+    rc = resolve(_config("sparsing_law.py", "1.2b-relu"))
+    t, c = time.perf_counter(), cpu_seconds()
+    out = memory_plan.plan(rc, MESH, 80 * 10**9)
+    return rc, out, time.perf_counter() - t, cpu_seconds() - c
+
+
+def expected_argument_bytes(rc, mesh_shape) -> int:
+    """Params + optimizer state + step + batch per device, from the shapes and sharding.FSDP_RULES alone."""
+    fsdp, n = mesh_shape["fsdp"], math.prod(mesh_shape.values())
+    tx, _ = optim_lib.make_optimizer(rc.optim, rc.train.steps, rc.model.d_model)
+    params = abstract_params(rc.model)
+    state = (params, jax.eval_shape(tx.init, params))
+    specs = shard_lib.param_specs(state, fsdp)
+    per_leaf = jax.tree.map(lambda leaf, spec: math.prod(leaf.shape) // math.prod(
+        fsdp for ax in spec if ax == "fsdp") * leaf.dtype.itemsize, state, specs)
+    total = sum(jax.tree.leaves(per_leaf))
+    batch = 5 * rc.train.batch_size // n * rc.data.seq_len * 4  # inputs, targets, segment_ids, positions, weights
+    return total + 4 + batch  # + the int32 step counter
+
+
+@pytest.mark.slow
+def test_1p2b_plan_is_quick_and_its_arguments_exact(plan_1p2b):
+    rc, out, wall, cpu = plan_1p2b
+    print(f"1.2B plan on 8 abstract devices: {wall:.1f} s wall, {cpu:.1f} s CPU ({len(out['compiles'])} compiles)")
+    # the issue's "about a minute on 2 cores", as CPU work: the wall time on this shared machine depends on its load
+    assert cpu < 60 and wall < 180, (wall, cpu)
+    b = out["per_device_bytes"]
+    assert b["arguments"] == expected_argument_bytes(rc, MESH)
+    assert b["arguments"] == b["params"] + b["opt_state"] + b["batch"] + 4
+    assert b["total"] == b["arguments"] + b["outputs"] - b["aliased"] + b["temporaries"] + b["generated_code"]
+    assert out["compiled_for"] == "cpu (8 abstract XLA:CPU devices)" and out["attention"] == "xla_blocks"
+
+
+@pytest.mark.slow
+def test_1p2b_fit_flips_and_the_suggestion_fits_when_compiled(plan_1p2b):
+    rc, out, _, _ = plan_1p2b
+    total = out["per_device_bytes"]["total"]
+    assert not out["fits"] and total > 80e9  # 48 sequences of 4096 tokens per device: far too many for 80 GB
+    # the same compiled step (cached: no new compile), other memories
+    assert memory_plan.plan(rc, MESH, total)["fits"]
+    assert not memory_plan.plan(rc, MESH, total - 1)["fits"]
+    s = out["suggestion"]
+    assert s["verified_by_compile"] and s["total_bytes"] <= 80e9 and s["grad_accum"] > 1
+    assert out["largest_per_device_batch"] >= s["per_device_batch"]
+    # what the user runs next: the config with the suggested grad_accum, compiled afresh, fits
+    c = _config("sparsing_law.py", "1.2b-relu")
+    c.train.grad_accum = s["grad_accum"]
+    again = memory_plan.plan(resolve(c), MESH)  # another config: not the plan's cached compiles
+    assert again["per_device_bytes"]["total"] <= 80e9 and again["per_device_batch"] == s["per_device_batch"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Tiny configs: behaviour of the estimate and the search
+# ---------------------------------------------------------------------------------------------------------------
+def test_temporaries_grow_with_the_micro_batch():
+    mesh = {"data": 2}  # 4 sequences per device and step: micro-batches of 1, 2, 4 at grad_accum 4, 2, 1
+    temps = [memory_plan.plan(tiny_rc(a), mesh)["per_device_bytes"] for a in (4, 2, 1)]
+    assert temps[0]["temporaries"] < temps[1]["temporaries"] < temps[2]["temporaries"]
+    assert len({t["arguments"] for t in temps}) == 1  # the same batch, split differently
+
+
+def test_search_suggests_a_grad_accum_that_fits():
+    rc, mesh = tiny_rc(batch_size=16), {"data": 2}  # 8 sequences per device: micro-batches 1, 2, 4, 8
+    totals = {b: memory_plan.plan(tiny_rc(8 // b, batch_size=16), mesh)["per_device_bytes"]["total"]
+              for b in (1, 2, 4, 8)}
+    budget = (totals[2] + totals[4]) // 2  # micro-batch 2 fits, 4 does not
+    out = memory_plan.plan(rc, mesh, budget)
+    assert not out["fits"]
+    s = out["suggestion"]
+    assert s["per_device_batch"] == 2 and s["grad_accum"] == 4 and s["total_bytes"] == totals[2] <= budget
+    assert s["override"] == "--config.train.grad_accum=4"
+    assert memory_plan.plan(rc, mesh, totals[8])["suggestion"]["grad_accum"] == 1
+    small = memory_plan.plan(rc, mesh, totals[1] - 1)
+    assert small["suggestion"] is None and "does not fit even at 1 sequence" in small["advice"]
+
+
+def test_fast_compile_options_keep_the_estimate(monkeypatch):
+    rc, mesh = tiny_rc(), {"data": 2}
+    fast = memory_plan.plan(rc, mesh)["per_device_bytes"]
+    monkeypatch.setattr(memory_plan, "FAST_CPU_COMPILE", {})
+    monkeypatch.setattr(memory_plan, "_COMPILED", {})
+    default = memory_plan.plan(rc, mesh)["per_device_bytes"]
+    assert fast["arguments"] == default["arguments"] and fast["outputs"] == default["outputs"]
+    assert abs(fast["temporaries"] - default["temporaries"]) <= max(4096, 1e-3 * default["temporaries"])
+
+
+def test_parse_mesh_and_device_memory():
+    assert memory_plan.parse_mesh("data:2,fsdp:4") == {"data": 2, "fsdp": 4}
+    assert memory_plan.parse_mesh("fsdp:8") == {"data": 1, "fsdp": 8}
+    assert memory_plan.parse_bytes("80GB") == 80 * 10**9
+    assert memory_plan.parse_bytes("80GiB") == 80 * 2**30
+    assert memory_plan.parse_bytes("512 mib") == 512 * 2**20
+    assert memory_plan.parse_bytes("1.5GB") == 1_500_000_000
+    for bad in ("data:0", "data:-1", "data:x", "data", "data:2,data:2", "model:2"):
+        with pytest.raises(memory_plan.PlanError):
+            memory_plan.parse_mesh(bad)
+    for bad in ("eighty", "80", "80XB", "0GB", "-1GB"):
+        with pytest.raises(memory_plan.PlanError):
+            memory_plan.parse_bytes(bad)
+    with pytest.raises(ConfigError, match="multiple of 3"):
+        memory_plan.plan(tiny_rc(), {"data": 3})
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# describe --mesh / --device_memory: one error line, before any compile
+# ---------------------------------------------------------------------------------------------------------------
+def one_error_line(capsys) -> str:
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("describe: error: ") and "Traceback" not in err, err
+    return lines[0]
+
+
+@pytest.mark.parametrize("flags,expected", [
+    (["--mesh=data:3,fsdp:4"], "8 sequences per micro-step do not split over the 12 devices of --mesh=data:3,fsdp:4"),
+    (["--mesh=foo:2"], "unknown axis 'foo'; the axes are data, fsdp"),
+    (["--mesh=data:0"], "axis 'data' needs a positive integer size"),
+    (["--mesh=data:2", "--device_memory=eighty"], "--device_memory=eighty: expected a positive size with a unit"),
+    (["--device_memory=80GB"], "--device_memory needs --mesh"),
+])
+def test_describe_flag_errors_are_one_line_before_compiling(flags, expected, capsys, monkeypatch):
+    monkeypatch.setattr(memory_plan, "compile_memory", lambda *a, **k: pytest.fail("compiled a bad request"))
+    argv = ["describe", f"--config={ROOT}/configs/prosparse.py:tiny", "--config.train.batch_size=8", *flags]
+    assert describe.main(argv) == 1
+    assert expected in one_error_line(capsys)
+
+
+def test_describe_with_mesh_adds_the_plan(capsys):
+    argv = ["describe", f"--config={ROOT}/configs/prosparse.py:tiny", "--config.model.n_layers=2",
+            "--config.train.batch_size=8", "--mesh=data:2", "--device_memory=1GiB"]
+    assert describe.main(argv) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["n_layers"] == 2 and out["memory_plan"]["fits"] and out["memory_plan"]["devices"] == 2
+    assert out["memory_plan"]["device_memory_bytes"] == 2**30 and "estimate" in out["memory_plan"]["note"]
