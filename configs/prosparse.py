@@ -2,23 +2,18 @@
 
 Usage: ``--config=configs/prosparse.py:<name>`` with name in ``tiny`` (trains on 2 CPU cores on the built-in
 corpus), ``tiny-silu`` (the same model dense: SiLU, no regulariser), ``minicpm-1b``, ``llama2-7b``, ``llama2-13b``
-(paper shapes, stage tables and batch sizes; start them from
-an imported SiLU checkpoint with ``--config.init_from=<workdir>``).
-
-The regulariser is lambda(t) * sum over layers of an L1 term of x1 (``sparsity.l1_reduction``). The paper-scale
-configs use ``"sum"``: ||x1||_1 of each token's d_ff vector (a sum over d_ff, ProSparse Eq. 2), averaged over tokens,
-so the published stage tables (ProSparse Sec. 4 / App.) mean what the paper meant.
+(paper shapes, stage tables and batch sizes; start them from an imported SiLU checkpoint with
+``--config.init_from=<workdir>``). Lambdas are in the paper's units (``sparsity.l1_reduction = 'sum'``, Eq. 2).
 """
 
-from prosparse_jax.config import ConfigError
-from prosparse_jax.run_config import base_config
+from prosparse_jax.config import base_config
+from prosparse_jax.errors import ConfigError
 from prosparse_jax.training.schedules import PROSPARSE_STAGES
 
 NAMES = ("tiny", "tiny-silu", "minicpm-1b", "llama2-7b", "llama2-13b")
 
 # Tiny stage table (steps of the miniature's continued run; rescaled to train.steps): ReLU substitution (lambda 0),
-# constant warm-up, one sine ramp, then a constant stage at the last lambda, as the paper's tables end. Lambdas in the
-# paper's units (sparsity.l1_reduction = 'sum': ||x1||_1 over d_ff = 704, averaged over tokens).
+# constant warm-up, one sine ramp, then a constant stage at the last lambda, as the paper's tables end.
 TINY_STAGES = [[0.0, 10], [5e-5, 25], [2e-4, 60], [2e-4, 100]]
 
 
@@ -98,7 +93,6 @@ def get_config(arg: str = "tiny"):
         c.sparsity.final_threshold = 0.0
     c.train.steps = int(c.sparsity.stages[-1][1])
     if not name.startswith("tiny"):
-        c.sparsity.l1_reduction = "sum"  # the paper's literal Eq. 2: its lambda tables are in these units
         c.train.eval_every = 500
         c.train.checkpoint_every = 500
         c.train.log_every = 10

@@ -2,18 +2,14 @@
 
 Usage: ``--config=configs/sparsing_law.py:<scale>-<act>``, e.g. ``0.4b-relu`` or ``1.2b-silu``.
 Shapes: d_ff = 2.5 d, MHA with 6/8/10/12/14 heads of width 128 for 0.1/0.2/0.4/0.8/1.2B (the public configs of
-thunlp/SparsingLaw), vocab 122753, tied embeddings, MiniCPM scales. Tokens per step as in the paper's Table 3 (0.2B:
-589,824 = 144 x 4096; 1.2B: 1,572,864 = 384 x 4096). Training follows the paper: WSD schedule, LR 0.01, betas
-(0.9, 0.95), weight decay 0.1, MiniCPM µP. No sparsity regularisation (stages [[0, steps]]).
-
-Law inputs: the Sparsing Law's A(D) is the CETT-PPL-1% activation ratio of every checkpoint on validation data
-(paper App. E; ``experiments/fit_laws.py``), so these runs keep every checkpoint (``train.keep_period`` =
-``train.checkpoint_every``), not only the last few.
+thunlp/SparsingLaw), vocab 122753, tied embeddings, MiniCPM scales; tokens per step as in the paper's Table 3.
+Training follows the paper: WSD schedule, LR 0.01, betas (0.9, 0.95), weight decay 0.1, MiniCPM µP, no sparsity
+regularisation. The law fit (``prosparse_jax.main.fit_laws``) measures every checkpoint, so all are kept.
 """
 
-from prosparse_jax.config import ConfigError
+from prosparse_jax.config import base_config
+from prosparse_jax.errors import ConfigError
 from prosparse_jax.model.activations import ACTIVATIONS
-from prosparse_jax.run_config import base_config
 
 # scale -> (d_model, n_layers, n_heads, tokens per optimizer step in the paper's Table 3)
 SCALES = {

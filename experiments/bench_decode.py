@@ -9,8 +9,8 @@ sparsity; measured sparsity is printed), batch 1, fp32, greedy:
 
 * ours dense: ``prosparse_jax.inference.generate.generate`` with the dense FFN hook;
 * ours sparse, one per backend of ``--implementations`` (default ``cpu_gather`` and ``cpu_ffi``): the same with
-  ``generate.sparse_decode_ffn`` (``prosparse_jax.inference.sparse_ffn``: only the active neurons' rows of W_up / W_down are
-  read), which must emit the same tokens;
+  ``generate.sparse_decode_ffn`` (``prosparse_jax.inference.sparse_ffn``: only the active neurons' rows of W_up /
+  W_down are read), which must emit the same tokens;
 * PyTorch: the same weights as a transformers ``LlamaForCausalLM`` with ``hidden_act=relu`` against our dense decode
   of the ReLU model (transformers has no FATReLU), ``generate(do_sample=False)``, same threads; its decode speed is
   (N - 1) / (t(N new tokens) - t(1 new token)), i.e. with the prefill subtracted.
@@ -37,13 +37,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-from prosparse_jax.config import ModelConfig  # noqa: E402
+from prosparse_jax import files
+from prosparse_jax.config import ModelConfig
+from prosparse_jax.errors import CheckpointError, UsageError
 from prosparse_jax.inference import generate, sparse_ffn
-from prosparse_jax.main import common as cli  # noqa: E402
+from prosparse_jax.main import common
 from prosparse_jax.model import transformer as model
 
 
@@ -53,11 +55,11 @@ def load_trained(path: str, prompt_len: int) -> tuple[ModelConfig, model.Params,
 
     from tokenizers import Tokenizer
 
-    from prosparse_jax.training import checkpoint
+    from prosparse_jax.training.load import load_model
 
-    cfg, params, tok_path = checkpoint.load_model(path)
+    cfg, params, tok_path = load_model(path)
     if tok_path is None:
-        raise checkpoint.CheckpointError(f"{path} has no tokenizer.json; the prompt needs the model's tokenizer")
+        raise CheckpointError(f"{path} has no tokenizer.json; the prompt needs the model's tokenizer")
     text = (Path(json_module.__file__).parent / "decoder.py").read_text()
     ids = Tokenizer.from_file(str(tok_path)).encode(text).ids[:prompt_len]
     return generate.sparse_config(cfg, sparse=True), params, ids
@@ -116,12 +118,8 @@ def time_torch(m, prompt: list[int], n: int) -> tuple[float, list[int]]:
     return (n - 1) / max(tn - t1, 1e-9), toks
 
 
-class BenchError(ValueError):
-    """A bad argument or a sparse decode that differs from the dense one: one error line, exit 1."""
-
-
 def _parser() -> argparse.ArgumentParser:
-    p = cli.ArgumentParser(description=__doc__, prog="bench_decode")
+    p = common.ArgumentParser(description=__doc__, prog="bench_decode")
     p.add_argument("--checkpoint", default="", help="a trained workdir / HF folder instead of the random model")
     p.add_argument("--d_model", type=int, default=4096)
     p.add_argument("--d_ff", type=int, default=11008)
@@ -133,31 +131,32 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--new_tokens", type=int, default=32)
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--implementations", default="dense,cpu_gather,cpu_ffi",
-                   help="sparse FFN backends to time (prosparse_jax.inference.sparse_ffn); the dense decode is always timed")
+                   help="sparse FFN backends to time (prosparse_jax.inference.sparse_ffn); the dense decode is "
+                        "always timed")
     p.add_argument("--torch", action="store_true", help="also time transformers generate (dense ReLU model)")
     p.add_argument("--out", default="", help="write the results JSON here")
     return p
 
 
 def _check(args: argparse.Namespace) -> list[str]:
-    """The sparse backends to time; BenchError on bad arguments."""
+    """The sparse backends to time; a :class:`UsageError` on bad arguments."""
     if not 0 <= args.sparsity < 1 or args.new_tokens < 2:
-        raise BenchError("--sparsity must be in [0, 1) and --new_tokens >= 2")
+        raise UsageError("--sparsity must be in [0, 1) and --new_tokens >= 2")
     try:
         names = [sparse_ffn.resolve_implementation(n) for n in args.implementations.split(",") if n]
-    except ValueError as e:
-        raise BenchError(f"--implementations: {e}") from None
+    except UsageError as e:
+        raise UsageError(f"--implementations: {e}") from None
     impls = list(dict.fromkeys(n for n in names if n != "dense"))
     if args.checkpoint and args.torch:
-        raise BenchError("--torch compares random ReLU models; drop it with --checkpoint")
+        raise UsageError("--torch compares random ReLU models; drop it with --checkpoint")
     return impls
 
 
 def _alternate(cfg: ModelConfig, params: Any, sparse_params: Any, prompt: list[int], impls: list[str], tm: Any,
                args: argparse.Namespace) -> tuple[dict[str, list[float]], list[float]]:
     """``args.reps`` rounds of dense, each sparse backend (and the ReLU model in JAX and PyTorch with ``tm``), one
-    after the other: (tok/s per round per name, measured sparsity per layer). BenchError if a backend's tokens
-    differ."""
+    after the other: (tok/s per round per name, measured sparsity per layer). A sparse backend whose tokens differ
+    from the dense decode's is a bug (AssertionError)."""
     relu = cfg.replace(activation="relu", activation_threshold=0.0)
     rows: dict[str, list[float]] = {"dense": [], **{n: [] for n in impls}, "relu_dense": [], "torch_relu": []}
     time_ours(params, cfg, prompt, args.new_tokens)  # warm-up (first-call allocations)
@@ -170,7 +169,7 @@ def _alternate(cfg: ModelConfig, params: Any, sparse_params: Any, prompt: list[i
         for name in impls:
             s, toks_s, _ = time_ours(sparse_params, cfg, prompt, args.new_tokens, name)
             if toks_s != toks_d:
-                raise BenchError(f"sparse decode ({name}) emitted other tokens than dense decode")
+                raise AssertionError(f"sparse decode ({name}) emitted other tokens than dense decode")
             rows[name].append(s)
         if tm is not None:
             r, toks_r, _ = time_ours(params, relu, prompt, args.new_tokens)
@@ -181,27 +180,23 @@ def _alternate(cfg: ModelConfig, params: Any, sparse_params: Any, prompt: list[i
     return rows, sp
 
 
-def main(argv: list[str] | None = None) -> int:
+def _run(argv: list[str] | None) -> int:
     args = _parser().parse_args(argv)
-    try:
-        impls = _check(args)
-        if args.checkpoint:
-            cli.check_model_path(args.checkpoint, "--checkpoint")
-            cfg, params, prompt = load_trained(args.checkpoint, args.prompt_len)
-        else:
-            cfg, params, prompt = build(args)
-        sparse_params = generate.prepare_sparse_params(params)  # per-layer layout, prepared once
-        tm = None
-        if args.torch:
-            import torch
+    impls = _check(args)
+    if args.checkpoint:
+        files.check_model_path(args.checkpoint, "--checkpoint")
+        cfg, params, prompt = load_trained(args.checkpoint, args.prompt_len)
+    else:
+        cfg, params, prompt = build(args)
+    sparse_params = generate.prepare_sparse_params(params)  # per-layer layout, prepared once
+    tm = None
+    if args.torch:
+        import torch
 
-            torch.set_num_threads(os.cpu_count() or 1)
-            tm = torch_model(cfg.replace(activation="relu", activation_threshold=0.0), params)
-        params = model.unstack_layers(params)  # generate() decodes in the per-layer layout: split the layers once
-        rows, sp = _alternate(cfg, params, sparse_params, prompt, impls, tm, args)
-    except BenchError as e:
-        print(f"bench_decode: error: {e}", file=sys.stderr)
-        return 1
+        torch.set_num_threads(os.cpu_count() or 1)
+        tm = torch_model(cfg.replace(activation="relu", activation_threshold=0.0), params)
+    params = model.unstack_layers(params)  # generate() decodes in the per-layer layout: split the layers once
+    rows, sp = _alternate(cfg, params, sparse_params, prompt, impls, tm, args)
     med = {k: statistics.median(v) for k, v in rows.items() if v}
     res = {"model": args.checkpoint or "random", "shape": f"{cfg.d_model}x{cfg.d_ff}", "layers": cfg.n_layers,
            "activation": cfg.activation, "threshold": cfg.activation_threshold,
@@ -212,8 +207,13 @@ def main(argv: list[str] | None = None) -> int:
         res["ours_over_torch_dense_relu"] = med["relu_dense"] / med["torch_relu"]
     print(json.dumps(res))
     if args.out:
-        cli.write_text_atomic(args.out, json.dumps(res, indent=2))
+        files.write_text_atomic(args.out, json.dumps(res, indent=2))
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Returns the exit code (1 with one error line on stderr for bad input; --verbose: traceback)."""
+    return common.call("bench_decode", argv, lambda: _run(argv))
 
 
 if __name__ == "__main__":

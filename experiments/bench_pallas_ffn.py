@@ -24,18 +24,20 @@ next to ProSparse's published numbers (A100, their CUDA operators): 7B S2 90.55 
 from __future__ import annotations
 
 import argparse
-import importlib
 import itertools
 import json
 import sys
 import time
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-from prosparse_jax.inference.sparse_ffn import resolve_implementation  # noqa: E402
-from prosparse_jax.main import common as cli  # noqa: E402
+from pallas_kernels import sparse_ffn_mosaic, sparse_ffn_triton
+from prosparse_jax import files
+from prosparse_jax.inference.sparse_ffn import kernel_activation, resolve_implementation
+
+RELU = kernel_activation("relu")
 
 #: ProSparse Table 5 (us, batch 1, bf16, A100): (S2 dense, S2 sparse, S3 dense, S3 sparse).
 PUBLISHED = {"4096x11008": (90.55, 45.38, 82.92, 55.05), "5120x13824": (131.36, 53.78, 113.68, 66.73)}
@@ -99,7 +101,7 @@ def tune(kernels, D: int, F: int, a: argparse.Namespace) -> list[dict]:
             kw = {"block_f": bf, "block_d": bd, "num_warps": nw, "interpret": a.interpret}
             if op == "s2":
                 s2_kw = {**kw, **({"gate": a.gate} if a.gate else {})}
-                fn, args = jax.jit(lambda x, wg, wu, kw=s2_kw: kernels.s2(x, wg, wu, activation="relu", **kw)), \
+                fn, args = jax.jit(lambda x, wg, wu, kw=s2_kw: kernels.s2(x, wg, wu, activation=RELU, **kw)), \
                     (x, w_gate, w_up_FxD)
             else:
                 fn, args = jax.jit(lambda x1, wd, kw=kw: kernels.s3(x1, wd, **kw)), (x1, w_down)
@@ -127,7 +129,7 @@ def bench_shape(kernels, D: int, F: int, a: argparse.Namespace) -> dict:
         return (jax.nn.relu(x @ wg) * (x @ wu.T)).astype(x.dtype)
 
     def sparse_s2(x, wg, wu):
-        return kernels.s2(x, wg, wu, activation="relu", interpret=interpret, **gate_kw)
+        return kernels.s2(x, wg, wu, activation=RELU, interpret=interpret, **gate_kw)
 
     def sparse_s3(x1, wd):
         return kernels.s3(x1, wd, interpret=interpret)
@@ -179,8 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     if impl == "auto":
         impl = resolve_implementation("auto", platform)
         impl = "pallas_triton" if impl not in ("pallas_triton", "pallas_mosaic") else impl
-    kernels = importlib.import_module({"pallas_triton": "pallas_kernels.sparse_ffn_triton",
-                                       "pallas_mosaic": "pallas_kernels.sparse_ffn_mosaic"}[impl])
+    kernels = {"pallas_triton": sparse_ffn_triton, "pallas_mosaic": sparse_ffn_mosaic}[impl]
     if (a.tune or a.gate) and impl != "pallas_triton":
         print("bench_pallas_ffn: error: --tune and --gate are options of the Triton kernels (block_f / block_d / "
               "num_warps / gate); use --implementation=pallas_triton on a GPU", file=sys.stderr)
@@ -209,8 +210,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{r.get('prosparse_s3_speedup', float('nan')):>5.2f}x   rel err S2 {r['s2_rel_err']:.1e} "
               f"S3 {r['s3_rel_err']:.1e}", flush=True)
     if a.out:
-        cli.write_text_atomic(a.out, json.dumps({"device": jax.devices()[0].device_kind, "implementation": impl,
-                                           "dtype": a.dtype, "rows": rows}, indent=2))
+        files.write_text_atomic(a.out, json.dumps({"device": jax.devices()[0].device_kind, "implementation": impl,
+                                             "dtype": a.dtype, "rows": rows}, indent=2))
     return 0
 
 

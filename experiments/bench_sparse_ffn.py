@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from prosparse_jax.errors import UsageError
 from prosparse_jax.inference.sparse_ffn import DEFAULT_CHUNK, prepare_weights, resolve_implementation, sparse_ffn
 
 
@@ -116,9 +117,9 @@ def record_ffn_inputs(path: str, n_tokens: int) -> tuple:
 
     from prosparse_jax.inference import decode, generate, score
     from prosparse_jax.model import transformer as model
-    from prosparse_jax.training import checkpoint
+    from prosparse_jax.training.load import load_model
 
-    cfg, params, tok_path = checkpoint.load_model(path)
+    cfg, params, tok_path = load_model(path)
     if tok_path is None:
         raise SystemExit(f"bench_sparse_ffn: error: {path} has no tokenizer.json")
     cfg = generate.sparse_config(cfg, sparse=True)
@@ -178,7 +179,7 @@ def parse_implementations(text: str) -> list[str]:
     """``dense,cpu_gather,cpu_ffi`` -> the list, dense first (always timed: the reference); unknown names error."""
     try:
         names = [resolve_implementation(n) for n in text.split(",") if n]
-    except ValueError as e:
+    except UsageError as e:
         raise SystemExit(f"bench_sparse_ffn: error: --implementations: {e}") from None
     return ["dense", *dict.fromkeys(n for n in names if n != "dense")]
 
@@ -195,7 +196,7 @@ def main() -> None:
     ap.add_argument("--checkpoint", default="", help="real activations: a trained workdir / HF folder")
     ap.add_argument("--tokens", type=int, default=64, help="with --checkpoint: recorded tokens per layer")
     ap.add_argument("--implementations", default="dense,cpu_gather,cpu_ffi",
-                    help="backends of prosparse_jax.inference.sparse_ffn to time (dense is always timed: the reference)")
+                    help="backends of prosparse_jax.inference.sparse_ffn to time (dense: always, the reference)")
     a = ap.parse_args()
     impls = parse_implementations(a.implementations)
     if a.checkpoint:

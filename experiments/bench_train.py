@@ -7,8 +7,8 @@ Compute dtype: float32 by default; ``--dtypes=bfloat16`` compares our ``model.dt
 master weights, norms and softmax) with torch autocast bf16. Our layer layout is the tiny config's
 (``model.scan_layers=False``: per-layer parameter groups, unrolled), printed in each row.
 
-For every shape, in ONE process: (a) ``prosparse_jax.training.train.make_train_step`` with the optimizer of
-``prosparse_jax.training.optim.make_optimizer`` (AdamW + global-norm clipping), the real loss (CE + lambda * sum_l mean|x1_l|,
+For every shape, in ONE process: (a) ``training.step.make_train_step`` with the optimizer of
+``training.optim.make_optimizer`` (AdamW + global-norm clipping), the real loss (CE + lambda * sum_l mean|x1_l|,
 lambda > 0), grad_accum = 1, jitted with the state donated exactly as ``train.train`` does; (b) HF
 ``LlamaForCausalLM`` (hidden_act relu, no biases, untied head, attn_implementation='sdpa') with ``torch.optim.AdamW``
 and the same clipping; its loss is CE + lambda * sum_l mean|x1_l| too, x1 (the input of ``down_proj``) being taken
@@ -22,7 +22,7 @@ libraries load), then one table shows every row. ``avx2`` caps both sides to AVX
 ``MKL_ENABLE_INSTRUCTIONS=AVX2`` and ``ONEDNN_MAX_CPU_ISA=AVX2`` for torch. The matmul peak of each side is measured
 inside each child and printed, so a cap that a library ignores shows up as an unchanged peak.
 
-Loop row (``--loop_steps=N``, tiny shape): the real ``prosparse_jax.training.train.train`` loop on the tiny config for N steps
+Loop row (``--loop_steps=N``, tiny shape): the real ``training.train.train`` loop on the tiny config for N steps
 (data pipeline, prefetch, metrics, checkpoint at the end) in a temporary workdir; its tokens/s is the median of the
 ``tokens_per_sec`` entries of metrics.jsonl after the first (which holds compilation), next to the isolated step of the
 same shape timed right before and after it in the same process (goal: loop >= 90% of the step).
@@ -46,9 +46,11 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from configs import prosparse as prosparse_configs  # noqa: E402
+from prosparse_jax import files  # noqa: E402
+from prosparse_jax.config import resolve  # noqa: E402
+from prosparse_jax.errors import UsageError, UserError  # noqa: E402
 from prosparse_jax.main import common as cli  # noqa: E402
 from prosparse_jax.model.transformer import init_params  # noqa: E402
-from prosparse_jax.run_config import resolve  # noqa: E402
 from prosparse_jax.training import optim as optim_lib  # noqa: E402
 from prosparse_jax.training import schedules
 from prosparse_jax.training.metrics import measure_matmul_peak  # noqa: E402
@@ -239,7 +241,7 @@ def run_isas(isas: list[str], argv: list[str], out: str) -> None:
                   f"= {r['loop_over_step']:.1%} of the isolated step ({r['step_tokens_per_s']:.0f} tok/s)")
     if out:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
-        cli.write_text_atomic(out, json.dumps({"isas": results}, indent=2))
+        files.write_text_atomic(out, json.dumps({"isas": results}, indent=2))
         print(f"wrote {out}")
 
 
@@ -260,7 +262,7 @@ def print_table(env: dict, rows: list[dict], loop: list[dict]) -> None:
               f"{r['loop_over_step']:.1%} of the isolated step")
 
 
-class BenchError(RuntimeError):
+class BenchError(UserError):
     """A benchmark step failed for a reason the user can act on (a child process, a missing library)."""
 
 
@@ -296,12 +298,12 @@ def _check_args(args: argparse.Namespace) -> None:
                                ("--layouts", args.layouts, ("per-layer", "scan")), ("--isa", args.isa, ISA_ENV)):
         for item in value.split(",") if value else []:
             if item not in valid:
-                raise cli.UsageError(f"{flag}: unknown {item!r}; choose from {', '.join(sorted(valid))}")
+                raise UsageError(f"{flag}: unknown {item!r}; choose from {', '.join(sorted(valid))}")
     for flag, v in (("--steps", args.steps), ("--reps", args.reps)):
         if v <= 0:
-            raise cli.UsageError(f"{flag}: must be a positive integer, got {v}")
+            raise UsageError(f"{flag}: must be a positive integer, got {v}")
     if args.out:
-        cli.check_output_file(args.out, "--out")
+        files.check_output_file(args.out, "--out")
 
 
 def _run(argv: list[str] | None) -> int:
@@ -351,14 +353,14 @@ def _run(argv: list[str] | None) -> int:
     print_table(env, rows, loop)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        cli.write_text_atomic(args.out, json.dumps({"env": env, "results": rows, "loop": loop}, indent=2))
+        files.write_text_atomic(args.out, json.dumps({"env": env, "results": rows, "loop": loop}, indent=2))
         print(f"wrote {args.out}")
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point; returns the exit code (1 with one error line on stderr for bad input; --verbose: traceback)."""
-    return cli.call("bench_train", argv, lambda: _run(argv), (BenchError, OSError))
+    return cli.call("bench_train", argv, lambda: _run(argv))
 
 
 # The PyTorch side: the reference training step and PyTorch's matmul peak (torch is imported only here).

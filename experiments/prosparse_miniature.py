@@ -15,8 +15,8 @@
 Every row is measured on the same held-out set (``train.eval_batches`` batches sampled across the stratified
 held-out split of the corpus): activation sparsity (exact zeros of x1), held-out loss and perplexity, the training
 loss next to it (mean of the last logged interval), the dead-neuron fraction (neurons active on < 0.1% of held-out
-tokens) and the CETT-PPL-1% activation ratio (Sparsing Law, arXiv 2411.02335 Sec. 4.1; ``prosparse_jax.analysis.analyze``).
-Writes ``<workdir>/results.json``, ``results.md`` and plots; every run is an ordinary ``prosparse_jax.training.train`` workdir
+tokens) and the CETT-PPL-1% activation ratio (Sparsing Law, arXiv 2411.02335 Sec. 4.1; ``analysis.analyze``).
+Writes ``<workdir>/results.json``, ``results.md`` and plots; every run is an ordinary training workdir
 (``<workdir>/{silu,control_silu,a_relu,b_prosparse}``), so re-running resumes / reuses finished runs.
 """
 
@@ -33,16 +33,18 @@ import numpy as np
 from absl import flags, logging
 
 from configs import prosparse as prosparse_configs  # noqa: E402
+from prosparse_jax import files
 from prosparse_jax.analysis import analyze as analyze_lib
-from prosparse_jax.config import ConfigError, DataConfig, build_section
+from prosparse_jax.config import DataConfig, build_section
+from prosparse_jax.data import corpus as corpus_lib
 from prosparse_jax.data import pipeline as data_lib
+from prosparse_jax.errors import UsageError
 from prosparse_jax.main import common as cli
 from prosparse_jax.model.transformer import forward
 from prosparse_jax.training import checkpoint as ckpt
-from prosparse_jax.training.metrics import MetricsFileError, read_metrics
-from prosparse_jax.training.step import evaluate
+from prosparse_jax.training.metrics import read_metrics
+from prosparse_jax.training.step import make_evaluate
 from prosparse_jax.training.train import train
-from prosparse_jax.training.workdir import TrainError
 
 FLAGS = flags.FlagValues()  # own flag set, parsed by prosparse_jax.main.common.run (one-line errors, --verbose)
 _WORKDIR = flags.DEFINE_string("workdir", "runs/miniature", "Output directory (one sub-workdir per run).",
@@ -135,11 +137,13 @@ class FinishedRun:
     def __init__(self, workdir: Path) -> None:
         self.cfg, self.params, tok_path = ckpt.load_model(workdir)
         self.run_config = json.loads((workdir / "config.json").read_text())
-        self._data = build_section(DataConfig, "data", dict(self.run_config["data"], tokenizer=str(tok_path)))
-        self._tokenizer = data_lib.get_tokenizer(self._data, workdir)
+        self._data = build_section(DataConfig, "data", self.run_config["data"])
+        self._corpus = corpus_lib.open_corpus(self._data)
+        self._tokenizer = corpus_lib.load_tokenizer(tok_path)
 
     def eval_batches(self, num_batches: int) -> list[dict[str, np.ndarray]]:
-        return data_lib.make_eval_batches(self._data, self._tokenizer, batch_size=8, num_batches=num_batches)
+        return data_lib.make_eval_batches(self._corpus, self._tokenizer, seq_len=self._data.seq_len, batch_size=8,
+                                          num_batches=num_batches)
 
 
 def threshold_table(run: FinishedRun, abs_t: float, rel: list[float], n_batches: int, quick: bool) -> dict[str, Any]:
@@ -147,10 +151,10 @@ def threshold_table(run: FinishedRun, abs_t: float, rel: list[float], n_batches:
     mcfg, params = run.cfg, run.params
     batches = run.eval_batches(1 if quick else n_batches)
     scale = gate_scale(params, mcfg, batches)
-    rows = [{"threshold": 0.0, "relative": 0.0, **evaluate(params, mcfg, batches)}]
+    rows = [{"threshold": 0.0, "relative": 0.0, **make_evaluate(mcfg)(params, batches)}]
     for t, r in [(abs_t, abs_t / scale)] + [(f * scale, f) for f in rel]:
         cfg = mcfg.replace(activation="fatrelu", activation_threshold=float(t))
-        rows.append({"threshold": float(t), "relative": float(r), **evaluate(params, cfg, batches)})
+        rows.append({"threshold": float(t), "relative": float(r), **make_evaluate(cfg)(params, batches)})
     return {"gate_scale": scale, "eval_tokens": rows[0]["eval_tokens"], "rows": rows}
 
 
@@ -206,7 +210,7 @@ def _save(fig, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     fig.tight_layout()
-    with cli.atomic_file(path) as tmp:  # a failed write (disk full) keeps the previous plot
+    with files.atomic_file(path) as tmp:  # a failed write (disk full) keeps the previous plot
         fig.savefig(tmp, dpi=100)
     plt.close(fig)
     return path
@@ -248,7 +252,7 @@ def train_runs(workdir: Path, pre_steps: int, steps: int, quick: bool) -> dict[s
         c = run_config(act, steps, stages, quick)
         c.init_from = str(workdir / "silu")
         c.data.seed = 1  # fresh training rows, not a replay of the pretraining's (the same for every continued run)
-        if name != "b_prosparse":  # keep 6 checkpoints: inputs of the Sparsing Law fit (experiments/fit_laws.py)
+        if name != "b_prosparse":  # keep 6 checkpoints: inputs of the Sparsing Law fit (prosparse_jax.main.fit_laws)
             c.train.checkpoint_every = c.train.keep_period = max(steps // 6, 1)
         finals[name] = run(name, c, workdir)
     return finals
@@ -257,14 +261,14 @@ def train_runs(workdir: Path, pre_steps: int, steps: int, quick: bool) -> dict[s
 def _run() -> str:
     """The job (flags parsed); returns the closing line."""
     logging.set_verbosity(logging.WARNING)  # orbax / tfds INFO lines would drown the progress bars
-    workdir = cli.check_output_dir(_WORKDIR.value, "--workdir")  # a file in the way: refused before any training
+    workdir = files.check_output_path(_WORKDIR.value, "--workdir")  # a file in the way: refused before any training
     for holder in (_PRETRAIN, _STEPS, _FAT_BATCHES, _PPLP_BATCHES):
         if holder.value <= 0:
-            raise cli.UsageError(f"--{holder.name}: must be a positive integer, got {holder.value}")
+            raise UsageError(f"--{holder.name}: must be a positive integer, got {holder.value}")
     try:
         rel = [float(x) for x in _REL_THRESHOLDS.value]
     except ValueError:
-        raise cli.UsageError(f"--relative_thresholds: numbers expected, got {_REL_THRESHOLDS.value}") from None
+        raise UsageError(f"--relative_thresholds: numbers expected, got {_REL_THRESHOLDS.value}") from None
     quick = _QUICK.value
     pre_steps, steps = (6, 6) if quick else (_PRETRAIN.value, _STEPS.value)
     t_start = time.time()
@@ -290,7 +294,7 @@ def _run() -> str:
     # (c) on the full held-out set: the paper's absolute threshold (the relative ones are in the threshold table)
     picks = [(f"(c) (b) + FATReLU t = {_ABS_THRESHOLD.value:g} (paper's)", _ABS_THRESHOLD.value)]
     for i, (label, t) in enumerate(picks):
-        e = evaluate(b_params, b_cfg.replace(activation="fatrelu", activation_threshold=float(t)), eval_b)
+        e = make_evaluate(b_cfg.replace(activation="fatrelu", activation_threshold=float(t)))(b_params, eval_b)
         rows[f"c{i}"] = {"label": label, "steps": steps, "steps_total": pre_steps + steps, "threshold": t,
                          "sparsity": e["eval_sparsity"], "eval_loss": e["eval_loss"], "ppl": e["eval_ppl"],
                          "per_layer": e["eval_sparsity_per_layer"], "eval_tokens": e["eval_tokens"]}
@@ -301,17 +305,15 @@ def _run() -> str:
     print("\n" + md)
     plots = plot(workdir, results, pre_steps)
     results["total_seconds"] = time.time() - t_start
-    cli.write_text_atomic(workdir / "results.json", json.dumps(results, indent=2))
-    cli.write_text_atomic(workdir / "results.md", md + "\n")
+    files.write_text_atomic(workdir / "results.json", json.dumps(results, indent=2))
+    files.write_text_atomic(workdir / "results.md", md + "\n")
     return (f"\nresults: {workdir / 'results.json'}, {workdir / 'results.md'}; plots: "
             f"{', '.join(str(p) for p in plots)}; training {t_train:.0f}s, total {results['total_seconds']:.0f}s")
 
 
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point; returns the exit code (1 with one error line on stderr for bad input; --verbose: traceback)."""
-    errors = (ConfigError, TrainError, ckpt.CheckpointError, data_lib.DataError, analyze_lib.AnalyzeError,
-              MetricsFileError, OSError)
-    return cli.run("prosparse_miniature", FLAGS, argv, _run, errors, __doc__)
+    return cli.run("prosparse_miniature", FLAGS, argv, _run, __doc__)
 
 
 if __name__ == "__main__":

@@ -2,39 +2,33 @@
 
 The two operators are ProSparse's (arXiv 2402.13516, §4.3):
 
-* **S2** -- ``x1 = act(x W_gate) * (x W_up)`` where the up projection is read only for the *active* neurons.
-  Gate-mask activations (relu, fatrelu, drelu, relu2) decide the active set from the gate alone
-  (dReLU: relu(gate) * relu(up), active iff gate > 0; its up-side zeros are applied after W_up is read). The
-  neuron-norm sparse mode (``tau`` given; any activation, e.g. SiLU; Sparsing Law §4.1 CETT) keeps neuron i iff
-  ``|x1_i| * ||W_down[i, :]|| > tau``: it needs the whole up projection, so S2 saves nothing there and only S3 skips.
+* **S2** -- ``x1 = act(x W_gate) * (x W_up)`` where the up projection is read only for the *active* neurons. With a
+  gate-mask activation (``GatedActivation.gate_mask``) the gate alone decides the active set (dReLU: active iff
+  gate > 0; its up-side zeros are applied after W_up is read). The neuron-norm mode (``tau`` given; any activation;
+  Sparsing Law §4.1 CETT) keeps neuron i iff ``|x1_i| * ||W_down[i, :]|| > tau``: it needs the whole up projection,
+  so S2 saves nothing there and only S3 skips.
 * **S3** -- ``out = x1 @ W_down`` reading only the rows of W_down whose x1 column is non-zero in some batch row.
 
-Layouts (what the kernels read): ``w_gate_DxF`` as the model stores it (the gate is dense), ``w_up_FxD`` and
-``w_down_FxD`` with one contiguous row per neuron, so that skipping a neuron skips a contiguous row of memory.
-Batches of 1..``MAX_BATCH`` decode tokens share one active set: the union over the rows.
-
-Numerics: products accumulate in float32; outputs are cast to the input dtype (x1 to ``x.dtype``, out to
-``x1.dtype``), as the model's FFN does. A dropped neuron contributes exactly zero (its weights are never read, so
-even a non-finite inactive row cannot leak in).
+Layouts: ``w_gate_DxF`` as the model stores it (the gate is dense), ``w_up_FxD`` and ``w_down_FxD`` with one
+contiguous row per neuron, so that skipping a neuron skips a contiguous row of memory. Batches of 1..``MAX_BATCH``
+decode tokens share one active set: the union over the rows. Products accumulate in float32; outputs are cast to the
+input dtype. A dropped neuron contributes exactly zero (its weights are never read, so even a non-finite inactive row
+cannot leak in).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from prosparse_jax.model.activations import ACTIVATIONS, RELU_FAMILY, ffn_product
-
 Array = jax.Array
 
 #: Input dtypes the kernels accept (weights and activations in the same dtype).
 SUPPORTED_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
-
-#: Activations whose gate output alone decides the active set (x1_i = 0 whenever act(gate_i) = 0).
-GATE_MASK_ACTIVATIONS = RELU_FAMILY
 
 #: Largest decode batch the kernels are built for (the union of the rows' active sets loses sparsity fast beyond it;
 #: use the dense FFN for prefill and large batches).
@@ -43,6 +37,40 @@ MAX_BATCH = 8
 
 class KernelInputError(ValueError):
     """Inputs a sparse FFN kernel cannot run on; raised before any kernel is traced."""
+
+
+class GatedActivation(NamedTuple):
+    """The FFN activation as the kernels apply it: ``x1 = act(gate, threshold) * (relu(up) if relu_up else up)``.
+
+    The dispatcher builds it from the model's activation registry, so each formula is written once, there. Hashable:
+    the jitted kernels take it as a static argument.
+    """
+
+    name: str  # for error messages
+    act: Callable[[Array, Any], Array]  # elementwise on the gate pre-activation; the second argument is FATReLU's t
+    relu_up: bool  # dReLU: relu(gate) * relu(up)
+    gate_mask: bool  # act(gate) == 0 makes x1 == 0: the gate alone decides which neurons are active
+
+
+def gated_product(activation: GatedActivation, gate: Array, up: Array, threshold: Any) -> tuple[Array, Array]:
+    """(x1, act(gate)) of ``activation`` on the gate and up pre-activations."""
+    act_gate = activation.act(gate, threshold)
+    return act_gate * (jax.nn.relu(up) if activation.relu_up else up), act_gate
+
+
+def capacity_buckets(F: int, chunk: int, top: int | None = None) -> tuple[int, ...]:
+    """Capacities ``chunk * 2^k`` below ``top`` (default F) rounded up to whole chunks, then that bound itself.
+
+    A kernel whose grid is static builds one variant per capacity and picks the smallest that holds the active count.
+    """
+    top = F if top is None else min(top, F)
+    last = max(chunk, -(-top // chunk) * chunk)
+    caps, cap = [], chunk
+    while cap < last:
+        caps.append(cap)
+        cap *= 2
+    caps.append(last)
+    return tuple(caps)
 
 
 def _concrete(value: Any) -> np.ndarray | None:
@@ -73,16 +101,17 @@ def _check_nonneg(name: str, value: Any) -> None:
                                "neurons whose gate is zero); check the model config's thresholds")
 
 
-def check_s2_inputs(x_BxD: Array, w_gate_DxF: Array, w_up_FxD: Array, *, activation: str, threshold: Any = 0.0,
-                    tau: Any = None, w_down_norms_F: Array | None = None) -> None:
+def check_s2_inputs(x_BxD: Array, w_gate_DxF: Array, w_up_FxD: Array, *, activation: GatedActivation,
+                    threshold: Any = 0.0, tau: Any = None, w_down_norms_F: Array | None = None) -> None:
     """Raises :class:`KernelInputError` naming the problem and the fix; returns None when S2 can run."""
-    if activation not in ACTIVATIONS:
-        raise KernelInputError(f"unknown activation {activation!r}; choose one of: {', '.join(ACTIVATIONS)}")
-    if tau is None and activation not in GATE_MASK_ACTIVATIONS:
+    if not isinstance(activation, GatedActivation):
+        raise KernelInputError(f"activation={activation!r}: pass a GatedActivation "
+                               "(prosparse_jax.inference.sparse_ffn.kernel_activation(name))")
+    if tau is None and not activation.gate_mask:
         raise KernelInputError(
-            f"activation {activation!r} has no exact zeros, so the gate cannot decide which neurons to skip; pass "
-            f"tau and w_down_norms_F (the neuron-norm sparse mode, from `python -m prosparse_jax.analysis.analyze "
-            f"--metric=pplp`) or use one of {sorted(GATE_MASK_ACTIVATIONS)}")
+            f"activation {activation.name!r} has no exact zeros, so the gate cannot decide which neurons to skip; "
+            "pass tau and w_down_norms_F (the neuron-norm sparse mode, from `python -m prosparse_jax.main.analyze "
+            "--metric=pplp`) or use a ReLU-family activation")
     if x_BxD.ndim != 2:
         raise KernelInputError(f"x_BxD: expected [batch, d_model], got shape {x_BxD.shape}; flatten batch and time")
     B, D = x_BxD.shape
@@ -123,8 +152,8 @@ def check_s3_inputs(x1_BxF: Array, w_down_FxD: Array) -> None:
     _check_dtype("w_down_FxD", w_down_FxD, x1_BxF.dtype)
 
 
-def s2_reference(x_BxD: Array, w_gate_DxF: Array, w_up_FxD: Array, *, activation: str, threshold: Any = 0.0,
-                 tau: Any = None, w_down_norms_F: Array | None = None) -> Array:
+def s2_reference(x_BxD: Array, w_gate_DxF: Array, w_up_FxD: Array, *, activation: GatedActivation,
+                 threshold: Any = 0.0, tau: Any = None, w_down_norms_F: Array | None = None) -> Array:
     """x1_BxF of S2 in plain jnp (float32 accumulation), zero for every dropped neuron."""
     check_s2_inputs(x_BxD, w_gate_DxF, w_up_FxD, activation=activation, threshold=threshold, tau=tau,
                     w_down_norms_F=w_down_norms_F)
@@ -132,15 +161,13 @@ def s2_reference(x_BxD: Array, w_gate_DxF: Array, w_up_FxD: Array, *, activation
     x = x_BxD.astype(jnp.float32)
     gate_BxF = jnp.dot(x, w_gate_DxF.astype(jnp.float32), precision=hi)
     up_BxF = jnp.dot(x, w_up_FxD.astype(jnp.float32).T, precision=hi)
-    x1_BxF, act_BxF = ffn_product(activation, gate_BxF, up_BxF, threshold)
+    x1_BxF, act_BxF = gated_product(activation, gate_BxF, up_BxF, threshold)
     if tau is None:
         keep_F = jnp.any(act_BxF != 0, axis=0)  # the union active set: only these up rows are read
+        x1_BxF = jnp.where(keep_F, x1_BxF, 0.0)
     else:
         norms_BxF = jnp.abs(x1_BxF) * w_down_norms_F.astype(jnp.float32)
-        keep_F = None
         x1_BxF = jnp.where(norms_BxF > jnp.asarray(tau, jnp.float32), x1_BxF, 0.0)
-    if keep_F is not None:
-        x1_BxF = jnp.where(keep_F, x1_BxF, 0.0)
     return x1_BxF.astype(x_BxD.dtype)
 
 
@@ -151,8 +178,3 @@ def s3_reference(x1_BxF: Array, w_down_FxD: Array) -> Array:
     w = jnp.where(active_F[:, None], w_down_FxD.astype(jnp.float32), 0.0)  # inactive rows never contribute
     out = jnp.dot(x1_BxF.astype(jnp.float32), w, precision=jax.lax.Precision.HIGHEST)
     return out.astype(x1_BxF.dtype)
-
-
-def ffn_reference(x_BxD: Array, w_gate_DxF: Array, w_up_FxD: Array, w_down_FxD: Array, **s2_kwargs: Any) -> Array:
-    """S3(S2(x)): the whole sparse gated FFN."""
-    return s3_reference(s2_reference(x_BxD, w_gate_DxF, w_up_FxD, **s2_kwargs), w_down_FxD)

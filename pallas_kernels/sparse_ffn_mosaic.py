@@ -1,64 +1,29 @@
 """TPU (Pallas Mosaic) kernels for ProSparse's sparse FFN operators S2 and S3: skip neurons, not blocks.
 
-ProSparse (arXiv 2402.13516) §4.3 defines the two operators (contract and pure-jnp references in
-:mod:`pallas_kernels.reference`):
-
-* **S2** -- ``x1 = act(x W_gate) * (x W_up)``: the gate is dense, its activation decides which neurons are active,
-  and only the active neurons' rows of ``w_up_FxD`` are read.
-* **S3** -- ``out = x1 @ W_down``: only the rows of ``w_down_FxD`` whose x1 column is non-zero in some batch row
-  are read.
-
-PowerInfer (arXiv 2312.12456) skips the same rows on GPU/CPU with predictor-selected neurons.
-
 Why index lists and DMAs, not ``pl.when`` over blocks: batch-1..8 decode is bound by the bytes read from HBM, and on
-TPU a ``pl.when`` inside a BlockSpec pipeline saves compute only -- the pipeline has already fetched the block. And
-at 88% sparsity a block of 16 neurons is all-inactive with probability 0.88^16 ~ 0.13, so block skipping would save
-almost nothing anyway. So the skipping is per neuron:
+TPU a ``pl.when`` inside a BlockSpec pipeline saves compute only -- the pipeline has already fetched the block (and
+at 88% sparsity a block of 16 neurons is all-inactive with probability 0.88^16 ~ 0.13). So the skipping is per neuron:
 
-1. In XLA: ``gate = x @ W_gate`` (dense), ``act(gate)``, the union active set over the batch rows (S3: any
-   ``x1 != 0`` over the rows), ``count = sum(active)`` and ``idx = nonzero(active, size=cap)``.
-2. A row-gather kernel (``pltpu.PrefetchScalarGridSpec`` with ``idx`` and ``count`` prefetched to SMEM, grid
-   ``cap // chunk``): the weight matrix stays in HBM (``memory_space=pl.ANY``); grid step k issues one row DMA
-   ``w_hbm[idx[k * chunk + r]] -> buf[r]`` per active neuron of its chunk into a VMEM ``[chunk, D]`` buffer and
-   computes on it. The DMAs of chunk k + 1 are started before chunk k is waited on and computed (double buffering,
-   two VMEM buffers and two DMA semaphores), so HBM streams while the MXU works. Steps past the active chunks issue
-   no DMA; rows past ``count`` in the last chunk are neither fetched nor used (masked by position, so stale or
-   uninitialised VMEM cannot leak in).
+1. In XLA: the dense gate, the activation, the union active set over the batch rows (S3: any ``x1 != 0``),
+   ``count`` and ``idx = nonzero(active, size=cap)``.
+2. A row-gather kernel (``pltpu.PrefetchScalarGridSpec``, ``idx`` and ``count`` in SMEM, grid ``cap // chunk``): the
+   weights stay in HBM (``pl.ANY``); grid step k DMAs the rows ``w[idx[k * chunk + r]]`` of its active neurons into a
+   VMEM ``[chunk, D]`` buffer, double-buffered (chunk k + 1's DMAs start before chunk k is waited on). Rows past
+   ``count`` are neither fetched nor used (masked by position: stale VMEM cannot leak in). S2 writes
+   ``act(gate[idx]) * (x @ buf^T)`` as ``[B, chunk]`` blocks that XLA scatters back; S3 accumulates
+   ``x1[:, idx] @ buf`` in a float32 VMEM scratch.
+3. Capacity buckets (:func:`pallas_kernels.reference.capacity_buckets`): the grid is static, so one ``pallas_call``
+   per capacity and ``lax.switch`` on the dynamic count picks the smallest that holds the active set.
 
-   - S2: ``up = x @ buf^T`` for the chunk's neurons, ``x1 = act(gate[idx]) * up`` (dReLU: ``relu(up)``) written as
-     a ``[B, chunk]`` output block; XLA scatters the ``[B, cap]`` result back into ``x1_BxF``.
-   - S3: ``x1`` gathered at ``idx`` in XLA (``[B, cap]``, zero past ``count``) is read in ``[B, chunk]`` blocks and
-     ``acc += x1_blk @ buf`` accumulates in a float32 VMEM scratch across the grid (the output block is resident);
-     the last step writes ``out_BxD``.
-3. Capacity buckets: the grid is static, so one ``pallas_call`` is built per capacity ``chunk * 2^k`` (up to F
-   rounded up to ``chunk``) and ``lax.switch`` on the dynamic count picks the smallest that holds the active set (as
-   :mod:`prosparse_jax.inference.sparse_ffn` does on CPU): an 88%-sparse call runs ~F/8/chunk grid steps, not F/chunk.
+The neuron-norm mode (``tau`` given) needs the up projection of every neuron, so S2 computes it densely in XLA; the
+skipping happens in S3. TPU blocks need their last two dims divisible by (8, 128): ``chunk`` is a multiple of 128 and
+D is zero-padded to one (a copy per call unless D is aligned, as 4096 / 5120 / 8192 are). The grid is sequential: the
+DMA buffers and the accumulator carry across steps.
 
-Neuron-norm mode (``tau`` given; any activation, e.g. SiLU; CETT, Sparsing Law §4.1): neuron i is kept iff
-``|x1_i| * ||W_down[i, :]|| > tau``, which needs the up projection of *every* neuron, so S2 computes it densely in
-XLA and skips nothing (its x1 is masked exactly as the reference does); the skipping happens in S3.
-
-Neuron permutation: :mod:`prosparse_jax.analysis.permute` reorders the neurons offline by activation frequency, so the active
-rows cluster and neighbouring row DMAs read neighbouring HBM addresses (merging such runs into one multi-row DMA is a
-possible refinement, not done here). The per-neuron gather does not need the permutation for correctness: any order
-of ``idx`` gives the same result.
-
-TPU block constraints: the last two dims of a block must be divisible by (8, 128) or equal the array's. Hence
-``chunk`` is a multiple of 128 (the ``[B, chunk]`` blocks; B is the full batch dim) and D is padded to a multiple of
-128 with zero columns -- which copies ``x`` and the weight once per call unless D is already aligned (it is for
-LLaMA-style models: 4096, 5120, 8192). F needs no padding: the weights are only read through ``idx``. VMEM holds
-``2 * chunk * D`` weight elements (4 MiB at D = 4096, f32, chunk 128). The grid is sequential ("arbitrary"): the
-DMA buffers and the accumulator carry across steps, so a megacore chip runs it on one TensorCore.
-
-Numerics: products accumulate in float32 (f32 inputs: ``Precision.HIGHEST``), outputs are cast to the input dtype.
-
-Not yet checked on a TPU: the kernels *lower* for TPU (``jax.export``, Pallas -> Mosaic) and run in Pallas' TPU
-interpret mode on CPU (which simulates the DMAs and semaphores), but Mosaic's layout passes run only inside the TPU
-compiler. The open risk is the one-row DMA at an arbitrary row offset of an (8, 128)-tiled array: JAX's TPU tests
-do DMAs at dynamic, unaligned second-minor offsets for 32-bit data, but Mosaic's ``tpu.memref_slice`` verifier
-asks for tile-aligned offsets along tiled dims, and a bfloat16 row is half of a packed 32-bit sublane. If Mosaic
-rejects it, the fallback is a tile-aligned weight layout prepared once per model, ``[F, P, D / P]`` with P the
-sublane tile (8 * 32 / bitwidth), DMAed along the untiled leading dim and read with strided loads.
+Checked without a TPU: the kernels lower for TPU (``jax.export``) and run in Pallas' TPU interpret mode (which
+simulates the DMAs and semaphores), but Mosaic's layout passes run only inside the TPU compiler. The open risk is the
+one-row DMA at an arbitrary row offset of an (8, 128)-tiled array (a bfloat16 row is half a packed sublane); the
+fallback would be a tile-aligned weight layout ``[F, P, D / P]`` prepared once per model.
 """
 
 from __future__ import annotations
@@ -73,9 +38,14 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels.reference import KernelInputError, check_s2_inputs, check_s3_inputs
-from prosparse_jax.inference.sparse_ffn import default_buckets
-from prosparse_jax.model.activations import ffn_product
+from pallas_kernels.reference import (
+    GatedActivation,
+    KernelInputError,
+    capacity_buckets,
+    check_s2_inputs,
+    check_s3_inputs,
+    gated_product,
+)
 
 Array = jax.Array
 
@@ -88,12 +58,6 @@ LANES = 128
 
 def _round_up(n: int, m: int) -> int:
     return -(-n // m) * m
-
-
-def capacity_buckets(F: int, chunk: int) -> tuple[int, ...]:
-    """Grid capacities ``chunk * 2^k`` below F rounded up to ``chunk``, then that bound itself (the CPU backend's
-    buckets with no dense fallback: every active count fits the last one)."""
-    return default_buckets(F, chunk, crossover=1.0)
 
 
 def _check_chunk(chunk: int | None) -> int:
@@ -188,13 +152,13 @@ def _gather_scratch(chunk: int, d_pad: int, dtype: Any) -> list[Any]:
 # S2
 # ---------------------------------------------------------------------------------------------------------------
 def _s2_kernel(idx_ref: Any, count_ref: Any, x_ref: Any, act_ref: Any, w_up_hbm: Any, x1_ref: Any, buf: Any,
-               sem: Any, *, chunk: int, drelu: bool, precision: lax.Precision) -> None:
+               sem: Any, *, chunk: int, relu_up: bool, precision: lax.Precision) -> None:
     """x1 for this step's chunk of active neurons: act(gate) * (x @ W_up[idx]^T), written as a [B, chunk] block."""
 
     def compute(w_up_CxD: Array, n_valid: Array) -> None:
         up_BxC = lax.dot_general(x_ref[...], w_up_CxD, (((1,), (1,)), ((), ())), precision=precision,
                                  preferred_element_type=jnp.float32)
-        if drelu:
+        if relu_up:
             up_BxC = jnp.maximum(up_BxC, 0.0)
         x1_BxC = act_ref[...] * up_BxC
         # Column c depends on buffer row c only: masking the [B, chunk] result drops the unfetched rows (the XLA
@@ -209,7 +173,7 @@ def _s2_kernel(idx_ref: Any, count_ref: Any, x_ref: Any, act_ref: Any, w_up_hbm:
 
 
 def _s2_gathered(x_BxD: Array, w_up_FxD: Array, act_BxF: Array, active_F: Array, *, cap: int, chunk: int,
-                 drelu: bool, interpret: Any) -> Array:
+                 relu_up: bool, interpret: Any) -> Array:
     """x1_BxF from one bucket of capacity ``cap``: gather, kernel, scatter back."""
     B, D = x_BxD.shape
     F = act_BxF.shape[1]
@@ -222,7 +186,7 @@ def _s2_gathered(x_BxD: Array, w_up_FxD: Array, act_BxF: Array, active_F: Array,
     w_pad = _pad_lanes(w_up_FxD, d_pad)
     itemsize = jnp.dtype(x_BxD.dtype).itemsize
     x1_BxP = pl.pallas_call(
-        functools.partial(_s2_kernel, chunk=chunk, drelu=drelu, precision=_precision(x_BxD.dtype)),
+        functools.partial(_s2_kernel, chunk=chunk, relu_up=relu_up, precision=_precision(x_BxD.dtype)),
         out_shape=jax.ShapeDtypeStruct((B, cap), x_BxD.dtype),
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=2,
@@ -247,27 +211,28 @@ def _s2_gathered(x_BxD: Array, w_up_FxD: Array, act_BxF: Array, active_F: Array,
 
 @functools.partial(jax.jit, static_argnames=("activation", "chunk", "interpret"))
 def _s2_impl(x_BxD: Array, w_gate_DxF: Array, w_up_FxD: Array, threshold: Any, tau: Any, w_down_norms_F: Any, *,
-             activation: str, chunk: int, interpret: Any) -> Array:
+             activation: GatedActivation, chunk: int, interpret: Any) -> Array:
     prec = _precision(x_BxD.dtype)
     gate_BxF = lax.dot(x_BxD, w_gate_DxF, precision=prec, preferred_element_type=jnp.float32)
     if tau is not None:  # neuron-norm mode: dense up projection, S2 skips nothing
         up_BxF = lax.dot_general(x_BxD, w_up_FxD, (((1,), (1,)), ((), ())), precision=prec,
                                  preferred_element_type=jnp.float32)
-        x1_BxF, _ = ffn_product(activation, gate_BxF, up_BxF, threshold)
+        x1_BxF, _ = gated_product(activation, gate_BxF, up_BxF, threshold)
         norms_BxF = jnp.abs(x1_BxF) * w_down_norms_F.astype(jnp.float32)
         x1_BxF = jnp.where(norms_BxF > jnp.asarray(tau, jnp.float32), x1_BxF, 0.0)
         return x1_BxF.astype(x_BxD.dtype)
-    _, act_BxF = ffn_product(activation, gate_BxF, gate_BxF, threshold)
+    act_BxF = activation.act(gate_BxF, threshold)
     active_F = jnp.any(act_BxF != 0, axis=0)
     caps = capacity_buckets(act_BxF.shape[1], chunk)
     branch = jnp.searchsorted(jnp.asarray(caps, jnp.int32), jnp.sum(active_F, dtype=jnp.int32), side="left")
-    branches = [functools.partial(_s2_gathered, cap=cap, chunk=chunk, drelu=activation == "drelu",
+    branches = [functools.partial(_s2_gathered, cap=cap, chunk=chunk, relu_up=activation.relu_up,
                                   interpret=interpret) for cap in caps]
     return lax.switch(branch, branches, x_BxD, w_up_FxD, act_BxF, active_F)
 
 
-def s2(x_BxD: Array, w_gate_DxF: Array, w_up_FxD: Array, *, activation: str, threshold: Any = 0.0, tau: Any = None,
-       w_down_norms_F: Array | None = None, chunk: int | None = None, interpret: bool = False) -> Array:
+def s2(x_BxD: Array, w_gate_DxF: Array, w_up_FxD: Array, *, activation: GatedActivation, threshold: Any = 0.0,
+       tau: Any = None, w_down_norms_F: Array | None = None, chunk: int | None = None,
+       interpret: bool = False) -> Array:
     """ProSparse S2 on TPU: ``x1 = act(x W_gate) * (x W_up)`` reading only the active neurons' rows of ``w_up_FxD``.
 
     Equals :func:`pallas_kernels.reference.s2_reference` up to float32 summation order. Jit-compatible; ``threshold``
@@ -277,7 +242,7 @@ def s2(x_BxD: Array, w_gate_DxF: Array, w_up_FxD: Array, *, activation: str, thr
       x_BxD: the FFN input, batch 1..``MAX_BATCH`` decode tokens, float32 or bfloat16.
       w_gate_DxF: W_gate as the model stores it (read densely).
       w_up_FxD: W_up transposed, one row per neuron (``sparse_ffn.prepare_weights``).
-      activation: relu / fatrelu / drelu / relu2 (the gate decides the active set), or any activation with ``tau``.
+      activation: the FFN activation (``sparse_ffn.kernel_activation``); a gate-mask one, or any with ``tau``.
       threshold: FATReLU threshold t (gate >= t kept), >= 0.
       tau: neuron-norm mode: neuron i kept iff ``|x1_i| * ||W_down[i]|| > tau``. The up projection is then dense (S2
         skips nothing; S3 does the skipping).

@@ -1,41 +1,20 @@
 """Sparse FFN GPU kernels (Pallas, Triton lowering): ProSparse's S2 and S3 operators as masked GEMVs.
 
-ProSparse (arXiv 2402.13516) §4.3 splits the activation-sparse gated FFN into two operators, S2 -- the dense gate
-projection, its activation, and the up projection read only for the active neurons -- and S3 -- the down projection
-read only for the neurons whose x1 is non-zero. TEAL (arXiv 2408.14690) implements the same skipping as a *masked
-GEMV*: each program loads whole weight rows under a per-row mask, and a masked-off row issues no memory transaction.
-That is the design here: rows of ``w_up_FxD`` / ``w_down_FxD`` are neurons (contiguous along D), and every load of a
-``[block_f, block_d]`` tile is ``plgpu.load(..., mask=active_f[:, None], other=0.)``, so an inactive neuron costs no
-memory traffic (its weights are never read: a NaN in an inactive row cannot reach the output).
+As TEAL (arXiv 2408.14690) does, every program loads whole weight rows (neurons, contiguous along D) under a per-row
+mask, ``plgpu.load(..., mask=active_f[:, None], other=0.)``, and a masked-off row issues no memory transaction: an
+inactive neuron costs no traffic and a NaN in its row cannot reach the output.
 
-* :func:`s2` -- grid over blocks of ``block_f`` neurons. A program takes the gate ``[B, block_f]`` (by default computed
-  by XLA's dense GEMV before the kernel, ``gate="xla"``; with ``gate="fused"`` accumulated over D in chunks of
-  ``block_d`` from the dense ``w_gate_DxF`` tiles), applies the activation (``activations.ffn_product``, the
-  registry's single place), takes the union active set over the batch rows, then reads the active rows of
-  ``w_up_FxD`` (the loop is skipped when the block has no active neuron). Neuron-norm mode (``tau`` given, any
-  activation): the up projection is read in full and x1 is zeroed where ``|x1| * ||W_down[i]|| <= tau``.
-* :func:`s3` -- split-K: grid ``(D / block_d, n_split)``; program (j, k) owns D-columns block j and a contiguous range
-  of neuron chunks, reads the active rows of ``w_down_FxD`` and writes float32 partials ``[n_split, B, D]`` that are
-  summed outside the kernel.
+* :func:`s2` -- grid over blocks of ``block_f`` neurons. A program takes the gate ``[B, block_f]`` (computed by XLA
+  before the kernel, ``gate="xla"``, or accumulated in the kernel from ``w_gate_DxF`` tiles, ``gate="fused"``), applies
+  the activation, takes the union active set over the batch rows and reads the active rows of ``w_up_FxD``. In the
+  neuron-norm mode (``tau`` given) W_up is read in full and x1 is zeroed where ``|x1| * ||W_down[i]|| <= tau``.
+* :func:`s3` -- split-K: program (j, k) owns D-columns block j and a range of neuron chunks, reads the active rows of
+  ``w_down_FxD`` and writes float32 partials ``[n_split, B, D]`` summed outside the kernel.
 
-Batches are 1..``MAX_BATCH`` decode tokens: the batch is a static Python loop of elementwise multiply + reduce per row
-(Triton's ``dot`` needs every dimension >= 16, and a GEMV is memory-bound anyway). Products accumulate in float32
-(bf16 inputs included); outputs are cast to the input dtype. Semantics equal ``reference.s2_reference`` /
-``reference.s3_reference``; inputs are checked by ``reference.check_s2_inputs`` / ``check_s3_inputs`` before anything
-is padded or traced.
-
-Padding: Triton needs power-of-two shapes for every loaded tile, while d_ff (11008, 3840, ...) and d_model are
-arbitrary. The default blocks are the largest powers of two (down to ``MIN_BLOCK``) that divide F and D, so real model
-shapes (LLaMA2-7B 4096x11008 -> block_f 64, block_d 256) run without a copy. Otherwise the wrapper pads with zero
-neurons / zero columns -- a zero neuron is provably inactive (gate 0 -> act 0 for relu, fatrelu (t >= 0), drelu,
-relu2; in the norm mode x1 = 0 fails ``0 > tau``) -- which *copies the weights on every call*. To pay that once per
-model, pad the weights with :func:`pad_weights` and the FFN input with zero columns (``x_BxD`` -> ``[B, D_pad]``) and
-slice the output: the padded FFN is the same function.
-
-Lowering is checked without a GPU by ``jax.export(..., platforms=["cuda"])`` (``tests/test_pallas_triton.py``); the
-kernels run on CPU with ``interpret=True``. Known gap (jax 0.10.2): the Triton lowering has no ``erf``, so the
-norm mode with ``gelu`` (exact erf GELU) runs only with ``interpret=True``; compiled for a GPU it is refused up front
-(:data:`NO_TRITON_LOWERING`).
+The batch is a static Python loop of multiply + reduce per row (Triton's ``dot`` needs every dimension >= 16, and a
+GEMV is memory-bound anyway). Triton tiles are power-of-two shaped: the default blocks are the largest powers of two
+that divide F and D (no copy for real model shapes), else the wrapper zero-pads, which copies the weights on every
+call -- :func:`pad_weights` pays that once per model (a zero neuron is never active).
 """
 
 from __future__ import annotations
@@ -49,30 +28,35 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.reference import KernelInputError, check_s2_inputs, check_s3_inputs
-from prosparse_jax.model.activations import ffn_product
+from pallas_kernels.reference import (
+    GatedActivation,
+    KernelInputError,
+    check_s2_inputs,
+    check_s3_inputs,
+    gated_product,
+)
 
 Array = jax.Array
 
 #: Default (largest) neurons per program of S2 / per loop step of S3.
 DEFAULT_BLOCK_F = 64
-#: Default (largest) d_model columns per loop step of S2 / per program of S3. Tuned on an H200 (jax 0.11.2, bf16,
-#: 4096x11008, 88%, ``bench_pallas_ffn.py --tune``): block_f 64 / block_d 256 / 8 warps was the fastest S2 of 27
-#: (68 us; 64/128/4 took 76 us) and within 5% of the fastest S3 (32 vs 30.5 us; 64/128/4 took 43 us).
+#: Default (largest) d_model columns per loop step of S2 / per program of S3. With DEFAULT_BLOCK_F and NUM_WARPS: the
+#: fastest S2 of a 27-point sweep on an H200 and within 5% of the fastest S3 (bf16, 4096x11008,
+#: ``bench_pallas_ffn.py --tune``; docs/benchmarks.md).
 DEFAULT_BLOCK_D = 256
 #: Smallest block the default choice considers before it falls back to padding.
 MIN_BLOCK = 16
 #: S3 splits F until the grid has about this many programs (a few per SM on an H100's 132 SMs).
 S3_TARGET_PROGRAMS = 512
-#: Activations whose math jax's Triton lowering cannot express (exact GELU needs erf); refused unless interpreted.
-NO_TRITON_LOWERING = frozenset({"gelu"})
-#: Triton launch parameters (GEMV tiles of 64x256: 8 warps, double-buffered loads; see DEFAULT_BLOCK_D).
+#: Primitives jax's Triton lowering has no rule for (exact GELU needs erfc): an activation using one is refused
+#: unless interpreted.
+NO_TRITON_LOWERING = frozenset({"erf", "erfc"})
+#: Triton launch parameters (GEMV tiles of 64x256: 8 warps, double-buffered loads).
 NUM_WARPS = 8
-#: Where S2's dense gate GEMV runs: "xla" (cuBLAS on a GPU; the kernel reads the [B, F] gate) or "fused" (in-kernel
-#: from [block_d, block_f] tiles of W_gate [D, F]). H200, bf16, 4096x11008, 88%, one session: S2 60.7 us with the
-#: gate in XLA vs 67.6 us fused (``bench_pallas_ffn.py --gate=...``).
-DEFAULT_GATE = "xla"
 NUM_STAGES = 2
+#: Where S2's dense gate GEMV runs: "xla" (cuBLAS on a GPU; the kernel reads the [B, F] gate) or "fused" (in-kernel
+#: from [block_d, block_f] tiles of W_gate [D, F]); "xla" was the faster on an H200 (docs/benchmarks.md).
+DEFAULT_GATE = "xla"
 
 
 def _next_pow2(n: int) -> int:
@@ -146,6 +130,23 @@ def _compiler_params(num_warps: int | None) -> plgpu.CompilerParams:
     return plgpu.CompilerParams(num_warps=NUM_WARPS if num_warps is None else num_warps, num_stages=NUM_STAGES)
 
 
+def _primitives(activation: GatedActivation) -> set[str]:
+    """The names of the primitives ``activation.act`` is made of (nested jaxprs included)."""
+
+    def walk(jaxpr: Any) -> set[str]:
+        names = set()
+        for eqn in jaxpr.eqns:
+            names.add(eqn.primitive.name)
+            for v in eqn.params.values():
+                for sub in v if isinstance(v, (tuple, list)) else (v,):
+                    sub = getattr(sub, "jaxpr", sub)  # a ClosedJaxpr holds a Jaxpr
+                    if hasattr(sub, "eqns"):
+                        names |= walk(sub)
+        return names
+
+    return walk(jax.make_jaxpr(lambda g: activation.act(g, 0.0))(jnp.zeros((1,), jnp.float32)).jaxpr)
+
+
 def _row(b: int) -> Array:
     """A static batch-row index as an int32 scalar (the interpreter's load discharge rejects Python ints)."""
     return jnp.int32(b)
@@ -162,8 +163,8 @@ def _any_nonzero(rows: list[Array]) -> Array:
 # ---------------------------------------------------------------------------------------------------------------
 # S2
 # ---------------------------------------------------------------------------------------------------------------
-def _s2_kernel(params_ref, x_ref, w_gate_ref, w_up_ref, norms_ref, x1_ref, *, activation: str, norm_mode: bool,
-               B: int, n_d: int, block_f: int, block_d: int, gate_given: bool):
+def _s2_kernel(params_ref, x_ref, w_gate_ref, w_up_ref, norms_ref, x1_ref, *, activation: GatedActivation,
+               norm_mode: bool, B: int, n_d: int, block_f: int, block_d: int, gate_given: bool):
     """One program: neurons [i * block_f, (i + 1) * block_f) of x1 for every batch row. ``gate_given``:
     ``w_gate_ref`` holds the gate pre-activations [B, F] (computed outside), else the gate weights [D, F]."""
     f0 = pl.multiple_of(pl.program_id(0) * block_f, block_f)
@@ -189,7 +190,7 @@ def _s2_kernel(params_ref, x_ref, w_gate_ref, w_up_ref, norms_ref, x1_ref, *, ac
         active_f = jnp.full((block_f,), True)
         n_up = n_d
     else:
-        act = [ffn_product(activation, g, g, threshold)[1] for g in gate]
+        act = [activation.act(g, threshold) for g in gate]
         active_f = _any_nonzero(act)
         # An all-inactive block reads no W_up. (A jnp.where here lowers to an i1 select that Triton's verifier
         # rejects as a loop bound; the product stays int32.)
@@ -209,7 +210,7 @@ def _s2_kernel(params_ref, x_ref, w_gate_ref, w_up_ref, norms_ref, x1_ref, *, ac
         norms = plgpu.load(norms_ref.at[f_slice]).astype(f32)
     for b in range(B):
         # Gate mode: an inactive neuron has act = 0 and up = 0 (its row was not loaded), so x1 = 0 without a select.
-        x1 = ffn_product(activation, gate[b], up[b], threshold)[0]
+        x1 = gated_product(activation, gate[b], up[b], threshold)[0]
         if norm_mode:
             x1 = jnp.where(jnp.abs(x1) * norms > tau, x1, 0.0)
         plgpu.store(x1_ref.at[_row(b), f_slice], x1.astype(x1_ref.dtype))
@@ -217,8 +218,8 @@ def _s2_kernel(params_ref, x_ref, w_gate_ref, w_up_ref, norms_ref, x1_ref, *, ac
 
 @functools.partial(jax.jit, static_argnames=("activation", "norm_mode", "block_f", "block_d", "interpret",
                                              "num_warps", "gate"))
-def _s2_call(params_2, x_BxD, w_gate_DxF, w_up_FxD, norms_F, *, activation: str, norm_mode: bool, block_f: int,
-             block_d: int, interpret: bool, num_warps: int | None = None, gate: str = "xla") -> Array:
+def _s2_call(params_2, x_BxD, w_gate_DxF, w_up_FxD, norms_F, *, activation: GatedActivation, norm_mode: bool,
+             block_f: int, block_d: int, interpret: bool, num_warps: int | None = None, gate: str = "xla") -> Array:
     B, D = x_BxD.shape
     F = w_gate_DxF.shape[1]
     Fp, Dp = _round_up(F, block_f), _round_up(D, block_d)
@@ -244,16 +245,17 @@ def _s2_call(params_2, x_BxD, w_gate_DxF, w_up_FxD, norms_F, *, activation: str,
     return x1_BxF[:, :F]
 
 
-def s2(x_BxD: Array, w_gate_DxF: Array, w_up_FxD: Array, *, activation: str, threshold: Any = 0.0, tau: Any = None,
-       w_down_norms_F: Array | None = None, block_f: int | None = None, block_d: int | None = None,
-       num_warps: int | None = None, gate: str | None = None, interpret: bool = False) -> Array:
+def s2(x_BxD: Array, w_gate_DxF: Array, w_up_FxD: Array, *, activation: GatedActivation, threshold: Any = 0.0,
+       tau: Any = None, w_down_norms_F: Array | None = None, block_f: int | None = None,
+       block_d: int | None = None, num_warps: int | None = None, gate: str | None = None,
+       interpret: bool = False) -> Array:
     """ProSparse S2: ``x1 = act(x W_gate) * (x W_up)``, reading W_up rows only for the batch's active neurons.
 
     Args:
       x_BxD: FFN input, 1..``MAX_BATCH`` decode tokens, float32 or bfloat16.
       w_gate_DxF: gate weights as the model stores them (read densely).
       w_up_FxD: W_up transposed, one contiguous row per neuron (``sparse_ffn.prepare_weights``).
-      activation: a gate-mask activation (relu, fatrelu, drelu, relu2) or, with ``tau``, any registered one.
+      activation: the FFN activation (``sparse_ffn.kernel_activation``); a gate-mask one, or any with ``tau``.
       threshold: FATReLU threshold t (gate >= t kept); a Python float or a traced scalar.
       tau: neuron-norm mode threshold (neuron i of row b kept iff ``|x1| * w_down_norms_F[i] > tau``); a Python float
         or a traced scalar (e.g. a per-layer tau under jit). The up projection is then read in full.
@@ -278,9 +280,11 @@ def s2(x_BxD: Array, w_gate_DxF: Array, w_up_FxD: Array, *, activation: str, thr
     gate = DEFAULT_GATE if gate is None else gate
     if gate not in ("xla", "fused"):
         raise KernelInputError(f"gate={gate!r}: choose 'xla' (the gate GEMV outside the kernel) or 'fused'")
-    if activation in NO_TRITON_LOWERING and not interpret:
-        raise KernelInputError(f"activation {activation!r}: jax's Triton lowering has no erf, so this kernel cannot be "
-                               "compiled for a GPU; decode this model with implementation='dense'")
+    missing = sorted(_primitives(activation) & NO_TRITON_LOWERING) if not interpret else []
+    if missing:
+        raise KernelInputError(f"activation {activation.name!r} uses {', '.join(missing)}, which jax's Triton lowering "
+                               "lacks, so this kernel cannot be compiled for a GPU; decode this model with "
+                               "implementation='dense'")
     D, F = w_gate_DxF.shape
     bf = _pick_block(F, block_f, DEFAULT_BLOCK_F, "block_f")
     bd = _pick_block(D, block_d, DEFAULT_BLOCK_D, "block_d")
@@ -346,7 +350,7 @@ def _s3_call(x1_BxF: Array, w_down_FxD: Array, *, block_f: int, block_d: int, in
 
 
 def s3(x1_BxF: Array, w_down_FxD: Array, *, block_f: int | None = None, block_d: int | None = None,
-       num_warps: int | None = None, interpret: bool = False) -> Array:
+       num_warps: int | None = None, n_split: int | None = None, interpret: bool = False) -> Array:
     """ProSparse S3: ``out = x1 @ W_down``, reading only the rows of W_down whose x1 column is non-zero.
 
     Args:
@@ -355,6 +359,8 @@ def s3(x1_BxF: Array, w_down_FxD: Array, *, block_f: int | None = None, block_d:
       block_f: neurons per loop step (power of two); default :func:`default_blocks`.
       block_d: d_model columns per program (power of two); default :func:`default_blocks`.
       num_warps: Triton warps per program (power of two); default :data:`NUM_WARPS`.
+      n_split: ranges of neuron chunks the programs of one D block split F into; default: about
+        :data:`S3_TARGET_PROGRAMS` programs in all.
       interpret: run the kernel in the Pallas interpreter (CPU tests).
 
     Returns:
@@ -368,4 +374,7 @@ def s3(x1_BxF: Array, w_down_FxD: Array, *, block_f: int | None = None, block_d:
     F, D = w_down_FxD.shape
     bf = _pick_block(F, block_f, DEFAULT_BLOCK_F, "block_f")
     bd = _pick_block(D, block_d, DEFAULT_BLOCK_D, "block_d")
-    return _s3_call(x1_BxF, w_down_FxD, block_f=bf, block_d=bd, interpret=interpret, num_warps=num_warps)
+    if n_split is not None and n_split < 1:
+        raise KernelInputError(f"n_split={n_split} must be at least 1")
+    return _s3_call(x1_BxF, w_down_FxD, block_f=bf, block_d=bd, interpret=interpret, n_split=n_split,
+                    num_warps=num_warps)

@@ -1,11 +1,9 @@
 """ProSparse for Flax NNX models: a gated-FFN layer that records the L1 statistic, its penalty, sparse inference.
 
-The core of prosparse_jax stays functional (:mod:`prosparse_jax.model.transformer`, :mod:`prosparse_jax.training.step`); this module is the
-thin adoption layer for a researcher whose model is a Flax NNX module. :class:`GatedFFN` computes exactly the
-functional model's FFN (it calls ``model.ffn_hidden`` / ``model.ffn_down``), keeps its weights under the functional
-names without the ``L`` axis (``w_gate_DxF``, ``w_up_DxF``, ``w_down_FxD``) and records, at each call, the layer's
-ProSparse statistics (``mean_abs_x1``, ``zero_frac``: ``model.FFNStats``) in :class:`FFNStat` variables. The ProSparse
-objective (ProSparse Eq. 2, as in ``step.loss_fn``) is then ``task_loss + reg_factor * l1_penalty(model)``:
+For a model written as Flax NNX modules. :class:`GatedFFN` computes the functional model's FFN (``model.ffn_hidden`` /
+``model.ffn_down``) on weights under their in-layer names (``w_gate_DxF``, ``w_up_DxF``, ``w_down_FxD``) and records,
+at each call, the layer's ProSparse statistics (``mean_abs_x1``, ``zero_frac``) in :class:`FFNStat` variables. The
+ProSparse objective (Eq. 2, as in ``step.loss_fn``) is then ``task_loss + reg_factor * l1_penalty(model)``:
 
     import jax.numpy as jnp, optax
     from flax import nnx
@@ -33,9 +31,8 @@ objective (ProSparse Eq. 2, as in ``step.loss_fn``) is then ``task_loss + reg_fa
     loss = train_step(model, optimizer, x_BxTxD, 0.5 * x_BxTxD, 1e-3)
     sparsity = psnnx.activation_sparsity(model)  # fraction of exact zeros of x1, mean over GatedFFNs
 
-Inference on a few decode tokens reads only the active neurons' weights with ``ffn(x, sparse=True)``
-(:func:`prosparse_jax.inference.sparse_ffn.sparse_ffn`); :meth:`GatedFFN.from_params` / :meth:`GatedFFN.to_params` move weights
-to and from the functional model's parameters.
+``ffn(x, sparse=True)`` reads only the active neurons' weights (:func:`prosparse_jax.inference.sparse_ffn.sparse_ffn`);
+:meth:`GatedFFN.from_params` / :meth:`GatedFFN.to_params` move weights to and from the functional params.
 """
 
 from __future__ import annotations
@@ -48,12 +45,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from prosparse_jax.config import L1_REDUCTIONS, ModelConfig
+from prosparse_jax.config import L1_REDUCTIONS
 from prosparse_jax.inference.sparse_ffn import GATE_MASK_ACTIVATIONS, prepare_weights, sparse_ffn
 from prosparse_jax.model import transformer as model
 from prosparse_jax.model.activations import check_activation
-from prosparse_jax.model.layouts import layer_param
-from prosparse_jax.model.transformer import layer_stats  # the functional statistic itself, not a copy of it
 
 Array = jax.Array
 
@@ -61,7 +56,7 @@ Array = jax.Array
 #: its gain vanishes with larger batches (use the dense path for prefill and training).
 MAX_SPARSE_TOKENS = 8
 
-#: The functional per-layer FFN parameter names (stacked form; a layer's slice keeps the name without the L axis).
+#: The FFN weights: their names inside one layer of the functional model (the attributes) -> their stacked names.
 PARAM_NAMES = {"w_gate_DxF": "w_gate_LxDxF", "w_up_DxF": "w_up_LxDxF", "w_down_FxD": "w_down_LxFxD"}
 
 #: The functional model's matrix init, N(0, 0.02) (``ModelConfig.init_std``'s default).
@@ -77,13 +72,6 @@ class FFNStat(nnx.Variable):
 
 class PreparedWeight(nnx.Variable):
     """A tensor derived from the weights for sparse inference (:meth:`GatedFFN.prepare_sparse`); a snapshot."""
-
-
-def _ffn_config(d_model: int, d_ff: int, activation: str, threshold: float) -> ModelConfig:
-    """The ModelConfig that ``model.ffn_hidden`` reads (only ``activation`` and ``activation_threshold`` matter; the
-    attention fields are placeholders that pass validation)."""
-    return ModelConfig(vocab_size=1, d_model=d_model, n_layers=1, n_heads=1, n_kv_heads=1, d_ff=d_ff, head_dim=2,
-                       activation=activation, activation_threshold=threshold)
 
 
 class GatedFFN(nnx.Module):
@@ -104,7 +92,7 @@ class GatedFFN(nnx.Module):
         Args:
           d_model: width D of the input and output.
           d_ff: number of FFN neurons F.
-          activation: a name from ``prosparse_jax.model.activations.ACTIVATIONS`` (relu, fatrelu, drelu, relu2, silu, gelu).
+          activation: a name from ``prosparse_jax.model.activations.ACTIVATIONS``.
           activation_threshold: FATReLU threshold t >= 0 (ignored by the other activations).
           dtype: compute dtype (the input is cast to it); None computes in the input's dtype.
           param_dtype: dtype the weights are stored in (the functional model stores float32).
@@ -122,7 +110,6 @@ class GatedFFN(nnx.Module):
         self.d_model, self.d_ff = d_model, d_ff
         self.activation, self.activation_threshold = activation, float(activation_threshold)
         self.dtype, self.param_dtype = dtype, param_dtype
-        self._cfg = _ffn_config(d_model, d_ff, activation, self.activation_threshold)
         self.w_gate_DxF = nnx.Param(kernel_init(rngs.params(), (d_model, d_ff), param_dtype))
         self.w_up_DxF = nnx.Param(kernel_init(rngs.params(), (d_model, d_ff), param_dtype))
         self.w_down_FxD = nnx.Param(kernel_init(rngs.params(), (d_ff, d_model), param_dtype))
@@ -141,11 +128,11 @@ class GatedFFN(nnx.Module):
         """A GatedFFN holding one layer's FFN weights of the functional model (no random initialization).
 
         Args:
-          params: any of: the full params (``model.init_params``, stacked or per-layer layout: ``layer`` picks one);
-            ``params["layers"]`` stacked (``{"w_gate_LxDxF": [L, D, F], ...}``, ``layer`` picks one; may be omitted
-            when L = 1, e.g. a per-layer group); or one layer's slice as ``model.ffn_hidden`` receives it (same keys,
-            arrays [D, F] / [F, D], what :meth:`to_params` returns). Other keys are ignored.
-          layer: the layer index, for stacked arrays.
+          params: any of: the full params (``model.init_params``, either layer layout); ``params["layers"]`` stacked
+            or a per-layer group (``{"w_gate_LxDxF": [L, D, F], ...}``); or one layer's weights under their in-layer
+            names (``{"w_gate_DxF": [D, F], ...}``, what ``model.ffn_hidden`` reads and :meth:`to_params` returns).
+            Other keys are ignored.
+          layer: the layer index of stacked weights; may be omitted when they hold one layer.
           activation, activation_threshold, dtype, param_dtype: as in :meth:`__init__` (the functional model's are
             ``cfg.activation`` / ``cfg.activation_threshold``; it is not stored in the params).
 
@@ -153,43 +140,44 @@ class GatedFFN(nnx.Module):
           ValueError: missing keys, inconsistent shapes, or a layer index missing or out of range.
         """
         if "layers" in params:
-            arrays = {k: layer_param(params, k) for k in PARAM_NAMES.values()}
+            arrays = {attr: model.layer_param(params, key) for attr, key in PARAM_NAMES.items()}
+        elif all(key in params for key in PARAM_NAMES.values()):
+            arrays = {attr: jnp.asarray(params[key]) for attr, key in PARAM_NAMES.items()}
+        elif all(attr in params for attr in PARAM_NAMES):
+            if layer is not None:
+                raise ValueError("layer= given but the params hold one layer's weights; drop layer=")
+            arrays = {attr: jnp.asarray(params[attr])[None] for attr in PARAM_NAMES}
         else:
-            missing = [k for k in PARAM_NAMES.values() if k not in params]
-            if missing:
-                raise ValueError(f"params lack {missing}; pass the functional params, params['layers'] or one "
-                                 f"layer's slice with keys {list(PARAM_NAMES.values())}")
-            arrays = {k: jnp.asarray(params[k]) for k in PARAM_NAMES.values()}
-        ranks = {a.ndim for a in arrays.values()}
-        if ranks == {3}:
-            n = arrays["w_gate_LxDxF"].shape[0]
-            if layer is None and n != 1:
-                raise ValueError(f"the params hold {n} stacked layers; pass layer= (0..{n - 1})")
-            layer = 0 if layer is None else layer
-            if not -n <= layer < n:
-                raise ValueError(f"layer={layer} out of range for {n} layers")
-            arrays = {k: a[layer] for k, a in arrays.items()}
-        elif ranks != {2}:
-            raise ValueError(f"FFN weights must be [D, F] / [F, D] or stacked [L, ...], got shapes "
+            raise ValueError(f"params lack the FFN weights; pass the functional params, params['layers'] (keys "
+                             f"{list(PARAM_NAMES.values())}) or one layer's (keys {list(PARAM_NAMES)})")
+        if {a.ndim for a in arrays.values()} != {3}:
+            raise ValueError(f"FFN weights must be [D, F] / [F, D] in a layer or stacked [L, ...], got shapes "
                              f"{ {k: a.shape for k, a in arrays.items()} }")
-        elif layer is not None:
-            raise ValueError("layer= given but the params hold one layer's [D, F] slice; drop layer=")
-        D, F = arrays["w_gate_LxDxF"].shape
-        if arrays["w_up_LxDxF"].shape != (D, F) or arrays["w_down_LxFxD"].shape != (F, D):
+        n = arrays["w_gate_DxF"].shape[0]
+        if layer is None and n != 1:
+            raise ValueError(f"the params hold {n} stacked layers; pass layer= (0..{n - 1})")
+        layer = 0 if layer is None else layer
+        if not -n <= layer < n:
+            raise ValueError(f"layer={layer} out of range for {n} layers")
+        arrays = {attr: a[layer] for attr, a in arrays.items()}
+        D, F = arrays["w_gate_DxF"].shape
+        if arrays["w_up_DxF"].shape != (D, F) or arrays["w_down_FxD"].shape != (F, D):
             raise ValueError(f"inconsistent FFN shapes { {k: a.shape for k, a in arrays.items()} }; expected "
                              f"w_gate/w_up [D, F] and w_down [F, D]")
         ffn = nnx.eval_shape(lambda: cls(D, F, activation=activation, activation_threshold=activation_threshold,
                                          dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0)))
-        for attr, key in PARAM_NAMES.items():
-            getattr(ffn, attr).set_value(jnp.asarray(arrays[key], param_dtype))
+        for attr in PARAM_NAMES:
+            getattr(ffn, attr).set_value(jnp.asarray(arrays[attr], param_dtype))
         ffn._init_stats()
         return ffn
 
     def to_params(self, *, layer_axis: bool = False) -> dict[str, Array]:
-        """The weights under the functional names: one layer's slice (``model.ffn_hidden``'s ``lp``), or with
-        ``layer_axis`` a per-layer group ([1, ...]: ``jnp.concatenate`` groups along axis 0 for the stacked form)."""
-        out = {key: getattr(self, attr)[...] for attr, key in PARAM_NAMES.items()}
-        return {k: v[None] for k, v in out.items()} if layer_axis else out
+        """The weights as the functional model holds them: one layer's (``w_gate_DxF``, ...: ``model.ffn_hidden``'s
+        ``lp``), or with ``layer_axis`` a per-layer group (``w_gate_LxDxF`` [1, D, F], ...; ``jnp.concatenate``
+        groups along axis 0 for the stacked form)."""
+        if layer_axis:
+            return {key: getattr(self, attr)[...][None] for attr, key in PARAM_NAMES.items()}
+        return {attr: getattr(self, attr)[...] for attr in PARAM_NAMES}
 
     # ---- sparse inference ------------------------------------------------------------------------------------------
     def prepare_sparse(self) -> GatedFFN:
@@ -218,9 +206,9 @@ class GatedFFN(nnx.Module):
           x_BxTxD: the FFN input (after the block's norm).
           valid_BxT: False on padding tokens, which the statistics exclude (the output is computed for every token).
             None = all valid.
-          sparse: run :func:`prosparse_jax.inference.sparse_ffn.sparse_ffn` (at most :data:`MAX_SPARSE_TOKENS` tokens B * T),
-            reading only the active neurons' rows of W_up / W_down. Its ``mean_abs_x1`` is NaN (x1 is not formed for
-            the skipped neurons) and ``zero_frac`` is 1 - (union of the tokens' active neurons) / F.
+          sparse: run :func:`prosparse_jax.inference.sparse_ffn.sparse_ffn` (at most :data:`MAX_SPARSE_TOKENS` tokens
+            B * T), reading only the active neurons' rows of W_up / W_down. Its ``mean_abs_x1`` is NaN (x1 is not
+            formed for the skipped neurons) and ``zero_frac`` is 1 - (union of the tokens' active neurons) / F.
           implementation: the sparse backend: ``auto`` (by platform) or a key of ``sparse_ffn.IMPLEMENTATIONS``.
           tau: this layer's neuron-norm threshold (the sparse mode, ``model.neuron_norm_mask``): neuron i is dropped
             iff |x1_i| * ||W_down[i, :]|| <= tau. Applied on the dense path too (the functional model's
@@ -243,13 +231,13 @@ class GatedFFN(nnx.Module):
         if sparse:
             return self._sparse_call(x_BxTxD, implementation, tau)
         lp = self.to_params()
-        x1_BxTxF, act_BxTxF = model.ffn_hidden(x_BxTxD, lp, self._cfg)
+        x1_BxTxF, act_BxTxF = model.ffn_hidden(x_BxTxD, lp, self.activation, self.activation_threshold)
         valid_BxT = jnp.ones((B, T), bool) if valid_BxT is None else valid_BxT.astype(bool)
         if tau is not None:
-            mask = model.neuron_norm_mask({"layers": {"w_down_LxFxD": lp["w_down_LxFxD"][None]}},
+            mask = model.neuron_norm_mask({"layers": {"w_down_LxFxD": lp["w_down_FxD"][None]}},
                                           jnp.reshape(jnp.asarray(tau, jnp.float32), (1,)))
             x1_BxTxF = mask(jnp.int32(0), x1_BxTxF, act_BxTxF, valid_BxT)
-        mean_abs, zeros = layer_stats(x1_BxTxF, valid_BxT)
+        mean_abs, zeros = model.layer_stats(x1_BxTxF, valid_BxT)
         self.mean_abs_x1[...] = mean_abs
         self.zero_frac[...] = zeros
         return model.ffn_down(x1_BxTxF, lp)
@@ -262,7 +250,8 @@ class GatedFFN(nnx.Module):
         if tau is None and self.activation not in GATE_MASK_ACTIVATIONS:
             raise ValueError(
                 f"activation {self.activation!r} has no exact zeros, so sparse=True needs tau, this layer's "
-                "neuron-norm threshold; get thresholds with `python -m prosparse_jax.analysis.analyze --metric=pplp --value=1` "
+                "neuron-norm threshold; get thresholds with `python -m prosparse_jax.main.analyze --metric=pplp "
+                "--value=1` "
                 f"(its sparse_mode.json), or use an activation of {sorted(GATE_MASK_ACTIVATIONS)}, or sparse=False")
         w_up_FxD = None if self.w_up_FxD is None else self.w_up_FxD[...]
         norms_F = None
@@ -304,8 +293,9 @@ def ffn_stats(module: nnx.Module) -> model.FFNStats:
 def l1_penalty(module: nnx.Module, *, l1_reduction: str = "sum") -> Array:
     """The ProSparse L1 term summed over the GatedFFNs of ``module``, as ``step.loss_fn`` combines layers.
 
-    Multiply by the regularization factor λ (``reg_factor``, :func:`prosparse_jax.training.schedules.reg_factor_schedule`) and
-    add to the task loss, in the same function as (after) the forward pass that recorded the statistics.
+    Multiply by the regularization factor λ (``reg_factor``,
+    :func:`prosparse_jax.training.schedules.reg_factor_schedule`) and add to the task loss, in the same function as
+    (after) the forward pass that recorded the statistics.
 
     Args:
       module: a module tree holding GatedFFNs that have been called.

@@ -9,8 +9,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-from prosparse_jax.config import ModelConfig  # noqa: E402
-from prosparse_jax.run_config import base_config  # noqa: E402
+from prosparse_jax.config import ModelConfig, base_config  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
@@ -94,3 +93,72 @@ def gated_ffn_weights(sparsity: float, B: int, D: int, F: int, fat_t: float, see
     wu = wu * np.where((x0 @ wu > 0) == (rng.random(F) < 2 / 3), 1.0, -1.0).astype(np.float32)
     x = np.stack([(1.0 + b / 4) * x0 for b in range(B)])
     return tuple(jnp.asarray(a) for a in (x, wg, wu, wd))
+
+
+def load_config(path_and_arg: str, *overrides: str):
+    """The ConfigDict of ``--config=<path_and_arg> <overrides...>`` as the CLIs parse it (a relative path is taken
+    from the repository root), e.g. ``load_config("configs/prosparse.py:tiny", "--config.train.steps=20")``."""
+    from pathlib import Path
+
+    from absl import flags
+    from ml_collections import config_flags
+
+    path, sep, arg = path_and_arg.partition(":")
+    path = Path(path) if Path(path).is_absolute() else Path(__file__).resolve().parents[1] / path
+    argv = ["load_config", f"--config={path}{sep}{arg}", *overrides]
+    fv = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", None, "Experiment config.", lock_config=True, flag_values=fv,
+                                    sys_argv=argv)
+    fv(argv)
+    return fv.config
+
+
+def assert_grads_close(a, b, rtol: float = 1e-5) -> None:
+    """Two gradient pytrees agree leaf by leaf: ``rtol`` per element plus an ``atol`` of ``rtol`` x the leaf's largest
+    magnitude.
+
+    A gradient element is a sum over tokens: where it nearly cancels, its round-off is that of the leaf's terms, not
+    of its own value. A fixed atol is too tight for the large leaves (lm_head ~0.1) and no check at all for the small
+    ones (wq ~3e-4); a wrong or missing gradient path is off by O(1) of the leaf's scale.
+    """
+    def check(x, y):
+        x, y = np.asarray(x), np.asarray(y)
+        np.testing.assert_allclose(x, y, rtol=rtol, atol=rtol * float(np.abs(y).max()))
+
+    jax.tree.map(check, a, b)
+
+
+def random_params(cfg: ModelConfig, seed: int = 0):
+    """Random params of ``cfg`` drawn with numpy in milliseconds (``init_params`` compiles for seconds): for tests
+    of files and command lines, which need some weights, not trained or well-initialised ones."""
+    from prosparse_jax.model.transformer import abstract_params
+
+    rng = np.random.default_rng(seed)
+    return jax.tree.map(lambda a: (0.1 * rng.standard_normal(a.shape)).astype(a.dtype), abstract_params(cfg))
+
+
+def one_error_line(capsys, prog: str) -> str:
+    """The single stderr line of a failed CLI call ``prog`` (asserting there is exactly one, and no traceback)."""
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1, err
+    assert lines[0].startswith(f"{prog}: error: ") and "Traceback" not in err, err
+    return lines[0]
+
+
+def killed_after(workdir, step: int):
+    """``workdir`` (a finished run's, changed in place) as a run killed right after saving its checkpoint of ``step``
+    leaves it: the later checkpoints, their metrics entries and final_eval.json removed. Returns ``workdir``."""
+    import json
+    import shutil
+    from pathlib import Path
+
+    workdir = Path(workdir)
+    for d in (workdir / "checkpoints").iterdir():
+        if d.name.isdigit() and int(d.name) > step:
+            shutil.rmtree(d)
+    (workdir / "final_eval.json").unlink(missing_ok=True)
+    metrics = workdir / "metrics.jsonl"
+    metrics.write_text("".join(ln + "\n" for ln in metrics.read_text().splitlines() if json.loads(ln)["step"] <= step))
+    assert (workdir / "checkpoints" / str(step) / "params").is_dir(), f"{workdir} has no checkpoint of step {step}"
+    return workdir

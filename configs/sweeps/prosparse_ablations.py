@@ -18,8 +18,8 @@ Runs start from scratch with ReLU (the tiny runs; the paper continues a SiLU mod
 """
 
 from configs import prosparse as prosparse_configs
-from configs.sweeps import grid, sweep
-from prosparse_jax.config import ConfigError
+from prosparse_jax.errors import ConfigError
+from prosparse_jax.sweeps.spec import grid, sweep
 from prosparse_jax.training.schedules import PROSPARSE_STAGES
 
 SCHEDULES = ("progressive", "constant")

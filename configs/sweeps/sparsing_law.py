@@ -4,7 +4,7 @@ Usage: ``--sweep=configs/sweeps/sparsing_law.py:<arg>`` with arg
 
 - ``full``: the paper's five scales 0.1B..1.2B x {relu, silu} = 10 runs of ``configs/sparsing_law.py`` (base
   ``0.1b-relu``; each scale's overrides are exactly the fields in which ``sparsing_law.py:<scale>-relu`` differs
-  from it: shapes, init, batch). For a cluster (``sweep.py slurm``); set ``data.tokenizer`` to the paper's
+  from it: shapes, init, batch). For a cluster (``sweep slurm``); set ``data.tokenizer`` to the paper's
   tokenizer to train on real data.
 - ``tiny`` (CI, ~3 min on 2 cores with ``--parallel=2``): 2 tiny scales (d_model 64 / 128, d_ff = 2.5 d as in the
   paper's shapes) x {relu, silu} on the built-in corpus, 40 steps each with a checkpoint every 5 steps, all kept
@@ -15,8 +15,8 @@ Usage: ``--sweep=configs/sweeps/sparsing_law.py:<arg>`` with arg
 """
 
 from configs import sparsing_law as law_configs
-from configs.sweeps import analysis, config_diff, grid, sweep
-from prosparse_jax.config import ConfigError
+from prosparse_jax.errors import ConfigError
+from prosparse_jax.sweeps.spec import analysis, config_diff, grid, sweep
 
 ACTIVATIONS = {"relu": {"model.activation": "relu"}, "silu": {"model.activation": "silu"}}
 

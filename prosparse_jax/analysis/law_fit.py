@@ -1,52 +1,36 @@
-"""Fits the Sparsing Law curves of activation ratio versus training tokens (arXiv 2411.02335).
+"""The Sparsing Law (arXiv 2411.02335): activation ratio A versus training tokens D (billions), fitted per run.
 
-    python experiments/fit_laws.py --form=relu|silu --out=fit.png [--p=1 --n_search=5 --num_batches=4 \
-        --batch_size=8 --min_step=N --overwrite] <workdir> [<workdir> ...]
-    python experiments/fit_laws.py --input=exact_zero --form=relu|silu --out=fit.png <workdir> [...]
-    python experiments/fit_laws.py --selftest [--out=selftest.png]
+- ReLU family: A(D) = exp(-c * D^alpha + b) + A0
+- others (SiLU): A(D) = -c * D^(-alpha) + A0
 
-Input (``--input``):
+Fits use ``scipy.optimize.least_squares(method='lm')`` started from the best of a small grid over alpha, where the
+other coefficients enter linearly (SiLU) or log-linearly (ReLU) and are solved in closed form; 1-sigma
+uncertainties come from the covariance s^2 (J^T J)^-1 at the optimum.
 
-- ``cett_ppl`` (default): the paper's A(D) (App. E): the CETT-PPL-p% activation ratio of every kept checkpoint on
-  the run's validation data, warmup checkpoints dropped (step <= optim.warmup_steps, or --min_step), ONE CETT target
-  searched on the last --n_search checkpoints (the worst PPL ratio over them <= 1 + p/100) and applied to all; D =
-  step * train.batch_size * data.seq_len / 1e9. Computed by :mod:`prosparse_jax.analysis.law_inputs` into
-  ``<workdir>/law_ratios.json``, or read from it when its settings match (a file with other settings is an error
-  unless --overwrite). A fit needs at least (law parameters + 1) kept checkpoints: train with
-  ``train.keep_period`` = ``train.checkpoint_every`` (configs/sparsing_law.py does).
-- ``exact_zero``: D = tokens_seen / 1e9 and 1 - sparsity (exact zeros of x1 in the training batches) from the
-  ``train`` entries of metrics.jsonl. Not the paper's A: constant 1 for SiLU, and above the CETT-PPL-1% ratio for ReLU.
+Inputs of a run (:func:`fit_runs`): ``cett_ppl``, the paper's A (App. E: the CETT-PPL-p% activation ratio of every
+kept checkpoint after the warm-up, :mod:`prosparse_jax.analysis.law_inputs`), or ``exact_zero``, 1 - the exact-zero
+sparsity of the training batches (metrics.jsonl; cheap, not the paper's A: constant 1 for SiLU).
 
-Each workdir is fitted on its own (one curve per run) and all are drawn on one plot.
-
-- ReLU: A(D) = exp(-c * D^alpha + b) + A0
-- SiLU: A(D) = -c * D^(-alpha) + A0
-
-Fits use ``scipy.optimize.least_squares(method='lm')`` (Levenberg-Marquardt) started from the best of a small grid
-over alpha, where the other coefficients enter linearly (SiLU) or log-linearly (ReLU) and are solved in closed form.
-1-sigma uncertainties come from the covariance s^2 (J^T J)^-1 at the optimum, s^2 = residual sum of squares / dof.
-
---selftest samples both forms at the five published scales at 200 points evenly spaced in log D on D in [5, 250]
-(an assumed token range like the paper's curves; checkpoints logged often) with 0.5% multiplicative Gaussian noise and
-checks, for every scale: the truth lies within 4 sigma of the fit for A0 and alpha (the reported uncertainties are
-calibrated); the fitted curve is within 1% of the true one over the range; SiLU A0 within 2% and alpha within 20%;
-ReLU A0 within 10%. Measured over 20 noise seeds (worst case): SiLU A0 <= 1.0%, alpha <= 17% at 0.1B and <= 8% above;
-ReLU A0 <= 4% (0.1B-0.8B) and 6.4% (1.2B, whose tail has not reached A0 by 250B tokens), alpha <= 10% from 0.2B up,
-while at 0.1B (alpha = 0.1) the form is nearly degenerate (exp(b - c) * D^(-c * alpha)) and alpha, b, c are not
-identifiable (alpha off by up to 85%); truth within 3.4 sigma throughout.
+:func:`selftest` samples both forms at the five published scales (200 points evenly spaced in log D on [5, 250],
+0.5% multiplicative noise) and checks for every scale that the truth lies within 4 sigma of the fit for A0 and
+alpha, that the fitted curve is within 1% of the true one, SiLU A0 within 2% and alpha within 20%, ReLU A0 within
+10%. (At 0.1B, alpha = 0.1, the ReLU form is nearly degenerate and alpha, b, c are not identifiable.)
 """
 
 from __future__ import annotations
 
-import argparse
 import errno
-import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from scipy.optimize import least_squares
+
+from prosparse_jax import files
+from prosparse_jax.analysis import law_inputs
+from prosparse_jax.errors import CheckpointError, InputError
+from prosparse_jax.training.metrics import read_metrics
 
 #: Published coefficients (the paper's fits, 0.1B-1.2B): scale -> (alpha, b, c, A0) ReLU, (alpha, c, A0) SiLU.
 PUBLISHED_RELU = {
@@ -90,9 +74,9 @@ def _finish(res: Any, names: Sequence[str], n: int) -> dict[str, Any]:
 def _check(D: np.ndarray, A: np.ndarray, n_params: int) -> tuple[np.ndarray, np.ndarray]:
     D, A = np.asarray(D, np.float64).ravel(), np.asarray(A, np.float64).ravel()
     if D.shape != A.shape or D.size <= n_params:
-        raise ValueError(f"need more than {n_params} (D, A) points of equal length, got {D.size} and {A.size}")
+        raise InputError(f"need more than {n_params} (D, A) points of equal length, got {D.size} and {A.size}")
     if np.any(D <= 0) or not np.all(np.isfinite(A)):
-        raise ValueError("D must be > 0 and A finite")
+        raise InputError("D must be > 0 and A finite")
     return D, A
 
 
@@ -146,11 +130,9 @@ FORMS: dict[str, tuple[Callable[..., dict[str, Any]], Callable[..., np.ndarray],
 
 def load_run(workdir: str | Path, min_tokens: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
     """(D in billions of tokens, activation ratio) from the train entries of ``<workdir>/metrics.jsonl``."""
-    from prosparse_jax.training.metrics import read_metrics
-
     path = Path(workdir) / "metrics.jsonl"
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: pass training workdirs")
+        raise InputError(f"{path} not found: pass training workdirs")
     D, A = [], []
     for r in read_metrics(workdir):  # a line cut by a crash is skipped; a corrupt one is an error naming the file
         is_train = r.get("kind", "train") == "train" and "tokens_seen" in r and "sparsity" in r
@@ -245,18 +227,12 @@ def cett_ppl_label(p: float) -> str:
     return f"activation ratio A (CETT-PPL-{p:g}%, validation)"
 
 
-class TooFewCheckpointsError(ValueError):
-    """A run has fewer kept checkpoints than the law has parameters + 1."""
-
-
 def check_enough_checkpoints(workdir: str | Path, form: str, min_step: int | None) -> None:
-    """Raises :class:`TooFewCheckpointsError` (one line, with the fix) before any measurement if a fit cannot work."""
-    from prosparse_jax.analysis import law_inputs as law_ratios
-
-    plan = law_ratios.plan_checkpoints(workdir, min_step)
+    """Raises :class:`CheckpointError` (one line, with the fix) before any measurement if a fit cannot work."""
+    plan = law_inputs.plan_checkpoints(workdir, min_step)
     need = len(FORMS[form][2]) + 1
     if len(plan.kept_steps) < need:
-        raise TooFewCheckpointsError(
+        raise CheckpointError(
             f"{workdir}: {len(plan.kept_steps)} checkpoint(s) after the warmup cut (step > {plan.min_step}; kept "
             f"{list(plan.kept_steps)}, dropped {list(plan.dropped_steps)}), the {form} law needs at least {need}; "
             "train with --config.train.keep_period=<train.checkpoint_every> so every checkpoint is kept "
@@ -271,125 +247,66 @@ def format_table(res: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _parser() -> argparse.ArgumentParser:
-    from prosparse_jax.main import common as cli
-
-    ap = cli.ArgumentParser(prog="fit_laws", description=__doc__.split("\n\n")[0])
-    ap.add_argument("workdirs", nargs="*", help="training workdirs (checkpoints/ + config.json, or metrics.jsonl)")
-    ap.add_argument("--form", choices=sorted(FORMS), help="law to fit: relu or silu")
-    ap.add_argument("--out", help="PNG to write")
-    ap.add_argument("--input", choices=INPUTS, default="cett_ppl",
-                    help="cett_ppl (default): the paper's CETT-PPL-p%% ratio per checkpoint (App. E); exact_zero: "
-                         "1 - exact-zero training sparsity from metrics.jsonl (not the paper's A)")
-    ap.add_argument("--min_tokens", type=float, default=0.0, help="ignore points with training tokens <= this")
-    ap.add_argument("--p", type=float, default=1.0, help="cett_ppl: PPL budget in percent (PPL ratio <= 1 + p/100)")
-    ap.add_argument("--n_search", type=int, default=5, help="cett_ppl: the CETT target is searched on this many "
-                    "last kept checkpoints")
-    ap.add_argument("--num_batches", type=int, default=4, help="cett_ppl: validation batches")
-    ap.add_argument("--batch_size", type=int, default=8, help="cett_ppl: sequences per validation batch")
-    ap.add_argument("--min_step", type=int, default=None, help="cett_ppl: drop checkpoints with step <= this "
-                    "(default: the run's optim.warmup_steps)")
-    ap.add_argument("--search_steps", type=int, default=12, help="cett_ppl: bisection steps on the CETT target")
-    ap.add_argument("--overwrite", action="store_true", help="cett_ppl: recompute a law_ratios.json computed with "
-                    "other settings")
-    ap.add_argument("--selftest", action="store_true", help="recover the published coefficients from noisy samples")
-    ap.add_argument("--noise", type=float, default=0.005, help="selftest: relative noise")
-    return ap
-
-
-def _cett_ppl_points(wd: str, args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray]:
-    """(D, A) of one run from law_ratios (computed, or read from its law_ratios.json), with the table printed."""
-    from prosparse_jax.analysis import law_inputs as law_ratios
-    from prosparse_jax.main import common as cli
-
-    target = Path(wd) / law_ratios.DEFAULT_FILE
+def cett_ppl_points(workdir: str | Path, *, min_tokens: float = 0.0, echo: Callable[[str], None] = print,
+                    **law_kw: Any) -> tuple[np.ndarray, np.ndarray]:
+    """(D, A) of one run from :func:`~prosparse_jax.analysis.law_inputs.law_ratios` (computed, or read from the
+    run's law_ratios.json; ``law_kw``: its settings), with the per-checkpoint table echoed."""
+    target = Path(workdir) / law_inputs.DEFAULT_FILE
     try:
-        res = law_ratios.law_ratios(
-            wd, overwrite=args.overwrite, p=args.p, n_search=args.n_search, num_batches=args.num_batches,
-            batch_size=args.batch_size, min_step=args.min_step, search_steps=args.search_steps, verbose=True)
+        res = law_inputs.law_ratios(workdir, verbose=True, **law_kw)
     except OSError as e:  # law_ratios writes through a temp file + rename: the previous file is intact
         if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES):
-            raise cli.write_error(target, e, f"the previous {target.name} (if any) was not touched") from e
+            raise files.write_error(target, e, f"the previous {target.name} (if any) was not touched") from e
         raise
-    print(f"{wd}: A = CETT-PPL-{args.p:g}% activation ratio on validation data (Sparsing Law App. E; "
-          f"{'read from' if res['reused'] else 'written to'} {target}): CETT target {res['cett_target']:.6g} "
-          f"searched on steps {res['search_checkpoints']}, dropped warmup steps {res['dropped_steps']}, "
-          f"{res['eval_tokens']} eval tokens")
-    print(format_table(res))
-    rows = [r for r in res["checkpoints"] if r["tokens"] > args.min_tokens]
+    p = law_kw.get("p", 1.0)
+    echo(f"{workdir}: A = CETT-PPL-{p:g}% activation ratio on validation data (Sparsing Law App. E; "
+         f"{'read from' if res['reused'] else 'written to'} {target}): CETT target {res['cett_target']:.6g} "
+         f"searched on steps {res['search_checkpoints']}, dropped warmup steps {res['dropped_steps']}, "
+         f"{res['eval_tokens']} eval tokens")
+    echo(format_table(res))
+    rows = [r for r in res["checkpoints"] if r["tokens"] > min_tokens]
     return np.array([r["D"] for r in rows]), np.array([r["activation_ratio"] for r in rows])
 
 
-def _check_workdirs(args: argparse.Namespace) -> None:
+def check_workdirs(workdirs: Sequence[str | Path], form: str, law_input: str, min_step: int | None) -> None:
     """Cheap checks of every run before any is measured: it exists, its JSON files parse (errors name the file) and,
-    for cett_ppl, it has enough kept checkpoints."""
-    from prosparse_jax.analysis import law_inputs as law_ratios
-    from prosparse_jax.main import common as cli
-
-    for wd in args.workdirs:
+    for ``cett_ppl``, it has enough kept checkpoints."""
+    for wd in workdirs:
         if not Path(wd).is_dir():
-            raise cli.UsageError(f"{wd}: not a directory; pass training workdirs")
-        if args.input == "cett_ppl":
-            for name in ("config.json", law_ratios.DEFAULT_FILE):
+            raise InputError(f"{wd}: not a directory; pass training workdirs")
+        if law_input == "cett_ppl":
+            for name in ("config.json", law_inputs.DEFAULT_FILE):
                 if (Path(wd) / name).exists():
-                    cli.read_json(Path(wd) / name, name)
-            check_enough_checkpoints(wd, args.form, args.min_step)
+                    files.read_json(Path(wd) / name, name)
+            check_enough_checkpoints(wd, form, min_step)
 
 
-def _fit_all(args: argparse.Namespace) -> list[tuple[str, np.ndarray, np.ndarray, dict[str, Any]]]:
-    """One fit per workdir (every run checked before any is measured)."""
-    _check_workdirs(args)
+def fit_runs(workdirs: Sequence[str | Path], form: str, law_input: str = "cett_ppl", *, min_tokens: float = 0.0,
+             echo: Callable[[str], None] = print,
+             **law_kw: Any) -> list[tuple[str, np.ndarray, np.ndarray, dict[str, Any]]]:
+    """One fit of ``form`` per workdir, every run checked before any is measured: ``[(name, D, A, fit)]``.
+
+    Args:
+      workdirs: training workdirs.
+      form: ``relu`` or ``silu`` (:data:`FORMS`).
+      law_input: ``cett_ppl`` or ``exact_zero`` (module docstring).
+      min_tokens: ignore points with training tokens <= this.
+      echo: where the per-run tables and fits are written.
+      **law_kw: ``cett_ppl`` settings of :func:`~prosparse_jax.analysis.law_inputs.law_ratios` (p, n_search,
+        num_batches, batch_size, min_step, search_steps, overwrite).
+    """
+    check_workdirs(workdirs, form, law_input, law_kw.get("min_step"))
     curves = []
-    for wd in args.workdirs:
-        if args.input == "cett_ppl":
-            D, A = _cett_ppl_points(wd, args)
+    for wd in workdirs:
+        if law_input == "cett_ppl":
+            D, A = cett_ppl_points(wd, min_tokens=min_tokens, echo=echo, **law_kw)
         else:
-            D, A = load_run(wd, args.min_tokens)
-            print(f"{wd}: A = {EXACT_ZERO_LABEL}, {len(D)} metrics.jsonl train entries")
+            D, A = load_run(wd, min_tokens)
+            echo(f"{wd}: A = {EXACT_ZERO_LABEL}, {len(D)} metrics.jsonl train entries")
         try:
-            fit = FORMS[args.form][0](D, A)
-        except ValueError as e:
-            raise ValueError(f"{wd}: {e}") from e
-        print(format_fit(str(wd), fit))
+            fit = FORMS[form][0](D, A)
+        except InputError as e:
+            raise InputError(f"{wd}: {e}") from e
+        echo(format_fit(str(wd), fit))
         curves.append((Path(wd).name, D, A, fit))
     return curves
-
-
-def _run(argv: Sequence[str] | None) -> int:
-    from prosparse_jax.main import common as cli
-
-    args = _parser().parse_args(argv)
-    if args.out:
-        cli.check_output_file(args.out, "--out")  # before any measurement
-    if args.selftest:
-        failures = selftest(args.noise, out=args.out)
-        print("selftest: " + ("ok" if not failures else f"FAILED {failures}"))
-        return 1 if failures else 0
-    if not args.form:
-        raise cli.UsageError("--form is required (relu or silu)")
-    if not args.workdirs or not args.out:
-        raise cli.UsageError("give --out=<png> and at least one workdir")
-    curves = _fit_all(args)
-    if args.input == "cett_ppl":
-        ylabel, title = cett_ppl_label(args.p), f"Sparsing Law fit ({args.form}), CETT-PPL-{args.p:g}%"
-    else:
-        ylabel, title = EXACT_ZERO_LABEL, f"Sparsing Law fit ({args.form}) of {EXACT_ZERO_LABEL}"
-    with cli.atomic_file(args.out) as tmp:
-        plot_fits(curves, args.form, tmp, ylabel=ylabel, title=title)
-    print(f"wrote {args.out}")
-    return 0
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """CLI entry point; returns the exit code (1 with one error line on stderr for bad input; --verbose: traceback)."""
-    from prosparse_jax.data import pipeline as data_lib
-    from prosparse_jax.main import common as cli
-    from prosparse_jax.training import checkpoint as ckpt
-    from prosparse_jax.training.metrics import MetricsFileError
-
-    errors = (OSError, ValueError, ckpt.CheckpointError, data_lib.DataError, MetricsFileError)
-    return cli.call("fit_laws", None if argv is None else list(argv), lambda: _run(argv), errors)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

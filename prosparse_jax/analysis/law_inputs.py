@@ -1,34 +1,9 @@
-"""Per-checkpoint inputs of the Sparsing Law fit: the CETT-PPL-p% activation ratio of every kept checkpoint.
+"""Per-checkpoint inputs of the Sparsing Law fit: the CETT-PPL-p% activation ratio A of every kept checkpoint.
 
-The Sparsing Law (arXiv 2411.02335) fits the activation ratio A of a run against its training tokens D, with A the
-CETT-PPL-1% activation ratio measured on validation data at each checkpoint, under the paper's sparsity stabilizing
-strategy (App. E):
-
-1. the warmup checkpoints are dropped (their sparsity fluctuates); here: every step <= ``min_step``, by default the
-   run's ``optim.warmup_steps``;
-2. ONE CETT target t is searched on the last ``n_search`` (5) kept checkpoints (Algorithm 1, a bisection on t in
-   [0, 1] like ``prosparse_jax.analysis.analyze --metric=pplp``) and then applied to all kept checkpoints. "Jointly" is read
-   as the worst case: t is feasible iff on EVERY one of those checkpoints the perplexity ratio
-   exp(sparse_loss - dense_loss) <= 1 + p/100. t = 1 is tried first (it truncates every neuron); otherwise the
-   bisection keeps [lo, hi] with lo feasible (or 0) and hi tested infeasible, and t = lo after ``search_steps``
-   halvings, so t + 2^-search_steps breaks the bound on at least one search checkpoint;
-3. per checkpoint, per-layer thresholds tau_l are found by bisection so that CETT(tau_l) = t (CETT, paper §3 /
-   §4.1: the relative norm of the FFN output that the truncated neurons carry; :class:`prosparse_jax.analysis.sparsity.
-   CETTCache`), and the activation ratio is the fraction of (valid token x d_ff) units whose neuron output norm
-   |x1_i| * ||W_down[:, i]|| exceeds tau_l, averaged over layers -- exactly ``analyze --metric=cett --value=t``.
-
-The validation data are the held-out split of the run's own ``data.source``, tokenized with the workdir's
-tokenizer.json (:func:`prosparse_jax.analysis.measure.load_batches`); the same batches serve every checkpoint.
-
-Cost: one captured forward per eval batch per kept checkpoint (dense loss and x1); the CETT bisections reuse the
-captured x1; one sparse forward per batch per search step per search checkpoint (a step stops at the first checkpoint
-that breaks the bound) and one per batch for each other checkpoint's PPL ratio. The search holds the captured x1 of
-the ``n_search`` checkpoints at once: n_search x L x batch_size x num_batches x seq_len x d_ff float32 values --
-lower ``num_batches`` / ``batch_size`` for large models.
-
-Result (JSON, by default ``<workdir>/law_ratios.json``; see :func:`law_ratios`): the settings, the CETT target, the
-dropped steps, the search trace and, per kept checkpoint, step / tokens / D (= tokens / 1e9) / activation ratio (mean
-and per layer) / PPL ratio.
+The Sparsing Law (arXiv 2411.02335, App. E) drops the warmup checkpoints, searches ONE CETT target on the last few kept
+ones (feasible iff the perplexity ratio of every one of them stays <= 1 + p/100) and measures A of every kept checkpoint
+at that target, on the held-out split of the run's own data. The same validation batches serve every checkpoint; the
+search holds the captured x1 of its checkpoints at once.
 """
 
 from __future__ import annotations
@@ -44,10 +19,11 @@ from typing import Any
 import jax
 import numpy as np
 
+from prosparse_jax import files
 from prosparse_jax.analysis import measure, sparsity
 from prosparse_jax.analysis.measure import Batch, LossSums
 from prosparse_jax.config import model_config_from_dict
-from prosparse_jax.main import common as cli
+from prosparse_jax.errors import CheckpointError, InputError, OutputError, UsageError
 from prosparse_jax.model.transformer import Params
 from prosparse_jax.training import checkpoint as ckpt
 
@@ -56,8 +32,8 @@ PROTOCOL = "CETT-PPL-p% activation ratio per checkpoint (Sparsing Law arXiv 2411
 FORMAT_VERSION = 1
 
 
-class LawRatiosError(ValueError):
-    """Bad inputs of the law-ratio protocol (workdir, checkpoints, settings, existing output); says how to fix it."""
+class StaleOutputError(OutputError):
+    """The output file exists but cannot be reused (other settings, or not a law_ratios file); overwrite replaces it."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,61 +65,71 @@ def checkpoint_steps(workdir: str | Path) -> list[int]:
     return sorted(int(p.name) for p in d.iterdir() if p.name.isdigit() and (p / "params").exists())
 
 
-def _train_settings(workdir: Path) -> tuple[dict[str, Any], int, int, int]:
-    """(run config, warmup steps, train.batch_size, data.seq_len) of a training workdir."""
-    try:
-        run_cfg = ckpt.read_run_config(workdir)
-    except ckpt.CheckpointError as e:
-        raise LawRatiosError(str(e)) from e
-    try:
-        warmup = int(run_cfg["optim"]["warmup_steps"])
-        batch = int(run_cfg["train"]["batch_size"])
-        seq_len = int(run_cfg["data"]["seq_len"])
-    except (KeyError, TypeError, ValueError) as e:
-        raise LawRatiosError(
-            f"{workdir}/config.json lacks optim.warmup_steps / train.batch_size / data.seq_len ({e!r}): the law "
-            "needs a training workdir of prosparse_jax.training.train (an imported HF model has no training tokens)") from e
-    return run_cfg, warmup, batch, seq_len
+@dataclasses.dataclass(frozen=True)
+class RunInfo:
+    """A training workdir as the protocol reads it, once: its run config and its checkpoints.
+
+    Attributes:
+      workdir: the training workdir.
+      config: its config.json.
+      warmup_steps: optim.warmup_steps, the default warmup cut.
+      tokens_per_step: train.batch_size * data.seq_len.
+      steps: the checkpoint steps on disk, ascending.
+    """
+
+    workdir: Path
+    config: dict[str, Any]
+    warmup_steps: int
+    tokens_per_step: int
+    steps: tuple[int, ...]
+
+    @classmethod
+    def read(cls, workdir: str | Path) -> RunInfo:
+        """Reads ``<workdir>/config.json`` and lists the checkpoints."""
+        workdir = Path(workdir)
+        config = ckpt.read_run_config(workdir)
+        try:
+            warmup = int(config["optim"]["warmup_steps"])
+            tokens_per_step = int(config["train"]["batch_size"]) * int(config["data"]["seq_len"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise InputError(
+                f"{workdir}/config.json lacks optim.warmup_steps / train.batch_size / data.seq_len ({e!r}): the law "
+                "needs a training workdir of prosparse_jax.training.train (an imported HF model has no training "
+                "tokens)") from e
+        return cls(workdir, config, warmup, tokens_per_step, tuple(checkpoint_steps(workdir)))
+
+    def plan(self, min_step: int | None = None) -> CheckpointPlan:
+        """The checkpoints kept and dropped (warmup: step <= min_step, by default the run's warmup_steps)."""
+        cut = self.warmup_steps if min_step is None else int(min_step)
+        if cut < 0:
+            raise UsageError(f"min_step: must be >= 0 (checkpoints with step <= min_step are dropped), got {cut}")
+        return CheckpointPlan(kept_steps=tuple(s for s in self.steps if s > cut),
+                              dropped_steps=tuple(s for s in self.steps if s <= cut), min_step=cut,
+                              tokens_per_step=self.tokens_per_step)
 
 
 def plan_checkpoints(workdir: str | Path, min_step: int | None = None) -> CheckpointPlan:
-    """Lists a run's checkpoints and drops the warmup ones (paper App. E).
-
-    Args:
-      workdir: a training workdir (config.json + checkpoints/).
-      min_step: checkpoints with step <= min_step are dropped; None = the run's optim.warmup_steps.
-
-    Returns:
-      The :class:`CheckpointPlan` (may have no kept steps; :func:`compute_law_ratios` raises then).
-    """
-    workdir = Path(workdir)
-    _, warmup, batch, seq_len = _train_settings(workdir)
-    cut = warmup if min_step is None else int(min_step)
-    if cut < 0:
-        raise LawRatiosError(f"min_step: must be >= 0 (checkpoints with step <= min_step are dropped), got {cut}")
-    steps = checkpoint_steps(workdir)
-    return CheckpointPlan(kept_steps=tuple(s for s in steps if s > cut),
-                          dropped_steps=tuple(s for s in steps if s <= cut), min_step=cut,
-                          tokens_per_step=batch * seq_len)
+    """Lists a run's checkpoints and drops the warmup ones (:meth:`RunInfo.plan`); may keep none."""
+    return RunInfo.read(workdir).plan(min_step)
 
 
 def _validate(p: float, n_search: int, num_batches: int, batch_size: int, search_steps: int) -> None:
     if not (math.isfinite(p) and p >= 0):
-        raise LawRatiosError(f"p: the PPL budget in percent must be a finite value >= 0, got {p}")
+        raise UsageError(f"p: the PPL budget in percent must be a finite value >= 0, got {p}")
     for name, v in (("n_search", n_search), ("num_batches", num_batches), ("batch_size", batch_size),
                     ("search_steps", search_steps)):
         if not isinstance(v, int) or v <= 0:
-            raise LawRatiosError(f"{name}: must be a positive integer, got {v!r}")
+            raise UsageError(f"{name}: must be a positive integer, got {v!r}")
 
 
-def _settings(workdir: Path, plan: CheckpointPlan, *, p: float, n_search: int, num_batches: int, batch_size: int,
+def _settings(info: RunInfo, plan: CheckpointPlan, *, p: float, n_search: int, num_batches: int, batch_size: int,
               search_steps: int, seq_len: int | None, data: str | None, data_dir: str | None) -> dict[str, Any]:
     """The resolved protocol settings (what an existing output file must match to be reused)."""
-    run_data = measure.run_data_section(ckpt.read_run_config(workdir))
+    run_data = measure.run_data_section(info.config)
     source = data if data is not None else str(run_data.get("source", "stdlib"))
     sources = [s.strip() for s in source.split(",") if s.strip()]
     if not sources:
-        raise LawRatiosError("data: give at least one source (stdlib, files:<glob>, tfds:<name>)")
+        raise UsageError("data: give at least one source (stdlib, files:<glob>, tfds:<name>)")
     return {"p": float(p), "n_search": int(n_search), "num_batches": int(num_batches), "batch_size": int(batch_size),
             "search_steps": int(search_steps), "seq_len": int(seq_len or run_data.get("seq_len", 256)),
             "data": ",".join(sources), "data_dir": data_dir, "min_step": int(plan.min_step),
@@ -167,18 +153,17 @@ class _Validation:
     tau_forward: measure.SparseForward
 
     @classmethod
-    def load(cls, workdir: Path, settings: dict[str, Any]) -> _Validation:
+    def load(cls, info: RunInfo, settings: dict[str, Any]) -> _Validation:
         """The run's tokenizer, dense model config and held-out batches as ``settings`` say."""
-        run_cfg = ckpt.read_run_config(workdir)
         sources = settings["data"].split(",")
-        tok_path = workdir / "tokenizer.json"
+        tok_path = info.workdir / "tokenizer.json"
         if not tok_path.is_file():
-            raise LawRatiosError(f"{workdir} has no tokenizer.json: the validation data must use the run's tokenizer")
-        mcfg = model_config_from_dict(run_cfg["model"]).replace(neuron_thresholds=())  # dense baseline
-        by_src = measure.load_batches(sources, tok_path, measure.run_data_section(run_cfg), settings["seq_len"],
+            raise InputError(f"{info.workdir} has no tokenizer.json: the validation data must use the run's tokenizer")
+        mcfg = model_config_from_dict(info.config["model"]).replace(neuron_thresholds=())  # dense baseline
+        by_src, _ = measure.load_eval(sources, tok_path, measure.run_data_section(info.config), settings["seq_len"],
                                       settings["data_dir"], settings["batch_size"], settings["num_batches"],
                                       mcfg.vocab_size)
-        return cls(workdir, [b for src in sources for b in by_src[src]], measure.make_capture(mcfg),
+        return cls(info.workdir, [b for src in sources for b in by_src[src]], measure.make_capture(mcfg),
                    measure.make_tau_forward(mcfg))
 
     def measure(self, step: int) -> _Measured:
@@ -264,16 +249,6 @@ class _JointSearch:
         return measure.bisect_target(self.feasible, steps)
 
 
-def _kept_plan(workdir: Path, min_step: int | None) -> CheckpointPlan:
-    """:func:`plan_checkpoints`; raises when no checkpoint is left after the warmup cut."""
-    plan = plan_checkpoints(workdir, min_step)
-    if not plan.kept_steps:
-        raise LawRatiosError(
-            f"{workdir}: no checkpoint with step > {plan.min_step} (have {list(plan.dropped_steps)}, all within the "
-            "warmup cut); train longer with train.keep_period set so checkpoints are kept, or lower min_step")
-    return plan
-
-
 def _measure_all(val: _Validation, plan: CheckpointPlan, meas: dict[int, _Measured], target: float,
                  log: Callable[[str], None]) -> tuple[list[dict[str, Any]], int]:
     """(one row per kept checkpoint at ``target`` in step order, eval tokens); frees the search set's captures
@@ -318,7 +293,7 @@ def compute_law_ratios(workdir: str | Path, *, p: float = 1.0, n_search: int = 5
       n_search: the CETT target is searched on the last n_search kept checkpoints (all kept ones if fewer).
       num_batches, batch_size: validation batches (the same for every checkpoint).
       min_step: checkpoints with step <= min_step are dropped; None = the run's optim.warmup_steps.
-      search_steps: bisection steps on the CETT target in [0, 1] (resolution 2^-search_steps).
+      search_steps: bisection steps on the CETT target in [0, 1] (resolution 2^-search_steps); t = 1 is tried first.
       seq_len: tokens per validation sequence; None = the run's data.seq_len.
       data: DataConfig.source(s) of the validation data, comma-separated; None = the run's data.source.
       data_dir: TFDS data dir; None = the run's data.data_dir.
@@ -331,25 +306,37 @@ def compute_law_ratios(workdir: str | Path, *, p: float = 1.0, n_search: int = 5
       sparse_loss, taus_per_layer, cett_achieved_per_layer}, ...] in step order.
 
     Raises:
-      LawRatiosError: no checkpoint after the warmup cut, bad settings, or no tokenizer.json in the workdir.
+      CheckpointError: no checkpoint after the warmup cut.
+      UsageError, InputError: bad settings, or a workdir that is not a training workdir with its tokenizer.json.
     """
     _validate(p, n_search, num_batches, batch_size, search_steps)
-    workdir = Path(workdir)
-    plan = _kept_plan(workdir, min_step)
-    settings = _settings(workdir, plan, p=p, n_search=n_search, num_batches=num_batches, batch_size=batch_size,
+    return _compute(RunInfo.read(workdir), p=p, n_search=n_search, num_batches=num_batches, batch_size=batch_size,
+                    min_step=min_step, search_steps=search_steps, seq_len=seq_len, data=data, data_dir=data_dir,
+                    verbose=verbose)
+
+
+def _compute(info: RunInfo, *, p: float, n_search: int, num_batches: int, batch_size: int, min_step: int | None,
+             search_steps: int, seq_len: int | None, data: str | None, data_dir: str | None, verbose: bool
+             ) -> dict[str, Any]:
+    plan = info.plan(min_step)
+    if not plan.kept_steps:
+        raise CheckpointError(
+            f"{info.workdir}: no checkpoint with step > {plan.min_step} (have {list(plan.dropped_steps)}, all within "
+            "the warmup cut); train longer with train.keep_period set so checkpoints are kept, or lower min_step")
+    settings = _settings(info, plan, p=p, n_search=n_search, num_batches=num_batches, batch_size=batch_size,
                          search_steps=search_steps, seq_len=seq_len, data=data, data_dir=data_dir)
-    val = _Validation.load(workdir, settings)
+    val = _Validation.load(info, settings)
     log = (lambda msg: print(msg, file=sys.stderr, flush=True)) if verbose else (lambda msg: None)
     # 1. the shared CETT target, searched on the last n_search kept checkpoints (worst case over them)
     search_set, limit = list(plan.kept_steps[-n_search:]), 1.0 + p / 100.0
     meas = {s: val.measure(s) for s in search_set}
-    log(f"law_ratios: {workdir}: searching one CETT target on steps {search_set} (PPL ratio <= {limit:g})")
+    log(f"law_ratios: {info.workdir}: searching one CETT target on steps {search_set} (PPL ratio <= {limit:g})")
     joint = _JointSearch(meas, limit)
     target = joint.search(search_steps)
     log(f"law_ratios: CETT target {target:.6g}")
     # 2. every kept checkpoint at that target; 3. the result
     rows, eval_tokens = _measure_all(val, plan, meas, target, log)
-    return _assemble(workdir, settings, plan, search_set, target, limit, joint.trace, rows, eval_tokens)
+    return _assemble(info.workdir, settings, plan, search_set, target, limit, joint.trace, rows, eval_tokens)
 
 
 def law_ratios(workdir: str | Path, out: str | Path | None = None, *, overwrite: bool = False, p: float = 1.0,
@@ -369,31 +356,30 @@ def law_ratios(workdir: str | Path, out: str | Path | None = None, *, overwrite:
       The result dict (``"reused": True`` when read from an existing file).
 
     Raises:
-      LawRatiosError: ``out`` exists with other settings (or other kept checkpoints, e.g. the run went on) and
-        ``overwrite`` is False -- nothing is computed or written then; or any error of :func:`compute_law_ratios`.
+      StaleOutputError: ``out`` exists with other settings (or other kept checkpoints, e.g. the run went on) and
+        ``overwrite`` is False -- nothing is computed or written then.
+      Any error of :func:`compute_law_ratios`.
     """
-    workdir = Path(workdir)
-    out = workdir / DEFAULT_FILE if out is None else Path(out)
+    _validate(p, n_search, num_batches, batch_size, search_steps)
+    info = RunInfo.read(workdir)
+    kw = dict(p=p, n_search=n_search, num_batches=num_batches, batch_size=batch_size, search_steps=search_steps,
+              seq_len=seq_len, data=data, data_dir=data_dir)
+    out = info.workdir / DEFAULT_FILE if out is None else Path(out)
     if out.exists() and not overwrite:
-        _validate(p, n_search, num_batches, batch_size, search_steps)
         try:
             old = json.loads(out.read_text())
             have = old["settings"]
         except (OSError, ValueError, KeyError, TypeError) as e:
-            raise LawRatiosError(f"{out} exists but is not a law_ratios file ({e!r}); pass overwrite=True "
-                                 "(--overwrite) to replace it or choose another output (nothing was written)") from e
-        want = _settings(workdir, plan_checkpoints(workdir, min_step), p=p, n_search=n_search,
-                         num_batches=num_batches, batch_size=batch_size, search_steps=search_steps, seq_len=seq_len,
-                         data=data, data_dir=data_dir)
+            raise StaleOutputError(f"{out} exists but is not a law_ratios file ({e!r}); pass overwrite=True "
+                                   "(--overwrite) to replace it or choose another output (nothing was written)") from e
+        want = _settings(info, info.plan(min_step), **kw)
         diffs = [f"{k}: file {have.get(k)!r} vs now {v!r}" for k, v in want.items() if have.get(k) != v]
         if diffs:
-            raise LawRatiosError(
+            raise StaleOutputError(
                 f"{out} was computed with other settings ({'; '.join(diffs)}); pass overwrite=True (--overwrite) to "
                 "recompute it, or choose another output file (nothing was written)")
         return {**old, "reused": True}
-    res = compute_law_ratios(workdir, p=p, n_search=n_search, num_batches=num_batches, batch_size=batch_size,
-                             min_step=min_step, search_steps=search_steps, seq_len=seq_len, data=data,
-                             data_dir=data_dir, verbose=verbose)
+    res = _compute(info, min_step=min_step, verbose=verbose, **kw)
     out.parent.mkdir(parents=True, exist_ok=True)
-    cli.write_text_atomic(out, json.dumps(res, indent=2))  # a failed write leaves no .tmp and the old file intact
+    files.write_text_atomic(out, json.dumps(res, indent=2))  # a failed write leaves no .tmp and the old file intact
     return {**res, "reused": False}

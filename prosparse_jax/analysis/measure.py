@@ -1,15 +1,9 @@
-"""Measurement passes shared by :mod:`prosparse_jax.analysis.analyze` and :mod:`prosparse_jax.analysis.law_inputs`.
+"""Measurement passes shared by analyze, the law inputs and permute (:mod:`prosparse_jax.analysis`).
 
-One copy each of: the held-out batches of a checkpoint, the jitted dense forward with capture (dense loss, x1 and
-act(gate) of every layer), the jitted sparse forwards through the model's one x1 hook (``model.forward(x1_mask=...)``:
-CETT thresholds via ``model.neuron_norm_mask``, the rule sparse mode runs; Top-k / FAT-eps via
-:func:`prosparse_jax.analysis.sparsity.topk_x1_mask` / :func:`prosparse_jax.analysis.sparsity.fat_x1_mask`), CETT activity
-(:func:`active_tau`, :func:`tau_activation_ratio`), loss sums, the perplexity ratio and the bisection on a shared
-CETT target.
-
-Papers: ProSparse (arXiv 2402.13516) measures exact zeros of x1; the Sparsing Law (arXiv 2411.02335) §4.1 defines
-Top-k, FAT-eps, CETT and CETT-PPL-p% (Algorithm 1: a bisection on the CETT target) and App. E the per-checkpoint
-protocol built on them.
+One copy each of: a checkpoint's held-out batches, the jitted dense forward with capture (loss, x1 and act(gate) of
+every layer), the jitted sparse forwards through the model's one x1 hook (CETT thresholds by the rule sparse mode runs,
+Top-k, FAT-eps), CETT activity, loss sums, the perplexity ratio and the bisection on a shared CETT target (Sparsing Law
+arXiv 2411.02335, Algorithm 1).
 """
 
 from __future__ import annotations
@@ -25,8 +19,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from prosparse_jax.analysis import sparsity
-from prosparse_jax.config import ConfigError, ModelConfig
+from prosparse_jax.config import DataConfig, ModelConfig
+from prosparse_jax.data import corpus as corpus_lib
 from prosparse_jax.data import pipeline as data_lib
+from prosparse_jax.errors import ConfigError, InputError, UsageError
 from prosparse_jax.model import transformer as model
 from prosparse_jax.model.transformer import Params
 
@@ -37,10 +33,6 @@ SparseForward = Callable[[Params, Batch, jax.Array], tuple[jax.Array, jax.Array,
 MaskFactory = Callable[[Params, jax.Array], model.X1Mask]
 
 
-class MeasureError(ValueError):
-    """Bad measurement inputs (data source, sequence length, tokenizer); the message names the analyze flag."""
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Held-out batches
 # ---------------------------------------------------------------------------------------------------------------
@@ -49,26 +41,12 @@ def run_data_section(run_cfg: dict[str, Any]) -> dict[str, Any]:
     return run_cfg.get("data", {}) if isinstance(run_cfg.get("data"), dict) else {}
 
 
-def load_batches(sources: list[str], tok_path: Path, run_data: dict[str, Any], seq_len: int | None,
-                 data_dir: str | None, batch_size: int, num_batches: int, vocab: int) -> dict[str, list[Batch]]:
-    """Held-out eval batches (device arrays) of each source, tokenized with ``tok_path``; {source: [batch, ...]}.
-
-    data_dir / text_key / seq_len / eval_fraction default to the run's ``data`` section (``run_data``).
-
-    Raises:
-      MeasureError: a bad source / sequence length, or a tokenizer larger than the model's vocabulary ``vocab``.
-    """
-    return load_eval(sources, tok_path, run_data, seq_len, data_dir, batch_size, num_batches, vocab)[0]
-
-
 def distinct_positions(stream_len: int, seq_len: int, batch_size: int, num_batches: int) -> int:
     """Distinct positions of a held-out token stream of ``stream_len`` tokens that the inputs of
-    ``data.make_eval_batches`` cover: its windows of seq_len + 1 tokens, cycled when the split has fewer than
-    batch_size * num_batches of them, the last one wrapping around to the start of the stream."""
+    :func:`prosparse_jax.data.pipeline.make_eval_batches` cover (fewer than their tokens when its rows are cycled)."""
     if stream_len <= 0:
         return 0
     row = seq_len + 1
-    # data's own choice of windows (one copy of the rule; data exposes no public name for it)
     windows_W = np.unique(data_lib.window_indices(-(-stream_len // row), batch_size, num_batches))
     pos_WxT = (windows_W[:, None] * row + np.arange(seq_len)) % stream_len
     return int(np.unique(pos_WxT).size)
@@ -77,24 +55,32 @@ def distinct_positions(stream_len: int, seq_len: int, batch_size: int, num_batch
 def load_eval(sources: list[str], tok_path: Path, run_data: dict[str, Any], seq_len: int | None,
               data_dir: str | None, batch_size: int, num_batches: int, vocab: int
               ) -> tuple[dict[str, list[Batch]], dict[str, int]]:
-    """(:func:`load_batches`, the distinct held-out token positions they measure per source): fewer than the
-    batches' tokens when a small held-out split is cycled (:func:`distinct_positions`)."""
+    """Held-out eval batches (device arrays) of each source, tokenized with ``tok_path``, and the distinct held-out
+    token positions they measure (:func:`distinct_positions`): ({source: [batch, ...]}, {source: positions}).
+
+    data_dir / text_key / seq_len / eval_fraction default to the run's ``data`` section (``run_data``).
+
+    Raises:
+      UsageError: a bad source or sequence length.
+      InputError: a tokenizer larger than the model's vocabulary ``vocab``.
+    """
+    tok = corpus_lib.load_tokenizer(tok_path)
+    if tok.get_vocab_size() > vocab:
+        raise InputError(f"checkpoint: tokenizer has {tok.get_vocab_size()} tokens > model vocab {vocab}")
     out, distinct = {}, {}
     for src in sources:
         try:
-            dcfg = data_lib.DataConfig(
+            dcfg = DataConfig(
                 source=src, data_dir=data_dir if data_dir is not None else run_data.get("data_dir", ""),
-                text_key=run_data.get("text_key", "text"), tokenizer=str(tok_path),
-                seq_len=seq_len or run_data.get("seq_len", 256),
-                eval_fraction=float(run_data.get("eval_fraction", data_lib.DataConfig.eval_fraction)))
+                text_key=run_data.get("text_key", "text"), seq_len=seq_len or run_data.get("seq_len", 256),
+                eval_fraction=float(run_data.get("eval_fraction", DataConfig.eval_fraction)))
         except ConfigError as e:
-            raise MeasureError(f"--data / --seq_len: {e}") from e
-        tok = data_lib.get_tokenizer(dcfg, cache_dir=tok_path.parent)
-        if tok.get_vocab_size() > vocab:
-            raise MeasureError(f"--checkpoint: tokenizer has {tok.get_vocab_size()} tokens > model vocab {vocab}")
-        batches = data_lib.make_eval_batches(dcfg, tok, batch_size=batch_size, num_batches=num_batches)
+            raise UsageError(f"data / seq_len: {e}") from e
+        corpus = corpus_lib.open_corpus(dcfg)
+        batches = data_lib.make_eval_batches(corpus, tok, seq_len=dcfg.seq_len, batch_size=batch_size,
+                                             num_batches=num_batches)
         out[src] = [{k: jnp.asarray(v) for k, v in b.items()} for b in batches]
-        stream_L, _ = data_lib.split_stream(data_lib.open_corpus(dcfg), tok, dcfg.data_dir, data_lib.EVAL_SPLIT)
+        stream_L, _ = corpus.token_stream(corpus_lib.EVAL_SPLIT, tok)
         distinct[src] = distinct_positions(len(stream_L), dcfg.seq_len, batch_size, num_batches)
     return out, distinct
 

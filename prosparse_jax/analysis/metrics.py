@@ -1,10 +1,8 @@
 """The metrics of :mod:`prosparse_jax.analysis.analyze`, one object each: exact, topk, fat, cett, pplp.
 
-Each :class:`Metric` holds its own small accumulator. During analyze's one dense capture pass it ``observe``s every
-captured batch (x1 and act(gate) of every layer); ``finish`` then finds the per-layer thresholds, runs the sparse
-forwards through the model's x1 hook (:mod:`prosparse_jax.analysis.measure`) and returns an :class:`Outcome` (thresholds,
-sparse-run loss sums, extra result fields). Definitions: :mod:`prosparse_jax.analysis.sparsity` (exact zeros: ProSparse arXiv
-2402.13516; Top-k, FAT-eps, CETT, CETT-PPL-p%: Sparsing Law arXiv 2411.02335 §4.1 and its Algorithm 1).
+A :class:`Metric` ``observe``s every batch of the dense capture pass, then ``finish`` finds the per-layer thresholds,
+runs the sparse forwards (:mod:`prosparse_jax.analysis.measure`) and returns an :class:`Outcome`. Definitions:
+:mod:`prosparse_jax.analysis.sparsity`.
 """
 
 from __future__ import annotations
@@ -26,11 +24,12 @@ Stats = dict[str, np.ndarray]  # accumulated sparsity.mask_stats of one data sou
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The run every metric works on, and what a metric hands back
+# What every metric measures on, and what a metric hands back
 # ---------------------------------------------------------------------------------------------------------------
 @dataclasses.dataclass
-class Run:
-    """One analyze run: the dense model, its eval batches per source, the progress bar and the pass counts.
+class Measurement:
+    """What the metrics of one analyze call measure on: the dense model, its eval batches per source, the progress
+    bar and the pass counts.
 
     Attributes:
       cfg: the model config with sparse mode off (the dense baseline).
@@ -112,7 +111,7 @@ class Metric:
         """Takes one captured batch of source ``src``."""
         raise NotImplementedError
 
-    def finish(self, run: Run) -> Outcome:
+    def finish(self, meas: Measurement) -> Outcome:
         """Thresholds, sparse run and result fields, after every batch was observed."""
         raise NotImplementedError
 
@@ -135,9 +134,9 @@ class Exact(Metric):
         """Counts the exact non-zeros of x1."""
         self._count(src, _active_exact(x1_LxBxTxF), batch["segment_ids"] != 0, batch["positions"])
 
-    def finish(self, run: Run) -> Outcome:
+    def finish(self, meas: Measurement) -> Outcome:
         """No thresholds (0 per layer) and no sparse run."""
-        return Outcome([0.0] * run.cfg.n_layers, None, {"threshold_kind": "none (exact zeros of x1)"})
+        return Outcome([0.0] * meas.cfg.n_layers, None, {"threshold_kind": "none (exact zeros of x1)"})
 
 
 def _make_active_topk(mode: str) -> Callable[..., tuple[jax.Array, jax.Array]]:
@@ -170,10 +169,10 @@ class Topk(Metric):
         self._thr_n += 1
         self._count(src, active_LxBxTxF, valid_BxT, batch["positions"])
 
-    def finish(self, run: Run) -> Outcome:
+    def finish(self, meas: Measurement) -> Outcome:
         """Mean thresholds; the sparse run with the Top-k x1 hook."""
-        sparse = run.sparse_pass(measure.make_topk_forward(run.cfg, self.topk_mode_field),
-                                 np.full(run.cfg.n_layers, self.value))
+        sparse = meas.sparse_pass(measure.make_topk_forward(meas.cfg, self.topk_mode_field),
+                                  np.full(meas.cfg.n_layers, self.value))
         kind = ("smallest kept |act(gate)| per layer, mean over batches" if self.topk_mode_field == "global"
                 else "smallest kept |act(gate)| per token, mean over tokens and batches")
         thresholds = [float(x) for x in self._thr_sum_L / max(self._thr_n, 1)]
@@ -193,10 +192,10 @@ class Fat(Metric):
         active_LxBxTxF = _active_fat(x1_LxBxTxF, act_LxBxTxF, jnp.float32(self.value))
         self._count(src, active_LxBxTxF, batch["segment_ids"] != 0, batch["positions"])
 
-    def finish(self, run: Run) -> Outcome:
+    def finish(self, meas: Measurement) -> Outcome:
         """eps per layer; the sparse run with the FAT x1 hook."""
-        L = run.cfg.n_layers
-        sparse = run.sparse_pass(measure.make_fat_forward(run.cfg), np.full(L, self.value))
+        L = meas.cfg.n_layers
+        sparse = meas.sparse_pass(measure.make_fat_forward(meas.cfg), np.full(L, self.value))
         return Outcome([float(self.value)] * L, sparse, {"threshold_kind": "|act(gate)| >= eps kept"})
 
 
@@ -212,15 +211,15 @@ class _CETTMetric(Metric):
         """Keeps x1 for the tau bisection."""
         self._cached.append((src, x1_LxBxTxF, batch["segment_ids"] != 0, batch["positions"]))
 
-    def choose(self, cache: sparsity.CETTCache, run: Run
+    def choose(self, cache: sparsity.CETTCache, meas: Measurement
                ) -> tuple[np.ndarray, np.ndarray, dict[str, LossSums], float, dict[str, Any]]:
         """(taus_L, achieved CETT per layer, sparse run, CETT target, extra fields first in the result)."""
         raise NotImplementedError
 
-    def finish(self, run: Run) -> Outcome:
+    def finish(self, meas: Measurement) -> Outcome:
         """Taus of the chosen CETT target, their sparse run and the activity n_i > tau."""
-        cache = sparsity.CETTCache(run.params["layers"]["w_down_LxFxD"], [(x1, v) for _, x1, v, _ in self._cached])
-        taus_L, cett_L, sparse, target, fields = self.choose(cache, run)
+        cache = sparsity.CETTCache(meas.params["layers"]["w_down_LxFxD"], [(x1, v) for _, x1, v, _ in self._cached])
+        taus_L, cett_L, sparse, target, fields = self.choose(cache, meas)
         taus_dev_L = jnp.asarray(np.asarray(taus_L, np.float32))
         for src, x1_LxBxTxF, valid_BxT, positions_BxT in self._cached:
             self._count(src, measure.active_tau(x1_LxBxTxF, cache.norms_LxF, taus_dev_L), valid_BxT, positions_BxT)
@@ -234,11 +233,11 @@ class _CETTMetric(Metric):
 class Cett(_CETTMetric):
     """CETT: per-layer taus with CETT(tau_l) = the target (bisected on the captured x1, no forward passes)."""
 
-    def choose(self, cache: sparsity.CETTCache, run: Run
+    def choose(self, cache: sparsity.CETTCache, meas: Measurement
                ) -> tuple[np.ndarray, np.ndarray, dict[str, LossSums], float, dict[str, Any]]:
         """The taus of --value; one sparse run."""
         taus_L, cett_L = cache.bisect(self.value)
-        return taus_L, cett_L, run.sparse_pass(measure.make_tau_forward(run.cfg), taus_L), self.value, {}
+        return taus_L, cett_L, meas.sparse_pass(measure.make_tau_forward(meas.cfg), taus_L), self.value, {}
 
 
 class PPLp(_CETTMetric):
@@ -248,17 +247,17 @@ class PPLp(_CETTMetric):
         super().__init__(value, sources, topk_mode, pplp_steps)
         self.sweeps = pplp_steps
 
-    def choose(self, cache: sparsity.CETTCache, run: Run
+    def choose(self, cache: sparsity.CETTCache, meas: Measurement
                ) -> tuple[np.ndarray, np.ndarray, dict[str, LossSums], float, dict[str, Any]]:
         """Bisects the target (one sparse run per step); no feasible step: target 0 (tau = 0, exact zeros only)."""
-        limit, dense_loss = 1.0 + self.value / 100.0, run.dense_loss()
-        tau_forward = measure.make_tau_forward(run.cfg)
+        limit, dense_loss = 1.0 + self.value / 100.0, meas.dense_loss()
+        tau_forward = measure.make_tau_forward(meas.cfg)
         tried: dict[float, tuple[np.ndarray, np.ndarray, dict[str, LossSums]]] = {}
         search: list[dict[str, Any]] = []
 
         def feasible(target: float) -> bool:
             taus_L, cett_L = cache.bisect(target)
-            tried[target] = (taus_L, cett_L, run.sparse_pass(tau_forward, taus_L))
+            tried[target] = (taus_L, cett_L, meas.sparse_pass(tau_forward, taus_L))
             sparse_loss = LossSums.pool(tried[target][2].values()).loss
             ratio = measure.ppl_ratio(sparse_loss, dense_loss)
             search.append({"cett_target": target, "ppl_ratio": ratio, "sparse_loss": sparse_loss,
@@ -267,9 +266,9 @@ class PPLp(_CETTMetric):
 
         target = measure.bisect_target(feasible, self.sweeps)
         if target == 0.0:  # no step was feasible: the target 0 (tau = 0, only exact zeros truncated)
-            run.pbar.total += run.n_batches
+            meas.pbar.total += meas.n_batches
             taus_L, cett_L = cache.bisect(0.0)
-            tried[0.0] = (taus_L, cett_L, run.sparse_pass(tau_forward, taus_L))
+            tried[0.0] = (taus_L, cett_L, meas.sparse_pass(tau_forward, taus_L))
         return (*tried[target], target, {"pplp_search": search})
 
 

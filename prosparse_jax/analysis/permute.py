@@ -1,36 +1,13 @@
-r"""Exact offline neuron permutation of the FFN: co-active neurons side by side, and a block-sparsity report.
+"""Exact offline permutation of the FFN neurons (co-active ones side by side), and a block-sparsity report.
 
-    python -m prosparse_jax.analysis.permute --checkpoint=<workdir or HF folder> --out=<new workdir> \
-        [--order=frequency|coactivation] [--data=stdlib] [--num_batches=4 --report_batches=4 --batch_size=8]
-        [--seq_len=... --step=N]
+A sparse FFN kernel on GPU / TPU reads the rows of the active neurons in blocks of 16-64: a block is skipped only when
+all its neurons are inactive. Reordering the neurons so that co-active ones sit together (PowerInfer's hot / cold split,
+arXiv 2312.12456) raises the fraction of skipped blocks. The reordering is exact: permuting the columns of W_gate / W_up
+and the rows of W_down of a layer alike computes the same function, and sparse mode's thresholds stay valid.
 
-A sparse FFN kernel reads only the rows of W_up / W_gate / W_down of the active neurons, but on GPU / TPU it reads
-them in blocks of 16-64 rows: a block is skipped only when all its neurons are inactive. At 88% sparsity with neurons
-in random order a block of 16 is all-inactive with probability 0.88^16 ~ 0.13. Reordering the neurons so that
-frequently co-active ones sit together (PowerInfer's hot / cold neuron split, arXiv 2312.12456; ProSparse's
-sparse acceleration kernels, arXiv 2402.13516) raises that fraction; the reordering is exact: permuting the columns of
-W_gate / W_up and the rows of W_down of a layer by the same permutation computes the same function, and the sparse
-mode's per-layer thresholds (``ModelConfig.neuron_thresholds``) stay valid.
-
-Activity: a neuron is active on a valid token iff its x1 is non-zero in the model as configured (:func:`active_mask`;
-in sparse mode also iff its output norm |x1_i| * ||W_down[i]|| exceeds the layer's tau, the rule sparse mode runs).
-
-Orders: ``frequency`` (most active first, PowerInfer's hot / cold split) or ``coactivation`` (greedy clusters of
-``--cluster`` neurons that fire together, picked among the ``--window`` most frequent unassigned neurons). Memory of
-``coactivation``: every token's activity packed 8 neurons to a byte (L x N x F / 8 bytes), and the [F, F]
-co-activation counts of one layer at a time (float32: 485 MB for LLaMA2-7B's F = 11008), built, clustered and
-dropped before the next layer's; time O(N F^2) per layer.
-
-Data: ``--num_batches`` + ``--report_batches`` held-out batches of one deterministic draw (windows spaced evenly over
-the held-out split, each batch spanning all of it); the order is chosen on the first ``--num_batches``, the report is
-measured on the other ``--report_batches`` (default: as many), which share no token with them (refused when the split
-is too small for that). ``--report_batches=0`` reports on the fitting batches instead (in-sample, labelled so).
-
-Writes ``<out>`` as a params-only workdir (the checkpoint's config and tokenizer.json, the permuted params at step 0,
-``permuted_from`` in config.json) and ``<out>/permutation.json``: ``permutation`` [L][F] (new neuron j of layer l is
-old neuron ``permutation[l][j]``), ``tokens`` (the tokens the order was chosen on), ``report_batches`` ({"count",
-"tokens", "held_out_from_fit"}) and the block-sparsity report before / after on them (the "after" figures are measured
-on the permuted model's own forward pass), with the loss of both models (equal up to float rounding).
+Orders: ``frequency`` (most active first) or ``coactivation`` (greedy clusters of neurons that fire together, their
+[F, F] counts built one layer at a time from the activity packed 8 neurons to a byte). The order is chosen on held-out
+batches and reported on further held-out batches that share no token with them.
 """
 
 from __future__ import annotations
@@ -38,7 +15,6 @@ from __future__ import annotations
 import functools
 import json
 import math
-import sys
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -46,51 +22,22 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import flags
+from scipy.linalg import blas
 
+from prosparse_jax import files
 from prosparse_jax.analysis import measure
 from prosparse_jax.analysis.measure import Batch
-from prosparse_jax.analysis.permute_orders import (
-    check_permutation,
-    pack_activity,
-    permutation_by_frequency,
-    permutation_from_activity,
-)
-from prosparse_jax.config import ConfigError, ModelConfig
-from prosparse_jax.data import pipeline as data_lib
-from prosparse_jax.hf.config import HFConversionError
-from prosparse_jax.main import common as cli
+from prosparse_jax.config import ModelConfig
+from prosparse_jax.errors import InputError, UsageError
 from prosparse_jax.model import transformer as model
 from prosparse_jax.model.transformer import Params
 from prosparse_jax.training import checkpoint as ckpt
+from prosparse_jax.training.load import load_model
 
 ORDERS = ("frequency", "coactivation")
 BLOCKS = (16, 32, 64)
 _FFN_LEAVES = {"w_gate_LxDxF": 2, "w_up_LxDxF": 2, "w_down_LxFxD": 1}  # leaf -> its F axis (stacked layout)
-
-FLAGS = flags.FlagValues()  # own flag set: the CLI modules can be imported together (tests)
-_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Workdir or HF model folder.", flag_values=FLAGS)
-_OUT = flags.DEFINE_string("out", None, "New (empty) workdir for the permuted model.", flag_values=FLAGS)
-_ORDER = flags.DEFINE_string("order", "frequency", f"Neuron order: {' | '.join(ORDERS)}.", flag_values=FLAGS)
-_DATA = flags.DEFINE_string("data", "stdlib", "Data source: stdlib | files:<glob> | tfds:<name>.", flag_values=FLAGS)
-_NUM_BATCHES = flags.DEFINE_integer("num_batches", 4, "Held-out batches the order is chosen on.", flag_values=FLAGS)
-_REPORT_BATCHES = flags.DEFINE_integer(
-    "report_batches", None, "Further held-out batches, disjoint from those, the block-sparsity report is measured on; "
-    "default: --num_batches; 0: report on the --num_batches batches (in-sample).", flag_values=FLAGS)
-_BATCH = flags.DEFINE_integer("batch_size", 8, "Sequences per batch.", flag_values=FLAGS)
-_SEQ_LEN = flags.DEFINE_integer("seq_len", None, "Tokens per sequence; default: the run's data.seq_len, else 256.",
-                                flag_values=FLAGS)
-_STEP = flags.DEFINE_integer("step", None, "Checkpoint step of a workdir; default: the latest.", flag_values=FLAGS)
-_DATA_DIR = flags.DEFINE_string("data_dir", None, "TFDS data dir; default: the run's data.data_dir.",
-                                flag_values=FLAGS)
-_CLUSTER = flags.DEFINE_integer("cluster", 16, "coactivation: neurons per greedy cluster.", flag_values=FLAGS)
-_WINDOW = flags.DEFINE_integer("window", None, "coactivation: candidates per pick (the most frequent unassigned "
-                               "neurons); default: --cluster.", flag_values=FLAGS)
-
-
-class PermuteError(ValueError):
-    """Bad permute arguments or inputs; the message names the flag."""
-
+_FLOAT32_EXACT = 2**24  # token counts up to here sum exactly in float32
 
 # ---------------------------------------------------------------------------------------------------------------
 # Activity statistics
@@ -162,6 +109,121 @@ def neuron_stats(params: Params, cfg: ModelConfig, batches: Iterable[Batch], *, 
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Neuron orders (plain numpy: activity counts and packed per-token activity in, permutations out)
+# ---------------------------------------------------------------------------------------------------------------
+def pack_activity(active_NxF: Any) -> np.ndarray:
+    """One layer's activity packed 8 neurons to a byte along F: uint8 [N, ceil(F / 8)] (``np.packbits``)."""
+    return np.packbits(np.asarray(active_NxF, bool), axis=-1)
+
+
+def _mirror_upper(m_FxF: np.ndarray, block: int = 64) -> None:
+    """Copies the upper triangle of a square matrix onto its lower one, in place, ``block`` rows at a time."""
+    F = m_FxF.shape[0]
+    for i0 in range(0, F, block):
+        i1 = min(i0 + block, F)
+        m_FxF[i0:i1, :i0] = m_FxF[:i0, i0:i1].T
+        d_BxB, lower = m_FxF[i0:i1, i0:i1], np.tril_indices(i1 - i0, -1)
+        d_BxB[lower] = d_BxB.T[lower]
+
+
+def coactivation_counts(activity_NxP: np.ndarray, d_ff: int, block: int | None = None) -> np.ndarray:
+    """co_FxF[i, j] = tokens on which neurons i and j are both active (A^T A, a BLAS rank-k update of its upper
+    triangle per ``block`` tokens), from one layer's packed activity (:func:`pack_activity`): float32, exact below
+    2^24 tokens (float64 from there on).
+
+    Memory: the F x F result plus ``block`` unpacked tokens (default max(256, F / 4): about 1.3 F^2 floats in all
+    for F >= 1024), whatever the token count.
+    """
+    n_tokens = activity_NxP.shape[0]
+    dtype, syrk = (np.float32, blas.ssyrk) if n_tokens < _FLOAT32_EXACT else (np.float64, blas.dsyrk)
+    block = block or max(256, d_ff // 4)
+    co_FxF = np.zeros((d_ff, d_ff), dtype, order="F")  # Fortran order: syrk updates it in place
+    buf_TxF = np.empty((min(block, n_tokens), d_ff), dtype)
+    for t0 in range(0, n_tokens, block):
+        a_TxF = buf_TxF[:min(block, n_tokens - t0)]
+        a_TxF[...] = np.unpackbits(activity_NxP[t0:t0 + block], axis=-1, count=d_ff)
+        co_FxF = syrk(1.0, a_TxF.T, beta=1.0, c=co_FxF, trans=0, lower=0, overwrite_c=1)
+    _mirror_upper(co_FxF)
+    return co_FxF
+
+
+def permutation_by_frequency(freq_LxF: Any) -> np.ndarray:
+    """Most active neurons first (PowerInfer's hot neurons), per layer: int [L, F]; ties keep the original order."""
+    return np.argsort(-np.asarray(freq_LxF, np.float64), axis=-1, kind="stable")
+
+
+def _greedy_layer(count_F: np.ndarray, co_FxF: np.ndarray, cluster: int, window: int) -> np.ndarray:
+    """Greedy clusters of one layer, O(F^2): seed = the most frequent unassigned neuron; then, among the ``window``
+    most frequent unassigned neurons, add the j most co-active with the cluster: the largest
+    sum_i co_ij / count_j = sum_i P(i active | j active) over the members i (ties: the more frequent). The window keeps
+    cold neurons out of hot clusters; ``window = 1`` is the frequency order."""
+    F = count_F.shape[0]
+    count = count_F.astype(np.float64)
+    rank_F = np.argsort(-count, kind="stable")
+    free = np.ones(F, bool)
+    order: list[int] = []
+    while len(order) < F:
+        seed = int(rank_F[free[rank_F]][0])
+        free[seed] = False
+        order.append(seed)
+        co_sum = co_FxF[seed].astype(np.float64)
+        for _ in range(min(cluster, F - len(order) + 1) - 1):
+            cand = rank_F[free[rank_F]][:window]
+            j = int(cand[np.argmax(co_sum[cand] / np.maximum(count[cand], 1.0))])
+            free[j] = False
+            order.append(j)
+            co_sum += co_FxF[j]
+    return np.asarray(order, np.int64)
+
+
+def _check_cluster(cluster: int, window: int | None) -> int:
+    """The window (None = cluster), after checking both are >= 1."""
+    window = cluster if window is None else window
+    if cluster < 1 or window < 1:
+        raise ValueError(f"cluster and window must be >= 1, got {cluster}, {window}")
+    return window
+
+
+def permutation_by_coactivation(count_LxF: Any, co_LxFxF: Any, cluster: int = 16, window: int | None = None
+                                ) -> np.ndarray:
+    """Co-active neurons together (greedy clustering, :func:`_greedy_layer`), clusters in decreasing frequency of
+    their seeds: int [L, F]. Holds all L co-activation matrices: :func:`permutation_from_activity` builds one layer's
+    at a time.
+
+    Args:
+      count_LxF: active tokens per neuron (or frequencies).
+      co_LxFxF: tokens (or frequency) where both neurons are active, same units as ``count_LxF``.
+      cluster: neurons per cluster (the kernel's block size; clusters of 16 nest into blocks of 32 / 64).
+      window: candidates per pick, the most frequent unassigned neurons; None = cluster (F: pure co-activation).
+    """
+    window = _check_cluster(cluster, window)
+    count_LxF, co_LxFxF = np.asarray(count_LxF), np.asarray(co_LxFxF)
+    return np.stack([_greedy_layer(count_LxF[i], co_LxFxF[i], cluster, window) for i in range(count_LxF.shape[0])])
+
+
+def permutation_from_activity(count_LxF: Any, activity_L: list[np.ndarray], d_ff: int, cluster: int = 16,
+                              window: int | None = None) -> np.ndarray:
+    """:func:`permutation_by_coactivation` from the packed activity (``neuron_stats(..., keep_activity=True)``), one
+    layer at a time: its co-activation counts (:func:`coactivation_counts`, O(F^2)) are built, clustered and dropped
+    before the next layer's. Same order, int [L, F]."""
+    window = _check_cluster(cluster, window)
+    count_LxF = np.asarray(count_LxF)
+    return np.stack([_greedy_layer(count_LxF[i], coactivation_counts(activity_L[i], d_ff), cluster, window)
+                     for i in range(count_LxF.shape[0])])
+
+
+def check_permutation(perm_LxF: Any, n_layers: int, d_ff: int) -> np.ndarray:
+    """``perm_LxF`` as int64 [L, F], checked to be a bijection of 0..F-1 per layer; ValueError otherwise."""
+    perm = np.asarray(perm_LxF)
+    if perm.shape != (n_layers, d_ff) or not np.issubdtype(perm.dtype, np.integer):
+        raise ValueError(f"permutation must be int [{n_layers}, {d_ff}], got {perm.dtype} {list(perm.shape)}")
+    bad = [i for i in range(n_layers) if not np.array_equal(np.sort(perm[i]), np.arange(d_ff))]
+    if bad:
+        raise ValueError(f"permutation of layer {bad[0]} is not a bijection of 0..{d_ff - 1}")
+    return perm.astype(np.int64)
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # The exact permutation and block sparsity
 # ---------------------------------------------------------------------------------------------------------------
 def _permute_group(group: dict[str, Any], perm_LxF: np.ndarray) -> dict[str, Any]:
@@ -178,7 +240,7 @@ def permute_neurons(params: Params, perm_LxF: Any) -> Params:
     """Params whose FFN neuron j of layer l is the old neuron ``perm_LxF[l, j]``: W_gate / W_up columns and W_down
     rows reordered (stacked or per-layer layout, kept). The model computes the same function; its x1 is permuted."""
     layers = params["layers"]
-    per_layer = isinstance(layers, (list, tuple))
+    per_layer = model.is_per_layer(params)
     n_layers = len(layers) if per_layer else layers["w_up_LxDxF"].shape[0]
     d_ff = (layers[0] if per_layer else layers)["w_up_LxDxF"].shape[-1]
     perm = check_permutation(perm_LxF, n_layers, d_ff)
@@ -227,24 +289,22 @@ def block_report(params: Params, cfg: ModelConfig, batches: Iterable[Batch], blo
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# CLI
+# permute()
 # ---------------------------------------------------------------------------------------------------------------
 def _check_args(checkpoint: str | Path, out: str | Path, order: str, batch_size: int, num_batches: int,
                 report_batches: int, cluster: int, window: int | None) -> Path:
-    """Checks the arguments before any work: --out first (refused when it exists and is not empty)."""
-    out = cli.check_output_dir(out, "--out")
-    if out.is_dir() and any(out.iterdir()):
-        raise PermuteError(f"--out: {out} exists and is not empty; choose a new directory (nothing was written)")
-    cli.check_model_path(checkpoint, "--checkpoint")
+    """Checks the arguments before any work: out first (refused when it exists and is not empty)."""
+    out = files.check_empty_dir(out, "out")
+    files.check_model_path(checkpoint, "checkpoint")
     if order not in ORDERS:
-        raise PermuteError(f"--order: {order!r}; choose one of: {', '.join(ORDERS)}")
+        raise UsageError(f"order: {order!r}; choose one of: {', '.join(ORDERS)}")
     for name, v in (("batch_size", batch_size), ("num_batches", num_batches), ("cluster", cluster),
                     ("window", 1 if window is None else window)):
         if v <= 0:
-            raise PermuteError(f"--{name}: must be a positive integer, got {v}")
+            raise UsageError(f"{name}: must be a positive integer, got {v}")
     if report_batches < 0:
-        raise PermuteError(f"--report_batches: must be >= 0 (0 = report on the --num_batches batches, in-sample), "
-                           f"got {report_batches}")
+        raise UsageError(f"report_batches: must be >= 0 (0 = report on the num_batches batches, in-sample), "
+                         f"got {report_batches}")
     return out
 
 
@@ -255,11 +315,11 @@ def _split_batches(batches: list[Batch], distinct: int, data: str, num_batches: 
     fit, held = batches[:num_batches], batches[num_batches:]
     need = sum(int(np.prod(b["inputs"].shape)) for b in batches)
     if held and distinct < need:
-        raise PermuteError(
-            f"--num_batches / --report_batches: the held-out split of {data!r} has {distinct} distinct token "
+        raise UsageError(
+            f"num_batches / report_batches: the held-out split of {data!r} has {distinct} distinct token "
             f"positions, fewer than the {need} of {num_batches} + {report_batches} disjoint batches; lower "
-            "--num_batches, --report_batches or --batch_size, raise the run's data.eval_fraction, or pass "
-            "--report_batches=0 to report on the fitting batches (in-sample)")
+            "num_batches, report_batches or batch_size, raise the run's data.eval_fraction, or set "
+            "report_batches=0 to report on the fitting batches (in-sample)")
     return fit, held
 
 
@@ -268,18 +328,12 @@ def _load(checkpoint: str | Path, step: int | None, data: str, seq_len: int | No
           ) -> tuple[ModelConfig, Params, Path, dict[str, Any], list[Batch], list[Batch]]:
     """(model config, params, tokenizer path, run config, fit batches, report batches) of a checkpoint: the
     num_batches + report_batches held-out batches of one deterministic draw, split in two."""
-    try:
-        mcfg, params, tok_path = ckpt.load_model(checkpoint, step)
-    except HFConversionError as e:
-        raise PermuteError(f"--checkpoint: {e}") from e
+    mcfg, params, tok_path = load_model(checkpoint, step)
     if tok_path is None:
-        raise PermuteError(f"--checkpoint: {checkpoint} has no tokenizer.json next to config.json")
-    run_cfg = cli.read_json(Path(checkpoint) / "config.json", "config.json")
-    try:
-        batches, distinct = measure.load_eval([data], tok_path, measure.run_data_section(run_cfg), seq_len,
-                                              data_dir, batch_size, num_batches + report_batches, mcfg.vocab_size)
-    except measure.MeasureError as e:
-        raise PermuteError(str(e)) from e
+        raise InputError(f"checkpoint: {checkpoint} has no tokenizer.json next to config.json")
+    run_cfg = files.read_json(Path(checkpoint) / "config.json", "config.json")
+    batches, distinct = measure.load_eval([data], tok_path, measure.run_data_section(run_cfg), seq_len, data_dir,
+                                          batch_size, num_batches + report_batches, mcfg.vocab_size)
     fit, held = _split_batches(batches[data], distinct[data], data, num_batches, report_batches)
     is_hf = "model_type" in run_cfg or "architectures" in run_cfg
     return mcfg, jax.device_put(params), tok_path, {} if is_hf else run_cfg, fit, held
@@ -322,7 +376,7 @@ def permute(checkpoint: str | Path, out: str | Path, *, order: str = "frequency"
            "permutation": perm_LxF.tolist()}
     run_cfg = dict(run_cfg, permuted_from={"checkpoint": str(Path(checkpoint).absolute()), "step": step,
                                            "order": order})
-    with cli.staged_output(out) as stage:
+    with files.staged_output(out) as stage:
         ckpt.write_params_workdir(stage, mcfg, jax.tree.map(np.asarray, new_params), run_config=run_cfg)
         (stage / "tokenizer.json").write_bytes(tok_path.read_bytes())
         (stage / "permutation.json").write_text(json.dumps(res))
@@ -339,23 +393,3 @@ def summary_line(res: dict[str, Any]) -> str:
         "loss_before": res["before"]["loss"], "loss_after": res["after"]["loss"],
         "block_sparsity_before": {b: res["before"]["block_sparsity"][b]["mean"] for b in keys},
         "block_sparsity_after": {b: res["after"]["block_sparsity"][b]["mean"] for b in keys}})
-
-
-def main(argv: list[str] | None = None) -> int:
-    """CLI entry point: parses ``argv`` (default ``sys.argv``), runs :func:`permute`; returns the exit code."""
-    def body() -> str:
-        if not _OUT.value:
-            raise PermuteError("--out: required (a new directory for the permuted workdir)")
-        if not _CHECKPOINT.value:
-            raise PermuteError("--checkpoint: required (a workdir or HF model folder)")
-        return summary_line(permute(
-            _CHECKPOINT.value, _OUT.value, order=_ORDER.value, data=_DATA.value, num_batches=_NUM_BATCHES.value,
-            report_batches=_REPORT_BATCHES.value, batch_size=_BATCH.value, seq_len=_SEQ_LEN.value, step=_STEP.value,
-            data_dir=_DATA_DIR.value, cluster=_CLUSTER.value, window=_WINDOW.value))
-
-    return cli.run("permute", FLAGS, argv, body,
-                   (PermuteError, ConfigError, ckpt.CheckpointError, data_lib.DataError, OSError), __doc__)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,6 +1,7 @@
 """Activation-sparsity metrics (ProSparse, Sparsing Law): pure, jit-friendly functions on captured FFN tensors.
 
-Shape letters as in :mod:`prosparse_jax.model.transformer`: L layers, B batch, T sequence, F d_ff, D d_model; N = flattened units.
+Shape letters as in :mod:`prosparse_jax.model.transformer`: L layers, B batch, T sequence, F d_ff, D d_model; N =
+flattened units.
 
 Metrics (ProSparse §2 for exact zeros; Sparsing Law §4.1 for Top-k, FAT-eps, CETT and PPL-p%). A neuron i is
 *active* on a token when its x1_i survives the metric's sparsification and is non-zero (an exactly-zero x1_i

@@ -1,10 +1,4 @@
-"""Reports of a corpus and of its held-out split: documents and bytes per split, strata covered, token counts.
-
-The held-out split is a stratified systematic sample of the documents (`data_tfds.eval_document_mask`);
-`eval_split_stats` shows how well it covers the corpus and whether one document dominates it. Both reports are
-re-exported by `data.py`. Both name the files a local source skipped as not UTF-8 text (`data_tfds.read_text`):
-`skipped_files` (how many) and `skipped_examples` (the first few ids).
-"""
+"""Reports of a corpus and of its held-out split: documents and bytes per split, strata covered, token counts."""
 
 from __future__ import annotations
 
@@ -14,8 +8,7 @@ import numpy as np
 import tokenizers
 
 from prosparse_jax.config import DataConfig
-from prosparse_jax.data.corpus import EVAL_SPLIT, SKIPPED_EXAMPLES, TRAIN_SPLIT, Corpus, stratum
-from prosparse_jax.data.tokens import iter_records, open_corpus, split_stream
+from prosparse_jax.data.corpus import EVAL_SPLIT, SKIPPED_EXAMPLES, TRAIN_SPLIT, Corpus, open_corpus, stratum
 
 
 def corpus_stats(cfg: DataConfig, *, tokenizer: tokenizers.Tokenizer | None = None) -> dict[str, Any]:
@@ -49,7 +42,7 @@ def corpus_stats(cfg: DataConfig, *, tokenizer: tokenizers.Tokenizer | None = No
 def eval_split_stats(cfg: DataConfig, tokenizer: tokenizers.Tokenizer | None = None) -> dict[str, Any]:
     """Report of the held-out split: its size, the strata it covers and how much its largest document weighs.
 
-    Reads the whole eval split; with a `tokenizer` it also tokenizes it (cached, as `data.make_eval_batches` does).
+    Reads the whole eval split; with a `tokenizer` it also tokenizes it (`Corpus.token_stream`, cached).
 
     Args:
       cfg: Data config; its corpus is prepared on first use.
@@ -58,7 +51,7 @@ def eval_split_stats(cfg: DataConfig, tokenizer: tokenizers.Tokenizer | None = N
     Returns:
       A dict with
         documents: number of held-out documents.
-        strata: number of strata (`data_tfds.stratum`: first path component of the id, '.' for top-level files)
+        strata: number of strata (`corpus.stratum`: first path component of the id, '.' for top-level files)
           with at least one held-out document.
         corpus_strata: number of strata of the whole corpus (None for 'tfds:' sources).
         missing_strata: sorted strata of the corpus without a held-out document (only strata with fewer than
@@ -70,20 +63,20 @@ def eval_split_stats(cfg: DataConfig, tokenizer: tokenizers.Tokenizer | None = N
         largest_document_share: its share of the split's tokens (bytes without tokenizer); 0.0 if empty.
         share_of: 'tokens' or 'bytes', the unit of `largest_document_share`.
         skipped_files: number of files of the corpus skipped when it was written because they are not UTF-8 text
-          (binary, or another encoding; `data_tfds.read_text`): in neither split. 0 if none or not recorded.
-        skipped_examples: ids of the first `data_tfds.SKIPPED_EXAMPLES` of them (sorted), [] if none.
+          (binary, or another encoding; `corpus.read_text`): in neither split. 0 if none or not recorded.
+        skipped_examples: ids of the first `corpus.SKIPPED_EXAMPLES` of them (sorted), [] if none.
     """
     return _eval_split_stats(open_corpus(cfg), cfg, tokenizer)
 
 
 def _eval_split_stats(corpus: Corpus, cfg: DataConfig, tokenizer: tokenizers.Tokenizer | None) -> dict[str, Any]:
-    records = list(iter_records(corpus, EVAL_SPLIT))
+    records = list(corpus.records(EVAL_SPLIT))
     ids = [doc_id for doc_id, _ in records]
     num_bytes = [len(text.encode("utf-8")) for _, text in records]
     tokens = windows = None
     sizes = num_bytes
     if tokenizer is not None:
-        lengths = split_stream(corpus, tokenizer, cfg.data_dir, EVAL_SPLIT)[1] if ids else np.zeros(0, np.int64)
+        lengths = corpus.token_stream(EVAL_SPLIT, tokenizer)[1] if ids else np.zeros(0, np.int64)
         sizes = lengths.tolist()
         tokens = int(lengths.sum())
         windows = -(-tokens // (cfg.seq_len + 1))

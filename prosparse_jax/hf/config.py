@@ -19,7 +19,8 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-from prosparse_jax.config import ConfigError, ModelConfig, model_config_from_dict, to_dict
+from prosparse_jax.config import ModelConfig, model_config_from_dict, to_dict
+from prosparse_jax.errors import ConfigError, HFConversionError
 
 FORMATS = ("llama", "minicpm")
 #: Activations a plain LlamaForCausalLM computes exactly like we do (HF ``gelu`` is exact erf, ``relu2`` = relu^2).
@@ -34,10 +35,6 @@ _THRESHOLD_SUFFIX = "_neuron_thresholds"
 _PROVENANCE_CHECKED = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "head_dim", "activation",
                        "tie_embeddings", "rope_theta", "norm_eps", "scale_emb", "neuron_thresholds",
                        "residual_scale", "logits_divisor")
-
-
-class HFConversionError(ValueError):
-    """A HuggingFace folder or config cannot be converted; the message names the field / tensor / file."""
 
 
 def check_format(fmt: str) -> None:

@@ -21,9 +21,11 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
+from prosparse_jax import files
 from prosparse_jax.config import ModelConfig
+from prosparse_jax.data.corpus import EOS_TOKEN
+from prosparse_jax.errors import HFConversionError
 from prosparse_jax.hf.config import (
-    HFConversionError,
     check_format,
     hf_config_from_model,
     model_config_from_hf,
@@ -34,9 +36,8 @@ from prosparse_jax.hf.weights import from_hf_state_dict, to_hf_state_dict
 from prosparse_jax.model.transformer import Params
 
 EXPORT_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}
-SPECIAL_TOKEN = "<|endoftext|>"
 _MODELING_DIR = Path(__file__).parent / "modeling"
-# Files an export writes; --overwrite removes these (and old shards) but nothing else.
+# Files an export writes; overwrite removes these (and old shards) but nothing else.
 _EXPORT_FILE_RE = re.compile(
     r"^(model(-\d+-of-\d+)?\.safetensors|model\.safetensors\.index\.json|pytorch_model.*\.bin|"
     r"pytorch_model\.bin\.index\.json|config\.json|generation_config\.json|tokenizer\.json|tokenizer_config\.json|"
@@ -92,14 +93,6 @@ def _safetensors(path: Path) -> Iterator[Any]:
         yield f
 
 
-def _read_json(path: Path) -> Any:
-    """A JSON file of the folder; an HFConversionError naming it when it is not valid JSON."""
-    try:
-        return json.loads(path.read_text())
-    except ValueError as e:
-        raise HFConversionError(f"{path}: not valid JSON ({e}); re-download or re-export the folder") from None
-
-
 def _torch_load(path: Path) -> Any:
     """The state dict in the PyTorch file ``path``; the last file read is cached so a shard is read once."""
     if path not in _TORCH_CACHE:
@@ -126,7 +119,7 @@ def read_hf_tensors(path: str | os.PathLike) -> Mapping[str, np.ndarray]:
     for index_name, kind in (("model.safetensors.index.json", "safetensors"), ("pytorch_model.bin.index.json", "bin")):
         index = path / index_name
         if index.is_file():
-            data = _read_json(index)
+            data = files.read_json(index, "weight index")
             weight_map: dict[str, str] = data.get("weight_map", {}) if isinstance(data, dict) else {}
             if not weight_map:
                 raise HFConversionError(f"{index}: no 'weight_map'; re-download or re-export the folder")
@@ -148,12 +141,13 @@ def read_hf_tensors(path: str | os.PathLike) -> Mapping[str, np.ndarray]:
 
 
 def load_hf_folder(path: str | os.PathLike) -> tuple[ModelConfig, Params]:
-    """Loads (ModelConfig, float32 numpy params) from a local HF model folder (used by ``checkpoint.load_model``)."""
+    """Loads (ModelConfig, float32 numpy params) from a local HF model folder (see
+    :func:`prosparse_jax.training.load.load_model`)."""
     path = Path(path)
     cfg_file = path / "config.json"
     if not cfg_file.is_file():
         raise HFConversionError(f"{cfg_file} not found: {path} is not a HuggingFace model folder")
-    raw = _read_json(cfg_file)
+    raw = files.read_json(cfg_file, "config.json")
     cfg = model_config_from_hf(raw)
     tensors = read_hf_tensors(path)
     if "tie_word_embeddings" not in raw and "lm_head.weight" in tensors:  # unstated: the weights decide
@@ -166,17 +160,6 @@ def load_hf_folder(path: str | os.PathLike) -> tuple[ModelConfig, Params]:
 # ---------------------------------------------------------------------------------------------------------------
 # Writing
 # ---------------------------------------------------------------------------------------------------------------
-def parse_size(size: str | int) -> int:
-    """Bytes of a size such as ``2GB``, ``500MB``, ``10KB`` or ``123`` (decimal units, like transformers)."""
-    if isinstance(size, int):
-        return size
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(B|KB|MB|GB|KIB|MIB|GIB)?\s*", size.upper())
-    if not m:
-        raise HFConversionError(f"invalid size {size!r}; use e.g. 2GB, 500MB, 64KB or a byte count")
-    unit = {None: 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
-    return int(float(m.group(1)) * unit[m.group(2)])
-
-
 def write_safetensors(tensors: Mapping[str, np.ndarray], out: Path, *, max_shard_size: int) -> list[str]:
     """Writes model.safetensors, or model-0000i-of-0000n.safetensors + index json above ``max_shard_size``."""
     from safetensors.numpy import save_file
@@ -219,7 +202,7 @@ def special_token_id(tokenizer_json: Path | None) -> int | None:
         return None
     from tokenizers import Tokenizer
 
-    return Tokenizer.from_file(str(tokenizer_json)).token_to_id(SPECIAL_TOKEN)
+    return Tokenizer.from_file(str(tokenizer_json)).token_to_id(EOS_TOKEN)
 
 
 def write_tokenizer_files(tokenizer_json: Path, out: Path, *, model_max_length: int) -> None:
@@ -232,23 +215,17 @@ def write_tokenizer_files(tokenizer_json: Path, out: Path, *, model_max_length: 
     }
     special = {}
     if special_token_id(tokenizer_json) is not None:
-        special = {"bos_token": SPECIAL_TOKEN, "eos_token": SPECIAL_TOKEN}
+        special = {"bos_token": EOS_TOKEN, "eos_token": EOS_TOKEN}
         tok_cfg.update(special)
     _write_json(out / "tokenizer_config.json", tok_cfg)
     _write_json(out / "special_tokens_map.json", special)
 
 
-def check_output_dir(out: Path, overwrite: bool) -> None:
-    """Refuses a non-empty ``out`` unless ``overwrite``; with it, removes only files an export writes."""
-    if out.exists() and not out.is_dir():
-        raise HFConversionError(f"--out {out} exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()):
-        if not overwrite:
-            raise HFConversionError(f"--out {out} is not empty; pass --overwrite or choose an empty folder "
-                                    "(nothing was written)")
-        for p in out.iterdir():
-            if p.is_file() and _EXPORT_FILE_RE.match(p.name):
-                p.unlink()
+def remove_export_files(out: Path) -> None:
+    """Removes from ``out`` the files an export writes (those of an earlier export); the others stay."""
+    for p in out.iterdir():
+        if p.is_file() and _EXPORT_FILE_RE.match(p.name):
+            p.unlink()
 
 
 def save_hf_folder(cfg: ModelConfig, params: Params, out: str | os.PathLike, *, fmt: str = "llama",
@@ -275,17 +252,22 @@ def save_hf_folder(cfg: ModelConfig, params: Params, out: str | os.PathLike, *, 
     check_format(fmt)
     if dtype not in EXPORT_DTYPES:
         raise HFConversionError(f"unknown dtype {dtype!r}; choose one of: {', '.join(EXPORT_DTYPES)}")
-    shard_bytes = parse_size(max_shard_size)
+    if isinstance(max_shard_size, str):
+        max_shard_size = files.parse_size(max_shard_size, "max_shard_size")
     tok = Path(tokenizer_json) if tokenizer_json is not None else None
     if tok is not None and not tok.is_file():
         raise HFConversionError(f"tokenizer file {tok} not found")
-    check_output_dir(out, overwrite)
+    if overwrite:
+        if files.check_output_path(out, "out").is_dir():
+            remove_export_files(out)
+    else:
+        files.check_empty_dir(out, "out", "set overwrite to replace the export files, or choose an empty folder")
     special = special_token_id(tok)
     hf_cfg = hf_config_from_model(cfg, fmt, bos_token_id=special, eos_token_id=special,
                                   max_position_embeddings=max_position_embeddings, dtype=dtype)
     tensors = {k: v.astype(EXPORT_DTYPES[dtype]) for k, v in to_hf_state_dict(cfg, params, fold=fmt == "llama").items()}
     out.mkdir(parents=True, exist_ok=True)
-    write_safetensors(tensors, out, max_shard_size=shard_bytes)
+    write_safetensors(tensors, out, max_shard_size=max_shard_size)
     _write_json(out / "config.json", hf_cfg)
     _write_json(out / "generation_config.json", {"bos_token_id": special, "eos_token_id": special, "do_sample": False})
     if needs_remote_code(cfg, fmt):

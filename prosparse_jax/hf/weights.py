@@ -3,7 +3,8 @@ pytree and back: q_proj [N*H, D] -> ``wq_LxDxNxH`` [D, N, H] = W.T.reshape(D, N,
 [D, N*H] -> ``wo_LxNxHxD`` = W.T.reshape(N, H, D), gate / up [F, D] -> [D, F], down [D, F] -> [F, D], embed [V, D]
 as is, lm_head [V, D] -> ``lm_head_DxV``; transformers' RoPE is half-split like ours, so q / k need no permutation.
 The exporter can fold MiniCPM's scales (Hu et al. 2024, arXiv:2404.06395) into the weights with the model's own
-:func:`prosparse_jax.model.transformer.fold_minicpm_scales`, so the result loads as a plain ``LlamaForCausalLM``; the importer
+:func:`~prosparse_jax.model.transformer.fold_minicpm_scales`,
+so the result loads as a plain ``LlamaForCausalLM``; the importer
 checks every tensor name and shape against the config and names the first that disagrees.
 """
 
@@ -17,7 +18,7 @@ import jax
 import numpy as np
 
 from prosparse_jax.config import ModelConfig
-from prosparse_jax.hf.config import HFConversionError
+from prosparse_jax.errors import HFConversionError
 from prosparse_jax.model.transformer import Params, fold_minicpm_scales
 
 # HF tensors an importer may find besides the architecture's (a tied checkpoint's head, old RoPE buffers).
@@ -56,8 +57,8 @@ def to_hf_state_dict(cfg: ModelConfig, params: Params, *, fold: bool) -> dict[st
     Args:
       cfg: the model of ``params``.
       params: our stacked parameter pytree.
-      fold: fold MiniCPM's scales into the weights with :func:`prosparse_jax.model.transformer.fold_minicpm_scales` (a no-op for
-        a LLaMA config); the head is then untied. Without it the weights are stored as they are.
+      fold: fold MiniCPM's scales into the weights (``transformer.fold_minicpm_scales``; a no-op for a
+        LLaMA config); the head is then untied. Without it the weights are stored as they are.
     """
     params = jax.tree.map(lambda x: np.asarray(x, np.float32), params)
     if fold and cfg.is_minicpm:

@@ -28,19 +28,17 @@ import jax.numpy as jnp
 import jaxlib
 import numpy as np
 
+from prosparse_jax.errors import KernelUnavailableError
+
 Array = jax.Array
 
 SOURCE = Path(__file__).parent / "csrc" / "sparse_ffn_cpu.cc"
 #: The FFI target name and the exported handler symbol.
 TARGET = "prosparse_sparse_ffn_down"
 SYMBOL = "ProsparseSparseFfnDown"
-#: Compiler flags besides the include directory (-ffp-contract=fast: fused multiply-adds; no -ffast-math).
-FLAGS = ("-O3", "-march=native", "-ffp-contract=fast", "-shared", "-fPIC", "-std=c++17")
+#: Compiler options besides the include directory (-ffp-contract=fast: fused multiply-adds; no -ffast-math).
+CXXFLAGS = ("-O3", "-march=native", "-ffp-contract=fast", "-shared", "-fPIC", "-std=c++17")
 FIX = "install g++ (Debian: apt-get install g++) or use implementation='cpu_gather'"
-
-
-class CpuKernelUnavailableError(RuntimeError):
-    """The C++ kernel could not be built or loaded (no compiler, a failed compile, an unloadable library)."""
 
 
 def cache_dir() -> Path:
@@ -56,6 +54,7 @@ def compiler() -> str:
     return os.environ.get("CXX") or "g++"
 
 
+@functools.cache
 def _cpu_id() -> str:
     """What ``-march=native`` depends on: the CPU's feature flags (Linux), else the processor name."""
     try:
@@ -70,7 +69,7 @@ def _cpu_id() -> str:
 def library_path(source: str | None = None, cxx: str | None = None) -> Path:
     """Where the build of ``source`` (default: the kernel's) with ``cxx`` lives in :func:`cache_dir`."""
     source = SOURCE.read_text() if source is None else source
-    key = "\n".join([source, cxx or compiler(), *FLAGS, jaxlib.__version__, platform.machine(), _cpu_id()])
+    key = "\n".join([source, cxx or compiler(), *CXXFLAGS, jaxlib.__version__, platform.machine(), _cpu_id()])
     return cache_dir() / f"sparse_ffn_cpu-{hashlib.sha256(key.encode()).hexdigest()[:16]}.so"
 
 
@@ -80,33 +79,34 @@ def _excerpt(stderr: str, limit: int = 2000) -> str:
     return ("\n".join(errors) if errors else stderr.strip())[-limit:]
 
 
-def build() -> Path:
-    """The compiled kernel: the cached library when it exists, else compiled now (atomically).
+def build(cxx: str | None = None) -> Path:
+    """The kernel compiled with ``cxx`` (default :func:`compiler`): the cached library when it exists, else compiled
+    now (atomically).
 
     Raises:
-      CpuKernelUnavailableError: no source or compiler, or the compile failed (with the compiler's error lines).
+      KernelUnavailableError: no source or compiler, or the compile failed (with the compiler's error lines).
     """
     if not SOURCE.exists():
-        raise CpuKernelUnavailableError(f"cpu_ffi: the kernel source {SOURCE} is missing (an install without the "
-                                        f"package's csrc/ files); install from the repository (pip install -e .) or "
-                                        f"use implementation='cpu_gather'")
-    cxx = compiler()
+        raise KernelUnavailableError(f"cpu_ffi: the kernel source {SOURCE} is missing (an install without the "
+                                     f"package's csrc/ files); install from the repository (pip install -e .) or "
+                                     f"use implementation='cpu_gather'")
+    cxx = cxx or compiler()
     path = library_path(cxx=cxx)
     if path.exists():
         return path
     exe = shutil.which(cxx)
     if exe is None:
-        raise CpuKernelUnavailableError(f"cpu_ffi: the C++ compiler {cxx!r} ($CXX, default g++) was not found; {FIX}")
+        raise KernelUnavailableError(f"cpu_ffi: the C++ compiler {cxx!r} ($CXX, default g++) was not found; {FIX}")
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}-", suffix=".so.tmp", dir=path.parent)
     os.close(fd)
-    cmd = [exe, *FLAGS, "-isystem", jax.ffi.include_dir(), str(SOURCE), "-o", tmp]
+    cmd = [exe, *CXXFLAGS, "-isystem", jax.ffi.include_dir(), str(SOURCE), "-o", tmp]
     try:
         res = subprocess.run(cmd, capture_output=True, text=True)
         if res.returncode != 0:
             tail = _excerpt(res.stderr or res.stdout or "")
-            raise CpuKernelUnavailableError(f"cpu_ffi: compiling {SOURCE.name} failed (exit status {res.returncode}: "
-                                            f"{' '.join(cmd)}); {FIX}\n{tail}")
+            raise KernelUnavailableError(f"cpu_ffi: compiling {SOURCE.name} failed (exit status {res.returncode}: "
+                                         f"{' '.join(cmd)}); {FIX}\n{tail}")
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -115,38 +115,40 @@ def build() -> Path:
 
 
 @functools.cache
-def _loaded() -> ctypes.CDLL | CpuKernelUnavailableError:
-    """The kernel built (or reused), loaded and registered as an FFI target, or why not; tried once per process."""
+def _load(path: Path, cxx: str) -> ctypes.CDLL | KernelUnavailableError:
+    """The build at ``path`` (compiled with ``cxx`` if missing), loaded and registered as the FFI target, or why not.
+
+    Cached per build: loading and registering happen once per process, and a changed ``$CXX`` or cache directory is
+    another build.
+    """
     try:
-        path = build()
-    except CpuKernelUnavailableError as e:
+        build(cxx)
+    except KernelUnavailableError as e:
         return e
     try:
         lib = ctypes.cdll.LoadLibrary(str(path))
         handler = getattr(lib, SYMBOL)
     except (OSError, AttributeError) as e:
-        return CpuKernelUnavailableError(f"cpu_ffi: cannot load {path} ({e}); delete it to rebuild, or {FIX}")
+        return KernelUnavailableError(f"cpu_ffi: cannot load {path} ({e}); delete it to rebuild, or {FIX}")
     jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(handler), platform="cpu")
     return lib
 
 
-def _load() -> ctypes.CDLL:
-    """The loaded kernel; raises CpuKernelUnavailableError (the first attempt's message) when it cannot be built."""
-    lib = _loaded()
-    if isinstance(lib, CpuKernelUnavailableError):
-        raise CpuKernelUnavailableError(str(lib))
-    return lib
+def _kernel() -> ctypes.CDLL | KernelUnavailableError:
+    """The kernel of the current ``$CXX`` and cache directory (see :func:`_load`)."""
+    cxx = compiler()
+    return _load(library_path(cxx=cxx), cxx)
 
 
 def available() -> bool:
-    """Whether the kernel builds and loads on this machine (compiles on the first call; the answer is cached)."""
-    return not isinstance(_loaded(), CpuKernelUnavailableError)
+    """Whether the kernel builds and loads on this machine (compiled on the first call)."""
+    return not isinstance(_kernel(), KernelUnavailableError)
 
 
 def unavailable_reason() -> str:
     """Why :func:`available` is False (the build error's message), or '' when it is True."""
-    lib = _loaded()
-    return str(lib) if isinstance(lib, CpuKernelUnavailableError) else ""
+    lib = _kernel()
+    return str(lib) if isinstance(lib, KernelUnavailableError) else ""
 
 
 def gather_down(x_BxD: Array, coeff_BxF: Array, active_F: Array, w_up_FxD: Array, w_down_FxD: Array, *,
@@ -156,15 +158,17 @@ def gather_down(x_BxD: Array, coeff_BxF: Array, active_F: Array, w_up_FxD: Array
     Args:
       x_BxD: the FFN input.
       coeff_BxF: act(gate) when ``read_up`` (x1 = coeff * (x . W_up^T[i]), with relu(up) when ``drelu``); else x1.
-      active_F: bool, the neurons whose rows are read (the kernel builds their index list itself: cheaper than
-        ``jnp.nonzero`` in XLA, measured in ``sparse_ffn``'s docstring).
+      active_F: bool, the neurons whose rows are read (the kernel builds their index list itself, which is cheaper
+        than ``jnp.nonzero`` in XLA).
       w_up_FxD: W_up^T (one row per neuron); not read unless ``read_up`` (any [F, D] array then).
       w_down_FxD: W_down.
 
     Raises:
-      CpuKernelUnavailableError: the kernel cannot be built here.
+      KernelUnavailableError: the kernel cannot be built here.
     """
-    _load()
+    lib = _kernel()
+    if isinstance(lib, KernelUnavailableError):
+        raise KernelUnavailableError(str(lib))
     # under jax.vmap the call loops over the mapped axis (weights unbatched: no copies)
     call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct(x_BxD.shape, jnp.float32), vmap_method="sequential")
     return call(x_BxD, coeff_BxF, jnp.asarray(active_F, jnp.bool_), w_up_FxD, w_down_FxD, read_up=np.bool_(read_up),

@@ -1,8 +1,7 @@
-"""KV-cache inference with the training model's blocks: prefill of left-padded prompts, one-token decode steps.
+"""KV-cache inference with the model's own block: prefill of left-padded prompts, one-token decode steps.
 
-No second decoder: a layer here is :func:`model.project_qkv` (projections + RoPE) -> cache write ->
-:func:`model.attend` (the training attention, over the cache) -> an FFN hook -> :func:`model.head_logits`, with
-the RMSNorms and MiniCPM scales of :func:`model.decoder_layer`.
+Every layer is :func:`model.decoder_block`, run by :func:`model.run_layers`, with an attention that writes the new
+keys and values to the cache and attends over it, and an FFN hook.
 
 Cache layout: k and v are [L, B, S, K, H] (S = a fixed maximum length). The prompts of a batch are left-padded to a
 common length P, so every row writes its t-th token to slot t; row b has ``pad_B[b]`` padding slots and its token at
@@ -11,21 +10,22 @@ not written yet are masked out of every query's keys.
 
 FFN hook (:data:`FFNImpl`): ``ffn_impl(params, cfg) -> ffn`` is called inside the jitted step with the (traced)
 parameters and returns ``ffn(layer, x_BxTxD, lp, valid_BxT) -> (out_BxTxD, zeros_BxT)``: the FFN output of the
-normed hidden states and the number of exact zeros of x1 per token (activation sparsity). :func:`dense_ffn` is the
-default: ``model.ffn_hidden``, the config's sparse-mode mask (``cfg.neuron_thresholds``, exactly as
-:func:`model.forward`), ``model.ffn_down``; a sparse FFN kernel plugs in with the same signature.
+normed hidden states (``lp``: the layer's parameters under their in-layer names, e.g. ``w_gate_DxF``) and the number
+of exact zeros of x1 per token. :func:`dense_ffn` is the model's FFN with the config's sparse mode; a sparse FFN kernel
+plugs in with the same signature.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from functools import partial
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from prosparse_jax.config import ModelConfig
+from prosparse_jax.model import attention
 from prosparse_jax.model import transformer as model
 
 Array = jax.Array
@@ -56,46 +56,33 @@ def init_cache(cfg: ModelConfig, batch: int, max_len: int, pad_B: Array) -> KVCa
 
 
 def dense_ffn(params: Params, cfg: ModelConfig) -> FFN:
-    """The default FFN hook: the training FFN with the config's sparse-mode mask (as :func:`model.forward`)."""
-    x1_mask = model.neuron_norm_mask(params, cfg.neuron_thresholds) if cfg.neuron_thresholds else None
+    """The default FFN hook: the model's FFN with the config's sparse mode (as :func:`model.forward`)."""
+    x1_mask = model.sparse_mode_mask(params, cfg)
 
     def ffn(layer: Array, x_BxTxD: Array, lp: Params, valid_BxT: Array) -> tuple[Array, Array]:
-        x1_BxTxF, act_BxTxF = model.ffn_hidden(x_BxTxD, lp, cfg)
-        if x1_mask is not None:
-            x1_BxTxF = x1_mask(layer, x1_BxTxF, act_BxTxF, valid_BxT)
-        return model.ffn_down(x1_BxTxF, lp), jnp.sum((x1_BxTxF == 0).astype(jnp.float32), axis=-1)
+        out_BxTxD, x1_BxTxF, _ = model.gated_ffn(x_BxTxD, lp, layer, valid_BxT, cfg, x1_mask)
+        return out_BxTxD, jnp.sum((x1_BxTxF == 0).astype(jnp.float32), axis=-1)
 
     return ffn
 
 
 def _layers(params: Params, h_BxTxD: Array, cache: KVCache, slot0: Array, pos_BxT: Array,
-            bias_blocks: list[tuple[int, int, Array]], valid_BxT: Array, cfg: ModelConfig,
+            bias_blocks: attention.BiasBlocks, valid_BxT: Array, cfg: ModelConfig,
             ffn: FFN) -> tuple[Array, Array, Array, Array]:
     """All layers over T new tokens written at slots slot0..slot0+T-1: (h, new k, new v, zeros [L, B, T])."""
-    dt, r = h_BxTxD.dtype, cfg.residual_scale
+    dt = h_BxTxD.dtype
     rope_cs = model.rope_tables(pos_BxT, cfg.head_dim, cfg.rope_theta)
 
-    def layer(h_BxTxD: Array, xs: tuple[Params, Array, Array, Array]) -> tuple[Array, tuple[Array, ...]]:
-        lp, k_BxSxKxH, v_BxSxKxH, i = xs
-        q, k, v = model.project_qkv(model.rms_norm(h_BxTxD, lp["attn_norm_LxD"], cfg.norm_eps), lp, rope_cs, cfg)
-        k_BxSxKxH = jax.lax.dynamic_update_slice(k_BxSxKxH, k.astype(k_BxSxKxH.dtype), (0, slot0, 0, 0))
-        v_BxSxKxH = jax.lax.dynamic_update_slice(v_BxSxKxH, v.astype(v_BxSxKxH.dtype), (0, slot0, 0, 0))
-        a = model.attend(q, k_BxSxKxH.astype(dt), v_BxSxKxH.astype(dt), lp, bias_blocks, cfg)
-        h_BxTxD = h_BxTxD + (a * r).astype(dt)
-        out, zeros_BxT = ffn(i, model.rms_norm(h_BxTxD, lp["ffn_norm_LxD"], cfg.norm_eps), lp, valid_BxT)
-        return h_BxTxD + (out * r).astype(dt), (k_BxSxKxH, v_BxSxKxH, zeros_BxT)
+    def layer(h_BxTxD: Array, lp: Params, i: Array, kv: tuple[Array, Array]) -> tuple[Array, Any]:
+        def attend(q_BxTxNxH: Array, k_BxTxKxH: Array, v_BxTxKxH: Array) -> tuple[Array, tuple[Array, Array]]:
+            k_BxSxKxH, v_BxSxKxH = (jax.lax.dynamic_update_slice(c, new.astype(c.dtype), (0, slot0, 0, 0))
+                                    for c, new in zip(kv, (k_BxTxKxH, v_BxTxKxH), strict=True))
+            o = attention.attend(q_BxTxNxH, k_BxSxKxH.astype(dt), v_BxSxKxH.astype(dt), bias_blocks)
+            return o, (k_BxSxKxH, v_BxSxKxH)
 
-    if isinstance(params["layers"], (list, tuple)):  # per-layer layout: unrolled, each layer's weights read in place
-        outs = []
-        for i, group in enumerate(params["layers"]):
-            lp = jax.tree.map(lambda x: x[0], group)
-            h_BxTxD, o = layer(h_BxTxD, (lp, cache.k_LxBxSxKxH[i], cache.v_LxBxSxKxH[i], jnp.int32(i)))
-            outs.append(o)
-        k, v, zeros = (jnp.stack(z) for z in zip(*outs, strict=True))
-        return h_BxTxD, k, v, zeros
-    idx = jnp.arange(cfg.n_layers, dtype=jnp.int32)
-    h_BxTxD, (k, v, zeros) = jax.lax.scan(layer, h_BxTxD, (params["layers"], cache.k_LxBxSxKxH,
-                                                           cache.v_LxBxSxKxH, idx))
+        return model.decoder_block(h_BxTxD, lp, rope_cs, attend, lambda x, lp: ffn(i, x, lp, valid_BxT), cfg)
+
+    h_BxTxD, ((k, v), zeros) = model.run_layers(params, h_BxTxD, layer, (cache.k_LxBxSxKxH, cache.v_LxBxSxKxH))
     return h_BxTxD, k, v, zeros
 
 
@@ -111,10 +98,9 @@ def prefill(params: Params, ids_BxP: Array, cache: KVCache, cfg: ModelConfig,
     valid_BxP = t_BxP >= cache.pad_B[:, None]
     pos_BxP = jnp.maximum(t_BxP - cache.pad_B[:, None], 0)
     # prompt tokens attend causally to the prompt tokens of their row (padding is segment 0, a segment of its own)
-    bias_blocks = model.attention_bias_blocks(valid_BxP.astype(jnp.int32), P, B)
-    h_BxPxD = (params["embed_VxD"][ids_BxP] * cfg.scale_emb).astype(jnp.dtype(cfg.dtype))
-    h_BxPxD, k, v, _ = _layers(params, h_BxPxD, cache, jnp.zeros((), jnp.int32), pos_BxP, bias_blocks,
-                               valid_BxP, cfg, ffn_impl(params, cfg))
+    bias_blocks = attention.bias_blocks(valid_BxP.astype(jnp.int32), B, P)
+    h_BxPxD, k, v, _ = _layers(params, model.embed(params, ids_BxP, cfg), cache, jnp.zeros((), jnp.int32), pos_BxP,
+                               bias_blocks, valid_BxP, cfg, ffn_impl(params, cfg))
     logits_Bx1xV = model.head_logits(params, h_BxPxD[:, -1:], cfg)
     return logits_Bx1xV[:, 0], KVCache(k, v, cache.pad_B, jnp.asarray(P, jnp.int32))
 
@@ -140,10 +126,9 @@ def decode_step(params: Params, tok_B: Array, cache: KVCache, active_B: Array, c
     pos_Bx1 = (slot - cache.pad_B)[:, None]
     s_S = jnp.arange(S, dtype=jnp.int32)
     allowed_BxS = (s_S[None, :] >= cache.pad_B[:, None]) & (s_S[None, :] <= slot)
-    bias_blocks = [(0, 1, jnp.where(allowed_BxS, 0.0, model._NEG_INF).astype(jnp.float32)[:, None, :])]
-    h_Bx1xD = (params["embed_VxD"][tok_B[:, None]] * cfg.scale_emb).astype(jnp.dtype(cfg.dtype))
-    h_Bx1xD, k, v, zeros_LxBx1 = _layers(params, h_Bx1xD, cache, slot, pos_Bx1, bias_blocks, active_B[:, None],
-                                         cfg, ffn_impl(params, cfg))
+    bias_blocks = [(0, 1, jnp.where(allowed_BxS, 0.0, attention.NEG_INF).astype(jnp.float32)[:, None, :])]
+    h_Bx1xD, k, v, zeros_LxBx1 = _layers(params, model.embed(params, tok_B[:, None], cfg), cache, slot, pos_Bx1,
+                                         bias_blocks, active_B[:, None], cfg, ffn_impl(params, cfg))
     logits_BxV = model.head_logits(params, h_Bx1xD, cfg)[:, 0]
     zeros_L = jnp.sum(zeros_LxBx1[..., 0] * active_B.astype(jnp.float32), axis=-1)
     return logits_BxV, KVCache(k, v, cache.pad_B, slot + 1), zeros_L

@@ -1,13 +1,11 @@
-r"""Generates text with a KV cache (:mod:`prosparse_jax.inference.decode`): greedy or sampled, with speed and sparsity stats.
+r"""Generates text with a KV cache (:mod:`prosparse_jax.inference.decode`): greedy or sampled, with speed and sparsity
+stats (command line: :mod:`prosparse_jax.main.generate`).
 
-    python -m prosparse_jax.inference.generate --checkpoint=<workdir or HF folder> --prompt="..." [--max_new_tokens=N] \
-        [--temperature=T --top_k=K --top_p=P --seed=S] [--sparse] [--step=N]
-
-Prints the prompt's continuation, then one JSON line: prefill and decode tokens/s (compile excluded) and the
-activation sparsity of every layer during decoding (fraction of exact zeros of x1 over the decoded tokens, ProSparse's
-measure). ``--sparse`` decodes in the sparse mode: the per-layer CETT thresholds ``model.neuron_thresholds`` (from
-``python -m prosparse_jax.analysis.analyze --metric=pplp --value=1``, its sparse_mode.json) drop the neurons whose output norm
-is at most the threshold, exactly as the sparse-mode forward does; without ``--sparse`` the FFN is dense.
+The stats: prefill and decode tokens/s (compile excluded) and the activation sparsity of every layer during decoding
+(fraction of exact zeros of x1 over the decoded tokens, ProSparse's measure). The sparse mode decodes with the
+per-layer CETT thresholds ``model.neuron_thresholds`` (from ``python -m prosparse_jax.main.analyze --metric=pplp
+--value=1``, its sparse_mode.json): the neurons whose output norm is at most the threshold are dropped, exactly as the
+sparse-mode forward does; otherwise the FFN is dense.
 Sampling: temperature 0 is greedy; else softmax(logits / T) restricted to the top_k tokens (0 = all) and to the
 smallest set whose probability reaches top_p (nucleus sampling, Holtzman et al. 2020, arXiv:1904.09751).
 """
@@ -15,8 +13,6 @@ smallest set whose probability reaches top_p (nucleus sampling, Holtzman et al. 
 from __future__ import annotations
 
 import functools
-import json
-import sys
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -25,36 +21,20 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import flags
 
+from prosparse_jax import files
 from prosparse_jax.config import ModelConfig
+from prosparse_jax.data.corpus import EOS_TOKEN
+from prosparse_jax.errors import UsageError
 from prosparse_jax.inference import score
 from prosparse_jax.inference import sparse_ffn as sparse_ffn_lib
 from prosparse_jax.inference.decode import FFNImpl, KVCache, decode_step, dense_ffn, init_cache, prefill
-from prosparse_jax.main import common as cli
 from prosparse_jax.model import transformer as model
 from prosparse_jax.model.activations import RELU_FAMILY
 from prosparse_jax.training import checkpoint
-
-__all__ = ["GenerateStats", "KVCache", "decode_loop", "decode_step", "generate", "prefill", "sample"]
+from prosparse_jax.training.load import load_model
 
 Array = jax.Array
-FLAGS = flags.FlagValues()  # own flag set: the CLI modules can be imported together (tests)
-_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Workdir or HF model folder.", flag_values=FLAGS)
-_STEP = flags.DEFINE_integer("step", None, "Checkpoint step of a workdir; default: the latest.", flag_values=FLAGS)
-_PROMPT = flags.DEFINE_string("prompt", None, "Text to continue.", flag_values=FLAGS)
-_MAX_NEW = flags.DEFINE_integer("max_new_tokens", 64, "Tokens to generate at most.", flag_values=FLAGS)
-_TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "Sampling temperature; 0 = greedy.", flag_values=FLAGS)
-_TOP_K = flags.DEFINE_integer("top_k", 0, "Sample among the k most likely tokens; 0 = all.", flag_values=FLAGS)
-_TOP_P = flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass in (0, 1].", flag_values=FLAGS)
-_SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.", flag_values=FLAGS)
-_SPARSE = flags.DEFINE_bool("sparse", False, "Decode in the sparse mode (model.neuron_thresholds).",
-                            flag_values=FLAGS)
-_IMPLEMENTATION = flags.DEFINE_enum(
-    "implementation", "auto", ["auto", *sparse_ffn_lib.IMPLEMENTATIONS],
-    "Sparse FFN backend with --sparse: auto = by platform (cpu_ffi on CPU, or cpu_gather without g++; pallas_triton "
-    "on GPU, pallas_mosaic on TPU); a Pallas backend on a CPU runs interpreted (slow: for checks).", flag_values=FLAGS)
-flags.mark_flags_as_required(["checkpoint", "prompt"], flag_values=FLAGS)
 
 
 @dataclass
@@ -125,9 +105,9 @@ def generate(params: model.Params, cfg: ModelConfig, prompts_ids: list[list[int]
       (new tokens per prompt, :class:`GenerateStats`).
     """
     if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        raise UsageError(f"max_new_tokens: must be at least 1, got {max_new_tokens}")
     if temperature < 0 or top_k < 0 or not 0 < top_p <= 1:
-        raise ValueError(f"sampling needs temperature >= 0, top_k >= 0 and 0 < top_p <= 1; got {temperature}, "
+        raise UsageError(f"sampling needs temperature >= 0, top_k >= 0 and 0 < top_p <= 1; got {temperature}, "
                          f"{top_k}, {top_p}")
     ffn = ffn or dense_ffn
     # per-layer layout: the decode step reads each layer's weights in place (a scan over stacked layers copies each
@@ -211,10 +191,11 @@ def prepare_sparse_params(params: model.Params) -> model.Params:
 
 
 def sparse_decode_ffn(params: model.Params, cfg: ModelConfig, implementation: str = "auto") -> Any:
-    """The decode FFN hook (:data:`prosparse_jax.inference.decode.FFNImpl`) that runs :func:`prosparse_jax.inference.sparse_ffn.sparse_ffn`:
-    only the active neurons' rows of W_up / W_down are read (the union over the batch rows). The zeros it reports per
-    token are d_ff minus that union's size (a lower bound of each row's own count when B > 1). ``implementation``:
-    the sparse FFN backend (``functools.partial(sparse_decode_ffn, implementation=...)`` picks one)."""
+    """The decode FFN hook (:data:`prosparse_jax.inference.decode.FFNImpl`) that runs
+    :func:`prosparse_jax.inference.sparse_ffn.sparse_ffn`: only the active neurons' rows of W_up / W_down are read (the
+    union over the batch rows). The zeros it reports per token are d_ff minus that union's size (a lower bound of each
+    row's own count when B > 1). ``implementation``: the sparse FFN backend (``functools.partial(sparse_decode_ffn,
+    implementation=...)`` picks one)."""
     del params
     taus_L = jnp.asarray(cfg.neuron_thresholds, jnp.float32) if cfg.neuron_thresholds else None
 
@@ -222,12 +203,12 @@ def sparse_decode_ffn(params: model.Params, cfg: ModelConfig, implementation: st
             ) -> tuple[jax.Array, jax.Array]:
         del valid_BxT
         B, T, _ = x_BxTxD.shape  # T == 1 in decode steps
-        norms_F = lp["w_down_norms_LxF"] if "w_down_norms_LxF" in lp else \
-            jnp.linalg.norm(lp["w_down_LxFxD"].astype(jnp.float32), axis=-1)
+        norms_F = lp["w_down_norms_F"] if "w_down_norms_F" in lp else \
+            jnp.linalg.norm(lp["w_down_FxD"].astype(jnp.float32), axis=-1)
         out_BxD, count = sparse_ffn_lib.sparse_ffn(
-            x_BxTxD.reshape(B * T, -1), lp["w_gate_LxDxF"], lp["w_up_LxDxF"], lp["w_down_LxFxD"],
+            x_BxTxD.reshape(B * T, -1), lp["w_gate_DxF"], lp["w_up_DxF"], lp["w_down_FxD"],
             activation=cfg.activation, threshold=cfg.activation_threshold,
-            taus=None if taus_L is None else taus_L[layer], w_down_norms_F=norms_F, w_up_FxD=lp.get("w_up_t_LxFxD"),
+            taus=None if taus_L is None else taus_L[layer], w_down_norms_F=norms_F, w_up_FxD=lp.get("w_up_t_FxD"),
             implementation=implementation)
         zeros_BxT = jnp.broadcast_to((cfg.d_ff - count).astype(jnp.float32), (B, T))
         return out_BxD.reshape(B, T, -1).astype(x_BxTxD.dtype), zeros_BxT
@@ -236,28 +217,34 @@ def sparse_decode_ffn(params: model.Params, cfg: ModelConfig, implementation: st
 
 
 def sparse_config(cfg: ModelConfig, sparse: bool) -> ModelConfig:
-    """The config a CLI run decodes with: the sparse mode's thresholds with ``sparse``, else a dense FFN."""
+    """The config :func:`generate_text` decodes with: the sparse mode's thresholds with ``sparse``, else a dense FFN."""
     if not sparse:
         return cfg.replace(neuron_thresholds=())
     if not cfg.neuron_thresholds and cfg.activation not in RELU_FAMILY:
-        raise cli.UsageError(
-            f"--sparse: this {cfg.activation} model has no model.neuron_thresholds; get them with `python -m "
-            "prosparse_jax.analysis.analyze --metric=pplp --value=1` and pass --config.model.neuron_thresholds or use its "
-            "sparse_mode.json")
+        raise UsageError(
+            f"sparse: this {cfg.activation} model has no model.neuron_thresholds; get them with `python -m "
+            "prosparse_jax.main.analyze --metric=pplp --value=1` and set model.neuron_thresholds (its "
+            "sparse_mode.json)")
     return cfg
 
 
-def run_cli(checkpoint_path: str, prompt: str, *, step: int | None, max_new_tokens: int, sparse: bool,
-            implementation: str = "auto", **sampling: Any) -> tuple[str, dict[str, Any]]:
-    """(generated text, stats dict) of the CLI: loads, checks the prompt against the context, generates."""
+def generate_text(checkpoint_path: str, prompt: str, *, step: int | None = None, max_new_tokens: int = 64,
+                  sparse: bool = False, implementation: str = "auto", temperature: float = 0.0, top_k: int = 0,
+                  top_p: float = 1.0, seed: int = 0) -> tuple[str, dict[str, Any]]:
+    """(continuation, stats) of ``prompt`` by the model of a workdir or HF folder (at ``step``, default latest).
+
+    ``sparse`` decodes in the sparse mode with the sparse FFN ``implementation``; sampling as in :func:`generate`.
+    The prompt must fit the model's context (:func:`prosparse_jax.inference.score.context_window`).
+    """
     from tokenizers import Tokenizer
 
     if max_new_tokens < 1:
-        raise cli.UsageError(f"--max_new_tokens: must be at least 1, got {max_new_tokens}")
+        raise UsageError(f"max_new_tokens: must be at least 1, got {max_new_tokens}")
     if not prompt:
-        raise cli.UsageError("--prompt: empty; give the text to continue")
+        raise UsageError("prompt: empty; give the text to continue")
+    files.check_model_path(checkpoint_path, "checkpoint")
     context, source = score.context_window(checkpoint_path)
-    mcfg, params, tok_path = checkpoint.load_model(checkpoint_path, step)
+    mcfg, params, tok_path = load_model(checkpoint_path, step)
     if tok_path is None:
         raise checkpoint.CheckpointError(
             f"{checkpoint_path} has no tokenizer.json; copy the tokenizer used for training next to config.json")
@@ -265,34 +252,18 @@ def run_cli(checkpoint_path: str, prompt: str, *, step: int | None, max_new_toke
     tok = Tokenizer.from_file(str(tok_path))
     ids = tok.encode(prompt).ids
     if not ids:
-        raise cli.UsageError("--prompt: encodes to zero tokens; give some text")
+        raise UsageError("prompt: encodes to zero tokens; give some text")
     if len(ids) > context:
-        raise cli.UsageError(f"--prompt: {len(ids)} tokens, longer than the model's context of {context} ({source});"
+        raise UsageError(f"prompt: {len(ids)} tokens, longer than the model's context of {context} ({source});"
                              " shorten it")
-    eos = tok.token_to_id("<|endoftext|>")
+    eos = tok.token_to_id(EOS_TOKEN)
     if sparse:  # the sparse FFN kernel in every decode step, with its per-layer tensors prepared once
         params = prepare_sparse_params(params)
     news, stats = generate(params, mcfg, [ids], max_new_tokens=max_new_tokens, eos_id=eos,
                            ffn=functools.partial(sparse_decode_ffn, implementation=implementation) if sparse else None,
-                           **sampling)
+                           temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
     return tok.decode(news[0]), {
         "prefill_tokens_per_s": stats.prefill_tokens_per_s, "decode_tokens_per_s": stats.decode_tokens_per_s,
         "sparsity_per_layer": stats.sparsity_per_layer, "prompt_tokens": len(ids),
         "new_tokens": len(news[0]), "sparse": sparse,
         "implementation": sparse_ffn_lib.resolve_implementation(implementation) if sparse else None}
-
-
-def main(argv: list[str] | None = None) -> int:
-    """CLI entry point: parses ``argv`` (default ``sys.argv``), prints the text and a JSON line; the exit code."""
-    def body() -> str:
-        cli.check_model_path(_CHECKPOINT.value, "--checkpoint")
-        text, stats = run_cli(_CHECKPOINT.value, _PROMPT.value, step=_STEP.value, max_new_tokens=_MAX_NEW.value,
-                              sparse=_SPARSE.value, implementation=_IMPLEMENTATION.value,
-                              temperature=_TEMPERATURE.value, top_k=_TOP_K.value, top_p=_TOP_P.value, seed=_SEED.value)
-        return f"{text}\n{json.dumps(stats)}"
-
-    return cli.run("generate", FLAGS, argv, body, (OSError, ValueError, checkpoint.CheckpointError), __doc__)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

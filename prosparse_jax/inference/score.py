@@ -1,54 +1,39 @@
-r"""Scores a text with a model: per-token log-probabilities as JSON.
-
-    python -m prosparse_jax.inference.score --checkpoint=<workdir or HF folder> (--text="..." | --input=file.txt) \
-        [--step=N --window=N]
+"""Scores a text with a model: per-token log-probabilities (command line: :mod:`prosparse_jax.main.score`).
 
 Output: ``{"token_ids", "tokens", "logprobs", "total_logprob", "num_tokens", "context"}``; ``logprobs[i]`` =
 log p(t_i | t_<i) for i >= 1 and ``logprobs[0]`` is null (nothing conditions the first token); ``total_logprob`` sums
 the non-null ones.
 
-Context: a text longer than the model's context (``--window``; default the run's ``data.seq_len``, else the HF
+Context: a text longer than the model's context (``window``; default the run's ``data.seq_len``, else the HF
 config's ``max_position_embeddings``) is scored in windows of that many tokens overlapping by half a window, so every
-token is conditioned on at least half a window of text before it and no forward exceeds the context; a warning on
-stderr says so, and ``context`` = {window, window_source, windows, policy} records it in the JSON.
+token is conditioned on at least half a window of text before it and no forward exceeds the context;
+``context`` = {window, window_source, windows, policy} records it in the JSON.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import sys
 from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import flags
 
+from prosparse_jax import files
 from prosparse_jax.config import ModelConfig
-from prosparse_jax.main import common as cli
+from prosparse_jax.errors import InputError, UsageError
 from prosparse_jax.model import transformer as model
 from prosparse_jax.training import checkpoint
+from prosparse_jax.training.load import load_model
 
 DEFAULT_WINDOW = 2048  # tokens; the context of a model whose config records none
-
-FLAGS = flags.FlagValues()  # own flag set: the CLI modules can be imported together (tests)
-_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Workdir or HF model folder.", flag_values=FLAGS)
-_STEP = flags.DEFINE_integer("step", None, "Checkpoint step of a workdir; default: the latest.", flag_values=FLAGS)
-_TEXT = flags.DEFINE_string("text", None, "Text to score.", flag_values=FLAGS)
-_INPUT = flags.DEFINE_string("input", None, "File whose contents are scored (instead of --text).", flag_values=FLAGS)
-_WINDOW = flags.DEFINE_integer("window", None, "Context window in tokens; a longer text is scored in overlapping "
-                               "windows. Default: the run's data.seq_len, else the HF config's "
-                               f"max_position_embeddings, else {DEFAULT_WINDOW}.", flag_values=FLAGS)
-flags.mark_flags_as_required(["checkpoint"], flag_values=FLAGS)
-flags.mark_flags_as_mutual_exclusive(["text", "input"], required=True, flag_values=FLAGS)
 
 
 def context_window(checkpoint_path: str | os.PathLike) -> tuple[int, str]:
     """(tokens, where that number comes from) of the context a model was trained / configured for."""
     cfg_file = Path(checkpoint_path) / "config.json"
-    raw = cli.read_json(cfg_file, "config.json") if cfg_file.is_file() else {}
+    raw = files.read_json(cfg_file, "config.json") if cfg_file.is_file() else {}
     seq_len = raw.get("data", {}).get("seq_len") if isinstance(raw.get("data"), dict) else None
     if isinstance(seq_len, int) and seq_len > 0:
         return seq_len, "the run's data.seq_len"
@@ -91,18 +76,19 @@ def score(checkpoint_path: str | os.PathLike, text: str, *, step: int | None = N
     from tokenizers import Tokenizer
 
     if window is not None and window < 2:
-        raise ValueError(f"--window: must be at least 2 tokens, got {window}")
-    win, source = (window, "--window") if window is not None else context_window(checkpoint_path)
-    mcfg, params, tok_path = checkpoint.load_model(checkpoint_path, step)
+        raise UsageError(f"window: must be at least 2 tokens, got {window}")
+    files.check_model_path(checkpoint_path, "checkpoint")
+    win, source = (window, "the window argument") if window is not None else context_window(checkpoint_path)
+    mcfg, params, tok_path = load_model(checkpoint_path, step)
     if tok_path is None:
         raise checkpoint.CheckpointError(
             f"{checkpoint_path} has no tokenizer.json; copy the tokenizer used for training next to config.json")
     tok = Tokenizer.from_file(str(tok_path))
     ids = tok.encode(text).ids
     if not ids:
-        raise ValueError("the text encodes to zero tokens; nothing to score")
+        raise UsageError("text: encodes to zero tokens; nothing to score")
     if max(ids) >= mcfg.vocab_size:
-        raise ValueError(f"tokenizer id {max(ids)} >= model vocab_size {mcfg.vocab_size}: tokenizer and model differ")
+        raise InputError(f"tokenizer id {max(ids)} >= model vocab_size {mcfg.vocab_size}: tokenizer and model differ")
     lps, forwards = window_logprobs(params, mcfg, ids, win)
     policy = ("whole text in one forward" if forwards == 1 else
               f"{forwards} windows of {win} tokens overlapping by {win // 2}: every token after the first {win} is "
@@ -115,34 +101,3 @@ def score(checkpoint_path: str | os.PathLike, text: str, *, step: int | None = N
         "num_tokens": len(ids),
         "context": {"window": win, "window_source": source, "windows": forwards, "policy": policy},
     }
-
-
-def _read_input(path: str) -> str:
-    try:
-        return Path(path).read_text()
-    except (OSError, UnicodeDecodeError) as e:
-        why = "not UTF-8 text" if isinstance(e, UnicodeDecodeError) else (e.strerror or str(e))
-        raise cli.UsageError(f"--input: cannot read {path}: {why}") from None
-
-
-def main(argv: list[str] | None = None) -> int:
-    """CLI entry point: parses ``argv`` (default ``sys.argv``), prints the JSON; returns the exit code.
-
-    A text longer than the context window is scored in windows, with one warning line on stderr saying so.
-    """
-    def body() -> str:
-        cli.check_model_path(_CHECKPOINT.value, "--checkpoint")
-        text = _TEXT.value if _TEXT.value is not None else _read_input(_INPUT.value)
-        res = score(_CHECKPOINT.value, text, step=_STEP.value, window=_WINDOW.value)
-        ctx = res["context"]
-        if ctx["windows"] > 1:
-            print(f"score: warning: the text is {res['num_tokens']} tokens, longer than the context of "
-                  f"{ctx['window']} tokens ({ctx['window_source']}); scored in {ctx['policy']} (--window to change)",
-                  file=sys.stderr)
-        return json.dumps(res)
-
-    return cli.run("score", FLAGS, argv, body, (OSError, ValueError, checkpoint.CheckpointError), __doc__)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

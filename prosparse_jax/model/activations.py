@@ -1,7 +1,6 @@
-"""Registry of gated-FFN activations: the single place where x1 = act(gate) * up is formed.
+"""Registry of gated-FFN activations and :func:`ffn_product`, the one place where x1 = act(gate) * up is formed.
 
-Every FFN in the model calls :func:`ffn_product` exactly once per layer; adding an activation means adding one entry
-to ``ACTIVATIONS``.
+Adding an activation means adding one entry to ``ACTIVATIONS``.
 
 FATReLU convention (ProSparse Eq. 3; public implementations disagree): ``fatrelu_t(z) = z if z >= t else 0``. A gate
 pre-activation exactly equal to the threshold is *kept*. With t = 0 FATReLU equals ReLU.
@@ -56,7 +55,11 @@ RELU_FAMILY = frozenset({"relu", "fatrelu", "drelu", "relu2"})
 
 
 def check_activation(name: str) -> None:
-    """Raises ValueError naming the choices if ``name`` is not a registered activation."""
+    """Raises ValueError naming the choices if ``name`` is not a registered activation.
+
+    For callers that take an activation name directly (``nnx.GatedFFN``, ``sparse_ffn``); a config's name is checked by
+    ``ModelConfig``, and :func:`ffn_product` expects a valid one.
+    """
     if name not in ACTIVATIONS:
         raise ValueError(f"unknown activation {name!r}; choose one of: {', '.join(ACTIVATIONS)}")
 
@@ -65,12 +68,11 @@ def ffn_product(name: str, gate: Array, up: Array, threshold: float = 0.0) -> tu
     """Returns (x1, act(gate)) with x1 = act(gate) * up (dReLU: relu(gate) * relu(up)).
 
     Args:
-      name: activation name from ``ACTIVATIONS``.
+      name: a key of ``ACTIVATIONS``.
       gate: x @ W_gate, any shape.
       up: x @ W_up, same shape as ``gate``.
       threshold: FATReLU threshold t (ignored by the other activations).
     """
-    check_activation(name)
     fn, on_up = ACTIVATIONS[name]
     act_gate = fn(gate, threshold)
     if on_up:

@@ -1,51 +1,23 @@
 """Causal self-attention over packed sequences: one interface, one backend per platform.
 
-``dot_product_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT, implementation=...)`` reads like
-``jax.nn.dot_product_attention(..., implementation=...)``: the backends in :data:`IMPLEMENTATIONS` compute the same
-function. The model calls it in two steps: :func:`prepare` once per forward pass (the mask in the form its backend
-reads, shared by every layer) and :func:`attend` per layer; ``model.attention`` in the config picks the backend.
-
-The function, for every backend: query t attends key s iff s <= t and segment_ids[s] == segment_ids[t] (id 0 marks
-padding, a segment of its own, so no row is empty); q arrives already scaled by H^-0.5; GQA: query head n reads kv
-head n // (N / K); scores and softmax in float32, the probabilities cast to the input dtype before the product with v.
-
-Backends (all take packed segments and GQA):
-  ``xla_blocks``  pure XLA, any platform; the CPU default. Blocks of :data:`ATTN_BLOCK` query rows, each meeting only
-                  the keys up to its last row (the key blocks above the diagonal are skipped, not masked), with an
-                  additive bias per block; the G = N / K query heads of a kv head are folded into the query axis.
-                  The only backend for KV-cache decoding (``decode`` passes its bias blocks over the cache).
-  ``xla``         ``jax.nn.dot_product_attention(implementation="xla")``: any platform; materialises the full
-                  [B, N, T, T] float32 scores (memory grows with T^2). The same-segment mask is [B, 1, T, T].
-  ``cudnn``       ``jax.nn.dot_product_attention(implementation="cudnn")``: cuDNN flash attention (CUDA GPUs, a
-                  CUDA build of jax); bfloat16 / float16 only; head_dim a multiple of 8 and <= 128 (<= 256 from
-                  Hopper on). Segments reach cuDNN as the [B, 1, T, T] mask (turned into an additive bias, whose
-                  unused gradient cuDNN also computes); jax 0.10.2 exposes cuDNN's packed-segment layout only in
-                  private API.
-  ``splash``      Pallas TPU splash attention (``jax.experimental.pallas.ops.tpu.splash_attention``): its MHA kernel
-                  takes K kv heads for N query heads (GQA without copies) and segment ids natively, and skips the
-                  fully masked causal blocks; T must be a multiple of 128. One kernel per example, vmapped over the
-                  batch; under a mesh context (``jax.set_mesh``) the batch is split over every mesh axis with
-                  ``shard_map`` (Mosaic kernels cannot be partitioned automatically: a multi-device jit without the
-                  mesh in context fails to lower). ``interpret=True`` runs it on CPU (tests); without it a CPU
-                  refuses it when compiling ("Only interpret mode is supported on CPU backend").
-  ``auto``        by ``jax.default_backend()`` when traced: cpu -> xla_blocks; gpu -> cudnn for bfloat16 / float16,
-                  xla for float32 (cuDNN has no float32 kernel; on ROCm set 'xla'); tpu -> splash when T % 128 == 0,
-                  else xla. When exporting for another platform than the tracing host's (``jax.export``), name the
-                  backend: auto resolves on the host.
-
-``jax.experimental.pallas.ops.tpu.flash_attention`` (the older TPU kernel) is not registered: it needs as many kv
-heads as query heads and has no interpret mode.
+:func:`prepare` builds the mask once per forward pass, in the form its backend reads; :func:`attend` runs a layer's
+attention with it. ``model.attention`` names the backend (:data:`NAMES`; ``auto`` picks by platform). Every backend
+computes the same function: query t attends key s iff s <= t and segment_ids[s] == segment_ids[t] (id 0 marks
+padding, a segment of its own, so no row is empty); q arrives scaled by H^-0.5; query head n reads kv head n // (N / K);
+scores and softmax in float32, the probabilities cast to the input dtype before the product with v. Only
+``xla_blocks`` attends over a KV cache (more keys than queries).
 """
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec
+
+from prosparse_jax.errors import ConfigError, did_you_mean
 
 Array = jax.Array
 BiasBlocks = list[tuple[int, int, Array]]
@@ -138,15 +110,17 @@ def _xla(q_BxTxNxH: Array, k_BxTxKxH: Array, v_BxTxKxH: Array, mask_Bx1xTxT: Arr
 
 def _cudnn(q_BxTxNxH: Array, k_BxTxKxH: Array, v_BxTxKxH: Array, mask_Bx1xTxT: Array | None,
            interpret: bool) -> Array:
+    """cuDNN flash attention (CUDA GPUs, a CUDA build of jax): bfloat16 / float16 only, head_dim a multiple of 8 and
+    <= 128 (<= 256 from Hopper on). Segments arrive as the [B, 1, T, T] mask, which cuDNN takes as an additive bias."""
     del interpret
     if q_BxTxNxH.dtype not in (jnp.bfloat16, jnp.float16):
-        raise ValueError(f"attention 'cudnn': cuDNN flash attention takes bfloat16 or float16, got "
+        raise ConfigError(f"attention 'cudnn': cuDNN flash attention takes bfloat16 or float16, got "
                          f"{q_BxTxNxH.dtype}; set model.dtype='bfloat16', or model.attention='xla' for float32")
     try:
         return jax.nn.dot_product_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, mask=mask_Bx1xTxT, scale=1.0,
                                             is_causal=True, implementation="cudnn")
     except (RuntimeError, NotImplementedError) as e:  # no cuDNN in this jax build, or a shape cuDNN refuses
-        raise ValueError(f"attention 'cudnn' cannot run this: {e}. Use model.attention='xla' (any platform) or "
+        raise ConfigError(f"attention 'cudnn' cannot run this: {e}. Use model.attention='xla' (any platform) or "
                          "'auto'") from e
 
 
@@ -160,11 +134,15 @@ def _segment_ids(segment_ids_BxT: Array | None, B: int, T: int, block: int) -> A
 
 def _splash(q_BxTxNxH: Array, k_BxTxKxH: Array, v_BxTxKxH: Array, segment_ids_BxT: Array | None,
             interpret: bool) -> Array:
+    """Pallas TPU splash attention: K kv heads for N query heads without copies, segment ids natively, the fully
+    masked causal blocks skipped; one kernel per example, vmapped over the batch. Under a mesh context
+    (``jax.set_mesh``) the batch is split over every mesh axis with ``shard_map``: Mosaic kernels cannot be partitioned
+    automatically. ``interpret=True`` runs it on a CPU."""
     from jax.experimental.pallas.ops.tpu import splash_attention as sa  # Pallas TPU: imported when used
 
     B, T, N, _ = q_BxTxNxH.shape
     if T % SPLASH_LANES:
-        raise ValueError(f"attention 'splash' needs a sequence length that is a multiple of {SPLASH_LANES} (the TPU "
+        raise ConfigError(f"attention 'splash' needs a sequence length that is a multiple of {SPLASH_LANES} (the TPU "
                          f"lane width), got T={T}; set data.seq_len to one, or model.attention='xla'")
     b = next(b for b in (512, 256, 128) if T % b == 0)
     sizes = sa.BlockSizes(block_q=b, block_kv=b, block_kv_compute=b, block_q_dkv=b, block_kv_dkv=b,
@@ -184,7 +162,7 @@ def _splash(q_BxTxNxH: Array, k_BxTxKxH: Array, v_BxTxKxH: Array, segment_ids_Bx
     if mesh.empty:
         return batched(*args)
     if B % mesh.size:
-        raise ValueError(f"attention 'splash' splits the batch over the {mesh.size} devices of the mesh "
+        raise ConfigError(f"attention 'splash' splits the batch over the {mesh.size} devices of the mesh "
                          f"{dict(mesh.shape)}, but the (micro-)batch is {B}; make it a multiple of {mesh.size}")
     spec = PartitionSpec(mesh.axis_names)  # the batch over every mesh axis (data x fsdp), heads and T whole
     return jax.shard_map(batched, in_specs=(spec,) * len(args), out_specs=spec, check_vma=False)(*args)
@@ -205,7 +183,9 @@ NAMES = ("auto", *IMPLEMENTATIONS)  # what ``model.attention`` accepts
 def resolve_implementation(implementation: str, *, dtype: Any = jnp.float32, seq_len: int = 0,
                            platform: str | None = None) -> str:
     """A key of :data:`IMPLEMENTATIONS`: ``implementation`` itself, or what ``auto`` means on ``platform``
-    (default: ``jax.default_backend()``) for inputs of ``dtype`` and length ``seq_len`` (see the module docstring).
+    (default: ``jax.default_backend()``) for inputs of ``dtype`` and length ``seq_len``: the platform's fused kernel
+    where it can run the inputs (cudnn: 16-bit floats; splash: T a multiple of 128), else ``xla``; ``xla_blocks`` on
+    a CPU. When exporting for another platform than the host's, name the backend: ``auto`` resolves on the host.
 
     Raises:
       ValueError: an unknown name; the message lists the valid ones.
@@ -218,15 +198,14 @@ def resolve_implementation(implementation: str, *, dtype: Any = jnp.float32, seq
             return "splash" if seq_len % SPLASH_LANES == 0 else "xla"
         return "xla_blocks"
     if implementation not in IMPLEMENTATIONS:
-        close = difflib.get_close_matches(str(implementation), NAMES, n=1, cutoff=0.6)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise ValueError(f"unknown attention implementation {implementation!r}{hint}; choose one of: "
+        raise ValueError(f"unknown attention implementation {implementation!r}"
+                         f"{did_you_mean(str(implementation), NAMES)}; choose one of: "
                          f"{', '.join(NAMES)}")
     return implementation
 
 
 def prepare(implementation: str, segment_ids_BxT: Array | None, B: int, T: int, *, dtype: Any = jnp.float32,
-            block: int | None = None) -> Mask:
+            block: int = ATTN_BLOCK) -> Mask:
     """The mask every layer of one forward pass reads, in the form of ``implementation`` (``auto`` resolved).
 
     Args:
@@ -235,10 +214,10 @@ def prepare(implementation: str, segment_ids_BxT: Array | None, B: int, T: int, 
       B: batch size.
       T: sequence length.
       dtype: dtype of q, k and v (``auto`` on GPU picks by it).
-      block: xla_blocks' query rows per block; None = :data:`ATTN_BLOCK`.
+      block: xla_blocks' query rows per block.
     """
     name = resolve_implementation(implementation, dtype=dtype, seq_len=T)
-    return Mask(name, IMPLEMENTATIONS[name].prepare(segment_ids_BxT, B, T, block or ATTN_BLOCK))
+    return Mask(name, IMPLEMENTATIONS[name].prepare(segment_ids_BxT, B, T, block))
 
 
 def attend(q_BxTxNxH: Array, k_BxSxKxH: Array, v_BxSxKxH: Array, mask: Mask | BiasBlocks, *,
@@ -257,10 +236,3 @@ def attend(q_BxTxNxH: Array, k_BxSxKxH: Array, v_BxSxKxH: Array, mask: Mask | Bi
                          f"T={T} queries and S={S} keys; attention over a KV cache runs 'xla_blocks'")
     return IMPLEMENTATIONS[mask.implementation].attend(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask.data, interpret)
 
-
-def dot_product_attention(q_BxTxNxH: Array, k_BxTxKxH: Array, v_BxTxKxH: Array, segment_ids_BxT: Array | None = None,
-                          *, implementation: str = "auto", interpret: bool = False, block: int | None = None) -> Array:
-    """Causal self-attention over packed sequences in one call: :func:`prepare` then :func:`attend`."""
-    B, T = q_BxTxNxH.shape[:2]
-    mask = prepare(implementation, segment_ids_BxT, B, T, dtype=q_BxTxNxH.dtype, block=block)
-    return attend(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, mask, interpret=interpret)

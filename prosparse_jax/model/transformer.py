@@ -1,26 +1,19 @@
 """Pure functional LLaMA / MiniCPM decoder with a gated FFN and per-layer activation statistics.
 
-Parameters are a plain pytree (nested dicts of float32 arrays) whose leaf names carry their shapes; the layer
-parameters are stacked on a leading ``L`` axis and the layers run under ``jax.lax.scan`` (fast compiles at 52 layers,
-one place for rematerialisation). ``forward`` is a pure function of (params, token ids, config) that returns logits
-*and* the FFN statistics measured where the activation is applied -- no second pass.
+Parameters are a plain pytree of float32 arrays whose leaf names carry their shapes. The layer parameters come in two
+layouts: stacked, ``params["layers"] = {name: [L, ...]}`` (canonical: checkpoints, HF conversion, analysis; the
+layers run under ``lax.scan``), and per-layer, ``params["layers"] = [{name: [1, ...]}] * L`` (the layers run
+unrolled, so each layer's gradient is its own buffer: training with ``model.scan_layers = False``, decoding). Inside
+a layer the L axis and the ``Lx`` of the names are gone (``w_gate_LxDxF`` is read as ``w_gate_DxF``).
 
-Layer layouts. The stacked form ``params["layers"] = {name: [L, ...]}`` is the canonical one (checkpoints, HF
-conversion, analysis). The per-layer form ``params["layers"] = [{name: [1, ...]}] * L`` (same leaf names, L = 1 in each
-group; :func:`unstack_layers` / :func:`stack_layers`) runs the layers unrolled. Training uses it when
-``model.scan_layers = False``: the gradient of each layer is then its own buffer, with none of the scan's costs
-(zero-filled stacked residual and gradient buffers, dynamic slices and updates of them), which on CPU is ~10% of a step.
+Shape letters: B batch, T sequence, S keys, D d_model, N query heads, K kv heads, G = N / K, H head_dim, F d_ff,
+V vocab, L layers.
 
-Shape letters: B batch, T sequence, D d_model, N query heads, K kv heads, G = N / K, H head_dim, F d_ff, V vocab,
-L layers.
-
-Forward (MiniCPM, arXiv 2404.06395, and its public modeling code; LLaMA 2 when all scales are 1):
-h0 = embed(ids) * scale_emb; per layer
+Forward (MiniCPM, arXiv 2404.06395; LLaMA 2 when all scales are 1): h0 = embed(ids) * scale_emb; per layer
 h += attn(RMSNorm(h)) * r and h += ffn(RMSNorm(h)) * r with r = scale_depth / sqrt(L) (1 for LLaMA);
 logits = RMSNorm(h) / (d_model / dim_model_base) @ head. RMSNorm and softmax in float32, half-split RoPE.
-
-Attention: ``cfg.attention`` names the backend (:mod:`prosparse_jax.model.attention`: xla_blocks, xla, cudnn, splash or
-auto = by platform); :func:`forward` builds its mask once, :func:`attend` runs it in every layer.
+:func:`decoder_block` and :func:`run_layers` are the one block and the one layer loop: :func:`forward` and the
+KV-cache decoder (:mod:`prosparse_jax.inference.decode`) differ only in the attention and the FFN they hand in.
 """
 
 from __future__ import annotations
@@ -34,12 +27,9 @@ import jax.numpy as jnp
 from prosparse_jax.config import ModelConfig
 from prosparse_jax.model import attention as attention_lib
 from prosparse_jax.model.activations import ffn_product
-from prosparse_jax.model.layouts import layer_param, stack_layers, unstack_layers  # noqa: F401 - part of the model API
 
 Array = jax.Array
 Params = dict[str, Any]
-
-_NEG_INF = attention_lib.NEG_INF  # decode's bias over the KV cache
 
 
 class FFNStats(NamedTuple):
@@ -57,7 +47,7 @@ class FFNStats(NamedTuple):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Parameters
+# Parameters and their two layer layouts
 # ---------------------------------------------------------------------------------------------------------------
 def init_params(cfg: ModelConfig, rng: Array) -> Params:
     """Random float32 parameters: matrices ~ N(0, init_std), norms = 1 (MiniCPM/µP style init)."""
@@ -92,9 +82,67 @@ def abstract_params(cfg: ModelConfig) -> Params:
     return jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
 
 
+def is_per_layer(params: Params) -> bool:
+    """True when ``params["layers"]`` is in the per-layer layout (a list of groups), False when stacked."""
+    return isinstance(params["layers"], (list, tuple))
+
+
+def _is_layers_holder(x: Any) -> bool:
+    return isinstance(x, dict) and "layers" in x
+
+
+def unstack_layers(tree: Any) -> Any:
+    """Per-layer form of any pytree holding params-shaped dicts (params, optimizer moments, shardings).
+
+    Every ``{"layers": {name: [L, ...]}}`` becomes ``{"layers": [{name: [1, ...]}, ... L groups]}``; the rest of the
+    tree is unchanged. Already per-layer trees are returned as they are.
+    """
+
+    def split(node: Any) -> Any:
+        if not _is_layers_holder(node) or is_per_layer(node):
+            return node
+        stacked = node["layers"]
+        n = {jnp.shape(v)[0] for v in stacked.values()}
+        if len(n) != 1:
+            raise ValueError(f"stacked layer leaves disagree on the number of layers: {sorted(n)}")
+        groups = [{k: v[i:i + 1] for k, v in stacked.items()} for i in range(n.pop())]
+        return dict(node, layers=groups)
+
+    return jax.tree.map(split, tree, is_leaf=_is_layers_holder)
+
+
+def stack_layers(tree: Any) -> Any:
+    """Inverse of :func:`unstack_layers`: the canonical stacked form (a no-op on stacked trees)."""
+
+    def join(node: Any) -> Any:
+        if not _is_layers_holder(node) or not is_per_layer(node):
+            return node
+        groups = node["layers"]
+        return dict(node, layers={k: jnp.concatenate([g[k] for g in groups], axis=0) for k in groups[0]})
+
+    return jax.tree.map(join, tree, is_leaf=_is_layers_holder)
+
+
+def layer_param(params: Params, name: str) -> Array:
+    """One stacked [L, ...] layer parameter from params in either layout."""
+    if is_per_layer(params):
+        return jnp.concatenate([g[name] for g in params["layers"]], axis=0)
+    return params["layers"][name]
+
+
+def _in_layer(lp_sliced: Params) -> Params:
+    """One layer's leaves, their L axis taken, under their in-layer names (``w_gate_LxDxF`` -> ``w_gate_DxF``)."""
+    return {k.replace("_Lx", "_", 1): v for k, v in lp_sliced.items()}
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Building blocks
 # ---------------------------------------------------------------------------------------------------------------
+def embed(params: Params, ids_BxT: Array, cfg: ModelConfig) -> Array:
+    """The first hidden states, embed(ids) * scale_emb, [B, T, D] in ``cfg.dtype``."""
+    return (params["embed_VxD"][ids_BxT] * cfg.scale_emb).astype(jnp.dtype(cfg.dtype))
+
+
 def rms_norm(x: Array, w: Array, eps: float) -> Array:
     """RMSNorm computed in float32, cast back to the input dtype."""
     x32 = x.astype(jnp.float32)
@@ -108,7 +156,7 @@ def rope_tables(positions_BxT: Array, H: int, theta: float) -> tuple[Array, Arra
     ang_BxTxH2 = positions_BxT.astype(jnp.float32)[..., None] * inv_freq
     cs_2xBxTxH2 = jnp.stack([jnp.cos(ang_BxTxH2), jnp.sin(ang_BxTxH2)])
     # Materialised by an exact product with the identity: otherwise XLA fuses cos/sin into each consumer and evaluates
-    # them for every element of [B, T, N, H/2], in every layer and again in the backward pass (~4% of a CPU step).
+    # them for every element of [B, T, N, H/2], in every layer and again in the backward pass.
     cs_2xBxTxH2 = jnp.einsum("cbth,hk->cbtk", cs_2xBxTxH2, jnp.eye(H // 2, dtype=jnp.float32),
                              precision=jax.lax.Precision.HIGHEST)
     return cs_2xBxTxH2[0][:, :, None, :], cs_2xBxTxH2[1][:, :, None, :]
@@ -123,21 +171,6 @@ def apply_rope(x_BxTxNxH: Array, cos_BxTx1xH2: Array, sin_BxTx1xH2: Array) -> Ar
     return out.astype(x_BxTxNxH.dtype)
 
 
-def rope(x_BxTxNxH: Array, positions_BxT: Array, theta: float) -> Array:
-    """Rotary embedding of ``x`` at ``positions`` (:func:`rope_tables` + :func:`apply_rope`)."""
-    return apply_rope(x_BxTxNxH, *rope_tables(positions_BxT, x_BxTxNxH.shape[-1], theta))
-
-
-ATTN_BLOCK = attention_lib.ATTN_BLOCK  # xla_blocks' query rows per block (read when a forward pass is traced)
-
-
-def attention_bias_blocks(segment_ids_BxT: Array | None, T: int, B: int,
-                          block: int | None = None) -> attention_lib.BiasBlocks:
-    """xla_blocks' causal, same-segment bias per block of query rows (:func:`attention.bias_blocks`); ``block``
-    defaults to :data:`ATTN_BLOCK`."""
-    return attention_lib.bias_blocks(segment_ids_BxT, B, T, block or ATTN_BLOCK)
-
-
 def project_qkv(x_BxTxD: Array, lp: Params, rope_cs: tuple[Array, Array], cfg: ModelConfig
                 ) -> tuple[Array, Array, Array]:
     """(q * H^-0.5, k, v) of one layer, RoPE applied: [B, T, N, H], [B, T, K, H], [B, T, K, H]."""
@@ -145,52 +178,54 @@ def project_qkv(x_BxTxD: Array, lp: Params, rope_cs: tuple[Array, Array], cfg: M
     B, T, D = x_BxTxD.shape
     N, K, H = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
     x_MxD = x_BxTxD.reshape(B * T, D)  # 2-D GEMMs: XLA:CPU emits no transposes for their gradients
-    q_BxTxNxH = (x_MxD @ lp["wq_LxDxNxH"].reshape(D, N * H).astype(dt)).reshape(B, T, N, H)
-    k_BxTxKxH = (x_MxD @ lp["wk_LxDxKxH"].reshape(D, K * H).astype(dt)).reshape(B, T, K, H)
-    v_BxTxKxH = (x_MxD @ lp["wv_LxDxKxH"].reshape(D, K * H).astype(dt)).reshape(B, T, K, H)
+    q_BxTxNxH = (x_MxD @ lp["wq_DxNxH"].reshape(D, N * H).astype(dt)).reshape(B, T, N, H)
+    k_BxTxKxH = (x_MxD @ lp["wk_DxKxH"].reshape(D, K * H).astype(dt)).reshape(B, T, K, H)
+    v_BxTxKxH = (x_MxD @ lp["wv_DxKxH"].reshape(D, K * H).astype(dt)).reshape(B, T, K, H)
     return apply_rope(q_BxTxNxH, *rope_cs) * jnp.asarray(H**-0.5, dt), apply_rope(k_BxTxKxH, *rope_cs), v_BxTxKxH
 
 
-def attend(q_BxTxNxH: Array, k_BxSxKxH: Array, v_BxSxKxH: Array, lp: Params,
-           mask: attention_lib.Mask | attention_lib.BiasBlocks, cfg: ModelConfig) -> Array:
-    """Softmax attention (float32) of queries over keys, then the output projection, [B, T, D].
-
-    ``mask`` from :func:`attention.prepare` (the backend ``model.attention`` names), or a list of xla_blocks bias
-    blocks (:func:`attention_bias_blocks`; ``decode`` passes its own over the KV cache).
-    """
-    B, T, N, H = q_BxTxNxH.shape
-    o_MxNH = attention_lib.attend(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask).reshape(B * T, N * H)
-    return (o_MxNH @ lp["wo_LxNxHxD"].reshape(N * H, -1).astype(q_BxTxNxH.dtype)).reshape(B, T, -1)
-
-
-def attention(x_BxTxD: Array, lp: Params, mask: attention_lib.Mask, rope_cs: tuple[Array, Array],
-              cfg: ModelConfig) -> Array:
-    """Grouped-query causal self-attention (no biases): :func:`project_qkv` then :func:`attend`."""
-    return attend(*project_qkv(x_BxTxD, lp, rope_cs, cfg), lp, mask, cfg)
+def attention_output(o_BxTxNxH: Array, lp: Params) -> Array:
+    """The attention's output projection, [B, T, D]."""
+    B, T, N, H = o_BxTxNxH.shape
+    o_MxNH = o_BxTxNxH.reshape(B * T, N * H)
+    return (o_MxNH @ lp["wo_NxHxD"].reshape(N * H, -1).astype(o_BxTxNxH.dtype)).reshape(B, T, -1)
 
 
 # A hook that masks x1 (ProSparse's activation, paper Eq. 1: x1 = act(x W_gate) * (x W_up)) of one layer:
 # ``x1_mask(layer, x1_BxTxF, act_gate_BxTxF, valid_BxT) -> x1_BxTxF`` returns x1 with the dropped neurons zeroed.
-# ``layer`` is the layer index (a traced int32 under ``lax.scan``: index per-layer parameters with it), ``valid_BxT``
-# is False on padding. One hook serves the sparse mode (CETT thresholds, :func:`neuron_norm_mask`), the Top-k / FAT
-# evaluation (:mod:`prosparse_jax.analysis.sparsity`) and sparse decoding.
+# ``layer`` is the layer index (an int32 scalar, traced under ``lax.scan``: index per-layer parameters with it);
+# ``valid_BxT`` is False on padding. One hook serves the sparse mode (CETT thresholds, :func:`neuron_norm_mask`), the
+# Top-k / FAT evaluation (:mod:`prosparse_jax.analysis.sparsity`) and sparse decoding.
 X1Mask = Callable[[Array, Array, Array, Array], Array]
 
 
-def ffn_hidden(x_BxTxD: Array, lp: Params, cfg: ModelConfig) -> tuple[Array, Array]:
-    """Gated FFN up to the activation: (x1, act(gate)), both [B, T, F]; x1 is where activation sparsity lives."""
+def ffn_hidden(x_BxTxD: Array, lp: Params, activation: str, threshold: float = 0.0) -> tuple[Array, Array]:
+    """Gated FFN up to the activation: (x1, act(gate)), both [B, T, F]; x1 is where activation sparsity lives.
+
+    ``lp`` holds one layer's ``w_gate_DxF`` and ``w_up_DxF``; ``activation`` is a registry name and ``threshold``
+    FATReLU's t (:func:`prosparse_jax.model.activations.ffn_product`).
+    """
     dt = x_BxTxD.dtype
     B, T, D = x_BxTxD.shape
     x_MxD = x_BxTxD.reshape(B * T, D)  # 2-D GEMMs: XLA:CPU emits no transposes for their gradients
-    gate_BxTxF = (x_MxD @ lp["w_gate_LxDxF"].astype(dt)).reshape(B, T, -1)
-    up_BxTxF = (x_MxD @ lp["w_up_LxDxF"].astype(dt)).reshape(B, T, -1)
-    return ffn_product(cfg.activation, gate_BxTxF, up_BxTxF, cfg.activation_threshold)
+    gate_BxTxF = (x_MxD @ lp["w_gate_DxF"].astype(dt)).reshape(B, T, -1)
+    up_BxTxF = (x_MxD @ lp["w_up_DxF"].astype(dt)).reshape(B, T, -1)
+    return ffn_product(activation, gate_BxTxF, up_BxTxF, threshold)
 
 
 def ffn_down(x1_BxTxF: Array, lp: Params) -> Array:
     """The FFN's down projection x1 @ W_down, [B, T, D]."""
     B, T, F = x1_BxTxF.shape
-    return (x1_BxTxF.reshape(B * T, F) @ lp["w_down_LxFxD"].astype(x1_BxTxF.dtype)).reshape(B, T, -1)
+    return (x1_BxTxF.reshape(B * T, F) @ lp["w_down_FxD"].astype(x1_BxTxF.dtype)).reshape(B, T, -1)
+
+
+def gated_ffn(x_BxTxD: Array, lp: Params, layer: Array, valid_BxT: Array, cfg: ModelConfig,
+              x1_mask: X1Mask | None) -> tuple[Array, Array, Array]:
+    """The model's FFN of one layer with the x1 hook applied: (output [B, T, D], x1 [B, T, F], act(gate) [B, T, F])."""
+    x1_BxTxF, act_BxTxF = ffn_hidden(x_BxTxD, lp, cfg.activation, cfg.activation_threshold)
+    if x1_mask is not None:
+        x1_BxTxF = x1_mask(layer, x1_BxTxF, act_BxTxF, valid_BxT)
+    return ffn_down(x1_BxTxF, lp), x1_BxTxF, act_BxTxF
 
 
 def neuron_output_norms(x1_BxTxF: Array, w_down_norms_F: Array) -> Array:
@@ -206,8 +241,8 @@ def w_down_norms(params: Params) -> Array:
 def neuron_norm_mask(params: Params, taus_L: Any) -> X1Mask:
     """The sparse mode's hook (CETT, Sparsing Law §4.1): neuron i of layer l is dropped iff n_i <= tau_l.
 
-    The same rule as :func:`prosparse_jax.analysis.sparsity.cett` (its tail holds the neurons with n_i <= tau), so the sparse
-    mode runs exactly what the measurement counted."""
+    The same rule as :func:`prosparse_jax.analysis.sparsity.cett` (its tail holds the neurons with n_i <= tau), so the
+    sparse mode runs exactly what the measurement counted."""
     norms_LxF = w_down_norms(params)
     taus = jnp.asarray(taus_L, jnp.float32)
 
@@ -219,15 +254,9 @@ def neuron_norm_mask(params: Params, taus_L: Any) -> X1Mask:
     return mask
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Forward pass
-# ---------------------------------------------------------------------------------------------------------------
-class _Inputs(NamedTuple):
-    """What every layer reads besides its parameters (built once per forward pass)."""
-
-    mask: attention_lib.Mask
-    rope_cs: tuple[Array, Array]
-    valid_BxT: Array  # noqa: N815 - bool, False on padding
+def sparse_mode_mask(params: Params, cfg: ModelConfig) -> X1Mask | None:
+    """The config's sparse mode (``cfg.neuron_thresholds``, :func:`neuron_norm_mask`), or None when dense."""
+    return neuron_norm_mask(params, cfg.neuron_thresholds) if cfg.neuron_thresholds else None
 
 
 def layer_stats(x1_BxTxF: Array, valid_BxT: Array) -> tuple[Array, Array]:
@@ -239,70 +268,100 @@ def layer_stats(x1_BxTxF: Array, valid_BxT: Array) -> tuple[Array, Array]:
     return mean_abs, zeros
 
 
-def decoder_layer(h_BxTxD: Array, lp: Params, layer: Array | int, inp: _Inputs, cfg: ModelConfig,
-                  x1_mask: X1Mask | None, capture: bool) -> tuple[Array, tuple[Array, ...]]:
-    """One pre-norm block: h += attn(norm(h)) * r; h += ffn(norm(h)) * r. Returns (h, layer statistics)."""
+# ---------------------------------------------------------------------------------------------------------------
+# The decoder block and the layer loop
+# ---------------------------------------------------------------------------------------------------------------
+# The attention of one layer: ``attend(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH) -> (o_BxTxNxH, aux)`` over the layer's new
+# queries (RoPE'd, pre-scaled by H^-0.5), keys (RoPE'd) and values: causal self-attention in :func:`forward`; a KV
+# cache write and the attention over the cache in decoding (``aux``: the layer's updated cache).
+LayerAttention = Callable[[Array, Array, Array], tuple[Array, Any]]
+# The FFN of one layer: ``ffn(x_BxTxD, lp) -> (out_BxTxD, aux)`` of the normed hidden states (``aux``: statistics).
+LayerFFN = Callable[[Array, Params], tuple[Array, Any]]
+# One layer of :func:`run_layers`: ``layer_fn(h_BxTxD, lp, layer, inputs) -> (h_BxTxD, out)``.
+LayerFn = Callable[[Array, Params, Array, Any], tuple[Array, Any]]
+
+
+def decoder_block(h_BxTxD: Array, lp: Params, rope_cs: tuple[Array, Array], attend: LayerAttention, ffn: LayerFFN,
+                  cfg: ModelConfig) -> tuple[Array, tuple[Any, Any]]:
+    """One pre-norm block: h += attn(norm(h)) * r; h += ffn(norm(h)) * r. Returns (h, (attend's aux, ffn's aux))."""
     dt, r = h_BxTxD.dtype, cfg.residual_scale
-    a = attention(rms_norm(h_BxTxD, lp["attn_norm_LxD"], cfg.norm_eps), lp, inp.mask, inp.rope_cs, cfg)
-    h_BxTxD = h_BxTxD + (a * r).astype(dt)
-    x1_BxTxF, act_BxTxF = ffn_hidden(rms_norm(h_BxTxD, lp["ffn_norm_LxD"], cfg.norm_eps), lp, cfg)
-    if x1_mask is not None:
-        x1_BxTxF = x1_mask(jnp.asarray(layer, jnp.int32), x1_BxTxF, act_BxTxF, inp.valid_BxT)
-    h_BxTxD = h_BxTxD + (ffn_down(x1_BxTxF, lp) * r).astype(dt)
-    return h_BxTxD, layer_stats(x1_BxTxF, inp.valid_BxT) + ((x1_BxTxF, act_BxTxF) if capture else ())
+    q_BxTxNxH, k_BxTxKxH, v_BxTxKxH = project_qkv(rms_norm(h_BxTxD, lp["attn_norm_D"], cfg.norm_eps), lp, rope_cs,
+                                                  cfg)
+    o_BxTxNxH, attend_aux = attend(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH)
+    h_BxTxD = h_BxTxD + (attention_output(o_BxTxNxH, lp) * r).astype(dt)
+    out_BxTxD, ffn_aux = ffn(rms_norm(h_BxTxD, lp["ffn_norm_D"], cfg.norm_eps), lp)
+    return h_BxTxD + (out_BxTxD * r).astype(dt), (attend_aux, ffn_aux)
 
 
-def _run_layers(params: Params, h_BxTxD: Array, layer_fn: Callable) -> tuple[Array, tuple[Array, ...]]:
-    """All layers: ``lax.scan`` over the stacked layout, unrolled over the per-layer one; stats stacked on [L]."""
-    if isinstance(params["layers"], (list, tuple)):
-        per_layer = []
+def run_layers(params: Params, h_BxTxD: Array, layer_fn: LayerFn, per_layer_inputs: Any = ()
+               ) -> tuple[Array, Any]:
+    """Runs ``layer_fn`` over every layer: ``lax.scan`` over the stacked layout, unrolled over the per-layer one.
+
+    ``layer_fn`` gets the layer's parameters under their in-layer names, its int32 index and its slice of
+    ``per_layer_inputs`` (a pytree of [L, ...] leaves). Returns (h, the layers' outputs stacked on a leading [L]).
+    """
+    if is_per_layer(params):
+        outs = []
         for i, group in enumerate(params["layers"]):
-            h_BxTxD, o = layer_fn(h_BxTxD, (jax.tree.map(lambda x: x[0], group), i))
-            per_layer.append(o)
-        return h_BxTxD, tuple(jnp.stack(z) for z in zip(*per_layer, strict=True))
+            lp = _in_layer(jax.tree.map(lambda x: x[0], group))
+            h_BxTxD, out = layer_fn(h_BxTxD, lp, jnp.int32(i), jax.tree.map(lambda x, i=i: x[i], per_layer_inputs))
+            outs.append(out)
+        return h_BxTxD, jax.tree.map(lambda *z: jnp.stack(z), *outs)
+
+    def body(h_BxTxD: Array, xs: tuple[Params, Array, Any]) -> tuple[Array, Any]:
+        lp, layer, inputs = xs
+        return layer_fn(h_BxTxD, _in_layer(lp), layer, inputs)
+
     n_layers = jax.tree.leaves(params["layers"])[0].shape[0]
-    return jax.lax.scan(layer_fn, h_BxTxD, (params["layers"], jnp.arange(n_layers, dtype=jnp.int32)))
+    return jax.lax.scan(body, h_BxTxD, (params["layers"], jnp.arange(n_layers, dtype=jnp.int32), per_layer_inputs))
 
 
 def forward(
     params: Params, ids_BxT: Array, cfg: ModelConfig, *, segment_ids_BxT: Array | None = None,
     positions_BxT: Array | None = None, x1_mask: X1Mask | None = None, capture: bool = False,
+    attn_block: int = attention_lib.ATTN_BLOCK,
 ) -> tuple[Array, FFNStats]:
     """Runs the decoder.
 
     Args:
-      params: parameter pytree from :func:`init_params`, stacked (layers under ``lax.scan``) or per-layer
-        (:func:`unstack_layers`; layers unrolled).
+      params: parameter pytree from :func:`init_params`, in either layer layout.
       ids_BxT: int token ids.
       cfg: model config.
       segment_ids_BxT: packed-sequence ids; attention stays within a segment; id 0 marks padding (excluded from the
         statistics). None = one sequence per row.
       positions_BxT: RoPE positions (restart at 0 per segment when packing). None = 0..T-1.
       x1_mask: a hook that masks x1 in every layer (:data:`X1Mask`). None = the config's sparse mode
-        (``cfg.neuron_thresholds``, :func:`neuron_norm_mask`) when set, else dense; a given hook replaces it.
+        (:func:`sparse_mode_mask`) when set, else dense; a given hook replaces it.
       capture: also return the full x1 and act(gate) tensors in the stats.
+      attn_block: query rows per block of the ``xla_blocks`` attention.
 
     Returns:
       (logits [B, T, V] float32, FFNStats with [L]-shaped statistics).
     """
-    dt = jnp.dtype(cfg.dtype)
     B, T = ids_BxT.shape
     if positions_BxT is None:
         positions_BxT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
     valid_BxT = jnp.ones((B, T), bool) if segment_ids_BxT is None else segment_ids_BxT != 0
-    mask = attention_lib.prepare(cfg.attention, segment_ids_BxT, B, T, dtype=dt, block=ATTN_BLOCK)
-    inp = _Inputs(mask, rope_tables(positions_BxT, cfg.head_dim, cfg.rope_theta), valid_BxT)
-    if x1_mask is None and cfg.neuron_thresholds:
-        x1_mask = neuron_norm_mask(params, cfg.neuron_thresholds)
+    mask = attention_lib.prepare(cfg.attention, segment_ids_BxT, B, T, dtype=jnp.dtype(cfg.dtype), block=attn_block)
+    rope_cs = rope_tables(positions_BxT, cfg.head_dim, cfg.rope_theta)
+    if x1_mask is None:
+        x1_mask = sparse_mode_mask(params, cfg)
 
-    def layer(h_BxTxD: Array, xs: tuple[Params, Array | int]) -> tuple[Array, tuple[Array, ...]]:
-        return decoder_layer(h_BxTxD, xs[0], xs[1], inp, cfg, x1_mask, capture)
+    def attend(q_BxTxNxH: Array, k_BxTxKxH: Array, v_BxTxKxH: Array) -> tuple[Array, tuple[()]]:
+        return attention_lib.attend(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, mask), ()
+
+    def layer(h_BxTxD: Array, lp: Params, i: Array, _: Any) -> tuple[Array, tuple[Array, ...]]:
+        def ffn(x_BxTxD: Array, lp: Params) -> tuple[Array, tuple[Array, ...]]:
+            out_BxTxD, x1_BxTxF, act_BxTxF = gated_ffn(x_BxTxD, lp, i, valid_BxT, cfg, x1_mask)
+            return out_BxTxD, layer_stats(x1_BxTxF, valid_BxT) + ((x1_BxTxF, act_BxTxF) if capture else ())
+
+        h_BxTxD, (_, stats) = decoder_block(h_BxTxD, lp, rope_cs, attend, ffn, cfg)
+        return h_BxTxD, stats
 
     if cfg.remat:
         layer = jax.checkpoint(layer, prevent_cse=False)
-    h_BxTxD = (params["embed_VxD"][ids_BxT] * cfg.scale_emb).astype(dt)
-    h_BxTxD, outs = _run_layers(params, h_BxTxD, layer)
-    return head_logits(params, h_BxTxD, cfg), FFNStats(*outs)
+    h_BxTxD, stats = run_layers(params, embed(params, ids_BxT, cfg), layer)
+    return head_logits(params, h_BxTxD, cfg), FFNStats(*stats)
 
 
 def head_logits(params: Params, h_BxTxD: Array, cfg: ModelConfig) -> Array:

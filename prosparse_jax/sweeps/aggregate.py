@@ -1,27 +1,21 @@
-"""The aggregate of a sweep (``python experiments/sweep.py aggregate --sweep=... --root=... [--out=...]``).
+"""The aggregate of a sweep (``python -m prosparse_jax.main.sweep aggregate``): one table and the law plots.
 
-Writes to ``--out`` (default ``<root>/results``):
+Writes to ``out`` (default ``<root>/results``):
 
-- ``results.csv``: one row per run: index, run, one ``axis_<name>`` column per sweep axis (e.g. ``axis_scale``), the
-  overrides (JSON), state, activation, parameters (total, non-embedding), d_model / n_layers / d_ff, steps, the step
-  reached and its training tokens, the last logged training LM loss and exact-zero sparsity (metrics.jsonl), the
-  final held-out loss / PPL / sparsity / activation ratio (``final_eval.json``; ``fatrelu_*`` with threshold
-  shifting), and the law columns: input, form, number of points, CETT target, first and last A, the fitted
-  coefficients with 1-sigma errors (``law_A0`` is the limit activation ratio), rmse, or the error of a fit that failed;
+- ``results.csv``: one row per run: its axes (``axis_<name>``), overrides, state, model size, the step reached and its
+  tokens, the last training loss and sparsity (metrics.jsonl), the final held-out evaluation (``final_eval.json``)
+  and the law columns (input, form, points, CETT target, the fitted coefficients with 1-sigma errors -- ``law_A0`` is
+  the limit activation ratio -- rmse, or the error of a fit that failed);
 - ``law_points.csv``: the law inputs, one row per (run, kept checkpoint): step, tokens, D (B tokens), A, PPL ratio;
-- ``law_fit.png``: activation ratio A vs training tokens D, one panel per activation, one colour per scale, points
-  and each run's fitted law (``experiments/fit_laws.py``: ReLU family exp(-c D^alpha + b) + A0, others
-  -c D^-alpha + A0);
-- ``law_limits.png``: the limit activation ratio A0 (+-1 sigma) vs non-embedding parameters, one line per activation;
+- ``law_fit.png`` (A vs D per activation, one colour per scale, with each run's fitted law) and ``law_limits.png``
+  (A0 vs non-embedding parameters);
 - ``results.json``: the rows, points and fits.
 
-The law input (the sweep's ``analysis.law_input``, or ``--input``): ``cett_ppl`` is the Sparsing Law's A (App. E):
-the CETT-PPL-p% activation ratio of every kept checkpoint on the run's held-out split (``prosparse_jax.analysis.law_inputs``,
-settings from the sweep's ``analysis``), cached in ``<out>/law_ratios/<run>.json`` and reused while the settings and
-checkpoints match; ``exact_zero`` is 1 - the exact-zero training sparsity of metrics.jsonl (cheap; not the paper's A:
-constant 1 for SiLU). A sweep without a law (``analysis.law_input = ''``, the ProSparse ablations) gets
-``results.csv`` and ``sparsity_vs_loss.png``. Unfinished runs are rows with their state and no law. The outputs
-replace those of a previous aggregate; an ``--out`` holding other files is refused without ``--overwrite``.
+The law input (the sweep's ``analysis.law_input``, or ``law_input``): ``cett_ppl`` is the Sparsing Law's A (App. E),
+measured by :mod:`prosparse_jax.analysis.law_inputs` and cached in ``<out>/law_ratios/<run>.json`` while the settings
+and checkpoints match; ``exact_zero`` is 1 - the exact-zero training sparsity (cheap; not the paper's A). A sweep
+without a law (the ProSparse ablations) gets ``results.csv`` and ``sparsity_vs_loss.png``. The outputs replace those
+of a previous aggregate; an ``out`` holding other files is refused without ``overwrite``.
 """
 
 from __future__ import annotations
@@ -35,31 +29,33 @@ from typing import Any
 
 import numpy as np
 
+from prosparse_jax import files
 from prosparse_jax.analysis import law_fit as fit_laws
 from prosparse_jax.analysis import law_inputs as law_ratios
-from prosparse_jax.main import common as cli
+from prosparse_jax.errors import UsageError, UserError
+from prosparse_jax.model.activations import RELU_FAMILY
 from prosparse_jax.sweeps.progress import progress
-from prosparse_jax.sweeps.spec import Run, Sweep
-from prosparse_jax.training import checkpoint as ckpt
+from prosparse_jax.sweeps.spec import Sweep, SweepRun
+from prosparse_jax.training.metrics import read_metrics
 
-RELU_FAMILY = ("relu", "fatrelu", "relu2", "drelu")  # exact zeros: the ReLU form of the law
 OUTPUTS = ("results.csv", "law_points.csv", "law_fit.png", "law_limits.png", "sparsity_vs_loss.png", "results.json",
            "law_ratios")
 
 
 def law_form(activation: str) -> str:
+    """The law's form for ``activation``: ``relu`` for the exact-zero family, else ``silu``."""
     return "relu" if activation in RELU_FAMILY else "silu"
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    return cli.read_json(path, path.name) if path.exists() else {}
+    return files.read_json(path, path.name) if path.exists() else {}
 
 
-def run_row(sweep: Sweep, root: Path, run: Run) -> dict[str, Any]:
+def run_row(sweep: Sweep, root: Path, run: SweepRun) -> dict[str, Any]:
     """The CSV row of one run without the law columns."""
     wd = sweep.workdir(root, run)
     m, p = run.rc.model, progress(sweep, root, run)
-    step = ckpt.latest_step(wd) or 0
+    step = p.checkpoint
     last = next((e for e in reversed(_train_entries(wd))), {})
     final = _read_json(wd / "final_eval.json") if p.state == "done" else {}
     row: dict[str, Any] = {"index": run.index, "run": run.name, **{f"axis_{a}": v for a, v in run.axes.items()},
@@ -76,8 +72,6 @@ def run_row(sweep: Sweep, root: Path, run: Run) -> dict[str, Any]:
 
 
 def _train_entries(wd: Path) -> list[dict[str, Any]]:
-    from prosparse_jax.training.metrics import read_metrics
-
     return read_metrics(wd, "train") if (wd / "metrics.jsonl").exists() else []
 
 
@@ -89,7 +83,7 @@ def _law_settings(sweep: Sweep) -> dict[str, Any]:
             "search_steps": int(a.get("search_steps", 12)), "min_step": None if min_step < 0 else min_step}
 
 
-def law_points(sweep: Sweep, root: Path, run: Run, law_input: str, cache_dir: Path) -> tuple[list[dict], Any]:
+def law_points(sweep: Sweep, root: Path, run: SweepRun, law_input: str, cache_dir: Path) -> tuple[list[dict], Any]:
     """The law inputs of a finished run: ([{step, tokens, D, A, ppl_ratio}], CETT target or None)."""
     wd = sweep.workdir(root, run)
     if law_input == "exact_zero":
@@ -100,7 +94,7 @@ def law_points(sweep: Sweep, root: Path, run: Run, law_input: str, cache_dir: Pa
     kw = _law_settings(sweep)
     try:
         res = law_ratios.law_ratios(wd, cache, **kw)
-    except law_ratios.LawRatiosError:
+    except law_ratios.StaleOutputError:
         if not cache.exists():
             raise
         res = law_ratios.law_ratios(wd, cache, overwrite=True, **kw)  # our cache, stale (the run went on): redo
@@ -109,7 +103,7 @@ def law_points(sweep: Sweep, root: Path, run: Run, law_input: str, cache_dir: Pa
 
 
 def fit_law(form: str, points: list[dict]) -> dict[str, Any]:
-    """fit_laws' fit of ``form`` on the points (ValueError when there are too few)."""
+    """The law fit of ``form`` on the points (:class:`~prosparse_jax.errors.InputError` when there are too few)."""
     with np.errstate(all="ignore"), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return fit_laws.FORMS[form][0]([p["D"] for p in points], [p["A"] for p in points])
@@ -139,11 +133,11 @@ def _csv(rows: list[dict[str, Any]]) -> str:
     return buf.getvalue()
 
 
-def _scale_key(run: Run, group_by: str) -> str:
+def _scale_key(run: SweepRun, group_by: str) -> str:
     return run.axes.get(group_by, run.name)
 
 
-def plot_law(sweep: Sweep, runs: list[Run], points: dict[str, list], fits: dict[str, dict], ylabel: str,
+def plot_law(sweep: Sweep, runs: list[SweepRun], points: dict[str, list], fits: dict[str, dict], ylabel: str,
              path: Path) -> None:
     """A vs D: one panel per activation, one colour per scale, points and the fitted law of each run."""
     import matplotlib
@@ -182,7 +176,7 @@ def plot_law(sweep: Sweep, runs: list[Run], points: dict[str, list], fits: dict[
     _save(fig, path)
 
 
-def plot_limits(sweep: Sweep, runs: list[Run], fits: dict[str, dict], path: Path) -> None:
+def plot_limits(sweep: Sweep, runs: list[SweepRun], fits: dict[str, dict], path: Path) -> None:
     """The limit activation ratio A0 (+-1 sigma) vs non-embedding parameters, one line per activation."""
     import matplotlib
 
@@ -246,11 +240,11 @@ def _save(fig: Any, path: Path) -> None:
 
 
 def _check_out(out: Path, overwrite: bool) -> Path:
-    out = cli.check_output_dir(out, "--out")
+    out = files.check_output_path(out, "--out")
     if out.is_dir() and not overwrite:
         other = sorted(p.name for p in out.iterdir() if p.name not in OUTPUTS and not p.name.startswith("."))
         if other:
-            raise cli.UsageError(f"--out: {out} holds files that are not a sweep aggregate ({', '.join(other[:5])}); "
+            raise UsageError(f"--out: {out} holds files that are not a sweep aggregate ({', '.join(other[:5])}); "
                                  "choose another --out or pass --overwrite (nothing was written)")
     return out
 
@@ -269,8 +263,8 @@ def aggregate(sweep: Sweep, root: Path, out: Path, *, law_input: str | None = No
                 echo(f"law input of {run.name} ({law_input}) ...")
                 pts, target = law_points(sweep, root, run, law_input, out / "law_ratios")
                 fit = fit_law(form, pts)
-            except (ValueError, law_ratios.LawRatiosError) as e:
-                error = cli.error_line(e)
+            except UserError as e:
+                error = " ".join(str(e).split())
                 errors.append(f"{run.name}: {error}")
             row.update({"law_input": law_input, **_law_columns(form, pts, target, fit, error)})
             points[run.name] = pts
@@ -279,7 +273,7 @@ def aggregate(sweep: Sweep, root: Path, out: Path, *, law_input: str | None = No
         rows.append(row)
     done = [r for r in sweep.runs if r.name in points]
     point_rows = [{"run": name, **p} for name, pts in points.items() for p in pts]
-    with cli.staged_output(out) as stage:
+    with files.staged_output(out) as stage:
         (stage / "results.csv").write_text(_csv(rows))
         written = ["results.csv"]
         if law_input:

@@ -9,28 +9,28 @@ import socket
 from pathlib import Path
 from typing import Any
 
-from prosparse_jax.sweeps.spec import LOGS, Run, Sweep
-from prosparse_jax.training import (
-    checkpoint as ckpt,  # ---------------------------------------------------------------------------------------------------------------
-)
+from prosparse_jax.sweeps.spec import LOGS, Sweep, SweepRun
+from prosparse_jax.training import checkpoint as ckpt
 
 
-# Progress: each run's state from its workdir
-# ---------------------------------------------------------------------------------------------------------------
 @dataclasses.dataclass
 class Progress:
     state: str  # done | running | partial | pending | failed | stopped
-    step: int
+    step: int  # the step reached: the latest checkpoint's, or a running run's last logged step
     total: int
+    checkpoint: int  # the latest checkpoint's step (0: none)
     loss: float | None = None  # last logged training LM loss
     tokens_per_sec: float | None = None
     eta_s: float | None = None
 
 
+def _finished(workdir: Path, latest: int | None, steps: int) -> bool:
+    return latest is not None and latest >= steps and (workdir / "final_eval.json").exists()
+
+
 def is_finished(workdir: Path, steps: int) -> bool:
     """The run's latest checkpoint is at ``steps`` (or beyond) and its final evaluation was written."""
-    latest = ckpt.latest_step(workdir)
-    return latest is not None and latest >= steps and (workdir / "final_eval.json").exists()
+    return _finished(workdir, ckpt.latest_step(workdir), steps)
 
 
 def last_train_entry(path: Path, tail_bytes: int = 65536) -> dict[str, Any] | None:
@@ -52,11 +52,11 @@ def last_train_entry(path: Path, tail_bytes: int = 65536) -> dict[str, Any] | No
     return None
 
 
-def running_marker(root: Path, run: Run) -> Path:
+def running_marker(root: Path, run: SweepRun) -> Path:
     return Path(root) / LOGS / f"{run.name}.running"
 
 
-def _marked_running(root: Path, run: Run) -> bool:
+def _marked_running(root: Path, run: SweepRun) -> bool:
     """A ``<root>/logs/<run>.running`` marker of a live process (on another host: trusted as is)."""
     try:
         m = json.loads(running_marker(root, run).read_text())
@@ -73,20 +73,20 @@ def _marked_running(root: Path, run: Run) -> bool:
     return True
 
 
-def progress(sweep: Sweep, root: Path, run: Run, state: str | None = None) -> Progress:
+def progress(sweep: Sweep, root: Path, run: SweepRun, state: str | None = None) -> Progress:
     """The state, step and ETA of ``run`` (``state``: what the launcher knows, else read from disk)."""
     wd = sweep.workdir(root, run)
-    latest = ckpt.latest_step(wd) or 0
-    if is_finished(wd, run.steps):
+    latest = ckpt.latest_step(wd)
+    if _finished(wd, latest, run.steps):
         state = "done"
     elif state is None:
         state = "running" if _marked_running(root, run) else "partial" if latest else "pending"
-    p = Progress(state, latest, run.steps)
+    p = Progress(state, latest or 0, run.steps, latest or 0)
     e = last_train_entry(wd / "metrics.jsonl") if state != "pending" else None
     if e is not None:
         p.loss = e.get("lm_loss")
         if state == "running":
-            p.step = max(int(e["step"]), latest)
+            p.step = max(int(e["step"]), p.checkpoint)
             p.tokens_per_sec = e.get("tokens_per_sec")
             if p.tokens_per_sec:
                 p.eta_s = (run.steps - p.step) * run.tokens_per_step / p.tokens_per_sec

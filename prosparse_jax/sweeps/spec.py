@@ -1,47 +1,129 @@
-"""A sweep's definition (``configs/sweeps/``): loaded, every run's overrides and config validated as train parses them.
+"""A sweep: a base experiment config and its runs (a name and dotted-field overrides each), loaded and validated.
 
-``load_sweep`` is what every ``experiments/sweep.py`` subcommand calls first; see that file's docstring.
+A sweep file (``configs/sweeps/*.py``) is like an experiment config file: ``get_config(arg)`` returns :func:`sweep`'s
+ConfigDict. Its ``base`` is the experiment config every run starts from, ``file.py:arg``; a relative path is looked up
+in the current directory, then in the directory holding the installed ``configs`` package. :func:`load_sweep` checks
+every run's overrides and config as the train command will parse them, before anything is created or trained.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import itertools
 import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[2]
+import ml_collections
 
-import ml_collections  # noqa: E402
-from absl import flags  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
+from prosparse_jax.config import RunConfig, resolve
+from prosparse_jax.errors import ConfigError, InputError, UserError, did_you_mean
+from prosparse_jax.training.train import flatten
 
-from configs.sweeps import flatten  # noqa: E402
-from prosparse_jax.config import ConfigError, RunConfig, did_you_mean  # noqa: E402
-from prosparse_jax.main import common as cli  # noqa: E402
-from prosparse_jax.run_config import resolve  # noqa: E402
+Overrides = dict[str, Any]
+#: ``parse(base, args)``: the ConfigDict of ``python -m prosparse_jax.main.train --config=<base> <args>``, parsed by
+#: that command's own flag parser; a bad config or override raises a :class:`UserError`.
+ConfigParser = Callable[[str, Sequence[str]], ml_collections.ConfigDict]
 
 RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")
-RESERVED = ("logs", "results")  # <root>/logs holds the run logs, <root>/results the default aggregate
-LOGS = "logs"
+LOGS = "logs"  # <root>/logs holds the run logs
+RESERVED = (LOGS, "results")  # <root>/results: the default aggregate
+TRAIN_MODULE = "prosparse_jax.main.train"
 
 
-class SweepError(ValueError):
-    """A sweep that cannot run as given; the message names the sweep, the run and the field."""
+# ---------------------------------------------------------------------------------------------------------------
+# Writing sweep files
+# ---------------------------------------------------------------------------------------------------------------
+def config_diff(base: ml_collections.ConfigDict, other: ml_collections.ConfigDict) -> Overrides:
+    """The overrides (dotted field -> value) that turn ``base`` into ``other`` (both experiment configs)."""
+    a, b = flatten(base.to_dict()), flatten(other.to_dict())
+    if set(a) != set(b):
+        raise ConfigError(f"config_diff: the configs have different fields: {sorted(set(a) ^ set(b))}")
+    return {k: b[k] for k in b if a[k] != b[k]}
+
+
+def grid(axes: Mapping[str, Mapping[str, Overrides]], fixed: Overrides | None = None,
+         derive: Callable[[dict[str, str]], Overrides] | None = None) -> list[dict[str, Any]]:
+    """The runs of the product of ``axes``, in order (the last axis varies fastest).
+
+    Args:
+      axes: axis name -> {value label -> overrides}, e.g. ``{"activation": {"relu": {"model.activation": "relu"}}}``.
+      fixed: overrides of every run (applied first).
+      derive: optional ``f({axis: label}) -> overrides`` for fields that depend on several axes at once.
+
+    Returns:
+      ``[{"name": "<label>-<label>...", "overrides": {...}, "axes": {axis: label}}, ...]``.
+
+    Raises:
+      ConfigError: two axes set the same field (an ambiguous product).
+    """
+    runs = []
+    names = list(axes)
+    for labels in itertools.product(*(list(axes[a]) for a in names)):
+        chosen = dict(zip(names, labels, strict=True))
+        over: Overrides = dict(fixed or {})
+        owner: dict[str, str] = {}
+        for a, label in chosen.items():
+            for k, v in axes[a][label].items():
+                if k in owner:
+                    raise ConfigError(f"grid: axes {owner[k]!r} and {a!r} both set {k!r}")
+                owner[k] = a
+                over[k] = v
+        if derive is not None:
+            over.update(derive(chosen))
+        runs.append({"name": "-".join(labels), "overrides": over, "axes": chosen})
+    return runs
+
+
+def analysis(law_input: str = "cett_ppl", *, p: float = 1.0, n_search: int = 5, num_batches: int = 4,
+             batch_size: int = 8, search_steps: int = 12, min_step: int = -1,
+             group_by: str = "scale") -> ml_collections.ConfigDict:
+    """What ``python -m prosparse_jax.main.sweep aggregate`` computes.
+
+    Args:
+      law_input: ``cett_ppl`` (the Sparsing Law's A: CETT-PPL-p% activation ratio of every kept checkpoint,
+        :mod:`prosparse_jax.analysis.law_inputs`), ``exact_zero`` (1 - exact-zero training sparsity from
+        metrics.jsonl; cheap, not the paper's A) or ``""`` (no law fit: a ProSparse ablation).
+      p, n_search, num_batches, batch_size, search_steps: the CETT-PPL protocol's settings (as ``fit_laws``).
+      min_step: warm-up cut (checkpoints with step <= min_step are dropped); -1 = the run's optim.warmup_steps.
+      group_by: the axis whose values are the scales of the law plots.
+    """
+    a = ml_collections.ConfigDict()
+    a.law_input = law_input  # cett_ppl | exact_zero | '' (no law fit)
+    a.p = p  # PPL budget in percent (PPL ratio <= 1 + p/100)
+    a.n_search = n_search  # the CETT target is searched on this many last kept checkpoints
+    a.num_batches = num_batches  # validation batches per checkpoint
+    a.batch_size = batch_size  # sequences per validation batch
+    a.search_steps = search_steps  # bisection steps on the CETT target
+    a.min_step = min_step  # warm-up cut; -1 = the run's optim.warmup_steps
+    a.group_by = group_by  # axis holding the scale of each run
+    return a
+
+
+def sweep(name: str, base: str, runs: list[dict[str, Any]],
+          law: ml_collections.ConfigDict | None = None) -> ml_collections.ConfigDict:
+    """A sweep file's ConfigDict."""
+    s = ml_collections.ConfigDict()
+    s.name = name  # sweep name (SLURM job name)
+    s.base = base  # experiment config of every run: 'file.py:arg'
+    s.runs = runs  # [{name, overrides, axes}], usually grid(...)
+    s.analysis = law if law is not None else analysis("")  # what `sweep aggregate` measures
+    return s
+
 
 # ---------------------------------------------------------------------------------------------------------------
 # The sweep: loaded, every run validated
 # ---------------------------------------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
-class Run:
+class SweepRun:
     """One run of a sweep, validated: its overrides and the config train will see."""
 
     index: int
     name: str
-    overrides: dict[str, Any]  # dotted field -> value
+    overrides: Overrides  # dotted field -> value
     axes: dict[str, str]  # axis -> value label (grid runs)
     config: ml_collections.ConfigDict  # the base config with the overrides, parsed as train parses its command
     rc: RunConfig
@@ -60,16 +142,17 @@ class Sweep:
     ref: str  # the sweep file (absolute) and its arg
     name: str
     base: str  # the base experiment config (absolute) and its arg
-    runs: tuple[Run, ...]
+    runs: tuple[SweepRun, ...]
     analysis: dict[str, Any]
 
-    def workdir(self, root: Path, run: Run) -> Path:
+    def workdir(self, root: Path, run: SweepRun) -> Path:
         return Path(root).absolute() / run.name
 
-    def command(self, root: Path, run: Run) -> list[str]:
-        """The train command of ``run``: ``python -m prosparse_jax.training.train --config=<base> --workdir=... --config.*``."""
-        return [sys.executable, "-m", "prosparse_jax.training.train", f"--config={self.base}",
-                f"--workdir={self.workdir(root, run)}", *override_flags(run.overrides)]
+    def command(self, root: Path, run: SweepRun) -> list[str]:
+        """The train command of ``run``: ``python -m prosparse_jax.main.train --config=<base> --workdir=...
+        --config.<field>=<value> ...`` (absolute paths: it runs from any directory)."""
+        return [sys.executable, "-m", TRAIN_MODULE, f"--config={self.base}", f"--workdir={self.workdir(root, run)}",
+                *override_flags(run.overrides)]
 
 
 def format_value(v: Any) -> str:
@@ -81,7 +164,7 @@ def format_value(v: Any) -> str:
     return str(v) if isinstance(v, str) else repr(v)
 
 
-def override_flags(overrides: dict[str, Any]) -> list[str]:
+def override_flags(overrides: Overrides) -> list[str]:
     return [f"--config.{k}={format_value(v)}" for k, v in overrides.items()]
 
 
@@ -96,13 +179,16 @@ def _split_ref(ref: str) -> tuple[str, str | None]:
 
 
 def _find_file(path: str, what: str) -> Path:
-    """A config file: absolute, or relative to the current directory, else to the repository root."""
+    """A config file: absolute, or relative to the current directory, else to the directory holding ``configs``."""
     p = Path(path).expanduser()
-    for cand in [p] if p.is_absolute() else [Path.cwd() / p, ROOT / p]:
+    candidates = [p] if p.is_absolute() else [Path.cwd() / p]
+    configs = importlib.util.find_spec("configs")
+    if not p.is_absolute() and configs is not None and configs.submodule_search_locations:
+        candidates += [Path(loc).parent / p for loc in configs.submodule_search_locations]
+    for cand in candidates:
         if cand.is_file():
             return cand.resolve()
-    raise SweepError(f"{what}: {path} not found (a relative path is looked up in the current directory, then in "
-                     f"{ROOT})")
+    raise InputError(f"{what}: {path} not found (looked in {', '.join(str(c.parent) for c in candidates)})")
 
 
 def _load_sweep_config(path: Path, arg: str | None) -> Any:
@@ -111,21 +197,13 @@ def _load_sweep_config(path: Path, arg: str | None) -> Any:
     try:
         spec.loader.exec_module(module)
     except SyntaxError as e:
-        raise SweepError(f"--sweep: {path} line {e.lineno}: invalid Python ({e.msg})") from e
+        raise ConfigError(f"--sweep: {path} line {e.lineno}: invalid Python ({e.msg})") from e
     if not hasattr(module, "get_config"):
-        raise SweepError(f"--sweep: {path} has no get_config(arg); see configs/sweeps/__init__.py")
+        raise ConfigError(f"--sweep: {path} has no get_config(arg); see prosparse_jax/sweeps/spec.py")
     try:
         return module.get_config() if arg is None else module.get_config(arg)
-    except ValueError as e:  # ConfigError: an unknown arg; grid(): axes that clash
-        raise SweepError(f"--sweep: {path}: {e}") from e
-
-
-def parse_config(base: str, args: Sequence[str]) -> ml_collections.ConfigDict:
-    """The ConfigDict that ``prosparse_jax.training.train --config=<base> <args>`` runs with (same flag parser)."""
-    fv = flags.FlagValues()
-    config_flags.DEFINE_config_file("config", None, "Experiment config.", lock_config=True, flag_values=fv)
-    cli.parse_flags(fv, ["train", f"--config={base}", *args])
-    return cli.load_config(fv)
+    except (ConfigError, ValueError) as e:  # an unknown arg; grid(): axes that clash
+        raise ConfigError(f"--sweep: {path}: {e}") from e
 
 
 def _get(c: ml_collections.ConfigDict, dotted: str) -> Any:
@@ -134,59 +212,63 @@ def _get(c: ml_collections.ConfigDict, dotted: str) -> Any:
     return c
 
 
-def _validate_run(index: int, spec: Any, sweep_ref: str, base: str, fields: list[str]) -> Run:
+def _validate_run(index: int, spec: Any, sweep_ref: str, base: str, fields: list[str],
+                  parse: ConfigParser) -> SweepRun:
     name = spec.get("name") if hasattr(spec, "get") else None
     where = f"sweep {sweep_ref}: run {index} ({name!r})"
     if not isinstance(name, str) or not RUN_NAME.fullmatch(name) or name in RESERVED:
-        raise SweepError(f"{where}: a run name must be a directory name of letters, digits and ._+- (not "
-                         f"{' or '.join(RESERVED)})")
+        raise ConfigError(f"{where}: a run name must be a directory name of letters, digits and ._+- (not "
+                          f"{' or '.join(RESERVED)})")
     overrides = dict(spec.get("overrides") or {})
     for k in overrides:
         if any(f.startswith(f"{k}.") for f in fields):
-            raise SweepError(f"{where}: {k!r} is a config section of {base}, not a field; override its fields one by "
-                             f"one ('{k}.<field>')")
+            raise ConfigError(f"{where}: {k!r} is a config section of {base}, not a field; override its fields one "
+                              f"by one ('{k}.<field>')")
         if k not in fields:
-            raise SweepError(f"{where}: {k!r} is not a config field of {base}{did_you_mean(k, fields)}")
+            raise ConfigError(f"{where}: {k!r} is not a config field of {base}{did_you_mean(k, fields)}")
     try:
-        cfg = parse_config(base, override_flags(overrides))
-    except (flags.Error, cli.UsageError) as e:
-        raise SweepError(f"{where}: {cli.error_line(e)}") from e
-    for k, v in overrides.items():
-        got = _get(cfg, k)
-        if _as_tuple(got) != _as_tuple(v):
-            raise SweepError(f"{where}: {k}={v!r} reads back from the command line as {got!r}; give the value in the "
-                             "field's type")
-    try:
+        cfg = parse(base, override_flags(overrides))
+        for k, v in overrides.items():
+            got = _get(cfg, k)
+            if _as_tuple(got) != _as_tuple(v):
+                raise ConfigError(f"{k}={v!r} reads back from the command line as {got!r}; give the value in the "
+                                  "field's type")
         rc = resolve(cfg)
-    except ConfigError as e:
-        raise SweepError(f"{where}: {e}") from e
-    return Run(index, name, overrides, {str(a): str(v) for a, v in dict(spec.get("axes") or {}).items()}, cfg, rc)
+    except UserError as e:
+        raise ConfigError(f"{where}: {e}") from e
+    return SweepRun(index, name, overrides, {str(a): str(v) for a, v in dict(spec.get("axes") or {}).items()}, cfg,
+                    rc)
 
 
-def load_sweep(ref: str) -> Sweep:
-    """Loads a sweep config and validates every run (fields, values, names) before anything is done."""
+def load_sweep(ref: str, parse: ConfigParser) -> Sweep:
+    """Loads the sweep file ``ref`` (``file.py:arg``) and validates every run (fields, values, names).
+
+    Raises:
+      InputError: the sweep or base config file does not exist.
+      ConfigError: a run's name, overrides or config is not valid (the message names the run and the field).
+    """
     path_s, arg = _split_ref(ref)
     path = _find_file(path_s, "--sweep")
     full_ref = f"{path}:{arg}" if arg is not None else str(path)
     s = _load_sweep_config(path, arg)
     for key in ("base", "runs"):
         if key not in s:
-            raise SweepError(f"sweep {full_ref}: no {key!r} field; see configs/sweeps/__init__.py")
+            raise ConfigError(f"sweep {full_ref}: no {key!r} field; see prosparse_jax/sweeps/spec.py")
     base_path, base_arg = _split_ref(str(s["base"]))
     base_file = _find_file(base_path, f"sweep {full_ref}: base")
     base = f"{base_file}:{base_arg}" if base_arg is not None else str(base_file)
     try:
-        fields = sorted(flatten(parse_config(base, []).to_dict()))
-    except (flags.Error, cli.UsageError) as e:
-        raise SweepError(f"sweep {full_ref}: base {s['base']}: {cli.error_line(e)}") from e
+        fields = sorted(flatten(parse(base, []).to_dict()))
+    except UserError as e:
+        raise ConfigError(f"sweep {full_ref}: base {s['base']}: {e}") from e
     if not s["runs"]:
-        raise SweepError(f"sweep {full_ref}: no runs")
-    runs = tuple(_validate_run(i, r, full_ref, base, fields) for i, r in enumerate(s["runs"]))
+        raise ConfigError(f"sweep {full_ref}: no runs")
+    runs = tuple(_validate_run(i, r, full_ref, base, fields, parse) for i, r in enumerate(s["runs"]))
     seen: dict[str, int] = {}
     for r in runs:
         if r.name in seen:
-            raise SweepError(f"sweep {full_ref}: runs {seen[r.name]} and {r.index} are both named {r.name!r}")
+            raise ConfigError(f"sweep {full_ref}: runs {seen[r.name]} and {r.index} are both named {r.name!r}")
         seen[r.name] = r.index
-    analysis = s["analysis"].to_dict() if "analysis" in s and hasattr(s["analysis"], "to_dict") else \
+    law = s["analysis"].to_dict() if "analysis" in s and hasattr(s["analysis"], "to_dict") else \
         dict(s.get("analysis") or {})
-    return Sweep(full_ref, str(s.get("name") or path.stem), base, runs, analysis)
+    return Sweep(full_ref, str(s.get("name") or path.stem), base, runs, law)

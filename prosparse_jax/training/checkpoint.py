@@ -1,23 +1,17 @@
-"""Orbax checkpoints of a run's workdir, and loading a model from any workdir (ours or imported from HF).
+"""Orbax checkpoints of a run's workdir: save, verified restore, and loading a workdir's model.
 
-Workdir layout (shared by train, import_hf, analyze, score, export_hf)::
+Workdir layout::
 
     <workdir>/config.json        resolved run config (the ``model`` section is the ModelConfig)
     <workdir>/tokenizer.json     HF tokenizers file used by the run (if any)
     <workdir>/metrics.jsonl      one JSON object per logged step
     <workdir>/checkpoints/<step>/{params, opt_state, extra}
 
-``params`` and ``opt_state`` are orbax StandardSave pytrees; ``extra`` is JSON (step, data iterator state, model
-config, and the digests of every array leaf). An imported model has ``params`` and ``extra`` only.
-
-Integrity: :func:`save` writes a 64-bit digest of every array leaf of ``params`` / ``opt_state`` into
-``extra["digests"]`` (:func:`digests`: small leaves with numpy, big or multi-process ones by a jitted reduction on
-the devices that hold them, so a sharded array is never gathered); :func:`restore` and :func:`load_model` recompute
-the digests of what they read and compare. A step that cannot be read back (truncated or missing files, undecodable
-chunks, unreadable ``extra``) or whose arrays do not match their digests raises :class:`CorruptCheckpointError`,
-naming the step, what is wrong and the newest older step that still restores and verifies; nothing is deleted.
-Stored shapes that differ from the config's stay a plain :class:`CheckpointError` (a config mismatch, not damage).
-Checkpoints written before the digests existed load unverified.
+``params`` and ``opt_state`` are orbax StandardSave pytrees; ``extra`` is JSON (step, data iterator state, model and
+run config, and the :mod:`~prosparse_jax.training.digest` of every array leaf). An imported model has ``params`` and
+``extra`` only. A step that cannot be read back or whose arrays do not match their digests raises
+:class:`CorruptCheckpointError` naming the newest older step that verifies; nothing is deleted. Stored shapes that
+differ from the config's are a plain :class:`CheckpointError` (a config mismatch, not damage).
 """
 
 from __future__ import annotations
@@ -36,19 +30,13 @@ import jax
 import orbax.checkpoint as ocp
 from absl import logging
 
+from prosparse_jax import files
 from prosparse_jax.config import ModelConfig, model_config_from_dict, to_dict
+from prosparse_jax.errors import CheckpointError, CorruptCheckpointError
 from prosparse_jax.model.transformer import Params, abstract_params
 from prosparse_jax.training.digest import DIGEST_ALGORITHM, digests
 
 CKPT_DIR = "checkpoints"
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint is missing, unreadable or does not match the config."""
-
-
-class CorruptCheckpointError(CheckpointError):
-    """A checkpoint's files cannot be read back or its arrays do not match the digests written with them."""
 
 
 class _DamageError(Exception):
@@ -65,26 +53,24 @@ def _brief(e: BaseException) -> str:
 
 
 def _verify(step_dir: Path, extra: Any, restored: dict[str, Any]) -> None:
-    """Compares the digests of the ``restored`` items with those saved in ``extra``; raises :class:`_DamageError`."""
+    """Compares the digests of the ``restored`` items with those saved in ``extra``.
+
+    Raises:
+      _DamageError: ``extra`` is not a JSON object, or a leaf does not match (or lacks) its digest.
+      CheckpointError: the step carries no digests of this version's algorithm (it cannot be verified).
+    """
     if not isinstance(extra, dict):
         raise _DamageError("its extra/metadata is not a JSON object")
     saved = extra.get("digests")
-    if saved is None:
-        logging.info("%s has no array digests (written before they existed): restored unverified", step_dir)
-        return
     if not isinstance(saved, dict) or saved.get("algorithm") != DIGEST_ALGORITHM:
-        algo = saved.get("algorithm") if isinstance(saved, dict) else None
-        logging.warning("%s: unknown digest algorithm %r; restored unverified", step_dir, algo)
-        return
-    got = digests(restored)
-    for item, leaves in got.items():
+        raise CheckpointError(f"checkpoint {step_dir} carries no {DIGEST_ALGORITHM} digests of its arrays (another "
+                              "version of prosparse_jax wrote it), so it cannot be verified and is not loaded")
+    for item, leaves in digests(restored).items():
         want = saved.get(item)
         if not isinstance(want, dict):
             raise _DamageError(f"extra/metadata has no digests of its {item}")
         for name, digest in leaves.items():
-            if name not in want:
-                logging.warning("%s: no digest for %s leaf %s; it is unverified", step_dir, item, name)
-            elif want[name] != digest:
+            if want.get(name) != digest:
                 raise _DamageError(f"{item} leaf {name} does not match the digest written with it")
 
 
@@ -149,13 +135,13 @@ class _AbandonedOrbaxTasks(stdlib_logging.Filter):
 
 
 def quiet_orbax_noise() -> None:
-    """Drops the noise of a failed orbax restore (installed once, before the first restore).
+    """Drops the noise of a failed orbax restore; for a process's entry point (the command-line tools install it).
 
     When one array cannot be read, orbax's restore raises while its other reads are still in flight; during the
     restore or later they report "Exception ignored in <coroutine ...>" / "Event loop is closed" tracebacks through
     ``sys.unraisablehook`` and "Task/Future exception was never retrieved" through the ``asyncio`` logger, burying
     the one-line error. Only those are dropped; other unraisable exceptions and asyncio records pass through.
-    Idempotent; every restore of this module installs it first.
+    Idempotent.
     """
     asyncio_log = stdlib_logging.getLogger("asyncio")
     if not any(isinstance(f, _AbandonedOrbaxTasks) for f in asyncio_log.filters):
@@ -186,14 +172,13 @@ def _read(mgr: ocp.CheckpointManager, step: int, targets: dict[str, Any],
         raise mismatch(what)  # checked first: a restore that fails leaves orbax's reads running
     items: dict[str, Any] = {k: ocp.args.StandardRestore(v) for k, v in targets.items()}
     items["extra"] = ocp.args.JsonRestore()
-    quiet_orbax_noise()
     failure = None
     try:
         out = mgr.restore(step, args=ocp.args.Composite(**items))
     except Exception as e:  # noqa: BLE001 -- orbax raises bare Exception around tensorstore read errors
         failure = _brief(e)  # (not chained: its traceback would keep orbax's abandoned reads alive)
     if failure is not None:
-        gc.collect()  # finalise the abandoned reads now, while the hook is there (at exit it may be gone)
+        gc.collect()  # finalise the abandoned reads now, while a quiet_orbax_noise hook is there (not at exit)
         if (what := _mismatch(step_dir, targets, by_name=True)) is not None:
             raise mismatch(what)
         raise _DamageError(f"reading it failed ({failure})")
@@ -202,8 +187,12 @@ def _read(mgr: ocp.CheckpointManager, step: int, targets: dict[str, Any],
 
 
 def _corrupt(mgr: ocp.CheckpointManager, step: int, targets: dict[str, Any], damage: _DamageError,
-             load: bool) -> CorruptCheckpointError:
-    """The error for a damaged ``step``: what is wrong, and the newest older step that reads back and verifies."""
+             use_intact: str) -> CorruptCheckpointError:
+    """The error for a damaged ``step``: what is wrong, and the newest older step that reads back and verifies.
+
+    ``use_intact`` says how to go on from that step; ``{intact}`` and ``{aside}`` (a command moving the damaged step
+    out of the way) are filled in.
+    """
     ckpt_dir = Path(mgr.directory)
     step_dir = ckpt_dir / str(step)
     intact, bad = None, []
@@ -218,16 +207,13 @@ def _corrupt(mgr: ocp.CheckpointManager, step: int, targets: dict[str, Any], dam
         break
     also = f" (older step {bad[0]} fails too)" if len(bad) == 1 else ""
     also = f" (older steps {', '.join(map(str, bad))} fail too)" if len(bad) > 1 else also
-    aside = f"move it aside (`mv {step_dir} {ckpt_dir.parent / f'corrupt-step-{step}'}`)"
     if intact is None:
         hint = (f"there is no intact older step{also}; nothing was deleted: restore {step_dir} from a copy, or "
                 "start again in a fresh --workdir")
-    elif load:
-        hint = (f"the newest intact older step is step {intact}{also}: pass --step={intact}, or {aside} and "
-                "rerun (nothing was deleted)")
     else:
-        hint = (f"the newest intact older step is step {intact}{also}: {aside} and rerun to resume from step "
-                f"{intact} (nothing was deleted)")
+        aside = f"move it aside (`mv {step_dir} {ckpt_dir.parent / f'corrupt-step-{step}'}`)"
+        hint = (f"the newest intact older step is step {intact}{also}: "
+                f"{use_intact.format(intact=intact, aside=aside)} (nothing was deleted)")
     return CorruptCheckpointError(f"checkpoint {step_dir} is corrupt: {damage}; {hint}")
 
 
@@ -256,8 +242,8 @@ def save(mgr: ocp.CheckpointManager, step: int, params: Params, opt_state: Any |
          extra: dict[str, Any], *, force: bool = False) -> bool:
     """Saves one step (async if the manager is); ``extra`` must be JSON-serialisable.
 
-    ``extra`` is written with ``"digests"`` added: the digests of every array leaf of ``params`` and ``opt_state``
-    (:func:`digests`), checked by :func:`restore` and :func:`load_model`.
+    ``extra`` is written with ``"digests"`` added (every array leaf of ``params`` and ``opt_state``), which
+    :func:`restore` and :func:`load_model` check.
     """
     trees = {"params": params} if opt_state is None else {"params": params, "opt_state": opt_state}
     extra = dict(extra, digests={"algorithm": DIGEST_ALGORITHM, **digests(trees)})
@@ -289,11 +275,17 @@ def restore(mgr: ocp.CheckpointManager, step: int, abstract_params_: Params,
     try:
         out = _read(mgr, step, targets, mismatch)
     except _DamageError as d:
-        raise _corrupt(mgr, step, targets, d, load=False) from None
+        raise _corrupt(mgr, step, targets, d, "{aside} and rerun to resume from step {intact}") from None
     return out["params"], out.get("opt_state") if abstract_opt_state is not None else None, out["extra"]
 
 
+def has_run(workdir: str | os.PathLike) -> bool:
+    """Whether ``workdir`` holds a run (a checkpoint or a config.json); a failed start leaves neither."""
+    return (Path(workdir) / "config.json").exists() or latest_step(workdir) is not None
+
+
 def latest_step(workdir: str | os.PathLike) -> int | None:
+    """The newest step with saved params under ``<workdir>/checkpoints``, or None."""
     d = Path(workdir) / CKPT_DIR
     if not d.is_dir():
         return None
@@ -327,23 +319,11 @@ def read_run_config(workdir: str | os.PathLike) -> dict[str, Any]:
 
 
 def load_model(path: str | os.PathLike, step: int | None = None) -> tuple[ModelConfig, Params, Path | None]:
-    """Loads (model config, float32 params, tokenizer.json path or None) from a workdir or a HF model folder.
-
-    A folder with a HuggingFace ``config.json`` (it has ``architectures`` or ``model_type``) is converted on the fly
-    with :mod:`prosparse_jax.hf.io`.
-    """
+    """(model config, params, tokenizer.json path or None) of a workdir's checkpoint ``step`` (None: the latest)."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"checkpoint path {path} does not exist")
     cfg_file = path / "config.json"
-    if cfg_file.is_file():
-        raw = json.loads(cfg_file.read_text())
-        if "model_type" in raw or "architectures" in raw:
-            from prosparse_jax.hf import io as hf  # local import: HF conversion pulls in safetensors
-
-            mcfg, params = hf.load_hf_folder(path)
-            tok = path / "tokenizer.json"
-            return mcfg, params, tok if tok.is_file() else None
     run_cfg = read_run_config(path)
     mcfg = model_config_from_dict(run_cfg["model"])
     if step is None:
@@ -365,7 +345,7 @@ def load_model(path: str | os.PathLike, step: int | None = None) -> tuple[ModelC
         try:
             params = _read(mgr, step, targets, mismatch)["params"]
         except _DamageError as d:
-            raise _corrupt(mgr, step, targets, d, load=True) from None
+            raise _corrupt(mgr, step, targets, d, "pass --step={intact}, or {aside} and rerun") from None
     finally:
         mgr.close()
     tok = path / "tokenizer.json"
@@ -374,17 +354,15 @@ def load_model(path: str | os.PathLike, step: int | None = None) -> tuple[ModelC
 
 def write_params_workdir(workdir: str | os.PathLike, mcfg: ModelConfig, params: Params,
                          run_config: dict[str, Any] | None = None, step: int = 0) -> Path:
-    """Writes a params-only workdir (used by import_hf); refuses a workdir that already has checkpoints."""
-    workdir = Path(workdir)
-    if latest_step(workdir) is not None or (workdir / "config.json").exists():
-        raise CheckpointError(f"{workdir} already holds a run; choose an empty --workdir (nothing was overwritten)")
+    """Writes a params-only workdir (import_hf, permute) into a new or empty folder ``workdir``."""
+    workdir = files.check_empty_dir(workdir, "workdir")
     workdir.mkdir(parents=True, exist_ok=True)
     cfg = dict(run_config or {})
     cfg["model"] = to_dict(mcfg)
     (workdir / "config.json").write_text(json.dumps(cfg, indent=2))
     mgr = manager(workdir, async_save=False)
     params = jax.tree.map(lambda x: jax.numpy.asarray(x, jax.numpy.float32), params)
-    save(mgr, step, params, None, {"step": step, "model": to_dict(mcfg)}, force=True)
+    save(mgr, step, params, None, {"step": step, "model": to_dict(mcfg), "run_config": cfg}, force=True)
     mgr.wait_until_finished()
     mgr.close()
     return workdir

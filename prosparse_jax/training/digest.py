@@ -82,29 +82,15 @@ def _device_digest(x: jax.Array) -> jax.Array:
     return jnp.stack(_sums(w, *_weights(pos, jnp), jnp))
 
 
-_weights_cache: dict[tuple[Any, ...], tuple[np.ndarray, np.ndarray]] = {}
-_WEIGHTS_CACHE_WORDS = 1 << 20  # the position weights of blocks up to this size are kept (8 MB at most)
-_weights_cached = 0
-
-
 def _np_weights(gw: tuple[int, ...], first: tuple[int, ...], shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
-    """The position weights of the block of ``shape`` at ``first`` in a word array of global shape ``gw``; those
-    of small blocks are cached (a model's small leaves repeat: params, mu, nu; save after save)."""
-    global _weights_cached
-    key = (gw, first, shape)
-    if (hit := _weights_cache.get(key)) is not None:
-        return hit
+    """The position weights of the block of ``shape`` at ``first`` in a word array of global shape ``gw``."""
     strides = [int(np.prod(gw[d + 1:], dtype=np.uint64)) & _MASK for d in range(len(gw))]
     pos = np.zeros(shape, np.uint32)
     for d in range(len(shape)):
         idx = (np.arange(shape[d], dtype=np.uint64) + (first[d] & _MASK)) & _MASK
         pos = pos + ((idx * strides[d]) & _MASK).astype(np.uint32).reshape([-1 if e == d else 1
                                                                               for e in range(len(shape))])
-    out = _weights(pos, np)
-    if _weights_cached + pos.size <= _WEIGHTS_CACHE_WORDS:
-        _weights_cache[key] = out
-        _weights_cached += pos.size
-    return out
+    return _weights(pos, np)
 
 
 def _host_digest(x: Any) -> tuple[int, int]:
@@ -147,7 +133,7 @@ def _leaf_name(path: Any) -> str:
 def digests(trees: dict[str, Any]) -> dict[str, dict[str, str]]:
     """``{item: {leaf path: 16 hex digits}}`` of the array leaves of each pytree in ``trees``.
 
-    Small leaves (<= 64K words) are digested with numpy (no compilation; position weights cached), big or
+    Small leaves (<= 64K words) are digested with numpy (no compilation), big or
     multi-process ones by a jitted reduction on the devices that hold them (compiled once per leaf shape; only two
     uint32 per leaf come back). Both give the same digest (tested), whatever the sharding. With several processes,
     all of them must call it.

@@ -3,7 +3,7 @@
 Each process runs the same command; JAX joins them into one program over all their devices. Where the start-up
 settings come from (the first that applies wins):
 
-1. the train flags ``--coordinator_address``, ``--num_processes``, ``--process_id`` (``--local_device_ids``), each
+1. the train command's ``--coordinator_address``, ``--num_processes``, ``--process_id`` (``--local_device_ids``), each
    falling back on its environment variable ``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES``, ``JAX_PROCESS_ID``
    (``JAX_LOCAL_DEVICE_IDS``); ``--num_processes=1`` forces a single process;
 2. SLURM: a task of an ``srun`` step with ``SLURM_NTASKS`` > 1 calls ``jax.distributed.initialize()`` with no
@@ -14,16 +14,17 @@ settings come from (the first that applies wins):
 
 Otherwise the run is one process. Settings that name only some of coordinator / process count / process id are an
 error naming what is missing. All processes must see the same ``--workdir`` and data dir (a shared filesystem).
+The process's entry point joins the run (:func:`initialize`) before anything touches a JAX backend.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import json
+import logging
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -32,10 +33,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
-
-class DistributedError(ValueError):
-    """The multi-process settings are incomplete or inconsistent, or the processes could not join."""
-
+from prosparse_jax.errors import UsageError
 
 # set by srun in each task of a job step; JAX's SLURM detection (jax/_src/clusters/slurm_cluster.py) needs them
 _SLURM_STEP_VARS = ("SLURM_STEP_NODELIST", "SLURM_PROCID", "SLURM_LOCALID")
@@ -63,16 +61,18 @@ def _int(value: Any, flag: str, env: str) -> int | None:
     try:
         return int(value)
     except (TypeError, ValueError):
-        raise DistributedError(f"{flag} (or {env}) must be an integer, got {value!r}") from None
+        raise UsageError(f"{flag} (or {env}) must be an integer, got {value!r}") from None
 
 
 def resolve(coordinator_address: str | None = None, num_processes: int | None = None,
             process_id: int | None = None, local_device_ids: str | Sequence[int] | None = None,
             environ: Mapping[str, str] | None = None) -> Settings | None:
-    """The multi-process settings from the arguments (the train flags), else the environment; None: one process.
+    """The multi-process settings from the arguments (the train command's), else the environment; None: one process.
+
+    A SLURM batch script that runs the command without ``srun`` is one process, with a warning logged.
 
     Raises:
-      DistributedError: a partial or inconsistent setting; the message names the missing flag / variable.
+      UsageError: a partial or inconsistent setting; the message names the missing flag / variable.
     """
     env = os.environ if environ is None else environ
     given = {"coordinator_address": coordinator_address or env.get("JAX_COORDINATOR_ADDRESS") or None,
@@ -85,75 +85,58 @@ def resolve(coordinator_address: str | None = None, num_processes: int | None = 
         try:
             ids = [int(x) for x in ids.split(",") if x.strip()] or None
         except ValueError:
-            raise DistributedError(f"--local_device_ids (or JAX_LOCAL_DEVICE_IDS) must be comma-separated integers, "
-                                   f"got {ids!r}") from None
+            raise UsageError(f"--local_device_ids (or JAX_LOCAL_DEVICE_IDS) must be comma-separated integers, "
+                             f"got {ids!r}") from None
     ids = tuple(ids) if ids else None
     n = given["num_processes"]
     if n is not None and n < 1:
-        raise DistributedError(f"--num_processes (or JAX_NUM_PROCESSES) must be >= 1, got {n}")
+        raise UsageError(f"--num_processes (or JAX_NUM_PROCESSES) must be >= 1, got {n}")
     if n == 1 and given["coordinator_address"] is None and given["process_id"] in (None, 0):
         return None  # one process, explicitly: no cluster detection
     if any(v is not None for v in given.values()):
         missing = [f"{flag} (or {var})" for key, flag, var in _FIELDS if given[key] is None]
         if missing:
             have = ", ".join(f"{flag}={given[key]}" for key, flag, _ in _FIELDS if given[key] is not None)
-            raise DistributedError(f"a multi-process run needs all of --coordinator_address, --num_processes and "
-                                   f"--process_id; {have} is set but {' and '.join(missing)} is missing (or run "
-                                   "under SLURM's srun, which supplies them)")
+            raise UsageError(f"a multi-process run needs all of --coordinator_address, --num_processes and "
+                             f"--process_id; {have} is set but {' and '.join(missing)} is missing (or run "
+                             "under SLURM's srun, which supplies them)")
         if not 0 <= given["process_id"] < n:
-            raise DistributedError(f"--process_id={given['process_id']} must be in [0, --num_processes={n})")
+            raise UsageError(f"--process_id={given['process_id']} must be in [0, --num_processes={n})")
         if ":" not in given["coordinator_address"]:
-            raise DistributedError(f"--coordinator_address={given['coordinator_address']} must be host:port of "
-                                   "process 0 (e.g. node001:12345), the same for every process")
+            raise UsageError(f"--coordinator_address={given['coordinator_address']} must be host:port of "
+                             "process 0 (e.g. node001:12345), the same for every process")
         return Settings("flags/environment", **given, local_device_ids=ids)
     if env.get("SLURM_JOB_ID") and _int(env.get("SLURM_NTASKS"), "SLURM_NTASKS", "SLURM_NTASKS") not in (None, 1):
         if all(env.get(v) is not None for v in _SLURM_STEP_VARS):
             return Settings("SLURM", local_device_ids=ids)
-        print(f"SLURM_NTASKS={env['SLURM_NTASKS']} but this process was not started by srun (no SLURM_PROCID / "
-              "SLURM_STEP_NODELIST): running as one process; launch with `srun python -m prosparse_jax.training.train ...` "
-              "for a multi-process run", flush=True)
+        logging.getLogger(__name__).warning(
+            "SLURM_NTASKS=%s but this process was not started by srun (no SLURM_PROCID / SLURM_STEP_NODELIST): "
+            "running as one process; launch with `srun python -m prosparse_jax.main.train ...` for a multi-process "
+            "run", env["SLURM_NTASKS"])
         return None
     if env.get("PROSPARSE_DISTRIBUTED") == "1":
         return Settings("PROSPARSE_DISTRIBUTED=1", local_device_ids=ids)
     return None
 
 
-_decided = False  # whether initialize() has run in this process (single-process runs included)
-
-
-def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
-               process_id: int | None = None, local_device_ids: str | Sequence[int] | None = None) -> bool:
-    """Joins the processes of a multi-process run (:func:`resolve`); returns whether this is one.
-
-    Only the first call in a process decides (the train CLI's, with its flags; ``train()``'s own call then keeps
-    it); must run before anything touches a JAX backend. Process 0 prints one line: processes, devices, coordinator.
-    """
-    global _decided
-    if _decided or jax.distributed.is_initialized():
-        explicit = any(v is not None for v in (coordinator_address, num_processes, process_id))
-        if explicit and not jax.distributed.is_initialized():  # e.g. a second train() call in a notebook
-            s = resolve(coordinator_address, num_processes, process_id, local_device_ids)
-            if s is not None:
-                raise DistributedError(
-                    f"this process already runs JAX as a single process; the multi-process settings ({s.source}) "
-                    "take effect only in a fresh process (start each process with them)")
-        return jax.process_count() > 1
-    s = resolve(coordinator_address, num_processes, process_id, local_device_ids)
-    _decided = True
-    if s is None:
-        return False
+def initialize(settings: Settings | None) -> None:
+    """Joins the processes of a multi-process run (``settings`` from :func:`resolve`; None: one process, nothing to
+    do). Call it once, before anything touches a JAX backend; process 0 prints one line: processes, devices,
+    coordinator."""
+    if settings is None or jax.distributed.is_initialized():
+        return
+    s = settings
     try:
         jax.distributed.initialize(coordinator_address=s.coordinator_address, num_processes=s.num_processes,
                                    process_id=s.process_id, local_device_ids=s.local_device_ids)
     except (RuntimeError, ValueError) as e:  # XLA's connection errors are RuntimeErrors
         where = s.coordinator_address or "the address JAX derived from the cluster"
-        raise DistributedError(
+        raise UsageError(
             f"joining the multi-process run ({s.source}) failed: {str(e).strip().splitlines()[0][:300]}. Check that "
             f"process 0 runs and is reachable at {where}, and that every process got the same coordinator and "
             "process count and its own process id") from e
     if jax.process_index() == 0:
         print(startup_line(s.source, s.coordinator_address), flush=True)
-    return True
 
 
 def startup_line(source: str, coordinator: str | None = None) -> str:
@@ -196,14 +179,14 @@ def allgather_json(obj: Any) -> list[Any]:
     return [json.loads(rows[i, :n].tobytes()) for i, n in enumerate(lengths)]
 
 
-@functools.cache
-def _any_fn(mesh: jax.sharding.Mesh) -> Any:
-    return jax.jit(jnp.max, out_shardings=NamedSharding(mesh, PartitionSpec()))
-
-
-def any_process(flag: bool, mesh: jax.sharding.Mesh) -> jax.Array:
-    """Dispatches the OR of a per-process flag over all processes: a replicated bool scalar, the same everywhere
-    (used so that every process stops after the same step when only some got a signal)."""
+def any_process_fn(mesh: jax.sharding.Mesh) -> Callable[[bool], jax.Array]:
+    """``any_process(flag)``: dispatches the OR of a per-process flag over all processes, a replicated bool scalar,
+    the same everywhere (so that every process stops after the same step when only some got a signal)."""
     sharding = NamedSharding(mesh, PartitionSpec(mesh.axis_names))
-    local = np.full(len(sharding.addressable_devices), flag, bool)
-    return _any_fn(mesh)(jax.make_array_from_process_local_data(sharding, local))
+    reduce = jax.jit(jnp.max, out_shardings=NamedSharding(mesh, PartitionSpec()))
+
+    def any_process(flag: bool) -> jax.Array:
+        local = np.full(len(sharding.addressable_devices), flag, bool)
+        return reduce(jax.make_array_from_process_local_data(sharding, local))
+
+    return any_process

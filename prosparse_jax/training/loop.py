@@ -1,10 +1,7 @@
 """The host side of a training run: the step loop, its metrics, checkpoints and stop requests, the final evaluation.
 
-:class:`Loop` runs the jitted step (:mod:`prosparse_jax.training.step`) from a start step to ``train.steps``: metrics fetched one
-step late (the host's bookkeeping overlaps the device), interval means into ``metrics.jsonl`` / TensorBoard, held-out
-evaluations, checkpoints with the data-iterator state, and stop requests (SIGTERM / Ctrl-C, shared across processes).
-:func:`final_eval` evaluates at the end, also with FATReLU threshold shifting. :mod:`prosparse_jax.training.train` sets up a
-:class:`Run` and drives these.
+:class:`Loop` runs the jitted step from a start step to ``train.steps``; :func:`final_eval` evaluates at the end, also
+with FATReLU threshold shifting. :mod:`prosparse_jax.training.train` builds a :class:`RunSetup` and drives these.
 """
 
 from __future__ import annotations
@@ -17,27 +14,28 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
 
 from prosparse_jax.config import RunConfig
 from prosparse_jax.data import pipeline as data_lib
+from prosparse_jax.errors import NonFiniteLossError
 from prosparse_jax.training import checkpoint as ckpt
 from prosparse_jax.training import distributed
 from prosparse_jax.training import sharding as shard_lib
 from prosparse_jax.training.metrics import IntervalMeans, MetricsWriter, measure_matmul_peak
-from prosparse_jax.training.step import evaluate, stack_layers_jit
-from prosparse_jax.training.workdir import NonFiniteLossError
+from prosparse_jax.training.step import make_evaluate, stack_layers_jit
 
 # step metrics reported as means over the steps since the previous metrics entry
 MEAN_KEYS = ("loss", "lm_loss", "reg_loss", "grad_norm", "sparsity", "sparsity_per_layer", "mean_abs_x1_per_layer")
 
 
 @functools.cache
-def _matmul_peak(device_kind: str) -> float:  # the key: measured once per process and device kind
-    """The MFU denominator: one device's measured matmul FLOP/s."""
+def _matmul_peak(device_kind: str) -> float:
+    """The MFU denominator: one device's measured matmul FLOP/s, measured once per process and kind of device (a
+    fact of the hardware, not of the run)."""
     return measure_matmul_peak()
 
 
@@ -48,8 +46,8 @@ def metrics_lag(n_devices: int) -> bool:
 
 
 @dataclasses.dataclass
-class Run:
-    """What the set-up resolved for one run."""
+class RunSetup:
+    """What the set-up of one run resolved: config, workdir, tokenizer, mesh and data."""
 
     rc: RunConfig
     config_json: dict[str, Any]  # the experiment config as written to config.json and into every checkpoint
@@ -68,6 +66,14 @@ class Run:
 # ---------------------------------------------------------------------------------------------------------------
 # The loop
 # ---------------------------------------------------------------------------------------------------------------
+class Dispatched(NamedTuple):
+    """A step sent to the devices whose results the host has not read yet."""
+
+    metrics: dict[str, jax.Array]
+    data_state: Any  # the data iterator's state after this step's batch
+    any_stop: jax.Array | None  # several processes: whether any of them asked to stop (None with one process)
+
+
 class Loop:
     """Runs the steps from ``start`` to ``train.steps`` (or a stop request) on the host side.
 
@@ -80,19 +86,21 @@ class Loop:
     (a signal to any process) is OR-ed over the processes with each step, so all stop after the same step.
     """
 
-    def __init__(self, run: Run, state: dict[str, Any], step_fn: Any, mgr: Any, start: int,
-                 data_state: Any, stop_after: int | None) -> None:
+    def __init__(self, run: RunSetup, state: dict[str, Any], step_fn: Any, mgr: Any, start: int,
+                 data_state: Any) -> None:
         rc = run.rc
         self.run, self.rc, self.state, self.step_fn, self.mgr = run, rc, state, step_fn, mgr
-        self.step, self.stop_after = start, stop_after
+        self.step = start
         self.stop_requested = ""  # the name of the signal that asked this process to stop, "" while none did
         self.multi = jax.process_count() > 1
+        self.any_process = distributed.any_process_fn(run.mesh) if self.multi else None
         self.stop_agreed = False  # several processes: some process asked to stop (the same on every process)
         self.it = run.train_iter
         if data_state is not None:
             self.it.set_state(data_state)
         self.last_data_state = self.it.get_state()
         self.eval_batches = run.eval_batches
+        self.evaluate = make_evaluate(rc.model)
         self.batch_sharding = shard_lib.accum_batch_sharding(run.mesh)
         self.writer = MetricsWriter(run.workdir, resume_step=start, enabled=run.is_main)
         self.means = IntervalMeans(MEAN_KEYS)
@@ -117,21 +125,22 @@ class Loop:
         return self.stop_agreed if self.multi else bool(self.stop_requested)
 
     def run_steps(self) -> bool:
-        """The loop; returns whether it stopped early (a stop request or ``stop_after``)."""
+        """The loop; returns whether a stop request ended it early."""
         lag, pending = metrics_lag(jax.device_count()), None
         batches = data_lib.prefetch(self.it)
         while self.step < self.rc.train.steps:
             batch, next_data_state = next(batches)
-            self.state, m_dev = self.step_fn(self.state, self.to_device(batch))
-            stop_dev = distributed.any_process(bool(self.stop_requested), self.run.mesh) if self.multi else None
-            dispatched = self.step + (2 if pending is not None else 1)  # the step number of the one just dispatched
+            self.state, metrics = self.step_fn(self.state, self.to_device(batch))
+            any_stop = self.any_process(bool(self.stop_requested)) if self.any_process is not None else None
+            sent = Dispatched(metrics, next_data_state, any_stop)
+            sent_step = self.step + (2 if pending is not None else 1)  # the step number of the one just dispatched
             if pending is not None:
-                self.process(*pending)  # the previous step's metrics, fetched while this step runs
+                self.finish(pending)  # the previous step's metrics, fetched while this step runs
                 pending = None
-            if lag and not self.needs_state(dispatched):
-                pending = (m_dev, next_data_state, stop_dev)
+            if lag and not self.needs_state(sent_step):
+                pending = sent
                 continue
-            self.process(m_dev, next_data_state, stop_dev)
+            self.finish(sent)
             if self.after_step():
                 return True
         return False
@@ -140,14 +149,14 @@ class Loop:
         """Whether the host must act on the state right after step s (eval, checkpoint, end, stop)."""
         t = self.rc.train
         return (s == t.steps or s % t.checkpoint_every == 0 or bool(t.eval_every and s % t.eval_every == 0)
-                or self.stopping or (self.stop_after is not None and s >= self.stop_after))
+                or self.stopping)
 
-    def process(self, m_dev: Any, data_state_after: Any, stop_dev: Any = None) -> None:
+    def finish(self, sent: Dispatched) -> None:
         """Host side of one finished step: NaN guard, interval means, progress bar, metrics entry (and, with several
         processes, whether any of them asked to stop by then)."""
-        m = shard_lib.to_host(m_dev)
-        if stop_dev is not None:
-            self.stop_agreed = self.stop_agreed or bool(shard_lib.to_host(stop_dev))
+        m = shard_lib.to_host(sent.metrics)
+        if sent.any_stop is not None:
+            self.stop_agreed = self.stop_agreed or bool(shard_lib.to_host(sent.any_stop))
         if not bool(m["finite"]):
             self.mgr.wait_until_finished()
             raise NonFiniteLossError(
@@ -155,7 +164,7 @@ class Loop:
                 f"{float(m['grad_norm'])}); the update was not applied. Last good checkpoint: "
                 f"{ckpt.latest_step(self.run.workdir)} in {self.run.workdir}/checkpoints. Lower optim.lr or the "
                 "sparsity lambdas.")
-        self.last_data_state = data_state_after
+        self.last_data_state = sent.data_state
         self.step += 1
         self.steps_since += 1
         self.means.add(m)
@@ -184,11 +193,11 @@ class Loop:
         """Eval / checkpoint / stop after a synced step; returns True when the loop must stop."""
         t, s = self.rc.train, self.step
         if t.eval_every and s % t.eval_every == 0 and s != t.steps:
-            self.writer.write(s, evaluate(self.state["params"], self.rc.model, self.eval_batches), kind="eval")
+            self.writer.write(s, self.evaluate(self.state["params"], self.eval_batches), kind="eval")
             self.t_last = time.perf_counter()
         if s % t.checkpoint_every == 0 or s == t.steps:
             self.save()
-        if self.stopping or (self.stop_after is not None and s >= self.stop_after):
+        if self.stopping:
             if s % t.checkpoint_every and s != t.steps:
                 self.save(force=True)
             if self.run.is_main:
@@ -217,11 +226,12 @@ def final_eval(loop: Loop) -> dict[str, Any]:
     """Held-out evaluation at the end, then with FATReLU(t = sparsity.final_threshold) in place of ReLU
     (ProSparse §3.3: threshold shifting without retraining); written to metrics and ``final_eval.json``."""
     rc, params = loop.rc, loop.state["params"]
-    final = evaluate(params, rc.model, loop.eval_batches)
+    final = loop.evaluate(params, loop.eval_batches)
     loop.writer.write(loop.step, final, kind="eval")
     t = rc.sparsity.final_threshold
     if t > 0 and rc.model.activation in ("relu", "fatrelu"):
-        fat = evaluate(params, rc.model.replace(activation="fatrelu", activation_threshold=t), loop.eval_batches)
+        fat_model = rc.model.replace(activation="fatrelu", activation_threshold=t)
+        fat = make_evaluate(fat_model)(params, loop.eval_batches)
         fat = {f"fatrelu_{k}": v for k, v in fat.items()} | {"fatrelu_threshold": t}
         loop.writer.write(loop.step, fat, kind="final_fatrelu")
         final.update(fat)

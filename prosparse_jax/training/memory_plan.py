@@ -1,25 +1,19 @@
-"""Ahead-of-time memory plan of the train step for a mesh, without the hardware.
+"""What a run config costs, without the hardware: its size and FLOPs (:func:`describe`) and the per-device memory of
+its train step on a mesh (:func:`plan`).
 
-    python -m prosparse_jax.main.describe --config=configs/sparsing_law.py:1.2b-relu --mesh=data:2,fsdp:4 \\
-        --device_memory=80GB
-
-:func:`plan` compiles exactly what :mod:`prosparse_jax.training.train` compiles -- ``jax.jit(make_train_step(...),
-donate_argnums=0)`` on the FSDP-sharded params / optimizer state and a ``[grad_accum, micro_batch, seq_len]`` batch
-sharded like :func:`prosparse_jax.training.sharding.accum_batch_sharding` -- from abstract shapes only (nothing is allocated),
-and reads XLA's per-device ``memory_analysis()``. When this process has fewer devices than the mesh (a laptop, a
-one-GPU box), it compiles for that many abstract XLA:CPU devices. Argument bytes (params, optimizer state, batch)
-are exact; temporaries are XLA:CPU's buffer assignment, an estimate of a GPU's or TPU's (see ``CPU_CAVEATS``).
-
-The suggestion keeps the global batch and picks the smallest ``train.grad_accum`` (the largest per-device micro-batch)
-that fits: temporaries grow linearly with the micro-batch, so two compiles give the line, and one more verifies the
-pick.
+:func:`plan` compiles the train step as training jits it (:func:`prosparse_jax.training.step.jit_train_step`) from
+abstract shapes only (nothing is allocated) and reads XLA's per-device ``memory_analysis()``. When this process has
+fewer devices than the mesh (a laptop, a one-GPU box), it compiles for that many abstract XLA:CPU devices. Argument
+bytes (params, optimizer state, batch) are exact; temporaries are XLA:CPU's buffer assignment, an estimate of a GPU's
+or TPU's (see ``CPU_CAVEATS``). The suggestion keeps the global batch and picks the smallest ``train.grad_accum``
+(the largest per-device micro-batch) that fits: temporaries grow linearly with the micro-batch, so two compiles give
+the line, and one more verifies the pick.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -27,18 +21,16 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+from jax.sharding import AxisType, Mesh
 
-from prosparse_jax.config import ConfigError, RunConfig
-from prosparse_jax.model.transformer import abstract_params, unstack_layers
+from prosparse_jax.config import RunConfig
+from prosparse_jax.errors import UsageError
+from prosparse_jax.model.transformer import abstract_params
 from prosparse_jax.training import optim as optim_lib
-from prosparse_jax.training import schedules
 from prosparse_jax.training import sharding as shard_lib
-from prosparse_jax.training.step import make_train_step
+from prosparse_jax.training.step import abstract_train_state, jit_train_step
 
 MESH_AXES = ("data", "fsdp")
-_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 BATCH_KEYS = (("inputs", jnp.int32), ("targets", jnp.int32), ("segment_ids", jnp.int32),
               ("positions", jnp.int32), ("weights", jnp.float32))  # prosparse_jax.data.pipeline's features
 EXACT = "argument bytes (params, optimizer state, batch) are exact on any backend: shapes x dtype / sharding. "
@@ -50,43 +42,75 @@ CPU_CAVEATS = ("Temporaries are XLA:CPU's buffer assignment, an estimate for GPU
                "(NCCL) buffers and memory-space assignment; attention compiles as xla_blocks, while model.attention="
                "'auto' runs cuDNN flash (GPU) or splash (TPU) attention, whose O(T) memory is lower. ")
 # XLA:CPU code generation without LLVM optimisation and with the classic IR emitters: the same buffer assignment
-# (within a few hundred bytes), a ~3x faster compile (tests/test_memory_plan.py compares the two)
+# (within a few hundred bytes) for a several times faster compile
 FAST_CPU_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True,
                     "xla_cpu_use_fusion_emitters": False}
 
 
-class PlanError(ValueError):
-    """A ``--mesh`` or ``--device_memory`` that cannot be read; the message names the flag and the valid form."""
+# ---------------------------------------------------------------------------------------------------------------
+# Size and cost
+# ---------------------------------------------------------------------------------------------------------------
+def describe(rc: RunConfig) -> dict[str, Any]:
+    """Size / cost summary of a resolved run config; parameter counts from ``jax.eval_shape`` of the initialiser."""
+    m = rc.model
+    shapes = abstract_params(m)
+    total = sum(math.prod(x.shape) for x in jax.tree.leaves(shapes))
+    embedding = math.prod(shapes["embed_VxD"].shape) + (
+        math.prod(shapes["lm_head_DxV"].shape) if "lm_head_DxV" in shapes else 0
+    )
+    if total != m.params_total:  # the closed form (used by flops) must agree with the real initialiser
+        raise AssertionError(f"parameter count mismatch: eval_shape {total} vs formula {m.params_total}")
+    seq_len = rc.data.seq_len
+    tokens_per_step = rc.train.batch_size * seq_len
+    fpt = m.flops_per_token(seq_len)
+    return {
+        "params_total": total,
+        "params_non_embedding": total - embedding,
+        "params_embedding": embedding,
+        "flops_per_token": fpt,
+        "flops_per_token_note": "training: 6*N_matmul (non-embedding matrices + output head) + "
+        "causal attention 6*L*n_heads*head_dim*(seq_len+1)",
+        "d_model": m.d_model,
+        "n_layers": m.n_layers,
+        "n_heads": m.n_heads,
+        "n_kv_heads": m.n_kv_heads,
+        "head_dim": m.head_dim,
+        "d_ff": m.d_ff,
+        "vocab_size": m.vocab_size,
+        "tie_embeddings": m.tie_embeddings,
+        "activation": m.activation,
+        "activation_threshold": m.activation_threshold,
+        "minicpm_scales": {"scale_emb": m.scale_emb, "scale_depth": m.scale_depth,
+                           "dim_model_base": m.dim_model_base},
+        "dtype": m.dtype,
+        "seq_len": seq_len,
+        "global_batch": rc.train.batch_size,
+        "tokens_per_step": tokens_per_step,
+        "train_steps": rc.train.steps,
+        "train_tokens": tokens_per_step * rc.train.steps,
+        "train_flops": fpt * tokens_per_step * rc.train.steps,
+        "param_bytes_fp32": 4 * total,
+        "sparsity_stages": [list(s) for s in rc.sparsity.stages],
+    }
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Flags
-# ---------------------------------------------------------------------------------------------------------------
-def parse_mesh(text: str) -> dict[str, int]:
-    """``"data:2,fsdp:4"`` -> ``{"data": 2, "fsdp": 4}``; an axis left out has size 1."""
+def parse_mesh(text: str, what: str = "mesh") -> dict[str, int]:
+    """``"data:2,fsdp:4"`` -> ``{"data": 2, "fsdp": 4}``; an axis left out has size 1. ``what``: the argument the
+    text came from, which starts every error message."""
     sizes = dict.fromkeys(MESH_AXES, 1)
     seen: set[str] = set()
     for part in text.split(","):
         name, sep, size = part.strip().partition(":")
         if name not in MESH_AXES:
-            raise PlanError(f"--mesh={text}: unknown axis {name!r}; the axes are {', '.join(MESH_AXES)} "
-                            "(e.g. --mesh=data:2,fsdp:4)")
+            raise UsageError(f"{what}={text}: unknown axis {name!r}; the axes are {', '.join(MESH_AXES)} "
+                             "(e.g. data:2,fsdp:4)")
         if not sep or not size.strip().isdigit() or int(size) <= 0:
-            raise PlanError(f"--mesh={text}: axis {name!r} needs a positive integer size (e.g. {name}:4)")
+            raise UsageError(f"{what}={text}: axis {name!r} needs a positive integer size (e.g. {name}:4)")
         if name in seen:
-            raise PlanError(f"--mesh={text}: axis {name!r} given twice")
+            raise UsageError(f"{what}={text}: axis {name!r} given twice")
         seen.add(name)
         sizes[name] = int(size)
     return sizes
-
-
-def parse_bytes(text: str) -> int:
-    """``"80GB"`` (10^9 bytes) / ``"80GiB"`` (2^30) / ``"512MB"`` / ``"512MiB"`` -> bytes."""
-    m = re.fullmatch(r"\s*(\d+(?:\.\d*)?)\s*([KMGT]i?B|B)\s*", text, flags=re.IGNORECASE)
-    if not m or float(m.group(1)) <= 0:
-        raise PlanError(f"--device_memory={text}: expected a positive size with a unit, e.g. 80GB, 80GiB or "
-                        "512MB (GB = 10^9 bytes, GiB = 2^30)")
-    return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
 
 
 def gb(n: float) -> float:
@@ -95,7 +119,7 @@ def gb(n: float) -> float:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Devices, abstract state and one compiled step
+# Devices and one compiled step
 # ---------------------------------------------------------------------------------------------------------------
 def plan_devices(n: int) -> list[Any]:
     """``n`` devices to compile for: this process's own when it has that many (a real 8-GPU host: exact for it),
@@ -108,8 +132,8 @@ def plan_devices(n: int) -> list[Any]:
 
         return list(xla_client.make_cpu_client(num_devices=n).devices())
     except (ImportError, AttributeError, TypeError) as e:
-        raise PlanError(f"cannot create {n} abstract CPU devices ({e}); rerun with "
-                        f"XLA_FLAGS=--xla_force_host_platform_device_count={n} JAX_PLATFORMS=cpu") from e
+        raise UsageError(f"cannot create {n} abstract CPU devices ({e}); rerun with "
+                         f"XLA_FLAGS=--xla_force_host_platform_device_count={n} JAX_PLATFORMS=cpu") from e
 
 
 def make_plan_mesh(mesh_shape: dict[str, int]) -> Mesh:
@@ -119,42 +143,17 @@ def make_plan_mesh(mesh_shape: dict[str, int]) -> Mesh:
     return Mesh(devices, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
 
 
-def check_batch(rc: RunConfig, mesh_shape: dict[str, int]) -> None:
-    """The micro-batch must split evenly over the mesh's data x fsdp devices (train's start-up requires it)."""
-    n = math.prod(mesh_shape.values())
-    B, A = rc.train.batch_size, rc.train.grad_accum
-    if (B // A) % n:
-        mesh = ",".join(f"{k}:{v}" for k, v in mesh_shape.items())
-        raise ConfigError(f"train.batch_size / train.grad_accum = {B}/{A} = {B // A} sequences per micro-step do not "
-                          f"split over the {n} devices of --mesh={mesh}; choose a mesh whose data x fsdp divides "
-                          f"{B // A}, or set --config.train.batch_size (and --config.train.grad_accum) so that "
-                          f"batch_size / grad_accum is a multiple of {n}")
-
-
 def compile_attention(rc: RunConfig, platform: str) -> RunConfig:
     """``rc`` with an attention backend that compiles on ``platform``: XLA:CPU cannot compile cuDNN or splash
     kernels, so a CPU plan runs ``xla_blocks`` (what ``auto`` is on CPU)."""
-    if platform == "cpu" and getattr(rc.model, "attention", "xla_blocks") not in ("xla_blocks", "xla"):
+    if platform == "cpu" and rc.model.attention not in ("xla_blocks", "xla"):
         return dataclasses.replace(rc, model=dataclasses.replace(rc.model, attention="xla_blocks"))
     return rc
 
 
 def _attention_line(rc: RunConfig, platform: str) -> str:
-    asked, compiled = (getattr(x.model, "attention", "xla_blocks") for x in (rc, compile_attention(rc, platform)))
+    asked, compiled = rc.model.attention, compile_attention(rc, platform).model.attention
     return compiled if asked in (compiled, "auto") else f"{compiled} (model.attention={asked!r} has no XLA:CPU kernel)"
-
-
-def abstract_state(rc: RunConfig, tx: Any, mesh: Mesh) -> dict[str, Any]:
-    """The train state as the jitted step receives it (train's ``_init_state`` + ``step.place_state``):
-    ShapeDtypeStructs carrying the FSDP shardings of :func:`prosparse_jax.training.sharding.shardings_like`."""
-    params = abstract_params(rc.model)
-    tree = (params, jax.eval_shape(tx.init, params))
-    if not rc.model.scan_layers:  # the per-layer training layout (step.to_per_layer)
-        tree = jax.eval_shape(unstack_layers, tree)
-    with_sh = lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s)  # noqa: E731
-    params, opt_state = jax.tree.map(with_sh, tree, shard_lib.shardings_like(tree, mesh))
-    step = jax.ShapeDtypeStruct((), jnp.int32, sharding=NamedSharding(mesh, PartitionSpec()))
-    return {"params": params, "opt_state": opt_state, "step": step}
 
 
 def abstract_batch(rc: RunConfig, grad_accum: int, mesh: Mesh) -> dict[str, jax.ShapeDtypeStruct]:
@@ -179,23 +178,18 @@ def _not_donated(state: dict[str, Any], out_state: Any) -> list[str]:
     return names
 
 
-_COMPILED: dict[tuple[Any, ...], dict[str, Any]] = {}  # (rc, mesh, grad_accum) -> compile_memory's result
-
-
-def compile_memory(rc: RunConfig, mesh: Mesh, grad_accums: list[int]) -> dict[int, dict[str, Any]]:
+def compile_memory(rc: RunConfig, mesh: Mesh, grad_accums: list[int], compiled: dict[tuple[Any, ...], Any],
+                   compiler_options: dict[str, Any]) -> dict[int, dict[str, Any]]:
     """Per-device memory of the compiled train step for each ``train.grad_accum`` (the global batch kept).
 
-    Lowered one after another (tracing holds the GIL), compiled two at a time; cached per process."""
+    Lowered one after another (tracing holds the GIL), compiled two at a time. ``compiled`` holds earlier results
+    (looked up and extended here), keyed by config, mesh, options and grad_accum."""
     rc = compile_attention(rc, mesh.devices.flat[0].platform)
-    key = lambda a: (repr(rc), repr(mesh.devices.tolist()), a)  # noqa: E731
-    todo = [a for a in dict.fromkeys(grad_accums) if key(a) not in _COMPILED]
+    key = lambda a: (repr(rc), repr(mesh.devices.tolist()), repr(sorted(compiler_options.items())), a)  # noqa: E731
+    todo = [a for a in dict.fromkeys(grad_accums) if key(a) not in compiled]
     tx, lr_fn = optim_lib.make_optimizer(rc.optim, rc.train.steps, rc.model.d_model)
-    state = abstract_state(rc, tx, mesh)
-    # as train jits it: the state keeps its shardings (donation holds), metrics replicated
-    out_sh = (jax.tree.map(lambda x: x.sharding, state), NamedSharding(mesh, PartitionSpec()))
-    step_fn = jax.jit(make_train_step(rc, tx, lr_fn, schedules.reg_factor_schedule(rc.sparsity.stages)),
-                      donate_argnums=(0,), out_shardings=out_sh)
-    opts = FAST_CPU_COMPILE if mesh.devices.flat[0].platform == "cpu" else {}
+    state = abstract_train_state(rc.model, tx, mesh)
+    step_fn = jit_train_step(rc, tx, lr_fn, state, mesh)
 
     def build(a: int) -> tuple[int, Any, dict[str, Any], float]:
         t = time.perf_counter()
@@ -204,8 +198,8 @@ def compile_memory(rc: RunConfig, mesh: Mesh, grad_accums: list[int]) -> dict[in
 
     def finish(job: tuple[int, Any, dict[str, Any], float]) -> None:
         a, lowered, batch, t = job
-        compiled = lowered.compile(compiler_options=opts)
-        m = compiled.memory_analysis()
+        exe = lowered.compile(compiler_options=compiler_options)
+        m = exe.memory_analysis()
         out = {"arguments": m.argument_size_in_bytes, "params": sharded_bytes(state["params"]),
                "opt_state": sharded_bytes(state["opt_state"]), "batch": sharded_bytes(batch),
                "outputs": m.output_size_in_bytes, "aliased": m.alias_size_in_bytes,
@@ -213,87 +207,102 @@ def compile_memory(rc: RunConfig, mesh: Mesh, grad_accums: list[int]) -> dict[in
         # a donated output reuses its argument's buffer: count it once
         out["total"] = (out["arguments"] + out["outputs"] - out["aliased"] + out["temporaries"]
                         + out["generated_code"])
-        _COMPILED[key(a)] = {"bytes": out, "not_donated": _not_donated(state, compiled.output_shardings[0]),
-                             "seconds": round(time.perf_counter() - t, 1)}  # lowering + compile
+        compiled[key(a)] = {"bytes": out, "not_donated": _not_donated(state, exe.output_shardings[0]),
+                            "seconds": round(time.perf_counter() - t, 1)}  # lowering + compile
 
     with ThreadPoolExecutor(max_workers=2) as pool:
         list(pool.map(finish, [build(a) for a in todo]))
-    return {a: _COMPILED[key(a)] for a in grad_accums}
+    return {a: compiled[key(a)] for a in grad_accums}
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # The plan
 # ---------------------------------------------------------------------------------------------------------------
-def _divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
-
-
-def plan(rc: RunConfig, mesh_shape: dict[str, int], device_memory_bytes: int | None = None) -> dict[str, Any]:
+def plan(rc: RunConfig, mesh_shape: dict[str, int], device_memory_bytes: int | None = None, *,
+         compiled: dict[tuple[Any, ...], Any] | None = None,
+         compiler_options: dict[str, Any] | None = None) -> dict[str, Any]:
     """Per-device memory of ``rc``'s train step on a ``mesh_shape`` mesh (e.g. ``{"data": 2, "fsdp": 4}``), whether
     it fits ``device_memory_bytes`` and the smallest ``train.grad_accum`` (largest per-device micro-batch) that fits.
 
+    Args:
+      rc: the resolved run config.
+      mesh_shape: axis -> size; an axis left out has size 1.
+      device_memory_bytes: the memory of one device to fit; None: no fit and no suggestion.
+      compiled: compile results to reuse and extend (a dict the caller keeps across calls); None: a fresh one.
+      compiler_options: XLA compiler options; None: :data:`FAST_CPU_COMPILE` on CPU, XLA's defaults elsewhere.
+
     Raises:
-      PlanError: an unknown mesh axis or a non-positive size.
+      UsageError: an unknown mesh axis, a non-positive size or memory.
       ConfigError: the micro-batch does not split over the mesh's devices.
     """
     t0 = time.perf_counter()
     if set(mesh_shape) - set(MESH_AXES) or any(not isinstance(v, int) or v <= 0 for v in mesh_shape.values()):
-        raise PlanError(f"mesh {mesh_shape}: the axes are {', '.join(MESH_AXES)}, with positive integer sizes")
+        raise UsageError(f"mesh {mesh_shape}: the axes are {', '.join(MESH_AXES)}, with positive integer sizes")
     if device_memory_bytes is not None and device_memory_bytes <= 0:
-        raise PlanError(f"device memory {device_memory_bytes}: must be a positive number of bytes")
+        raise UsageError(f"device memory {device_memory_bytes}: must be a positive number of bytes")
     mesh_shape = {a: mesh_shape.get(a, 1) for a in MESH_AXES}
-    check_batch(rc, mesh_shape)
+    shard_lib.check_batch_split(rc.train.batch_size, rc.train.grad_accum, mesh_shape)
     mesh = make_plan_mesh(mesh_shape)
-    n, A0, device = mesh.devices.size, rc.train.grad_accum, mesh.devices.flat[0]
+    device = mesh.devices.flat[0]
+    if compiler_options is None:
+        compiler_options = FAST_CPU_COMPILE if device.platform == "cpu" else {}
+    compiled = {} if compiled is None else compiled
+    n, grad_accum = mesh.devices.size, rc.train.grad_accum
     per_device = rc.train.batch_size // n  # sequences per device and optimizer step, split into grad_accum micro-steps
-    candidates = _divisors(per_device)  # per-device micro-batches b; grad_accum = per_device / b
-    b0 = per_device // A0
-    probe = [] if device_memory_bytes is None or per_device == 1 else [1 if b0 != 1 else candidates[1]]
-    # per-device micro-batch b -> its compile (the configured one, and a probe for the line when fitting)
-    runs = {per_device // a: r for a, r in compile_memory(rc, mesh, [A0] + [per_device // b for b in probe]).items()}
+
+    def compile_for(micros: list[int]) -> dict[int, dict[str, Any]]:
+        """Compile results keyed by per-device micro-batch."""
+        out = compile_memory(rc, mesh, [per_device // b for b in micros], compiled, compiler_options)
+        return {per_device // a: r for a, r in out.items()}
+
+    candidates = shard_lib.divisors(per_device)  # per-device micro-batches b; grad_accum = per_device / b
+    micro = per_device // grad_accum
+    probe = [] if device_memory_bytes is None or per_device == 1 else [1 if micro != 1 else candidates[1]]
+    by_micro = compile_for([micro, *probe])  # the configured micro-batch, and a probe for the line when fitting
     kind = "abstract XLA:CPU" if device.platform == "cpu" else device.device_kind
     out: dict[str, Any] = {
         "mesh": mesh_shape, "devices": n, "compiled_for": f"{device.platform} ({n} {kind} devices)",
         "attention": _attention_line(rc, device.platform),
-        "global_batch": rc.train.batch_size, "grad_accum": A0, "per_device_batch": b0, "seq_len": rc.data.seq_len,
-        "per_device_bytes": runs[b0]["bytes"], "per_device_GB": {k: gb(v) for k, v in runs[b0]["bytes"].items()},
-        "not_donated": runs[b0]["not_donated"],
+        "global_batch": rc.train.batch_size, "grad_accum": grad_accum, "per_device_batch": micro,
+        "seq_len": rc.data.seq_len, "per_device_bytes": by_micro[micro]["bytes"],
+        "per_device_GB": {k: gb(v) for k, v in by_micro[micro]["bytes"].items()},
+        "not_donated": by_micro[micro]["not_donated"],
     }
     if device_memory_bytes is not None:
-        out.update(_fit(rc, mesh, device_memory_bytes, runs, candidates))
+        out.update(_fit(rc, n, device_memory_bytes, by_micro, candidates, compile_for))
     out["compiles"] = [{"grad_accum": per_device // b, "per_device_batch": b, "total_GB": gb(r["bytes"]["total"]),
-                        "seconds": r["seconds"]} for b, r in sorted(runs.items())]
+                        "seconds": r["seconds"]} for b, r in sorted(by_micro.items())]
     out["seconds"] = round(time.perf_counter() - t0, 1)
     out["note"] = EXACT + (CPU_CAVEATS if device.platform == "cpu" else
                            f"Temporaries are XLA:{device.platform.upper()}'s own buffer assignment. ") + RESERVES
     return out
 
 
-def _fit(rc: RunConfig, mesh: Mesh, budget: int, runs: dict[int, dict[str, Any]], candidates: list[int]
-         ) -> dict[str, Any]:
+def _fit(rc: RunConfig, n: int, budget: int, by_micro: dict[int, dict[str, Any]], candidates: list[int],
+         compile_for: Any) -> dict[str, Any]:
     """Whether it fits ``budget``; the line total(b) = fixed + per_sequence * b through the compiled per-device
-    micro-batches ``runs`` (b -> compile_memory's result; extended here); the largest b dividing the per-device batch
+    micro-batches ``by_micro`` (b -> compile result; extended here); the largest b dividing the per-device batch
     that the line says fits, verified by compiling it (stepping down, two compiles at most)."""
-    per_device, n = candidates[-1], mesh.devices.size
-    total = lambda b: runs[b]["bytes"]["total"]  # noqa: E731
+    per_device = candidates[-1]
+    total = lambda b: by_micro[b]["bytes"]["total"]  # noqa: E731
     out: dict[str, Any] = {"device_memory_bytes": budget, "device_memory_GB": gb(budget),
                            "fits": total(per_device // rc.train.grad_accum) <= budget}
-    if len(runs) == 2:
-        (b1, r1), (b2, r2) = sorted(runs.items())
+    if len(by_micro) == 2:
+        (b1, r1), (b2, r2) = sorted(by_micro.items())
         slope = (r2["bytes"]["total"] - r1["bytes"]["total"]) / (b2 - b1)  # bytes per sequence per device
         fixed = r1["bytes"]["total"] - slope * b1
         out["per_sequence_bytes"] = int(slope)
         out["largest_per_device_batch"] = max(0, int((budget - fixed) // slope)) if slope > 0 else None
     else:  # one sequence per device: nothing to split
         slope, fixed = 0.0, float(total(per_device))
-    compiled, picks = 0, sorted((b for b in candidates if fixed + slope * b <= budget), reverse=True)
+    n_compiled, picks = 0, sorted((b for b in candidates if fixed + slope * b <= budget), reverse=True)
     for b in picks:
-        if b not in runs:
-            if compiled == 2:
+        if b not in by_micro:
+            if n_compiled == 2:
                 return dict(out, suggestion=None, advice=(
                     f"the line's picks did not fit when compiled; try --config.train.grad_accum={per_device // b}"))
-            compiled += 1
-            runs[b] = compile_memory(rc, mesh, [per_device // b])[per_device // b]
+            n_compiled += 1
+            by_micro.update(compile_for([b]))
         if total(b) <= budget:
             return dict(out, suggestion={"grad_accum": per_device // b, "per_device_batch": b, "micro_batch": b * n,
                                          "total_bytes": total(b), "total_GB": gb(total(b)), "verified_by_compile": True,

@@ -18,6 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from prosparse_jax.errors import InputError
+
 
 class MetricsWriter:
     """Appends metric entries to metrics.jsonl and TensorBoard (tensorboardX, no TensorFlow needed)."""
@@ -84,15 +86,11 @@ class IntervalMeans:
         return means, n
 
 
-class MetricsFileError(ValueError):
-    """metrics.jsonl has a corrupt line before its last one (not a crash mid-write): names the file and line."""
-
-
 def _parse_lines(path: Path) -> list[tuple[str, dict[str, Any] | None]]:
     """(line, entry) of each non-empty line; entry None for a last line cut by a crash mid-write.
 
     Raises:
-        MetricsFileError: a line other than the last one is not a JSON object.
+        InputError: a line other than the last one is not a JSON object (not a crash mid-write).
     """
     lines = [x for x in path.read_text(errors="replace").splitlines() if x.strip()]
     out: list[tuple[str, dict[str, Any] | None]] = []
@@ -103,7 +101,7 @@ def _parse_lines(path: Path) -> list[tuple[str, dict[str, Any] | None]]:
                 raise ValueError("not a JSON object")
         except ValueError as e:
             if i < len(lines) - 1:
-                raise MetricsFileError(
+                raise InputError(
                     f"{path}:{i + 1}: not a metrics entry ({e}); only the last line can be cut by a crash. Move the "
                     "file aside to start a fresh log (nothing was changed)") from None
             entry = None

@@ -1,15 +1,12 @@
 """Step schedules: the ProSparse regularisation factor lambda(t) and the learning rate.
 
-Every schedule is an optax-style ``Callable[[step], scalar]`` that is jit-traceable: inside a jitted train step the
-step is a traced int32 scalar. Plain-python references (``reg_factor_numpy``) sit next to them for tests and plots.
+Every schedule is a jit-traceable ``Callable[[step], float32 scalar]`` of the update index ``t``: the number of
+optimizer updates already applied (the first update uses ``t = 0``). It is optax's ``count`` in the optimizer state,
+so a resumed run continues the schedules exactly. Arguments are validated by the config sections
+(:mod:`prosparse_jax.config`), not here.
 
-Step convention (used by every schedule here and by :mod:`prosparse_jax.training.optim`): ``t`` is the number of optimizer
-updates already applied, i.e. the 0-based index of the update being computed. The first update uses ``t = 0``; this
-is the ``count`` that optax keeps in the optimizer state, so a resumed run continues the schedules exactly. A table
-entry ``(lambda_i, T_i)`` means "stage i ends with update index T_i": ``lambda(T_i)`` is the stage-i formula evaluated
-at its right end (``t <= T_i`` belongs to stage i).
-
-ProSparse lambda(t) (ProSparse §3.2, Eq. 2), stages ``[(lambda_0, T_0), (lambda_1, T_1), ...]`` with cumulative ``T_i``:
+ProSparse lambda(t) (arXiv 2402.13516 §3.2, Eq. 2), stages ``[(lambda_0, T_0), (lambda_1, T_1), ...]`` with cumulative
+``T_i``; stage i owns ``T_{i-1} < t <= T_i``:
 
 * ``t <= T_0``: ``lambda_0`` (normally 0: activation substitution only);
 * ``T_0 < t <= T_1`` (warmup): ``lambda_1``, constant;
@@ -28,14 +25,13 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import optax
 
-from prosparse_jax.config import LR_SCHEDULES, ConfigError, Stages, validate_stages
+from prosparse_jax.config import Stages, wsd_decay_steps
 
 Schedule = Callable[[Any], jax.Array]
 
-# ---------------------------------------------------------------------------------------------------------------
-# ProSparse stage tables (ProSparse §4.1 and App. for MiniCPM): (lambda_i, cumulative T_i), stage 0 first.
-# ---------------------------------------------------------------------------------------------------------------
+# ProSparse's stage tables (§4.1, and the appendix for MiniCPM): (lambda_i, cumulative T_i), stage 0 first.
 PROSPARSE_STAGES: dict[str, Stages] = {
     "llama2-7b": [(0.0, 5000), (5e-3, 6000), (5e-2, 10000), (5e-2, 12000), (2e-1, 16000), (2e-1, 16500)],
     "llama2-13b": [(0.0, 5500), (5e-3, 6750), (1e-2, 10750), (1e-2, 11000), (2e-2, 15000), (2e-2, 16000)],
@@ -47,61 +43,6 @@ PROSPARSE_STAGES: dict[str, Stages] = {
 }
 
 
-def scale_stages(stages: Sequence[Sequence[float]], total_steps: int, *, merge: bool = False) -> Stages:
-    """Rescales the cumulative steps proportionally so that the last one equals ``total_steps``.
-
-    For shortened (or lengthened) runs: ``T_i' = round(T_i * total_steps / T_last)``; the factors are unchanged.
-    With ``merge=True`` (quick checks far shorter than the table) stages whose scaled ends collide are merged: at each
-    end step only the last stage ending there is kept, and stages ending at step 0 are dropped.
-
-    Raises:
-        ConfigError: if the table is invalid or (without ``merge``) ``total_steps`` is too small to keep the steps
-            distinct and positive.
-    """
-    st = validate_stages(stages)
-    if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps <= 0:
-        raise ConfigError(f"sparsity.stages: total_steps must be a positive integer, got {total_steps!r}")
-    last = st[-1][1]
-    # Round half up in exact integer arithmetic.
-    scaled = [(reg, (2 * T * total_steps + last) // (2 * last)) for reg, T in st]
-    steps = [T for _, T in scaled]
-    if merge:
-        merged: Stages = []
-        for reg, T in scaled:
-            if T <= 0:
-                continue
-            if merged and merged[-1][1] == T:
-                merged[-1] = (reg, T)
-            else:
-                merged.append((reg, T))
-        return merged
-    if steps[0] <= 0 or any(b <= a for a, b in zip(steps, steps[1:], strict=False)):
-        # A scaled gap >= 1 before rounding keeps the rounded ends distinct, hence this sufficient bound.
-        min_gap = min(b - a for a, b in zip([0] + [T for _, T in st], [T for _, T in st], strict=False))
-        raise ConfigError(
-            f"sparsity.stages: cannot scale {len(st)} stages ending at {last} to total_steps={total_steps}: the "
-            f"stage ends would collide ({steps}); train for at least {math.ceil(last / min_gap)} steps or merge "
-            "short stages"
-        )
-    return scaled
-
-
-def reg_factor_numpy(stages: Sequence[Sequence[float]], t: float) -> float:
-    """Plain-python lambda(t) for update index ``t`` (reference of :func:`reg_factor_schedule`, for tests and plots)."""
-    st = validate_stages(stages)
-    if t <= st[0][1]:
-        return st[0][0]
-    for i in range(1, len(st)):
-        reg_prev, T_prev = st[i - 1]
-        reg_i, T_i = st[i]
-        if t <= T_i:
-            if i == 1:
-                return reg_i
-            eta = 0.5 * (math.sin(-math.pi / 2 + math.pi * (t - T_prev) / (T_i - T_prev)) + 1.0)
-            return reg_prev + eta * (reg_i - reg_prev)
-    return st[-1][0]
-
-
 def reg_factor_schedule(stages: Sequence[Sequence[float]]) -> Schedule:
     """The ProSparse factor lambda(t) as a jit-traceable schedule of the update index (see module docstring).
 
@@ -109,17 +50,15 @@ def reg_factor_schedule(stages: Sequence[Sequence[float]]) -> Schedule:
     ramps, each ramp ``lambda_i + (lambda_{i-1} - lambda_i) * optax.cosine_decay_schedule(1, span)``, which is
     ``lambda_{i-1} + eta (lambda_i - lambda_{i-1})`` with ``eta = (1 - cos(pi tau)) / 2``. A stage owns the steps
     ``T_{i-1} < t <= T_i``, so each piece starts at boundary ``T_{i-1} + 1`` and is evaluated at ``tau =
-    (t - T_{i-1}) / span``. :func:`reg_factor_numpy` is the plain-python reference.
+    (t - T_{i-1}) / span``.
 
     Args:
-        stages: ``(lambda_i, T_i)`` pairs, validated with :func:`validate_stages`.
+        stages: ``(lambda_i, T_i)`` pairs, as checked by :func:`prosparse_jax.config.validate_stages`.
 
     Returns:
         ``fn(step) -> float32 scalar``.
     """
-    import optax
-
-    st = validate_stages(stages)
+    st = [(float(lam), int(t)) for lam, t in stages]
     pieces: list[Schedule] = [optax.constant_schedule(st[0][0])]
     if len(st) > 1:
         pieces.append(optax.constant_schedule(st[1][0]))
@@ -141,26 +80,8 @@ def reg_factor_schedule(stages: Sequence[Sequence[float]]) -> Schedule:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Learning-rate schedules (same step convention: lr(t) is used by update t, t = 0 first).
+# Learning rate: lr(t) is used by update t
 # ---------------------------------------------------------------------------------------------------------------
-def _check_common(peak: float, warmup_steps: int) -> None:
-    if not (math.isfinite(peak) and peak > 0):
-        raise ValueError(f"peak: learning rate must be finite and > 0, got {peak!r}")
-    if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
-        raise ValueError(f"warmup_steps: must be an integer >= 0, got {warmup_steps!r}")
-
-
-def _check_total(warmup_steps: int, total_steps: int, min_ratio: float) -> None:
-    if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps <= 0:
-        raise ValueError(f"total_steps: must be a positive integer, got {total_steps!r}")
-    if warmup_steps > total_steps:
-        raise ValueError(
-            f"warmup_steps: {warmup_steps} exceeds total_steps={total_steps}; lower warmup_steps or train longer"
-        )
-    if not 0 <= min_ratio <= 1:
-        raise ValueError(f"min_ratio: must be in [0, 1], got {min_ratio!r}")
-
-
 def _warmup(t: jax.Array, peak: float, warmup_steps: int) -> jax.Array:
     """Linear 0 -> peak: lr(0) = 0, lr(warmup_steps) = peak (peak from the start when warmup_steps = 0)."""
     if warmup_steps == 0:
@@ -170,7 +91,6 @@ def _warmup(t: jax.Array, peak: float, warmup_steps: int) -> jax.Array:
 
 def constant(peak: float, warmup_steps: int = 0) -> Schedule:
     """Linear warmup from 0 to ``peak`` over ``warmup_steps`` updates, then ``peak``."""
-    _check_common(peak, warmup_steps)
 
     def fn(step: Any) -> jax.Array:
         t = jnp.asarray(step, jnp.float32)
@@ -181,8 +101,6 @@ def constant(peak: float, warmup_steps: int = 0) -> Schedule:
 
 def cosine(peak: float, warmup_steps: int, total_steps: int, min_ratio: float = 0.1) -> Schedule:
     """Linear warmup to ``peak``, then cosine decay to ``min_ratio * peak`` at ``total_steps`` (held after)."""
-    _check_common(peak, warmup_steps)
-    _check_total(warmup_steps, total_steps, min_ratio)
     lo = min_ratio * peak
     span = max(total_steps - warmup_steps, 1)
 
@@ -199,30 +117,12 @@ def wsd(peak: float, warmup_steps: int, total_steps: int, decay_fraction: float 
         min_ratio: float = 0.1) -> Schedule:
     """Warmup-stable-decay (MiniCPM): linear warmup, constant ``peak``, exponential decay over the last steps.
 
-    The decay spans the last ``D = round(decay_fraction * total_steps)`` updates, starting at ``S = total_steps - D``,
-    and is linear in log-space (MiniCPM's exponential-style decay): ``lr(t) = peak * min_ratio ** ((t - S) / D)``,
-    so ``lr(S) = peak`` and ``lr(total_steps) = min_ratio * peak`` (held after). This needs ``min_ratio > 0``.
-
-    Raises:
-        ValueError: naming the offending argument (warmup longer than the stable phase, ``min_ratio <= 0``, ...).
+    The decay spans the last ``D = wsd_decay_steps(total_steps, decay_fraction)`` updates, starting at
+    ``S = total_steps - D``, and is linear in log-space: ``lr(t) = peak * min_ratio ** ((t - S) / D)``, so
+    ``lr(S) = peak`` and ``lr(total_steps) = min_ratio * peak`` (held after). This needs ``min_ratio > 0``.
     """
-    _check_common(peak, warmup_steps)
-    _check_total(warmup_steps, total_steps, min_ratio)
-    if not 0 <= decay_fraction <= 1:
-        raise ValueError(f"decay_fraction: must be in [0, 1], got {decay_fraction!r}")
-    if min_ratio <= 0:
-        raise ValueError(
-            f"min_ratio: the wsd decay is exponential and needs a final ratio > 0, got {min_ratio!r} "
-            "(use e.g. 0.01, or the cosine schedule to decay to 0)"
-        )
-    decay_steps = round(decay_fraction * total_steps)
+    decay_steps = wsd_decay_steps(total_steps, decay_fraction)
     start = total_steps - decay_steps
-    if warmup_steps > start:
-        raise ValueError(
-            f"warmup_steps: {warmup_steps} overlaps the decay phase, which starts at update {start} "
-            f"(= total_steps {total_steps} - decay_fraction {decay_fraction} * total_steps); lower warmup_steps "
-            "or decay_fraction"
-        )
     log_ratio = math.log(min_ratio)
 
     def fn(step: Any) -> jax.Array:
@@ -236,21 +136,12 @@ def wsd(peak: float, warmup_steps: int, total_steps: int, decay_fraction: float 
     return fn
 
 
-
 def make_lr_schedule(name: str, *, peak: float, warmup_steps: int, total_steps: int, decay_fraction: float = 0.1,
                      min_ratio: float = 0.1) -> Schedule:
-    """Builds the learning-rate schedule called ``name`` (one of :data:`LR_SCHEDULES`).
-
-    Arguments a schedule does not use are ignored (``constant`` ignores ``total_steps``, ``decay_fraction`` and
-    ``min_ratio``; ``cosine`` ignores ``decay_fraction``).
-
-    Raises:
-        ValueError: for an unknown name (listing the choices) or invalid arguments.
-    """
-    if name == "cosine":
-        return cosine(peak, warmup_steps, total_steps, min_ratio)
-    if name == "wsd":
-        return wsd(peak, warmup_steps, total_steps, decay_fraction, min_ratio)
-    if name == "constant":
-        return constant(peak, warmup_steps)
-    raise ValueError(f"unknown learning-rate schedule {name!r}; choose one of: {', '.join(LR_SCHEDULES)}")
+    """The learning-rate schedule ``name`` (one of ``config.LR_SCHEDULES``); arguments it does not use are ignored."""
+    builders = {
+        "cosine": lambda: cosine(peak, warmup_steps, total_steps, min_ratio),
+        "wsd": lambda: wsd(peak, warmup_steps, total_steps, decay_fraction, min_ratio),
+        "constant": lambda: constant(peak, warmup_steps),
+    }
+    return builders[name]()

@@ -4,14 +4,16 @@ Mesh axes: ``data`` (pure data parallelism) x ``fsdp`` (data parallelism whose p
 sharded). The batch is split over both axes. Parameter sharding is a short rule table: the first matching regex
 on the leaf path gives the dimension sharded over ``fsdp`` (if it divides); everything else is replicated.
 
-With several processes (:mod:`prosparse_jax.training.distributed`) the mesh spans all their devices: each process puts its
-own rows of a batch (:func:`host_batch_to_global`), the same eval rows everywhere (:func:`replicated_batch_to_global`),
-and reads results with :func:`to_host`.
+With several processes the mesh spans all their devices: each process puts its own rows of a batch
+(:func:`host_batch_to_global`), the same eval rows everywhere (:func:`replicated_batch_to_global`), and reads results
+with :func:`to_host`.
 """
 
 from __future__ import annotations
 
+import math
 import re
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -19,7 +21,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from prosparse_jax.config import ConfigError
+from prosparse_jax.errors import ConfigError
 
 # (regex on the '/'-joined leaf path, dimension to shard over 'fsdp'); stacked layer params have L first.
 FSDP_RULES: tuple[tuple[str, int], ...] = (
@@ -32,7 +34,8 @@ FSDP_RULES: tuple[tuple[str, int], ...] = (
 )
 
 
-def _divisors(n: int) -> list[int]:
+def divisors(n: int) -> list[int]:
+    """The divisors of ``n``, ascending."""
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
@@ -45,7 +48,7 @@ def make_mesh(data: int = -1, fsdp: int = 1) -> Mesh:
     n = jax.device_count()
     if fsdp <= 0 or n % fsdp:
         raise ConfigError(f"train.mesh_fsdp={fsdp} must divide the {n} devices; choose one of "
-                          f"{', '.join(map(str, _divisors(n)))}")
+                          f"{', '.join(map(str, divisors(n)))}")
     if data == -1:
         data = n // fsdp
     if data * fsdp != n:
@@ -81,10 +84,23 @@ def shardings_like(tree: Any, mesh: Mesh) -> Any:
     return jax.tree.map(lambda s: NamedSharding(mesh, s), param_specs(tree, fsdp))
 
 
+def check_batch_split(batch_size: int, grad_accum: int, mesh_shape: Mapping[str, int]) -> None:
+    """The micro-batch (``batch_size / grad_accum`` sequences) must split evenly over the mesh's data x fsdp devices.
+
+    Raises:
+      ConfigError: naming the numbers and the batch sizes that split.
+    """
+    n, micro = math.prod(mesh_shape.values()), batch_size // grad_accum
+    if micro % n:
+        mesh = ",".join(f"{k}:{v}" for k, v in mesh_shape.items())
+        raise ConfigError(f"train.batch_size / train.grad_accum = {batch_size}/{grad_accum} = {micro} sequences per "
+                          f"micro-step do not split over the {n} devices of the mesh {mesh}; set train.batch_size to "
+                          f"a multiple of {n * grad_accum} (or use a mesh whose data x fsdp divides {micro})")
+
+
 def accum_batch_sharding(mesh: Mesh) -> NamedSharding:
     """[grad_accum, micro_batch, ...] arrays: the micro-batch dimension split over data x fsdp."""
     return NamedSharding(mesh, PartitionSpec(None, ("data", "fsdp")))
-
 
 
 def batch_sharding(mesh: Mesh, n_rows: int) -> NamedSharding:

@@ -1,27 +1,33 @@
-"""The jitted pieces of ProSparse training: the objective, the train step, the train state's layout and evaluation.
+"""The jitted pieces of ProSparse training: the objective, the train step and its state, and evaluation.
 
-Objective (ProSparse Eq. 2): loss = CE(next token) + lambda(t) * sum_l L1_l, where lambda is ``reg_factor`` (the
-ProSparse regularisation factor, from :func:`prosparse_jax.training.schedules.reg_factor_schedule`) and, per
-``sparsity.l1_reduction``, L1_l = mean over valid tokens of ||x1_l||_1 (a sum over d_ff: ``"sum"``, the paper's literal
-form and the default) or the mean of |x1_l| over valid tokens x d_ff (``"mean"`` = ``"sum"`` / d_ff). lambda(t) is
-evaluated inside the jitted step from the step counter stored in the state, so a resumed run continues it exactly.
-
-The loop that drives these (checkpoints, metrics, data) is :mod:`prosparse_jax.training.train`.
+Objective (ProSparse Eq. 2): loss = CE(next token) + lambda(t) * sum_l L1_l, where lambda(t) is ``reg_factor`` (from
+:func:`prosparse_jax.training.schedules.reg_factor_schedule`, evaluated inside the step from the state's step counter,
+so a resumed run continues it exactly) and L1_l is per ``sparsity.l1_reduction`` the mean over valid tokens of
+||x1_l||_1 (``"sum"``, the paper's form) or of |x1_l| over tokens x d_ff (``"mean"`` = ``"sum"`` / d_ff).
 """
 
 from __future__ import annotations
 
-import functools
 import math
+from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import NamedSharding, PartitionSpec
 
-from prosparse_jax.config import L1_REDUCTIONS, ConfigError, ModelConfig, RunConfig
-from prosparse_jax.model.transformer import Params, cross_entropy, forward, stack_layers, unstack_layers
+from prosparse_jax.config import ModelConfig, RunConfig
+from prosparse_jax.model.transformer import (
+    Params,
+    abstract_params,
+    cross_entropy,
+    forward,
+    stack_layers,
+    unstack_layers,
+)
+from prosparse_jax.training import schedules
 from prosparse_jax.training import sharding as shard_lib
 
 
@@ -30,17 +36,11 @@ from prosparse_jax.training import sharding as shard_lib
 # ---------------------------------------------------------------------------------------------------------------
 def loss_fn(params: Params, batch: dict[str, jax.Array], cfg: ModelConfig, reg_factor: jax.Array,
             l1_reduction: str = "sum") -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Total loss = lm_loss + reg_factor * sum over layers of the layer's L1 term.
-
-    The L1 term of a layer (``sparsity.l1_reduction``, see :data:`prosparse_jax.run_config.L1_REDUCTIONS`):
-    ``"sum"`` = ||x1||_1 of a token's d_ff vector as in ProSparse Eq. 2 (a sum over d_ff), averaged over valid tokens;
-    ``"mean"`` = the mean of |x1| over valid tokens x d_ff, i.e. exactly ``"sum"`` / d_ff.
-    """
+    """Total loss = lm_loss + reg_factor * sum over layers of the layer's L1 term (``l1_reduction``: see the module
+    docstring)."""
     logits, stats = forward(params, batch["inputs"], cfg, segment_ids_BxT=batch["segment_ids"],
                             positions_BxT=batch["positions"])
     lm_loss = cross_entropy(logits, batch["targets"], batch["weights"])
-    if l1_reduction not in L1_REDUCTIONS:
-        raise ConfigError(f"sparsity.l1_reduction: {l1_reduction!r}; choose one of: {', '.join(L1_REDUCTIONS)}")
     per_element = jnp.sum(stats.mean_abs_x1)  # stats.mean_abs_x1: mean |x1| over valid tokens x d_ff, per layer
     reg_loss = reg_factor * (per_element * cfg.d_ff if l1_reduction == "sum" else per_element)
     return lm_loss + reg_loss, {"lm_loss": lm_loss, "reg_loss": reg_loss, "sparsity_per_layer": stats.zero_frac,
@@ -115,17 +115,50 @@ def make_train_step(rc: RunConfig, tx: Any, lr_fn: Any, reg_factor_fn: Any):
     return step
 
 
+def jit_train_step(rc: RunConfig, tx: Any, lr_fn: Any, state: dict[str, Any], mesh: jax.sharding.Mesh) -> Any:
+    """The train step as training runs it, jitted for a ``state`` shaped and placed like :func:`place_state`'s (real
+    or :func:`abstract_train_state`).
+
+    The state is donated and comes back with the shardings it went in with (else XLA picks others for the outputs:
+    the donation fails and the second step compiles again); the metrics come back replicated, readable on every
+    process.
+    """
+    out_shardings = (jax.tree.map(lambda x: x.sharding, state), NamedSharding(mesh, PartitionSpec()))
+    step = make_train_step(rc, tx, lr_fn, schedules.reg_factor_schedule(rc.sparsity.stages))
+    return jax.jit(step, donate_argnums=(0,), out_shardings=out_shardings)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Train state layout
 # ---------------------------------------------------------------------------------------------------------------
+def _sharded(tree: Any, mesh: jax.sharding.Mesh) -> Any:
+    """ShapeDtypeStructs of ``tree``'s leaves carrying the FSDP shardings of :func:`sharding.shardings_like`."""
+    with_sh = lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s)  # noqa: E731
+    return jax.tree.map(with_sh, tree, shard_lib.shardings_like(tree, mesh))
+
+
+def abstract_state(cfg: ModelConfig, tx: Any, mesh: jax.sharding.Mesh) -> tuple[Params, Any]:
+    """(params, optimizer state) of ``cfg`` as sharded ShapeDtypeStructs in the stacked layout of the checkpoints:
+    the targets of a restore and the shardings of a fresh initialisation."""
+    params = abstract_params(cfg)
+    return _sharded((params, jax.eval_shape(tx.init, params)), mesh)
+
+
+def abstract_train_state(cfg: ModelConfig, tx: Any, mesh: jax.sharding.Mesh) -> dict[str, Any]:
+    """The train state the jitted step receives (what :func:`place_state` builds), as ShapeDtypeStructs."""
+    tree = abstract_state(cfg, tx, mesh)
+    if not cfg.scan_layers:
+        tree = _sharded(jax.eval_shape(unstack_layers, tree), mesh)
+    step = jax.ShapeDtypeStruct((), jnp.int32, sharding=NamedSharding(mesh, PartitionSpec()))
+    return {"params": tree[0], "opt_state": tree[1], "step": step}
+
+
 def place_state(params: Params, opt_state: Any, step: int, cfg: ModelConfig, mesh: jax.sharding.Mesh
                 ) -> dict[str, Any]:
     """The train state for the jitted step from stacked params and optimizer state.
 
-    Parameters and optimizer state get their FSDP shardings (a no-op when already placed), the per-layer layout when
-    ``cfg.scan_layers`` is False (checkpoints stay stacked, see ``train``'s ``save``), and the step counter is
-    replicated on the mesh -- everything placed as the jitted step returns it, so its second call does not compile
-    it again.
+    Parameters and optimizer state get their FSDP shardings (a no-op when already placed) and the per-layer layout
+    when ``cfg.scan_layers`` is False (checkpoints stay stacked); the step counter is replicated on the mesh.
     """
     params = jax.device_put(params, shard_lib.shardings_like(params, mesh))
     opt_state = jax.device_put(opt_state, shard_lib.shardings_like(opt_state, mesh))
@@ -152,32 +185,28 @@ def stack_layers_jit(params: Params, opt_state: Any) -> tuple[Params, Any]:
 # ---------------------------------------------------------------------------------------------------------------
 # Evaluation
 # ---------------------------------------------------------------------------------------------------------------
-@functools.lru_cache(maxsize=8)
-def make_eval_fn(cfg: ModelConfig):
-    """Jitted held-out evaluation of one model config (cached: evaluate() runs every eval_every steps)."""
+def make_evaluate(cfg: ModelConfig) -> Callable[[Params, list[dict[str, Any]]], dict[str, Any]]:
+    """``evaluate(params, batches)``: held-out loss, perplexity and activation sparsity (mean over layers and per
+    layer) of model ``cfg``, its forward jitted once for all calls."""
 
-    def ev(params: Params, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    @jax.jit
+    def sums(params: Params, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
         logits, stats = forward(params, batch["inputs"], cfg, segment_ids_BxT=batch["segment_ids"],
                                 positions_BxT=batch["positions"])
         w = batch["weights"]
         return {"nll_sum": cross_entropy(logits, batch["targets"], w) * jnp.maximum(w.sum(), 1.0),
                 "tokens": w.sum(), "zero_frac": stats.zero_frac}
 
-    return jax.jit(ev)
+    def evaluate(params: Params, batches: list[dict[str, Any]]) -> dict[str, Any]:
+        nll, tok, zf = 0.0, 0.0, np.zeros(cfg.n_layers)
+        for b in batches:
+            out = jax.device_get(sums(params, b))
+            nll += float(out["nll_sum"])
+            tok += float(out["tokens"])
+            zf += np.asarray(out["zero_frac"])
+        zf /= max(len(batches), 1)
+        loss = nll / max(tok, 1.0)
+        return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0)), "eval_sparsity": float(zf.mean()),
+                "eval_sparsity_per_layer": [float(x) for x in zf], "eval_tokens": int(tok)}
 
-
-def evaluate(params: Params, cfg: ModelConfig, batches: list[dict[str, np.ndarray]]) -> dict[str, Any]:
-    """Held-out loss / perplexity / activation sparsity (mean over layers and per layer)."""
-    ev = make_eval_fn(cfg)
-    nll, tok, zf = 0.0, 0.0, np.zeros(cfg.n_layers)
-    for b in batches:
-        out = jax.device_get(ev(params, b))
-        nll += float(out["nll_sum"])
-        tok += float(out["tokens"])
-        zf += np.asarray(out["zero_frac"])
-    zf /= max(len(batches), 1)
-    loss = nll / max(tok, 1.0)
-    return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0)), "eval_sparsity": float(zf.mean()),
-            "eval_sparsity_per_layer": [float(x) for x in zf], "eval_tokens": int(tok)}
-
-
+    return evaluate

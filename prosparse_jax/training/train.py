@@ -1,22 +1,15 @@
-"""ProSparse training: the run loop with orbax resume, metrics, evaluation and the FATReLU evaluation.
+"""ProSparse training: one run from a config into a workdir, resumed when the workdir holds it already.
 
-    python -m prosparse_jax.training.train --config=configs/prosparse.py:tiny --workdir=/tmp/run
-
-One run = (optionally) start from ``init_from`` with the activation of ``model.activation`` substituted, train
+One run = (optionally) start from ``init_from`` (a workdir or HF folder) with ``model.activation`` substituted, train
 through the sparsity stage table, then evaluate with FATReLU threshold shifting (``sparsity.final_threshold``,
-ProSparse §3.3). Re-running the same command on the same workdir resumes from its latest checkpoint; SIGTERM saves
-and exits 0.
+ProSparse §3.3). A SIGTERM or Ctrl-C saves a checkpoint and stops. The command line is :mod:`prosparse_jax.main.train`.
 
-:func:`train` runs four named steps: :func:`_setup` (config, workdir, tokenizer, mesh, batch semantics) ->
-:func:`_init_state` (restore the latest checkpoint, or initialise / load ``init_from``) -> ``loop.Loop`` (steps,
-metrics fetched one step late, evaluations, checkpoints, stop requests) -> ``loop.final_eval``. The objective and the
-jitted step are in :mod:`prosparse_jax.training.step`, the host loop in :mod:`prosparse_jax.training.loop`, the workdir's checks in
-:mod:`prosparse_jax.training.workdir`. ``NonFiniteLossError`` (a :class:`TrainError`) is raised when the loss or gradients
-become NaN/Inf.
+:func:`train` runs four steps: :func:`_setup` (config, workdir, tokenizer, mesh, batch semantics) -> :func:`_init_state`
+(restore the latest checkpoint, or initialise) -> ``loop.Loop`` -> ``loop.final_eval``. The workdir holds
+``config.json`` (written once), ``tokenizer.json``, ``checkpoints/``, ``metrics.jsonl``, ``tb/``, ``final_eval.json``.
 
-Several processes (hosts) run the same command on JAX's runtime: with ``--coordinator_address``, ``--num_processes``
-and ``--process_id`` (or ``JAX_*`` variables), or under SLURM's ``srun`` with nothing added (see
-:mod:`prosparse_jax.training.distributed`). Each reads its own data shard; process 0 alone writes metrics and prints; all save.
+A multi-process run joins its processes first (:func:`prosparse_jax.training.distributed.initialize`, as the command
+does); each process reads its own data shard, process 0 alone writes metrics and prints, all save.
 """
 
 from __future__ import annotations
@@ -24,38 +17,36 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import logging
+import os
+import shutil
 import signal
-import sys
 from pathlib import Path
 from typing import Any
 
 import jax
 import ml_collections
-from absl import flags, logging
-from jax.sharding import NamedSharding, PartitionSpec
-from ml_collections import config_flags
 
-from prosparse_jax.config import ConfigError, RunConfig
+from prosparse_jax.config import RunConfig, resolve
+from prosparse_jax.data import corpus as corpus_lib
 from prosparse_jax.data import pipeline as data_lib
-from prosparse_jax.main import common as cli
+from prosparse_jax.errors import CheckpointError, ConfigError, TrainError
 from prosparse_jax.model.transformer import Params, abstract_params, init_params
-from prosparse_jax.run_config import resolve
 from prosparse_jax.training import checkpoint as ckpt
-from prosparse_jax.training import distributed, schedules
+from prosparse_jax.training import distributed
 from prosparse_jax.training import optim as optim_lib
 from prosparse_jax.training import sharding as shard_lib
-from prosparse_jax.training.loop import Loop, Run, final_eval, install_stop_handlers
-from prosparse_jax.training.metrics import MetricsFileError
-from prosparse_jax.training.step import make_train_step, place_state
-from prosparse_jax.training.workdir import (
-    NonFiniteLossError,  # noqa: F401  (train's API: raised by the loop)
-    TrainError,
-    check_workdir_config,
-    json_config,
-    load_init_params,
-    prepare_tokenizer,
-    write_config,
-)
+from prosparse_jax.training.load import load_model
+from prosparse_jax.training.loop import Loop, RunSetup, final_eval, install_stop_handlers
+from prosparse_jax.training.step import abstract_state, jit_train_step, place_state
+
+# Fields that may change between a run and its resumption: they do not change the numbers (model.scan_layers only
+# changes the layout of the state in memory -- checkpoints are stacked either way -- and another attention
+# implementation computes the same function, rounding aside).
+RESUMABLE_CHANGES = {
+    "train.log_every", "train.eval_every", "train.checkpoint_every", "train.keep_checkpoints", "train.keep_period",
+    "train.async_checkpoint", "train.progress_bar", "data.data_dir", "model.scan_layers", "model.attention",
+}
 
 
 @dataclasses.dataclass
@@ -68,37 +59,159 @@ class TrainResult:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# The workdir: its config (a resume under another config is refused), tokenizer and start weights
+# ---------------------------------------------------------------------------------------------------------------
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested dicts -> {"a.b.c": leaf}: the dotted field names of a config dict."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def json_config(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """The experiment config as written to config.json and into every checkpoint."""
+    return json.loads(config.to_json_best_effort())
+
+
+def saved_config(workdir: Path) -> tuple[dict[str, Any] | None, str]:
+    """The config a workdir's run was written with, and where it was read: its config.json, else the latest
+    checkpoint's (every checkpoint carries the run config). (None, "") if the workdir holds no run."""
+    path = workdir / "config.json"
+    if path.exists():
+        try:
+            return json.loads(path.read_text()), str(path)
+        except ValueError as e:
+            raise TrainError(f"{path} is not valid JSON ({e}); restore it, or choose a new --workdir") from None
+    step = ckpt.latest_step(workdir)
+    if step is None:
+        return None, ""
+    run_config = ckpt.read_extra(workdir, step).get("run_config")
+    if not isinstance(run_config, dict):
+        raise CheckpointError(f"{path} is missing and checkpoint {step} carries no run config to recover it from; "
+                              "restore config.json, or choose a new --workdir")
+    return run_config, f"{workdir}/{ckpt.CKPT_DIR}/{step} (config.json is missing)"
+
+
+def check_workdir_config(workdir: Path, config_json: dict[str, Any]) -> None:
+    """Refuses to resume a workdir written with a different config, naming the differing fields (nothing is
+    overwritten). A lost config.json is recovered from the latest checkpoint."""
+    saved, where = saved_config(workdir)
+    if saved is None:
+        return
+    old, new = flatten(saved), flatten(config_json)
+    diffs = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k) and k not in RESUMABLE_CHANGES)
+    if diffs:
+        shown = ", ".join(f"{k}: saved {old.get(k)!r} vs now {new.get(k)!r}" for k in diffs[:6])
+        raise TrainError(
+            f"workdir {workdir} holds a run with a different config ({shown}{' ...' if len(diffs) > 6 else ''}; "
+            f"saved in {where}). Resume it with its own config or choose a new --workdir; nothing was changed.")
+
+
+def write_config(workdir: Path, config_json: dict[str, Any]) -> None:
+    """Writes ``config.json`` once (atomically): the config of the run's first checkpoint, or the one recovered
+    from the latest checkpoint when config.json was lost."""
+    path = workdir / "config.json"
+    if path.exists():
+        return
+    saved, _ = saved_config(workdir)
+    tmp = path.with_name("config.json.tmp")
+    tmp.write_text(json.dumps(saved if saved is not None else config_json, indent=2))
+    tmp.replace(path)
+
+
+def _copy_atomically(src: Path, dst: Path) -> None:
+    """Copies ``src`` to ``dst`` through a temporary file: a process reading ``dst`` meanwhile (another process of a
+    multi-process run) sees the old or the new file, never a part."""
+    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
+    shutil.copyfile(src, tmp)
+    tmp.replace(dst)
+
+
+def prepare_tokenizer(rc: RunConfig, workdir: Path, corpus: corpus_lib.Corpus) -> tuple[Any, Any]:
+    """Tokenizer of the run, kept as ``<workdir>/tokenizer.json``: data.tokenizer, else the init_from checkpoint's,
+    else a BPE trained on the corpus. The tokenizer of a workdir that holds a run is never replaced by a different
+    one; that of a start that failed before its first checkpoint is."""
+    dcfg, local, fresh = rc.data, workdir / "tokenizer.json", not ckpt.has_run(workdir)
+    if dcfg.tokenizer and not Path(dcfg.tokenizer).is_file():
+        raise TrainError(f"data.tokenizer={dcfg.tokenizer}: no such file (give a tokenizer.json, or '' to train a "
+                         "BPE on the corpus)")
+    if not dcfg.tokenizer and rc.init_from:
+        src = Path(rc.init_from) / "tokenizer.json"
+        if src.is_file() and (fresh or not local.exists()):
+            workdir.mkdir(parents=True, exist_ok=True)
+            _copy_atomically(src, local)
+        if local.exists():
+            dcfg = dataclasses.replace(dcfg, tokenizer=str(local))
+    if dcfg.tokenizer and Path(dcfg.tokenizer).resolve() != local.resolve():
+        if fresh or not local.exists():
+            workdir.mkdir(parents=True, exist_ok=True)
+            _copy_atomically(Path(dcfg.tokenizer), local)
+        elif local.read_bytes() != Path(dcfg.tokenizer).read_bytes():
+            raise TrainError(f"{local} differs from data.tokenizer={dcfg.tokenizer}; this workdir was trained with "
+                             "its own tokenizer: use it, or choose a new --workdir (nothing was changed)")
+    tok = corpus_lib.get_tokenizer(dcfg, corpus, workdir)
+    if tok.get_vocab_size() > rc.model.vocab_size:
+        raise TrainError(f"tokenizer has {tok.get_vocab_size()} tokens but model.vocab_size="
+                         f"{rc.model.vocab_size}; raise model.vocab_size")
+    return tok, dcfg
+
+
+def load_init_params(rc: RunConfig) -> Params:
+    """Params of ``rc.init_from`` (a workdir or HF folder) for this run's model (its activation substituted); the
+    shapes must match."""
+    src_cfg, params, _ = load_model(rc.init_from)
+    want = jax.tree.map(lambda x: x.shape, abstract_params(rc.model))
+    have = jax.tree.map(lambda x: tuple(x.shape), params)
+    if want != have:
+        raise TrainError(
+            f"init_from={rc.init_from} has a different model shape than model.* of this config "
+            f"(init_from: d_model={src_cfg.d_model}, n_layers={src_cfg.n_layers}, d_ff={src_cfg.d_ff}, "
+            f"vocab={src_cfg.vocab_size}, tied={src_cfg.tie_embeddings}); make the model section match it"
+        )
+    logging.getLogger(__name__).info("initialised from %s (activation %s -> %s)", rc.init_from,
+                                     src_cfg.activation, rc.model.activation)
+    return params
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Set-up and state
 # ---------------------------------------------------------------------------------------------------------------
-def _setup(config: ml_collections.ConfigDict, workdir: str | Path) -> Run:
-    """Joins a multi-process run, resolves the config, refuses a workdir of another config, checks that the mesh
-    and batch fit the devices, then prepares the tokenizer and data (process 0 first: it builds the shared caches).
+def _setup(config: ml_collections.ConfigDict, workdir: str | Path) -> RunSetup:
+    """Resolves the config, refuses a workdir of another config, checks that the mesh and batch fit the devices,
+    then prepares the tokenizer and data (process 0 first: it builds the shared caches).
 
     Nothing that would block a corrected command is written here: config.json is written by :func:`train` once the
     state is initialised (a bad ``init_from`` fails before that)."""
-    distributed.initialize()  # from the environment (main() applied the flags); before any use of a backend
     workdir = Path(workdir)
     if workdir.exists() and not workdir.is_dir():
-        raise TrainError(f"--workdir {workdir} is a file, not a directory; choose a directory")
+        raise TrainError(f"workdir {workdir} is a file, not a directory; choose a directory")
     rc = resolve(config)
     config_json = json_config(config)
-    check_workdir_config(workdir, config_json, rc.model)
+    check_workdir_config(workdir, config_json)
     is_main = jax.process_index() == 0
     mesh = shard_lib.make_mesh(rc.train.mesh_data, rc.train.mesh_fsdp)
     semantics = _batch_semantics(rc, mesh)  # a batch the devices cannot split fails here, before any work
     with distributed.main_process_first("prosparse: tokenizer and data caches"):
-        tokenizer, dcfg = prepare_tokenizer(rc, workdir)
+        corpus = corpus_lib.open_corpus(rc.data)
+        tokenizer, dcfg = prepare_tokenizer(rc, workdir, corpus)
         rc = dataclasses.replace(rc, data=dcfg)
         workdir.mkdir(parents=True, exist_ok=True)
         n_proc = jax.process_count()
-        train_iter = data_lib.make_train_iterator(rc.data, tokenizer, batch_size=rc.train.batch_size // n_proc,
+        train_iter = data_lib.make_train_iterator(corpus, tokenizer, seq_len=rc.data.seq_len, seed=rc.data.seed,
+                                                  batch_size=rc.train.batch_size // n_proc,
                                                   process_index=jax.process_index(), process_count=n_proc)
-        eval_batches = data_lib.make_eval_batches(rc.data, tokenizer, batch_size=min(rc.train.batch_size, 8),
+        eval_batches = data_lib.make_eval_batches(corpus, tokenizer, seq_len=rc.data.seq_len,
+                                                  batch_size=min(rc.train.batch_size, 8),
                                                   num_batches=rc.train.eval_batches)
     if is_main:
         print(json.dumps(semantics), flush=True)
-    return Run(rc, config_json, workdir, tokenizer, mesh, is_main, train_iter,
-                [shard_lib.replicated_batch_to_global(b, mesh) for b in eval_batches])
+    return RunSetup(rc, config_json, workdir, tokenizer, mesh, is_main, train_iter,
+                    [shard_lib.replicated_batch_to_global(b, mesh) for b in eval_batches])
 
 
 def _batch_semantics(rc: RunConfig, mesh: jax.sharding.Mesh) -> dict[str, Any]:
@@ -108,39 +221,31 @@ def _batch_semantics(rc: RunConfig, mesh: jax.sharding.Mesh) -> dict[str, Any]:
     of its own data shard) and over the mesh's data x fsdp devices; ``train.grad_accum`` micro-batches per step."""
     n_dev, n_proc = jax.device_count(), jax.process_count()
     B, A = rc.train.batch_size, rc.train.grad_accum
-    micro = B // A
-    if micro % n_dev:
-        raise ConfigError(f"train.batch_size / train.grad_accum = {B}/{A} = {micro} must be divisible by the {n_dev} "
-                          f"devices of the mesh (data x fsdp = {mesh.shape['data']}x{mesh.shape['fsdp']}); set "
-                          f"train.batch_size to a multiple of {n_dev * A}")
+    shard_lib.check_batch_split(B, A, mesh.shape)
     if B % n_proc:
         raise ConfigError(f"train.batch_size={B} must be divisible by the {n_proc} processes")
-    return {"global_batch": B, "grad_accum_steps": A, "micro_batch": micro, "per_device_batch": micro // n_dev,
+    return {"global_batch": B, "grad_accum_steps": A, "micro_batch": B // A, "per_device_batch": B // A // n_dev,
             "devices": n_dev, "processes": n_proc, "mesh": dict(mesh.shape), "seq_len": rc.data.seq_len,
             "tokens_per_step": B * rc.data.seq_len, "steps": rc.train.steps, "activation": rc.model.activation,
             "params": rc.model.params_total}
 
 
-def _init_state(run: Run, tx: Any, mgr: Any, start: int | None) -> tuple[dict[str, Any], Any]:
+def _init_state(run: RunSetup, tx: Any, mgr: Any, start: int | None) -> tuple[dict[str, Any], Any]:
     """The train state (placed on the mesh) and the data-iterator state: restored from checkpoint ``start``, else
     initialised (from ``init_from`` when set, else randomly with ``train.seed``)."""
     rc, mesh = run.rc, run.mesh
-    abs_params = abstract_params(rc.model)
-    abs_opt = jax.eval_shape(tx.init, abs_params)
-    p_shard = shard_lib.shardings_like(abs_params, mesh)
-    o_shard = shard_lib.shardings_like(abs_opt, mesh)
+    abs_params, abs_opt = abstract_state(rc.model, tx, mesh)
     if start is not None:
-        with_sh = lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s)  # noqa: E731
-        params, opt_state, extra = ckpt.restore(mgr, start, jax.tree.map(with_sh, abs_params, p_shard),
-                                                jax.tree.map(with_sh, abs_opt, o_shard))
+        params, opt_state, extra = ckpt.restore(mgr, start, abs_params, abs_opt)
         if run.is_main:
             print(f"resuming {run.workdir} from step {start}", flush=True)
         return place_state(params, opt_state, start, rc.model, mesh), _own_data_state(extra)
+    p_shard = jax.tree.map(lambda a: a.sharding, abs_params)
     if rc.init_from:
         params: Params = jax.device_put(load_init_params(rc), p_shard)
     else:
         params = jax.jit(lambda r: init_params(rc.model, r), out_shardings=p_shard)(jax.random.key(rc.train.seed))
-    opt_state = jax.jit(tx.init, out_shardings=o_shard)(params)
+    opt_state = jax.jit(tx.init, out_shardings=jax.tree.map(lambda a: a.sharding, abs_opt))(params)
     return place_state(params, opt_state, 0, rc.model, mesh), None
 
 
@@ -159,8 +264,13 @@ def _own_data_state(extra: dict[str, Any]) -> Any:
 # ---------------------------------------------------------------------------------------------------------------
 # The run
 # ---------------------------------------------------------------------------------------------------------------
-def train(config: ml_collections.ConfigDict, workdir: str | Path, *, stop_after: int | None = None) -> TrainResult:
-    """Runs (or resumes) one training run in ``workdir``. ``stop_after`` simulates a kill after that step."""
+def train(config: ml_collections.ConfigDict, workdir: str | Path) -> TrainResult:
+    """Runs (or resumes) one training run in ``workdir``.
+
+    Raises:
+      UserError: the config, workdir, data or a checkpoint is wrong (the message says what to do), the loss became
+        non-finite (:class:`~prosparse_jax.errors.NonFiniteLossError`), or writing the workdir failed.
+    """
     run = _setup(config, workdir)
     rc, workdir = run.rc, run.workdir
     start = ckpt.latest_step(workdir)
@@ -175,12 +285,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, stop_after:
     state, data_state = _init_state(run, tx, mgr, start)
     if run.is_main:
         write_config(workdir, run.config_json)
-    # the state keeps its shardings (else XLA picks others for the outputs and the second step compiles again);
-    # metrics come back replicated, readable on every process
-    out_sh = (jax.tree.map(lambda x: x.sharding, state), NamedSharding(run.mesh, PartitionSpec()))
-    step_fn = jax.jit(make_train_step(rc, tx, lr_fn, schedules.reg_factor_schedule(rc.sparsity.stages)),
-                      donate_argnums=(0,), out_shardings=out_sh)
-    loop = Loop(run, state, step_fn, mgr, start or 0, data_state, stop_after)
+    loop = Loop(run, state, jit_train_step(rc, tx, lr_fn, state, run.mesh), mgr, start or 0, data_state)
 
     handlers = install_stop_handlers(loop)
     try:
@@ -202,54 +307,3 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, stop_after:
     mgr.close()
     return TrainResult(workdir=workdir, step=loop.step, final_eval=final, interrupted=interrupted,
                        stop_signal=loop.stop_requested or None)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """CLI: runs :func:`train`; exit code 0 (done, or saved on SIGTERM), 1 (a user error, one line), 130 (Ctrl-C)."""
-    logging.set_verbosity(logging.WARNING)  # orbax / tfds INFO lines drown the progress bar
-    flag_values = flags.FlagValues()  # fresh per call: config_flags registers the overrides of each parse
-    config_flags.DEFINE_config_file("config", None, "Experiment config (file.py:arg).", lock_config=True,
-                                    flag_values=flag_values)
-    flags.DEFINE_string("workdir", None, "Run directory (checkpoints, metrics, config); resumed if it exists.",
-                        flag_values=flag_values)
-    _define_distributed_flags(flag_values)
-    code = {"exit": 0}
-
-    def body() -> str:
-        if not flag_values.workdir:
-            raise cli.UsageError("--workdir: required (a directory for checkpoints and metrics)")
-        distributed.initialize(flag_values.coordinator_address, flag_values.num_processes, flag_values.process_id,
-                               flag_values.local_device_ids)
-        try:
-            res = train(cli.load_config(flag_values), flag_values.workdir)
-        except KeyboardInterrupt:
-            code["exit"] = 130
-            return (f"aborted: the last checkpoint in {flag_values.workdir} is intact; rerun the command to resume "
-                    "from it")
-        code["exit"] = 130 if res.stop_signal == "SIGINT" else 0  # Ctrl-C: saved, but the run did not finish
-        if jax.process_index() != 0:
-            return ""  # process 0 reports for the run
-        if not res.final_eval:
-            return f"stopped at step {res.step}; rerun the command to resume"
-        return json.dumps({"step": res.step, **{k: v for k, v in res.final_eval.items() if "per_layer" not in k}})
-
-    rc = cli.run("train", flag_values, argv, body, (ConfigError, TrainError, ckpt.CheckpointError,
-                                                   data_lib.DataError, MetricsFileError,
-                                                   distributed.DistributedError), __doc__)
-    return rc or code["exit"]
-
-
-def _define_distributed_flags(flag_values: flags.FlagValues) -> None:
-    """The multi-process flags (:mod:`prosparse_jax.training.distributed`); unset, the environment or SLURM decides."""
-    flags.DEFINE_string("coordinator_address", None, "host:port of process 0 for a multi-process run (default: "
-                        "$JAX_COORDINATOR_ADDRESS; SLURM's srun: detected).", flag_values=flag_values)
-    flags.DEFINE_integer("num_processes", None, "Number of processes (default: $JAX_NUM_PROCESSES; srun: "
-                         "$SLURM_NTASKS); 1 forces a single process.", flag_values=flag_values)
-    flags.DEFINE_integer("process_id", None, "This process's id in [0, num_processes) (default: $JAX_PROCESS_ID; "
-                         "srun: $SLURM_PROCID).", flag_values=flag_values)
-    flags.DEFINE_string("local_device_ids", None, "Comma-separated local devices this process uses (default: "
-                        "$JAX_LOCAL_DEVICE_IDS; all, or one per task under srun on GPUs).", flag_values=flag_values)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

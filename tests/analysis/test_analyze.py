@@ -7,7 +7,12 @@ import pytest
 from conftest import small_run_config, write_corpus
 
 from prosparse_jax.analysis import analyze as an
-from prosparse_jax.data import pipeline as data_lib
+from prosparse_jax.analysis import measure
+from prosparse_jax.config import DataConfig
+from prosparse_jax.data import pipeline
+from prosparse_jax.data.corpus import get_tokenizer, load_tokenizer, open_corpus
+from prosparse_jax.errors import UsageError
+from prosparse_jax.main import analyze as analyze_main
 from prosparse_jax.training import checkpoint as ckpt
 from prosparse_jax.training import step as step_mod
 from prosparse_jax.training import train as train_mod
@@ -66,12 +71,12 @@ def test_sparse_mode_reproduces_the_reported_sparse_loss(run, exact_and_pplp):
     taus = json.loads((out / "pplp" / "sparse_mode.json").read_text())["model.neuron_thresholds"]
     assert taus == pplp["thresholds_per_layer"]
     mcfg, params, tok_path = ckpt.load_model(wd)
-    dcfg = data_lib.DataConfig(source=f"files:{corpus}/*.txt", data_dir=str(corpus.parent / "tfds"),
-                               tokenizer=str(tok_path), seq_len=32, eval_fraction=0.1)
-    batches = data_lib.make_eval_batches(dcfg, data_lib.get_tokenizer(dcfg, wd), batch_size=4, num_batches=2)
-    sparse = step_mod.evaluate(params, mcfg.replace(neuron_thresholds=tuple(taus)), batches)
+    held_out = open_corpus(DataConfig(source=f"files:{corpus}/*.txt", data_dir=str(corpus.parent / "tfds"),
+                                      eval_fraction=0.1))
+    batches = pipeline.make_eval_batches(held_out, load_tokenizer(tok_path), seq_len=32, batch_size=4, num_batches=2)
+    sparse = step_mod.make_evaluate(mcfg.replace(neuron_thresholds=tuple(taus)))(params, batches)
     assert sparse["eval_loss"] == pytest.approx(pplp["sparse_loss"], rel=1e-5)
-    dense = step_mod.evaluate(params, mcfg, batches)
+    dense = step_mod.make_evaluate(mcfg)(params, batches)
     assert dense["eval_loss"] == pytest.approx(pplp["dense_loss"], rel=1e-5)
     assert 1 - sparse["eval_sparsity"] == pytest.approx(pplp["sparse_run_activation_ratio"], abs=1e-6)
 
@@ -134,40 +139,42 @@ def test_per_dataset_breakdown(run, tmp_path):
 
 def test_cli_runs_and_prints_the_override(run, tmp_path, capsys):
     wd, corpus = run
-    rc = an.main(["analyze", f"--checkpoint={wd}", f"--data=files:{corpus}/*.txt", "--metric=cett", "--value=0.1",
-                  f"--out={tmp_path}", "--batch_size=2", "--num_batches=1", "--noprogress"])
+    exit_code = analyze_main.main(["analyze", f"--checkpoint={wd}", f"--data=files:{corpus}/*.txt",
+                                   "--metric=cett", "--value=0.1", f"--out={tmp_path}", "--batch_size=2",
+                                   "--num_batches=1", "--noprogress"])
     out = capsys.readouterr().out
-    assert rc == 0 and "--config.model.neuron_thresholds='(" in out
+    assert exit_code == 0 and "--config.model.neuron_thresholds='(" in out
     assert json.loads(out.splitlines()[0])["metric"] == "cett"
     before = (tmp_path / "sparsity.json").read_text()
-    rc = an.main(["analyze", f"--checkpoint={wd}", "--metric=exact", f"--out={tmp_path}"])
-    assert rc == 1 and "--overwrite" in capsys.readouterr().err
+    exit_code = analyze_main.main(["analyze", f"--checkpoint={wd}", "--metric=exact", f"--out={tmp_path}"])
+    assert exit_code == 1 and "set overwrite" in capsys.readouterr().err
     assert (tmp_path / "sparsity.json").read_text() == before  # nothing lost
 
 
-@pytest.mark.parametrize("args,flag", [
-    (["--metric=sparse", "--value=1"], "--metric"),
-    (["--metric=topk", "--value=0"], "--value"),
-    (["--metric=topk", "--value=1.5"], "--value"),
-    (["--metric=topk"], "--value"),
-    (["--metric=pplp", "--value=-1"], "--value"),
-    (["--metric=cett", "--value=1.2"], "--value"),
-    (["--metric=fat", "--value=-0.1"], "--value"),
-    (["--metric=topk", "--value=0.5", "--topk_mode=row"], "--topk_mode"),
-    (["--metric=exact", "--batch_size=0"], "--batch_size"),
+@pytest.mark.parametrize("args,name", [
+    (["--metric=sparse", "--value=1"], "metric"),
+    (["--metric=topk", "--value=0"], "value"),
+    (["--metric=topk", "--value=1.5"], "value"),
+    (["--metric=topk"], "value"),
+    (["--metric=pplp", "--value=-1"], "value"),
+    (["--metric=cett", "--value=1.2"], "value"),
+    (["--metric=fat", "--value=-0.1"], "value"),
+    (["--metric=topk", "--value=0.5", "--topk_mode=row"], "topk_mode"),
+    (["--metric=exact", "--batch_size=0"], "batch_size"),
 ])
-def test_bad_arguments_name_the_flag(tmp_path, capsys, args, flag):
-    rc = an.main(["analyze", f"--checkpoint={tmp_path}", f"--out={tmp_path / 'o'}", *args])
-    assert rc != 0 and flag in capsys.readouterr().err
+def test_bad_arguments_name_the_argument(tmp_path, capsys, args, name):
+    exit_code = analyze_main.main(["analyze", f"--checkpoint={tmp_path}", f"--out={tmp_path / 'o'}", *args])
+    assert exit_code != 0 and f"analyze: error: {name}: " in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
 
 
-def test_missing_checkpoint_names_the_flag(tmp_path, capsys):
-    rc = an.main(["analyze", f"--checkpoint={tmp_path / 'nope'}", "--metric=exact", f"--out={tmp_path / 'o'}"])
-    assert rc != 0 and "--checkpoint" in capsys.readouterr().err
-    rc = an.main(["analyze", "--metric=exact", f"--out={tmp_path / 'o'}"])
-    assert rc != 0 and "--checkpoint" in capsys.readouterr().err
-    with pytest.raises(an.AnalyzeError, match="--checkpoint"):
+def test_missing_checkpoint_names_the_argument(tmp_path, capsys):
+    exit_code = analyze_main.main(["analyze", f"--checkpoint={tmp_path / 'nope'}", "--metric=exact",
+                                   f"--out={tmp_path / 'o'}"])
+    assert exit_code != 0 and "checkpoint: " in capsys.readouterr().err
+    exit_code = analyze_main.main(["analyze", "--metric=exact", f"--out={tmp_path / 'o'}"])
+    assert exit_code != 0 and "--checkpoint" in capsys.readouterr().err
+    with pytest.raises(UsageError, match="checkpoint: .*nope does not exist"):
         an.analyze(tmp_path / "nope", "stdlib", "exact", None, tmp_path / "o")
 
 
@@ -177,17 +184,17 @@ def test_distinct_tokens_next_to_tokens_measured(run, exact_and_pplp, tmp_path, 
     exact, _, _ = exact_and_pplp
     assert exact["distinct_tokens"] == exact["tokens_measured"] == 4 * 32 * 2 and "warnings" not in exact
     wd, corpus = run
-    rc = an.main(["analyze", f"--checkpoint={wd}", f"--data=files:{corpus}/*.txt", "--metric=exact",
-                  f"--out={tmp_path}", "--batch_size=8", "--num_batches=16", "--noprogress"])
+    exit_code = analyze_main.main(["analyze", f"--checkpoint={wd}", f"--data=files:{corpus}/*.txt",
+                                   "--metric=exact", f"--out={tmp_path}", "--batch_size=8", "--num_batches=16",
+                                   "--noprogress"])
     captured = capsys.readouterr()
     printed = json.loads(captured.out.splitlines()[0])
     res = json.loads((tmp_path / "sparsity.json").read_text())
     keys = list(res)
-    assert rc == 0 and keys.index("distinct_tokens") == keys.index("tokens_measured") + 1
-    dcfg = data_lib.DataConfig(source=f"files:{corpus}/*.txt", data_dir=str(corpus.parent / "tfds"),
-                               tokenizer=str(wd / "tokenizer.json"), seq_len=32, eval_fraction=0.1)
-    tok = data_lib.get_tokenizer(dcfg, wd)
-    stream_len = len(data_lib.split_stream(data_lib.open_corpus(dcfg), tok, dcfg.data_dir, "validation")[0])
+    assert exit_code == 0 and keys.index("distinct_tokens") == keys.index("tokens_measured") + 1
+    held_out = open_corpus(DataConfig(source=f"files:{corpus}/*.txt", data_dir=str(corpus.parent / "tfds"),
+                                      eval_fraction=0.1))
+    stream_len = len(held_out.token_stream("validation", load_tokenizer(wd / "tokenizer.json"))[0])
     assert printed["tokens_measured"] == res["tokens_measured"] == 8 * 16 * 32 > stream_len  # the split is cycled
     assert printed["distinct_tokens"] == res["distinct_tokens"] <= stream_len
     assert res["distinct_tokens"] >= stream_len * 32 / 33 - 32  # every window is used: all but each row's last token
@@ -196,19 +203,45 @@ def test_distinct_tokens_next_to_tokens_measured(run, exact_and_pplp, tmp_path, 
     assert f"only {res['distinct_tokens']} distinct" in warnings[0] and res["warnings"][0] in warnings[0]
 
 
-@pytest.mark.parametrize("stream_len,seq_len,batch_size,num_batches", [
-    (1000, 32, 4, 2),  # 31 windows >= 8 rows: all distinct
-    (1000, 32, 8, 8),  # 31 windows < 64 rows: cycled
-    (330, 32, 2, 5),  # 10 windows, exactly 10 rows
-    (20, 32, 2, 2),  # a stream shorter than one row: every row is the same wrapped window
-    (100, 32, 3, 1),  # 4 windows, the last one wraps to the start of the stream
-])
-def test_distinct_positions_matches_the_eval_window_rule(stream_len, seq_len, batch_size, num_batches):
-    """measure.distinct_positions vs the rule of data.make_eval_batches' docstring, enumerated by brute force."""
-    from prosparse_jax.analysis import measure
+@pytest.fixture(scope="module")
+def eval_stream(tmp_path_factory):
+    """(corpus, tokenizer) of a small file corpus whose held-out stream (~1,000 tokens) never repeats itself."""
+    root = tmp_path_factory.mktemp("eval_stream")
+    (root / "corpus").mkdir()
+    for k in range(20):
+        lines = [f"x{k}_{j} = {(k * 7919 + j * 104729) % 1000003}\n" for j in range(12)]
+        (root / "corpus" / f"d{k:02d}.txt").write_text("".join(lines))
+    cfg = DataConfig(source=f"files:{root / 'corpus'}/*.txt", data_dir=str(root / "tfds"), vocab_size=300,
+                     eval_fraction=0.15)
+    corpus = open_corpus(cfg)
+    return corpus, get_tokenizer(cfg, corpus, root)
 
-    row, n = seq_len + 1, batch_size * num_batches
-    W = -(-stream_len // row)
-    chosen = [((2 * i + 1) * W) // (2 * n) if n <= W else i % W for i in range(n)]
-    positions = {(w * row + j) % stream_len for w in chosen for j in range(seq_len)}
-    assert measure.distinct_positions(stream_len, seq_len, batch_size, num_batches) == len(positions)
+
+def _positions_read(stream_L: np.ndarray, batches: list[dict]) -> int:
+    """Distinct stream positions the inputs of ``batches`` hold, each row found among all cyclic offsets of the
+    stream."""
+    L, T = len(stream_L), batches[0]["inputs"].shape[1]
+    windows = {stream_L[(o + np.arange(T)) % L].tobytes(): o for o in range(L)}
+    assert len(windows) == L  # every offset is recognisable
+    seen: set[int] = set()
+    for b in batches:
+        for inputs_T in np.asarray(b["inputs"], np.int32):
+            seen.update(((windows[inputs_T.tobytes()] + np.arange(T)) % L).tolist())
+    return len(seen)
+
+
+@pytest.mark.parametrize("seq_len,batch_size,num_batches", [
+    (20, 3, 1),  # three windows far apart
+    (32, 4, 2),  # distinct windows spread over the stream, the last one wrapping onto the first
+    (32, 40, 40),  # more rows than windows: cycled
+    (4096, 2, 2),  # a stream shorter than one row: every row is the same wrapped window
+])
+def test_distinct_positions_counts_the_positions_the_eval_batches_read(eval_stream, seq_len, batch_size,
+                                                                       num_batches):
+    corpus, tok = eval_stream
+    stream_L = corpus.token_stream("validation", tok)[0]
+    batches = pipeline.make_eval_batches(corpus, tok, seq_len=seq_len, batch_size=batch_size, num_batches=num_batches)
+    got = measure.distinct_positions(len(stream_L), seq_len, batch_size, num_batches)
+    assert got == _positions_read(stream_L, batches)
+    if seq_len > len(stream_L):
+        assert got == len(stream_L)

@@ -2,27 +2,25 @@
 and on metrics.jsonl (exact_zero)."""
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-from prosparse_jax.analysis import law_fit as fit_laws
+from prosparse_jax.analysis import law_fit
+from prosparse_jax.errors import InputError
+from prosparse_jax.main import fit_laws
 
-ROOT = Path(__file__).resolve().parents[2]
 
-
-def test_selftest_recovers_published_coefficients_all_scales_both_forms(tmp_path):
-    # tolerances (module docstring): truth within 4 sigma for A0 and alpha, curve within 1%, SiLU A0 2% / alpha 20%,
-    # ReLU A0 10%; 0.5% noise, 200 points on D in [5, 250] B tokens
-    assert fit_laws.selftest(seed=0, out=tmp_path / "s.png", verbose=False) == []
-    assert (tmp_path / "s_relu.png").exists() and (tmp_path / "s_silu.png").exists()
-    assert fit_laws.selftest(seed=7, verbose=False) == []
+def test_selftest_recovers_published_coefficients_all_scales_both_forms():
+    # tolerances (law_fit's docstring): truth within 4 sigma for A0 and alpha, curve within 1%, SiLU A0 2% / alpha
+    # 20%, ReLU A0 10%; 0.5% noise, 200 points on D in [5, 250] B tokens
+    assert law_fit.selftest(seed=0, verbose=False) == []
+    assert law_fit.selftest(seed=7, verbose=False) == []
 
 
 def test_silu_fit_is_tight_at_larger_scales():
-    D, A, (c, alpha, a0) = fit_laws.sample_published("silu", "0.8B", seed=3)
-    fit = fit_laws.fit_silu_law(D, A)
+    D, A, (c, alpha, a0) = law_fit.sample_published("silu", "0.8B", seed=3)
+    fit = law_fit.fit_silu_law(D, A)
     assert fit["params"]["A0"] == pytest.approx(a0, rel=0.01)
     assert fit["params"]["alpha"] == pytest.approx(alpha, rel=0.10)
     assert set(fit["stderr"]) == {"c", "alpha", "A0"} and all(v > 0 for v in fit["stderr"].values())
@@ -30,13 +28,13 @@ def test_silu_fit_is_tight_at_larger_scales():
 
 def test_noise_free_fit_is_exact():
     D = np.geomspace(5, 250, 50)
-    A = fit_laws.relu_law(D, 0.079, 0.683, -3.46, 0.069)
-    p = fit_laws.fit_relu_law(D, A)["params"]
+    A = law_fit.relu_law(D, 0.079, 0.683, -3.46, 0.069)
+    p = law_fit.fit_relu_law(D, A)["params"]
     np.testing.assert_allclose([p["c"], p["alpha"], p["b"], p["A0"]], [0.079, 0.683, -3.46, 0.069], rtol=1e-4)
 
 
 def _workdir(tmp_path, name, form, scale, seed):
-    D, A, _ = fit_laws.sample_published(form, scale, n=80, seed=seed)
+    D, A, _ = law_fit.sample_published(form, scale, n=80, seed=seed)
     wd = tmp_path / name
     wd.mkdir()
     rows = [{"kind": "train", "step": i + 1, "tokens_seen": float(d * 1e9), "sparsity": float(1 - a)}
@@ -52,7 +50,7 @@ def test_cli_fits_several_workdirs_and_plots(tmp_path, capsys):
     out = capsys.readouterr().out
     assert rc == 0 and (tmp_path / "f.png").stat().st_size > 0
     assert out.count("A0 = ") == 2 and "±" in out
-    D, A = fit_laws.load_run(wds[0])
+    D, A = law_fit.load_run(wds[0])
     assert len(D) == 80 and D.min() == pytest.approx(5.0)
 
 
@@ -60,8 +58,8 @@ def test_cli_errors(tmp_path, capsys):
     assert fit_laws.main([f"--out={tmp_path / 'f.png'}", str(tmp_path)]) != 0
     assert "--form" in capsys.readouterr().err
     assert fit_laws.main(["--form=relu", f"--out={tmp_path / 'f.png'}", str(tmp_path / "missing")]) == 1
-    with pytest.raises(ValueError, match="points"):
-        fit_laws.fit_silu_law([1.0, 2.0], [0.3, 0.35])
+    with pytest.raises(InputError, match="points"):
+        law_fit.fit_silu_law([1.0, 2.0], [0.3, 0.35])
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -144,7 +142,7 @@ def test_silu_ratio_is_below_one_unlike_exact_zero(law_run):
     wd, _, res = law_run
     A = [r["activation_ratio"] for r in res["checkpoints"]]
     assert all(0.0 < a < 0.5 for a in A)  # CETT-PPL-1% truncates most SiLU neurons
-    _, A_exact = fit_laws.load_run(wd)
+    _, A_exact = law_fit.load_run(wd)
     assert A_exact.min() > 0.99  # SiLU has (almost) no exact zeros: the old input is a flat line at 1
 
 
@@ -166,6 +164,7 @@ def test_cli_default_protocol_reuses_the_file_and_fits(law_run, tmp_path, capsys
 @pytest.mark.slow
 def test_cli_too_few_checkpoints_is_a_clear_error(law_run, tmp_path, capsys):
     from prosparse_jax.analysis import law_inputs as law_ratios
+    from prosparse_jax.errors import CheckpointError
 
     wd, _, _ = law_run
     rc = fit_laws.main(["--form=relu", "--min_step=30", f"--out={tmp_path / 'f.png'}", str(wd)])
@@ -173,7 +172,7 @@ def test_cli_too_few_checkpoints_is_a_clear_error(law_run, tmp_path, capsys):
     assert rc == 1 and not (tmp_path / "f.png").exists()
     assert len(err.strip().splitlines()) == 1
     assert "2 checkpoint(s)" in err and "needs at least 5" in err and "train.keep_period" in err
-    with pytest.raises(law_ratios.LawRatiosError, match="no checkpoint with step > 40"):
+    with pytest.raises(CheckpointError, match="no checkpoint with step > 40"):
         law_ratios.compute_law_ratios(wd, min_step=40, **EVAL)
 
 
@@ -190,11 +189,11 @@ def test_existing_file_with_other_settings_is_not_overwritten(law_run, tmp_path,
     assert (wd / "law_ratios.json").read_bytes() == before
     out = tmp_path / "copy.json"
     out.write_bytes(before)
-    with pytest.raises(law_ratios.LawRatiosError, match="num_batches: file 2 vs now 3"):
+    with pytest.raises(law_ratios.StaleOutputError, match="num_batches: file 2 vs now 3"):
         law_ratios.law_ratios(wd, out, num_batches=3, batch_size=4)
     assert out.read_bytes() == before
     (tmp_path / "junk.json").write_text("not json")
-    with pytest.raises(law_ratios.LawRatiosError, match="not a law_ratios file"):
+    with pytest.raises(law_ratios.StaleOutputError, match="not a law_ratios file"):
         law_ratios.law_ratios(wd, tmp_path / "junk.json", **EVAL)
     again = law_ratios.law_ratios(wd, out, **EVAL)  # same settings: read back, not recomputed
     assert again["reused"] and again["checkpoints"] == res["checkpoints"]

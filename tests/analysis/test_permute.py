@@ -12,7 +12,7 @@ import pytest
 from conftest import WORDS, tiny_model_config, write_corpus
 
 from prosparse_jax.analysis import permute as pm
-from prosparse_jax.analysis import permute_orders as po
+from prosparse_jax.main import permute as permute_main
 from prosparse_jax.model import transformer as model
 from prosparse_jax.training import checkpoint
 
@@ -54,6 +54,9 @@ def test_permuted_model_gives_the_same_logits_and_permuted_x1(layout):
                            np.asarray(model.layer_param(params, "w_up_LxDxF")))
     x1 = np.asarray(st.x1)
     _assert_close(st2.x1, np.stack([x1[i][..., perm[i]] for i in range(cfg.n_layers)]))
+    back = pm.permute_neurons(new, np.argsort(perm, axis=1))  # the inverse permutation restores every weight
+    for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(params), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 def test_permutation_keeps_the_sparse_mode_exact():
@@ -114,8 +117,8 @@ def _skewed_activity(L=2, N=2000, F=256, seed=0):
 def test_frequency_order_is_a_bijection_and_raises_block_sparsity():
     a = _skewed_activity()
     freq = a.mean(axis=1)
-    perm = po.permutation_by_frequency(freq)
-    po.check_permutation(perm, 2, 256)
+    perm = pm.permutation_by_frequency(freq)
+    pm.check_permutation(perm, 2, 256)
     assert np.all(np.diff(np.take_along_axis(freq, perm, axis=1), axis=1) <= 0)  # most active first
     after_a = np.stack([a[i][:, perm[i]] for i in range(2)])
     for block in pm.BLOCKS:
@@ -134,17 +137,15 @@ def test_coactivation_order_finds_co_active_groups():
     a = (group_LxF[:, None, :] == fired_N[None, :, None]) & (rng.random((L, N, F)) < 0.9)
     count = a.sum(axis=1)
     co = np.einsum("lnf,lng->lfg", a.astype(np.int64), a.astype(np.int64))
-    perm_co = po.permutation_by_coactivation(count, co, cluster=16, window=F)
-    perm_fr = po.permutation_by_frequency(count)
+    perm_co = pm.permutation_by_coactivation(count, co, cluster=16, window=F)
+    perm_fr = pm.permutation_by_frequency(count)
     for p in (perm_co, perm_fr):
-        po.check_permutation(p, L, F)
+        pm.check_permutation(p, L, F)
     apply = lambda p: np.stack([a[i][:, p[i]] for i in range(L)])  # noqa: E731
     bs_co, bs_fr, bs_0 = (pm.block_sparsity(apply(perm_co), 16), pm.block_sparsity(apply(perm_fr), 16),
                           pm.block_sparsity(a, 16))
     assert np.all(bs_co > 0.99 * (G - 1) / G)  # the ideal: one block per token
     assert np.all(bs_co > bs_fr + 0.3) and np.all(bs_co > bs_0 + 0.3), (bs_co, bs_fr, bs_0)
-    inv = po.inverse_permutation(perm_co)
-    np.testing.assert_array_equal(np.take_along_axis(perm_co, inv, axis=1), np.tile(np.arange(F), (L, 1)))
 
 
 def _old_coactivation_counts(a_LxNxF):
@@ -188,8 +189,8 @@ def test_per_layer_coactivation_order_equals_the_all_layers_one_on_a_model():
     a_LxNxF = np.concatenate([np.asarray(_forward(params, b["inputs"], cfg=cfg, capture=True)[1].x1) != 0
                               for b in batches], axis=2).reshape(cfg.n_layers, -1, cfg.d_ff)
     for cluster, window in ((4, cfg.d_ff), (16, None), (8, 3)):
-        old = po.permutation_by_coactivation(a_LxNxF.sum(axis=1), _old_coactivation_counts(a_LxNxF), cluster, window)
-        new = po.permutation_from_activity(st["count_LxF"], st["activity_L"], cfg.d_ff, cluster, window)
+        old = pm.permutation_by_coactivation(a_LxNxF.sum(axis=1), _old_coactivation_counts(a_LxNxF), cluster, window)
+        new = pm.permutation_from_activity(st["count_LxF"], st["activity_L"], cfg.d_ff, cluster, window)
         np.testing.assert_array_equal(new, old)
 
 
@@ -198,17 +199,20 @@ def test_coactivation_counts_equal_the_einsum(block):
     """Token blocks that do not divide N, F not a multiple of 8 nor of the mirroring's 64 rows: exact counts."""
     rng = np.random.default_rng(2)
     a_NxF = rng.random((301, 75)) < 0.3
-    co = po.coactivation_counts(po.pack_activity(a_NxF), 75, block)
+    co = pm.coactivation_counts(pm.pack_activity(a_NxF), 75, block)
     assert co.dtype == np.float32
     np.testing.assert_array_equal(co, _old_coactivation_counts(a_NxF[None])[0])
 
 
-def test_coactivation_counts_switch_to_float64_where_float32_stops_being_exact(monkeypatch):
-    monkeypatch.setattr(po, "_FLOAT32_EXACT", 100)  # 2^24 tokens in production
-    a_NxF = np.random.default_rng(3).random((101, 20)) < 0.5
-    co = po.coactivation_counts(po.pack_activity(a_NxF), 20, 32)
-    assert co.dtype == np.float64
-    np.testing.assert_array_equal(co, _old_coactivation_counts(a_NxF[None])[0])
+def test_coactivation_counts_stay_exact_beyond_float32_integers():
+    """2^24 + 1 tokens: counts float32 cannot hold (2^24 + 1 would round to 2^24)."""
+    n = 2**24 + 1
+    activity_NxP = np.full((n, 1), 0b1000_0000, np.uint8)  # packed (pm.pack_activity): neuron 0 on every token,
+    activity_NxP[::2] |= 0b0100_0000  # neuron 1 on (n + 1) / 2 tokens, neuron 2 never
+    assert np.array_equal(activity_NxP[:2], pm.pack_activity([[1, 1, 0], [1, 0, 0]]))
+    co = pm.coactivation_counts(activity_NxP, 3, 2**21)
+    half = (n + 1) // 2
+    np.testing.assert_array_equal(co, [[n, half, 0], [half, half, 0], [0, 0, 0]])
 
 
 def test_coactivation_order_memory_is_one_layer_of_counts():
@@ -216,15 +220,15 @@ def test_coactivation_order_memory_is_one_layer_of_counts():
     F x F float32 counts, a quarter of the [L, F, F] array the all-layers path held (int64: twice that again)."""
     L, N, F = 4, 2000, 1024
     a = _skewed_activity(L, N, F, seed=3)
-    count_LxF, activity_L = a.sum(axis=1), [po.pack_activity(x) for x in a]
+    count_LxF, activity_L = a.sum(axis=1), [pm.pack_activity(x) for x in a]
     del a
     tracemalloc.start()
     try:
-        perm = po.permutation_from_activity(count_LxF, activity_L, F)
+        perm = pm.permutation_from_activity(count_LxF, activity_L, F)
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
-    po.check_permutation(perm, L, F)
+    pm.check_permutation(perm, L, F)
     assert peak < 1.5 * F * F * 4, (peak, F * F * 4)
 
 
@@ -257,7 +261,7 @@ def test_cli_writes_a_loadable_permuted_workdir(workdir, tmp_path, capsys, order
     out = tmp_path / "permuted"
     argv = ["permute", f"--checkpoint={wd}", f"--out={out}", f"--data={data}", f"--order={order}",
             "--num_batches=2", "--batch_size=4"]
-    assert pm.main(argv) == 0
+    assert permute_main.main(argv) == 0
     line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert line["order"] == order and line["tokens"] == 2 * 4 * 16
     assert line["loss_after"] == pytest.approx(line["loss_before"], rel=1e-5)
@@ -267,7 +271,7 @@ def test_cli_writes_a_loadable_permuted_workdir(workdir, tmp_path, capsys, order
     cfg1, p1, tok1 = checkpoint.load_model(out)
     assert cfg1 == cfg0 and tok1.read_bytes() == (wd / "tokenizer.json").read_bytes()
     res = json.loads((out / "permutation.json").read_text())
-    perm = po.check_permutation(res["permutation"], cfg0.n_layers, cfg0.d_ff)
+    perm = pm.check_permutation(res["permutation"], cfg0.n_layers, cfg0.d_ff)
     np.testing.assert_array_equal(np.asarray(p1["layers"]["w_down_LxFxD"]),
                                   np.asarray(pm.permute_neurons(p0, perm)["layers"]["w_down_LxFxD"]))
     ids = _ids(cfg0)
@@ -285,12 +289,12 @@ def test_cli_refuses_an_existing_out_before_any_work(workdir, tmp_path, capsys, 
         raise AssertionError("work was done before --out was checked")
 
     monkeypatch.setattr(checkpoint, "load_model", boom)
-    assert pm.main(["permute", f"--checkpoint={wd}", f"--out={out}", f"--data={data}"]) == 1
+    assert permute_main.main(["permute", f"--checkpoint={wd}", f"--out={out}", f"--data={data}"]) == 1
     err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
-    assert len(err) == 1 and err[0].startswith("permute: error: --out:") and "not empty" in err[0]
+    assert len(err) == 1 and err[0].startswith("permute: error: out:") and "not empty" in err[0]
     assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
-    assert pm.main(["permute", f"--checkpoint={wd}", f"--out={tmp_path / 'new'}", "--order=spectral"]) == 1
-    assert "--order" in capsys.readouterr().err
+    assert permute_main.main(["permute", f"--checkpoint={wd}", f"--out={tmp_path / 'new'}", "--order=spectral"]) == 1
+    assert "permute: error: order: " in capsys.readouterr().err
 
 
 def _spy(monkeypatch, name):
@@ -313,7 +317,7 @@ def test_cli_reports_on_held_out_batches_disjoint_from_the_fitting_ones(workdir,
     wd, data = workdir
     fit, report = _spy(monkeypatch, "neuron_stats"), _spy(monkeypatch, "block_report")
     argv = ["permute", f"--checkpoint={wd}", f"--data={data}", "--num_batches=2", "--batch_size=4"]
-    assert pm.main([*argv, f"--out={tmp_path / 'held'}", "--report_batches=1"]) == 0
+    assert permute_main.main([*argv, f"--out={tmp_path / 'held'}", "--report_batches=1"]) == 0
     line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert line["tokens"] == 2 * 4 * 16
     assert line["report_batches"] == {"count": 1, "tokens": 1 * 4 * 16, "held_out_from_fit": True}
@@ -323,7 +327,7 @@ def test_cli_reports_on_held_out_batches_disjoint_from_the_fitting_ones(workdir,
     assert res["report_batches"] == line["report_batches"] and res["before"]["tokens"] == 1 * 4 * 16
 
     fit.clear(), report.clear()
-    assert pm.main([*argv, f"--out={tmp_path / 'in'}", "--report_batches=0"]) == 0
+    assert permute_main.main([*argv, f"--out={tmp_path / 'in'}", "--report_batches=0"]) == 0
     line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert line["report_batches"] == {"count": 2, "tokens": 2 * 4 * 16, "held_out_from_fit": False}
     assert _rows(report[0]) == _rows(fit[0]) == _rows(report[1])
@@ -332,10 +336,10 @@ def test_cli_reports_on_held_out_batches_disjoint_from_the_fitting_ones(workdir,
 def test_cli_refuses_bad_report_batches_in_one_line(workdir, tmp_path, capsys):
     wd, data = workdir
     argv = ["permute", f"--checkpoint={wd}", f"--data={data}", "--batch_size=4"]
-    assert pm.main([*argv, f"--out={tmp_path / 'neg'}", "--report_batches=-1"]) == 1
+    assert permute_main.main([*argv, f"--out={tmp_path / 'neg'}", "--report_batches=-1"]) == 1
     err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
-    assert len(err) == 1 and err[0].startswith("permute: error: --report_batches: must be >= 0"), err
-    assert pm.main([*argv, f"--out={tmp_path / 'many'}", "--num_batches=40"]) == 1
+    assert len(err) == 1 and err[0].startswith("permute: error: report_batches: must be >= 0"), err
+    assert permute_main.main([*argv, f"--out={tmp_path / 'many'}", "--num_batches=40"]) == 1
     err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
-    assert len(err) == 1 and err[0].startswith("permute: error: --num_batches / --report_batches:"), err
-    assert "--report_batches=0" in err[0] and not (tmp_path / "many").exists()
+    assert len(err) == 1 and err[0].startswith("permute: error: num_batches / report_batches:"), err
+    assert "report_batches=0" in err[0] and not (tmp_path / "many").exists()

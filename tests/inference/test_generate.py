@@ -14,8 +14,10 @@ import pytest
 from conftest import tiny_model_config, write_bpe_tokenizer
 
 from prosparse_jax.inference import decode, generate, sparse_ffn
+from prosparse_jax.main import generate as generate_main
 from prosparse_jax.model import transformer as model
 from prosparse_jax.training import checkpoint
+from prosparse_jax.training.load import load_model
 
 VOCAB = 300
 SEQ_LEN = 16
@@ -62,11 +64,11 @@ def test_cached_decode_logits_equal_full_forward(name: str) -> None:
     cont_BxS = np.random.default_rng(0).integers(0, cfg.vocab_size, (len(PROMPTS), steps)).astype(np.int32)
     ids_BxP, pad_B = generate.left_pad(PROMPTS)
     cache = decode.init_cache(cfg, len(PROMPTS), ids_BxP.shape[1] + steps, pad_B)
-    logits_BxV, cache = generate.prefill(params, jnp.asarray(ids_BxP), cache, cfg=cfg)
+    logits_BxV, cache = decode.prefill(params, jnp.asarray(ids_BxP), cache, cfg=cfg)
     got = [np.asarray(logits_BxV)]
     for i in range(steps):
-        logits_BxV, cache, _ = generate.decode_step(params, jnp.asarray(cont_BxS[:, i]), cache,
-                                                    jnp.ones(len(PROMPTS), bool), cfg=cfg)
+        logits_BxV, cache, _ = decode.decode_step(params, jnp.asarray(cont_BxS[:, i]), cache,
+                                                  jnp.ones(len(PROMPTS), bool), cfg=cfg)
         got.append(np.asarray(logits_BxV))
     wants = full_logits_batch(params, cfg, [p + list(c) for p, c in zip(PROMPTS, cont_BxS, strict=True)])
     for b, (p, want_TxV) in enumerate(zip(PROMPTS, wants, strict=True)):
@@ -130,7 +132,7 @@ def test_sparse_mode_thresholds_apply_as_in_forward() -> None:
     # the cached logits of the sparse mode equal its forward's
     ids_BxP, pad_B = generate.left_pad(PROMPTS[:1])
     cache = decode.init_cache(sparse, 1, ids_BxP.shape[1] + 1, pad_B)
-    logits_BxV, _ = generate.prefill(params, jnp.asarray(ids_BxP), cache, cfg=sparse)
+    logits_BxV, _ = decode.prefill(params, jnp.asarray(ids_BxP), cache, cfg=sparse)
     rel_close(logits_BxV[0], full_logits(params, sparse, PROMPTS[0])[-1])
 
 
@@ -145,7 +147,7 @@ def test_greedy_matches_transformers_generate(tmp_path: Path) -> None:
         pad_token_id=None)
     hf_model = transformers.LlamaForCausalLM(hcfg).eval()
     hf_model.save_pretrained(tmp_path / "hf")
-    cfg, params, _ = checkpoint.load_model(tmp_path / "hf")
+    cfg, params, _ = load_model(tmp_path / "hf")
     prompt = [3, 17, 99, 5, 42]
     news, _ = generate.generate(params, cfg, [prompt], max_new_tokens=8)
     with torch.no_grad():
@@ -168,22 +170,23 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_cli_prints_text_and_stats(workdir: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert generate.main(["generate", f"--checkpoint={workdir}", "--prompt=hello world", "--max_new_tokens=3"]) == 0
+    args = ["generate", f"--checkpoint={workdir}", "--prompt=hello world", "--max_new_tokens=3"]
+    assert generate_main.main(args) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     stats = json.loads(lines[-1])
     assert stats["new_tokens"] <= 3 and len(stats["sparsity_per_layer"]) == 2 and stats["decode_tokens_per_s"] >= 0
 
 
 @pytest.mark.parametrize(("args", "needle"), [
-    (["--prompt="], "--prompt: empty"),
+    (["--prompt="], "prompt: empty"),
     (["--prompt=" + "the quick brown fox " * 10], "longer than the model's context of 16"),
-    (["--prompt=hi", "--max_new_tokens=0"], "--max_new_tokens: must be at least 1"),
+    (["--prompt=hi", "--max_new_tokens=0"], "max_new_tokens: must be at least 1"),
     (["--prompt=hi", "--sparse"], "--metric=pplp --value=1"),
     (["--prompt=hi", "--checkpoint=/nonexistent/run"], "does not exist"),
 ])
 def test_cli_errors_are_one_line(workdir: Path, capsys: pytest.CaptureFixture[str], args: list[str],
                                  needle: str) -> None:
-    assert generate.main(["generate", f"--checkpoint={workdir}", *args]) == 1
+    assert generate_main.main(["generate", f"--checkpoint={workdir}", *args]) == 1
     err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
     assert len(err) == 1 and err[0].startswith("generate: error: ") and needle in err[0], err
 
@@ -262,9 +265,9 @@ def test_sparse_decode_check_catches_a_kernel_that_skips_one_active_neuron(monke
     good = sparse_ffn.IMPLEMENTATIONS["cpu_gather"]
 
     def broken(x_BxD, w, mode):  # the first active neuron's W_down row is lost
-        act = (x_BxD @ w["w_gate_DxF"]) >= mode.threshold
+        act = (x_BxD @ w.w_gate_DxF) >= mode.threshold
         first = jnp.argmax(jnp.any(act, axis=0))
-        return good(x_BxD, dict(w, w_down_FxD=w["w_down_FxD"].at[first].set(0.0)), mode)
+        return good(x_BxD, w._replace(w_down_FxD=w.w_down_FxD.at[first].set(0.0)), mode)
 
     monkeypatch.setitem(sparse_ffn.IMPLEMENTATIONS, "broken", broken)
     dense = _decode_logits(params, cfg, decode.dense_ffn)

@@ -1,49 +1,36 @@
-"""Every CLI (prosparse_jax.main.common.run / cli.call): --help, and each user error as ONE line on stderr, exit code 1, no
-traceback (--verbose shows it): unknown flags and config fields (did-you-mean), a missing config file, an output path
-in the way (refused before any work), corrupt JSON / safetensors / checkpoints (named), a full disk (the previous
-outputs kept); score's long-text windowing. analyze's distinct_tokens: tests/test_analyze.py."""
+"""Every CLI (prosparse_jax.main.*, experiments/): --help, and each user error as ONE line on stderr, exit code 1, no
+traceback (--verbose shows it), while a bug keeps its traceback: unknown flags and config fields (did-you-mean), a
+missing config file, an output path in the way (refused before any work), corrupt JSON / safetensors / checkpoints
+(named), a full disk (the previous outputs kept)."""
 
 import errno
-import importlib.util
+import importlib
 import json
 import shutil
 from pathlib import Path
 
-import jax
-import jax.numpy as jnp
-import numpy as np
+import matplotlib.figure
 import pytest
-from conftest import tiny_model_config, write_bpe_tokenizer
+from absl import flags
+from conftest import one_error_line, random_params, tiny_model_config, write_bpe_tokenizer
 
-from prosparse_jax.analysis import analyze
+from prosparse_jax.errors import DataError, InputError
 from prosparse_jax.hf import io as hf
-from prosparse_jax.inference import score
-from prosparse_jax.main import common as cli
-from prosparse_jax.main import describe, export_hf, import_hf
-from prosparse_jax.model import transformer as model
+from prosparse_jax.main import analyze, common, describe, export_hf, generate, import_hf, permute, score, train
 from prosparse_jax.training import checkpoint
 
 ROOT = Path(__file__).resolve().parents[2]
-CLIS = {"analyze": (analyze, "--metric"), "export_hf": (export_hf, "--format"), "import_hf": (import_hf, "--hf"),
-        "score": (score, "--text"), "describe": (describe, "--config")}
+CLIS = {"analyze": (analyze, "--metric"), "describe": (describe, "--config"), "export_hf": (export_hf, "--format"),
+        "generate": (generate, "--prompt"), "import_hf": (import_hf, "--hf"), "permute": (permute, "--order"),
+        "score": (score, "--text"), "train": (train, "--workdir")}
 VOCAB = 300
 SEQ_LEN = 16  # the params-only workdir's data.seq_len: score's context window
 
 
 def _experiment(name):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "experiments" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def one_error_line(capsys, prog: str) -> str:
-    """The single stderr line of a failed CLI call (asserting there is exactly one, and no traceback)."""
-    err = capsys.readouterr().err
-    lines = [ln for ln in err.splitlines() if ln.strip()]
-    assert len(lines) == 1, err
-    assert lines[0].startswith(f"{prog}: error: ") and "Traceback" not in err
-    return lines[0]
+    """An ``experiments/`` script, imported as the module ``experiments.<name>`` (the repository root is on
+    the path: pyproject's pytest ``pythonpath``)."""
+    return importlib.import_module(f"experiments.{name}")
 
 
 def boom(*args, **kwargs):
@@ -63,16 +50,45 @@ def model_files(tmp_path_factory, tokenizer_file):
     """(workdir, HF folder) of the same tiny random model; the workdir's run config has data.seq_len = SEQ_LEN."""
     root = tmp_path_factory.mktemp("model")
     cfg = tiny_model_config(vocab_size=VOCAB)
-    params = model.init_params(cfg, jax.random.key(0))
+    params = random_params(cfg)
     wd = checkpoint.write_params_workdir(root / "wd", cfg, params, run_config={"data": {"seq_len": SEQ_LEN}})
     shutil.copyfile(tokenizer_file, wd / "tokenizer.json")
-    hf_dir = hf.save_hf_folder(cfg, jax.tree.map(np.asarray, params), root / "hf", tokenizer_json=tokenizer_file)
+    hf_dir = hf.save_hf_folder(cfg, params, root / "hf", tokenizer_json=tokenizer_file)
     return wd, hf_dir
 
 
 def _copy(src: Path, dst: Path) -> Path:
     shutil.copytree(src, dst)
     return dst
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# common.run / common.call: user errors are one line, bugs keep their traceback
+# ---------------------------------------------------------------------------------------------------------------
+def _raise(e):
+    def body():
+        raise e
+    return body
+
+
+def test_run_prints_a_user_error_as_one_line_and_lets_a_bug_through(capsys):
+    assert common.run("tool", flags.FlagValues(), ["tool"], _raise(DataError("no corpus"))) == 1
+    assert one_error_line(capsys, "tool") == "tool: error: no corpus"
+    with pytest.raises(DataError):  # --verbose: the traceback, for a bug report
+        common.run("tool", flags.FlagValues(), ["tool", "--verbose"], _raise(DataError("no corpus")))
+    with pytest.raises(ValueError, match="a bug"):
+        common.run("tool", flags.FlagValues(), ["tool"], _raise(ValueError("a bug")))
+    assert common.run("tool", flags.FlagValues(), ["tool"], lambda: ("stopped", 130)) == 130
+    assert capsys.readouterr().out == "stopped\n"
+
+
+def test_call_prints_a_user_error_as_one_line_and_lets_a_bug_through(capsys):
+    assert common.call("tool", [], _raise(InputError("x.json: not valid JSON"))) == 1
+    assert one_error_line(capsys, "tool") == "tool: error: x.json: not valid JSON"
+    with pytest.raises(InputError):
+        common.call("tool", ["--verbose"], _raise(InputError("x.json: not valid JSON")))
+    with pytest.raises(OSError):
+        common.call("tool", [], _raise(OSError("a bug")))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -94,7 +110,8 @@ def test_unknown_flag_is_one_line_error(name, capsys):
 
 
 def test_argparse_usage_errors_are_one_line(capsys):
-    from prosparse_jax.analysis import law_fit as fit_laws
+    from prosparse_jax.main import fit_laws
+
     assert fit_laws.main(["--form=relux", "--out=f.png", "wd"]) == 1
     assert "relux" in one_error_line(capsys, "fit_laws")
     bench = _experiment("bench_train")
@@ -118,7 +135,7 @@ def test_unknown_config_override_names_the_field_and_the_nearest(override, expec
 
 
 def test_unknown_field_in_a_config_file_suggests_the_nearest(tmp_path, capsys):
-    (tmp_path / "typo.py").write_text("from prosparse_jax.run_config import base_config\n\n\ndef get_config():\n"
+    (tmp_path / "typo.py").write_text("from prosparse_jax.config import base_config\n\n\ndef get_config():\n"
                                       "    c = base_config()\n    c.train.stpes = 3\n    return c\n")
     assert describe.main(["describe", f"--config={tmp_path / 'typo.py'}"]) == 1
     assert "['stpes'] (did you mean 'steps'?)" in one_error_line(capsys, "describe")
@@ -136,9 +153,6 @@ def test_missing_or_broken_config_file(tmp_path, capsys):
 
 
 def test_train_config_errors_are_one_line(tmp_path, capsys):
-    """The train CLI runs through cli.run too: config typos, missing files and missing flags are one line, exit 1."""
-    from prosparse_jax.training import train
-
     tiny = f"--config={ROOT}/configs/prosparse.py:tiny"
     assert train.main(["train", tiny, "--config.model.d_modle=3", f"--workdir={tmp_path}/w"]) == 1
     assert "(did you mean 'd_model'?)" in one_error_line(capsys, "train")
@@ -158,16 +172,18 @@ def test_describe_still_describes(capsys):
 # Output paths in the way: refused before anything is loaded
 # ---------------------------------------------------------------------------------------------------------------
 def test_output_that_is_a_file_is_refused_before_any_work(model_files, tmp_path, capsys, monkeypatch):
-    wd, hf_dir = model_files
+    # models that fail to load: an error naming the output proves that it was checked first
+    wd, hf_dir = _copy(model_files[0], tmp_path / "wd"), _copy(model_files[1], tmp_path / "hf")
+    shutil.rmtree(wd / "checkpoints")
+    (hf_dir / "model.safetensors").unlink()
     afile = tmp_path / "afile"
     afile.write_text("keep")
-    monkeypatch.setattr(checkpoint, "load_model", boom)
-    monkeypatch.setattr(hf, "load_hf_folder", boom)
     for name, mod, args in (
         ("analyze", analyze, [f"--checkpoint={wd}", f"--out={afile}", "--metric=exact"]),
         ("export_hf", export_hf, [f"--workdir={wd}", f"--out={afile}"]),
         ("export_hf", export_hf, [f"--workdir={wd}", f"--out={afile}", "--overwrite"]),
         ("import_hf", import_hf, [f"--hf={hf_dir}", f"--workdir={afile / 'sub'}"]),
+        ("permute", permute, [f"--checkpoint={wd}", f"--out={afile}"]),
     ):
         assert mod.main([name, *args]) == 1
         assert str(afile) in one_error_line(capsys, name)
@@ -175,7 +191,8 @@ def test_output_that_is_a_file_is_refused_before_any_work(model_files, tmp_path,
     monkeypatch.setattr(mini, "train", boom)
     assert mini.main(["prosparse_miniature", f"--workdir={afile}"]) == 1
     assert "--workdir" in one_error_line(capsys, "prosparse_miniature")
-    from prosparse_jax.analysis import law_fit as fit_laws
+    from prosparse_jax.main import fit_laws
+
     assert fit_laws.main(["--form=relu", f"--out={tmp_path}", str(wd)]) == 1  # --out names a PNG, not a folder
     assert "is a directory" in one_error_line(capsys, "fit_laws")
     bench = _experiment("bench_train")
@@ -203,7 +220,7 @@ def test_corrupt_json_names_the_file(model_files, tmp_path, capsys):
         line = one_error_line(capsys, name)
         assert "config.json" in line and "not valid JSON" in line and str(tmp_path) in line
     assert not any((tmp_path / o).exists() for o in ("o1", "o2", "o3"))
-    with pytest.raises(cli.InputError, match="config.json"):  # --verbose: the traceback, for a bug report
+    with pytest.raises(InputError, match="config.json"):  # --verbose: the traceback, for a bug report
         score.main(["score", f"--checkpoint={bad_wd}", "--text=hello", "--verbose"])
 
 
@@ -237,6 +254,12 @@ def test_truncated_checkpoint_suggests_the_intact_older_step(model_files, tmp_pa
     assert "checkpoints/5" in line and "--step=0" in line
 
 
+def test_score_missing_input_file(model_files, tmp_path, capsys):
+    assert score.main(["score", f"--checkpoint={model_files[0]}", f"--input={tmp_path / 'nope.txt'}"]) == 1
+    line = one_error_line(capsys, "score")
+    assert "--input" in line and "nope.txt" in line
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Disk full: the path is named and the previous outputs are untouched
 # ---------------------------------------------------------------------------------------------------------------
@@ -261,22 +284,9 @@ def test_disk_full_during_export_keeps_the_previous_export(model_files, tmp_path
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]  # no staging folder left behind
 
 
-def test_disk_full_writing_analyze_outputs_keeps_the_previous_ones(tmp_path, monkeypatch):
-    out = tmp_path / "out"
-    res = {"metric": "exact", "tokens_measured": 8, "sparse_mode": {"model.neuron_thresholds": [0.1]}}
-    monkeypatch.setattr(analyze.analyze_plots, "write_plots", lambda d, heat, r: (d / "heatmap.png").write_text(""))
-    analyze._write(out, res, np.zeros((1, 1)))
-    before = {p.name: p.read_bytes() for p in out.iterdir()}
-    monkeypatch.setattr(analyze.analyze_plots, "write_plots", _enospc)
-    with pytest.raises(cli.OutputError) as e:
-        analyze._write(out, {**res, "metric": "cett"}, np.zeros((1, 1)))
-    _assert_disk_full_line(str(e.value), out)
-    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
-
-
 def test_disk_full_writing_a_plot_keeps_the_previous_one(tmp_path, capsys, monkeypatch):
-    from prosparse_jax.analysis import law_fit as fit_laws
+    from prosparse_jax.main import fit_laws
+
     wd = tmp_path / "wd"
     wd.mkdir()
     rows = [{"kind": "train", "step": i, "tokens_seen": 1e9 * i, "sparsity": 0.5 - 0.1 / i} for i in range(1, 9)]
@@ -284,63 +294,24 @@ def test_disk_full_writing_a_plot_keeps_the_previous_one(tmp_path, capsys, monke
     png = tmp_path / "fit.png"
     png.write_bytes(b"previous plot")
 
-    def full_disk(curves, form, out, **kw):
+    def full_disk(fig, out, *args, **kw):
         Path(out).write_bytes(b"half a pl")
         _enospc(out)
 
-    monkeypatch.setattr(fit_laws, "plot_fits", full_disk)
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", full_disk)
     assert fit_laws.main(["--input=exact_zero", "--form=silu", f"--out={png}", str(wd)]) == 1
     _assert_disk_full_line(one_error_line(capsys, "fit_laws"), png)
     assert png.read_bytes() == b"previous plot" and sorted(p.name for p in tmp_path.iterdir()) == ["fit.png", "wd"]
 
 
-def test_write_text_atomic_keeps_the_previous_file(tmp_path, monkeypatch):
-    path = tmp_path / "results.json"
-    cli.write_text_atomic(path, "old")
-    monkeypatch.setattr(Path, "write_text", _enospc)
-    with pytest.raises(cli.OutputError, match="no space left on device.*not touched"):
-        cli.write_text_atomic(path, "new")
-    monkeypatch.undo()
-    assert path.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["results.json"]
-
-
 # ---------------------------------------------------------------------------------------------------------------
-# score: a text longer than the context is scored in windows, with a warning
+# score: a text longer than the context is scored in windows, with a warning (the windows: tests/inference)
 # ---------------------------------------------------------------------------------------------------------------
-def test_score_long_text_warns_and_scores_in_windows(model_files, capsys):
-    wd, _ = model_files
+def test_score_warns_when_the_text_is_scored_in_windows(model_files, capsys):
     text = "the quick brown fox jumps over the lazy dog, hello world " * 4
-    assert score.main(["score", f"--checkpoint={wd}", f"--text={text}"]) == 0
+    assert score.main(["score", f"--checkpoint={model_files[0]}", f"--text={text}"]) == 0
     captured = capsys.readouterr()
-    res = json.loads(captured.out)
-    n, ctx = res["num_tokens"], res["context"]
-    assert n > 2 * SEQ_LEN and ctx["window"] == SEQ_LEN and ctx["window_source"] == "the run's data.seq_len"
-    assert ctx["windows"] > 1 and "overlapping by 8" in ctx["policy"]
+    n = json.loads(captured.out)["num_tokens"]
     err = [ln for ln in captured.err.splitlines() if ln.strip()]
     assert len(err) == 1 and err[0].startswith("score: warning:") and f"{n} tokens" in err[0]
-    assert f"context of {SEQ_LEN} tokens" in err[0] and "windows" in err[0]
-    # Each token's log-prob is that of a forward over at most SEQ_LEN tokens: the first window, then windows that
-    # end where the previous one did + 8 (the last one at the end of the text).
-    mcfg, params, _ = checkpoint.load_model(wd)
-    ids = res["token_ids"]
-
-    def ref(start, i):
-        logits = model.forward(params, jnp.asarray([ids[start:i + 1]]), mcfg)[0][0]
-        return float(jax.nn.log_softmax(logits[-2].astype(jnp.float32))[ids[i]])
-
-    assert res["logprobs"][0] is None
-    np.testing.assert_allclose(res["logprobs"][SEQ_LEN - 1], ref(0, SEQ_LEN - 1), atol=1e-5)
-    np.testing.assert_allclose(res["logprobs"][SEQ_LEN], ref(8, SEQ_LEN), atol=1e-5)  # 2nd window: 8..23
-    np.testing.assert_allclose(res["logprobs"][n - 1], ref(n - SEQ_LEN, n - 1), atol=1e-5)
-    assert all(lp is not None for lp in res["logprobs"][1:])
-    # a short text: one forward, no warning; --window overrides the run's
-    assert score.main(["score", f"--checkpoint={wd}", "--text=hello world"]) == 0
-    captured = capsys.readouterr()
-    assert json.loads(captured.out)["context"]["windows"] == 1 and not captured.err
-    assert score.main(["score", f"--checkpoint={wd}", f"--text={text}", f"--window={4 * n}"]) == 0
-    assert json.loads(capsys.readouterr().out)["context"]["windows"] == 1
-
-
-def test_score_missing_input_file(model_files, tmp_path, capsys):
-    assert score.main(["score", f"--checkpoint={model_files[0]}", f"--input={tmp_path / 'nope.txt'}"]) == 1
-    assert "--input" in one_error_line(capsys, "score")
+    assert f"context of {SEQ_LEN} tokens" in err[0] and "--window" in err[0]

@@ -1,5 +1,7 @@
 """Each activation against its formula; the FATReLU boundary convention (z >= t kept)."""
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,7 +13,7 @@ from prosparse_jax.model.activations import ACTIVATIONS, check_activation, ffn_p
 def _ref(name, g, u, t):
     silu = g / (1 + np.exp(-g))
     relu = np.maximum(g, 0)
-    gelu = 0.5 * g * (1 + np.vectorize(__import__("math").erf)(g / np.sqrt(2)))
+    gelu = 0.5 * g * (1 + np.vectorize(math.erf)(g / np.sqrt(2)))
     return {
         "silu": silu * u,
         "relu": relu * u,

@@ -1,8 +1,7 @@
-"""Attention backends (prosparse_jax.model.attention): each equals the reference on packed segments and GQA, the model runs
-through the one config field, and the accelerator backends lower for their platform without the hardware.
+"""Attention backends (prosparse_jax.model.attention): each equals the reference on packed segments and GQA, the model
+runs through the one config field, and the accelerator backends lower for their platform without the hardware.
 
-Reference: ``xla_blocks``, the block-causal path every platform ran before the backends existed (itself checked
-against a naive float64 loop here and against a naive model in test_model.py).
+Reference: ``xla_blocks`` (checked against a naive float64 loop here and against a naive model in test_model.py).
 """
 
 import os
@@ -16,13 +15,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import tiny_model_config
+from conftest import load_config, tiny_model_config
 
-from prosparse_jax.config import ConfigError, ModelConfig
+from prosparse_jax.config import ModelConfig, base_config, resolve
+from prosparse_jax.errors import ConfigError
 from prosparse_jax.model import attention as attn
 from prosparse_jax.model import transformer as model_lib
 from prosparse_jax.model.transformer import cross_entropy, forward, init_params
-from prosparse_jax.run_config import base_config, resolve
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -73,8 +72,15 @@ def _assert_close(got, want, tol=F32_TOL, what=""):
     assert err <= tol * scale, f"{what}: max|diff| = {err:.3g} > {tol} x {scale:.3g}"
 
 
+def _attention(q, k, v, seg=None, *, implementation, interpret=False):
+    """Causal self-attention of one layer as the model runs it: the backend's mask, then the attention."""
+    B, T = q.shape[:2]
+    mask = attn.prepare(implementation, seg, B, T, dtype=q.dtype)
+    return attn.attend(q, k, v, mask, interpret=interpret)
+
+
 def _value_and_vjp(implementation, q, k, v, seg, **kw):
-    f = jax.jit(lambda q, k, v: attn.dot_product_attention(q, k, v, seg, implementation=implementation, **kw))
+    f = jax.jit(lambda q, k, v: _attention(q, k, v, seg, implementation=implementation, **kw))
     out, vjp = jax.vjp(f, q, k, v)
     ct = jnp.asarray(np.random.default_rng(1).standard_normal(out.shape), out.dtype)
     return out, vjp(ct)
@@ -87,7 +93,7 @@ def _value_and_vjp(implementation, q, k, v, seg, **kw):
 def test_reference_equals_naive_attention_on_packed_segments(K):
     q, k, v = _qkv(K)
     seg = _segments(T)
-    f = jax.jit(lambda q, k, v, seg: attn.dot_product_attention(q, k, v, seg, implementation="xla_blocks"))
+    f = jax.jit(lambda q, k, v, seg: _attention(q, k, v, seg, implementation="xla_blocks"))
     _assert_close(f(q, k, v, jnp.asarray(seg)), _naive(q, k, v, seg), what="xla_blocks vs naive")
 
 
@@ -108,8 +114,8 @@ def test_backend_equals_reference_with_packing_and_gqa(implementation, K):
 def test_backend_equals_reference_without_segments(implementation):
     q, k, v = _qkv(K=1, T=128, seed=3)
     kw = {"interpret": True} if implementation == "splash" else {}
-    want = attn.dot_product_attention(q, k, v, implementation="xla_blocks")
-    _assert_close(attn.dot_product_attention(q, k, v, implementation=implementation, **kw), want, what=implementation)
+    want = _attention(q, k, v, implementation="xla_blocks")
+    _assert_close(_attention(q, k, v, implementation=implementation, **kw), want, what=implementation)
 
 
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN attention needs a GPU")
@@ -155,15 +161,26 @@ def test_forward_with_xla_equals_xla_blocks_logits_and_grads():
         _assert_close(a, b, what=jax.tree_util.keystr(path))
 
 
-def test_auto_resolves_by_platform_dtype_and_length():
-    r = attn.resolve_implementation
-    assert r("auto") == "xla_blocks"  # this machine: CPU
-    assert r("auto", platform="cpu", dtype=jnp.bfloat16) == "xla_blocks"
-    assert r("auto", platform="gpu", dtype=jnp.bfloat16) == "cudnn"
-    assert r("auto", platform="gpu", dtype=jnp.float32) == "xla"  # cuDNN has no float32 flash attention
-    assert r("auto", platform="tpu", seq_len=4096) == "splash"
-    assert r("auto", platform="tpu", seq_len=100) == "xla"  # splash needs T % 128 == 0
-    assert r("splash", platform="cpu") == "splash"  # a named backend is never replaced
+def _can_run(name, platform, dtype, T):
+    """Whether backend ``name`` compiles and runs inputs of ``dtype`` and length T on ``platform``."""
+    if name == "cudnn":
+        return platform == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
+    if name == "splash":
+        return platform == "tpu" and T % attn.SPLASH_LANES == 0
+    return True  # xla_blocks and xla: plain XLA
+
+
+@pytest.mark.parametrize("platform", ["cpu", "gpu", "tpu"])
+def test_auto_picks_a_backend_that_runs_there_and_the_fused_kernel_when_it_can(platform):
+    fused = {"gpu": "cudnn", "tpu": "splash"}.get(platform)
+    for dtype in (jnp.float32, jnp.bfloat16, jnp.float16):
+        for T in (100, 128, 4096):
+            name = attn.resolve_implementation("auto", platform=platform, dtype=dtype, seq_len=T)
+            assert _can_run(name, platform, dtype, T), (platform, dtype, T, name)
+            if fused and _can_run(fused, platform, dtype, T):
+                assert name == fused, (platform, dtype, T, name)
+    for name in attn.IMPLEMENTATIONS:  # a named backend is never replaced
+        assert attn.resolve_implementation(name, platform=platform) == name
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -178,35 +195,23 @@ def test_unknown_attention_name_is_a_config_error_with_suggestions():
     with pytest.raises(ConfigError, match=r"model\.attention: 'cudnn'.*float32.*model\.dtype='bfloat16'"):
         resolve(c)
     with pytest.raises(ValueError, match=r"unknown attention implementation 'flash'.*choose one of"):
-        attn.dot_product_attention(*_qkv(K=2, T=8), implementation="flash")
+        _attention(*_qkv(K=2, T=8), implementation="flash")
 
 
 def test_backends_that_cannot_run_the_inputs_say_what_to_use_instead():
     q, k, v = _qkv(K=2, T=100)
-    with pytest.raises(ValueError, match=r"'splash' needs a sequence length that is a multiple of 128.*T=100.*"
-                                         r"data\.seq_len.*'xla'"):
-        attn.dot_product_attention(q, k, v, implementation="splash", interpret=True)
-    with pytest.raises(ValueError, match=r"'cudnn'.*bfloat16 or float16, got float32.*model\.attention='xla'"):
-        attn.dot_product_attention(q, k, v, implementation="cudnn")
+    with pytest.raises(ConfigError, match=r"'splash' needs a sequence length that is a multiple of 128.*T=100.*"
+                                          r"data\.seq_len.*'xla'"):
+        _attention(q, k, v, implementation="splash", interpret=True)
+    with pytest.raises(ConfigError, match=r"'cudnn'.*bfloat16 or float16, got float32.*model\.attention='xla'"):
+        _attention(q, k, v, implementation="cudnn")
     # a CPU-only jax has no cuDNN: refused when traced, naming the backends that run here
-    with pytest.raises(ValueError, match=r"'cudnn' cannot run this: cuDNN is not detected.*'xla'.*'auto'"):
-        attn.dot_product_attention(*(a.astype(jnp.bfloat16) for a in (q, k, v)), implementation="cudnn")
+    with pytest.raises(ConfigError, match=r"'cudnn' cannot run this: cuDNN is not detected.*'xla'.*'auto'"):
+        _attention(*(a.astype(jnp.bfloat16) for a in (q, k, v)), implementation="cudnn")
     # decoding (fewer queries than keys in the cache) is xla_blocks' job
     mask = attn.prepare("xla", None, B, 1)
     with pytest.raises(ValueError, match=r"'xla' is causal self-attention.*T=1.*S=100.*'xla_blocks'"):
         attn.attend(q[:, :1], k, v, mask)
-
-
-def test_forward_reads_model_attn_block_when_traced(monkeypatch):
-    """test_model patches ``model.ATTN_BLOCK`` to run several query blocks; the forward pass must use it."""
-    monkeypatch.setattr(model_lib, "ATTN_BLOCK", 5)
-    assert [(t0, t1) for t0, t1, _ in model_lib.attention_bias_blocks(None, 12, 1)] == [(0, 5), (5, 10), (10, 12)]
-    seen = []
-    real = attn.prepare
-    monkeypatch.setattr(attn, "prepare", lambda *a, **kw: seen.append(kw["block"]) or real(*a, **kw))
-    cfg = tiny_model_config(attention="xla_blocks")
-    jax.eval_shape(lambda p: forward(p, jnp.zeros((1, 12), jnp.int32), cfg), model_lib.abstract_params(cfg))
-    assert seen == [5]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -214,16 +219,23 @@ def test_forward_reads_model_attn_block_when_traced(monkeypatch):
 # ---------------------------------------------------------------------------------------------------------------
 CUDNN_CALLS = ("__cudnn$fmhaScaleBiasSoftmax", "__cudnn$fmhaScaleBiasSoftmaxBackward")
 
+# ---- QUARANTINE: a patch of private JAX API (jax._src), valid for the jax version it was written against. On another
+# version the tests that use it skip until the patch is checked again and the version below updated.
+PRIVATE_API_JAX_VERSION = "0.10.2"
+private_jax_api = pytest.mark.skipif(
+    jax.__version__ != PRIVATE_API_JAX_VERSION,
+    reason=f"patches jax._src as of jax {PRIVATE_API_JAX_VERSION}; check the patch against jax {jax.__version__}")
+
 
 @pytest.fixture
 def cudnn_version_answered(monkeypatch):
-    """jax 0.10.2 asks the local jax build for its cuDNN version when tracing the cudnn backend (a CPU-only jaxlib
-    has none: 'cuDNN is not detected'); the lowering itself is the CUDA platform's and needs no GPU. Answer the
-    question with cuDNN 9.8 (only used for feature checks; the compute-capability checks see no GPU and apply the
-    pre-Hopper limits)."""
+    """Tracing the cudnn backend asks the local jax build for its cuDNN version (a CPU-only jaxlib has none: 'cuDNN
+    is not detected'); the lowering itself is the CUDA platform's and needs no GPU. Answers with cuDNN 9.8 (used only
+    for feature checks; the compute-capability checks see no GPU and apply the pre-Hopper limits)."""
     from jax._src.cudnn import fused_attention_stablehlo
 
     monkeypatch.setattr(fused_attention_stablehlo, "check_cudnn_version", lambda: 90800)
+# ---- end of QUARANTINE
 
 
 def _export_loss_and_grads(cfg: ModelConfig, platform: str, T: int, batch: int = 2, disabled=()) -> str:
@@ -243,6 +255,7 @@ def _custom_calls(text: str) -> list[str]:
     return re.findall(r"stablehlo\.custom_call @([\w$.]+)", text)
 
 
+@private_jax_api
 def test_forward_and_grads_lower_for_cuda_with_cudnn(cudnn_version_answered):
     cfg = tiny_model_config(d_model=128, n_heads=4, n_kv_heads=2, dtype="bfloat16", attention="cudnn")
     calls = _custom_calls(_export_loss_and_grads(cfg, "cuda", T=64, disabled=CUDNN_CALLS))
@@ -264,7 +277,8 @@ mesh = jax.make_mesh((1, 2), ("data", "fsdp"), axis_types=(AxisType.Auto,) * 2)
 rows = NamedSharding(mesh, P(("data", "fsdp")))
 B, T, N, K, H = 2, 256, 4, 2, 64
 def f(q, k, v, seg, implementation, interpret=False):
-    return attn.dot_product_attention(q, k, v, seg, implementation=implementation, interpret=interpret)
+    mask = attn.prepare(implementation, seg, *seg.shape, dtype=q.dtype)
+    return attn.attend(q, k, v, mask, interpret=interpret)
 args = [jax.ShapeDtypeStruct(s, d, sharding=rows) for s, d in
         [((B, T, N, H), jnp.bfloat16), ((B, T, K, H), jnp.bfloat16), ((B, T, K, H), jnp.bfloat16), ((B, T), jnp.int32)]]
 try:
@@ -303,20 +317,13 @@ def test_splash_splits_the_batch_over_the_mesh_in_context():
 # ---------------------------------------------------------------------------------------------------------------
 def _export_train_step(config_arg: str, attention: str, platform: str, micro_batch: int, disabled=()) -> str:
     """jax.export of exactly the jitted step train.py runs (abstract state and batch: nothing allocated)."""
-    import importlib.util
-
     import optax  # noqa: F401 - the optimizer state's types
 
     from prosparse_jax.training import optim as optim_lib
     from prosparse_jax.training import schedules
     from prosparse_jax.training.step import make_train_step
 
-    spec = importlib.util.spec_from_file_location("sparsing_law", ROOT / "configs" / "sparsing_law.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    c = module.get_config(config_arg)
-    c.model.attention = attention
-    rc = resolve(c)
+    rc = resolve(load_config(f"configs/sparsing_law.py:{config_arg}", f"--config.model.attention={attention}"))
     tx, lr_fn = optim_lib.make_optimizer(rc.optim, rc.train.steps, rc.model.d_model)
     step = make_train_step(rc, tx, lr_fn, schedules.reg_factor_schedule(rc.sparsity.stages))
     params = model_lib.abstract_params(rc.model)
@@ -330,7 +337,8 @@ def _export_train_step(config_arg: str, attention: str, platform: str, micro_bat
     return exported(state, batch).mlir_module()
 
 
-@pytest.mark.parametrize(("attention", "platform"), [("cudnn", "cuda"), ("splash", "tpu")])
+@pytest.mark.parametrize(("attention", "platform"),
+                         [pytest.param("cudnn", "cuda", marks=private_jax_api), ("splash", "tpu")])
 def test_paper_scale_train_step_lowers(attention, platform, request):
     """Sparsing Law 1.2B (MiniCPM, 32 layers, d 1792, 14 heads of 128, T = 4096, bfloat16, remat): the train step
     with the accelerator's attention lowers for its platform (per-device micro-batch 4). The layers run under

@@ -1,4 +1,4 @@
-"""Sweeps (experiments/sweep.py, sweep_aggregate.py, configs/sweeps/): every run validated before anything trains, the
+"""Sweeps (``python -m prosparse_jax.main.sweep``, configs/sweeps/): every run validated before anything trains, the
 SLURM array script, the launcher (parallel runs, skip finished, resume interrupted, Ctrl-C), the aggregate."""
 
 import csv
@@ -13,17 +13,15 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import write_corpus
+from conftest import killed_after, write_corpus
 
-from configs.sweeps import grid
-from prosparse_jax.run_config import resolve
-from prosparse_jax.sweeps import launch as sweep
+from prosparse_jax.config import resolve
+from prosparse_jax.errors import ConfigError
+from prosparse_jax.main import sweep
 from prosparse_jax.sweeps import progress as sweep_progress
-from prosparse_jax.sweeps import spec as sweep_spec
+from prosparse_jax.sweeps.spec import grid, load_sweep
 from prosparse_jax.training import checkpoint as ckpt
 from prosparse_jax.training.metrics import read_metrics
-
-ROOT = Path(__file__).resolve().parents[2]
 
 # ml_collections' config_flags loads config files with the deprecated SourceFileLoader.load_module()
 pytestmark = pytest.mark.filterwarnings("ignore:the load_module:DeprecationWarning")
@@ -32,7 +30,7 @@ STEPS, EVERY, WARMUP = 12, 2, 2  # 6 checkpoints, 5 after the warm-up: enough fo
 
 # A sweep of 2-layer models on a small file corpus (seconds per run); {corpus} / {data_dir} / {extra} filled in.
 SWEEP_FILE = '''
-from configs.sweeps import analysis, grid, sweep
+from prosparse_jax.sweeps.spec import analysis, grid, sweep
 
 FIXED = {{"data.source": "files:{corpus}/*.txt", "data.data_dir": "{data_dir}", "data.vocab_size": 320,
           "model.vocab_size": 320, "data.seq_len": 32, "data.eval_fraction": 0.1, "train.batch_size": 4,
@@ -70,6 +68,10 @@ def main(capsys, *args: str) -> tuple[int, str, str]:
     return rc, out, err
 
 
+def load(ref: str):
+    return load_sweep(ref, sweep.parse_train_config)
+
+
 def snapshot(d: Path) -> dict[str, tuple[int, bytes]]:
     return {str(p.relative_to(d)): (p.stat().st_mtime_ns, p.read_bytes()) for p in sorted(d.rglob("*")) if p.is_file()}
 
@@ -81,7 +83,7 @@ def test_grid_is_the_product_of_the_axes_and_refuses_clashing_axes():
     runs = grid({"a": {"x": {"f.a": 1}, "y": {"f.a": 2}}, "b": {"p": {"f.b": 0}, "q": {"f.b": 1}}}, {"f.c": 9})
     assert [r["name"] for r in runs] == ["x-p", "x-q", "y-p", "y-q"]
     assert runs[1] == {"name": "x-q", "overrides": {"f.c": 9, "f.a": 1, "f.b": 1}, "axes": {"a": "x", "b": "q"}}
-    with pytest.raises(ValueError, match="axes 'a' and 'b' both set 'f.a'"):
+    with pytest.raises(ConfigError, match="axes 'a' and 'b' both set 'f.a'"):
         grid({"a": {"x": {"f.a": 1}}, "b": {"p": {"f.a": 2}}})
 
 
@@ -107,22 +109,22 @@ def test_bad_sweep_field_is_one_error_before_anything_is_created(tmp_path, corpu
 def test_shipped_sweeps_validate_and_match_their_configs():
     from configs import sparsing_law as law_configs
 
-    full = sweep_spec.load_sweep("configs/sweeps/sparsing_law.py:full")
+    full = load("configs/sweeps/sparsing_law.py:full")
     assert len(full.runs) == 10
     for r in full.runs:  # each run is exactly configs/sparsing_law.py:<scale>-<act>
         assert r.rc == resolve(law_configs.get_config(f"{r.axes['scale']}-{r.axes['activation']}")), r.name
-    tiny = sweep_spec.load_sweep("configs/sweeps/sparsing_law.py:tiny")
+    tiny = load("configs/sweeps/sparsing_law.py:tiny")
     assert [r.name for r in tiny.runs] == ["t64-relu", "t64-silu", "t128-relu", "t128-silu"]
     for r in tiny.runs:
         t = r.rc.train
         assert t.keep_period == t.checkpoint_every and (t.steps - r.rc.optim.warmup_steps) // t.checkpoint_every >= 5
-    abl = sweep_spec.load_sweep("configs/sweeps/prosparse_ablations.py:tiny")
+    abl = load("configs/sweeps/prosparse_ablations.py:tiny")
     stages = {r.name: r.rc.sparsity.stages for r in abl.runs}
     assert stages["constant-lam2e-4"] == ((0.0, 10), (2e-4, 100))
     assert stages["progressive-lam2e-4"] == ((0.0, 10), (5e-5, 25), (2e-4, 60), (2e-4, 100))  # the tiny table
     assert stages["progressive-lam4e-4"][-1] == (4e-4, 100)
-    assert len(sweep_spec.load_sweep("configs/sweeps/prosparse_ablations.py:llama2-7b").runs) == 6
-    thr = sweep_spec.load_sweep("configs/sweeps/prosparse_ablations.py:tiny-threshold")
+    assert len(load("configs/sweeps/prosparse_ablations.py:llama2-7b").runs) == 6
+    thr = load("configs/sweeps/prosparse_ablations.py:tiny-threshold")
     assert [r.rc.sparsity.final_threshold for r in thr.runs] == [0.0, 0.01, 0.1, 0.5]
 
 
@@ -134,17 +136,18 @@ def test_slurm_script_has_one_task_per_run_and_each_task_runs_its_run(tmp_path, 
     text = out.read_text()
     assert "#SBATCH --array=0-3\n" in text and "#SBATCH --time=1:00\n" in text and os.access(out, os.X_OK)
     assert text.rstrip().splitlines()[-1].endswith('--index="$SLURM_ARRAY_TASK_ID"')
+    assert " -m prosparse_jax.main.sweep task " in text
     assert (root / "logs").is_dir() and not list(root.glob("s??-*"))  # no workdir: nothing trained
 
-    s = sweep_spec.load_sweep(ref)
+    s = load(ref)
     for r in s.runs:  # task i -> run i: its workdir and its overrides, exactly the plan's command
         rc, cmd, _ = main(capsys, "task", f"--sweep={ref}", f"--root={root}", f"--index={r.index}", "--dry_run")
         assert rc == 0 and cmd.strip() == shlex.join(s.command(root, r))
         assert f"--workdir={root / r.name}" in cmd and f"--config.model.activation={r.axes['activation']}" in cmd
-    # the script's own command, with the array index from the environment
-    last = text.rstrip().splitlines()[-1].removeprefix("exec ")
-    res = subprocess.run(["bash", "-c", last + " --dry_run"], env={**os.environ, "SLURM_ARRAY_TASK_ID": "2"},
-                         capture_output=True, text=True, cwd=tmp_path)
+    # the script's own cd and command, with the array index from the environment
+    cd, last = text.rstrip().splitlines()[-2:]
+    res = subprocess.run(["bash", "-c", f"{cd} && {last.removeprefix('exec ')} --dry_run"],
+                         env={**os.environ, "SLURM_ARRAY_TASK_ID": "2"}, capture_output=True, text=True, cwd=tmp_path)
     assert res.returncode == 0, res.stderr
     assert shlex.split(res.stdout.strip())[1:] == s.command(root, s.runs[2])[1:]  # (python may be a symlink)
     rc, _, err = main(capsys, "task", f"--sweep={ref}", f"--root={root}", "--index=4", "--dry_run")
@@ -180,7 +183,7 @@ def finished_sweep(tmp_path_factory, corpus):
 def test_sweep_runs_end_to_end_with_a_progress_table(finished_sweep, capsys):
     ref, root, rc, _ = finished_sweep
     assert rc == 0, [p.read_text()[-2000:] for p in (root / "logs").glob("*.log")]
-    s = sweep_spec.load_sweep(ref)
+    s = load(ref)
     for r in s.runs:
         assert sweep_progress.is_finished(root / r.name, STEPS) and not (root / "logs" / f"{r.name}.running").exists()
     rc, out, _ = main(capsys, "status", f"--sweep={ref}", f"--root={root}")
@@ -225,10 +228,11 @@ def test_interrupted_sweep_resumes_without_redoing_finished_runs(tmp_path, corpu
 
     ref = write_sweep(tmp_path / "sw.py", corpus) + ":1x2"
     root = tmp_path / "root"
-    s = sweep_spec.load_sweep(ref)
+    s = load(ref)
     assert sweep.main(["task", f"--sweep={ref}", f"--root={root}", "--index=0"]) == 0  # s16-relu: finished
-    res = train(s.runs[1].config, root / "s16-silu", stop_after=6)  # s16-silu: killed after step 6 (checkpoint 6)
-    assert res.interrupted and ckpt.latest_step(root / "s16-silu") == 6
+    train(s.runs[1].config, root / "s16-silu")
+    killed_after(root / "s16-silu", 6)  # s16-silu: killed right after its checkpoint of step 6
+    assert ckpt.latest_step(root / "s16-silu") == 6
     before = snapshot(root / "s16-relu")
     capfd.readouterr()
     assert sweep.main(["status", f"--sweep={ref}", f"--root={root}"]) == 0
@@ -253,7 +257,7 @@ def test_interrupted_sweep_resumes_without_redoing_finished_runs(tmp_path, corpu
 def test_ctrl_c_stops_every_run_with_a_checkpoint(tmp_path, corpus):
     ref = write_sweep(tmp_path / "sw.py", corpus, steps=4000) + ":1x2"
     root = tmp_path / "root"
-    cmd = [sys.executable, "-m", "prosparse_jax.sweeps.launch", "run", f"--sweep={ref}", f"--root={root}",
+    cmd = [sys.executable, "-m", "prosparse_jax.main.sweep", "run", f"--sweep={ref}", f"--root={root}",
            "--parallel=2", "--interval=1"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 240
@@ -269,6 +273,6 @@ def test_ctrl_c_stops_every_run_with_a_checkpoint(tmp_path, corpus):
         step = ckpt.latest_step(root / n)
         assert step is not None and 4 <= step < 4000, out  # saved on SIGTERM, not finished
         assert not (root / "logs" / f"{n}.running").exists()
-    status = subprocess.run([*cmd[:2], "status", f"--sweep={ref}", f"--root={root}"], capture_output=True,
+    status = subprocess.run([*cmd[:3], "status", f"--sweep={ref}", f"--root={root}"], capture_output=True,
                             text=True)
     assert [ln.split()[2] for ln in status.stdout.splitlines()[2:]] == ["partial", "partial"], status.stdout

@@ -14,9 +14,10 @@ import numpy as np
 import pytest
 from conftest import write_corpus
 
+from prosparse_jax.errors import UsageError
+from prosparse_jax.main import train as train_main
 from prosparse_jax.training import checkpoint as ckpt
-from prosparse_jax.training import train as train_mod
-from prosparse_jax.training.distributed import DistributedError, Settings, resolve
+from prosparse_jax.training.distributed import Settings, resolve
 from prosparse_jax.training.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -48,10 +49,10 @@ def test_slurm_srun_task_lets_jax_detect_everything():
     assert resolve(num_processes=1, environ=SRUN) is None  # --num_processes=1 forces one process
 
 
-def test_slurm_batch_script_without_srun_runs_one_process(capsys):
+def test_slurm_batch_script_without_srun_runs_one_process(caplog):
     env = {k: v for k, v in SRUN.items() if k not in ("SLURM_STEP_NODELIST", "SLURM_PROCID")}
     assert resolve(environ=env) is None
-    assert "srun python -m prosparse_jax.training.train" in capsys.readouterr().out
+    assert "launch with `srun python -m prosparse_jax.main.train ...`" in caplog.text
 
 
 def test_prosparse_distributed_asks_jax_to_detect_the_cluster():
@@ -68,7 +69,7 @@ def test_prosparse_distributed_asks_jax_to_detect_the_cluster():
     (dict(local_device_ids="0,x"), {}, "--local_device_ids (or JAX_LOCAL_DEVICE_IDS) must be comma-separated"),
 ])
 def test_partial_settings_name_what_is_missing(kw, env, named):
-    with pytest.raises(DistributedError) as e:
+    with pytest.raises(UsageError) as e:
         resolve(**kw, environ=env)
     assert named in str(e.value)
 
@@ -76,7 +77,7 @@ def test_partial_settings_name_what_is_missing(kw, env, named):
 def test_train_cli_reports_partial_flags_in_one_line(tmp_path, capsys, monkeypatch):
     for var in ("JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
         monkeypatch.delenv(var, raising=False)
-    code = train_mod.main(["train", "--config=configs/prosparse.py:tiny", f"--workdir={tmp_path / 'w'}",
+    code = train_main.main(["train", "--config=configs/prosparse.py:tiny", f"--workdir={tmp_path / 'w'}",
                            "--coordinator_address=localhost:1"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 1 and len(err) == 1, err
@@ -181,8 +182,8 @@ class Hosts:
         return [it.get_state() for it in self.its]
 
 
-def hosts(cfg, tok, *, batch_size, **kw):
-    return Hosts([make(cfg, tok, batch_size=batch_size // {procs}, process_index=i, process_count={procs})
+def hosts(corpus, tok, *, batch_size, process_index, process_count, **kw):
+    return Hosts([make(corpus, tok, batch_size=batch_size // {procs}, process_index=i, process_count={procs}, **kw)
                   for i in range({procs})])
 
 
@@ -211,7 +212,7 @@ def test_two_processes_train_like_one(tmp_path):
     def launch(tag: str) -> _Procs:
         port = _free_port()
         return _Procs(tmp_path / tag, [
-            [sys.executable, "-m", "prosparse_jax.training.train", f"--config={config}", f"--workdir={wd}",
+            [sys.executable, "-m", "prosparse_jax.main.train", f"--config={config}", f"--workdir={wd}",
              f"--coordinator_address=localhost:{port}", "--num_processes=2", f"--process_id={i}"]
             for i in range(2)], _env(2))
 
@@ -267,7 +268,7 @@ import json, sys
 from pathlib import Path
 sys.path.insert(0, {tests!r})
 from conftest import small_run_config
-from prosparse_jax.config import ConfigError
+from prosparse_jax.errors import ConfigError
 from prosparse_jax.training.train import train
 
 out = {{}}
@@ -295,7 +296,7 @@ def test_mesh_or_batch_the_devices_cannot_split_fail_first(tmp_path):
     out = json.loads(done.stdout.strip().splitlines()[-1])
     assert out["mesh"] == "train.mesh_fsdp=3 must divide the 8 devices; choose one of 1, 2, 4, 8"
     assert "train.mesh_data * train.mesh_fsdp = 2*2 must equal the 8 devices; set train.mesh_data=4" in out["mesh_data"]
-    assert "= 12 must be divisible by the 8 devices" in out["batch"]
+    assert "= 12 sequences per micro-step do not split over the 8 devices of the mesh data:2,fsdp:4" in out["batch"]
     assert "set train.batch_size to a multiple of 8" in out["batch"]
     # nothing was written (no workdir, no tokenizer, no corpus prepared) and no model was built
     assert not any(out[k] for k in out if k.endswith("_workdir"))

@@ -19,10 +19,10 @@ SCRIPT = r"""
 import json, sys
 from pathlib import Path
 sys.path.insert(0, {tests!r})
-from test_train import small_config
+from conftest import small_run_config
 from prosparse_jax.training.train import train
 import jax
-c = small_config(Path({corpus!r}), steps=4)
+c = small_run_config(Path({corpus!r}), 4, stages=[[0.0, 2], [0.05, 4], [0.2, 8]])  # rescaled to 4 steps
 c.train.mesh_fsdp = {fsdp}
 c.train.batch_size = 8
 train(c, {workdir!r})

@@ -9,11 +9,8 @@
 //
 // Memory: each row is a contiguous D-float stream. The rows of kGroup neurons stream together (one load of x serves
 // kGroup rows of W_up^T, one load / store of the accumulator kGroup rows of W_down), and while they stream the rows of
-// the next group are prefetched line by line, so they are in flight when the current ones end. Measured on a 2-core
-// EPYC (this call alone, 4096x11008, 1321 active neurons whose rows are not in cache): the prefetch gained ~12%,
-// groups of 4 over single neurons ~15% at batch 1 and ~35% at batch 4-8 (pairs: about half of that); chunk sizes
-// 16-64, prefetching 1-8 neurons ahead, prefetch hints (t0 / t1 / nta), two accumulators per dot product and a third
-// thread made no difference.
+// the next group are prefetched line by line, so they are in flight when the current ones end (both gains are in
+// docs/benchmarks.md).
 //
 // Threads: the active list (built here from active_F) is cut into chunks of kChunk neurons, claimed through an
 // atomic counter by the calling thread and by tasks scheduled on XLA's intra-op thread pool; each participant
@@ -22,7 +19,7 @@
 // starts after the caller took the last chunk finds nothing to do. The shared state is owned by a shared_ptr that
 // each task holds, so a task starting after the handler returned touches no freed memory (only the chunk counter).
 //
-// Built and registered by prosparse_jax/cpu_ffi.py.
+// Built and registered by prosparse_jax/inference/cpu_ffi.py.
 
 #include <algorithm>
 #include <atomic>
@@ -43,8 +40,7 @@ constexpr int kGroup = 4;        // neurons whose rows stream together (one load
 constexpr int64_t kAhead = 4;    // prefetch the rows of the neurons this many places later (the next group)
 constexpr int64_t kMaxRows = 4;  // batch rows per pass over a group's rows (more rows: several passes)
 constexpr int64_t kLane = 16;    // floats per vector
-// Row bytes per participating thread below which another thread costs (waking it) more than it saves: measured
-// 0.7 MB of rows ran in 18 us on one thread, 26 us on two; 2.4-11 MB ran 15-50% faster on two.
+// Row bytes per participating thread below which another thread costs (waking it) more than it saves.
 constexpr int64_t kMinBytesPerThread = 1 << 20;
 static_assert(kGroup == 4, "DownRows dispatches n = 1..4");
 

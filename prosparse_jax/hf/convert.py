@@ -1,0 +1,63 @@
+"""A prosparse_jax workdir to a HuggingFace model folder and back, written so that a failure leaves no half output.
+
+``export_hf`` writes the ``llama`` format (MiniCPM scales folded; plain ``AutoModelForCausalLM`` unless the activation
+or sparse-mode thresholds need the shipped remote code) or ``minicpm`` (scales kept, remote code); ``import_hf`` reads
+LLaMA / Mistral / MiniCPM / ProSparse folders. The conversions themselves: :mod:`prosparse_jax.hf.config` and
+:mod:`prosparse_jax.hf.weights`.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+from prosparse_jax import files
+from prosparse_jax.errors import OutputError
+from prosparse_jax.hf import io as hf_io
+from prosparse_jax.training import checkpoint
+from prosparse_jax.training.load import load_model
+
+
+def export_hf(workdir: str | os.PathLike, out: str | os.PathLike, *, step: int | None = None, fmt: str = "llama",
+              dtype: str = "float32", max_shard_size: str | int = "2GB", overwrite: bool = False,
+              max_position_embeddings: int = 4096) -> Path:
+    """Exports ``workdir`` (or a HF folder; at ``step``, default the latest) to the HF folder ``out``; returns it.
+
+    ``out`` is checked before anything is loaded (a file, or a non-empty folder without ``overwrite``, is refused;
+    with ``overwrite`` the files of an earlier export are replaced and the others kept). The export is written into
+    a staging folder next to ``out`` and moved in only once complete: a failure (disk full) leaves ``out`` as it was.
+    """
+    if overwrite:
+        out = files.check_output_path(out, "out")
+    else:
+        out = files.check_empty_dir(out, "out", "set overwrite to replace the export files, or choose an empty folder")
+    files.check_model_path(workdir, "workdir")
+    mcfg, params, tok = load_model(workdir, step)
+    with files.staged_output(out, replace=hf_io.remove_export_files) as stage:
+        hf_io.save_hf_folder(mcfg, params, stage, fmt=fmt, dtype=dtype, max_shard_size=max_shard_size,
+                             tokenizer_json=tok, max_position_embeddings=max_position_embeddings)
+    return out
+
+
+def import_hf(hf_path: str | os.PathLike, workdir: str | os.PathLike) -> Path:
+    """Converts the HF folder ``hf_path`` into a new workdir (its config.json, a params-only checkpoint at step 0 and
+    tokenizer.json when the folder has one); returns the workdir.
+
+    The workdir is checked first (a file or a workdir holding a run is refused), then written into a staging folder
+    next to it and moved in only once complete: a failure (disk full) leaves no half-written run behind.
+    """
+    hf_path = files.check_model_path(hf_path, "hf")
+    workdir = files.check_output_path(workdir, "workdir")
+    if checkpoint.has_run(workdir):
+        raise OutputError(f"workdir: {workdir} already holds a run; choose an empty workdir (nothing was overwritten)")
+    mcfg, params = hf_io.load_hf_folder(hf_path)
+    raw = files.read_json(hf_path / "config.json", "config.json")
+    source = {"hf_folder": str(hf_path.absolute()), "model_type": raw.get("model_type"),
+              "architectures": raw.get("architectures")}
+    with files.staged_output(workdir) as stage:
+        checkpoint.write_params_workdir(stage, mcfg, params, run_config={"imported_from": source})
+        tok = hf_path / "tokenizer.json"
+        if tok.is_file():
+            shutil.copyfile(tok, stage / "tokenizer.json")
+    return workdir
