@@ -1,9 +1,10 @@
 """ProSparse runs (arXiv 2402.13516): ReLU substitution + progressive L1 regularisation + FATReLU shifting.
 
-Usage: ``--config=configs/prosparse.py:<name>`` with name in ``tiny`` (trains on 2 CPU cores on the built-in
-corpus), ``tiny-silu`` (the same model dense: SiLU, no regulariser), ``minicpm-1b``, ``llama2-7b``, ``llama2-13b``
-(paper shapes, stage tables and batch sizes; start them from an imported SiLU checkpoint with
-``--config.init_from=<workdir>``). Lambdas are in the paper's units (``sparsity.l1_reduction = 'sum'``, Eq. 2).
+    python -m prosparse_jax.main.train --config=configs/prosparse.py:tiny --workdir=runs/tiny
+
+``tiny`` trains on 2 CPU cores on the built-in corpus; ``tiny-silu`` is the same model dense (SiLU, no regulariser);
+``minicpm-1b``, ``llama2-7b``, ``llama2-13b`` carry the paper's shapes, stage tables and batch sizes (start them from
+an imported SiLU checkpoint with ``--config.init_from=<workdir>``). Lambdas are in the paper's units (Eq. 2).
 """
 
 from prosparse_jax.config import base_config
@@ -19,7 +20,7 @@ TINY_STAGES = [[0.0, 10], [5e-5, 25], [2e-4, 60], [2e-4, 100]]
 
 def _tiny(c) -> None:
     """The miniature's 5.3M model and recipe (experiments/prosparse_miniature.py)."""
-    # 4 layers: the per-layer (unrolled) training layout is ~10% faster on CPU than the scan and compiles fast.
+    # The per-layer (unrolled) layout is faster on CPU than the scan (docs/benchmarks.md) and compiles fast at 4 layers.
     c.model.update(dict(vocab_size=4096, d_model=256, n_layers=4, n_heads=4, n_kv_heads=4, d_ff=704,
                         scan_layers=False))
     c.data.vocab_size = 4096
@@ -29,8 +30,7 @@ def _tiny(c) -> None:
     c.train.eval_batches = 32  # 65,536 held-out tokens sampled across the split
     c.train.checkpoint_every = 50
     c.train.log_every = 10
-    # Tuned for the miniature: peak 5e-3 beat 2e-3, 3e-3 and 1e-2 on the held-out loss at equal tokens; WSD with the
-    # decay over the last 40% of the run, to 10% of the peak.
+    # Peak LR tuned on the miniature's held-out loss (docs/results/miniature.md).
     c.optim.lr = 5e-3
     c.optim.warmup_steps = 10
     c.optim.schedule = "wsd"

@@ -1,10 +1,10 @@
 """Sparsing Law scaling study (arXiv 2411.02335): MiniCPM-style models from 0.1B to 1.2B, any activation.
 
-Usage: ``--config=configs/sparsing_law.py:<scale>-<act>``, e.g. ``0.4b-relu`` or ``1.2b-silu``.
-Shapes: d_ff = 2.5 d, MHA with 6/8/10/12/14 heads of width 128 for 0.1/0.2/0.4/0.8/1.2B (the public configs of
-thunlp/SparsingLaw), vocab 122753, tied embeddings, MiniCPM scales; tokens per step as in the paper's Table 3.
-Training follows the paper: WSD schedule, LR 0.01, betas (0.9, 0.95), weight decay 0.1, MiniCPM µP, no sparsity
-regularisation. The law fit (``prosparse_jax.main.fit_laws``) measures every checkpoint, so all are kept.
+    python -m prosparse_jax.main.train --config=configs/sparsing_law.py:0.4b-relu --workdir=runs/law_0.4b_relu
+
+For GPU / TPU clusters; the arg is ``<scale>-<act>`` (scale 0.1b..1.2b, any activation). Shapes follow the public
+configs of thunlp/SparsingLaw, tokens per step the paper's Table 3, training the paper (WSD, MiniCPM µP, no sparsity
+regulariser). Every checkpoint is kept for the law fit (fit_laws).
 """
 
 from prosparse_jax.config import base_config

@@ -3,26 +3,10 @@
     python experiments/bench_decode.py --d_model=4096 --d_ff=11008 --n_layers=2 --sparsity=0.88 --new_tokens=32
     python experiments/bench_decode.py --checkpoint=<workdir or HF folder> --new_tokens=32   # a trained model
 
-A random model at the given FFN width (LLaMA2-7B: 4096 x 11008) with a few layers, FATReLU with one threshold t
-chosen as the ``--sparsity`` quantile of the gate pre-activations of the prompt (so every layer decodes at about that
-sparsity; measured sparsity is printed), batch 1, fp32, greedy:
-
-* ours dense: ``prosparse_jax.inference.generate.generate`` with the dense FFN hook;
-* ours sparse, one per backend of ``--implementations`` (default ``cpu_gather`` and ``cpu_ffi``): the same with
-  ``generate.sparse_decode_ffn`` (``prosparse_jax.inference.sparse_ffn``: only the active neurons' rows of W_up /
-  W_down are read), which must emit the same tokens;
-* PyTorch: the same weights as a transformers ``LlamaForCausalLM`` with ``hidden_act=relu`` against our dense decode
-  of the ReLU model (transformers has no FATReLU), ``generate(do_sample=False)``, same threads; its decode speed is
-  (N - 1) / (t(N new tokens) - t(1 new token)), i.e. with the prefill subtracted.
-
-With ``--checkpoint`` the model is a trained one as it is (e.g. the main job's ``b_prosparse``: its own activation and
-FATReLU threshold, or its sparse-mode thresholds), the prompt the first ``--prompt_len`` tokens of a standard-library
-source file (``json/decoder.py``, the built-in corpus) under its own tokenizer, and ``--torch`` is not available.
-
-One untimed warm-up run of each, then repetitions alternate; medians are printed (``decode_tokens_per_s`` per
-backend, ``over_dense`` the ratio of each to the dense decode). Compile time is excluded on our
-side (``generate`` compiles ahead of time); decode tokens/s include sampling and the host-side EOS check of every
-step.
+A random FATReLU model at the given FFN width (threshold set to the ``--sparsity`` quantile of the prompt's gates), or
+a trained one, batch 1, fp32, greedy; every sparse backend must emit the dense decode's tokens. ``--torch`` adds
+transformers' ``LlamaForCausalLM`` (ReLU) with the prefill subtracted. Prints median decode tokens/s per backend and
+the ratio to dense (compile excluded). Results: docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -154,9 +138,11 @@ def _check(args: argparse.Namespace) -> list[str]:
 
 def _alternate(cfg: ModelConfig, params: Any, sparse_params: Any, prompt: list[int], impls: list[str], tm: Any,
                args: argparse.Namespace) -> tuple[dict[str, list[float]], list[float]]:
-    """``args.reps`` rounds of dense, each sparse backend (and the ReLU model in JAX and PyTorch with ``tm``), one
-    after the other: (tok/s per round per name, measured sparsity per layer). A sparse backend whose tokens differ
-    from the dense decode's is a bug (AssertionError)."""
+    """``args.reps`` alternating rounds of every decoder; returns (tok/s per round per name, sparsity per layer).
+
+    Raises:
+      AssertionError: a sparse backend's tokens differ from the dense decode's (a bug).
+    """
     relu = cfg.replace(activation="relu", activation_threshold=0.0)
     rows: dict[str, list[float]] = {"dense": [], **{n: [] for n in impls}, "relu_dense": [], "torch_relu": []}
     time_ours(params, cfg, prompt, args.new_tokens)  # warm-up (first-call allocations)

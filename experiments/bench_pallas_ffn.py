@@ -1,4 +1,4 @@
-"""ProSparse's sparse operators S2 / S3 as Pallas kernels against the dense bf16 GEMVs, on a GPU or TPU.
+"""ProSparse's sparse operators S2 / S3 (§4.3) as Pallas kernels against the dense bf16 GEMVs, on a GPU or TPU.
 
     python experiments/bench_pallas_ffn.py                          # 7B and 13B FFN shapes, 88%, batch 1, bf16
     python experiments/bench_pallas_ffn.py --shapes=4096x11008 --sparsity=0.9 --reps=200
@@ -6,19 +6,9 @@
     python experiments/bench_pallas_ffn.py --tune --shapes=4096x11008    # sweep block_f / block_d / num_warps
     python experiments/bench_pallas_ffn.py --timing=loop    # device time per call, without the host's dispatch
 
-What is timed (ProSparse, arXiv 2402.13516, §4.3 and its Table 5, batch 1, bf16):
-
-* S2 dense: ``relu(x W_gate) * (x W_up)`` (two dense GEMVs and the activation, one jitted XLA function);
-  S2 sparse: ``pallas_kernels.<backend>.s2`` -- the gate GEMV, the activation, and W_up rows of the active neurons only.
-* S3 dense: ``x1 @ W_down``; S3 sparse: ``pallas_kernels.<backend>.s3`` -- W_down rows of the non-zero x1 only.
-
-The inputs follow ``experiments/bench_sparse_ffn.py``: random weights, x built so that a chosen fraction of the gates is
-positive (iid neurons, no permutation). The backend is the platform's (``pallas_triton`` on GPU, ``pallas_mosaic``
-on TPU) unless ``--implementation`` says otherwise. Weights are padded to the kernels' blocks once, outside the
-timing. Each side is called ``--reps`` times back to back after a warm-up (dispatched asynchronously, one wait at
-the end: the device's time per call, not the host's round trip); the mean per-call time in microseconds is printed
-next to ProSparse's published numbers (A100, their CUDA operators): 7B S2 90.55 -> 45.38 us (2.00x), S3
-82.92 -> 55.05 us (1.51x); 13B S2 131.36 -> 53.78 us (2.44x), S3 113.68 -> 66.73 us (1.70x).
+Random weights with a chosen fraction of positive gates (as bench_sparse_ffn.py), padded to the kernels' blocks
+outside the timing; the platform's backend unless ``--implementation``. Prints the mean per-call time (us) of each
+side next to ProSparse's Table 5 (A100, their CUDA operators). Results: docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -59,10 +49,9 @@ def make_inputs(D: int, F: int, sparsity: float, dtype: str, seed: int = 0) -> t
 def per_call_us(fn, args: tuple, reps: int, timing: str = "dispatch") -> float:
     """Mean time of one call (us), best of 3 runs of ``reps`` calls after a warm-up.
 
-    ``timing="dispatch"``: ``reps`` jitted calls dispatched back to back from Python, one wait at the end (includes
-    the host's dispatch cost per call, tens of us). ``timing="loop"``: the ``reps`` calls inside ONE jitted
-    ``lax.fori_loop``, each call's first input depending on the previous output (so no call can be hoisted or
-    dropped): device time per call without dispatch.
+    ``timing="dispatch"``: jitted calls dispatched back to back, one wait at the end (includes the host's dispatch).
+    ``timing="loop"``: the calls inside one jitted ``lax.fori_loop``, each input depending on the previous output (so
+    no call is hoisted or dropped): device time without dispatch.
     """
     if timing == "loop":
         def looped(*xs):

@@ -6,20 +6,9 @@
     python experiments/bench_sparse_ffn.py --implementations=cpu_ffi   # dense and one backend
     python experiments/bench_sparse_ffn.py --checkpoint=runs/miniature/b_prosparse   # real activations, per layer
 
-ReLU FFN, fp32, iid masks: the gate weights are random and the input x is built so that a chosen fraction
-(1 - sparsity) of the gates is positive for every batch row (same neurons on every row, so the union active set
-has exactly that density). Every backend is jitted; the sparse backends of ``--implementations`` (default
-``cpu_gather`` and ``cpu_ffi``, one row each beside ``dense``) get W_up^T prepared once (``prepare_weights``) and the
-dense fallback disabled (one bucket >= F) so the sweep shows the raw operator; ``--fallback`` times the default
-buckets / crossover instead (dense FFN above ``DENSE_CROSSOVER`` / ``CPU_FFI_CROSSOVER``). Timed repetitions alternate
-the backends; medians reported (ms, speedup over dense, %bound, tok/s), plus ``min/min``, the ratio of dense's fastest
-repetition to the backend's, the better estimate when other processes share the cores.
-``--checkpoint``: real activations of a trained model instead of iid masks. The FFN inputs of every layer are
-recorded while the model prefills a standard-library source file (the built-in corpus) under its own tokenizer; per
-layer, each recorded token is one batch-1 call with that layer's weights and the model's own activation / FATReLU
-threshold / sparse-mode tau, with the default buckets (dense above the crossover), one row per backend. The row gives
-the mean sparsity of the union active set, the summed dense and sparse times over the tokens and their ratio.
-The speedup bound is 3 / (1 + 2 (1 - s)) (the gate-mask case: W_gate in full, (1 - s) of W_up and W_down).
+ReLU FFN, fp32, iid masks with the same active neurons on every batch row, the dense fallback off (``--fallback``
+keeps it); ``--checkpoint`` replays a trained model's recorded FFN inputs per layer instead. Prints medians (ms,
+speedup over dense, share of the bound 3 / (1 + 2 (1 - s)), tok/s) and min/min. Results: docs/benchmarks.md.
 """
 
 from __future__ import annotations

@@ -3,33 +3,11 @@
     python experiments/bench_train.py --shapes=tiny,0.1b --out=bench.json
     python experiments/bench_train.py --shapes=tiny --dtypes=float32,bfloat16
 
-Compute dtype: float32 by default; ``--dtypes=bfloat16`` compares our ``model.dtype=bfloat16`` (bf16 matmuls, float32
-master weights, norms and softmax) with torch autocast bf16. Our layer layout is the tiny config's
-(``model.scan_layers=False``: per-layer parameter groups, unrolled), printed in each row.
-
-For every shape, in ONE process: (a) ``training.step.make_train_step`` with the optimizer of
-``training.optim.make_optimizer`` (AdamW + global-norm clipping), the real loss (CE + lambda * sum_l mean|x1_l|,
-lambda > 0), grad_accum = 1, jitted with the state donated exactly as ``train.train`` does; (b) HF
-``LlamaForCausalLM`` (hidden_act relu, no biases, untied head, attn_implementation='sdpa') with ``torch.optim.AdamW``
-and the same clipping; its loss is CE + lambda * sum_l mean|x1_l| too, x1 (the input of ``down_proj``) being taken
-by a forward pre-hook, so both sides do the same work. Timed repetitions alternate between the two (warm-up steps
-excluded); the table reports the median tokens/s of each, the ratio ours / PyTorch and the MFU of each against the
-matmul peak measured in this run (``measure_matmul_peak`` for JAX; torch's own peak is printed for reference).
-
-Instruction sets (``--isa=native,avx2``): each ISA runs in its own child process (the caps must be set before the
-libraries load), then one table shows every row. ``avx2`` caps both sides to AVX2, as on a CPU without AVX-512:
-``XLA_FLAGS=--xla_cpu_max_isa=AVX2`` for XLA's own code generation, ``ATEN_CPU_CAPABILITY=avx2``,
-``MKL_ENABLE_INSTRUCTIONS=AVX2`` and ``ONEDNN_MAX_CPU_ISA=AVX2`` for torch. The matmul peak of each side is measured
-inside each child and printed, so a cap that a library ignores shows up as an unchanged peak.
-
-Loop row (``--loop_steps=N``, tiny shape): the real ``training.train.train`` loop on the tiny config for N steps
-(data pipeline, prefetch, metrics, checkpoint at the end) in a temporary workdir; its tokens/s is the median of the
-``tokens_per_sec`` entries of metrics.jsonl after the first (which holds compilation), next to the isolated step of the
-same shape timed right before and after it in the same process (goal: loop >= 90% of the step).
-
-Threads: torch is set to ``torch.get_num_threads() == os.cpu_count()`` (``--torch_threads``), the number of cores the
-XLA CPU client uses. XLA flags: those in the XLA_FLAGS environment variable (none by default; prosparse_jax sets
-none); the flags in effect are printed and saved.
+Both sides do the same work in one process: AdamW with clipping and the loss CE + lambda * sum_l mean|x1_l| (torch
+takes x1 by a forward pre-hook on ``down_proj``); repetitions alternate. Prints median tokens/s, ours / PyTorch and
+MFU against the matmul peak measured in the run. ``--isa=native,avx2`` runs each ISA cap in a child process (the caps
+must be set before the libraries load); ``--loop_steps=N`` adds the real train loop on the tiny config next to the
+isolated step. Results: docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -365,9 +343,11 @@ def main(argv: list[str] | None = None) -> int:
 
 # The PyTorch side: the reference training step and PyTorch's matmul peak (torch is imported only here).
 class TorchBench:
-    """The same training step in PyTorch (CPU): transformers' LlamaForCausalLM with ReLU, AdamW with the same
-    decay groups and clipping, and the ProSparse L1 term on the input of every down_proj (mean |x1| per layer,
-    summed), on one fixed random batch. bf16 runs under autocast (fp32 master weights), like model.dtype=bfloat16."""
+    """The same training step in PyTorch (CPU) on one fixed random batch: LlamaForCausalLM with ReLU, AdamW.
+
+    Same decay groups and clipping, and the ProSparse L1 term on the input of every down_proj; bf16 runs under
+    autocast (fp32 master weights), like model.dtype=bfloat16.
+    """
 
     def __init__(self, rc, batch: int, seq: int, reg_factor: float, seed: int = 0) -> None:
         import torch

@@ -2,22 +2,10 @@
 
     python experiments/prosparse_miniature.py --workdir=runs/miniature
 
-1. pretrain a tiny SiLU model (the dense starting point);
-2. from it, for the same number of steps and the same learning-rate schedule (so every row compares at equal
-   training tokens):
-   - control: SiLU continued (the dense baseline of the table);
-   - (a) ReLU substitution only (lambda = 0 throughout);
-   - (b) ProSparse: ReLU + progressive L1 regularisation (the tiny stage table of configs/prosparse.py, ending in a
-     constant stage at its last lambda as the paper's tables do);
-3. (c) = (b) evaluated with FATReLU threshold shifting (no retraining), at the paper's t = 0.01 and at thresholds
-   relative to this model's activation scale (a threshold ablation like the paper's).
-
-Every row is measured on the same held-out set (``train.eval_batches`` batches sampled across the stratified
-held-out split of the corpus): activation sparsity (exact zeros of x1), held-out loss and perplexity, the training
-loss next to it (mean of the last logged interval), the dead-neuron fraction (neurons active on < 0.1% of held-out
-tokens) and the CETT-PPL-1% activation ratio (Sparsing Law, arXiv 2411.02335 Sec. 4.1; ``analysis.analyze``).
-Writes ``<workdir>/results.json``, ``results.md`` and plots; every run is an ordinary training workdir
-(``<workdir>/{silu,control_silu,a_relu,b_prosparse}``), so re-running resumes / reuses finished runs.
+Pretrains a tiny SiLU model, then continues it at equal tokens as SiLU (control), (a) ReLU only and (b) ProSparse
+(ReLU + progressive L1); (c) is (b) with FATReLU thresholds (no retraining). Each row gets held-out sparsity, loss,
+dead neurons and the CETT-PPL-1% ratio (Sparsing Law §4.1). Writes ``<workdir>/results.{json,md}`` and plots; each
+run is an ordinary workdir, so a rerun resumes. Results: docs/results/miniature.md.
 """
 
 from __future__ import annotations
@@ -108,8 +96,7 @@ def train_loss(workdir: Path) -> float:
 
 
 def sparsity_measures(workdir: Path, out: Path, pplp_batches: int, quick: bool) -> dict[str, float]:
-    """Dead-neuron fraction (exact zeros, 8K held-out tokens) and CETT-PPL-1% activation ratio (4K tokens, one
-    CETT target bisected in 8 steps) of a run's final checkpoint."""
+    """Dead-neuron fraction and CETT-PPL-1% activation ratio of a run's final checkpoint."""
     kw = dict(batch_size=8, progress=False, overwrite=True)
     exact = analyze_lib.analyze(workdir, "stdlib", "exact", None, out / "exact",
                                 num_batches=2 if quick else 4, **kw)

@@ -1,19 +1,10 @@
-"""Pure-jnp references and input checks shared by the Pallas sparse FFN kernels (GPU Triton, TPU Mosaic).
+"""Pure-jnp references and input checks for the Pallas sparse FFN kernels (ProSparse §4.3 S2 / S3).
 
-The two operators are ProSparse's (arXiv 2402.13516, §4.3):
-
-* **S2** -- ``x1 = act(x W_gate) * (x W_up)`` where the up projection is read only for the *active* neurons. With a
-  gate-mask activation (``GatedActivation.gate_mask``) the gate alone decides the active set (dReLU: active iff
-  gate > 0; its up-side zeros are applied after W_up is read). The neuron-norm mode (``tau`` given; any activation;
-  Sparsing Law §4.1 CETT) keeps neuron i iff ``|x1_i| * ||W_down[i, :]|| > tau``: it needs the whole up projection,
-  so S2 saves nothing there and only S3 skips.
-* **S3** -- ``out = x1 @ W_down`` reading only the rows of W_down whose x1 column is non-zero in some batch row.
-
-Layouts: ``w_gate_DxF`` as the model stores it (the gate is dense), ``w_up_FxD`` and ``w_down_FxD`` with one
-contiguous row per neuron, so that skipping a neuron skips a contiguous row of memory. Batches of 1..``MAX_BATCH``
-decode tokens share one active set: the union over the rows. Products accumulate in float32; outputs are cast to the
-input dtype. A dropped neuron contributes exactly zero (its weights are never read, so even a non-finite inactive row
-cannot leak in).
+S2: ``x1 = act(x W_gate) * (x W_up)``, W_up read only for active neurons (the gate decides, or, with ``tau``, the
+neuron-norm mode of Sparsing Law §4.1 keeps i iff ``|x1_i| * ||W_down[i, :]|| > tau`` and only S3 skips). S3:
+``out = x1 @ W_down`` over the rows whose x1 column is non-zero. ``w_up_FxD`` / ``w_down_FxD`` hold one contiguous row
+per neuron; a batch of 1..``MAX_BATCH`` tokens shares the union active set; float32 accumulation; a dropped neuron's
+weights are never read, so it contributes exactly zero.
 """
 
 from __future__ import annotations

@@ -1,29 +1,12 @@
-"""TPU (Pallas Mosaic) kernels for ProSparse's sparse FFN operators S2 and S3: skip neurons, not blocks.
+"""TPU (Pallas Mosaic) kernels for ProSparse's S2 and S3 (§4.3): skip neurons, not blocks; see docs/kernels.md.
 
-Why index lists and DMAs, not ``pl.when`` over blocks: batch-1..8 decode is bound by the bytes read from HBM, and on
-TPU a ``pl.when`` inside a BlockSpec pipeline saves compute only -- the pipeline has already fetched the block (and
-at 88% sparsity a block of 16 neurons is all-inactive with probability 0.88^16 ~ 0.13). So the skipping is per neuron:
+A ``pl.when`` inside a BlockSpec pipeline saves compute only (the block is already fetched), so XLA computes the
+active-index list and count, and a row-gather kernel (both in scalar prefetch) DMAs each active row from HBM into a
+double-buffered VMEM ``[chunk, D]`` buffer. The grid is static: one ``pallas_call`` per capacity bucket, picked by
+``lax.switch`` on the count. With ``tau`` S2 is dense in XLA and only S3 skips. D is zero-padded to 128 lanes.
 
-1. In XLA: the dense gate, the activation, the union active set over the batch rows (S3: any ``x1 != 0``),
-   ``count`` and ``idx = nonzero(active, size=cap)``.
-2. A row-gather kernel (``pltpu.PrefetchScalarGridSpec``, ``idx`` and ``count`` in SMEM, grid ``cap // chunk``): the
-   weights stay in HBM (``pl.ANY``); grid step k DMAs the rows ``w[idx[k * chunk + r]]`` of its active neurons into a
-   VMEM ``[chunk, D]`` buffer, double-buffered (chunk k + 1's DMAs start before chunk k is waited on). Rows past
-   ``count`` are neither fetched nor used (masked by position: stale VMEM cannot leak in). S2 writes
-   ``act(gate[idx]) * (x @ buf^T)`` as ``[B, chunk]`` blocks that XLA scatters back; S3 accumulates
-   ``x1[:, idx] @ buf`` in a float32 VMEM scratch.
-3. Capacity buckets (:func:`pallas_kernels.reference.capacity_buckets`): the grid is static, so one ``pallas_call``
-   per capacity and ``lax.switch`` on the dynamic count picks the smallest that holds the active set.
-
-The neuron-norm mode (``tau`` given) needs the up projection of every neuron, so S2 computes it densely in XLA; the
-skipping happens in S3. TPU blocks need their last two dims divisible by (8, 128): ``chunk`` is a multiple of 128 and
-D is zero-padded to one (a copy per call unless D is aligned, as 4096 / 5120 / 8192 are). The grid is sequential: the
-DMA buffers and the accumulator carry across steps.
-
-Checked without a TPU: the kernels lower for TPU (``jax.export``) and run in Pallas' TPU interpret mode (which
-simulates the DMAs and semaphores), but Mosaic's layout passes run only inside the TPU compiler. The open risk is the
-one-row DMA at an arbitrary row offset of an (8, 128)-tiled array (a bfloat16 row is half a packed sublane); the
-fallback would be a tile-aligned weight layout ``[F, P, D / P]`` prepared once per model.
+Open risk (Mosaic's layout passes run only in the TPU compiler): a one-row DMA at an unaligned offset of an
+(8, 128)-tiled array, bf16 most of all; the fallback is a tile-aligned weight layout ``[F, P, D / P]`` prepared once.
 """
 
 from __future__ import annotations
@@ -101,10 +84,9 @@ def _gather_chunks(idx_ref: Any, count_ref: Any, w_hbm: Any, buf: Any, sem: Any,
                    compute: Callable[[Array, Array], None], idle: Callable[[], None] | None = None) -> None:
     """At grid step k: DMA rows ``w_hbm[idx[k*chunk : k*chunk + chunk]]`` (the active ones) and ``compute`` on them.
 
-    Double-buffered: step k starts chunk k + 1's DMAs into the other VMEM buffer before waiting on its own. Rows past
-    ``count`` are not fetched: ``compute(w_CxD, n_valid)`` gets the ``[chunk, D]`` buffer whose rows ``>= n_valid``
-    hold stale or uninitialised data (possibly NaN) that it must mask out. ``idle`` runs at the steps past the last
-    active chunk (no DMA, no compute).
+    Step k starts chunk k + 1's DMAs into the other buffer before waiting on its own. ``compute(w_CxD, n_valid)``
+    must mask rows ``>= n_valid``: they are not fetched and may hold stale data or NaN. ``idle`` runs at steps past
+    the last active chunk.
     """
     k = pl.program_id(0)
     count = count_ref[0]
@@ -235,23 +217,15 @@ def s2(x_BxD: Array, w_gate_DxF: Array, w_up_FxD: Array, *, activation: GatedAct
        interpret: bool = False) -> Array:
     """ProSparse S2 on TPU: ``x1 = act(x W_gate) * (x W_up)`` reading only the active neurons' rows of ``w_up_FxD``.
 
-    Equals :func:`pallas_kernels.reference.s2_reference` up to float32 summation order. Jit-compatible; ``threshold``
-    and ``tau`` may be traced scalars.
+    Equals :func:`pallas_kernels.reference.s2_reference` up to float32 summation order.
 
     Args:
-      x_BxD: the FFN input, batch 1..``MAX_BATCH`` decode tokens, float32 or bfloat16.
-      w_gate_DxF: W_gate as the model stores it (read densely).
-      w_up_FxD: W_up transposed, one row per neuron (``sparse_ffn.prepare_weights``).
-      activation: the FFN activation (``sparse_ffn.kernel_activation``); a gate-mask one, or any with ``tau``.
-      threshold: FATReLU threshold t (gate >= t kept), >= 0.
-      tau: neuron-norm mode: neuron i kept iff ``|x1_i| * ||W_down[i]|| > tau``. The up projection is then dense (S2
-        skips nothing; S3 does the skipping).
-      w_down_norms_F: ``||W_down[i, :]||``, required with ``tau``.
+      x_BxD: 1..``MAX_BATCH`` decode tokens, float32 or bfloat16; ``w_up_FxD`` holds one row per neuron.
+      activation: from ``sparse_ffn.kernel_activation``; a gate-mask one, or any with ``tau``.
+      threshold: FATReLU threshold t (gate >= t kept); may be traced.
+      tau: neuron-norm mode (i kept iff ``|x1_i| * w_down_norms_F[i] > tau``; W_up read densely); may be traced.
       chunk: active neurons per grid step (a multiple of 128; default :data:`DEFAULT_CHUNK`).
       interpret: ``True`` runs Pallas' TPU interpret mode on CPU (tests); a ``pltpu.InterpretParams`` is passed on.
-
-    Returns:
-      x1_BxF in ``x_BxD.dtype``, exactly zero for every dropped neuron.
 
     Raises:
       KernelInputError: bad shapes, dtypes, thresholds or chunk (before anything is traced).
@@ -340,16 +314,8 @@ def _s3_impl(x1_BxF: Array, w_down_FxD: Array, *, chunk: int, interpret: Any) ->
 def s3(x1_BxF: Array, w_down_FxD: Array, *, chunk: int | None = None, interpret: bool = False) -> Array:
     """ProSparse S3 on TPU: ``out = x1 @ W_down`` reading only the rows of W_down whose x1 column is non-zero.
 
-    Equals :func:`pallas_kernels.reference.s3_reference` up to float32 summation order. Jit-compatible.
-
-    Args:
-      x1_BxF: the S2 output, batch 1..``MAX_BATCH``, float32 or bfloat16.
-      w_down_FxD: W_down (one row per neuron, as the model stores it).
-      chunk: active neurons per grid step (a multiple of 128; default :data:`DEFAULT_CHUNK`).
-      interpret: ``True`` runs Pallas' TPU interpret mode on CPU (tests); a ``pltpu.InterpretParams`` is passed on.
-
-    Returns:
-      out_BxD in ``x1_BxF.dtype``.
+    Equals :func:`pallas_kernels.reference.s3_reference` up to float32 summation order; ``chunk`` and ``interpret``
+    as in :func:`s2`.
 
     Raises:
       KernelInputError: bad shapes, dtypes or chunk (before anything is traced).

@@ -1,20 +1,10 @@
-"""Sparse FFN GPU kernels (Pallas, Triton lowering): ProSparse's S2 and S3 operators as masked GEMVs.
+"""GPU (Pallas, Triton lowering) kernels for ProSparse's S2 and S3 (§4.3) as masked GEMVs; see docs/kernels.md.
 
-As TEAL (arXiv 2408.14690) does, every program loads whole weight rows (neurons, contiguous along D) under a per-row
-mask, ``plgpu.load(..., mask=active_f[:, None], other=0.)``, and a masked-off row issues no memory transaction: an
-inactive neuron costs no traffic and a NaN in its row cannot reach the output.
-
-* :func:`s2` -- grid over blocks of ``block_f`` neurons. A program takes the gate ``[B, block_f]`` (computed by XLA
-  before the kernel, ``gate="xla"``, or accumulated in the kernel from ``w_gate_DxF`` tiles, ``gate="fused"``), applies
-  the activation, takes the union active set over the batch rows and reads the active rows of ``w_up_FxD``. In the
-  neuron-norm mode (``tau`` given) W_up is read in full and x1 is zeroed where ``|x1| * ||W_down[i]|| <= tau``.
-* :func:`s3` -- split-K: program (j, k) owns D-columns block j and a range of neuron chunks, reads the active rows of
-  ``w_down_FxD`` and writes float32 partials ``[n_split, B, D]`` summed outside the kernel.
-
-The batch is a static Python loop of multiply + reduce per row (Triton's ``dot`` needs every dimension >= 16, and a
-GEMV is memory-bound anyway). Triton tiles are power-of-two shaped: the default blocks are the largest powers of two
-that divide F and D (no copy for real model shapes), else the wrapper zero-pads, which copies the weights on every
-call -- :func:`pad_weights` pays that once per model (a zero neuron is never active).
+As in TEAL (arXiv 2408.14690), weight rows are loaded under a per-neuron mask: a masked-off row issues no memory
+transaction, so an inactive neuron costs no traffic and a NaN in its row cannot reach the output. S2's grid runs over
+blocks of neurons; S3 is split-K with float32 partials summed outside the kernel. The batch is a static loop of
+multiply + reduce per row (Triton's ``dot`` needs every dimension >= 16). Shapes that are not multiples of the
+power-of-two blocks are zero-padded on every call; :func:`pad_weights` pays that once per model.
 """
 
 from __future__ import annotations
@@ -40,9 +30,8 @@ Array = jax.Array
 
 #: Default (largest) neurons per program of S2 / per loop step of S3.
 DEFAULT_BLOCK_F = 64
-#: Default (largest) d_model columns per loop step of S2 / per program of S3. With DEFAULT_BLOCK_F and NUM_WARPS: the
-#: fastest S2 of a 27-point sweep on an H200 and within 5% of the fastest S3 (bf16, 4096x11008,
-#: ``bench_pallas_ffn.py --tune``; docs/benchmarks.md).
+#: Default (largest) d_model columns per loop step of S2 / per program of S3. The defaults come from
+#: ``bench_pallas_ffn.py --tune`` (docs/benchmarks.md).
 DEFAULT_BLOCK_D = 256
 #: Smallest block the default choice considers before it falls back to padding.
 MIN_BLOCK = 16
@@ -54,8 +43,8 @@ NO_TRITON_LOWERING = frozenset({"erf", "erfc"})
 #: Triton launch parameters (GEMV tiles of 64x256: 8 warps, double-buffered loads).
 NUM_WARPS = 8
 NUM_STAGES = 2
-#: Where S2's dense gate GEMV runs: "xla" (cuBLAS on a GPU; the kernel reads the [B, F] gate) or "fused" (in-kernel
-#: from [block_d, block_f] tiles of W_gate [D, F]); "xla" was the faster on an H200 (docs/benchmarks.md).
+#: Where S2's dense gate GEMV runs: "xla" (cuBLAS; the kernel reads the [B, F] gate) or "fused" (in-kernel from
+#: [block_d, block_f] tiles of W_gate); "xla" is the faster (docs/benchmarks.md).
 DEFAULT_GATE = "xla"
 
 
@@ -68,10 +57,9 @@ def _round_up(n: int, m: int) -> int:
 
 
 def _pick_block(dim: int, block: int | None, default: int, name: str) -> int:
-    """The block for a dimension of size ``dim``: ``block`` if given (a power of two), else a divisor-friendly default.
+    """``block`` if given (a power of two), else the largest power of two in [MIN_BLOCK, default] dividing ``dim``.
 
-    The default is the largest power of two in [MIN_BLOCK, default] dividing ``dim`` (no padding needed); failing
-    that ``default`` capped at ``dim`` rounded up to a power of two (the wrapper pads).
+    Failing that, ``default`` capped at ``dim`` rounded up to a power of two (the wrapper pads).
     """
     if block is not None:
         if block < 1 or block & (block - 1):
@@ -101,14 +89,10 @@ def _pad2(a: Array, rows: int, cols: int) -> Array:
 
 def pad_weights(w_gate_DxF: Array, w_up_FxD: Array, w_down_FxD: Array, w_down_norms_F: Array | None = None, *,
                 block_f: int | None = None, block_d: int | None = None) -> dict[str, Array]:
-    """One layer's FFN weights zero-padded to multiples of the blocks, so that :func:`s2` / :func:`s3` copy nothing.
+    """One layer's FFN weights, keyed by argument name, zero-padded to multiples of the blocks; call once per model.
 
-    Call once per model. The padded neurons are inactive and the padded d_model columns are zero, so the FFN is
-    unchanged provided the input is zero-padded too: ``s3(s2(jnp.pad(x_BxD, ((0, 0), (0, D_pad - D))), ...), ...)``
-    then ``[:, :D]``. Pass the same ``block_f`` / ``block_d`` (or none) to the kernels.
-
-    Returns:
-      dict with ``w_gate_DxF``, ``w_up_FxD``, ``w_down_FxD`` (and ``w_down_norms_F`` when given), padded.
+    Padded neurons are inactive and padded columns zero, so the FFN is unchanged if x is zero-padded to D_pad and the
+    output cut to ``[:, :D]``. Pass the same ``block_f`` / ``block_d`` (or none) to the kernels.
     """
     D, F = w_gate_DxF.shape
     bf = _pick_block(F, block_f, DEFAULT_BLOCK_F, "block_f")
@@ -255,18 +239,15 @@ def s2(x_BxD: Array, w_gate_DxF: Array, w_up_FxD: Array, *, activation: GatedAct
       x_BxD: FFN input, 1..``MAX_BATCH`` decode tokens, float32 or bfloat16.
       w_gate_DxF: gate weights as the model stores them (read densely).
       w_up_FxD: W_up transposed, one contiguous row per neuron (``sparse_ffn.prepare_weights``).
-      activation: the FFN activation (``sparse_ffn.kernel_activation``); a gate-mask one, or any with ``tau``.
+      activation: from ``sparse_ffn.kernel_activation``; a gate-mask one, or any with ``tau``.
       threshold: FATReLU threshold t (gate >= t kept); a Python float or a traced scalar.
-      tau: neuron-norm mode threshold (neuron i of row b kept iff ``|x1| * w_down_norms_F[i] > tau``); a Python float
-        or a traced scalar (e.g. a per-layer tau under jit). The up projection is then read in full.
+      tau: neuron-norm mode (i kept iff ``|x1_i| * w_down_norms_F[i] > tau``; W_up then read in full); may be traced.
       w_down_norms_F: ``||W_down[i, :]||``, required with ``tau``.
-      block_f: neurons per program (power of two); default :func:`default_blocks`.
-      block_d: d_model columns per loop step (power of two); default :func:`default_blocks`.
+      block_f, block_d: neurons per program / d_model columns per loop step (powers of two); default
+        :func:`default_blocks`.
       num_warps: Triton warps per program (power of two); default :data:`NUM_WARPS`.
-      gate: ``"xla"`` -- the dense gate GEMV ``x @ W_gate`` runs in XLA (cuBLAS on a GPU) and the kernel reads its
-        [B, F] result; ``"fused"`` -- the kernel accumulates the gate from [block_d, block_f] tiles of W_gate itself.
-        Same function; default :data:`DEFAULT_GATE`.
-      interpret: run the kernel in the Pallas interpreter (CPU tests).
+      gate: ``"xla"`` or ``"fused"``, where the dense gate GEMV runs (same result); default :data:`DEFAULT_GATE`.
+      interpret: run in the Pallas interpreter (CPU tests).
 
     Returns:
       x1_BxF in ``x_BxD.dtype``, exactly zero for every dropped neuron.
@@ -351,20 +332,16 @@ def _s3_call(x1_BxF: Array, w_down_FxD: Array, *, block_f: int, block_d: int, in
 
 def s3(x1_BxF: Array, w_down_FxD: Array, *, block_f: int | None = None, block_d: int | None = None,
        num_warps: int | None = None, n_split: int | None = None, interpret: bool = False) -> Array:
-    """ProSparse S3: ``out = x1 @ W_down``, reading only the rows of W_down whose x1 column is non-zero.
+    """ProSparse S3: ``out = x1 @ W_down`` (float32 split-K), reading only the W_down rows whose x1 column is non-zero.
 
     Args:
-      x1_BxF: the S2 output, 1..``MAX_BATCH`` rows; a neuron is read iff some row is non-zero there.
+      x1_BxF: the S2 output, 1..``MAX_BATCH`` rows.
       w_down_FxD: down weights, one contiguous row per neuron.
-      block_f: neurons per loop step (power of two); default :func:`default_blocks`.
-      block_d: d_model columns per program (power of two); default :func:`default_blocks`.
+      block_f, block_d: neurons per loop step / d_model columns per program (powers of two); default
+        :func:`default_blocks`.
       num_warps: Triton warps per program (power of two); default :data:`NUM_WARPS`.
-      n_split: ranges of neuron chunks the programs of one D block split F into; default: about
-        :data:`S3_TARGET_PROGRAMS` programs in all.
-      interpret: run the kernel in the Pallas interpreter (CPU tests).
-
-    Returns:
-      out_BxD in ``x1_BxF.dtype`` (accumulated in float32 over split-K partials).
+      n_split: how many ranges of neuron chunks split F per D block; default about :data:`S3_TARGET_PROGRAMS` programs.
+      interpret: run in the Pallas interpreter (CPU tests).
 
     Raises:
       KernelInputError: inputs the kernel cannot run on (checked before anything is traced).

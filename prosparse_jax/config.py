@@ -1,12 +1,9 @@
 """The run's configuration: one typed, frozen dataclass per section, each validated where it is built.
 
-The dataclasses below hold every field, its default and its comment. :func:`base_config` turns them into the
-ml_collections ConfigDict that experiment files (``configs/*.py``) start from and ``--config.<section>.<field>``
-overrides act on; :func:`resolve` turns such a ConfigDict back into a validated :class:`RunConfig`. Every error names
-its ``section.field`` and the fix.
-
-MiniCPM vs LLaMA (MiniCPM, arXiv 2404.06395 §4): a LLaMA model is a MiniCPM model with ``scale_emb = 1``,
-``scale_depth = 0`` (residual branches not scaled) and ``dim_model_base = 0`` (logits not divided).
+The dataclasses hold every field, its default and its comment. :func:`base_config` gives the ConfigDict that
+``configs/*.py`` and ``--config.<section>.<field>`` overrides act on; :func:`resolve` turns it back into a validated
+:class:`RunConfig`. A LLaMA model is a MiniCPM one (arXiv 2404.06395 §4) with ``scale_emb = 1``, ``scale_depth = 0``
+and ``dim_model_base = 0``.
 """
 
 from __future__ import annotations
@@ -79,16 +76,12 @@ class ModelConfig:
     init_std: float = 0.02  # std of the matrix init (MiniCPM µP: 0.1 / sqrt(d_model / 256))
     dtype: str = "float32"  # compute dtype: float32 | bfloat16; parameters are always stored in float32
     remat: bool = False  # rematerialise each layer in the backward pass (less memory, ~1/3 more compute)
-    # Attention backend (model.attention): 'auto' picks by platform when traced (cpu: xla_blocks, gpu: cudnn for
-    # bfloat16 else xla, tpu: splash); 'xla_blocks' | 'xla' | 'cudnn' | 'splash' force one. KV-cache decoding always
-    # runs xla_blocks.
-    attention: str = "auto"
-    # True keeps the layers stacked under lax.scan (compile time independent of depth); False trains one parameter
-    # group per layer, unrolled (faster for shallow models, compile time grows with depth). Checkpoints are stacked
-    # either way.
+    attention: str = "auto"  # 'auto' (picked by platform; docs/model.md) | 'xla_blocks' | 'xla' | 'cudnn' | 'splash'
+    # True: layers stacked under lax.scan (compile time flat in depth); False: unrolled per-layer groups (faster for
+    # shallow models). Checkpoints are stacked either way.
     scan_layers: bool = True
-    # Sparse mode (PPL-p% / CETT, from `analyze --metric=pplp`): per-layer threshold tau_l on the neuron output norm
-    # |x1_i| * ||W_down[i, :]||; neurons below it are zeroed. Empty = dense.
+    # Sparse mode (`analyze --metric=cett|pplp`): neuron i of layer l is zeroed iff |x1_i| * ||W_down[i]|| <= tau_l;
+    # () = dense.
     neuron_thresholds: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
@@ -130,13 +123,11 @@ class ModelConfig:
         return self.params_non_embedding + self.params_embedding
 
     def flops_per_token(self, seq_len: int) -> float:
-        """Training FLOPs per token: 6 * N_matmul + causal attention term.
+        """Training FLOPs per token: 6 * N_matmul + 6 * L * n_heads * head_dim * (T + 1).
 
-        N_matmul counts every weight used in a matmul: the non-embedding matrices and the output head
-        (d_model * vocab, tied or not); the embedding lookup and norms cost no matmul FLOPs. The attention scores
-        and the weighted sum cost 2 * 2 * n_heads * head_dim FLOPs per attended position in the forward pass; with a
-        causal mask a token attends on average to (seq_len + 1) / 2 positions, and training is 3x the forward pass:
-        6 * n_layers * n_heads * head_dim * (seq_len + 1) / 2 * 2 = 6 * L * N * H * (T + 1).
+        N_matmul counts the non-embedding matrices and the output head (tied or not). Attention: scores and weighted sum
+        cost 4 * n_heads * head_dim per attended position forward, a causal token attends to (T + 1) / 2 positions on
+        average, and training is 3x the forward pass.
         """
         n_matmul = self.n_layers * (self.params_per_layer() - 2 * self.d_model) + self.d_model * self.vocab_size
         attn = 6 * self.n_layers * self.n_heads * self.head_dim * (seq_len + 1)
@@ -186,8 +177,7 @@ def _validate_model(c: ModelConfig) -> None:
 class DataConfig:
     """Where the text comes from and how it becomes batches (:mod:`prosparse_jax.data.pipeline`)."""
 
-    # 'stdlib' (this interpreter's stdlib sources) | 'files:<glob>' (** allowed) | 'tfds:<name>' (array_record)
-    source: str = "stdlib"
+    source: str = "stdlib"  # 'stdlib' (this interpreter's stdlib sources) | 'files:<glob>' | 'tfds:<name>'
     data_dir: str = ""  # TFDS data dir; '' -> $PROSPARSE_DATA_DIR or ~/.cache/prosparse_jax/tfds
     text_key: str = "text"  # feature holding the text ('tfds:' sources)
     tokenizer: str = ""  # path to a tokenizer.json; '' -> train a byte-level BPE on the train split (cached)
@@ -271,12 +261,7 @@ def wsd_decay_steps(total_steps: int, decay_fraction: float) -> int:
 # ---------------------------------------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    """Steps, batch, logging, checkpoints and mesh (:mod:`prosparse_jax.training.train`).
-
-    ``batch_size`` is global: each of the ``grad_accum`` micro-steps of an optimizer step processes
-    batch_size / grad_accum sequences, split evenly over the data-parallel devices; tokens per step are
-    batch_size * data.seq_len.
-    """
+    """Steps, batch, logging, checkpoints and mesh; batch semantics: docs/training.md."""
 
     steps: int = 1000  # optimizer steps (the sparsity stage table is rescaled to this if it ends elsewhere)
     batch_size: int = 8  # GLOBAL sequences per optimizer step (all devices, hosts and micro-steps)
@@ -287,9 +272,7 @@ class TrainConfig:
     eval_batches: int = 8  # held-out batches per evaluation
     checkpoint_every: int = 200  # steps between checkpoints (and one at the end)
     keep_checkpoints: int = 3  # checkpoints kept on disk
-    # Checkpoints at multiples of this step are never deleted (0 = off); the Sparsing Law fit measures every kept
-    # checkpoint: set it to checkpoint_every there.
-    keep_period: int = 0
+    keep_period: int = 0  # checkpoints at multiples of this are never deleted (0 = off); law runs: checkpoint_every
     async_checkpoint: bool = True  # write checkpoints in the background
     progress_bar: bool = True  # tqdm progress bar on stderr
     mesh_data: int = -1  # data-parallel mesh axis size (-1 = all devices / mesh_fsdp)
@@ -319,14 +302,11 @@ class TrainConfig:
 class SparsityConfig:
     """The ProSparse regularisation (arXiv 2402.13516 §3.2): stage table of lambda, L1 form, FATReLU threshold."""
 
-    # Stage table ((lambda_i, T_i), ...), T_i cumulative optimizer steps: stage 0 constant (lambda 0 = activation
-    # substitution only), stage 1 constant warmup, later stages sine-interpolated. Overridable as
-    # --config.sparsity.stages="((0, 10), (5e-5, 20))".
+    # ((lambda_i, T_i), ...), T_i cumulative optimizer steps: stage 0 and 1 (warm-up) constant, later stages
+    # sine-interpolated (docs/training.md).
     stages: tuple[tuple[float, int], ...] = ((0.0, 1000),)
-    # The regulariser is lambda(t) * sum over layers of the layer's L1 term of x1:
-    # 'sum'  = ||x1||_1 of each token's d_ff vector (ProSparse Eq. 2), averaged over valid tokens; the paper's
-    #          lambda tables mean this.
-    # 'mean' = mean |x1| over valid tokens x d_ff = 'sum' / d_ff (lambda ~d_ff x larger for the same pull).
+    # L1 term of a layer: 'sum' = ||x1||_1 per token, averaged over valid tokens (ProSparse Eq. 2; the paper's lambda
+    # units) | 'mean' = 'sum' / d_ff.
     l1_reduction: str = "sum"
     final_threshold: float = 0.0  # FATReLU threshold t of the evaluation after training; 0 = no shifting
 
@@ -383,15 +363,10 @@ def validate_stages(stages: Sequence[Sequence[float]]) -> Stages:
 
 
 def scale_stages(stages: Sequence[Sequence[float]], total_steps: int, *, merge: bool = False) -> Stages:
-    """Rescales the cumulative steps proportionally so that the last one equals ``total_steps``.
+    """Rescales the cumulative steps to end at ``total_steps``: ``T_i' = round(T_i * total_steps / T_last)``.
 
-    ``T_i' = round(T_i * total_steps / T_last)``; the factors are unchanged. With ``merge=True`` (quick checks far
-    shorter than the table) stages whose scaled ends collide are merged: at each end step only the last stage ending
-    there is kept, and stages ending at step 0 are dropped.
-
-    Args:
-        stages: a table as :func:`validate_stages` returns it.
-        total_steps: a positive number of updates.
+    With ``merge=True`` stages whose scaled ends collide are merged (the last stage ending at a step is kept) and
+    stages ending at step 0 are dropped.
 
     Raises:
         ConfigError: (without ``merge``) ``total_steps`` is too small to keep the steps distinct and positive.

@@ -1,9 +1,7 @@
 """ProSparse for Flax NNX models: a gated-FFN layer that records the L1 statistic, its penalty, sparse inference.
 
-For a model written as Flax NNX modules. :class:`GatedFFN` computes the functional model's FFN (``model.ffn_hidden`` /
-``model.ffn_down``) on weights under their in-layer names (``w_gate_DxF``, ``w_up_DxF``, ``w_down_FxD``) and records,
-at each call, the layer's ProSparse statistics (``mean_abs_x1``, ``zero_frac``) in :class:`FFNStat` variables. The
-ProSparse objective (Eq. 2, as in ``step.loss_fn``) is then ``task_loss + reg_factor * l1_penalty(model)``:
+:class:`GatedFFN` is the functional model's FFN and records each call's statistics, so the ProSparse objective (Eq. 2,
+as in ``step.loss_fn``) is ``task_loss + reg_factor * l1_penalty(model)`` (docs/model.md, "Flax NNX layer"):
 
     import jax.numpy as jnp, optax
     from flax import nnx
@@ -30,9 +28,6 @@ ProSparse objective (Eq. 2, as in ``step.loss_fn``) is then ``task_loss + reg_fa
     x_BxTxD = jnp.ones((2, 8, 32))
     loss = train_step(model, optimizer, x_BxTxD, 0.5 * x_BxTxD, 1e-3)
     sparsity = psnnx.activation_sparsity(model)  # fraction of exact zeros of x1, mean over GatedFFNs
-
-``ffn(x, sparse=True)`` reads only the active neurons' weights (:func:`prosparse_jax.inference.sparse_ffn.sparse_ffn`);
-:meth:`GatedFFN.from_params` / :meth:`GatedFFN.to_params` move weights to and from the functional params.
 """
 
 from __future__ import annotations
@@ -64,10 +59,9 @@ DEFAULT_KERNEL_INIT = nnx.initializers.normal(0.02)
 
 
 class FFNStat(nnx.Variable):
-    """A ProSparse statistic recorded by the last call of a :class:`GatedFFN` (float32 scalar; NaN before any call).
-
-    Not a :class:`flax.nnx.Param`: optimizers built with ``wrt=nnx.Param`` leave it alone, and gradients reach the
-    weights through it when a loss reads it inside ``nnx.grad``."""
+    """A statistic of a :class:`GatedFFN`'s last call (float32 scalar; NaN before any call).
+    Not an ``nnx.Param``, so ``wrt=nnx.Param`` optimizers leave it alone; a loss that reads it inside ``nnx.grad``
+    still differentiates through it to the weights."""
 
 
 class PreparedWeight(nnx.Variable):
@@ -77,28 +71,20 @@ class PreparedWeight(nnx.Variable):
 class GatedFFN(nnx.Module):
     """The functional model's gated FFN, act(x W_gate) * (x W_up) @ W_down, as a Flax NNX module.
 
-    Attributes:
-      w_gate_DxF, w_up_DxF, w_down_FxD: the weights (``nnx.Param``), laid out as one layer of the functional params.
-      mean_abs_x1: :class:`FFNStat`, mean |x1| over valid tokens x d_ff of the last call (``model.FFNStats``).
-      zero_frac: :class:`FFNStat`, fraction of exact zeros of x1 over valid tokens x d_ff of the last call.
-      activation, activation_threshold: the registry activation and the FATReLU threshold t (z >= t kept).
+    The weights are ``nnx.Param``s named as in one layer of the functional params; ``mean_abs_x1`` and ``zero_frac``
+    (:class:`FFNStat`) hold the last call's ``model.FFNStats`` entries.
     """
 
     def __init__(self, d_model: int, d_ff: int, *, activation: str = "relu", activation_threshold: float = 0.0,
                  dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
                  kernel_init: Callable[..., Array] = DEFAULT_KERNEL_INIT, rngs: nnx.Rngs) -> None:
-        """Creates the layer.
+        """Creates the layer with random weights from the ``params`` stream of ``rngs``.
 
         Args:
-          d_model: width D of the input and output.
-          d_ff: number of FFN neurons F.
-          activation: a name from ``prosparse_jax.model.activations.ACTIVATIONS``.
+          activation: a key of ``prosparse_jax.model.activations.ACTIVATIONS``.
           activation_threshold: FATReLU threshold t >= 0 (ignored by the other activations).
           dtype: compute dtype (the input is cast to it); None computes in the input's dtype.
-          param_dtype: dtype the weights are stored in (the functional model stores float32).
-          kernel_init: initializer of the three matrices, called as ``kernel_init(key, shape, param_dtype)``; the
-            default is the functional model's N(0, 0.02) (``ModelConfig.init_std``).
-          rngs: random streams; the ``params`` stream initializes the weights.
+          kernel_init: called as ``kernel_init(key, shape, param_dtype)`` for each of the three matrices.
 
         Raises:
           ValueError: unknown activation, negative or non-finite threshold.
@@ -133,8 +119,8 @@ class GatedFFN(nnx.Module):
             names (``{"w_gate_DxF": [D, F], ...}``, what ``model.ffn_hidden`` reads and :meth:`to_params` returns).
             Other keys are ignored.
           layer: the layer index of stacked weights; may be omitted when they hold one layer.
-          activation, activation_threshold, dtype, param_dtype: as in :meth:`__init__` (the functional model's are
-            ``cfg.activation`` / ``cfg.activation_threshold``; it is not stored in the params).
+          activation, activation_threshold, dtype, param_dtype: as in :meth:`__init__` (the params do not hold them:
+            pass ``cfg.activation`` / ``cfg.activation_threshold``).
 
         Raises:
           ValueError: missing keys, inconsistent shapes, or a layer index missing or out of range.
@@ -182,10 +168,8 @@ class GatedFFN(nnx.Module):
     # ---- sparse inference ------------------------------------------------------------------------------------------
     def prepare_sparse(self) -> GatedFFN:
         """Caches W_up^T and ||W_down[i, :]|| (``sparse_ffn.prepare_weights``) for ``sparse=True`` calls; returns self.
-
-        Without it every sparse call transposes W_up (one full read and write of it: more than the sparse FFN saves)
-        and, with ``tau``, reads W_down once more for its row norms. The cache is a snapshot: call again after the
-        weights change, or :meth:`clear_sparse`.
+        Without it every sparse call transposes W_up, which costs more than the sparse FFN saves. The cache is a
+        snapshot: call again after the weights change, or :meth:`clear_sparse`.
         """
         prepared = prepare_weights(self.w_up_DxF[...], self.w_down_FxD[...])
         self.w_up_FxD = nnx.data(PreparedWeight(prepared["w_up_FxD"]))
@@ -200,22 +184,17 @@ class GatedFFN(nnx.Module):
     # ---- forward -----------------------------------------------------------------------------------------------
     def __call__(self, x_BxTxD: Array, *, valid_BxT: Array | None = None, sparse: bool = False,
                  implementation: str = "auto", tau: Any = None) -> Array:
-        """The FFN output; records ``mean_abs_x1`` and ``zero_frac`` of this call.
+        """The FFN output in the compute dtype; records ``mean_abs_x1`` and ``zero_frac`` of this call.
 
         Args:
-          x_BxTxD: the FFN input (after the block's norm).
-          valid_BxT: False on padding tokens, which the statistics exclude (the output is computed for every token).
-            None = all valid.
+          valid_BxT: False on padding tokens, which the statistics exclude (the output covers every token). None =
+            all valid.
           sparse: run :func:`prosparse_jax.inference.sparse_ffn.sparse_ffn` (at most :data:`MAX_SPARSE_TOKENS` tokens
-            B * T), reading only the active neurons' rows of W_up / W_down. Its ``mean_abs_x1`` is NaN (x1 is not
-            formed for the skipped neurons) and ``zero_frac`` is 1 - (union of the tokens' active neurons) / F.
+            B * T). Its ``mean_abs_x1`` is NaN (x1 is not formed for the skipped neurons) and ``zero_frac`` is
+            1 - (union of the tokens' active neurons) / F.
           implementation: the sparse backend: ``auto`` (by platform) or a key of ``sparse_ffn.IMPLEMENTATIONS``.
-          tau: this layer's neuron-norm threshold (the sparse mode, ``model.neuron_norm_mask``): neuron i is dropped
-            iff |x1_i| * ||W_down[i, :]|| <= tau. Applied on the dense path too (the functional model's
-            ``neuron_thresholds``); required with ``sparse=True`` for activations without exact zeros (silu, gelu).
-
-        Returns:
-          y_BxTxD in the compute dtype.
+          tau: this layer's neuron-norm threshold (``model.neuron_norm_mask``: neuron i dropped iff
+            |x1_i| * ||W_down[i, :]|| <= tau), dense path included; ``sparse=True`` needs it for silu / gelu.
 
         Raises:
           ValueError: wrong input width or mask shape, too many tokens for ``sparse``, a sparse silu / gelu call
@@ -271,11 +250,7 @@ class GatedFFN(nnx.Module):
 # The objective's pieces over a module tree
 # ---------------------------------------------------------------------------------------------------------------
 def gated_ffns(module: nnx.Module) -> list[GatedFFN]:
-    """Every :class:`GatedFFN` in ``module`` (itself included), in ``nnx.iter_modules`` order (sorted by path).
-
-    Raises:
-      ValueError: the module holds none.
-    """
+    """Every :class:`GatedFFN` in ``module`` (itself included), in ``nnx.iter_modules`` order; ValueError if none."""
     found = [m for _, m in nnx.iter_modules(module) if isinstance(m, GatedFFN)]
     if not found:
         raise ValueError(f"{type(module).__name__} holds no prosparse_jax.nnx.GatedFFN; use GatedFFN for the FFNs "
@@ -291,14 +266,10 @@ def ffn_stats(module: nnx.Module) -> model.FFNStats:
 
 
 def l1_penalty(module: nnx.Module, *, l1_reduction: str = "sum") -> Array:
-    """The ProSparse L1 term summed over the GatedFFNs of ``module``, as ``step.loss_fn`` combines layers.
-
-    Multiply by the regularization factor λ (``reg_factor``,
-    :func:`prosparse_jax.training.schedules.reg_factor_schedule`) and add to the task loss, in the same function as
-    (after) the forward pass that recorded the statistics.
+    """The ProSparse L1 term summed over the called GatedFFNs of ``module``, as ``step.loss_fn`` combines layers:
+    multiply by λ (``reg_factor``) and add to the task loss inside the function that ran the forward pass.
 
     Args:
-      module: a module tree holding GatedFFNs that have been called.
       l1_reduction: ``"sum"`` (ProSparse Eq. 2: ||x1||_1 over d_ff, mean over valid tokens = mean_abs_x1 * d_ff) or
         ``"mean"`` (mean_abs_x1); see :data:`prosparse_jax.config.L1_REDUCTIONS`.
 

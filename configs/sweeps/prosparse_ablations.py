@@ -1,20 +1,10 @@
-"""ProSparse ablations (arXiv 2402.13516) on ``configs/prosparse.py``: how lambda is scheduled and how large it ends,
-and the FATReLU threshold.
+"""ProSparse ablations (arXiv 2402.13516): progressive vs constant lambda, the last lambda, the FATReLU threshold.
 
-Usage: ``--sweep=configs/sweeps/prosparse_ablations.py:<arg>`` with arg
+    python -m prosparse_jax.main.sweep run --sweep=configs/sweeps/prosparse_ablations.py:tiny --root=runs/sweeps/abl
 
-- ``tiny`` (2 CPU cores, 6 runs of the 100-step ``tiny`` recipe, ~1 min each): lambda schedule {progressive (the
-  tiny stage table: lambda 0, constant warm-up, sine ramp, constant), constant (lambda 0 for the same first stage,
-  then the last lambda throughout)} x last lambda {1e-4, 2e-4, 4e-4} (the progressive table's warm-up lambda scaled
-  with it). ProSparse's claim: progressive reaches the sparsity of constant at a lower loss.
-- ``tiny-threshold``: the progressive 2e-4 run with the FATReLU threshold of the final evaluation (no retraining,
-  ``sparsity.final_threshold``) in {0, 0.01, 0.1, 0.5}. Each run retrains the same model (identical up to the final
-  evaluation), so it costs 4 trainings for one; ``experiments/prosparse_miniature.py``'s threshold table measures
-  many thresholds on one trained model.
-- ``llama2-7b``: the schedule x last lambda grid at the paper's scale (stage table of ProSparse for LLaMA2-7B, last
-  lambda {0.1, 0.2 (paper), 0.4}); start it from an imported SiLU checkpoint (add ``init_from`` to ``FIXED_7B``).
-
-Runs start from scratch with ReLU (the tiny runs; the paper continues a SiLU model -- set ``init_from``).
+``tiny`` (2 CPU cores) tests ProSparse's claim that progressive reaches the sparsity of constant at a lower loss;
+``tiny-threshold`` varies ``sparsity.final_threshold``; ``llama2-7b`` is the grid at the paper's scale (add
+``init_from``, an imported SiLU checkpoint, to start as the paper does). Runs: docs/sweeps.md.
 """
 
 from configs import prosparse as prosparse_configs
@@ -26,8 +16,10 @@ SCHEDULES = ("progressive", "constant")
 
 
 def _stages(table, schedule: str, last_lambda: float) -> tuple:
-    """The stage table ``table`` with its lambdas scaled so that the last one is ``last_lambda`` (progressive), or
-    lambda 0 for the first stage, then ``last_lambda`` to the end (constant)."""
+    """``table`` with its lambdas scaled so that the last is ``last_lambda`` (progressive).
+
+    ``constant``: lambda 0 for the first stage, then ``last_lambda`` to the end.
+    """
     if schedule == "constant":
         return ((0.0, table[0][1]), (last_lambda, table[-1][1]))
     scale = last_lambda / table[-1][0]

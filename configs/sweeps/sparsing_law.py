@@ -1,17 +1,10 @@
 """The Sparsing Law grid (arXiv 2411.02335): model scales x {relu, silu}, every checkpoint kept for the law fit.
 
-Usage: ``--sweep=configs/sweeps/sparsing_law.py:<arg>`` with arg
+    python -m prosparse_jax.main.sweep run --sweep=configs/sweeps/sparsing_law.py:tiny --root=runs/sweeps/law_tiny
 
-- ``full``: the paper's five scales 0.1B..1.2B x {relu, silu} = 10 runs of ``configs/sparsing_law.py`` (base
-  ``0.1b-relu``; each scale's overrides are exactly the fields in which ``sparsing_law.py:<scale>-relu`` differs
-  from it: shapes, init, batch). For a cluster (``sweep slurm``); set ``data.tokenizer`` to the paper's
-  tokenizer to train on real data.
-- ``tiny`` (CI, ~3 min on 2 cores with ``--parallel=2``): 2 tiny scales (d_model 64 / 128, d_ff = 2.5 d as in the
-  paper's shapes) x {relu, silu} on the built-in corpus, 40 steps each with a checkpoint every 5 steps, all kept
-  (``train.keep_period``): 7 law points per run after the 5 warm-up steps. The recipe is the ``tiny`` one of
-  ``configs/prosparse.py`` (``tiny-silu``: AdamW, WSD, no regulariser), not MiniCPM's µP, which is meaningless at
-  d_model 64. The aggregate measures the paper's A (CETT-PPL-1% per checkpoint) on 2 x 4 sequences, 8 bisection
-  steps (~10 s per run).
+``full``: the paper's five scales, each run exactly ``configs/sparsing_law.py:<scale>-<act>``, for a cluster
+(``sweep slurm``). ``tiny``: two tiny scales on the built-in corpus with the ``tiny-silu`` recipe (MiniCPM's µP means
+nothing at d_model 64), to check the pipeline on a CPU. Runs: docs/sweeps.md.
 """
 
 from configs import sparsing_law as law_configs

@@ -1,11 +1,8 @@
-"""Activation sparsity of a checkpoint on held-out data (ProSparse / Sparsing Law metrics) and sparse-mode thresholds.
+"""The ``analyze`` pipeline: activation sparsity of a checkpoint on held-out data, and sparse-mode thresholds.
 
-Metrics (:mod:`prosparse_jax.analysis.sparsity`) and their value: exact (ignored), topk (k in (0, 1]), fat (eps >= 0),
-cett (target CETT in [0, 1]), pplp (p >= 0, percent). One jitted dense forward with capture per eval batch feeds the
-metric's object (:mod:`prosparse_jax.analysis.metrics`); cett and pplp bisect tau on the captured x1, then run sparse
-forwards for the sparse loss. The outputs (``sparsity.json``, two plots and, for cett / pplp, ``sparse_mode.json`` with
-the ``model.neuron_thresholds`` that run the model in sparse mode) are written all or none. ``distinct_tokens`` falls
-below ``tokens_measured`` when a small held-out split is cycled, with a warning.
+One jitted dense forward with capture per eval batch feeds the metric's object (:mod:`prosparse_jax.analysis.metrics`),
+which then runs the sparse forwards for the sparse loss. The outputs are written all or none; metrics, values and
+outputs: docs/analysis.md.
 """
 
 from __future__ import annotations
@@ -58,9 +55,8 @@ def validate_args(metric: str, value: float | None, topk_mode: str, batch_size: 
 # Steps of analyze()
 # ---------------------------------------------------------------------------------------------------------------
 def _sources_and_out(data: str, out: str | Path, overwrite: bool, checkpoint: str | Path) -> tuple[list[str], Path]:
-    """The data sources and the out directory, checked before any work: raises when there is no source, out is
-    a file (or cannot be created) or would be overwritten, or the checkpoint does not exist / has a corrupt
-    config.json."""
+    """The data sources and the out directory, checked before any work (no source, unusable or existing out, missing
+    checkpoint or corrupt config.json raise)."""
     sources = [s.strip() for s in str(data).split(",") if s.strip()]
     if not sources:
         raise UsageError("data: give at least one source (stdlib, files:<glob>, tfds:<name>)")
@@ -157,9 +153,8 @@ def _token_counts_first(summary: dict[str, Any]) -> dict[str, Any]:
 
 
 def write_outputs(out: Path, res: dict[str, Any], heat_LxT: np.ndarray) -> None:
-    """sparsity.json, sparse_mode.json (cett / pplp) and the plots, written to a staging folder and moved into
-    ``out`` together once all are written: a failure (disk full) leaves the previous outputs untouched (a stale
-    sparse_mode.json of an earlier cett / pplp run is removed when the new run has none)."""
+    """sparsity.json, sparse_mode.json (cett / pplp) and the plots, staged and moved into ``out`` together: a failure
+    (disk full) leaves the previous outputs untouched; a stale sparse_mode.json is removed when this run has none."""
     def clean(d: Path) -> None:
         if "sparse_mode" not in res:
             (d / "sparse_mode.json").unlink(missing_ok=True)
@@ -225,17 +220,14 @@ def analyze(checkpoint: str | Path, data: str, metric: str, value: float | None,
     Args:
       checkpoint: workdir or HF model folder (with tokenizer.json).
       data: DataConfig.source string(s), comma-separated.
-      metric: one of :data:`prosparse_jax.analysis.sparsity.METRICS`.
       value: k (topk), eps (fat), target CETT (cett), p in percent (pplp); ignored by exact.
       out: output directory; an existing sparsity.json there is an error unless ``overwrite``.
       step: checkpoint step (workdirs); None = latest.
-      seq_len: tokens per sequence; None = the run's data.seq_len (else 256).
+      seq_len: None = the run's data.seq_len (else 256).
       batch_size, num_batches: eval batches per source.
       data_dir: TFDS data dir; None = the run's.
-      topk_mode: 'token' (the paper's per-token rule, default) or 'global' (the public code's per-layer rule).
+      topk_mode: 'token' (the paper's per-token rule) or 'global' (the public code's per-layer rule).
       pplp_steps: bisection steps on the shared CETT target (pplp).
-      overwrite: replace an existing sparsity.json.
-      progress: tqdm progress bar.
 
     Returns:
       The dict written to sparsity.json.

@@ -1,20 +1,8 @@
-"""The Sparsing Law (arXiv 2411.02335): activation ratio A versus training tokens D (billions), fitted per run.
+"""The Sparsing Law fit (arXiv 2411.02335): activation ratio A versus training tokens D (billions), one fit per run.
 
-- ReLU family: A(D) = exp(-c * D^alpha + b) + A0
-- others (SiLU): A(D) = -c * D^(-alpha) + A0
-
-Fits use ``scipy.optimize.least_squares(method='lm')`` started from the best of a small grid over alpha, where the
-other coefficients enter linearly (SiLU) or log-linearly (ReLU) and are solved in closed form; 1-sigma
-uncertainties come from the covariance s^2 (J^T J)^-1 at the optimum.
-
-Inputs of a run (:func:`fit_runs`): ``cett_ppl``, the paper's A (App. E: the CETT-PPL-p% activation ratio of every
-kept checkpoint after the warm-up, :mod:`prosparse_jax.analysis.law_inputs`), or ``exact_zero``, 1 - the exact-zero
-sparsity of the training batches (metrics.jsonl; cheap, not the paper's A: constant 1 for SiLU).
-
-:func:`selftest` samples both forms at the five published scales (200 points evenly spaced in log D on [5, 250],
-0.5% multiplicative noise) and checks for every scale that the truth lies within 4 sigma of the fit for A0 and
-alpha, that the fitted curve is within 1% of the true one, SiLU A0 within 2% and alpha within 20%, ReLU A0 within
-10%. (At 0.1B, alpha = 0.1, the ReLU form is nearly degenerate and alpha, b, c are not identifiable.)
+ReLU: A(D) = exp(-c * D^alpha + b) + A0; SiLU: A(D) = -c * D^(-alpha) + A0. Levenberg-Marquardt from the best of a
+grid over alpha (the other coefficients solved in closed form); 1-sigma errors from s^2 (J^T J)^-1 at the optimum.
+Inputs, protocol and the self-test's tolerances: docs/analysis.md.
 """
 
 from __future__ import annotations
@@ -81,11 +69,7 @@ def _check(D: np.ndarray, A: np.ndarray, n_params: int) -> tuple[np.ndarray, np.
 
 
 def fit_silu_law(D: Sequence[float], A: Sequence[float]) -> dict[str, Any]:
-    """Fits A(D) = -c * D^(-alpha) + A0 (Levenberg-Marquardt).
-
-    Returns:
-      {"params": {c, alpha, A0}, "stderr": {...} (1 sigma), "rmse", "n", "success"}.
-    """
+    """Fits A(D) = -c * D^(-alpha) + A0: {"params": {c, alpha, A0}, "stderr" (1 sigma), "rmse", "n", "success"}."""
     D, A = _check(D, A, 3)
     best = None
     for a in _ALPHA_GRID:  # for fixed alpha, A = A0 - c * D^-alpha is linear in (A0, c)
@@ -99,11 +83,8 @@ def fit_silu_law(D: Sequence[float], A: Sequence[float]) -> dict[str, Any]:
 
 
 def fit_relu_law(D: Sequence[float], A: Sequence[float]) -> dict[str, Any]:
-    """Fits A(D) = exp(-c * D^alpha + b) + A0 (Levenberg-Marquardt), from the best of a grid over (alpha, A0).
-
-    Returns:
-      {"params": {c, alpha, b, A0}, "stderr": {...} (1 sigma), "rmse", "n", "success"}.
-    """
+    """Fits A(D) = exp(-c * D^alpha + b) + A0 from the best of a grid over (alpha, A0); result as
+    :func:`fit_silu_law`'s, with b."""
     D, A = _check(D, A, 4)
     amin, span = float(A.min()), float(A.max() - A.min())
     best = None
@@ -189,7 +170,10 @@ def sample_published(form: str, scale: str, *, D_range: tuple[float, float] = (5
 
 
 def selftest(noise: float = 0.005, seed: int = 0, out: str | Path | None = None, verbose: bool = True) -> list[str]:
-    """Recovers the published coefficients of all scales and both forms; returns the failures (empty = pass)."""
+    """Recovers the published coefficients of all scales and both forms; returns the failures (empty = pass).
+
+    Tolerances (and why ReLU's alpha is only checked to 4 sigma): docs/analysis.md, "Self-test".
+    """
     failures = []
     for form, table in (("relu", PUBLISHED_RELU), ("silu", PUBLISHED_SILU)):
         curves = []
@@ -287,9 +271,9 @@ def fit_runs(workdirs: Sequence[str | Path], form: str, law_input: str = "cett_p
     """One fit of ``form`` per workdir, every run checked before any is measured: ``[(name, D, A, fit)]``.
 
     Args:
-      workdirs: training workdirs.
       form: ``relu`` or ``silu`` (:data:`FORMS`).
-      law_input: ``cett_ppl`` or ``exact_zero`` (module docstring).
+      law_input: ``cett_ppl``, the paper's A (App. E, :mod:`prosparse_jax.analysis.law_inputs`), or
+        ``exact_zero``, 1 - exact-zero training sparsity from metrics.jsonl (not the paper's A: constant 1 for SiLU).
       min_tokens: ignore points with training tokens <= this.
       echo: where the per-run tables and fits are written.
       **law_kw: ``cett_ppl`` settings of :func:`~prosparse_jax.analysis.law_inputs.law_ratios` (p, n_search,

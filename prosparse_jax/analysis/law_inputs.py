@@ -1,9 +1,8 @@
 """Per-checkpoint inputs of the Sparsing Law fit: the CETT-PPL-p% activation ratio A of every kept checkpoint.
 
-The Sparsing Law (arXiv 2411.02335, App. E) drops the warmup checkpoints, searches ONE CETT target on the last few kept
-ones (feasible iff the perplexity ratio of every one of them stays <= 1 + p/100) and measures A of every kept checkpoint
-at that target, on the held-out split of the run's own data. The same validation batches serve every checkpoint; the
-search holds the captured x1 of its checkpoints at once.
+Sparsing Law App. E (arXiv 2411.02335): drop the warmup checkpoints, search ONE CETT target on the last few kept ones
+(feasible iff every one's perplexity ratio stays <= 1 + p/100), measure A of every kept checkpoint at that target on
+the held-out split of the run's own data. Protocol and outputs: docs/analysis.md.
 """
 
 from __future__ import annotations
@@ -38,14 +37,8 @@ class StaleOutputError(OutputError):
 
 @dataclasses.dataclass(frozen=True)
 class CheckpointPlan:
-    """Which checkpoints of a run the protocol measures.
-
-    Attributes:
-      kept_steps: steps > min_step, ascending (the law's points).
-      dropped_steps: steps <= min_step (warmup), ascending.
-      min_step: the cut (default: the run's optim.warmup_steps).
-      tokens_per_step: train.batch_size * data.seq_len (global sequences per optimizer step x tokens each).
-    """
+    """Which checkpoints of a run the protocol measures: steps > min_step are kept (the law's points), the warmup
+    ones dropped, both ascending; tokens_per_step = train.batch_size * data.seq_len."""
 
     kept_steps: tuple[int, ...]
     dropped_steps: tuple[int, ...]
@@ -67,15 +60,8 @@ def checkpoint_steps(workdir: str | Path) -> list[int]:
 
 @dataclasses.dataclass(frozen=True)
 class RunInfo:
-    """A training workdir as the protocol reads it, once: its run config and its checkpoints.
-
-    Attributes:
-      workdir: the training workdir.
-      config: its config.json.
-      warmup_steps: optim.warmup_steps, the default warmup cut.
-      tokens_per_step: train.batch_size * data.seq_len.
-      steps: the checkpoint steps on disk, ascending.
-    """
+    """A training workdir as the protocol reads it, once: its config.json, optim.warmup_steps (the default warmup
+    cut), train.batch_size * data.seq_len and the checkpoint steps on disk, ascending."""
 
     workdir: Path
     config: dict[str, Any]
@@ -138,14 +124,8 @@ def _settings(info: RunInfo, plan: CheckpointPlan, *, p: float, n_search: int, n
 
 @dataclasses.dataclass(frozen=True)
 class _Validation:
-    """The validation batches and jitted forwards of a run, shared by every checkpoint.
-
-    Attributes:
-      workdir: the training workdir.
-      batches: held-out batches of every source, in source order.
-      capture: :func:`prosparse_jax.analysis.measure.make_capture` of the dense model.
-      tau_forward: :func:`prosparse_jax.analysis.measure.make_tau_forward` of the dense model.
-    """
+    """The validation batches (every source's, in source order) and the dense model's jitted capture and tau
+    forwards, shared by every checkpoint."""
 
     workdir: Path
     batches: list[Batch]
@@ -213,7 +193,7 @@ class _Measured:
 
 
 class _JointSearch:
-    """The shared CETT target of the search checkpoints (paper App. E; Algorithm 1 on the worst case over them).
+    """The shared CETT target of the search checkpoints (App. E; Algorithm 1 on the worst case over them).
 
     Args:
       meas: the measured search checkpoints, ascending steps.
@@ -285,25 +265,21 @@ def compute_law_ratios(workdir: str | Path, *, p: float = 1.0, n_search: int = 5
                        batch_size: int = 8, min_step: int | None = None, search_steps: int = 12,
                        seq_len: int | None = None, data: str | None = None, data_dir: str | None = None,
                        verbose: bool = False) -> dict[str, Any]:
-    """Measures the CETT-PPL-p% activation ratio of every kept checkpoint (paper App. E; module docstring).
+    """Measures the CETT-PPL-p% activation ratio of every kept checkpoint (Sparsing Law App. E).
 
     Args:
       workdir: a training workdir of prosparse_jax.training.train (config.json, tokenizer.json, checkpoints/).
       p: PPL budget in percent: the perplexity ratio bound is 1 + p/100.
       n_search: the CETT target is searched on the last n_search kept checkpoints (all kept ones if fewer).
-      num_batches, batch_size: validation batches (the same for every checkpoint).
+      num_batches, batch_size: validation batches, the same for every checkpoint.
       min_step: checkpoints with step <= min_step are dropped; None = the run's optim.warmup_steps.
       search_steps: bisection steps on the CETT target in [0, 1] (resolution 2^-search_steps); t = 1 is tried first.
-      seq_len: tokens per validation sequence; None = the run's data.seq_len.
-      data: DataConfig.source(s) of the validation data, comma-separated; None = the run's data.source.
-      data_dir: TFDS data dir; None = the run's data.data_dir.
+      seq_len, data, data_dir: None = the run's data.seq_len, data.source, data.data_dir.
       verbose: one progress line per checkpoint on stderr.
 
     Returns:
-      A JSON-serialisable dict: ``settings``, ``cett_target``, ``ppl_limit``, ``search_checkpoints``,
-      ``dropped_steps``, ``eval_tokens``, ``search`` (trace: target, feasible, PPL ratio per checked step) and
-      ``checkpoints`` = [{step, tokens, D, activation_ratio, activation_ratio_per_layer, ppl_ratio, dense_loss,
-      sparse_loss, taus_per_layer, cett_achieved_per_layer}, ...] in step order.
+      A JSON-serialisable dict; ``checkpoints`` holds one row per kept checkpoint in step order (step, tokens, D,
+      activation_ratio, ppl_ratio, losses, taus), ``search`` the bisection's trace.
 
     Raises:
       CheckpointError: no checkpoint after the warmup cut.
@@ -327,7 +303,7 @@ def _compute(info: RunInfo, *, p: float, n_search: int, num_batches: int, batch_
                          search_steps=search_steps, seq_len=seq_len, data=data, data_dir=data_dir)
     val = _Validation.load(info, settings)
     log = (lambda msg: print(msg, file=sys.stderr, flush=True)) if verbose else (lambda msg: None)
-    # 1. the shared CETT target, searched on the last n_search kept checkpoints (worst case over them)
+    # 1. the shared CETT target, searched on the last n_search kept checkpoints (worst case; their x1 held at once)
     search_set, limit = list(plan.kept_steps[-n_search:]), 1.0 + p / 100.0
     meas = {s: val.measure(s) for s in search_set}
     log(f"law_ratios: {info.workdir}: searching one CETT target on steps {search_set} (PPL ratio <= {limit:g})")
@@ -345,20 +321,12 @@ def law_ratios(workdir: str | Path, out: str | Path | None = None, *, overwrite:
                data_dir: str | None = None, verbose: bool = False) -> dict[str, Any]:
     """The law inputs of a run: reads ``out`` if it holds the same settings, else computes and writes it.
 
-    Args:
-      workdir: a training workdir.
-      out: JSON file; None = ``<workdir>/law_ratios.json``.
-      overwrite: recompute and replace an existing ``out`` whose settings differ.
-      p, n_search, num_batches, batch_size, min_step, search_steps, seq_len, data, data_dir, verbose: see
-        :func:`compute_law_ratios`.
-
-    Returns:
-      The result dict (``"reused": True`` when read from an existing file).
+    ``out`` defaults to ``<workdir>/law_ratios.json``; the other settings are :func:`compute_law_ratios`'s. Returns
+    its result dict, with ``"reused": True`` when read from an existing file.
 
     Raises:
       StaleOutputError: ``out`` exists with other settings (or other kept checkpoints, e.g. the run went on) and
-        ``overwrite`` is False -- nothing is computed or written then.
-      Any error of :func:`compute_law_ratios`.
+        ``overwrite`` is False; nothing is computed or written then.
     """
     _validate(p, n_search, num_batches, batch_size, search_steps)
     info = RunInfo.read(workdir)

@@ -1,9 +1,8 @@
-"""Measurement passes shared by analyze, the law inputs and permute (:mod:`prosparse_jax.analysis`).
+"""Measurement passes shared by analyze, law_inputs and permute, one copy each.
 
-One copy each of: a checkpoint's held-out batches, the jitted dense forward with capture (loss, x1 and act(gate) of
-every layer), the jitted sparse forwards through the model's one x1 hook (CETT thresholds by the rule sparse mode runs,
-Top-k, FAT-eps), CETT activity, loss sums, the perplexity ratio and the bisection on a shared CETT target (Sparsing Law
-arXiv 2411.02335, Algorithm 1).
+Held-out batches, the jitted dense forward with capture, sparse forwards through the model's one x1 hook (CETT taus by
+sparse mode's own rule, Top-k, FAT-eps), loss sums, the perplexity ratio and the bisection on a shared CETT target
+(Sparsing Law, arXiv 2411.02335, Algorithm 1).
 """
 
 from __future__ import annotations
@@ -42,8 +41,8 @@ def run_data_section(run_cfg: dict[str, Any]) -> dict[str, Any]:
 
 
 def distinct_positions(stream_len: int, seq_len: int, batch_size: int, num_batches: int) -> int:
-    """Distinct positions of a held-out token stream of ``stream_len`` tokens that the inputs of
-    :func:`prosparse_jax.data.pipeline.make_eval_batches` cover (fewer than their tokens when its rows are cycled)."""
+    """Distinct stream positions the inputs of :func:`prosparse_jax.data.pipeline.make_eval_batches` cover (fewer
+    than their tokens when a short stream's rows are cycled)."""
     if stream_len <= 0:
         return 0
     row = seq_len + 1
@@ -55,8 +54,7 @@ def distinct_positions(stream_len: int, seq_len: int, batch_size: int, num_batch
 def load_eval(sources: list[str], tok_path: Path, run_data: dict[str, Any], seq_len: int | None,
               data_dir: str | None, batch_size: int, num_batches: int, vocab: int
               ) -> tuple[dict[str, list[Batch]], dict[str, int]]:
-    """Held-out eval batches (device arrays) of each source, tokenized with ``tok_path``, and the distinct held-out
-    token positions they measure (:func:`distinct_positions`): ({source: [batch, ...]}, {source: positions}).
+    """({source: held-out batches on device}, {source: :func:`distinct_positions`}), tokenized with ``tok_path``.
 
     data_dir / text_key / seq_len / eval_fraction default to the run's ``data`` section (``run_data``).
 
@@ -117,8 +115,8 @@ def make_sparse_forward(cfg: ModelConfig, mask_factory: MaskFactory) -> SparseFo
 
 
 def make_tau_forward(cfg: ModelConfig) -> SparseForward:
-    """Sparse loss at per-layer CETT thresholds taus_L through the model's own sparse-mode hook (what sparse mode
-    runs: neuron i dropped iff |x1_i| * ||W_down[i]|| <= tau_l)."""
+    """Sparse loss at per-layer CETT taus through sparse mode's own hook: neuron i dropped iff
+    |x1_i| * ||W_down[i]|| <= tau_l."""
     return make_sparse_forward(cfg, model.neuron_norm_mask)
 
 
@@ -172,14 +170,8 @@ def ppl_ratio(sparse_loss: float, dense_loss: float) -> float:
 
 @dataclasses.dataclass
 class LossSums:
-    """Sums over eval batches of one (dense or sparse) run.
-
-    Attributes:
-      nll: NLL summed over weighted targets.
-      weight: target weight sum.
-      ratio_sum_L: sum over batches of the sparse run's per-layer activation ratio (None until one is added).
-      batches: batches added.
-    """
+    """Sums over eval batches of one (dense or sparse) run; ``ratio_sum_L`` (the sparse run's per-layer activation
+    ratio, summed) is None until one is added."""
 
     nll: float = 0.0
     weight: float = 0.0
@@ -222,10 +214,10 @@ def sparse_pass(forward: SparseForward, params: Params, batches: list[Batch], p_
 
 
 def bisect_target(feasible: Callable[[float], bool], steps: int) -> float:
-    """Bisection on the shared CETT target in [0, 1] (Sparsing Law arXiv 2411.02335, Algorithm 1).
+    """Bisection on the shared CETT target in [0, 1] (Sparsing Law, arXiv 2411.02335, Algorithm 1).
 
-    Keeps [lo, hi] with lo feasible (or 0) and hi tested infeasible (or 1); ``feasible`` is called once per step at
-    the midpoint. Returns lo after ``steps`` halvings: 0.0 iff no midpoint was feasible.
+    Keeps lo feasible (or 0) and hi infeasible (or 1), calling ``feasible`` once per step at the midpoint. Returns lo
+    after ``steps`` halvings: 0.0 iff no midpoint was feasible.
     """
     lo, hi = 0.0, 1.0
     for _ in range(steps):

@@ -1,8 +1,7 @@
 """The metrics of :mod:`prosparse_jax.analysis.analyze`, one object each: exact, topk, fat, cett, pplp.
 
 A :class:`Metric` ``observe``s every batch of the dense capture pass, then ``finish`` finds the per-layer thresholds,
-runs the sparse forwards (:mod:`prosparse_jax.analysis.measure`) and returns an :class:`Outcome`. Definitions:
-:mod:`prosparse_jax.analysis.sparsity`.
+runs the sparse forwards and returns an :class:`Outcome`. Definitions: docs/analysis.md.
 """
 
 from __future__ import annotations
@@ -33,13 +32,10 @@ class Measurement:
 
     Attributes:
       cfg: the model config with sparse mode off (the dense baseline).
-      params: the model parameters on device.
-      by_src: held-out batches per data source.
-      pbar: tqdm progress bar (one tick per batch forward).
+      pbar: tqdm progress bar, one tick per batch forward.
       dense: per-source loss sums of the dense capture pass.
       passes: batch forwards so far: {"capture": n, "sparse": n}.
-      distinct: per source, the distinct held-out token positions the batches measure (fewer than the batches'
-        tokens when a small held-out split is cycled).
+      distinct: per source, the distinct held-out token positions the batches measure (:func:`measure.load_eval`).
     """
 
     cfg: ModelConfig
@@ -74,7 +70,6 @@ class Outcome:
     """What a metric found after the capture pass.
 
     Attributes:
-      thresholds: per-layer thresholds (``thresholds_per_layer``).
       sparse: per-source loss sums of the sparse run; None: the dense run is the metric's sparse run (exact).
       fields: extra result fields in output order (threshold_kind, cett_target, ...).
       sparse_mode: the thresholds are CETT taus for ``model.neuron_thresholds`` (written to sparse_mode.json).
@@ -95,9 +90,7 @@ class Metric:
 
     Args:
       value: the metric's --value (k, eps, CETT target or p).
-      sources: the data sources (``stats`` keys).
-      topk_mode: topk's rule, 'token' or 'global'.
-      pplp_steps: pplp's bisection steps.
+      topk_mode, pplp_steps: used by topk and pplp only.
     """
 
     sweeps = 1  # sparse passes over all batches (progress bar)
@@ -265,7 +258,7 @@ class PPLp(_CETTMetric):
             return ratio <= limit
 
         target = measure.bisect_target(feasible, self.sweeps)
-        if target == 0.0:  # no step was feasible: the target 0 (tau = 0, only exact zeros truncated)
+        if target == 0.0:  # nothing feasible, and target 0 (tau = 0: exact zeros only) was never tried: run it
             meas.pbar.total += meas.n_batches
             taus_L, cett_L = cache.bisect(0.0)
             tried[0.0] = (taus_L, cett_L, meas.sparse_pass(tau_forward, taus_L))

@@ -1,13 +1,8 @@
 """Exact offline permutation of the FFN neurons (co-active ones side by side), and a block-sparsity report.
 
-A sparse FFN kernel on GPU / TPU reads the rows of the active neurons in blocks of 16-64: a block is skipped only when
-all its neurons are inactive. Reordering the neurons so that co-active ones sit together (PowerInfer's hot / cold split,
-arXiv 2312.12456) raises the fraction of skipped blocks. The reordering is exact: permuting the columns of W_gate / W_up
-and the rows of W_down of a layer alike computes the same function, and sparse mode's thresholds stay valid.
-
-Orders: ``frequency`` (most active first) or ``coactivation`` (greedy clusters of neurons that fire together, their
-[F, F] counts built one layer at a time from the activity packed 8 neurons to a byte). The order is chosen on held-out
-batches and reported on further held-out batches that share no token with them.
+A block-sparse FFN kernel skips a block of 16-64 neurons only when all are inactive; grouping co-active neurons
+(PowerInfer's hot / cold split, arXiv 2312.12456) raises the skipped fraction. Permuting a layer's W_gate / W_up columns
+and W_down rows alike computes the same function, so sparse mode's thresholds stay valid. Usage: docs/inference.md.
 """
 
 from __future__ import annotations
@@ -77,9 +72,7 @@ def neuron_stats(params: Params, cfg: ModelConfig, batches: Iterable[Batch], *, 
     """Per-layer activity of every neuron over the valid tokens of ``batches`` (one forward with capture each).
 
     Args:
-      params: parameters (either layer layout).
       cfg: model config; in sparse mode (``neuron_thresholds``) activity follows the sparse mode's rule.
-      batches: held-out batches (inputs, targets, segment_ids, positions, weights).
       keep_activity: also keep every token's activity, packed (``activity_L``: L x N x F / 8 bytes), for
         :func:`permutation_from_activity`.
 
@@ -127,12 +120,11 @@ def _mirror_upper(m_FxF: np.ndarray, block: int = 64) -> None:
 
 
 def coactivation_counts(activity_NxP: np.ndarray, d_ff: int, block: int | None = None) -> np.ndarray:
-    """co_FxF[i, j] = tokens on which neurons i and j are both active (A^T A, a BLAS rank-k update of its upper
-    triangle per ``block`` tokens), from one layer's packed activity (:func:`pack_activity`): float32, exact below
-    2^24 tokens (float64 from there on).
+    """co_FxF[i, j] = tokens on which neurons i and j are both active, from one layer's :func:`pack_activity`.
 
-    Memory: the F x F result plus ``block`` unpacked tokens (default max(256, F / 4): about 1.3 F^2 floats in all
-    for F >= 1024), whatever the token count.
+    A^T A by BLAS rank-k updates of the upper triangle, ``block`` tokens at a time (default max(256, F / 4)), so
+    memory is the F x F result plus ``block`` unpacked tokens whatever the token count. float32, exact below 2^24
+    tokens; float64 from there on.
     """
     n_tokens = activity_NxP.shape[0]
     dtype, syrk = (np.float32, blas.ssyrk) if n_tokens < _FLOAT32_EXACT else (np.float64, blas.dsyrk)
@@ -187,8 +179,7 @@ def _check_cluster(cluster: int, window: int | None) -> int:
 def permutation_by_coactivation(count_LxF: Any, co_LxFxF: Any, cluster: int = 16, window: int | None = None
                                 ) -> np.ndarray:
     """Co-active neurons together (greedy clustering, :func:`_greedy_layer`), clusters in decreasing frequency of
-    their seeds: int [L, F]. Holds all L co-activation matrices: :func:`permutation_from_activity` builds one layer's
-    at a time.
+    their seeds: int [L, F]. Holds all L co-activation matrices; :func:`permutation_from_activity` builds one at a time.
 
     Args:
       count_LxF: active tokens per neuron (or frequencies).
@@ -352,13 +343,9 @@ def permute(checkpoint: str | Path, out: str | Path, *, order: str = "frequency"
             num_batches: int = 4, report_batches: int | None = None, batch_size: int = 8, seq_len: int | None = None,
             step: int | None = None, data_dir: str | None = None, cluster: int = 16, window: int | None = None
             ) -> dict[str, Any]:
-    """Measures neuron activity on ``num_batches`` held-out batches of ``data``, permutes the neurons in ``order``,
-    reports block sparsity before / after on ``report_batches`` further batches (None = num_batches; 0 = the
-    fitting batches, in-sample) and writes ``out``.
-
-    Returns:
-      The dict written to ``<out>/permutation.json`` (the permutation and the block-sparsity report).
-    """
+    """Chooses a neuron order (``order``) on ``num_batches`` held-out batches of ``data``, reports block sparsity
+    before / after on ``report_batches`` further batches (None = num_batches; 0 = the fitting batches, in-sample) and
+    writes the permuted model to ``out``; returns the dict written to ``<out>/permutation.json``."""
     report_batches = num_batches if report_batches is None else report_batches
     out = _check_args(checkpoint, out, order, batch_size, num_batches, report_batches, cluster, window)
     mcfg, params, tok_path, run_cfg, fit, held = _load(checkpoint, step, data, seq_len, data_dir, batch_size,

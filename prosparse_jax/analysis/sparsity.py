@@ -1,32 +1,8 @@
-"""Activation-sparsity metrics (ProSparse, Sparsing Law): pure, jit-friendly functions on captured FFN tensors.
+"""Activation-sparsity metrics as pure, jit-friendly functions on captured FFN tensors (docs/analysis.md).
 
-Shape letters as in :mod:`prosparse_jax.model.transformer`: L layers, B batch, T sequence, F d_ff, D d_model; N =
-flattened units.
-
-Metrics (ProSparse §2 for exact zeros; Sparsing Law §4.1 for Top-k, FAT-eps, CETT and PPL-p%). A neuron i is
-*active* on a token when its x1_i survives the metric's sparsification and is non-zero (an exactly-zero x1_i
-contributes nothing under any metric); activation ratio = 1 - sparsity.
-
-- ``exact``: x1 != 0 (ProSparse's measure).
-- ``topk`` (k in (0, 1]): keep the k-fraction of largest |act(gate)| -- ``token`` (the default): per token over
-  d_ff, k neurons per layer per token as the Sparsing Law paper defines it (Sec. 4.1); ``global``: per layer over the
-  whole flattened (batch x tokens x d_ff) tensor of one batch (the rule of the public Sparsing Law code).
-  round(k * units) entries are kept, ties broken deterministically by position (lower flat index first).
-- ``fat`` (eps >= 0): keep |act(gate)| >= eps (zero where |act(gate)| < eps; absolute value, so it applies to SiLU).
-- ``cett`` (target in [0, 1]): neuron output norm n_i = |x1_i| * ||W_down[:, i]|| (our ``w_down_LxFxD[l, i]``);
-  CETT(tau) = mean over tokens of ||sum_{i: n_i <= tau} x1_i W_down[:, i]|| / ||FFN(x)||; tau found per layer by
-  bisection; active = n_i > tau.
-- ``pplp`` (p >= 0, percent): one CETT target shared by all layers, bisected so that
-  exp(loss_sparse - loss_dense) <= 1 + p / 100 (:class:`prosparse_jax.analysis.metrics.PPLp`; no feasible target:
-  target 0).
-
-CETT is *not* monotone in tau in general (adding a neuron to the tail can cancel part of the tail's sum), only for
-orthogonal W_down rows; in practice it is close to monotone and bisection finds a crossing of the target.
-
-Sparse loss (the model run with the metric's mask): every metric is an x1 hook of ``model.forward(x1_mask=...)``.
-topk / fat rule on |act(gate)| (:func:`topk_x1_mask`, :func:`fat_x1_mask`; for SiLU that is not a rule on |x1|, as
-x1 = act(gate) * up); cett / pplp use the model's own sparse-mode hook ``model.neuron_norm_mask``, which drops
-n_i <= tau exactly as the CETT tail below counts it.
+exact: ProSparse §2; topk, fat, cett, pplp: Sparsing Law §4.1. A neuron is active on a token when its x1_i is non-zero
+and survives the metric's mask; activation ratio = 1 - sparsity. Shape letters as in
+:mod:`prosparse_jax.model.transformer`; N = flattened units.
 """
 
 from __future__ import annotations
@@ -74,16 +50,13 @@ def _keep_top(score_N: Array, count: Array) -> Array:
 
 def topk_mask(act_gate_BxTxF: Array, k: float | Array, mode: str = "token",
               valid_BxT: Array | None = None) -> Array:
-    """Top-k mask of one layer on |act(gate)|.
+    """Top-k mask of one layer on |act(gate)|: exactly ``topk_count(k, units)`` True per layer or per valid token.
 
     Args:
-      act_gate_BxTxF: act(gate) of one layer.
-      k: kept fraction in (0, 1].
-      mode: 'global' (over all valid B x T x F units) or 'token' (over F, per token).
-      valid_BxT: tokens that count (False = padding, never kept); None = all.
-
-    Returns:
-      Boolean [B, T, F]; exactly ``topk_count(k, units)`` True per layer ('global') or per valid token ('token').
+      k: kept fraction in (0, 1]; ties go to the lower flat index (deterministic).
+      mode: 'token' (over F, per token: the paper's rule) or 'global' (over all valid B x T x F units: the public
+        code's rule).
+      valid_BxT: False = padding, never kept; None = all tokens valid.
     """
     B, T, F = act_gate_BxTxF.shape
     valid_BxT = jnp.ones((B, T), bool) if valid_BxT is None else valid_BxT.astype(bool)
@@ -123,7 +96,7 @@ def cett_sum(x1_BxTxF: Array, w_down_FxD: Array, tau: Array, valid_BxT: Array,
              full_BxT: Array | None = None) -> Array:
     """Sum over valid tokens of ||tail(tau)|| / ||FFN(x)|| for one layer (divide by the token count for CETT).
 
-    The tail holds neurons with n_i <= tau. Tokens with FFN(x) == 0 contribute 0.
+    The tail holds the neurons with output norm n_i = |x1_i| * ||W_down[i]|| <= tau; tokens with FFN(x) == 0 add 0.
     """
     x1 = x1_BxTxF.astype(jnp.float32)
     w = w_down_FxD.astype(jnp.float32)
@@ -163,12 +136,8 @@ def max_neuron_norm_layers(x1_LxBxTxF: Array, norms_LxF: Array) -> Array:
 
 
 class CETTCache:
-    """Captured x1 of several batches, with what the CETT bisection reuses (no forward passes needed).
-
-    Args:
-      w_down_LxFxD: the model's down projections.
-      batches: list of (x1_LxBxTxF, valid_BxT) device arrays.
-    """
+    """Captured x1 of several batches ((x1_LxBxTxF, valid_BxT) pairs) and what the CETT bisection reuses, so it needs
+    no forward passes."""
 
     def __init__(self, w_down_LxFxD: Array, batches: list[tuple[Array, Array]]) -> None:
         self.w_down_LxFxD = jnp.asarray(w_down_LxFxD, jnp.float32)
@@ -189,9 +158,10 @@ class CETTCache:
     def bisect(self, target: float, *, iters: int = 40, tol: float = 1e-4) -> tuple[np.ndarray, np.ndarray]:
         """Per-layer tau with CETT(tau) <= target as close as bisection gets; returns (taus_L float32, cett_L).
 
-        Bisection on [0, max n_i] (CETT(0) = 0, CETT(max n_i) = 1), all layers at once; stops after ``iters`` steps
-        or when every layer is within ``tol`` below the target. The returned tau is the lower bracket end, so the
-        achieved CETT never exceeds the target (CETT is a step function of tau on finitely many tokens).
+        Bisection on [0, max n_i] (CETT(0) = 0, CETT(max n_i) = 1), all layers at once, for ``iters`` steps or until
+        every layer is within ``tol`` below the target. The returned tau is the lower bracket end, so the achieved
+        CETT never exceeds the target. CETT is monotone in tau only for orthogonal W_down rows (a neuron added to the
+        tail can cancel part of its sum); bisection finds a crossing of the target.
         """
         L = self.tau_max_L.shape[0]
         lo, hi = np.zeros(L), self.tau_max_L.copy()
@@ -259,7 +229,8 @@ def add_stats(acc: dict[str, np.ndarray] | None, s: dict[str, Array]) -> dict[st
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# x1 hooks of the gate rules (topk / fat sparse loss): masks on |act(gate)|, see model.X1Mask
+# x1 hooks of the gate rules (topk / fat sparse loss), see model.X1Mask: they rule on |act(gate)|, which for SiLU is
+# not a rule on |x1| (x1 = act(gate) * up); cett / pplp use the model's own model.neuron_norm_mask
 # ---------------------------------------------------------------------------------------------------------------
 def fat_x1_mask(eps_L: Array) -> X1Mask:
     """FAT-eps in the model: x1_i zeroed where |act(gate_i)| < eps_l (layer l's eps from ``eps_L``)."""

@@ -1,9 +1,8 @@
-"""The text corpus of a run and its token streams: documents, held-out split, TFDS dataset, tokenizer.
+"""The text corpus of a run and its token streams: documents, held-out split, TFDS dataset, tokenizer (docs/data.md).
 
-A local source ('stdlib', 'files:<glob>') is written once into a fingerprinted array_record TFDS dataset (only files
-that are UTF-8 text); a 'tfds:<name>' source must already be prepared. A :class:`Corpus` serves each split as records
-and, per tokenizer, as one token stream (every document's tokens, then EOS), cached on disk under the data dir and on
-the object, so the train and eval pipelines of a run tokenize a split at most once.
+A local source ('stdlib', 'files:<glob>') is written once into a fingerprinted array_record TFDS dataset; a
+'tfds:<name>' source must already be prepared. A :class:`Corpus` serves each split as records and, per tokenizer, as
+one token stream cached on disk and on the object, so the train and eval pipelines tokenize a split at most once.
 """
 
 from __future__ import annotations
@@ -57,11 +56,8 @@ def resolve_data_dir(data_dir: str) -> str:
 
 # ---- documents and the held-out split -----------------------------------------------------------------------------
 def stratum(doc_id: str) -> str:
-    """Stratum of a document: the first component of its relative id, '.' for a file directly under the root.
-
-    For 'stdlib' that is the top-level package ('asyncio', 'test', ...); a 'files:' source whose files all sit in one
-    directory is a single stratum.
-    """
+    """Stratum of a document: the first component of its relative id ('stdlib': the top-level package), '.' for a
+    file directly under the root."""
     parts = [p for p in doc_id.replace(os.sep, "/").split("/") if p not in ("", ".")]
     return parts[0] if len(parts) > 1 else ROOT_STRATUM
 
@@ -75,21 +71,13 @@ _SAMPLE_OFFSET = int(_hash_hex(f"prosparse_jax eval split v{EVAL_SPLIT_RULE}")[:
 
 
 def eval_document_mask(doc_ids: Sequence[str], sizes: Sequence[int], eval_fraction: float) -> list[bool]:
-    """Which documents are held out: a deterministic stratified systematic sample.
+    """Which documents are held out (True, aligned with `doc_ids`): a deterministic stratified systematic sample.
 
-    The documents are ordered by (`stratum(doc_id)`, size, sha256(doc_id)) and the one at rank r (0-based) is held
-    out iff floor((r + 1) * f + u) > floor(r * f + u), with f = `eval_fraction` and u a fixed hash-derived offset in
-    [0, 1): every (1 / f)-th document. Any run of n consecutive documents of that order holds floor(n * f) or
-    ceil(n * f) held-out ones, so every stratum (and every size range within it) contributes in proportion, and the
-    split is empty only when N * f < 1. It depends on ids and sizes only, never on file order.
-
-    Args:
-      doc_ids: Location-independent document ids (paths relative to the corpus root).
-      sizes: Document sizes in bytes, aligned with `doc_ids`.
-      eval_fraction: Fraction f of documents to hold out, in [0, 1).
-
-    Returns:
-      A list aligned with `doc_ids`, True for held-out documents.
+    The documents are ordered by (`stratum(doc_id)`, size in bytes, sha256(doc_id)) and the one at rank r (0-based)
+    is held out iff floor((r + 1) * f + u) > floor(r * f + u), with f = `eval_fraction` in [0, 1) and u a fixed
+    hash-derived offset in [0, 1): every (1 / f)-th document. Any run of n consecutive documents of that order holds
+    floor(n * f) or ceil(n * f) held-out ones, so every stratum (and size range within it) contributes in
+    proportion, and the split is empty only when N * f < 1. It depends on ids and sizes only, never on file order.
     """
     keys = [(stratum(i), s, _hash_hex(i), i) for i, s in zip(doc_ids, sizes, strict=True)]
     order = sorted(range(len(keys)), key=keys.__getitem__)
@@ -142,10 +130,8 @@ def list_documents(source: str) -> list[Document]:
 
 
 def read_text(path: str | os.PathLike) -> str | None:
-    """The text of a UTF-8 text file (a leading BOM stripped), else None: it has a NUL byte or is not strict UTF-8.
-
-    Files of another encoding are skipped rather than decoded with replacement characters.
-    """
+    """The text of a UTF-8 text file (a leading BOM stripped), else None: it has a NUL byte or is not strict UTF-8
+    (files of another encoding are skipped, never decoded with replacement characters)."""
     data = Path(path).read_bytes()
     if b"\0" in data:  # binary: UTF-8 text files of any language have no NUL byte
         return None
@@ -264,11 +250,8 @@ class Corpus:
     """A prepared corpus with a 'train' and (maybe empty) 'validation' split.
 
     Attributes:
-      source: The `DataConfig.source` it was opened from.
       data_dir: The resolved data dir holding the dataset and the cached token streams.
-      builder: The TFDS builder of the dataset.
       fingerprint: Names the content (files, split and text rules).
-      text_key: The feature holding the text.
       stored_split: Our split names -> the dataset's (a 'tfds:' dataset without 'validation' serves 'test').
       documents: The stored files of a local source (empty for 'tfds:' sources).
       skipped: Ids of the files left out as not UTF-8 text when the dataset was written.
@@ -318,8 +301,8 @@ class Corpus:
     def token_stream(self, split: str, tokenizer: tokenizers.Tokenizer) -> tuple[np.ndarray, np.ndarray]:
         """(tokens int32 [L], tokens per document int64 [D]) of `split`: each document's tokens then EOS, in order.
 
-        Computed once per data dir and tokenizer and cached at `token_stream_path` (a cache that does not match the
-        split is recomputed; a data dir that cannot be written to is not cached), and kept on this object.
+        Cached at `token_stream_path` (recomputed when the cache does not match the split; not cached in a read-only
+        data dir) and on this object.
         """
         key = (split, tokenizer_hash(tokenizer))
         if key not in self._streams:
@@ -451,8 +434,7 @@ def _train_bpe(corpus: Corpus, vocab_size: int) -> tokenizers.Tokenizer:
 def tokenize_stream(texts: Iterable[str], tokenizer: tokenizers.Tokenizer) -> tuple[np.ndarray, np.ndarray]:
     """Texts -> (tokens int32 [L], tokens per text int64 [D]): each text's ids then EOS.
 
-    Texts are encoded in chunks of about `_TOKENIZE_CHUNK_CHARS` characters (one `encode_batch` call each, parallel
-    over the cores), so the memory of the encodings stays bounded whatever the size of the split.
+    One parallel `encode_batch` call per ~`_TOKENIZE_CHUNK_CHARS` characters bounds the encodings' memory.
     """
     eos = eos_id(tokenizer)
     # Same ids as `encode_batch`, without computing the character offsets of every token.

@@ -1,14 +1,9 @@
-"""Packed [batch, seq_len] training and eval batches of a corpus, with grain.
+"""Packed [batch, seq_len] training and eval batches of a corpus, with grain (docs/data.md).
 
-A split's token stream (:meth:`Corpus.token_stream`) is cut into consecutive rows of seq_len + 1 tokens, the last one
-wrapping around to the start (no padding, no token dropped); a row's first seq_len tokens are the inputs, its last
-seq_len the targets. Training on a local source shuffles the rows of the whole train split per epoch, so a short run
-samples the whole corpus rather than a few consecutive documents; a 'tfds:' source (maybe huge) streams its documents
-through grain's packer and shuffles rows within windows instead. Eval batches are rows spread over the held-out split.
-
-Features, each [batch, seq_len]: inputs and targets (int32); segment_ids (int32: 1, 2, ... per document piece of a
-row); positions (int32: restart at every piece, a row being one sequence for attention); weights (float32: 0 on the
-EOS -> next-document transition, so predicting the EOS that ends a document counts).
+A split's token stream is cut into rows of seq_len + 1 tokens, the last wrapping to the start (no padding, no token
+dropped): inputs = a row's first seq_len tokens, targets = its last seq_len. Features, each [batch, seq_len], int32
+but weights: inputs, targets, segment_ids (1, 2, ... per document piece of a row), positions (restart at every piece),
+weights (float32: 0 on the EOS -> next-document transition, so predicting the EOS that ends a document counts).
 """
 
 from __future__ import annotations
@@ -104,8 +99,7 @@ def streamed_document_batches(
     """Batches of a split's documents streamed from TFDS, forever: shuffled, tokenized on the fly, packed into rows.
 
     Rows are shuffled within windows of `shuffle_window` rows, else a batch would hold one or two consecutive
-    documents. With `seed=None` neither documents nor rows are shuffled: the rows are those of the split's token
-    stream, in order.
+    documents. `seed=None` shuffles nothing: the rows of the split's token stream, in order.
     """
     ds = grain.MapDataset.source(corpus.data_source(split))[process_index::process_count]
     if seed is not None:
@@ -194,11 +188,8 @@ def make_train_iterator(
 ) -> TrainIterator:
     """Training batches of this host (a disjoint shard of `process_count`), forever.
 
-    Local sources: the rows of the whole train stream, shuffled per epoch. 'tfds:' sources: the documents streamed
-    (:func:`streamed_document_batches`).
-
-    Returns:
-      A `TrainIterator` of dicts of [batch_size, seq_len] arrays: inputs, targets, segment_ids, positions, weights.
+    Local sources: the rows of the whole train stream, shuffled per epoch, so a short run samples the whole corpus.
+    'tfds:' sources (maybe huge): the documents streamed (:func:`streamed_document_batches`).
 
     Raises:
       DataError: the train split has fewer documents (or rows) than hosts.
@@ -268,9 +259,7 @@ def window_indices(num_windows: int, batch_size: int, num_batches: int) -> np.nd
 def make_eval_batches(
     corpus: Corpus, tokenizer: tokenizers.Tokenizer, *, seq_len: int, batch_size: int, num_batches: int,
 ) -> list[dict[str, np.ndarray]]:
-    """`num_batches` deterministic batches of `batch_size` rows of the held-out split (:func:`window_indices`).
-
-    The rows are those training would cut from the eval stream (module docstring), spread over the whole split.
+    """`num_batches` deterministic batches of `batch_size` rows spread over the held-out split (:func:`window_indices`).
 
     Raises:
       DataError: the eval split is empty (raise `data.eval_fraction`), or a size is not positive.

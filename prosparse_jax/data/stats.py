@@ -12,14 +12,8 @@ from prosparse_jax.data.corpus import EVAL_SPLIT, SKIPPED_EXAMPLES, TRAIN_SPLIT,
 
 
 def corpus_stats(cfg: DataConfig, *, tokenizer: tokenizers.Tokenizer | None = None) -> dict[str, Any]:
-    """Documents and stored bytes per split, the corpus fingerprint and a report of the held-out split.
-
-    Prepares the corpus on first use and reads the eval split (see `eval_split_stats`). Keys: source, fingerprint,
-    train_documents, eval_documents, train_bytes, eval_bytes (stored array_record bytes), strata (strata of the
-    whole corpus, None for 'tfds:' sources), skipped_files and skipped_examples (files not stored as not UTF-8
-    text, see `eval_split_stats`), and eval_strata, eval_missing_strata, eval_tokens, eval_windows,
-    eval_largest_document, eval_largest_document_share, eval_share_of from `eval_split_stats(cfg, tokenizer)`.
-    """
+    """Documents and stored array_record bytes per split, the fingerprint, the corpus's strata (None for 'tfds:'),
+    skipped files, and the held-out report of :func:`eval_split_stats` as ``eval_strata``, ``eval_tokens``, ..."""
     c = open_corpus(cfg)
     held_out = _eval_split_stats(c, cfg, tokenizer)
     stats: dict[str, Any] = {
@@ -42,29 +36,14 @@ def corpus_stats(cfg: DataConfig, *, tokenizer: tokenizers.Tokenizer | None = No
 def eval_split_stats(cfg: DataConfig, tokenizer: tokenizers.Tokenizer | None = None) -> dict[str, Any]:
     """Report of the held-out split: its size, the strata it covers and how much its largest document weighs.
 
-    Reads the whole eval split; with a `tokenizer` it also tokenizes it (`Corpus.token_stream`, cached).
-
-    Args:
-      cfg: Data config; its corpus is prepared on first use.
-      tokenizer: Optional; without it `tokens` and `windows` are None and shares are of bytes.
+    Without a `tokenizer`, `tokens` and `windows` are None and sizes and shares are in bytes.
 
     Returns:
-      A dict with
-        documents: number of held-out documents.
-        strata: number of strata (`corpus.stratum`: first path component of the id, '.' for top-level files)
-          with at least one held-out document.
-        corpus_strata: number of strata of the whole corpus (None for 'tfds:' sources).
-        missing_strata: sorted strata of the corpus without a held-out document (only strata with fewer than
-          1 / eval_fraction documents can miss out); None for 'tfds:' sources.
-        bytes: UTF-8 bytes of the held-out texts.
-        tokens: tokens of the packed eval stream (each document's tokens + 1 EOS), None without tokenizer.
-        windows: eval windows of seq_len + 1 tokens the stream is cut into, None without tokenizer.
-        largest_document: id of the held-out document with the most tokens (bytes without tokenizer), or None.
-        largest_document_share: its share of the split's tokens (bytes without tokenizer); 0.0 if empty.
-        share_of: 'tokens' or 'bytes', the unit of `largest_document_share`.
-        skipped_files: number of files of the corpus skipped when it was written because they are not UTF-8 text
-          (binary, or another encoding; `corpus.read_text`): in neither split. 0 if none or not recorded.
-        skipped_examples: ids of the first `corpus.SKIPPED_EXAMPLES` of them (sorted), [] if none.
+      A dict with documents, bytes (UTF-8 bytes of the texts), tokens (each document's tokens + 1 EOS), windows (of
+      seq_len + 1 tokens), strata (covered by a held-out document), corpus_strata and missing_strata (sorted; only
+      strata with fewer than 1 / eval_fraction documents can miss out; None for 'tfds:'), largest_document (id or
+      None), largest_document_share (0.0 if empty), share_of ('tokens' or 'bytes'), skipped_files (files in neither
+      split as not UTF-8 text) and skipped_examples (the first `corpus.SKIPPED_EXAMPLES` ids).
     """
     return _eval_split_stats(open_corpus(cfg), cfg, tokenizer)
 

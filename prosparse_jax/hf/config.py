@@ -1,16 +1,10 @@
-"""Maps a HuggingFace ``config.json`` dict to our :class:`~prosparse_jax.config.ModelConfig` and back.
+"""Maps a HuggingFace ``config.json`` dict to our :class:`~prosparse_jax.config.ModelConfig` and back (docs/hf.md).
 
-An export in format ``llama`` is a transformers ``LlamaConfig`` (plain ``LlamaForCausalLM``, no remote code) whenever
-the activation is one transformers' ``ACT2FN`` computes exactly like we do; MiniCPM's scales (Hu et al. 2024,
-"MiniCPM", arXiv:2404.06395) are then folded into the weights (:mod:`prosparse_jax.hf.weights`), so only sparse-mode
-neuron thresholds scale with them here. FATReLU / dReLU (ProSparse, Song et al. 2024, arXiv:2402.13516; Turbo Sparse,
-Song et al. 2024, arXiv:2406.05955) and per-layer ``neuron_thresholds`` switch to model_type ``prosparse_llama`` with
-the remote code of :mod:`prosparse_jax.hf.modeling` in ``auto_map``; ``hidden_act`` then names something ``ACT2FN``
-lacks, so a plain ``LlamaForCausalLM`` refuses to build it instead of silently running another activation. Format
-``minicpm`` keeps ``scale_emb`` / ``scale_depth`` / ``dim_model_base`` unfolded (remote code only). On import,
-``llama`` / ``mistral`` / ``minicpm`` / ``prosparse_llama`` configs are validated (unsupported features raise naming
-the field), and the ``prosparse_jax_model`` block every export carries restores the fields HF has no name for
-(``dtype``, ``remat``, ``scan_layers``) and, for unfolded weights, the exact config.
+Format ``llama`` is a plain ``LlamaConfig`` when transformers' ``ACT2FN`` computes our activation exactly, MiniCPM's
+scales (arXiv:2404.06395) folded into the weights. FATReLU / dReLU (ProSparse, arXiv:2402.13516; Turbo Sparse,
+arXiv:2406.05955) and ``neuron_thresholds`` need the remote code of :mod:`prosparse_jax.hf.modeling`, with a
+``hidden_act`` that ``ACT2FN`` lacks so that plain transformers refuses to run another activation. The
+``prosparse_jax_model`` block of every export restores the fields HF has no name for.
 """
 
 from __future__ import annotations
@@ -57,10 +51,8 @@ def hf_config_from_model(cfg: ModelConfig, fmt: str = "llama", *, bos_token_id: 
     """The HF ``config.json`` dict of an export of ``cfg`` in format ``fmt`` (see the module docstring).
 
     Args:
-      cfg: our model config.
       fmt: ``llama`` (MiniCPM scales folded into the weights) or ``minicpm`` (unfolded, remote code).
-      bos_token_id: written as ``bos_token_id`` (None: unset).
-      eos_token_id: written as ``eos_token_id`` (None: unset).
+      bos_token_id: None leaves it unset; likewise ``eos_token_id``.
       max_position_embeddings: written as is (our RoPE has no length limit).
       dtype: dtype of the stored weights, written as ``torch_dtype`` / ``dtype``.
 

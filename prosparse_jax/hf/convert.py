@@ -1,9 +1,6 @@
 """A prosparse_jax workdir to a HuggingFace model folder and back, written so that a failure leaves no half output.
 
-``export_hf`` writes the ``llama`` format (MiniCPM scales folded; plain ``AutoModelForCausalLM`` unless the activation
-or sparse-mode thresholds need the shipped remote code) or ``minicpm`` (scales kept, remote code); ``import_hf`` reads
-LLaMA / Mistral / MiniCPM / ProSparse folders. The conversions themselves: :mod:`prosparse_jax.hf.config` and
-:mod:`prosparse_jax.hf.weights`.
+The formats are in docs/hf.md; the mappings in :mod:`prosparse_jax.hf.config` and :mod:`prosparse_jax.hf.weights`.
 """
 
 from __future__ import annotations
@@ -24,9 +21,8 @@ def export_hf(workdir: str | os.PathLike, out: str | os.PathLike, *, step: int |
               max_position_embeddings: int = 4096) -> Path:
     """Exports ``workdir`` (or a HF folder; at ``step``, default the latest) to the HF folder ``out``; returns it.
 
-    ``out`` is checked before anything is loaded (a file, or a non-empty folder without ``overwrite``, is refused;
-    with ``overwrite`` the files of an earlier export are replaced and the others kept). The export is written into
-    a staging folder next to ``out`` and moved in only once complete: a failure (disk full) leaves ``out`` as it was.
+    ``out`` is checked before anything is loaded: a file, or a non-empty folder without ``overwrite``, is refused
+    (``overwrite`` replaces an earlier export's files, keeping the others). A failure leaves ``out`` as it was.
     """
     if overwrite:
         out = files.check_output_path(out, "out")
@@ -44,8 +40,7 @@ def import_hf(hf_path: str | os.PathLike, workdir: str | os.PathLike) -> Path:
     """Converts the HF folder ``hf_path`` into a new workdir (its config.json, a params-only checkpoint at step 0 and
     tokenizer.json when the folder has one); returns the workdir.
 
-    The workdir is checked first (a file or a workdir holding a run is refused), then written into a staging folder
-    next to it and moved in only once complete: a failure (disk full) leaves no half-written run behind.
+    A file or a workdir holding a run is refused before any work; a failure leaves no half-written run behind.
     """
     hf_path = files.check_model_path(hf_path, "hf")
     workdir = files.check_output_path(workdir, "workdir")

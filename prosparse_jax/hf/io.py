@@ -1,9 +1,6 @@
-"""Reads and writes HuggingFace model folders: ``config.json``, safetensors weights (single, sharded with an index,
-or ``pytorch_model.bin``), ``generation_config.json``, the tokenizer files ``AutoTokenizer`` loads and, when needed,
-the remote-code files of :mod:`prosparse_jax.hf.modeling`; the folder layout is transformers' ``save_pretrained``
-one. The config and weight mappings themselves live in :mod:`prosparse_jax.hf.config` and
-:mod:`prosparse_jax.hf.weights`. Errors name the file that is missing or wrong; an export refuses a non-empty output
-folder unless asked to overwrite, and then replaces only the files an export writes.
+"""Reads and writes HuggingFace model folders in transformers' ``save_pretrained`` layout: config, safetensors (or
+``pytorch_model.bin``) weights, generation config, tokenizer files and, when needed, the remote code of
+:mod:`prosparse_jax.hf.modeling`. Errors name the file that is missing or wrong.
 """
 
 from __future__ import annotations
@@ -232,11 +229,9 @@ def save_hf_folder(cfg: ModelConfig, params: Params, out: str | os.PathLike, *, 
                    dtype: str = "float32", max_shard_size: str | int = "2GB", overwrite: bool = False,
                    tokenizer_json: str | os.PathLike | None = None,
                    max_position_embeddings: int = 4096) -> Path:
-    """Writes a HF model folder (weights, config.json, generation_config.json, tokenizer, remote code if needed).
+    """Writes a HF model folder (weights, configs, tokenizer, remote code if needed); returns ``out``.
 
     Args:
-      cfg: model config.
-      params: our parameter pytree.
       out: output folder; must be empty or absent unless ``overwrite``.
       fmt: ``llama`` (folded, plain transformers where possible) or ``minicpm`` (unfolded, remote code).
       dtype: dtype of the stored weights (``float32`` or ``bfloat16``).
@@ -244,9 +239,6 @@ def save_hf_folder(cfg: ModelConfig, params: Params, out: str | os.PathLike, *, 
       overwrite: allow a non-empty ``out`` (previous export files there are replaced).
       tokenizer_json: tokenizers file to ship; its ``<|endoftext|>`` becomes bos / eos.
       max_position_embeddings: written to config.json (RoPE has no length limit here).
-
-    Returns:
-      The output folder.
     """
     out = Path(out)
     check_format(fmt)

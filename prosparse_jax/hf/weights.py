@@ -1,11 +1,8 @@
-"""Maps a HuggingFace LLaMA state dict (transformers' ``LlamaForCausalLM`` names, [out, in] matrices) to our params
-pytree and back: q_proj [N*H, D] -> ``wq_LxDxNxH`` [D, N, H] = W.T.reshape(D, N, H) (k / v with K heads), o_proj
-[D, N*H] -> ``wo_LxNxHxD`` = W.T.reshape(N, H, D), gate / up [F, D] -> [D, F], down [D, F] -> [F, D], embed [V, D]
-as is, lm_head [V, D] -> ``lm_head_DxV``; transformers' RoPE is half-split like ours, so q / k need no permutation.
-The exporter can fold MiniCPM's scales (Hu et al. 2024, arXiv:2404.06395) into the weights with the model's own
-:func:`~prosparse_jax.model.transformer.fold_minicpm_scales`,
-so the result loads as a plain ``LlamaForCausalLM``; the importer
-checks every tensor name and shape against the config and names the first that disagrees.
+"""Maps a HuggingFace LLaMA state dict (``LlamaForCausalLM`` names, [out, in] matrices) to our params pytree and back.
+
+Matrices are transposed and heads split out (q_proj [N*H, D] -> ``wq_LxDxNxH``); transformers' RoPE is half-split like
+ours, so q / k need no permutation. The exporter can fold MiniCPM's scales (arXiv:2404.06395) into the weights; the
+importer checks every tensor name and shape against the config.
 """
 
 from __future__ import annotations
@@ -54,11 +51,8 @@ def hf_weight_shapes(cfg: ModelConfig, *, include_lm_head: bool | None = None) -
 def to_hf_state_dict(cfg: ModelConfig, params: Params, *, fold: bool) -> dict[str, np.ndarray]:
     """HF state dict (contiguous float32 numpy, HF order) of our stacked params.
 
-    Args:
-      cfg: the model of ``params``.
-      params: our stacked parameter pytree.
-      fold: fold MiniCPM's scales into the weights (``transformer.fold_minicpm_scales``; a no-op for a
-        LLaMA config); the head is then untied. Without it the weights are stored as they are.
+    ``fold`` folds MiniCPM's scales into the weights (``transformer.fold_minicpm_scales``; a no-op for a LLaMA
+    config) and unties the head.
     """
     params = jax.tree.map(lambda x: np.asarray(x, np.float32), params)
     if fold and cfg.is_minicpm:
@@ -91,9 +85,7 @@ def to_hf_state_dict(cfg: ModelConfig, params: Params, *, fold: bool) -> dict[st
 def from_hf_state_dict(cfg: ModelConfig, tensors: Mapping[str, Any]) -> Params:
     """Our float32 params from HF tensors (a mapping name -> array-like); checks names and shapes.
 
-    Args:
-      cfg: the model the tensors must describe (e.g. from :func:`prosparse_jax.hf.config.model_config_from_hf`).
-      tensors: HF tensor name -> array-like; read lazily, one tensor at a time.
+    ``tensors`` is read one tensor at a time (it may be lazy).
 
     Raises:
       HFConversionError: a tensor is missing, has the wrong shape, or is not part of the architecture.

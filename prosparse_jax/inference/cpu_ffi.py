@@ -1,14 +1,9 @@
-"""Build, load and call the C++ sparse FFN kernel for XLA:CPU (``csrc/sparse_ffn_cpu.cc``).
+"""Build, load and call the C++ sparse FFN kernel for XLA:CPU (``csrc/sparse_ffn_cpu.cc``, an XLA FFI custom call).
 
-The kernel is an XLA FFI custom call (https://docs.jax.dev/en/latest/ffi.html): given the active neurons' mask it
-reads their rows of W_up^T and W_down in place on all cores (XLA's intra-op thread pool) and returns
-sum_i x1[:, i] * W_down[i, :] -- ProSparse (arXiv 2402.13516) §4.3 S2 + S3 after the dense gate projection.
-
-It is compiled on first use with the system C++ compiler (``$CXX``, default ``g++``) into a cache directory
-(``$PROSPARSE_CACHE_DIR``, else ``$XDG_CACHE_HOME/prosparse_jax``, else ``~/.cache/prosparse_jax``). The file name
-carries a hash of the source, the compiler and its flags, the jaxlib version and the CPU (``-march=native``), so a
-changed source or jaxlib rebuilds and a cache shared between different machines never loads a foreign build; the
-build writes a temporary file and renames it, so two processes building at once are safe.
+Given the active neurons' mask, the kernel reads their rows of W_up^T and W_down in place on XLA's intra-op thread pool:
+ProSparse (arXiv 2402.13516) §4.3 S2 + S3 after the dense gate projection. It is compiled on first use with ``$CXX``
+into :func:`cache_dir`, under a hash of the source, compiler, flags, jaxlib and CPU (``-march=native``), so a changed
+source or jaxlib rebuilds and a cache shared between machines never loads a foreign build.
 """
 
 from __future__ import annotations
@@ -80,8 +75,8 @@ def _excerpt(stderr: str, limit: int = 2000) -> str:
 
 
 def build(cxx: str | None = None) -> Path:
-    """The kernel compiled with ``cxx`` (default :func:`compiler`): the cached library when it exists, else compiled
-    now (atomically).
+    """The kernel compiled with ``cxx`` (default :func:`compiler`): the cached library, else compiled now (written to a
+    temporary file and renamed, so concurrent builds are safe).
 
     Raises:
       KernelUnavailableError: no source or compiler, or the compile failed (with the compiler's error lines).
@@ -118,8 +113,7 @@ def build(cxx: str | None = None) -> Path:
 def _load(path: Path, cxx: str) -> ctypes.CDLL | KernelUnavailableError:
     """The build at ``path`` (compiled with ``cxx`` if missing), loaded and registered as the FFI target, or why not.
 
-    Cached per build: loading and registering happen once per process, and a changed ``$CXX`` or cache directory is
-    another build.
+    Cached per build, so registering happens once per process; a changed ``$CXX`` or cache directory is another build.
     """
     try:
         build(cxx)
@@ -156,12 +150,10 @@ def gather_down(x_BxD: Array, coeff_BxF: Array, active_F: Array, w_up_FxD: Array
     """out_BxD = sum over the neurons i with active_F[i] of x1[:, i] * W_down[i, :], on all cores (float32 only).
 
     Args:
-      x_BxD: the FFN input.
       coeff_BxF: act(gate) when ``read_up`` (x1 = coeff * (x . W_up^T[i]), with relu(up) when ``drelu``); else x1.
       active_F: bool, the neurons whose rows are read (the kernel builds their index list itself, which is cheaper
         than ``jnp.nonzero`` in XLA).
       w_up_FxD: W_up^T (one row per neuron); not read unless ``read_up`` (any [F, D] array then).
-      w_down_FxD: W_down.
 
     Raises:
       KernelUnavailableError: the kernel cannot be built here.

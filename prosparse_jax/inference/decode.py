@@ -1,18 +1,13 @@
-"""KV-cache inference with the model's own block: prefill of left-padded prompts, one-token decode steps.
+"""KV-cache inference with the model's own block (:func:`model.decoder_block`, :func:`model.run_layers`): prefill of
+left-padded prompts, then one-token decode steps, with an attention that writes the cache and attends over it.
 
-Every layer is :func:`model.decoder_block`, run by :func:`model.run_layers`, with an attention that writes the new
-keys and values to the cache and attends over it, and an FFN hook.
+Cache: k and v are [L, B, S, K, H], S a fixed maximum length. Prompts are left-padded to a common length P, so every
+row writes its t-th token to slot t; row b has ``pad_B[b]`` padding slots and its token at slot s has RoPE position
+s - pad_B[b] (as in a forward of the unpadded row). Padding and unwritten slots are masked out of every query's keys.
 
-Cache layout: k and v are [L, B, S, K, H] (S = a fixed maximum length). The prompts of a batch are left-padded to a
-common length P, so every row writes its t-th token to slot t; row b has ``pad_B[b]`` padding slots and its token at
-slot s has RoPE position s - pad_B[b] (the positions a full forward of the unpadded row uses). Padding slots and slots
-not written yet are masked out of every query's keys.
-
-FFN hook (:data:`FFNImpl`): ``ffn_impl(params, cfg) -> ffn`` is called inside the jitted step with the (traced)
-parameters and returns ``ffn(layer, x_BxTxD, lp, valid_BxT) -> (out_BxTxD, zeros_BxT)``: the FFN output of the
-normed hidden states (``lp``: the layer's parameters under their in-layer names, e.g. ``w_gate_DxF``) and the number
-of exact zeros of x1 per token. :func:`dense_ffn` is the model's FFN with the config's sparse mode; a sparse FFN kernel
-plugs in with the same signature.
+FFN hook (:data:`FFNImpl`): ``ffn_impl(params, cfg)``, called inside the jitted step with the traced parameters,
+returns ``ffn(layer, x_BxTxD, lp, valid_BxT) -> (out_BxTxD, zeros_BxT)``: the FFN of the normed hidden states (``lp``
+under in-layer names) and the number of exact zeros of x1 per token.
 """
 
 from __future__ import annotations
@@ -35,11 +30,8 @@ FFNImpl = Callable[[Params, ModelConfig], FFN]
 
 
 class KVCache(NamedTuple):
-    """Keys / values of every layer plus what says which slots hold tokens.
-
-    k_LxBxSxKxH / v_LxBxSxKxH: RoPE'd keys and values per slot. pad_B: int32 left-padding slots per row.
-    length: int32 scalar, the number of slots written (the next token goes to slot ``length``).
-    """
+    """RoPE'd keys / values of every layer per slot, the left-padding slots per row and ``length``, the number of
+    slots written (the next token goes to slot ``length``)."""
 
     k_LxBxSxKxH: Array  # noqa: N815
     v_LxBxSxKxH: Array  # noqa: N815
@@ -89,10 +81,8 @@ def _layers(params: Params, h_BxTxD: Array, cache: KVCache, slot0: Array, pos_Bx
 @partial(jax.jit, static_argnames=("cfg", "ffn_impl"), donate_argnames=("cache",))
 def prefill(params: Params, ids_BxP: Array, cache: KVCache, cfg: ModelConfig,
             ffn_impl: FFNImpl = dense_ffn) -> tuple[Array, KVCache]:
-    """Runs the left-padded prompts ``ids_BxP`` into an empty cache (slots 0..P-1).
-
-    Returns (float32 logits [B, V] of each row's last prompt token, the cache with ``length = P``).
-    """
+    """Runs the left-padded prompts into slots 0..P-1 of an empty cache: (float32 logits_BxV of each row's last
+    prompt token, the cache with ``length = P``)."""
     B, P = ids_BxP.shape
     t_BxP = jnp.broadcast_to(jnp.arange(P, dtype=jnp.int32), (B, P))
     valid_BxP = t_BxP >= cache.pad_B[:, None]
@@ -111,12 +101,9 @@ def decode_step(params: Params, tok_B: Array, cache: KVCache, active_B: Array, c
     """One token per row: writes ``tok_B`` at slot ``cache.length`` and returns its next-token logits.
 
     Args:
-      params: model parameters (either layer layout).
-      tok_B: int token ids, the last sampled token of each row.
-      cache: the cache (donated: its buffers are reused for the returned one).
+      tok_B: the last sampled token of each row.
+      cache: donated: its buffers are reused for the returned one.
       active_B: bool, rows still generating (the sparsity counts only these).
-      cfg: model config.
-      ffn_impl: the FFN hook (:data:`FFNImpl`).
 
     Returns:
       (float32 logits [B, V], updated cache, zeros of x1 per layer summed over the active rows [L] float32).

@@ -1,11 +1,6 @@
-r"""Generates text with a KV cache (:mod:`prosparse_jax.inference.decode`): greedy or sampled, with speed and sparsity
-stats (command line: :mod:`prosparse_jax.main.generate`).
+r"""Generates text with a KV cache (:mod:`prosparse_jax.inference.decode`), with speed and per-layer sparsity stats
+(command line: :mod:`prosparse_jax.main.generate`; docs/inference.md).
 
-The stats: prefill and decode tokens/s (compile excluded) and the activation sparsity of every layer during decoding
-(fraction of exact zeros of x1 over the decoded tokens, ProSparse's measure). The sparse mode decodes with the
-per-layer CETT thresholds ``model.neuron_thresholds`` (from ``python -m prosparse_jax.main.analyze --metric=pplp
---value=1``, its sparse_mode.json): the neurons whose output norm is at most the threshold are dropped, exactly as the
-sparse-mode forward does; otherwise the FFN is dense.
 Sampling: temperature 0 is greedy; else softmax(logits / T) restricted to the top_k tokens (0 = all) and to the
 smallest set whose probability reaches top_p (nucleus sampling, Holtzman et al. 2020, arXiv:1904.09751).
 """
@@ -93,9 +88,8 @@ def generate(params: model.Params, cfg: ModelConfig, prompts_ids: list[list[int]
     """Continues every prompt by up to ``max_new_tokens`` tokens (a row stops after emitting ``eos_id``).
 
     Args:
-      params: model parameters; cfg: its config (``cfg.neuron_thresholds`` apply as in :func:`model.forward`).
+      cfg: ``cfg.neuron_thresholds`` apply as in :func:`model.forward`.
       prompts_ids: token ids per prompt (different lengths are left-padded into one batch).
-      max_new_tokens: tokens to generate at most per prompt (>= 1).
       temperature, top_k, top_p, seed: sampling (:func:`sample`); temperature 0 = greedy.
       eos_id: a row ends after producing this token (included in its output). None = never.
       ffn: the FFN hook of every layer in the decode steps (:data:`prosparse_jax.inference.decode.FFNImpl`); None =
@@ -111,8 +105,7 @@ def generate(params: model.Params, cfg: ModelConfig, prompts_ids: list[list[int]
                          f"{top_k}, {top_p}")
     ffn = ffn or dense_ffn
     # per-layer layout: the decode step reads each layer's weights in place (a scan over stacked layers copies each
-    # layer's slice every step: 7x slower at the 7B FFN width, 4096 x 11008). Params already per-layer (e.g. from
-    # prepare_sparse_params or model.unstack_layers, done once by a caller that generates repeatedly) are not copied.
+    # layer's slice every step). Params already per-layer (prepare_sparse_params, model.unstack_layers) are not copied.
     params = model.unstack_layers(params)
     ids_BxP, pad_B = left_pad(prompts_ids)
     B, P = ids_BxP.shape
@@ -136,13 +129,13 @@ def generate(params: model.Params, cfg: ModelConfig, prompts_ids: list[list[int]
 def decode_loop(params: model.Params, logits_BxV: Array, cache: KVCache, key: Array, *, cfg: ModelConfig,
                 ffn_impl: FFNImpl, max_new_tokens: int, eos_id: int | None, temperature: float, top_k: int,
                 top_p: float) -> tuple[Array, Array, Array]:
-    """Samples up to ``max_new_tokens`` tokens per row after the prefill's ``logits_BxV``, on the device: one
-    ``lax.while_loop`` of (:func:`decode_step`, :func:`sample`) with no host round trip per token. It stops when
-    every row has emitted ``eos_id`` or after ``max_new_tokens`` samples (the last sample runs no step).
+    """Samples up to ``max_new_tokens`` tokens per row after the prefill's ``logits_BxV`` in one on-device
+    ``lax.while_loop`` of (:func:`decode_step`, :func:`sample`), until every row has emitted ``eos_id`` (the last
+    sample runs no step).
 
     Returns:
-      (tokens [B, max_new_tokens] int32 (after a row's EOS: whatever was sampled, trimmed by the caller), zeros of x1
-      per layer summed over the active rows of every step [L] float32, decoded tokens (steps x active rows) int32).
+      (tokens [B, max_new_tokens] int32, untrimmed after a row's EOS; zeros of x1 per layer summed over the active
+      rows of every step [L] float32; decoded tokens (steps x active rows) int32).
     """
     B = logits_BxV.shape[0]
 
@@ -180,9 +173,8 @@ def _length(row: np.ndarray, eos_id: int | None) -> int:
 
 
 def prepare_sparse_params(params: model.Params) -> model.Params:
-    """``params`` plus what the sparse FFN reads per layer, computed once instead of in every decode step:
-    ``w_up_t_LxFxD`` (W_up with one row per neuron) and ``w_down_norms_LxF`` (||W_down[i, :]||); returned in the
-    per-layer layout :func:`generate` decodes with, so repeated ``generate`` calls do not re-split the layers."""
+    """``params`` plus W_up^T (``w_up_t_LxFxD``) and ||W_down[i, :]|| (``w_down_norms_LxF``), computed once instead of
+    in every decode step, in the per-layer layout :func:`generate` decodes with."""
     params = model.stack_layers(params)
     layers = dict(params["layers"])
     layers["w_up_t_LxFxD"] = jnp.swapaxes(layers["w_up_LxDxF"], 1, 2)
@@ -191,11 +183,9 @@ def prepare_sparse_params(params: model.Params) -> model.Params:
 
 
 def sparse_decode_ffn(params: model.Params, cfg: ModelConfig, implementation: str = "auto") -> Any:
-    """The decode FFN hook (:data:`prosparse_jax.inference.decode.FFNImpl`) that runs
-    :func:`prosparse_jax.inference.sparse_ffn.sparse_ffn`: only the active neurons' rows of W_up / W_down are read (the
-    union over the batch rows). The zeros it reports per token are d_ff minus that union's size (a lower bound of each
-    row's own count when B > 1). ``implementation``: the sparse FFN backend (``functools.partial(sparse_decode_ffn,
-    implementation=...)`` picks one)."""
+    """The decode FFN hook (:data:`prosparse_jax.inference.decode.FFNImpl`) running the sparse FFN backend
+    ``implementation`` (bind it with ``functools.partial``). Its zeros per token are d_ff minus the size of the batch's
+    union active set (a lower bound of each row's own count when B > 1)."""
     del params
     taus_L = jnp.asarray(cfg.neuron_thresholds, jnp.float32) if cfg.neuron_thresholds else None
 

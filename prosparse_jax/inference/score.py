@@ -1,13 +1,8 @@
 """Scores a text with a model: per-token log-probabilities (command line: :mod:`prosparse_jax.main.score`).
 
-Output: ``{"token_ids", "tokens", "logprobs", "total_logprob", "num_tokens", "context"}``; ``logprobs[i]`` =
-log p(t_i | t_<i) for i >= 1 and ``logprobs[0]`` is null (nothing conditions the first token); ``total_logprob`` sums
-the non-null ones.
-
-Context: a text longer than the model's context (``window``; default the run's ``data.seq_len``, else the HF
-config's ``max_position_embeddings``) is scored in windows of that many tokens overlapping by half a window, so every
-token is conditioned on at least half a window of text before it and no forward exceeds the context;
-``context`` = {window, window_source, windows, policy} records it in the JSON.
+``logprobs[i]`` = log p(t_i | t_<i), null for i = 0 (nothing conditions the first token). A text longer than the
+model's context (:func:`context_window`) is scored in windows overlapping by half (:func:`window_logprobs`), so no
+forward exceeds the context; ``context`` in the result records how.
 """
 
 from __future__ import annotations
@@ -68,11 +63,8 @@ def window_logprobs(params: model.Params, mcfg: ModelConfig, ids: list[int], win
 
 def score(checkpoint_path: str | os.PathLike, text: str, *, step: int | None = None,
           window: int | None = None) -> dict[str, Any]:
-    """Tokenizes ``text`` with the checkpoint's tokenizer.json and returns the per-token log-probabilities.
-
-    A text longer than ``window`` tokens (default: :func:`context_window`) is scored in overlapping windows
-    (:func:`window_logprobs`); ``context`` in the result says how.
-    """
+    """The per-token log-probabilities of ``text`` under the checkpoint's model and tokenizer.json, scored in
+    windows of ``window`` tokens (default: :func:`context_window`) when longer."""
     from tokenizers import Tokenizer
 
     if window is not None and window < 2:

@@ -1,21 +1,9 @@
-"""Activation-sparse gated FFN for decoding: one interface, swappable backends.
+"""Activation-sparse gated FFN for decoding: one interface, backends that differ only in how they skip neurons.
 
-``sparse_ffn(x_BxD, w_gate_DxF, w_up_DxF, w_down_FxD, activation=..., implementation=...)`` returns the FFN output and
-the number of active neurons, like ``jax.nn.dot_product_attention(..., implementation=...)``: the backends in
-:data:`IMPLEMENTATIONS` compute the same function and differ in how they skip the dropped neurons. As in ProSparse
-(arXiv 2402.13516, §4.3) the gate projection is dense and only the active neurons' rows of W_up^T and W_down are read,
-so with sparsity s of x1 the speedup over the dense FFN is at most 3 / (1 + 2 (1 - s)). The neuron-norm mode (CETT,
-Sparsing Law §4.1: neuron i dropped iff |x1_i| * ||W_down[i, :]|| <= tau; any activation) needs the full up
-projection to know x1, so it skips W_down rows only: at most 3 / (2 + (1 - s)).
-
-Backends: ``cpu_gather`` (XLA: a loop over chunks of active neurons; the capacity is bucketed, one ``lax.switch``
-branch per bucket, and the dense FFN runs above ``DENSE_CROSSOVER``), ``cpu_ffi`` (C++ custom call reading the active
-rows in place on all cores, :mod:`prosparse_jax.inference.cpu_ffi`), ``pallas_triton`` / ``pallas_mosaic`` (GPU /
-TPU, :mod:`pallas_kernels`; interpreted on other platforms). Their speeds: docs/benchmarks.md.
-
-Batch > 1: the active set is the union of the rows' active sets. Under ``jax.vmap`` every backend gives the same
-results, but the bucket / dense-fallback switch becomes a select that runs all its branches, the dense FFN included:
-batch the rows into one call instead to keep the skipping.
+As in ProSparse (arXiv 2402.13516, §4.3) the gate projection is dense and only the active neurons' rows of W_up^T and
+W_down are read. The neuron-norm mode (CETT, Sparsing Law §4.1: neuron i dropped iff |x1_i| * ||W_down[i, :]|| <= tau;
+any activation) needs the full up projection to know x1, so it skips W_down rows only. A batch reads the union of its
+rows' active sets; under ``jax.vmap`` the skipping is lost (docs/inference.md: backends, bounds, batches).
 """
 
 from __future__ import annotations
@@ -36,13 +24,12 @@ from prosparse_jax.model.activations import ACTIVATIONS, RELU_FAMILY, check_acti
 
 Array = jax.Array
 
-#: Active density (active neurons / F) above which ``cpu_gather`` runs the dense FFN, near its measured break-even
-#: (``experiments/bench_sparse_ffn.py --crossover``); pass ``buckets`` to move it per shape.
+#: Active density (active neurons / F) above which ``cpu_gather`` runs the dense FFN, near its break-even
+#: (``experiments/bench_sparse_ffn.py --crossover``); ``buckets`` moves it per shape.
 DENSE_CROSSOVER = 0.3
 
-#: Active density above which ``cpu_ffi`` runs the dense FFN: it stays faster up to high densities (at density 1 it
-#: reads the dense FFN's bytes), so only nearly dense inputs fall back; pass ``buckets`` (its largest entry is the
-#: threshold) to move it.
+#: Active density above which ``cpu_ffi`` runs the dense FFN (at density 1 it reads the dense FFN's bytes, so only
+#: nearly dense inputs fall back); the largest of ``buckets`` moves it.
 CPU_FFI_CROSSOVER = 0.8
 
 #: Neurons per iteration of the ``cpu_gather`` loop.
@@ -99,11 +86,10 @@ class Mode(NamedTuple):
 # Active set
 # ---------------------------------------------------------------------------------------------------------------
 def _active_set(x_BxD: Array, w: FFNWeights, mode: Mode) -> tuple[Array, Array, Array | None]:
-    """(active_F bool, act_gate_BxF, x1_BxF or None): the union over the batch of the neurons to read.
+    """(active_F, act_gate_BxF, x1_BxF or None): the union over the batch of the neurons to read.
 
-    Gate-mask mode: act(gate) != 0 (dReLU: gate > 0; its up > 0 condition is applied after reading W_up). Neuron-norm
-    mode (``tau`` given): x1 = act(gate) * up computed in full, active iff |x1| * ||W_down[i]|| > tau; x1 is returned
-    already masked so only W_down remains to be read.
+    Gate-mask mode: act(gate) != 0 (dReLU's up > 0 is applied after reading W_up). Neuron-norm mode (``tau``): x1 in
+    full, active iff |x1| * ||W_down[i]|| > tau, returned masked so only W_down remains to be read.
     """
     gate_BxF = x_BxD @ w.w_gate_DxF.astype(x_BxD.dtype)
     if mode.tau is None:
@@ -186,11 +172,8 @@ def _cpu_gather_impl(x_BxD: Array, w: FFNWeights, mode: Mode) -> tuple[Array, Ar
 
 
 def _cpu_ffi_impl(x_BxD: Array, w: FFNWeights, mode: Mode) -> tuple[Array, Array]:
-    """C++ backend: the active rows of W_up^T / W_down read in place on all cores (float32; else ``cpu_gather``).
-
-    One custom call handles any active count (no capacity buckets); above the crossover (``CPU_FFI_CROSSOVER`` of F,
-    or the largest of ``mode.buckets``) the dense FFN runs.
-    """
+    """C++ backend: the active rows read in place on all cores, any count in one call (no buckets); dense above
+    ``CPU_FFI_CROSSOVER`` of F or the largest bucket; inputs other than float32 go to ``cpu_gather``."""
     w_up = w.w_up_DxF if w.w_up_FxD is None else w.w_up_FxD
     if not all(a.dtype == jnp.float32 for a in (x_BxD, w_up, w.w_down_FxD)):
         return _cpu_gather_impl(x_BxD, w, mode)
@@ -208,9 +191,8 @@ def _cpu_ffi_impl(x_BxD: Array, w: FFNWeights, mode: Mode) -> tuple[Array, Array
 
 
 def _pallas_impl(name: str, kernels: Any) -> Callable[[Array, FFNWeights, Mode], tuple[Array, Array]]:
-    """A backend from a ``pallas_kernels`` module's ``s2`` (gate, activation, up rows of the active neurons -> x1)
-    and ``s3`` (W_down rows of the non-zero x1 columns), interpreted on any platform that is not ``name``'s own in
-    :data:`AUTO` (a CPU: to test them). The active count is the union of x1's non-zero columns: the rows S3 reads."""
+    """A backend from a ``pallas_kernels`` module's ``s2`` (up rows of the active neurons -> x1) and ``s3`` (W_down
+    rows of x1's non-zero columns: the active count), interpreted off ``name``'s platform in :data:`AUTO` (tests)."""
 
     def impl(x_BxD: Array, w: FFNWeights, mode: Mode) -> tuple[Array, Array]:
         interpret = AUTO.get(jax.default_backend()) != name
@@ -265,29 +247,24 @@ def sparse_ffn(x_BxD: Array, w_gate_DxF: Array, w_up_DxF: Array, w_down_FxD: Arr
                threshold: float = 0.0, taus: Any = None, w_down_norms_F: Array | None = None,
                w_up_FxD: Array | None = None, implementation: str = "auto", chunk: int = DEFAULT_CHUNK,
                buckets: tuple[int, ...] | None = None) -> tuple[Array, Array]:
-    """The gated FFN act(x W_gate) * (x W_up) @ W_down reading only the active neurons' weights.
+    """The gated FFN act(x W_gate) * (x W_up) @ W_down, reading only the active neurons' weights (jit-compatible).
 
-    Equals ``model.ffn_down(model.ffn_hidden(x))`` (with ``model.neuron_norm_mask`` applied when ``taus`` is given)
-    up to fp32 summation order. Jit-compatible: the active count is dynamic.
+    Equals ``model.ffn_down(model.ffn_hidden(x))``, with ``model.neuron_norm_mask`` when ``taus`` is given, up to fp32
+    summation order.
 
     Args:
-      x_BxD: the FFN input (after the RMSNorm), B decode tokens.
-      w_gate_DxF, w_up_DxF, w_down_FxD: one layer's FFN weights.
-      activation: gated activation name (``prosparse_jax.model.activations``). With relu / fatrelu / drelu / relu2
-        the gate decides the active set; any other activation needs ``taus``.
+      x_BxD: the normed FFN input of B decode tokens.
+      activation: a registry name; outside relu / fatrelu / drelu / relu2 the gate cannot decide the active set and
+        ``taus`` is required.
       threshold: FATReLU threshold t (gate >= t kept).
-      taus: this layer's scalar tau of the neuron-norm sparse mode (neuron i dropped iff |x1_i| ||W_down[i]|| <= tau).
-      w_down_norms_F: ||W_down[i, :]||, required with ``taus`` (:func:`prepare_weights`).
-      w_up_FxD: W_up^T prepared once (:func:`prepare_weights`); transposed per call when omitted.
-      implementation: ``auto`` (by platform, :data:`AUTO`) or a key of :data:`IMPLEMENTATIONS`.
-      chunk: active neurons per loop iteration of ``cpu_gather``.
-      buckets: capacities (multiples of ``chunk``) of ``cpu_gather``; default :func:`default_buckets`. Above the last
-        one the dense FFN runs. ``cpu_ffi`` uses only the largest as its dense threshold (default
-        ``CPU_FFI_CROSSOVER * F``).
+      taus: this layer's scalar threshold of the neuron-norm mode; needs ``w_down_norms_F``.
+      w_down_norms_F, w_up_FxD: from :func:`prepare_weights`; without ``w_up_FxD`` W_up is transposed per call.
+      implementation: ``auto`` (:data:`AUTO`) or a key of :data:`IMPLEMENTATIONS`.
+      chunk, buckets: ``cpu_gather``'s neurons per loop step and capacities (multiples of ``chunk``; default
+        :func:`default_buckets`), dense above the last; ``cpu_ffi`` runs dense above the largest bucket.
 
     Returns:
-      (out_BxD, active_count): the FFN output and the int32 number of neurons in the batch's union active set
-      (the Pallas backends count the non-zero columns of x1, the W_down rows they read).
+      (out_BxD, int32 size of the batch's union active set; the Pallas backends count x1's non-zero columns).
 
     Raises:
       errors.UsageError: unknown implementation, or a mode missing its inputs.

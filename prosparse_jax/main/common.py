@@ -1,11 +1,8 @@
 """What every command-line tool shares: one line per user error, a traceback only for bugs.
 
-An :class:`prosparse_jax.errors.UserError` (or a flag that does not parse) is printed as ONE line,
-``<prog>: error: <message>``, on stderr, and the exit code is 1. Any other exception is a bug and propagates with its
-traceback; ``--verbose`` re-raises the user errors too, with theirs.
-
-Each tool builds its absl flags per call (``flags.FlagValues()`` in its ``main``): config_flags registers the overrides
-of each parse there, and tools imported together (tests) keep separate sets.
+A :class:`prosparse_jax.errors.UserError` or a bad flag prints ``<prog>: error: <message>`` on stderr and exits 1;
+anything else is a bug and keeps its traceback (``--verbose`` shows the user errors' too). Each tool builds its absl
+flags per call: config_flags registers each parse's overrides there, and tools imported together keep separate sets.
 """
 
 from __future__ import annotations
@@ -32,12 +29,10 @@ _VERBOSE_HELP = "On an error, show the Python traceback too."
 # ---------------------------------------------------------------------------------------------------------------
 def run(prog: str, flag_values: flags.FlagValues, argv: list[str] | None, body: Callable[[], str | tuple[str, int]],
         doc: str | None = None) -> int:
-    """Parses ``argv`` (default ``sys.argv``) into ``flag_values``, runs ``body`` and prints what it returns: the
-    output, or (output, exit code) for a tool whose success has several codes.
+    """Parses ``argv`` (default ``sys.argv``), runs ``body`` and prints its output; returns the exit code.
 
-    ``--help`` / ``-h`` prints ``doc`` (the tool's module docstring) and its flags, and exits 0. A flag error or a
-    :class:`UserError` is printed as ONE line ``<prog>: error: <message>`` on stderr (exit code 1); with
-    ``--verbose`` it is re-raised (traceback). Returns the exit code.
+    ``body`` returns the output, or (output, exit code) for a tool whose success has several codes. ``--help`` prints
+    ``doc`` (the tool's module docstring) and the flags.
     """
     if "verbose" not in flag_values:
         flags.DEFINE_bool("verbose", False, _VERBOSE_HELP, flag_values=flag_values)
@@ -73,8 +68,10 @@ def _verbose(args: list[str]) -> bool:
 
 
 def parse_flags(flag_values: flags.FlagValues, args: list[str]) -> None:
-    """``flag_values(args)``; an unknown ``--config.<path>`` override becomes a :class:`UsageError` with the nearest
-    valid field. ml_collections' config flags read the overrides from ``sys.argv``: it is ``args`` meanwhile."""
+    """``flag_values(args)``; an unknown ``--config.<path>`` override is a :class:`UsageError` naming the nearest field.
+
+    ml_collections' config flags read the overrides from ``sys.argv``, so it is ``args`` meanwhile.
+    """
     saved = sys.argv
     sys.argv = args
     try:
@@ -97,8 +94,10 @@ def _section_fields(section: str) -> list[str]:
 
 
 def config_override_message(args: list[str], e: BaseException) -> str:
-    """One line naming the first ``--config.<section>.<field>=`` override of ``args`` that is not a config field,
-    with the nearest valid name (did-you-mean); ml_collections' own message when no override is found at fault."""
+    """One line naming the first ``--config.`` override of ``args`` that is not a config field, with did-you-mean.
+
+    Falls back to ml_collections' own message when no override is found at fault.
+    """
     for a in args[1:]:
         m = re.match(r"--config\.([\w.]+)", a)
         if not m:
@@ -118,8 +117,10 @@ def config_override_message(args: list[str], e: BaseException) -> str:
 
 
 def error_line(e: BaseException) -> str:
-    """The message of ``e`` as one line: an embedded traceback (config_flags wraps a config file's exception in
-    one) is reduced to its last line, the rest is joined and capped at 1200 characters."""
+    """The message of ``e`` as one line of at most 1200 characters.
+
+    An embedded traceback (config_flags wraps a config file's exception in one) is reduced to its last line.
+    """
     text = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
     if "Traceback (most recent call last)" in text:
         head = text.split(": ", 1)[0] if text.startswith("flag --") else ""
@@ -161,8 +162,7 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 def call(prog: str, argv: list[str] | None, body: Callable[[], int | None]) -> int:
-    """Runs ``body`` (which parses ``argv`` itself); a :class:`UserError` is ONE line ``<prog>: error: <message>``
-    on stderr and exit code 1, re-raised with its traceback under ``--verbose``. Returns the exit code."""
+    """Runs ``body`` (which parses ``argv`` itself) with :func:`run`'s error handling; returns the exit code."""
     args = sys.argv[1:] if argv is None else argv
     try:
         return body() or 0

@@ -8,11 +8,9 @@
     python -m prosparse_jax.main.sweep task      --sweep=... --root=... --index=I [--dry_run]
     python -m prosparse_jax.main.sweep aggregate --sweep=... --root=... [--out=<root>/results --input=exact_zero]
 
-Every subcommand first checks every run of the sweep (:mod:`prosparse_jax.sweeps.spec`) as the train command will
-parse it. ``run`` keeps ``--parallel`` runs going, skips finished ones and resumes the others
-(:mod:`prosparse_jax.sweeps.launch`), printing a progress table every ``--interval`` seconds; ``status`` prints it
-once; ``slurm`` writes an array script whose task i is ``task --index=i``; ``aggregate`` writes results.csv and the
-law plots (:mod:`prosparse_jax.sweeps.aggregate`).
+Every subcommand first checks every run as the train command will parse it. ``run`` keeps ``--parallel`` runs going,
+skips finished ones, resumes the others and prints a progress table; ``slurm`` writes an array script whose task i is
+``task --index=i``; ``aggregate`` writes results.csv and the law plots. Format and outputs: docs/sweeps.md.
 """
 
 from __future__ import annotations

@@ -44,8 +44,7 @@ def _flags() -> flags.FlagValues:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Runs :func:`prosparse_jax.training.train.train`; returns the exit code: 0 (done, or saved on SIGTERM), 1 (a
-    user error, one line), 130 (Ctrl-C)."""
+    """Runs :func:`prosparse_jax.training.train.train`; exits 0 (done, or saved on SIGTERM), 1 (user error), 130."""
     logging.set_verbosity(logging.WARNING)  # orbax / tfds INFO lines drown the progress bar
     fv = _flags()
 

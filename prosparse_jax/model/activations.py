@@ -1,9 +1,8 @@
-"""Registry of gated-FFN activations and :func:`ffn_product`, the one place where x1 = act(gate) * up is formed.
+"""Gated-FFN activations by name (one entry of ``ACTIVATIONS`` each) and :func:`ffn_product`, the one place where
+x1 = act(gate) * up is formed.
 
-Adding an activation means adding one entry to ``ACTIVATIONS``.
-
-FATReLU convention (ProSparse Eq. 3; public implementations disagree): ``fatrelu_t(z) = z if z >= t else 0``. A gate
-pre-activation exactly equal to the threshold is *kept*. With t = 0 FATReLU equals ReLU.
+FATReLU keeps a gate exactly at its threshold, ``fatrelu_t(z) = z if z >= t else 0`` (ProSparse Eq. 3; public
+implementations disagree).
 """
 
 from __future__ import annotations
@@ -55,24 +54,13 @@ RELU_FAMILY = frozenset({"relu", "fatrelu", "drelu", "relu2"})
 
 
 def check_activation(name: str) -> None:
-    """Raises ValueError naming the choices if ``name`` is not a registered activation.
-
-    For callers that take an activation name directly (``nnx.GatedFFN``, ``sparse_ffn``); a config's name is checked by
-    ``ModelConfig``, and :func:`ffn_product` expects a valid one.
-    """
+    """Raises ValueError naming the choices if ``name`` is not a registered activation (``ffn_product`` assumes one)."""
     if name not in ACTIVATIONS:
         raise ValueError(f"unknown activation {name!r}; choose one of: {', '.join(ACTIVATIONS)}")
 
 
 def ffn_product(name: str, gate: Array, up: Array, threshold: float = 0.0) -> tuple[Array, Array]:
-    """Returns (x1, act(gate)) with x1 = act(gate) * up (dReLU: relu(gate) * relu(up)).
-
-    Args:
-      name: a key of ``ACTIVATIONS``.
-      gate: x @ W_gate, any shape.
-      up: x @ W_up, same shape as ``gate``.
-      threshold: FATReLU threshold t (ignored by the other activations).
-    """
+    """(x1, act(gate)) with x1 = act(gate) * up (dReLU: relu(gate) * relu(up)); ``threshold`` is FATReLU's t."""
     fn, on_up = ACTIVATIONS[name]
     act_gate = fn(gate, threshold)
     if on_up:

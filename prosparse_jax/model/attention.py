@@ -1,11 +1,10 @@
-"""Causal self-attention over packed sequences: one interface, one backend per platform.
+"""Causal self-attention over packed sequences: one interface, one backend per platform (table: docs/model.md).
 
-:func:`prepare` builds the mask once per forward pass, in the form its backend reads; :func:`attend` runs a layer's
-attention with it. ``model.attention`` names the backend (:data:`NAMES`; ``auto`` picks by platform). Every backend
-computes the same function: query t attends key s iff s <= t and segment_ids[s] == segment_ids[t] (id 0 marks
+:func:`prepare` builds the mask once per forward pass in its backend's form; :func:`attend` runs a layer with it. Every
+backend computes the same function: query t attends key s iff s <= t and segment_ids[s] == segment_ids[t] (id 0 =
 padding, a segment of its own, so no row is empty); q arrives scaled by H^-0.5; query head n reads kv head n // (N / K);
-scores and softmax in float32, the probabilities cast to the input dtype before the product with v. Only
-``xla_blocks`` attends over a KV cache (more keys than queries).
+scores and softmax in float32, probabilities cast to the input dtype for the product with v. Only ``xla_blocks``
+attends over a KV cache.
 """
 
 from __future__ import annotations
@@ -28,12 +27,8 @@ SPLASH_LANES = 128  # splash: T and its blocks are multiples of the TPU lane wid
 
 
 class Mask(NamedTuple):
-    """What every layer's attention reads, built once per forward pass by :func:`prepare`.
-
-    ``implementation`` is a key of :data:`IMPLEMENTATIONS` (never ``auto``); ``data`` is the mask in its backend's
-    form: bias blocks (xla_blocks), the same-segment mask [B, 1, T, T] or None (xla, cudnn), the segment ids [B, T]
-    or None (splash).
-    """
+    """What every layer's attention reads (:func:`prepare`): a resolved backend name and its form of the mask, ``data``:
+    bias blocks (xla_blocks), the same-segment mask [B, 1, T, T] or None (xla, cudnn), segment ids or None (splash)."""
 
     implementation: str
     data: Any
@@ -134,10 +129,9 @@ def _segment_ids(segment_ids_BxT: Array | None, B: int, T: int, block: int) -> A
 
 def _splash(q_BxTxNxH: Array, k_BxTxKxH: Array, v_BxTxKxH: Array, segment_ids_BxT: Array | None,
             interpret: bool) -> Array:
-    """Pallas TPU splash attention: K kv heads for N query heads without copies, segment ids natively, the fully
-    masked causal blocks skipped; one kernel per example, vmapped over the batch. Under a mesh context
-    (``jax.set_mesh``) the batch is split over every mesh axis with ``shard_map``: Mosaic kernels cannot be partitioned
-    automatically. ``interpret=True`` runs it on a CPU."""
+    """Pallas TPU splash attention (GQA and segment ids native), vmapped over the batch; ``interpret`` runs it on a CPU.
+    Under a mesh context (``jax.set_mesh``) the batch is split over every mesh axis with ``shard_map``: Mosaic kernels
+    cannot be partitioned automatically."""
     from jax.experimental.pallas.ops.tpu import splash_attention as sa  # Pallas TPU: imported when used
 
     B, T, N, _ = q_BxTxNxH.shape
@@ -182,13 +176,9 @@ NAMES = ("auto", *IMPLEMENTATIONS)  # what ``model.attention`` accepts
 
 def resolve_implementation(implementation: str, *, dtype: Any = jnp.float32, seq_len: int = 0,
                            platform: str | None = None) -> str:
-    """A key of :data:`IMPLEMENTATIONS`: ``implementation`` itself, or what ``auto`` means on ``platform``
-    (default: ``jax.default_backend()``) for inputs of ``dtype`` and length ``seq_len``: the platform's fused kernel
-    where it can run the inputs (cudnn: 16-bit floats; splash: T a multiple of 128), else ``xla``; ``xla_blocks`` on
-    a CPU. When exporting for another platform than the host's, name the backend: ``auto`` resolves on the host.
-
-    Raises:
-      ValueError: an unknown name; the message lists the valid ones.
+    """A key of :data:`IMPLEMENTATIONS`: ``implementation``, or what ``auto`` means on ``platform`` for inputs of
+    ``dtype`` and length ``seq_len``; ValueError on an unknown name. ``platform`` defaults to the host that traces:
+    name the backend when exporting for another platform.
     """
     if implementation == "auto":
         platform = platform or jax.default_backend()
@@ -209,10 +199,7 @@ def prepare(implementation: str, segment_ids_BxT: Array | None, B: int, T: int, 
     """The mask every layer of one forward pass reads, in the form of ``implementation`` (``auto`` resolved).
 
     Args:
-      implementation: a name of :data:`NAMES`.
       segment_ids_BxT: packed-sequence ids (0 = padding), or None for one sequence per row.
-      B: batch size.
-      T: sequence length.
       dtype: dtype of q, k and v (``auto`` on GPU picks by it).
       block: xla_blocks' query rows per block.
     """

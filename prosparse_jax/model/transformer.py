@@ -1,19 +1,13 @@
-"""Pure functional LLaMA / MiniCPM decoder with a gated FFN and per-layer activation statistics.
+"""Functional LLaMA 2 / MiniCPM decoder with a gated FFN and per-layer activation statistics (docs/model.md).
 
-Parameters are a plain pytree of float32 arrays whose leaf names carry their shapes. The layer parameters come in two
-layouts: stacked, ``params["layers"] = {name: [L, ...]}`` (canonical: checkpoints, HF conversion, analysis; the
-layers run under ``lax.scan``), and per-layer, ``params["layers"] = [{name: [1, ...]}] * L`` (the layers run
-unrolled, so each layer's gradient is its own buffer: training with ``model.scan_layers = False``, decoding). Inside
-a layer the L axis and the ``Lx`` of the names are gone (``w_gate_LxDxF`` is read as ``w_gate_DxF``).
+The forward pass is MiniCPM's (arXiv 2404.06395; LLaMA 2 with every scale 1). :func:`decoder_block` and
+:func:`run_layers` are the one block and the one layer loop: :func:`forward` and the KV-cache decoder
+(:mod:`prosparse_jax.inference.decode`) differ only in the attention and the FFN they hand in. Layer parameters are
+stacked, ``{name: [L, ...]}`` (canonical; ``lax.scan``), or per layer, ``[{name: [1, ...]}] * L`` (unrolled); inside a
+layer the ``Lx`` of the names is gone (``w_gate_LxDxF`` is read as ``w_gate_DxF``).
 
 Shape letters: B batch, T sequence, S keys, D d_model, N query heads, K kv heads, G = N / K, H head_dim, F d_ff,
 V vocab, L layers.
-
-Forward (MiniCPM, arXiv 2404.06395; LLaMA 2 when all scales are 1): h0 = embed(ids) * scale_emb; per layer
-h += attn(RMSNorm(h)) * r and h += ffn(RMSNorm(h)) * r with r = scale_depth / sqrt(L) (1 for LLaMA);
-logits = RMSNorm(h) / (d_model / dim_model_base) @ head. RMSNorm and softmax in float32, half-split RoPE.
-:func:`decoder_block` and :func:`run_layers` are the one block and the one layer loop: :func:`forward` and the
-KV-cache decoder (:mod:`prosparse_jax.inference.decode`) differ only in the attention and the FFN they hand in.
 """
 
 from __future__ import annotations
@@ -33,11 +27,10 @@ Params = dict[str, Any]
 
 
 class FFNStats(NamedTuple):
-    """Per-layer FFN statistics, each with a leading layer axis ``L``.
+    """Per-layer FFN statistics, each with a leading axis L, over valid tokens x d_ff.
 
-    mean_abs_x1: mean |x1| over valid tokens x d_ff (x d_ff = the layer's ProSparse Eq. 2 L1 term per token).
-    zero_frac: fraction of exact zeros of x1 over valid tokens x d_ff (ProSparse activation sparsity).
-    x1 / act_gate: the full [L, B, T, F] tensors, only when ``capture=True`` (else None).
+    ``mean_abs_x1`` * d_ff is the layer's ProSparse Eq. 2 L1 term per token; ``zero_frac`` is the fraction of exact
+    zeros of x1 (activation sparsity); ``x1`` / ``act_gate`` are the [L, B, T, F] tensors with ``capture=True``.
     """
 
     mean_abs_x1: Array
@@ -92,10 +85,8 @@ def _is_layers_holder(x: Any) -> bool:
 
 
 def unstack_layers(tree: Any) -> Any:
-    """Per-layer form of any pytree holding params-shaped dicts (params, optimizer moments, shardings).
-
-    Every ``{"layers": {name: [L, ...]}}`` becomes ``{"layers": [{name: [1, ...]}, ... L groups]}``; the rest of the
-    tree is unchanged. Already per-layer trees are returned as they are.
+    """Per-layer form of any pytree of params-shaped dicts (params, optimizer moments, shardings): every
+    ``{"layers": {name: [L, ...]}}`` becomes ``{"layers": [{name: [1, ...]}] * L}``; per-layer trees pass as they are.
     """
 
     def split(node: Any) -> Any:
@@ -151,7 +142,7 @@ def rms_norm(x: Array, w: Array, eps: float) -> Array:
 
 
 def rope_tables(positions_BxT: Array, H: int, theta: float) -> tuple[Array, Array]:
-    """cos / sin of the half-split rotary embedding, [B, T, 1, H/2] float32 (computed once per forward pass)."""
+    """cos / sin of the half-split rotary embedding, [B, T, 1, H/2] float32, for every layer of a forward pass."""
     inv_freq = 1.0 / (theta ** (jnp.arange(0, H, 2, dtype=jnp.float32) / H))
     ang_BxTxH2 = positions_BxT.astype(jnp.float32)[..., None] * inv_freq
     cs_2xBxTxH2 = jnp.stack([jnp.cos(ang_BxTxH2), jnp.sin(ang_BxTxH2)])
@@ -191,20 +182,14 @@ def attention_output(o_BxTxNxH: Array, lp: Params) -> Array:
     return (o_MxNH @ lp["wo_NxHxD"].reshape(N * H, -1).astype(o_BxTxNxH.dtype)).reshape(B, T, -1)
 
 
-# A hook that masks x1 (ProSparse's activation, paper Eq. 1: x1 = act(x W_gate) * (x W_up)) of one layer:
-# ``x1_mask(layer, x1_BxTxF, act_gate_BxTxF, valid_BxT) -> x1_BxTxF`` returns x1 with the dropped neurons zeroed.
-# ``layer`` is the layer index (an int32 scalar, traced under ``lax.scan``: index per-layer parameters with it);
-# ``valid_BxT`` is False on padding. One hook serves the sparse mode (CETT thresholds, :func:`neuron_norm_mask`), the
-# Top-k / FAT evaluation (:mod:`prosparse_jax.analysis.sparsity`) and sparse decoding.
+# The x1 hook (x1 = act(x W_gate) * (x W_up), ProSparse Eq. 1): ``x1_mask(layer, x1_BxTxF, act_gate_BxTxF,
+# valid_BxT) -> x1_BxTxF`` returns x1 with the dropped neurons zeroed. ``layer`` is an int32 scalar, traced under
+# ``lax.scan`` (index per-layer parameters with it); ``valid_BxT`` is False on padding.
 X1Mask = Callable[[Array, Array, Array, Array], Array]
 
 
 def ffn_hidden(x_BxTxD: Array, lp: Params, activation: str, threshold: float = 0.0) -> tuple[Array, Array]:
-    """Gated FFN up to the activation: (x1, act(gate)), both [B, T, F]; x1 is where activation sparsity lives.
-
-    ``lp`` holds one layer's ``w_gate_DxF`` and ``w_up_DxF``; ``activation`` is a registry name and ``threshold``
-    FATReLU's t (:func:`prosparse_jax.model.activations.ffn_product`).
-    """
+    """(x1, act(gate)), both [B, T, F], from one layer's ``w_gate_DxF`` / ``w_up_DxF`` (``ffn_product``)."""
     dt = x_BxTxD.dtype
     B, T, D = x_BxTxD.shape
     x_MxD = x_BxTxD.reshape(B * T, D)  # 2-D GEMMs: XLA:CPU emits no transposes for their gradients
@@ -239,10 +224,8 @@ def w_down_norms(params: Params) -> Array:
 
 
 def neuron_norm_mask(params: Params, taus_L: Any) -> X1Mask:
-    """The sparse mode's hook (CETT, Sparsing Law §4.1): neuron i of layer l is dropped iff n_i <= tau_l.
-
-    The same rule as :func:`prosparse_jax.analysis.sparsity.cett` (its tail holds the neurons with n_i <= tau), so the
-    sparse mode runs exactly what the measurement counted."""
+    """The sparse mode's hook (CETT, Sparsing Law §4.1): neuron i of layer l is dropped iff n_i <= tau_l, the rule
+    of :func:`prosparse_jax.analysis.sparsity.cett`'s tail, so the sparse mode runs what it measured."""
     norms_LxF = w_down_norms(params)
     taus = jnp.asarray(taus_L, jnp.float32)
 
@@ -324,9 +307,7 @@ def forward(
     """Runs the decoder.
 
     Args:
-      params: parameter pytree from :func:`init_params`, in either layer layout.
-      ids_BxT: int token ids.
-      cfg: model config.
+      params: from :func:`init_params`, in either layer layout.
       segment_ids_BxT: packed-sequence ids; attention stays within a segment; id 0 marks padding (excluded from the
         statistics). None = one sequence per row.
       positions_BxT: RoPE positions (restart at 0 per segment when packing). None = 0..T-1.
@@ -336,7 +317,7 @@ def forward(
       attn_block: query rows per block of the ``xla_blocks`` attention.
 
     Returns:
-      (logits [B, T, V] float32, FFNStats with [L]-shaped statistics).
+      (float32 logits_BxTxV, :class:`FFNStats`).
     """
     B, T = ids_BxT.shape
     if positions_BxT is None:
@@ -391,12 +372,8 @@ def cross_entropy(
 
 
 def fold_minicpm_scales(params: Params, cfg: ModelConfig) -> tuple[Params, ModelConfig]:
-    """Folds MiniCPM's scale_emb, scale_depth/sqrt(L) and logits divisor into the weights (what a MiniCPM checkpoint
-    needs to load as a transformers LlamaForCausalLM).
-
-    Returns an equivalent plain LLaMA model (all scales 1, untied head): embed *= scale_emb;
-    lm_head = (original head) / (d_model / dim_model_base); wo and w_down *= scale_depth / sqrt(L).
-    """
+    """The equivalent plain LLaMA model (all scales 1, untied head), so a MiniCPM model loads as LlamaForCausalLM:
+    embed *= scale_emb; lm_head = head / (d_model / dim_model_base); wo and w_down *= scale_depth / sqrt(L)."""
     params = stack_layers(params)
     head_DxV = params["embed_VxD"].T if cfg.tie_embeddings else params["lm_head_DxV"]
     r = cfg.residual_scale

@@ -1,21 +1,8 @@
 """The aggregate of a sweep (``python -m prosparse_jax.main.sweep aggregate``): one table and the law plots.
 
-Writes to ``out`` (default ``<root>/results``):
-
-- ``results.csv``: one row per run: its axes (``axis_<name>``), overrides, state, model size, the step reached and its
-  tokens, the last training loss and sparsity (metrics.jsonl), the final held-out evaluation (``final_eval.json``)
-  and the law columns (input, form, points, CETT target, the fitted coefficients with 1-sigma errors -- ``law_A0`` is
-  the limit activation ratio -- rmse, or the error of a fit that failed);
-- ``law_points.csv``: the law inputs, one row per (run, kept checkpoint): step, tokens, D (B tokens), A, PPL ratio;
-- ``law_fit.png`` (A vs D per activation, one colour per scale, with each run's fitted law) and ``law_limits.png``
-  (A0 vs non-embedding parameters);
-- ``results.json``: the rows, points and fits.
-
-The law input (the sweep's ``analysis.law_input``, or ``law_input``): ``cett_ppl`` is the Sparsing Law's A (App. E),
-measured by :mod:`prosparse_jax.analysis.law_inputs` and cached in ``<out>/law_ratios/<run>.json`` while the settings
-and checkpoints match; ``exact_zero`` is 1 - the exact-zero training sparsity (cheap; not the paper's A). A sweep
-without a law (the ProSparse ablations) gets ``results.csv`` and ``sparsity_vs_loss.png``. The outputs replace those
-of a previous aggregate; an ``out`` holding other files is refused without ``overwrite``.
+Writes ``results.csv`` (one row per run), ``results.json`` and, with a law input, ``law_points.csv``, ``law_fit.png``
+and ``law_limits.png`` (else ``sparsity_vs_loss.png``). ``cett_ppl`` is the Sparsing Law's A (App. E), cached in
+``<out>/law_ratios/``; ``exact_zero`` is 1 - the exact-zero training sparsity. Columns and files: docs/sweeps.md.
 """
 
 from __future__ import annotations
@@ -251,7 +238,11 @@ def _check_out(out: Path, overwrite: bool) -> Path:
 
 def aggregate(sweep: Sweep, root: Path, out: Path, *, law_input: str | None = None, overwrite: bool = False,
               echo: Any = print) -> str:
-    """Collects every run of the sweep into ``out`` (module docstring); returns the closing line."""
+    """Collects every run of the sweep into ``out`` (replacing a previous aggregate); returns the closing line.
+
+    Raises:
+      UsageError: ``out`` holds other files and ``overwrite`` is False.
+    """
     out = _check_out(Path(out), overwrite)
     law_input = sweep.analysis.get("law_input", "") if law_input is None else law_input
     rows, points, fits, errors = [], {}, {}, []

@@ -1,10 +1,7 @@
 """Launching a sweep's runs: locally, several at a time, or as a SLURM array; a run is resumed, never redone.
 
-Run ``i`` is its train command (:meth:`~prosparse_jax.sweeps.spec.Sweep.command`), run in the caller's directory with
-its output in ``<root>/logs/<name>.log``. A run is finished when its latest checkpoint is at ``train.steps`` and
-``final_eval.json`` exists: :func:`run_sweep` and :func:`run_task` skip finished runs and start the others again,
-which resumes each from its latest checkpoint; a workdir written with another config is refused, naming the run,
-before anything trains. Ctrl-C or SIGTERM stops every running run with a checkpoint (SIGTERM to each).
+A run is finished when its latest checkpoint is at ``train.steps`` and ``final_eval.json`` exists; finished runs are
+skipped, the others resume from their latest checkpoint. Logs go to ``<root>/logs/<name>.log``. See docs/sweeps.md.
 """
 
 from __future__ import annotations
@@ -56,8 +53,7 @@ def _write_manifest(sweep: Sweep, root: Path) -> None:
 
 
 def prepare_corpora(runs: Sequence[SweepRun], echo: Callable[[str], None]) -> None:
-    """Prepares each run's corpus (TFDS array_record) once, before runs start in parallel: two processes preparing
-    the same dataset at once would race."""
+    """Prepares each run's corpus once, before runs start in parallel (two processes preparing one dataset race)."""
     seen = set()
     for r in runs:
         d = r.rc.data
@@ -189,8 +185,10 @@ def run_sweep(sweep: Sweep, root: Path, parallel: int = 1, interval: float = 10.
 
 
 def run_task(sweep: Sweep, root: Path, index: int, dry_run: bool = False) -> int:
-    """Runs (or resumes) run ``index`` in this process's foreground, as a SLURM array task does; returns its exit
-    code. SIGTERM / SIGINT are passed on to train, which saves a checkpoint."""
+    """Runs (or resumes) run ``index`` in the foreground, as a SLURM array task does; returns its exit code.
+
+    SIGTERM / SIGINT are passed on to train, which saves a checkpoint.
+    """
     if not 0 <= index < len(sweep.runs):
         raise UsageError(f"--index={index}: the sweep has {len(sweep.runs)} runs (0-{len(sweep.runs) - 1})")
     run, root = sweep.runs[index], Path(root)
@@ -223,7 +221,9 @@ def run_task(sweep: Sweep, root: Path, index: int, dry_run: bool = False) -> int
 
 def _set_handlers(signals: Sequence[int] | dict[int, Any], handler: Any = None) -> dict[int, Any]:
     """Installs ``handler`` for ``signals`` (or restores a dict returned earlier); returns the previous handlers.
-    Off the main thread (where Python takes no handlers) it does nothing."""
+
+    Off the main thread (where Python takes no handlers) it does nothing.
+    """
     if threading.current_thread() is not threading.main_thread():
         return {}
     todo = signals if isinstance(signals, dict) else dict.fromkeys(signals, handler)
@@ -231,8 +231,7 @@ def _set_handlers(signals: Sequence[int] | dict[int, Any], handler: Any = None) 
 
 
 def slurm_script(sweep: Sweep, root: Path, max_parallel: int = 0, sbatch: Sequence[str] = ()) -> str:
-    """A SLURM array script: task i runs run i through ``python -m prosparse_jax.main.sweep task
-    --index=$SLURM_ARRAY_TASK_ID``, in the directory this is called from."""
+    """A SLURM array script whose task i runs ``sweep task --index=i`` in the directory this is called from."""
     root = Path(root).absolute()
     n = len(sweep.runs)
     array = f"0-{n - 1}" + (f"%{max_parallel}" if max_parallel else "")

@@ -1,9 +1,7 @@
 """A sweep: a base experiment config and its runs (a name and dotted-field overrides each), loaded and validated.
 
-A sweep file (``configs/sweeps/*.py``) is like an experiment config file: ``get_config(arg)`` returns :func:`sweep`'s
-ConfigDict. Its ``base`` is the experiment config every run starts from, ``file.py:arg``; a relative path is looked up
-in the current directory, then in the directory holding the installed ``configs`` package. :func:`load_sweep` checks
-every run's overrides and config as the train command will parse them, before anything is created or trained.
+Sweep files (``configs/sweeps/*.py``) build their ConfigDict with :func:`grid` and :func:`sweep`; :func:`load_sweep`
+checks every run as the train command will parse it, before anything is created or trained. Format: docs/sweeps.md.
 """
 
 from __future__ import annotations
@@ -81,15 +79,11 @@ def grid(axes: Mapping[str, Mapping[str, Overrides]], fixed: Overrides | None = 
 def analysis(law_input: str = "cett_ppl", *, p: float = 1.0, n_search: int = 5, num_batches: int = 4,
              batch_size: int = 8, search_steps: int = 12, min_step: int = -1,
              group_by: str = "scale") -> ml_collections.ConfigDict:
-    """What ``python -m prosparse_jax.main.sweep aggregate`` computes.
+    """What ``python -m prosparse_jax.main.sweep aggregate`` computes; each field is commented in the body.
 
     Args:
-      law_input: ``cett_ppl`` (the Sparsing Law's A: CETT-PPL-p% activation ratio of every kept checkpoint,
-        :mod:`prosparse_jax.analysis.law_inputs`), ``exact_zero`` (1 - exact-zero training sparsity from
-        metrics.jsonl; cheap, not the paper's A) or ``""`` (no law fit: a ProSparse ablation).
-      p, n_search, num_batches, batch_size, search_steps: the CETT-PPL protocol's settings (as ``fit_laws``).
-      min_step: warm-up cut (checkpoints with step <= min_step are dropped); -1 = the run's optim.warmup_steps.
-      group_by: the axis whose values are the scales of the law plots.
+      law_input: ``cett_ppl`` (the Sparsing Law's A, CETT-PPL-p% activation ratio, App. E), ``exact_zero``
+        (1 - exact-zero training sparsity; cheap, not the paper's A) or ``""`` (no law fit: a ProSparse ablation).
     """
     a = ml_collections.ConfigDict()
     a.law_input = law_input  # cett_ppl | exact_zero | '' (no law fit)
@@ -149,8 +143,7 @@ class Sweep:
         return Path(root).absolute() / run.name
 
     def command(self, root: Path, run: SweepRun) -> list[str]:
-        """The train command of ``run``: ``python -m prosparse_jax.main.train --config=<base> --workdir=...
-        --config.<field>=<value> ...`` (absolute paths: it runs from any directory)."""
+        """The train command of ``run``, with absolute paths (it runs from any directory)."""
         return [sys.executable, "-m", TRAIN_MODULE, f"--config={self.base}", f"--workdir={self.workdir(root, run)}",
                 *override_flags(run.overrides)]
 

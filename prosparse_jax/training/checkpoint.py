@@ -1,17 +1,9 @@
 """Orbax checkpoints of a run's workdir: save, verified restore, and loading a workdir's model.
 
-Workdir layout::
-
-    <workdir>/config.json        resolved run config (the ``model`` section is the ModelConfig)
-    <workdir>/tokenizer.json     HF tokenizers file used by the run (if any)
-    <workdir>/metrics.jsonl      one JSON object per logged step
-    <workdir>/checkpoints/<step>/{params, opt_state, extra}
-
-``params`` and ``opt_state`` are orbax StandardSave pytrees; ``extra`` is JSON (step, data iterator state, model and
-run config, and the :mod:`~prosparse_jax.training.digest` of every array leaf). An imported model has ``params`` and
-``extra`` only. A step that cannot be read back or whose arrays do not match their digests raises
-:class:`CorruptCheckpointError` naming the newest older step that verifies; nothing is deleted. Stored shapes that
-differ from the config's are a plain :class:`CheckpointError` (a config mismatch, not damage).
+A step is ``<workdir>/checkpoints/<step>/{params, opt_state, extra}``: orbax pytrees, and JSON holding the step, data
+iterator state, model and run config and the :mod:`~prosparse_jax.training.digest` of every array (an imported model
+has no ``opt_state``). A damaged step raises :class:`CorruptCheckpointError` naming the newest older step that verifies
+(nothing is deleted); stored shapes that differ from the config's are a plain :class:`CheckpointError`.
 """
 
 from __future__ import annotations
@@ -109,9 +101,7 @@ def _mismatch(step_dir: Path, targets: dict[str, Any], *, by_name: bool) -> str 
 
 
 def _is_abandoned_read(u: Any) -> bool:
-    """An unraisable exception of orbax's reads left running when a restore failed (see :func:`quiet_orbax_noise`):
-    "Event loop is closed" from tensorstore's threads, a coroutine of orbax's never awaited, or a traceback through
-    orbax's checkpoint code."""
+    """Whether an unraisable exception comes from orbax's reads left running by a failed restore."""
     if isinstance(u.exc_value, RuntimeError) and "Event loop is closed" in str(u.exc_value):
         return True
     code = getattr(getattr(u, "object", None), "cr_code", None)
@@ -126,8 +116,7 @@ def _is_abandoned_read(u: Any) -> bool:
 
 
 class _AbandonedOrbaxTasks(stdlib_logging.Filter):
-    """Drops asyncio's "Task/Future exception was never retrieved" about orbax's (tensorstore's) reads left behind by
-    a failed restore."""
+    """Drops asyncio's "exception was never retrieved" records about the reads a failed orbax restore left behind."""
 
     def filter(self, record: stdlib_logging.LogRecord) -> bool:
         msg = record.getMessage()
@@ -135,13 +124,10 @@ class _AbandonedOrbaxTasks(stdlib_logging.Filter):
 
 
 def quiet_orbax_noise() -> None:
-    """Drops the noise of a failed orbax restore; for a process's entry point (the command-line tools install it).
+    """Drops the noise of a failed orbax restore; for a process's entry point. Idempotent.
 
-    When one array cannot be read, orbax's restore raises while its other reads are still in flight; during the
-    restore or later they report "Exception ignored in <coroutine ...>" / "Event loop is closed" tracebacks through
-    ``sys.unraisablehook`` and "Task/Future exception was never retrieved" through the ``asyncio`` logger, burying
-    the one-line error. Only those are dropped; other unraisable exceptions and asyncio records pass through.
-    Idempotent.
+    When one array cannot be read, orbax raises while its other reads are in flight; they later report tracebacks
+    through ``sys.unraisablehook`` and the ``asyncio`` logger that bury the one-line error. Only those are dropped.
     """
     asyncio_log = stdlib_logging.getLogger("asyncio")
     if not any(isinstance(f, _AbandonedOrbaxTasks) for f in asyncio_log.filters):
@@ -221,13 +207,8 @@ def manager(workdir: str | os.PathLike, *, keep: int = 3, async_save: bool = Tru
             save_interval_steps: int = 1, keep_period: int = 0) -> ocp.CheckpointManager:
     """A CheckpointManager over ``<workdir>/checkpoints`` with items params / opt_state / extra.
 
-    Args:
-      workdir: the run's workdir.
-      keep: the latest ``keep`` checkpoints are kept on disk (older ones are deleted) ...
-      async_save: write checkpoints in the background.
-      save_interval_steps: orbax's save interval (1: every ``save`` call writes).
-      keep_period: ... except that a checkpoint whose step is a multiple of ``keep_period`` is never deleted
-        (0 = off). The Sparsing Law protocol (``prosparse_jax.analysis.law_inputs``) measures every checkpoint of a run.
+    It keeps the newest ``keep`` steps and every multiple of ``keep_period`` (0 = off; the Sparsing Law fit measures
+    every kept step). ``save_interval_steps`` is orbax's (1: every ``save`` call writes).
     """
     if keep_period < 0:
         raise ValueError(f"keep_period must be >= 0 (0 = off), got {keep_period}")
@@ -240,11 +221,7 @@ def manager(workdir: str | os.PathLike, *, keep: int = 3, async_save: bool = Tru
 
 def save(mgr: ocp.CheckpointManager, step: int, params: Params, opt_state: Any | None,
          extra: dict[str, Any], *, force: bool = False) -> bool:
-    """Saves one step (async if the manager is); ``extra`` must be JSON-serialisable.
-
-    ``extra`` is written with ``"digests"`` added (every array leaf of ``params`` and ``opt_state``), which
-    :func:`restore` and :func:`load_model` check.
-    """
+    """Saves one step (async if the manager is), adding to the JSON-serialisable ``extra`` the digests of its arrays."""
     trees = {"params": params} if opt_state is None else {"params": params, "opt_state": opt_state}
     extra = dict(extra, digests={"algorithm": DIGEST_ALGORITHM, **digests(trees)})
     items: dict[str, Any] = {"params": ocp.args.StandardSave(params), "extra": ocp.args.JsonSave(extra)}
@@ -297,7 +274,7 @@ def read_extra(workdir: str | os.PathLike, step: int) -> dict[str, Any]:
     """The JSON ``extra`` item of checkpoint ``step`` (step, data state, model and run config), read without orbax.
 
     Raises:
-        CheckpointError: naming the file when it is missing or not JSON.
+        CorruptCheckpointError: naming the file when it is missing or not a JSON object.
     """
     path = Path(workdir) / CKPT_DIR / str(step) / "extra" / "metadata"
     try:

@@ -1,9 +1,8 @@
 """64-bit digests of array leaves, written with every checkpoint and verified on restore (:mod:`checkpoint`).
 
-Per leaf: two sums mod 2^32 of the leaf's 32-bit words mixed with fmix32 and weighted by odd position weights; any
-single flipped bit changes it, other damage escapes with probability ~2^-64 (it detects damage, not tampering). Small
-leaves are digested with numpy shard by shard (no compile); big or multi-process leaves by a jitted reduction on the
-devices that hold them, so a sharded array is never gathered. Both paths give identical values (tested).
+Per leaf: two position-weighted sums mod 2^32 of its fmix32-mixed 32-bit words. It detects damage, not tampering.
+Small leaves are digested with numpy (no compile), big or multi-process ones by a jitted reduction where they live
+(a sharded array is never gathered); both paths give the same value.
 """
 
 from __future__ import annotations
@@ -38,10 +37,9 @@ def _weights(pos: Any, xp: Any) -> tuple[Any, Any]:
 def _sums(words: Any, w1: Any, w2: Any, xp: Any) -> tuple[Any, Any]:
     """The two weighted sums (mod 2^32) of the mixed ``words`` with the position weights ``w1``, ``w2``.
 
-    Every weight is odd and ``_fmix32`` is a bijection, so a change of any one word -- a single flipped bit
-    included -- changes both sums; unrelated changes of several words cancel in both with probability ~2^-64 (the
-    second weight is a hash of the position). Not cryptographic: it detects damage, not tampering. uint32 sums wrap,
-    so the result does not depend on how the array is split into shards or blocks, nor on the reduction order.
+    Odd weights and a bijective mix make any one changed word change both sums; changes of several words cancel in
+    both with probability ~2^-64. Wrapping uint32 sums make the result independent of shards, blocks and reduction
+    order.
     """
     v = _fmix32(words ^ xp.uint32(_SEED_WORD), xp)
     return xp.sum(v * w1, dtype=xp.uint32), xp.sum(v * w2, dtype=xp.uint32)
@@ -94,8 +92,7 @@ def _np_weights(gw: tuple[int, ...], first: tuple[int, ...], shape: tuple[int, .
 
 
 def _host_digest(x: Any) -> tuple[int, int]:
-    """:func:`_device_digest` with numpy, shard by shard and block by block (no compilation: cheap for small
-    leaves). ``x``: a numpy array or a fully addressable jax.Array."""
+    """:func:`_device_digest` with numpy, shard by shard and block by block, of a numpy or fully addressable array."""
     if isinstance(x, jax.Array):
         parts = [(s.index, np.asarray(s.data)) for s in x.addressable_shards if s.replica_id == 0]
         gshape = tuple(x.shape)
@@ -133,10 +130,7 @@ def _leaf_name(path: Any) -> str:
 def digests(trees: dict[str, Any]) -> dict[str, dict[str, str]]:
     """``{item: {leaf path: 16 hex digits}}`` of the array leaves of each pytree in ``trees``.
 
-    Small leaves (<= 64K words) are digested with numpy (no compilation), big or
-    multi-process ones by a jitted reduction on the devices that hold them (compiled once per leaf shape; only two
-    uint32 per leaf come back). Both give the same digest (tested), whatever the sharding. With several processes,
-    all of them must call it.
+    With several processes, all of them must call it.
     """
     out: dict[str, dict[str, Any]] = {}
     for item, tree in trees.items():

@@ -1,20 +1,7 @@
 """Multi-process runs on JAX's own runtime (``jax.distributed``): start-up, barriers and agreement between processes.
 
-Each process runs the same command; JAX joins them into one program over all their devices. Where the start-up
-settings come from (the first that applies wins):
-
-1. the train command's ``--coordinator_address``, ``--num_processes``, ``--process_id`` (``--local_device_ids``), each
-   falling back on its environment variable ``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES``, ``JAX_PROCESS_ID``
-   (``JAX_LOCAL_DEVICE_IDS``); ``--num_processes=1`` forces a single process;
-2. SLURM: a task of an ``srun`` step with ``SLURM_NTASKS`` > 1 calls ``jax.distributed.initialize()`` with no
-   arguments, and JAX's SLURM detection supplies everything (coordinator = the step's first node, port from the job
-   id; process id = ``SLURM_PROCID``; on GPUs one device per task, ``SLURM_LOCALID``);
-3. ``PROSPARSE_DISTRIBUTED=1``: ``jax.distributed.initialize()`` for any other cluster JAX detects (Cloud TPU pods,
-   Open MPI).
-
-Otherwise the run is one process. Settings that name only some of coordinator / process count / process id are an
-error naming what is missing. All processes must see the same ``--workdir`` and data dir (a shared filesystem).
-The process's entry point joins the run (:func:`initialize`) before anything touches a JAX backend.
+Every process runs the same command and joins the run (:func:`initialize`) before anything touches a JAX backend; all
+must see the same workdir and data dir. Set-up: docs/scaling.md.
 """
 
 from __future__ import annotations
@@ -45,8 +32,7 @@ _FIELDS = (("coordinator_address", "--coordinator_address", "JAX_COORDINATOR_ADD
 
 @dataclasses.dataclass(frozen=True)
 class Settings:
-    """What :func:`initialize` passes to ``jax.distributed.initialize`` (None: JAX detects it) and where it came
-    from ('flags/environment', 'SLURM', 'PROSPARSE_DISTRIBUTED=1')."""
+    """What :func:`initialize` passes to ``jax.distributed.initialize`` (None: JAX detects it), and its source."""
 
     source: str
     coordinator_address: str | None = None
@@ -67,9 +53,13 @@ def _int(value: Any, flag: str, env: str) -> int | None:
 def resolve(coordinator_address: str | None = None, num_processes: int | None = None,
             process_id: int | None = None, local_device_ids: str | Sequence[int] | None = None,
             environ: Mapping[str, str] | None = None) -> Settings | None:
-    """The multi-process settings from the arguments (the train command's), else the environment; None: one process.
+    """The multi-process settings, or None for one process; the first source that applies wins:
 
-    A SLURM batch script that runs the command without ``srun`` is one process, with a warning logged.
+    1. the arguments (the train command's flags), each falling back on ``JAX_COORDINATOR_ADDRESS``,
+       ``JAX_NUM_PROCESSES``, ``JAX_PROCESS_ID`` (``JAX_LOCAL_DEVICE_IDS``); ``num_processes=1`` forces one process;
+    2. SLURM: a task of an ``srun`` step with ``SLURM_NTASKS`` > 1, JAX's SLURM detection supplying the rest (without
+       ``srun``: one process, with a warning);
+    3. ``PROSPARSE_DISTRIBUTED=1``: any other cluster JAX detects (Cloud TPU pods, Open MPI).
 
     Raises:
       UsageError: a partial or inconsistent setting; the message names the missing flag / variable.
@@ -120,9 +110,7 @@ def resolve(coordinator_address: str | None = None, num_processes: int | None = 
 
 
 def initialize(settings: Settings | None) -> None:
-    """Joins the processes of a multi-process run (``settings`` from :func:`resolve`; None: one process, nothing to
-    do). Call it once, before anything touches a JAX backend; process 0 prints one line: processes, devices,
-    coordinator."""
+    """Joins the processes of a multi-process run (None: one process); call it once, before any JAX backend is used."""
     if settings is None or jax.distributed.is_initialized():
         return
     s = settings

@@ -34,8 +34,7 @@ MEAN_KEYS = ("loss", "lm_loss", "reg_loss", "grad_norm", "sparsity", "sparsity_p
 
 @functools.cache
 def _matmul_peak(device_kind: str) -> float:
-    """The MFU denominator: one device's measured matmul FLOP/s, measured once per process and kind of device (a
-    fact of the hardware, not of the run)."""
+    """The MFU denominator: one device's matmul FLOP/s, measured once per process and kind of device."""
     return measure_matmul_peak()
 
 
@@ -77,13 +76,9 @@ class Dispatched(NamedTuple):
 class Loop:
     """Runs the steps from ``start`` to ``train.steps`` (or a stop request) on the host side.
 
-    Metrics are fetched one step late: step s+1 is dispatched before the host waits on step s's metrics, so the
-    host's bookkeeping overlaps device work. Steps that need the state (eval, checkpoint, end, stop) are synced at
-    once. On several simulated CPU devices every step is synced (:func:`metrics_lag`).
-
-    With several processes every one runs this loop in lockstep: each puts its rows of the batch, all save every
-    checkpoint (orbax writes each process's shards), only process 0 writes metrics and prints. A stop request
-    (a signal to any process) is OR-ed over the processes with each step, so all stop after the same step.
+    Metrics are fetched one step late (:func:`metrics_lag`) so host bookkeeping overlaps device work; steps that need
+    the state (eval, checkpoint, end, stop) are synced. Several processes run it in lockstep: all save every
+    checkpoint, only process 0 writes metrics, and a stop request is OR-ed over them so all stop after the same step.
     """
 
     def __init__(self, run: RunSetup, state: dict[str, Any], step_fn: Any, mgr: Any, start: int,

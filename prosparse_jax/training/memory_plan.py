@@ -1,13 +1,9 @@
-"""What a run config costs, without the hardware: its size and FLOPs (:func:`describe`) and the per-device memory of
-its train step on a mesh (:func:`plan`).
+"""What a run config costs, without the hardware: size and FLOPs (:func:`describe`) and the per-device memory of its
+train step on a mesh (:func:`plan`; docs/scaling.md).
 
-:func:`plan` compiles the train step as training jits it (:func:`prosparse_jax.training.step.jit_train_step`) from
-abstract shapes only (nothing is allocated) and reads XLA's per-device ``memory_analysis()``. When this process has
-fewer devices than the mesh (a laptop, a one-GPU box), it compiles for that many abstract XLA:CPU devices. Argument
-bytes (params, optimizer state, batch) are exact; temporaries are XLA:CPU's buffer assignment, an estimate of a GPU's
-or TPU's (see ``CPU_CAVEATS``). The suggestion keeps the global batch and picks the smallest ``train.grad_accum``
-(the largest per-device micro-batch) that fits: temporaries grow linearly with the micro-batch, so two compiles give
-the line, and one more verifies the pick.
+:func:`plan` compiles the step as training jits it, from abstract shapes (on abstract XLA:CPU devices when this process
+has fewer than the mesh), and reads XLA's ``memory_analysis()``. Temporaries grow linearly with the micro-batch, so two
+compiles give the line the suggested ``train.grad_accum`` comes from; one more verifies it.
 """
 
 from __future__ import annotations
@@ -41,8 +37,8 @@ CPU_CAVEATS = ("Temporaries are XLA:CPU's buffer assignment, an estimate for GPU
                "rematerialises differently, pads TPU layouts to (8,128) tiles, adds cuDNN workspaces, collective "
                "(NCCL) buffers and memory-space assignment; attention compiles as xla_blocks, while model.attention="
                "'auto' runs cuDNN flash (GPU) or splash (TPU) attention, whose O(T) memory is lower. ")
-# XLA:CPU code generation without LLVM optimisation and with the classic IR emitters: the same buffer assignment
-# (within a few hundred bytes) for a several times faster compile
+# XLA:CPU without LLVM optimisation and with the classic IR emitters: practically the same buffer assignment, compiled
+# much faster
 FAST_CPU_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True,
                     "xla_cpu_use_fusion_emitters": False}
 
@@ -122,9 +118,9 @@ def gb(n: float) -> float:
 # Devices and one compiled step
 # ---------------------------------------------------------------------------------------------------------------
 def plan_devices(n: int) -> list[Any]:
-    """``n`` devices to compile for: this process's own when it has that many (a real 8-GPU host: exact for it),
-    else ``n`` abstract devices of a second XLA:CPU client (nothing runs on them; JAX cannot change its own device
-    count after start-up, and ``jax.experimental.topologies`` needs a TPU/GPU PJRT plugin)."""
+    """``n`` devices to compile for: this process's own when it has that many, else ``n`` abstract devices of a second
+    XLA:CPU client (JAX cannot change its device count after start-up; ``jax.experimental.topologies`` needs a TPU/GPU
+    PJRT plugin)."""
     if jax.device_count() >= n:
         return jax.devices()[:n]
     try:
@@ -225,7 +221,6 @@ def plan(rc: RunConfig, mesh_shape: dict[str, int], device_memory_bytes: int | N
     it fits ``device_memory_bytes`` and the smallest ``train.grad_accum`` (largest per-device micro-batch) that fits.
 
     Args:
-      rc: the resolved run config.
       mesh_shape: axis -> size; an axis left out has size 1.
       device_memory_bytes: the memory of one device to fit; None: no fit and no suggestion.
       compiled: compile results to reuse and extend (a dict the caller keeps across calls); None: a fresh one.

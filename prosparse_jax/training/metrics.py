@@ -1,10 +1,8 @@
 """Run metrics: ``<workdir>/metrics.jsonl`` (one JSON object per entry), TensorBoard events, matmul peak.
 
-Each line has ``step`` and ``kind`` ('train', 'eval' or 'final_fatrelu') plus the values. Train entries report
-loss / lm_loss / reg_loss / grad_norm / sparsity (and per layer) as means over the steps since the previous entry
-(``steps_averaged``), and reg_factor / lr / last_loss / last_sparsity of the logged step's update. On resume, entries
-written after the restored checkpoint's step (by the interrupted run), and a last line cut by a crash mid-write, are
-moved to ``metrics.discarded.jsonl`` -- never deleted -- so metrics.jsonl reads as one uninterrupted run.
+Each line has ``step``, ``kind`` ('train', 'eval' or 'final_fatrelu') and the values; train entries hold means over
+the ``steps_averaged`` steps since the previous entry, and ``lr``, ``reg_factor``, ``last_*`` of the logged update. On
+resume, entries after the restored step and a line cut by a crash move to ``metrics.discarded.jsonl``.
 """
 
 from __future__ import annotations

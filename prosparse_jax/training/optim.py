@@ -1,18 +1,10 @@
-"""AdamW with a learning-rate schedule, global-norm clipping, weight-decay masks and MiniCPM µP.
+"""AdamW with a learning-rate schedule, global-norm clipping, weight-decay masks and MiniCPM µP (docs/training.md).
 
-The chain is ``clip_by_global_norm -> scale_by_adam -> add_decayed_weights (matrices only) ->
-scale_by_learning_rate(schedule) -> µP scale of the matrix updates``. A parameter's group comes from its leaf name:
-
-* norms (name contains ``norm``) and embeddings (``embed_VxD``, the tied output head too): no weight decay, LR not
-  µP-scaled;
-* matrices (everything else): weight decay, and with ``mup`` their update (weight-decay term included) is multiplied
-  by ``mup_base_dim / d_model``, MiniCPM's per-group LR ``lr / (d_model / 256)``.
-
-The masks are functions of the parameter pytree, so the optimizer is built without concrete parameters. The state is
-a plain pytree whose structure does not depend on the config (disabled parts are stateless identities), and the LR
-depends only on the update count in it: a restored state continues the schedule, and ``clip_norm``, ``mup`` and
-``weight_decay`` can change across a resume. Gradient accumulation is the train step's job: ``update`` runs once per
-optimizer step.
+``clip_by_global_norm -> scale_by_adam -> add_decayed_weights -> scale_by_learning_rate -> µP scale``. Norms (names
+containing ``norm``) and embeddings (``embed_VxD``, the tied head too) get neither weight decay nor the µP scale;
+matrices get both, µP multiplying their update by ``mup_base_dim / d_model`` (MiniCPM's ``lr / (d_model / 256)``).
+The state's structure does not depend on the config (disabled parts are stateless) and the LR only on its update
+count, so a restored state continues the schedule and ``clip_norm``, ``mup``, ``weight_decay`` may change on resume.
 """
 
 from __future__ import annotations
@@ -76,7 +68,6 @@ def make_optimizer(cfg: OptimConfig, total_steps: int,
     """Builds the AdamW chain and its learning-rate schedule.
 
     Args:
-        cfg: optimizer hyper-parameters.
         total_steps: number of optimizer updates of the run (end of the cosine / wsd decay).
         d_model: model width, for the µP factor ``cfg.mup_base_dim / d_model``.
 

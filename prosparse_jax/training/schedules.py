@@ -1,20 +1,12 @@
 """Step schedules: the ProSparse regularisation factor lambda(t) and the learning rate.
 
 Every schedule is a jit-traceable ``Callable[[step], float32 scalar]`` of the update index ``t``: the number of
-optimizer updates already applied (the first update uses ``t = 0``). It is optax's ``count`` in the optimizer state,
-so a resumed run continues the schedules exactly. Arguments are validated by the config sections
-(:mod:`prosparse_jax.config`), not here.
+optimizer updates already applied (optax's ``count``; the first update uses ``t = 0``), so a resumed run continues the
+schedules exactly.
 
-ProSparse lambda(t) (arXiv 2402.13516 §3.2, Eq. 2), stages ``[(lambda_0, T_0), (lambda_1, T_1), ...]`` with cumulative
-``T_i``; stage i owns ``T_{i-1} < t <= T_i``:
-
-* ``t <= T_0``: ``lambda_0`` (normally 0: activation substitution only);
-* ``T_0 < t <= T_1`` (warmup): ``lambda_1``, constant;
-* ``T_{i-1} < t <= T_i`` for ``i >= 2``: ``eta = (sin(-pi/2 + pi (t - T_{i-1}) / (T_i - T_{i-1})) + 1) / 2`` and
-  ``lambda = lambda_{i-1} + eta (lambda_i - lambda_{i-1})`` (zero slope at both ends; equal factors = constant stage);
-* ``t > T_last``: ``lambda_last``.
-
-lambda jumps from lambda_0 to lambda_1 after T_0 and is continuous everywhere else.
+ProSparse lambda(t) (arXiv 2402.13516 §3.2; docs/training.md): stage i of ``[(lambda_0, T_0), (lambda_1, T_1), ...]``
+owns ``T_{i-1} < t <= T_i``. Stages 0 and 1 are constant; stage i >= 2 is ``lambda_{i-1} + eta (lambda_i -
+lambda_{i-1})`` with ``eta = (1 - cos(pi (t - T_{i-1}) / (T_i - T_{i-1}))) / 2``; after ``T_last``: ``lambda_last``.
 """
 
 from __future__ import annotations
@@ -35,28 +27,17 @@ Schedule = Callable[[Any], jax.Array]
 PROSPARSE_STAGES: dict[str, Stages] = {
     "llama2-7b": [(0.0, 5000), (5e-3, 6000), (5e-2, 10000), (5e-2, 12000), (2e-1, 16000), (2e-1, 16500)],
     "llama2-13b": [(0.0, 5500), (5e-3, 6750), (1e-2, 10750), (1e-2, 11000), (2e-2, 15000), (2e-2, 16000)],
-    # MiniCPM-1B: the table lists stages 0..4 and then "decay 5e-2 to 95000; SFT 1e-2 to 101000". We read "decay" as
-    # MiniCPM's WSD learning-rate decay phase, during which lambda stays at 5e-2: a constant stage (5e-2, 95000).
-    # The "SFT 1e-2 to 101000" part is a separate supervised fine-tuning run (steps 95000..101000) with a constant
-    # lambda = 1e-2; it is not part of this pre-training schedule (an SFT run would use e.g. [(1e-2, 6000)]).
+    # MiniCPM-1B's "decay 5e-2 to 95000" is read as the WSD learning-rate decay with lambda held at 5e-2; its
+    # "SFT 1e-2 to 101000" is a separate fine-tuning run, not part of this table.
     "minicpm-1b": [(0.0, 10000), (1e-3, 15000), (5e-3, 20000), (5e-3, 25000), (5e-2, 35000), (5e-2, 95000)],
 }
 
 
 def reg_factor_schedule(stages: Sequence[Sequence[float]]) -> Schedule:
-    """The ProSparse factor lambda(t) as a jit-traceable schedule of the update index (see module docstring).
+    """The ProSparse factor lambda(t) of ``stages`` (as :func:`prosparse_jax.config.validate_stages` returns them).
 
-    Built from optax's own pieces: ``optax.join_schedules`` of constant stages (stage 0 and the warm-up) and sine
-    ramps, each ramp ``lambda_i + (lambda_{i-1} - lambda_i) * optax.cosine_decay_schedule(1, span)``, which is
-    ``lambda_{i-1} + eta (lambda_i - lambda_{i-1})`` with ``eta = (1 - cos(pi tau)) / 2``. A stage owns the steps
-    ``T_{i-1} < t <= T_i``, so each piece starts at boundary ``T_{i-1} + 1`` and is evaluated at ``tau =
-    (t - T_{i-1}) / span``.
-
-    Args:
-        stages: ``(lambda_i, T_i)`` pairs, as checked by :func:`prosparse_jax.config.validate_stages`.
-
-    Returns:
-        ``fn(step) -> float32 scalar``.
+    ``optax.join_schedules`` of constant stages and ramps ``lambda_i + (lambda_{i-1} - lambda_i) *
+    cosine_decay_schedule(1, span)``; as a stage owns ``T_{i-1} < t <= T_i``, each piece starts at ``T_{i-1} + 1``.
     """
     st = [(float(lam), int(t)) for lam, t in stages]
     pieces: list[Schedule] = [optax.constant_schedule(st[0][0])]

@@ -1,12 +1,8 @@
 """Device mesh, parameter / batch shardings and host <-> global-array transfers, in one place.
 
-Mesh axes: ``data`` (pure data parallelism) x ``fsdp`` (data parallelism whose parameters and optimizer state are
-sharded). The batch is split over both axes. Parameter sharding is a short rule table: the first matching regex
-on the leaf path gives the dimension sharded over ``fsdp`` (if it divides); everything else is replicated.
-
-With several processes the mesh spans all their devices: each process puts its own rows of a batch
-(:func:`host_batch_to_global`), the same eval rows everywhere (:func:`replicated_batch_to_global`), and reads results
-with :func:`to_host`.
+Mesh axes ``data`` x ``fsdp``; the batch is split over both, parameters and optimizer state over ``fsdp`` by
+``FSDP_RULES`` (the first regex matching the leaf path names the dimension; no match or no divisor: replicated). With
+several processes the mesh spans all their devices and each process puts its own rows of a batch.
 """
 
 from __future__ import annotations

@@ -1,9 +1,7 @@
 """The jitted pieces of ProSparse training: the objective, the train step and its state, and evaluation.
 
-Objective (ProSparse Eq. 2): loss = CE(next token) + lambda(t) * sum_l L1_l, where lambda(t) is ``reg_factor`` (from
-:func:`prosparse_jax.training.schedules.reg_factor_schedule`, evaluated inside the step from the state's step counter,
-so a resumed run continues it exactly) and L1_l is per ``sparsity.l1_reduction`` the mean over valid tokens of
-||x1_l||_1 (``"sum"``, the paper's form) or of |x1_l| over tokens x d_ff (``"mean"`` = ``"sum"`` / d_ff).
+Objective (ProSparse Eq. 2; docs/training.md): loss = CE(next token) + lambda(t) * sum_l L1_l, lambda(t) evaluated
+inside the step from the state's step counter, so a resumed run continues it exactly.
 """
 
 from __future__ import annotations
@@ -36,8 +34,8 @@ from prosparse_jax.training import sharding as shard_lib
 # ---------------------------------------------------------------------------------------------------------------
 def loss_fn(params: Params, batch: dict[str, jax.Array], cfg: ModelConfig, reg_factor: jax.Array,
             l1_reduction: str = "sum") -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Total loss = lm_loss + reg_factor * sum over layers of the layer's L1 term (``l1_reduction``: see the module
-    docstring)."""
+    """lm_loss + reg_factor * sum over layers of the L1 term of x1: ||x1||_1 averaged over valid tokens (``"sum"``,
+    the paper's) or that / d_ff (``"mean"``)."""
     logits, stats = forward(params, batch["inputs"], cfg, segment_ids_BxT=batch["segment_ids"],
                             positions_BxT=batch["positions"])
     lm_loss = cross_entropy(logits, batch["targets"], batch["weights"])
@@ -169,9 +167,7 @@ def place_state(params: Params, opt_state: Any, step: int, cfg: ModelConfig, mes
 
 
 def to_per_layer(tree: Any, mesh: jax.sharding.Mesh) -> Any:
-    """The per-layer training layout of stacked params / optimizer state (``model.scan_layers = False``).
-
-    Each layer group keeps the FSDP sharding rule of its stacked leaf."""
+    """The per-layer layout (``model.scan_layers = False``) of stacked params / optimizer state, FSDP rules kept."""
     out_sh = shard_lib.shardings_like(jax.eval_shape(unstack_layers, tree), mesh)
     return jax.jit(unstack_layers, out_shardings=out_sh)(tree)
 

@@ -1,15 +1,9 @@
 """ProSparse training: one run from a config into a workdir, resumed when the workdir holds it already.
 
-One run = (optionally) start from ``init_from`` (a workdir or HF folder) with ``model.activation`` substituted, train
-through the sparsity stage table, then evaluate with FATReLU threshold shifting (``sparsity.final_threshold``,
-ProSparse §3.3). A SIGTERM or Ctrl-C saves a checkpoint and stops. The command line is :mod:`prosparse_jax.main.train`.
-
-:func:`train` runs four steps: :func:`_setup` (config, workdir, tokenizer, mesh, batch semantics) -> :func:`_init_state`
-(restore the latest checkpoint, or initialise) -> ``loop.Loop`` -> ``loop.final_eval``. The workdir holds
-``config.json`` (written once), ``tokenizer.json``, ``checkpoints/``, ``metrics.jsonl``, ``tb/``, ``final_eval.json``.
-
-A multi-process run joins its processes first (:func:`prosparse_jax.training.distributed.initialize`, as the command
-does); each process reads its own data shard, process 0 alone writes metrics and prints, all save.
+:func:`train` runs :func:`_setup` (config, workdir, tokenizer, mesh, batch semantics) -> :func:`_init_state` (the
+latest checkpoint, else ``init_from`` with ``model.activation`` substituted, else a random init) -> ``loop.Loop`` ->
+``loop.final_eval`` (FATReLU threshold shifting, ProSparse §3.3). A multi-process run joins its processes first
+(:func:`prosparse_jax.training.distributed.initialize`). The run is described in docs/training.md.
 """
 
 from __future__ import annotations
@@ -215,10 +209,7 @@ def _setup(config: ml_collections.ConfigDict, workdir: str | Path) -> RunSetup:
 
 
 def _batch_semantics(rc: RunConfig, mesh: jax.sharding.Mesh) -> dict[str, Any]:
-    """Global / micro / per-device batch of the run (printed at start-up); errors if the devices cannot split it.
-
-    The global batch (``train.batch_size``) is split over the processes (each reads ``batch_size / processes`` rows
-    of its own data shard) and over the mesh's data x fsdp devices; ``train.grad_accum`` micro-batches per step."""
+    """Global / micro / per-device batch of the run (printed at start-up); errors if the devices cannot split it."""
     n_dev, n_proc = jax.device_count(), jax.process_count()
     B, A = rc.train.batch_size, rc.train.grad_accum
     shard_lib.check_batch_split(B, A, mesh.shape)

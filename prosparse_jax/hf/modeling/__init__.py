@@ -1,8 +1,6 @@
-"""Remote-code modeling files copied into HuggingFace exports (loaded with ``trust_remote_code=True``).
+"""Remote-code files copied into HuggingFace exports that plain ``LlamaForCausalLM`` cannot express.
 
-These files import torch and transformers; nothing in ``prosparse_jax`` imports them. They are plain files shipped
-next to the weights so that ``AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)`` can build
-activations and MiniCPM scales that transformers' own ``LlamaForCausalLM`` cannot express.
+They import torch and transformers (loaded with ``trust_remote_code=True``); nothing in prosparse_jax imports them.
 """
 
 MODELING_FILES = ("configuration_prosparse.py", "modeling_prosparse.py")

@@ -1,13 +1,9 @@
 """Configurations of prosparse_jax exports that need remote code (shipped with the weights).
 
-``ProSparseConfig`` (model_type ``prosparse_llama``): a LLaMA config whose FFN activation transformers cannot
-express: ``hidden_act`` names it (``fatrelu`` with ``hidden_act_param`` = threshold t, ``drelu``) and, in sparse
-mode, ``neuron_thresholds`` holds one tau per layer. ``prosparse_activation`` always holds the true activation name.
-
-``MiniCPMConfig`` (model_type ``minicpm``): additionally ``scale_emb``, ``scale_depth`` and ``dim_model_base``
-(MiniCPM: embeddings * scale_emb, residual branches * scale_depth / sqrt(L), logits from h / (d / dim_model_base)).
-
-Extra fields are stored as plain attributes (transformers keeps unknown config keys).
+``ProSparseConfig`` (``prosparse_llama``): ``prosparse_activation`` names the FFN activation (``fatrelu`` with
+``hidden_act_param`` = t, ``drelu``, ...), ``neuron_thresholds`` the sparse mode's tau per layer. ``MiniCPMConfig``
+(``minicpm``) adds ``scale_emb``, ``scale_depth`` and ``dim_model_base``. transformers keeps such extra keys as
+attributes.
 """
 
 from transformers import LlamaConfig
