@@ -1,13 +1,10 @@
 """LLaMA / MiniCPM causal LMs with the activations of prosparse_jax (shipped with exports as remote code).
 
-A ``LlamaForCausalLM`` whose modules are swapped in place, so weight names stay those of LLaMA:
-
-- every MLP applies the activation named by ``config.prosparse_activation`` (else ``config.hidden_act``):
-  ``fatrelu`` keeps z where z >= t (t = ``hidden_act_param``), ``drelu`` is relu(gate) * relu(up), other names come
-  from transformers' ``ACT2FN``; with ``config.neuron_thresholds`` (one tau per layer) x1_i is zeroed where
-  |x1_i| < tau / ||down_proj.weight[:, i]|| (the neuron output norm |x1_i| * ||W_down[:, i]|| is below tau);
-- MiniCPM (``scale_emb``, ``scale_depth``, ``dim_model_base`` set): embeddings * scale_emb, attention and MLP outputs
-  * scale_depth / sqrt(L), logits = lm_head(h / (hidden_size / dim_model_base)).
+A ``LlamaForCausalLM`` whose modules are swapped in place, so weight names stay LLaMA's. The MLP applies
+``config.prosparse_activation`` (else ``hidden_act``): ``fatrelu`` keeps z >= t (t = ``hidden_act_param``), ``drelu``
+is relu(gate) * relu(up), other names come from ``ACT2FN``; with ``neuron_thresholds`` x1_i is zeroed where
+|x1_i| * ||down_proj.weight[:, i]|| <= tau. MiniCPM scales: embeddings * scale_emb, attention and MLP outputs *
+scale_depth / sqrt(L), logits = lm_head(h / (hidden_size / dim_model_base)).
 """
 
 import math
@@ -88,9 +85,9 @@ class ProSparseMLP(nn.Module):
             act = self.act_fn(gate)
         x1 = act * up
         if self.tau is not None:
-            norms = torch.linalg.vector_norm(self.down_proj.weight.float(), dim=0).clamp_min(1e-30)
-            thr = (self.tau / norms).to(x1.dtype)
-            x1 = torch.where(x1.abs() < thr, torch.zeros_like(x1), x1)
+            norms = torch.linalg.vector_norm(self.down_proj.weight.float(), dim=0)
+            dropped = x1.float().abs() * norms <= self.tau  # prosparse_jax's rule, in float32 like it
+            x1 = torch.where(dropped, torch.zeros_like(x1), x1)
         return self.down_proj(x1)
 
 
