@@ -39,7 +39,7 @@ def load_trained(path: str, prompt_len: int) -> tuple[ModelConfig, model.Params,
 
     from tokenizers import Tokenizer
 
-    from prosparse_jax.training.load import load_model
+    from prosparse_jax.training.model_io import load_model
 
     cfg, params, tok_path = load_model(path)
     if tok_path is None:

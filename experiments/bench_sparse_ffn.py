@@ -106,7 +106,7 @@ def record_ffn_inputs(path: str, n_tokens: int) -> tuple:
 
     from prosparse_jax.inference import decode, generate, score
     from prosparse_jax.model import transformer as model
-    from prosparse_jax.training.load import load_model
+    from prosparse_jax.training.model_io import load_model
 
     cfg, params, tok_path = load_model(path)
     if tok_path is None:

@@ -23,7 +23,7 @@ from prosparse_jax.analysis.metrics import METRIC_CLASSES, Measurement, Metric, 
 from prosparse_jax.config import ModelConfig
 from prosparse_jax.errors import InputError, OutputError, UsageError
 from prosparse_jax.model.transformer import Params
-from prosparse_jax.training.load import load_model
+from prosparse_jax.training.model_io import load_model
 
 METRIC_VALUE_RULES = {
     "topk": ("k in (0, 1]", lambda v: 0.0 < v <= 1.0),

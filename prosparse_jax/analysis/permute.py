@@ -27,7 +27,7 @@ from prosparse_jax.errors import InputError, UsageError
 from prosparse_jax.model import transformer as model
 from prosparse_jax.model.transformer import Params
 from prosparse_jax.training import checkpoint as ckpt
-from prosparse_jax.training.load import load_model
+from prosparse_jax.training.model_io import is_hf_folder, load_model
 
 ORDERS = ("frequency", "coactivation")
 BLOCKS = (16, 32, 64)
@@ -326,8 +326,7 @@ def _load(checkpoint: str | Path, step: int | None, data: str, seq_len: int | No
     batches, distinct = measure.load_eval([data], tok_path, measure.run_data_section(run_cfg), seq_len, data_dir,
                                           batch_size, num_batches + report_batches, mcfg.vocab_size)
     fit, held = _split_batches(batches[data], distinct[data], data, num_batches, report_batches)
-    is_hf = "model_type" in run_cfg or "architectures" in run_cfg
-    return mcfg, jax.device_put(params), tok_path, {} if is_hf else run_cfg, fit, held
+    return mcfg, jax.device_put(params), tok_path, {} if is_hf_folder(checkpoint) else run_cfg, fit, held
 
 
 def _order(params: Params, cfg: ModelConfig, batches: list[Batch], order: str, cluster: int, window: int

@@ -139,7 +139,7 @@ def read_hf_tensors(path: str | os.PathLike) -> Mapping[str, np.ndarray]:
 
 def load_hf_folder(path: str | os.PathLike) -> tuple[ModelConfig, Params]:
     """Loads (ModelConfig, float32 numpy params) from a local HF model folder (see
-    :func:`prosparse_jax.training.load.load_model`)."""
+    :func:`prosparse_jax.training.model_io.load_model`)."""
     path = Path(path)
     cfg_file = path / "config.json"
     if not cfg_file.is_file():

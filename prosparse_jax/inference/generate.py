@@ -27,7 +27,7 @@ from prosparse_jax.inference.decode import FFNImpl, KVCache, decode_step, dense_
 from prosparse_jax.model import transformer as model
 from prosparse_jax.model.activations import RELU_FAMILY
 from prosparse_jax.training import checkpoint
-from prosparse_jax.training.load import load_model
+from prosparse_jax.training.model_io import load_model
 
 Array = jax.Array
 

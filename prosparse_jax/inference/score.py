@@ -20,7 +20,7 @@ from prosparse_jax.config import ModelConfig
 from prosparse_jax.errors import InputError, UsageError
 from prosparse_jax.model import transformer as model
 from prosparse_jax.training import checkpoint
-from prosparse_jax.training.load import load_model
+from prosparse_jax.training.model_io import load_model
 
 DEFAULT_WINDOW = 2048  # tokens; the context of a model whose config records none
 

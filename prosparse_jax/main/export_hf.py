@@ -5,7 +5,7 @@ r"""Exports a prosparse_jax workdir (or any loadable checkpoint) as a HuggingFac
 
 ``llama`` folds MiniCPM scales and loads with plain ``AutoModelForCausalLM`` unless the activation (fatrelu, drelu)
 or sparse-mode neuron thresholds need the shipped remote code (``trust_remote_code=True``); ``minicpm`` keeps the
-scales (remote code). Details: :mod:`prosparse_jax.hf.convert`.
+scales (remote code). Details: :mod:`prosparse_jax.training.model_io`.
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ import sys
 from absl import flags
 
 from prosparse_jax.hf.config import FORMATS
-from prosparse_jax.hf.convert import export_hf
 from prosparse_jax.hf.io import EXPORT_DTYPES
 from prosparse_jax.main import common
+from prosparse_jax.training.model_io import export_hf
 
 
 def _flags() -> flags.FlagValues:
@@ -37,7 +37,7 @@ def _flags() -> flags.FlagValues:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Runs :func:`prosparse_jax.hf.convert.export_hf`; returns the exit code."""
+    """Runs :func:`prosparse_jax.training.model_io.export_hf`; returns the exit code."""
     fv = _flags()
 
     def body() -> str:

@@ -4,7 +4,8 @@ r"""Imports a local HuggingFace LLaMA / Mistral / MiniCPM / ProSparse folder int
 
 Writes ``<workdir>/config.json`` (``model`` section) and a params-only checkpoint at step 0, and copies
 ``tokenizer.json`` when the folder has one. Unsupported features (rope_scaling, biases, other model types) and
-weights that disagree with the config are errors naming the field or tensor. Details: :mod:`prosparse_jax.hf.convert`.
+weights that disagree with the config are errors naming the field or tensor. Details:
+:mod:`prosparse_jax.training.model_io`.
 """
 
 from __future__ import annotations
@@ -13,8 +14,8 @@ import sys
 
 from absl import flags
 
-from prosparse_jax.hf.convert import import_hf
 from prosparse_jax.main import common
+from prosparse_jax.training.model_io import import_hf
 
 
 def _flags() -> flags.FlagValues:
@@ -26,7 +27,7 @@ def _flags() -> flags.FlagValues:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Runs :func:`prosparse_jax.hf.convert.import_hf`; returns the exit code."""
+    """Runs :func:`prosparse_jax.training.model_io.import_hf`; returns the exit code."""
     fv = _flags()
 
     def body() -> str:

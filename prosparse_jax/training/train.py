@@ -30,8 +30,8 @@ from prosparse_jax.training import checkpoint as ckpt
 from prosparse_jax.training import distributed
 from prosparse_jax.training import optim as optim_lib
 from prosparse_jax.training import sharding as shard_lib
-from prosparse_jax.training.load import load_model
 from prosparse_jax.training.loop import Loop, RunSetup, final_eval, install_stop_handlers
+from prosparse_jax.training.model_io import load_model
 from prosparse_jax.training.step import abstract_state, jit_train_step, place_state
 
 # Fields that may change between a run and its resumption: they do not change the numbers (model.scan_layers only

@@ -22,13 +22,12 @@ transformers = pytest.importorskip("transformers")
 
 from prosparse_jax.config import ModelConfig  # noqa: E402
 from prosparse_jax.errors import HFConversionError, OutputError, UsageError  # noqa: E402
-from prosparse_jax.hf import convert  # noqa: E402
 from prosparse_jax.hf import io as hf  # noqa: E402
 from prosparse_jax.inference import score  # noqa: E402
 from prosparse_jax.main import export_hf, import_hf  # noqa: E402
 from prosparse_jax.main import score as score_main  # noqa: E402
 from prosparse_jax.model import transformer as model  # noqa: E402
-from prosparse_jax.training import checkpoint  # noqa: E402
+from prosparse_jax.training import checkpoint, model_io  # noqa: E402
 
 TOL = 1e-4
 VOCAB = 300  # byte-level BPE needs >= 256 (+ merges, + <|endoftext|>)
@@ -123,7 +122,7 @@ def test_import_random_llama_matches_transformers(tmp_path: Path, act: str, tied
     ref = torch_logits(tmp_path / "hf", ids)
     np.testing.assert_allclose(our_logits(cfg, params, ids), ref, atol=TOL, rtol=0)
     # The CLI function writes a workdir that load_model reads back identically.
-    wd = convert.import_hf(tmp_path / "hf", tmp_path / "wd")
+    wd = model_io.import_hf(tmp_path / "hf", tmp_path / "wd")
     cfg2, params2, _ = checkpoint.load_model(wd)
     assert cfg2 == cfg
     assert_params_equal(params2, jax.tree.map(np.asarray, params))
@@ -160,7 +159,7 @@ def test_minicpm_export_llama_format_loads_natively(tmp_path: Path, tokenizer_fi
     cfg = minicpm_cfg(activation="relu", vocab_size=VOCAB)
     params = random_params(cfg)
     wd = make_workdir(tmp_path / "wd", cfg, params, tokenizer_file)
-    out = convert.export_hf(wd, tmp_path / "hf", fmt="llama")
+    out = model_io.export_hf(wd, tmp_path / "hf", fmt="llama")
     raw = json.loads((out / "config.json").read_text())
     assert raw["model_type"] == "llama" and "auto_map" not in raw and not raw["tie_word_embeddings"]
     assert not list(out.glob("*.py"))
@@ -187,8 +186,8 @@ def test_export_import_round_trip_is_exact(tmp_path: Path, fmt: str) -> None:
     cfg = minicpm_cfg(activation="silu") if fmt == "minicpm" else tiny_cfg(activation="relu2", tie_embeddings=True)
     params = random_params(cfg)
     wd = make_workdir(tmp_path / "wd", cfg, params)
-    out = convert.export_hf(wd, tmp_path / "hf", fmt=fmt)
-    convert.import_hf(out, tmp_path / "wd2")
+    out = model_io.export_hf(wd, tmp_path / "hf", fmt=fmt)
+    model_io.import_hf(out, tmp_path / "wd2")
     cfg2, params2, _ = checkpoint.load_model(tmp_path / "wd2")
     assert cfg2 == cfg
     assert_params_equal(params2, jax.tree.map(np.asarray, params))
@@ -236,14 +235,14 @@ def test_sharded_bf16_export_loads_and_reimports(tmp_path: Path) -> None:
     cfg = minicpm_cfg(activation="relu")
     params = random_params(cfg)
     wd = make_workdir(tmp_path / "wd", cfg, params)
-    out = convert.export_hf(wd, tmp_path / "hf", max_shard_size="40KB")
+    out = model_io.export_hf(wd, tmp_path / "hf", max_shard_size="40KB")
     assert (out / "model.safetensors.index.json").is_file() and len(list(out.glob("model-*.safetensors"))) > 2
     ids = ids_for(cfg)
     ours = our_logits(cfg, params, ids)
     np.testing.assert_allclose(torch_logits(out, ids), ours, atol=TOL, rtol=0)
     cfg2, params2 = hf.load_hf_folder(out)
     np.testing.assert_allclose(our_logits(cfg2, params2, ids), ours, atol=TOL, rtol=0)
-    out16 = convert.export_hf(wd, tmp_path / "hf16", dtype="bfloat16", max_shard_size="40KB")
+    out16 = model_io.export_hf(wd, tmp_path / "hf16", dtype="bfloat16", max_shard_size="40KB")
     _, params16 = hf.load_hf_folder(out16)
     assert_params_equal(params16, jax.tree.map(lambda x: x.astype(jnp.bfloat16).astype(np.float32), params2))
 
@@ -276,7 +275,7 @@ def test_score_matches_log_softmax(tmp_path: Path, tokenizer_file: Path) -> None
     assert min(abs(e) for e in expected) > 10 * sum_tol
     np.testing.assert_allclose(res["total_logprob"], math.fsum(expected), atol=sum_tol, rtol=0)
     # The same model as an HF folder scores the same.
-    out = convert.export_hf(wd, tmp_path / "hf")
+    out = model_io.export_hf(wd, tmp_path / "hf")
     res_hf = score.score(out, text)
     np.testing.assert_allclose(res_hf["logprobs"][1:], res["logprobs"][1:], atol=lp_tol, rtol=0)
 
@@ -308,7 +307,7 @@ def test_unsupported_architecture_names_the_field(tmp_path: Path, patch: dict, f
     raw.update(patch)
     (tmp_path / "hf" / "config.json").write_text(json.dumps(raw))
     with pytest.raises(HFConversionError, match=field):
-        convert.import_hf(tmp_path / "hf", tmp_path / "wd")
+        model_io.import_hf(tmp_path / "hf", tmp_path / "wd")
     assert not (tmp_path / "wd").exists()
 
 
@@ -345,15 +344,15 @@ def test_non_empty_output_folder_is_refused_and_untouched(tmp_path: Path) -> Non
     (out / "config.json").write_text("precious")
     (out / "notes.txt").write_text("keep me")
     with pytest.raises(UsageError, match="not empty.*overwrite"):
-        convert.export_hf(wd, out)
+        model_io.export_hf(wd, out)
     assert (out / "config.json").read_text() == "precious" and sorted(p.name for p in out.iterdir()) == [
         "config.json", "notes.txt"]
-    convert.export_hf(wd, out, overwrite=True)  # replaces export files, keeps the others
+    model_io.export_hf(wd, out, overwrite=True)  # replaces export files, keeps the others
     assert (out / "notes.txt").read_text() == "keep me"
     assert json.loads((out / "config.json").read_text())["model_type"] == "llama"
     # import_hf refuses an existing workdir.
     with pytest.raises(OutputError, match="already holds a run"):
-        convert.import_hf(out, wd)
+        model_io.import_hf(out, wd)
 
 
 def test_cli_mains(tmp_path: Path, tokenizer_file: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -17,7 +17,7 @@ from prosparse_jax.inference import decode, generate, sparse_ffn
 from prosparse_jax.main import generate as generate_main
 from prosparse_jax.model import transformer as model
 from prosparse_jax.training import checkpoint
-from prosparse_jax.training.load import load_model
+from prosparse_jax.training.model_io import load_model
 
 VOCAB = 300
 SEQ_LEN = 16
