@@ -3,11 +3,14 @@
 Given the active neurons' mask, the kernel reads their rows of W_up^T and W_down in place on XLA's intra-op thread pool:
 ProSparse (arXiv 2402.13516) §4.3 S2 + S3 after the dense gate projection. It is compiled on first use with ``$CXX``
 into :func:`cache_dir`, under a hash of the source, compiler, flags, jaxlib and CPU (``-march=native``), so a changed
-source or jaxlib rebuilds and a cache shared between machines never loads a foreign build.
+source or jaxlib rebuilds and a cache shared between machines never loads a foreign build. A sha256 written with each
+build is checked before loading: a damaged or truncated library is rebuilt, never mapped; where the kernel cannot be
+built or loaded, :class:`KernelUnavailableError` says why in one line (``auto`` then runs ``cpu_gather``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import hashlib
@@ -16,6 +19,8 @@ import platform
 import shutil
 import subprocess
 import tempfile
+import threading
+import time
 from pathlib import Path
 
 import jax
@@ -34,6 +39,11 @@ SYMBOL = "ProsparseSparseFfnDown"
 #: Compiler options besides the include directory (-ffp-contract=fast: fused multiply-adds; no -ffast-math).
 CXXFLAGS = ("-O3", "-march=native", "-ffp-contract=fast", "-shared", "-fPIC", "-std=c++17")
 FIX = "install g++ (Debian: apt-get install g++) or use implementation='cpu_gather'"
+CACHE_FIX = "set PROSPARSE_CACHE_DIR to a writable directory, or use implementation='cpu_gather'"
+#: Modes of the cached library and its digest file before the umask: loadable by every user of a shared cache.
+LIBRARY_MODE, DIGEST_MODE = 0o755, 0o644
+#: Age after which a builder's temporary file is taken for a killed build's and removed.
+STALE_TMP_S = 3600
 
 
 def cache_dir() -> Path:
@@ -61,60 +71,169 @@ def _cpu_id() -> str:
     return platform.processor()
 
 
+def _source() -> str:
+    """The kernel's C++ source; missing (an install without the package's csrc/ files) is a KernelUnavailableError."""
+    try:
+        return SOURCE.read_text()
+    except OSError as e:
+        raise KernelUnavailableError(f"cpu_ffi: cannot read the kernel source {SOURCE} ({e.strerror or e}; an install "
+                                     f"without the package's csrc/ files?); install from the repository "
+                                     f"(pip install -e .) or use implementation='cpu_gather'") from None
+
+
 def library_path(source: str | None = None, cxx: str | None = None) -> Path:
     """Where the build of ``source`` (default: the kernel's) with ``cxx`` lives in :func:`cache_dir`."""
-    source = SOURCE.read_text() if source is None else source
+    source = _source() if source is None else source
     key = "\n".join([source, cxx or compiler(), *CXXFLAGS, jaxlib.__version__, platform.machine(), _cpu_id()])
     return cache_dir() / f"sparse_ffn_cpu-{hashlib.sha256(key.encode()).hexdigest()[:16]}.so"
 
 
-def _excerpt(stderr: str, limit: int = 2000) -> str:
-    """The compiler's error lines (at most ``limit`` characters), else the tail of its output."""
-    errors = [line for line in stderr.splitlines() if "error" in line.lower()]
-    return ("\n".join(errors) if errors else stderr.strip())[-limit:]
+def digest_path(library: Path) -> Path:
+    """The file holding the library's sha256, written with the build (``sha256sum -c`` reads it)."""
+    return library.with_name(library.name + ".sha256")
+
+
+def _sha256(path: str | os.PathLike) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _damage(path: Path) -> str | None:
+    """None when ``path`` holds a build matching its digest file, else why not ('' when there is no build)."""
+    try:
+        if not path.exists():
+            return ""
+        recorded = digest_path(path).read_bytes().decode("ascii", "replace").split()
+    except FileNotFoundError:
+        return "has no digest file"
+    except OSError as e:
+        return f"cannot be checked ({e.strerror or e})"
+    try:
+        actual = _sha256(path)
+    except OSError as e:
+        return f"cannot be read ({e.strerror or e})"
+    if len(recorded) != 2 or recorded[1] != path.name or len(recorded[0]) != 64:
+        return "has a damaged digest file"
+    return None if recorded[0] == actual else "does not match its digest (damaged or truncated)"
+
+
+def _excerpt(stderr: str, limit: int = 300) -> str:
+    """The compiler's first error line on one line (at most ``limit`` characters), else the start of its output."""
+    errors = [line for line in stderr.splitlines() if "error" in line.lower() and "collect2" not in line]
+    return " ".join((errors[0] if errors else stderr).split())[:limit]
+
+
+def _umask() -> int:
+    """The process umask (read without changing it, from /proc on Linux), else the usual 022."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0o022
+
+
+def _fsync(path: str | os.PathLike, directory: bool = False) -> None:
+    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if directory else 0))
+    try:
+        os.fsync(fd)
+    except OSError:
+        if not directory:  # some filesystems cannot sync a directory; the files themselves are synced
+            raise
+    finally:
+        os.close(fd)
+
+
+def _remove_stale_temporaries(path: Path) -> None:
+    """Temporary files of builds of ``path`` killed mid-way (older than :data:`STALE_TMP_S`)."""
+    now = time.time()
+    for tmp in path.parent.glob(f".{path.name}.*.tmp"):
+        with contextlib.suppress(OSError):
+            if now - tmp.stat().st_mtime > STALE_TMP_S:
+                tmp.unlink()
 
 
 def build(cxx: str | None = None) -> Path:
-    """The kernel compiled with ``cxx`` (default :func:`compiler`): the cached library, else compiled now (written to a
-    temporary file and renamed, so concurrent builds are safe).
+    """The kernel compiled with ``cxx`` (default :func:`compiler`): the cached library when it matches the sha256
+    written with it, else compiled now (a damaged or truncated build is replaced, never loaded).
+
+    A build is compiled to a temporary file in the cache directory, synced, its digest written, and both renamed into
+    place, so concurrent builders never see each other's partial files. Modes: :data:`LIBRARY_MODE`, :data:`DIGEST_MODE`
+    less the umask.
 
     Raises:
-      KernelUnavailableError: no source or compiler, or the compile failed (with the compiler's error lines).
+      KernelUnavailableError: no source or compiler, the compile failed, or the cache directory is unusable (one line
+        naming the cause and the fix).
     """
-    if not SOURCE.exists():
-        raise KernelUnavailableError(f"cpu_ffi: the kernel source {SOURCE} is missing (an install without the "
-                                     f"package's csrc/ files); install from the repository (pip install -e .) or "
-                                     f"use implementation='cpu_gather'")
+    source = _source()
     cxx = cxx or compiler()
-    path = library_path(cxx=cxx)
-    if path.exists():
+    path = library_path(source, cxx)
+    damage = _damage(path)
+    if damage is None:
         return path
+    old = f"the cached build {path} {damage} and cannot be rebuilt: " if damage else ""
     exe = shutil.which(cxx)
     if exe is None:
-        raise KernelUnavailableError(f"cpu_ffi: the C++ compiler {cxx!r} ($CXX, default g++) was not found; {FIX}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}-", suffix=".so.tmp", dir=path.parent)
-    os.close(fd)
-    cmd = [exe, *CXXFLAGS, "-isystem", jax.ffi.include_dir(), str(SOURCE), "-o", tmp]
+        raise KernelUnavailableError(f"cpu_ffi: {old}the C++ compiler {cxx!r} ($CXX, default g++) was not found; {FIX}")
+    d = path.parent
+    tmps = []
     try:
-        res = subprocess.run(cmd, capture_output=True, text=True)
+        try:
+            d.mkdir(parents=True, exist_ok=True)
+            _remove_stale_temporaries(path)
+            for suffix in (".so.tmp", ".sha256.tmp"):
+                fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=d)
+                os.close(fd)
+                tmps.append(tmp)
+        except OSError as e:
+            where = "it is a file" if d.exists() and not d.is_dir() else (e.strerror or str(e))
+            raise KernelUnavailableError(f"cpu_ffi: {old}the kernel cache directory {d} is unusable ({where}); "
+                                         f"{CACHE_FIX}") from None
+        tmp_lib, tmp_digest = tmps
+        cmd = [exe, *CXXFLAGS, "-isystem", jax.ffi.include_dir(), str(SOURCE), "-o", tmp_lib]
+        try:
+            res = subprocess.run(cmd, capture_output=True, text=True)
+        except OSError as e:
+            raise KernelUnavailableError(f"cpu_ffi: {old}cannot run the C++ compiler {exe} ({e.strerror or e}); "
+                                         f"{FIX}") from None
         if res.returncode != 0:
-            tail = _excerpt(res.stderr or res.stdout or "")
-            raise KernelUnavailableError(f"cpu_ffi: compiling {SOURCE.name} failed (exit status {res.returncode}: "
-                                         f"{' '.join(cmd)}); {FIX}\n{tail}")
-        os.replace(tmp, path)
+            said = _excerpt(res.stderr or res.stdout or "")
+            fix = CACHE_FIX if "No space left on device" in said else FIX
+            raise KernelUnavailableError(f"cpu_ffi: {old}compiling {SOURCE.name} failed (exit status "
+                                         f"{res.returncode}: {' '.join(cmd)}){': ' + said if said else ''}; {fix}")
+        try:
+            umask = _umask()
+            os.chmod(tmp_lib, LIBRARY_MODE & ~umask)
+            _fsync(tmp_lib)
+            with open(tmp_digest, "w") as f:
+                f.write(f"{_sha256(tmp_lib)}  {path.name}\n")
+                f.flush()
+                os.fsync(f.fileno())
+            os.chmod(tmp_digest, DIGEST_MODE & ~umask)
+            os.replace(tmp_lib, path)  # a reader seeing the new library with the old digest rebuilds it: never loads it
+            os.replace(tmp_digest, digest_path(path))
+            _fsync(d, directory=True)
+        except OSError as e:
+            raise KernelUnavailableError(f"cpu_ffi: {old}cannot write the build to the kernel cache directory {d} "
+                                         f"({e.strerror or e}); {CACHE_FIX}") from None
     finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        for tmp in tmps:
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
     return path
+
+
+#: The library registered as the FFI target: XLA keeps one handler per name and process, so the first kernel loaded
+#: serves every later call (another $CXX or cache directory is not loaded again).
+_REGISTERED: list[ctypes.CDLL] = []
+_LOCK = threading.Lock()  # one build, load and registration at a time (jit may trace from several threads)
 
 
 @functools.cache
 def _load(path: Path, cxx: str) -> ctypes.CDLL | KernelUnavailableError:
-    """The build at ``path`` (compiled with ``cxx`` if missing), loaded and registered as the FFI target, or why not.
-
-    Cached per build, so registering happens once per process; a changed ``$CXX`` or cache directory is another build.
-    """
+    """The build at ``path`` (compiled with ``cxx`` unless it is there and matches its digest), loaded and registered
+    as the FFI target, or why not. Cached per build: a failure is reported once and not retried."""
     try:
         build(cxx)
     except KernelUnavailableError as e:
@@ -123,15 +242,28 @@ def _load(path: Path, cxx: str) -> ctypes.CDLL | KernelUnavailableError:
         lib = ctypes.cdll.LoadLibrary(str(path))
         handler = getattr(lib, SYMBOL)
     except (OSError, AttributeError) as e:
-        return KernelUnavailableError(f"cpu_ffi: cannot load {path} ({e}); delete it to rebuild, or {FIX}")
-    jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(handler), platform="cpu")
+        return KernelUnavailableError(f"cpu_ffi: cannot load {path} ({e}); {CACHE_FIX}")
+    if not _REGISTERED:
+        try:
+            jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(handler), platform="cpu")
+        except (RuntimeError, ValueError) as e:  # JaxRuntimeError is a RuntimeError
+            return KernelUnavailableError(f"cpu_ffi: cannot register {path} with XLA ({e}); use "
+                                          f"implementation='cpu_gather'")
+        _REGISTERED.append(lib)
     return lib
 
 
 def _kernel() -> ctypes.CDLL | KernelUnavailableError:
-    """The kernel of the current ``$CXX`` and cache directory (see :func:`_load`)."""
-    cxx = compiler()
-    return _load(library_path(cxx=cxx), cxx)
+    """The registered kernel, else the one of the current ``$CXX`` and cache directory (see :func:`_load`)."""
+    with _LOCK:
+        if _REGISTERED:
+            return _REGISTERED[0]
+        cxx = compiler()
+        try:
+            path = library_path(cxx=cxx)
+        except KernelUnavailableError as e:
+            return e
+        return _load(path, cxx)
 
 
 def available() -> bool:

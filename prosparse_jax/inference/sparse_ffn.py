@@ -214,7 +214,8 @@ IMPLEMENTATIONS: dict[str, Callable[[Array, FFNWeights, Mode], tuple[Array, Arra
     "pallas_mosaic": _pallas_impl("pallas_mosaic", sparse_ffn_mosaic)}
 
 #: What ``implementation="auto"`` runs on each platform (anything else: ``dense``). Where the ``cpu_ffi`` kernel
-#: cannot be built (no g++), ``auto`` warns once and runs ``cpu_gather``.
+#: cannot be built or loaded (no g++, an unusable cache directory), ``auto`` warns once, naming why, and runs
+#: ``cpu_gather``.
 AUTO: dict[str, str] = {"cpu": "cpu_ffi", "gpu": "pallas_triton", "cuda": "pallas_triton", "rocm": "pallas_triton",
                         "tpu": "pallas_mosaic"}
 
@@ -222,10 +223,13 @@ _WARNED: set[str] = set()  # the reasons ``auto`` already warned about
 
 
 def _cpu_ffi_or_gather() -> str:
-    """``cpu_ffi`` when its kernel builds here, else ``cpu_gather`` with one warning per reason."""
-    if cpu_ffi.available():
+    """``cpu_ffi`` when its kernel builds and loads here, else ``cpu_gather`` with one warning per reason."""
+    try:
+        reason = cpu_ffi.unavailable_reason()
+    except Exception as e:  # noqa: BLE001 -- any failure of the optional kernel: run cpu_gather and say why
+        reason = f"cpu_ffi: {type(e).__name__}: {e}"
+    if not reason:
         return "cpu_ffi"
-    reason = cpu_ffi.unavailable_reason()
     if reason not in _WARNED:
         _WARNED.add(reason)
         warnings.warn(f"sparse_ffn: implementation='auto' runs cpu_gather: {reason}", stacklevel=3)

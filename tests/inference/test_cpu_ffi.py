@@ -1,9 +1,21 @@
-"""The C++ sparse FFN kernel (``cpu_ffi``) equals the dense FFN, keeps jit's cache, rejects bad shapes, and its build
-is cached and fails with the fix in the message."""
+"""The C++ sparse FFN kernel (``cpu_ffi``) equals the dense FFN, keeps jit's cache and rejects bad shapes; its build
+is cached, verified before loading (a damaged library is rebuilt, never loaded), loadable by other users, and every
+failure is one line (``auto`` falls back to ``cpu_gather`` with one warning).
+
+The module builds the kernel once into its own cache directory (never ``~/.cache``). A process registers one kernel,
+so the failure cases run in subprocesses: that also keeps a crash (SIGBUS from a truncated library) out of pytest.
+"""
 
 import functools
+import hashlib
+import json
 import os
-import warnings
+import shutil
+import stat
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -18,6 +30,24 @@ from prosparse_jax.inference.sparse_ffn import prepare_weights
 D, F = 100, 333  # neither a multiple of the kernel's 16-float vectors nor of its chunk of neurons
 SPARSITIES = (0.0, 0.5, 0.88, 0.99, 1.0)
 FAT_T = 0.05
+REPO = Path(__file__).resolve().parents[2]
+NOBODY = 65534
+
+
+@pytest.fixture(scope="module", autouse=True)
+def built(tmp_path_factory: pytest.TempPathFactory):
+    """The kernel built once, with umask 022, into this module's cache directory (``$PROSPARSE_CACHE_DIR`` while the
+    module runs); yields the library's path."""
+    cache = tmp_path_factory.mktemp("kernel_cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PROSPARSE_CACHE_DIR", str(cache))
+        mp.delenv("CXX", raising=False)
+        umask = os.umask(0o022)
+        try:
+            path = cpu_ffi.build()
+        finally:
+            os.umask(umask)
+        yield path
 
 
 def _weights(sparsity: float, B: int, seed: int = 0, D: int = D, F: int = F) -> tuple[jax.Array, ...]:
@@ -164,42 +194,180 @@ def test_no_active_neuron_gives_zeros():
     np.testing.assert_array_equal(_call(active=()), 0.0)
 
 
-def test_build_is_cached():
-    path = cpu_ffi.build()
-    mtime = os.stat(path).st_mtime_ns
+def test_build_is_cached(built):
+    mtime = os.stat(built).st_mtime_ns
     assert cpu_ffi.available()
-    assert cpu_ffi.build() == path and os.stat(path).st_mtime_ns == mtime  # not recompiled
-    assert cpu_ffi.library_path(source="// another kernel") != path  # a changed source builds a new file
+    assert cpu_ffi.build() == built and os.stat(built).st_mtime_ns == mtime  # not recompiled
+    assert cpu_ffi.library_path(source="// another kernel") != built  # a changed source builds a new file
+
+
+def test_the_build_is_readable_by_every_user_and_carries_its_digest(built):
+    """Another user of a shared cache must be able to load the library (it was 0711: mkstemp's 0600 plus x bits)."""
+    assert stat.S_IMODE(os.stat(built).st_mode) == 0o755
+    digest = cpu_ffi.digest_path(built)
+    assert stat.S_IMODE(os.stat(digest).st_mode) == 0o644
+    assert digest.read_text() == f"{hashlib.sha256(built.read_bytes()).hexdigest()}  {built.name}\n"  # sha256sum -c
+    assert sorted(p.name for p in built.parent.iterdir()) == [built.name, digest.name]  # no temporary files
 
 
 @pytest.mark.parametrize("cxx,why", [("false", "failed"), ("/nonexistent/g++", "not found")])
-def test_a_failed_build_names_the_fix(monkeypatch, tmp_path, cxx, why):
+def test_a_failed_build_is_one_line_naming_the_fix(monkeypatch, tmp_path, cxx, why):
     monkeypatch.setenv("PROSPARSE_CACHE_DIR", str(tmp_path))
     monkeypatch.setenv("CXX", cxx)
     with pytest.raises(errors.KernelUnavailableError, match=why) as e:
         cpu_ffi.build()
+    assert "\n" not in str(e.value)
     assert "apt-get install g++" in str(e.value) and "implementation='cpu_gather'" in str(e.value)
     assert list(tmp_path.iterdir()) == []  # no half-written library left behind
 
 
-def test_an_unbuildable_kernel_is_unavailable_and_its_call_names_the_fix(monkeypatch, tmp_path):
+def test_a_killed_builds_temporary_files_are_removed_by_the_next_build(monkeypatch, tmp_path):
     monkeypatch.setenv("PROSPARSE_CACHE_DIR", str(tmp_path))
     monkeypatch.setenv("CXX", "false")
-    assert not cpu_ffi.available()
-    assert "apt-get install g++" in cpu_ffi.unavailable_reason()
-    x, wg, wu, wd = _weights(0.88, 1)
-    with pytest.raises(errors.KernelUnavailableError, match="implementation='cpu_gather'"):
-        sparse_ffn.sparse_ffn(x, wg, wu, wd, activation="relu", implementation="cpu_ffi")
-    monkeypatch.undo()
-    assert cpu_ffi.available()  # the real compiler and cache again: the kernel built before
+    name = cpu_ffi.library_path().name
+    stale, fresh = tmp_path / f".{name}.dead1.so.tmp", tmp_path / f".{name}.live1.so.tmp"
+    for p in (stale, fresh):
+        p.write_bytes(b"\x7fELF")
+    os.utime(stale, (0, 0))
+    with pytest.raises(errors.KernelUnavailableError):
+        cpu_ffi.build()
+    assert sorted(tmp_path.iterdir()) == [fresh]  # another builder's file (younger than an hour) is kept
 
 
-def test_auto_falls_back_to_gather_with_one_warning(monkeypatch, tmp_path):
-    assert sparse_ffn.resolve_implementation("auto", "cpu") == "cpu_ffi"  # this machine has g++
-    monkeypatch.setenv("PROSPARSE_CACHE_DIR", str(tmp_path))
-    monkeypatch.setenv("CXX", "/nonexistent/g++")
-    with pytest.warns(UserWarning, match="'/nonexistent/g\\+\\+' .* was not found"):
-        assert sparse_ffn.resolve_implementation("auto", "cpu") == "cpu_gather"
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        assert sparse_ffn.resolve_implementation("auto", "cpu") == "cpu_gather"  # warned once
+# ---------------------------------------------------------------------------------------------------------------
+# In subprocesses: a fresh process per case (one registered kernel per process; a crash must not take pytest down)
+# ---------------------------------------------------------------------------------------------------------------
+#: For each scenario (environment variables to set), in order: ``auto`` resolved twice, the warnings it gave, and a
+#: forced ``cpu_ffi`` call: its max error against the dense FFN, or its KernelUnavailableError's message.
+PROBE = """
+import json, os, sys, warnings
+import jax, jax.numpy as jnp
+from prosparse_jax import errors
+from prosparse_jax.inference import sparse_ffn
+k = jax.random.split(jax.random.key(0), 4)
+x = jnp.abs(jax.random.normal(k[0], (2, 8)))
+wg = jax.random.normal(k[1], (8, 16)).at[:, 4:].set(-1.0)  # 4 of 16 neurons active: the kernel runs
+wu, wd = jax.random.normal(k[2], (8, 16)), jax.random.normal(k[3], (16, 8))
+results = []
+for env in json.loads(sys.argv[1]):
+    os.environ.update(env)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        auto = [sparse_ffn.resolve_implementation("auto", "cpu") for _ in range(2)]
+    try:
+        out = sparse_ffn.sparse_ffn(x, wg, wu, wd, activation="relu", implementation="cpu_ffi")[0]
+        ref = sparse_ffn.sparse_ffn(x, wg, wu, wd, activation="relu", implementation="dense")[0]
+        forced = float(jnp.max(jnp.abs(out - ref)))
+    except errors.KernelUnavailableError as e:
+        forced = str(e)
+    results.append({"auto": auto, "warnings": [str(w.message) for w in caught], "forced": forced})
+print(json.dumps(results))
+"""
+
+
+def _probe(*scenarios: dict[str, str], as_nobody: bool = False) -> list[dict]:
+    """:data:`PROBE`'s results in a fresh process (umask 022; as ``nobody`` through setpriv if asked), which must
+    exit 0: a signal (SIGBUS is 7) is a negative status."""
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO)}
+    env.pop("CXX", None)
+    nobody = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"] if as_nobody else []
+    res = subprocess.run([*nobody, sys.executable, "-c", PROBE, json.dumps(list(scenarios))], env=env, cwd=REPO,
+                         capture_output=True, text=True, timeout=300, umask=0o022)
+    assert res.returncode == 0, f"exit status {res.returncode}\n{res.stderr[-3000:]}"
+    return json.loads(res.stdout.splitlines()[-1])
+
+
+def _copy_build(built: Path, cache: Path, with_digest: bool = True) -> Path:
+    """The module's build (and its digest file) copied into ``cache``; returns the copied library."""
+    cache.mkdir(parents=True, exist_ok=True)
+    for p in built.parent.glob(f"{built.name}*") if with_digest else [built]:
+        shutil.copy2(p, cache / p.name)
+    return cache / built.name
+
+
+def _assert_fell_back(result: dict, *needles: str) -> None:
+    """``auto`` ran cpu_gather with exactly one warning, a forced cpu_ffi raised one line; all name ``needles``."""
+    assert result["auto"] == ["cpu_gather", "cpu_gather"]
+    assert len(result["warnings"]) == 1, result["warnings"]
+    assert isinstance(result["forced"], str) and "\n" not in result["forced"]  # the CLIs print `<prog>: error: ...`
+    for needle in (*needles, "implementation='cpu_gather'"):
+        assert needle in result["warnings"][0] and needle in result["forced"], (needle, result)
+
+
+@pytest.fixture
+def shared_tmp():
+    """A directory every user can enter (pytest's tmp_path is private to its user)."""
+    d = Path(tempfile.mkdtemp(prefix="prosparse_cpu_ffi_"))
+    d.chmod(0o755)
+    yield d
+    for p in d.rglob("*"):
+        if p.is_dir():
+            p.chmod(0o755)
+    shutil.rmtree(d)
+
+
+def test_a_truncated_cached_library_is_rebuilt_never_loaded(built, tmp_path):
+    """The library cut inside its program headers: loading it was SIGBUS on every run, no message, no fallback."""
+    lib = _copy_build(built, tmp_path / "cache")
+    with open(lib, "r+b") as f:
+        f.truncate(4096)
+    [result] = _probe({"PROSPARSE_CACHE_DIR": str(lib.parent)})
+    assert result["auto"] == ["cpu_ffi", "cpu_ffi"] and result["warnings"] == []
+    assert isinstance(result["forced"], float) and result["forced"] < 1e-4
+    assert hashlib.sha256(lib.read_bytes()).hexdigest() == cpu_ffi.digest_path(lib).read_text().split()[0]
+    assert stat.S_IMODE(os.stat(lib).st_mode) == 0o755
+
+
+@pytest.fixture(scope="module")
+def fallbacks(built, tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, dict]]:
+    """Caches where the kernel cannot be built or loaded, probed in one process (none of them registers a kernel):
+    name -> (cache directory, probe result)."""
+    root = tmp_path_factory.mktemp("fallbacks")
+    no_gxx = root / "empty_bin"  # PATH without g++
+    no_gxx.mkdir()
+    truncated = _copy_build(built, root / "truncated")
+    with open(truncated, "r+b") as f:
+        f.truncate(60000)
+    (root / "cachefile").write_text("x")
+    caches = {"truncated": truncated.parent,
+              "undigested": _copy_build(built, root / "undigested", with_digest=False).parent,
+              "file": root / "cachefile", "below_a_file": root / "cachefile" / "sub"}
+    results = _probe(*[{"PROSPARSE_CACHE_DIR": str(c), "PATH": str(no_gxx) if name in ("truncated", "undigested")
+                        else os.environ["PATH"]} for name, c in caches.items()])
+    return {name: (c, r) for (name, c), r in zip(caches.items(), results, strict=True)}
+
+
+@pytest.mark.parametrize("case,needles", [("truncated", ("does not match its digest", "'g++'", "not found")),
+                                          ("undigested", ("has no digest file", "'g++'", "not found"))])
+def test_a_damaged_library_without_a_compiler_is_not_loaded_and_auto_falls_back(fallbacks, built, case, needles):
+    """Truncated, or without the digest written with it: without g++ to rebuild, never loaded (the truncated one was
+    SIGBUS); one line naming it."""
+    cache, result = fallbacks[case]
+    _assert_fell_back(result, str(cache / built.name), *needles)
+    assert (cache / built.name).stat().st_size == (60000 if case == "truncated" else built.stat().st_size)
+
+
+@pytest.mark.parametrize("case,needles", [("file", ("it is a file", "PROSPARSE_CACHE_DIR")),
+                                          ("below_a_file", ("PROSPARSE_CACHE_DIR",))])
+def test_an_unusable_cache_directory_falls_back_with_one_warning(fallbacks, case, needles):
+    """A cache directory that is a file, or below one: one line naming it and PROSPARSE_CACHE_DIR (was a raw errno,
+    and auto did not fall back)."""
+    cache, result = fallbacks[case]
+    _assert_fell_back(result, str(cache), *needles)
+
+
+def test_a_read_only_cache_directory_falls_back_and_a_shared_build_loads_for_another_user(built, shared_tmp):
+    """Read-only (0555) for the user: one warning, cpu_gather. Then a cache built by one user, loaded by another."""
+    (shared_tmp / "ro").mkdir(mode=0o555)
+    if os.geteuid() != 0:  # the current user is the other user: only the read-only half applies
+        [result] = _probe({"PROSPARSE_CACHE_DIR": str(shared_tmp / "ro")})
+        _assert_fell_back(result, str(shared_tmp / "ro"), "Permission denied", "PROSPARSE_CACHE_DIR")
+        return
+    if not shutil.which("setpriv"):
+        pytest.skip("running as root without setpriv: no other user to be")
+    shared = _copy_build(built, shared_tmp / "shared").parent
+    ro, loaded = _probe({"PROSPARSE_CACHE_DIR": str(shared_tmp / "ro"), "HOME": str(shared_tmp)},
+                        {"PROSPARSE_CACHE_DIR": str(shared)}, as_nobody=True)
+    _assert_fell_back(ro, str(shared_tmp / "ro"), "Permission denied", "PROSPARSE_CACHE_DIR")
+    assert loaded["auto"] == ["cpu_ffi", "cpu_ffi"] and loaded["warnings"] == []
+    assert isinstance(loaded["forced"], float) and loaded["forced"] < 1e-4
