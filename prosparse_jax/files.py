@@ -58,7 +58,7 @@ def read_text(path: str | os.PathLike, what: str = "file") -> str:
 
 
 def check_model_path(path: str | os.PathLike | None, what: str) -> Path:
-    """A workdir or HF model folder to read: it must exist, and its config.json (if any) must be valid JSON."""
+    """A workdir or HF model folder to read: it must exist, and its config.json (if any) must be a JSON object."""
     if not path:
         raise UsageError(f"{what}: required (a workdir or HF model folder)")
     path = Path(path)
@@ -66,8 +66,8 @@ def check_model_path(path: str | os.PathLike | None, what: str) -> Path:
         raise UsageError(f"{what}: {path} does not exist")
     if path.is_file():
         raise UsageError(f"{what}: {path} is a file; give the workdir or HF model folder it is in")
-    if (path / "config.json").is_file():
-        read_json(path / "config.json", "config.json")
+    if (path / "config.json").is_file() and not isinstance(read_json(path / "config.json", "config.json"), dict):
+        raise InputError(f"{path / 'config.json'}: not a JSON object; restore or regenerate it")
     return path
 
 

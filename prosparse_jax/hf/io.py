@@ -1,6 +1,10 @@
 """Reads and writes HuggingFace model folders in transformers' ``save_pretrained`` layout: config, safetensors (or
 ``pytorch_model.bin``) weights, generation config, tokenizer files and, when needed, the remote code of
 :mod:`prosparse_jax.hf.modeling`. Errors name the file that is missing or wrong.
+
+Every safetensors file an export writes carries, in its ``__metadata__`` (which HF loaders ignore), the digest of each
+of its tensors as stored (:mod:`prosparse_jax.digest`); reading verifies each tensor against it, so a damaged
+export is refused instead of run. Folders without those digests (any other HF model) load unverified, with one warning.
 """
 
 from __future__ import annotations
@@ -9,8 +13,10 @@ import contextlib
 import errno
 import json
 import os
+import pickle
 import re
 import shutil
+import warnings
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -21,7 +27,8 @@ import numpy as np
 from prosparse_jax import files
 from prosparse_jax.config import ModelConfig
 from prosparse_jax.data.corpus import EOS_TOKEN
-from prosparse_jax.errors import HFConversionError
+from prosparse_jax.digest import DIGEST_ALGORITHM, digests
+from prosparse_jax.errors import HFConversionError, InputError
 from prosparse_jax.hf.config import (
     check_format,
     hf_config_from_model,
@@ -33,6 +40,9 @@ from prosparse_jax.hf.weights import from_hf_state_dict, to_hf_state_dict
 from prosparse_jax.model.transformer import Params
 
 EXPORT_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}
+# safetensors ``__metadata__`` keys of an export: JSON {tensor name: digest} of the file's tensors, and the algorithm.
+DIGESTS_KEY = "prosparse_jax.digests"
+DIGEST_ALGORITHM_KEY = "prosparse_jax.digest_algorithm"
 _MODELING_DIR = Path(__file__).parent / "modeling"
 # Files an export writes; overwrite removes these (and old shards) but nothing else.
 _EXPORT_FILE_RE = re.compile(
@@ -40,32 +50,63 @@ _EXPORT_FILE_RE = re.compile(
     r"pytorch_model\.bin\.index\.json|config\.json|generation_config\.json|tokenizer\.json|tokenizer_config\.json|"
     r"special_tokens_map\.json|configuration_prosparse\.py|modeling_prosparse\.py)$"
 )
+_JSON_TYPES = {list: "an array", str: "a string", int: "a number", float: "a number", bool: "true/false",
+               type(None): "null"}
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Reading
 # ---------------------------------------------------------------------------------------------------------------
-class _LazyTensors(Mapping[str, np.ndarray]):
-    """Read-only mapping name -> float32 numpy array over safetensors / pytorch_model.bin files."""
+def read_config_json(folder: str | os.PathLike) -> dict[str, Any] | None:
+    """The ``config.json`` of a model folder (HF folder or workdir) as a dict, or None when it has none.
 
-    def __init__(self, files: dict[str, Path], kind: str) -> None:
-        self._files, self._kind = files, kind
+    Raises:
+      InputError: the file is not valid JSON, or not a JSON object.
+    """
+    path = Path(folder) / "config.json"
+    if not path.is_file():
+        return None
+    raw = files.read_json(path, "config.json")
+    if not isinstance(raw, dict):
+        raise InputError(f"{path}: not a JSON object but {_JSON_TYPES.get(type(raw), type(raw).__name__)}; restore "
+                         "or regenerate it")
+    return raw
+
+
+def tensor_digests(tensors: Mapping[str, np.ndarray]) -> dict[str, str]:
+    """{name: digest} of each (non-empty) tensor's bytes as stored, by the checkpoints' algorithm."""
+    return digests({"tensors": dict(tensors)})["tensors"]
+
+
+class _LazyTensors(Mapping[str, np.ndarray]):
+    """Read-only mapping name -> float32 numpy array over safetensors / pytorch_model.bin files.
+
+    A tensor of a file in ``digests`` (path -> {name: digest}) is checked against its digest as it is read.
+    """
+
+    def __init__(self, paths: dict[str, Path], kind: str, digests: dict[Path, dict[str, str]]) -> None:
+        self._paths, self._kind, self._digests = paths, kind, digests
 
     def __getitem__(self, name: str) -> np.ndarray:
-        path = self._files[name]
-        if self._kind == "safetensors":
-            with _safetensors(path) as f:
-                try:
-                    return np.asarray(f.get_tensor(name)).astype(np.float32)
-                except Exception as e:  # safetensors' SafetensorError: a damaged file
-                    raise _corrupt_weights(path, e) from None
-        return _torch_load(path)[name].float().numpy()
+        path = self._paths[name]
+        if self._kind != "safetensors":
+            return _torch_load(path)[name].float().numpy()
+        with _safetensors(path) as f:
+            try:
+                stored = np.asarray(f.get_tensor(name))
+            except Exception as e:  # safetensors' SafetensorError: a damaged file
+                raise _corrupt_weights(path, e) from None
+        want = self._digests.get(path)
+        if want is not None and tensor_digests({name: stored}).get(name) != want.get(name):
+            raise InputError(f"{path}: tensor {name!r} does not match the digest written with it at export; the file "
+                             "is damaged: re-export or re-download it (nothing was loaded)")
+        return stored.astype(np.float32)
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self._files)
+        return iter(self._paths)
 
     def __len__(self) -> int:
-        return len(self._files)
+        return len(self._paths)
 
 
 _TORCH_CACHE: dict[Path, Any] = {}
@@ -101,56 +142,128 @@ def _torch_load(path: Path) -> Any:
         _TORCH_CACHE.clear()
         try:
             _TORCH_CACHE[path] = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as e:  # weights_only refused a global, or the pickle stream is damaged
+            blocked = re.search(r"GLOBAL (\S+)", str(e))
+            if blocked is None:
+                raise _corrupt_weights(path, e) from None
+            raise InputError(f"{path}: refused: loading it needs the Python global {blocked.group(1)}, which a plain "
+                             "weight file never does (nothing was executed); get the model as safetensors, or from "
+                             "a source you trust") from None
         except (RuntimeError, EOFError, OSError, ValueError) as e:  # torch's truncated / damaged archive errors
             raise _corrupt_weights(path, e) from None
     return _TORCH_CACHE[path]
 
 
-def read_hf_tensors(path: str | os.PathLike) -> Mapping[str, np.ndarray]:
-    """Lazy mapping over the weights of a HF folder: model.safetensors, a sharded index, or pytorch_model.bin.
+def _file_digests(path: Path, metadata: Mapping[str, str] | None) -> dict[str, str] | str | None:
+    """The digests in a safetensors file's metadata: {name: digest}, the algorithm name when it is not this
+    version's (they cannot be checked), or None when the file carries none.
 
     Raises:
-      HFConversionError: no weight file, or an index naming a shard that does not exist.
+      InputError: the digests are there but unreadable (a damaged header).
     """
-    path = Path(path)
+    if not metadata or DIGESTS_KEY not in metadata:
+        return None
+    algorithm = metadata.get(DIGEST_ALGORITHM_KEY)
+    if algorithm != DIGEST_ALGORITHM:
+        return str(algorithm)
+    try:
+        table = json.loads(metadata[DIGESTS_KEY])
+    except ValueError:
+        table = None
+    if not isinstance(table, dict) or not all(isinstance(v, str) for v in table.values()):
+        raise InputError(f"{path}: its {DIGESTS_KEY} metadata is not a JSON object of digests; the file is damaged: "
+                         "re-export or re-download it")
+    return table
+
+
+def _check_shard_name(folder: Path, index: Path, shard: Any) -> Path:
+    """``folder / shard`` for a shard name of a weight index; a name leaving the folder is refused."""
+    if not isinstance(shard, str) or not shard:
+        raise InputError(f"{index}: shard name {shard!r} is not a file name; re-download or re-export the folder")
+    if Path(shard).is_absolute() or ".." in Path(shard).parts:
+        raise InputError(f"{index}: shard {shard!r} lies outside {folder}; a weight index names files inside its "
+                         "folder: re-download or re-export it (nothing was read)")
+    return folder / shard
+
+
+def _weight_files(path: Path) -> tuple[dict[str, Path], str] | None:
+    """({tensor name: file}, kind) of the weights of the HF folder ``path``, or None when it has no weight file."""
     for index_name, kind in (("model.safetensors.index.json", "safetensors"), ("pytorch_model.bin.index.json", "bin")):
         index = path / index_name
         if index.is_file():
             data = files.read_json(index, "weight index")
-            weight_map: dict[str, str] = data.get("weight_map", {}) if isinstance(data, dict) else {}
-            if not weight_map:
+            weight_map = data.get("weight_map") if isinstance(data, dict) else None
+            if not weight_map or not isinstance(weight_map, dict):
                 raise HFConversionError(f"{index}: no 'weight_map'; re-download or re-export the folder")
-            for shard in sorted(set(weight_map.values())):
-                if not (path / shard).is_file():
-                    raise HFConversionError(f"weight file {path / shard} named in {index_name} does not exist")
-            return _LazyTensors({k: path / v for k, v in weight_map.items()}, kind)
+            shards = {shard: _check_shard_name(path, index, shard) for shard in set(weight_map.values())}
+            for shard in sorted(shards):
+                if not shards[shard].is_file():
+                    raise HFConversionError(f"weight file {shards[shard]} named in {index_name} does not exist")
+            return {k: shards[v] for k, v in weight_map.items()}, kind
     single = path / "model.safetensors"
     if single.is_file():
         with _safetensors(single) as f:
-            return _LazyTensors({k: single for k in f.keys()}, "safetensors")  # noqa: SIM118
+            return dict.fromkeys(f.keys(), single), "safetensors"  # noqa: SIM118
     binary = path / "pytorch_model.bin"
     if binary.is_file():
-        return _LazyTensors({k: binary for k in _torch_load(binary)}, "bin")
-    raise HFConversionError(
-        f"no weight file in {path}: expected model.safetensors, model.safetensors.index.json, pytorch_model.bin or "
-        "pytorch_model.bin.index.json"
-    )
+        return dict.fromkeys(_torch_load(binary), binary), "bin"
+    return None
+
+
+def read_hf_tensors(path: str | os.PathLike) -> Mapping[str, np.ndarray]:
+    """Lazy mapping over the weights of a HF folder: model.safetensors, a sharded index, or pytorch_model.bin.
+
+    Tensors of files that carry prosparse_jax digests (every export's) are verified as they are read; weights
+    without them load unverified, with one warning.
+
+    Raises:
+      HFConversionError: no weight file, or an index naming a shard that does not exist.
+      InputError: an index naming a shard outside the folder, a shard without digests beside shards with them,
+        unreadable digests, or (when read) a tensor that does not match its digest.
+    """
+    path = Path(path)
+    found = _weight_files(path)
+    if found is None:
+        raise HFConversionError(
+            f"no weight file in {path}: expected model.safetensors, model.safetensors.index.json, pytorch_model.bin "
+            "or pytorch_model.bin.index.json"
+        )
+    paths, kind = found
+    by_file: dict[Path, dict[str, str] | str | None] = dict.fromkeys(sorted(set(paths.values())))
+    if kind == "safetensors":
+        for p in by_file:
+            with _safetensors(p) as f:
+                by_file[p] = _file_digests(p, f.metadata())
+    checked = {p: d for p, d in by_file.items() if isinstance(d, dict)}
+    if checked and len(checked) < len(by_file):
+        bare = next(p for p in by_file if p not in checked)
+        raise InputError(f"{bare}: carries no prosparse_jax digests while {next(iter(checked)).name} of the same "
+                         "folder does: a shard was replaced or damaged; re-export or re-download the folder")
+    others = sorted({d for d in by_file.values() if isinstance(d, str)})
+    if others:
+        warnings.warn(f"{path}: the weights carry digests of algorithm {others[0]!r}, which this version cannot check "
+                      f"(it writes {DIGEST_ALGORITHM}); they load unverified", stacklevel=2)
+    elif not checked:
+        warnings.warn(f"{path}: the weights carry no prosparse_jax digests (not an export of this project, or an older "
+                      "one), so damage to them cannot be detected; they load as they are", stacklevel=2)
+    return _LazyTensors(paths, kind, checked)
 
 
 def load_hf_folder(path: str | os.PathLike) -> tuple[ModelConfig, Params]:
     """Loads (ModelConfig, float32 numpy params) from a local HF model folder (see
-    :func:`prosparse_jax.training.model_io.load_model`)."""
+    :func:`prosparse_jax.training.model_io.load_model`); an export's tensors are verified against their digests."""
     path = Path(path)
-    cfg_file = path / "config.json"
-    if not cfg_file.is_file():
-        raise HFConversionError(f"{cfg_file} not found: {path} is not a HuggingFace model folder")
-    raw = files.read_json(cfg_file, "config.json")
+    raw = read_config_json(path)
+    if raw is None:
+        raise HFConversionError(f"{path / 'config.json'} not found: {path} is not a HuggingFace model folder")
     cfg = model_config_from_hf(raw)
     tensors = read_hf_tensors(path)
     if "tie_word_embeddings" not in raw and "lm_head.weight" in tensors:  # unstated: the weights decide
         cfg = cfg.replace(tie_embeddings=False)
-    params = from_hf_state_dict(cfg, tensors)
-    _TORCH_CACHE.clear()
+    try:
+        params = from_hf_state_dict(cfg, tensors)
+    finally:
+        _TORCH_CACHE.clear()
     return cfg, params
 
 
@@ -158,7 +271,8 @@ def load_hf_folder(path: str | os.PathLike) -> tuple[ModelConfig, Params]:
 # Writing
 # ---------------------------------------------------------------------------------------------------------------
 def write_safetensors(tensors: Mapping[str, np.ndarray], out: Path, *, max_shard_size: int) -> list[str]:
-    """Writes model.safetensors, or model-0000i-of-0000n.safetensors + index json above ``max_shard_size``."""
+    """Writes model.safetensors, or model-0000i-of-0000n.safetensors + index json above ``max_shard_size``; each file
+    carries the digests of its tensors (:data:`DIGESTS_KEY`) and the mode a new file gets under the umask."""
     from safetensors.numpy import save_file
 
     shards: list[dict[str, np.ndarray]] = [{}]
@@ -169,9 +283,11 @@ def write_safetensors(tensors: Mapping[str, np.ndarray], out: Path, *, max_shard
             size = 0
         shards[-1][name] = a
         size += a.nbytes
-    meta = {"format": "pt"}
 
     def save(shard: dict[str, np.ndarray], path: Path) -> None:
+        meta = {"format": "pt", DIGEST_ALGORITHM_KEY: DIGEST_ALGORITHM, DIGESTS_KEY: json.dumps(tensor_digests(shard))}
+        path.touch()  # safetensors creates files 0600; this one gets the mode every other file here gets (umask)
+        mode = path.stat().st_mode & 0o777
         try:
             save_file(shard, str(path), metadata=meta)
         except OSError:
@@ -179,6 +295,7 @@ def write_safetensors(tensors: Mapping[str, np.ndarray], out: Path, *, max_shard
         except Exception as e:  # safetensors reports a failed write (disk full) as SafetensorError: an OSError here
             full = "os error 28" in str(e) or "No space left" in str(e)
             raise OSError(errno.ENOSPC if full else errno.EIO, " ".join(str(e).split()), str(path)) from e
+        path.chmod(mode)
 
     if len(shards) == 1:
         save(shards[0], out / "model.safetensors")

@@ -1,15 +1,18 @@
 r"""Exports a prosparse_jax workdir (or any loadable checkpoint) as a HuggingFace model folder.
 
     python -m prosparse_jax.main.export_hf --workdir=runs/x --out=hf/x [--step=N] [--format=llama|minicpm] \
-        [--dtype=float32|bfloat16] [--max_shard_size=2GB] [--overwrite]
+        [--dtype=float32|bfloat16] [--max_shard_size=2GB] [--max_position_embeddings=N] [--overwrite]
 
 ``llama`` folds MiniCPM scales and loads with plain ``AutoModelForCausalLM`` unless the activation (fatrelu, drelu)
 or sparse-mode neuron thresholds need the shipped remote code (``trust_remote_code=True``); ``minicpm`` keeps the
-scales (remote code). Details: :mod:`prosparse_jax.training.model_io`.
+scales (remote code). config.json records the run's context (``data.seq_len``) unless
+``--max_position_embeddings`` says otherwise; every safetensors file carries the digests of its tensors, which
+``import_hf`` / ``score`` / ``generate`` verify. Details: :mod:`prosparse_jax.training.model_io`.
 """
 
 from __future__ import annotations
 
+import json
 import sys
 
 from absl import flags
@@ -30,8 +33,8 @@ def _flags() -> flags.FlagValues:
     flags.DEFINE_string("max_shard_size", "2GB", "Shard the safetensors above this size (2GB, 64KB, ...).",
                         flag_values=fv)
     flags.DEFINE_bool("overwrite", False, "Replace the export files in a non-empty --out.", flag_values=fv)
-    flags.DEFINE_integer("max_position_embeddings", 4096, "max_position_embeddings written to config.json.",
-                         flag_values=fv)
+    flags.DEFINE_integer("max_position_embeddings", None, "Context written to config.json; default: the run's "
+                         "data.seq_len (the source HF folder's own, else 4096).", flag_values=fv)
     flags.mark_flags_as_required(["workdir", "out"], flag_values=fv)
     return fv
 
@@ -44,7 +47,8 @@ def main(argv: list[str] | None = None) -> int:
         out = export_hf(fv.workdir, fv.out, step=fv.step, fmt=fv.format, dtype=fv.dtype,
                         max_shard_size=fv.max_shard_size, overwrite=fv.overwrite,
                         max_position_embeddings=fv.max_position_embeddings)
-        return f"exported {fv.workdir} -> {out} (format={fv.format}, dtype={fv.dtype})"
+        context = json.loads((out / "config.json").read_text())["max_position_embeddings"]
+        return f"exported {fv.workdir} -> {out} (format={fv.format}, dtype={fv.dtype}, context={context} tokens)"
 
     return common.run("export_hf", fv, argv, body, __doc__)
 

@@ -4,8 +4,8 @@ r"""Imports a local HuggingFace LLaMA / Mistral / MiniCPM / ProSparse folder int
 
 Writes ``<workdir>/config.json`` (``model`` section) and a params-only checkpoint at step 0, and copies
 ``tokenizer.json`` when the folder has one. Unsupported features (rope_scaling, biases, other model types) and
-weights that disagree with the config are errors naming the field or tensor. Details:
-:mod:`prosparse_jax.training.model_io`.
+weights that disagree with the config are errors naming the field or tensor; so is an export of this project whose
+weights do not match the digests written with them. Details: :mod:`prosparse_jax.training.model_io`.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Orbax checkpoints of a run's workdir: save, verified restore, and loading a workdir's model.
 
 A step is ``<workdir>/checkpoints/<step>/{params, opt_state, extra}``: orbax pytrees, and JSON holding the step, data
-iterator state, model and run config and the :mod:`~prosparse_jax.training.digest` of every array (an imported model
+iterator state, model and run config and the :mod:`~prosparse_jax.digest` of every array (an imported model
 has no ``opt_state``). A damaged step raises :class:`CorruptCheckpointError` naming the newest older step that verifies
 (nothing is deleted); stored shapes that differ from the config's are a plain :class:`CheckpointError`.
 """
@@ -24,9 +24,9 @@ from absl import logging
 
 from prosparse_jax import files
 from prosparse_jax.config import ModelConfig, model_config_from_dict, to_dict
+from prosparse_jax.digest import DIGEST_ALGORITHM, digests
 from prosparse_jax.errors import CheckpointError, CorruptCheckpointError
 from prosparse_jax.model.transformer import Params, abstract_params
-from prosparse_jax.training.digest import DIGEST_ALGORITHM, digests
 
 CKPT_DIR = "checkpoints"
 

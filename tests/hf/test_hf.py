@@ -5,7 +5,10 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
+import shutil
 import tempfile
+import warnings
 from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # never download: every model here is built locally
@@ -21,7 +24,8 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from prosparse_jax.config import ModelConfig  # noqa: E402
-from prosparse_jax.errors import HFConversionError, OutputError, UsageError  # noqa: E402
+from prosparse_jax.digest import DIGEST_ALGORITHM, digests  # noqa: E402
+from prosparse_jax.errors import HFConversionError, InputError, OutputError, UsageError  # noqa: E402
 from prosparse_jax.hf import io as hf  # noqa: E402
 from prosparse_jax.inference import score  # noqa: E402
 from prosparse_jax.main import export_hf, import_hf  # noqa: E402
@@ -386,6 +390,181 @@ def test_cli_mains(tmp_path: Path, tokenizer_file: Path, capsys: pytest.CaptureF
     res = json.loads(capsys.readouterr().out)
     assert res == score.score(wd, "hello world")
     assert score_main.main(["score", f"--checkpoint={wd}"]) == 1  # neither --text nor --input
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Integrity: digests in exports, contained shards, one-line refusals
+# ---------------------------------------------------------------------------------------------------------------
+def flip_bits(path: Path, tensor: str, flips: int = 100) -> None:
+    """Flips an exponent bit in each of the first ``flips`` float32 words of ``tensor``'s data in a safetensors file."""
+    b = bytearray(path.read_bytes())
+    n = int.from_bytes(b[:8], "little")
+    start, end = json.loads(b[8:8 + n])[tensor]["data_offsets"]
+    assert end - start >= 4 * flips
+    for i in range(8 + n + start, 8 + n + start + 4 * flips, 4):
+        b[i + 3] ^= 0x40
+    path.write_bytes(bytes(b))
+
+
+def load_warnings(folder: Path) -> list[str]:
+    """The warnings ``load_hf_folder(folder)`` gives (every one, none deduplicated)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        hf.load_hf_folder(folder)
+    return [str(w.message) for w in caught]
+
+
+def test_flipped_bits_in_an_export_are_refused_naming_the_tensor(tmp_path: Path, tokenizer_file: Path,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    cfg = tiny_cfg(vocab_size=VOCAB, activation="relu")
+    wd = make_workdir(tmp_path / "wd", cfg, random_params(cfg), tokenizer_file)
+    out = model_io.export_hf(wd, tmp_path / "hf")
+    text = "the quick brown fox jumps over the lazy dog"
+    assert score.score(out, text)["num_tokens"] > 1  # the intact export scores
+    tensor = "model.layers.1.mlp.up_proj.weight"
+    flip_bits(out / "model.safetensors", tensor)
+    with pytest.raises(InputError, match=rf"model\.safetensors: tensor '{re.escape(tensor)}' does not match"):
+        score.score(out, text)
+    assert score_main.main(["score", f"--checkpoint={out}", f"--text={text}"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and tensor in err and "re-export or re-download" in err
+    # import_hf refuses it too: the damaged weights never become a workdir with fresh digests of their own.
+    assert import_hf.main(["import_hf", f"--hf={out}", f"--workdir={tmp_path / 'imported'}"]) == 1
+    assert tensor in capsys.readouterr().err and not (tmp_path / "imported").exists()
+
+
+def test_export_digests_are_of_the_stored_bytes_and_verify(tmp_path: Path) -> None:
+    from safetensors import safe_open
+
+    cfg = tiny_cfg(activation="relu")
+    params = random_params(cfg)
+    wd = make_workdir(tmp_path / "wd", cfg, params)
+    for dtype in ("float32", "bfloat16"):
+        out = model_io.export_hf(wd, tmp_path / dtype, dtype=dtype, max_shard_size="40KB")
+        shards = sorted(out.glob("model-*.safetensors"))
+        assert len(shards) > 2
+        for shard in shards:
+            with safe_open(str(shard), framework="numpy") as f:
+                meta = f.metadata()
+                stored = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+            assert meta["format"] == "pt" and meta[hf.DIGEST_ALGORITHM_KEY] == DIGEST_ALGORITHM
+            assert {a.dtype for a in stored.values()} == {np.dtype(hf.EXPORT_DTYPES[dtype])}
+            assert json.loads(meta[hf.DIGESTS_KEY]) == digests({"t": stored})["t"]
+        assert load_warnings(out) == []  # verified: no "unverified" warning
+    model_io.import_hf(tmp_path / "float32", tmp_path / "wd2")  # the round trip stays bit-exact
+    assert_params_equal(checkpoint.load_model(tmp_path / "wd2")[1], jax.tree.map(np.asarray, params))
+
+
+def test_foreign_folder_loads_with_one_warning(tmp_path: Path) -> None:
+    save_random_llama(tmp_path / "hf", act="relu", tied=False)
+    assert [w for w in load_warnings(tmp_path / "hf") if "digests" in w] == [
+        f"{tmp_path / 'hf'}: the weights carry no prosparse_jax digests (not an export of this project, or an older "
+        "one), so damage to them cannot be detected; they load as they are"]
+    m = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
+    m.save_pretrained(tmp_path / "sharded", max_shard_size="50KB")
+    assert len(list((tmp_path / "sharded").glob("*.safetensors"))) > 2
+    assert len([w for w in load_warnings(tmp_path / "sharded") if "digests" in w]) == 1  # once, not per shard
+
+
+def test_shard_without_digests_among_export_shards_is_refused(tmp_path: Path) -> None:
+    cfg = tiny_cfg()
+    out = hf.save_hf_folder(cfg, random_params(cfg), tmp_path / "hf", max_shard_size="40KB")
+    from safetensors.numpy import load_file, save_file
+
+    shard = sorted(out.glob("model-*.safetensors"))[1]
+    save_file(load_file(shard), shard, metadata={"format": "pt"})  # same tensors, digests stripped
+    with pytest.raises(InputError, match=rf"{shard.name}: carries no prosparse_jax digests while"):
+        hf.load_hf_folder(out)
+
+
+@pytest.mark.parametrize("where", ["parent", "absolute"])
+def test_shard_outside_the_folder_is_refused(tmp_path: Path, where: str) -> None:
+    cfg = tiny_cfg()
+    src = hf.save_hf_folder(cfg, random_params(cfg), tmp_path / "src", max_shard_size="40KB")
+    trav = tmp_path / "trav"
+    trav.mkdir()
+    shutil.copyfile(src / "config.json", trav / "config.json")
+    index = json.loads((src / "model.safetensors.index.json").read_text())
+    prefix = "../src/" if where == "parent" else f"{src.absolute()}/"
+    index["weight_map"] = {k: prefix + v for k, v in index["weight_map"].items()}
+    (trav / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(InputError, match=r"model\.safetensors\.index\.json: shard '.*' lies outside"):
+        hf.load_hf_folder(trav)
+    assert import_hf.main(["import_hf", f"--hf={trav}", f"--workdir={tmp_path / 'wd'}"]) == 1
+    assert not (tmp_path / "wd").exists()
+
+
+def test_exported_files_share_one_mode(tmp_path: Path, tokenizer_file: Path) -> None:
+    cfg = tiny_cfg(vocab_size=VOCAB)
+    wd = make_workdir(tmp_path / "wd", cfg, random_params(cfg), tokenizer_file)
+    old = os.umask(0o022)
+    try:
+        for name, shard_size in (("one", "2GB"), ("sharded", "40KB")):
+            out = model_io.export_hf(wd, tmp_path / name, max_shard_size=shard_size)
+            modes = {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()}
+            assert set(modes.values()) == {0o644}, modes
+    finally:
+        os.umask(old)
+
+
+def test_config_json_that_is_not_an_object_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    cfg = tiny_cfg()
+    wd = make_workdir(tmp_path / "wd", cfg, random_params(cfg))
+    folder = hf.save_hf_folder(cfg, random_params(cfg), tmp_path / "hf")
+    for d in (wd, folder):
+        (d / "config.json").write_text("[]")
+        with pytest.raises(InputError, match=r"config\.json: not a JSON object"):
+            model_io.load_model(d)
+        assert score_main.main(["score", f"--checkpoint={d}", "--text=hello"]) == 1
+        assert import_hf.main(["import_hf", f"--hf={d}", f"--workdir={tmp_path / 'new'}"]) == 1
+        err = capsys.readouterr().err.splitlines()
+        assert len(err) == 2 and all("config.json: not a JSON object" in line for line in err), err
+    with pytest.raises(InputError, match=r"config\.json: not a JSON object but an array"):
+        hf.load_hf_folder(folder)
+
+
+def test_pickle_with_a_forbidden_global_is_one_line_and_never_runs(tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    save_random_llama(tmp_path / "hf", act="relu", tied=False)
+    folder, marker = tmp_path / "pickle", tmp_path / "executed"
+
+    class Evil:
+        def __reduce__(self) -> tuple:
+            return os.mkdir, (str(marker),)  # would create ``marker`` if the file were ever unpickled unsafely
+
+    folder.mkdir()
+    shutil.copyfile(tmp_path / "hf" / "config.json", folder / "config.json")
+    torch.save({"model.embed_tokens.weight": Evil()}, folder / "pytorch_model.bin")  # pickles; runs nothing
+    with pytest.raises(InputError, match=r"pytorch_model\.bin: refused: loading it needs the Python global "
+                                         r"(posix|os)\.mkdir.*nothing was executed"):
+        hf.load_hf_folder(folder)
+    capsys.readouterr()  # transformers' progress bar of save_random_llama
+    assert import_hf.main(["import_hf", f"--hf={folder}", f"--workdir={tmp_path / 'wd'}"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "pytorch_model.bin: refused" in err
+    assert not marker.exists() and not (tmp_path / "wd").exists()
+
+
+def test_export_records_the_runs_context(tmp_path: Path, tokenizer_file: Path) -> None:
+    cfg = tiny_cfg(vocab_size=VOCAB, activation="relu")
+    wd = checkpoint.write_params_workdir(tmp_path / "wd", cfg, random_params(cfg), run_config={"data": {"seq_len": 8}})
+    (wd / "tokenizer.json").write_bytes(tokenizer_file.read_bytes())
+    out = model_io.export_hf(wd, tmp_path / "hf")
+    assert json.loads((out / "config.json").read_text())["max_position_embeddings"] == 8
+    assert json.loads((out / "tokenizer_config.json").read_text())["model_max_length"] == 8
+    # score on the export uses the context of the workdir: the same windows, the same log-probabilities.
+    text = " ".join(TOKENIZER_TEXTS)
+    on_wd, on_hf = score.score(wd, text), score.score(out, text)
+    assert on_wd["context"]["window"] == on_hf["context"]["window"] == 8 and on_hf["context"]["windows"] > 1
+    np.testing.assert_allclose(on_hf["logprobs"][1:], on_wd["logprobs"][1:], atol=1e-5, rtol=0)
+    # An explicit value wins; an imported folder keeps its own through import and export.
+    out2 = model_io.export_hf(wd, tmp_path / "hf2", max_position_embeddings=32)
+    assert json.loads((out2 / "config.json").read_text())["max_position_embeddings"] == 32
+    model_io.import_hf(out2, tmp_path / "imported")
+    out3 = model_io.export_hf(tmp_path / "imported", tmp_path / "hf3")
+    assert json.loads((out3 / "config.json").read_text())["max_position_embeddings"] == 32
+    with pytest.raises(UsageError, match="max_position_embeddings"):
+        model_io.export_hf(wd, tmp_path / "hf4", max_position_embeddings=0)
 
 
 # ---------------------------------------------------------------------------------------------------------------

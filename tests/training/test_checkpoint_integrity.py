@@ -16,9 +16,9 @@ import orbax.checkpoint as ocp
 import pytest
 from conftest import killed_after, small_run_config, write_corpus
 
+from prosparse_jax import digest
 from prosparse_jax.errors import CheckpointError, CorruptCheckpointError
 from prosparse_jax.training import checkpoint as ckpt
-from prosparse_jax.training import digest
 from prosparse_jax.training import train as train_mod
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -236,7 +236,7 @@ def test_big_host_arrays_are_digested_block_by_block_like_on_device():
 SHARDED = r"""
 import numpy as np, jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-from prosparse_jax.training import digest
+from prosparse_jax import digest
 mesh = Mesh(np.array(jax.devices()).reshape(2, 2), ("a", "b"))
 dig = lambda x: digest.digests({"t": x})["t"][""]
 for shape in [(8, 6, 5), (8, 96, 100)]:  # digested on the host shard by shard; by XLA on the devices (> 64K words)
