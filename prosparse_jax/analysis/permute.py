@@ -27,6 +27,7 @@ from prosparse_jax.errors import InputError, UsageError
 from prosparse_jax.model import transformer as model
 from prosparse_jax.model.transformer import Params
 from prosparse_jax.training import checkpoint as ckpt
+from prosparse_jax.training.lock import WorkdirLock
 from prosparse_jax.training.model_io import is_hf_folder, load_model
 
 ORDERS = ("frequency", "coactivation")
@@ -362,7 +363,7 @@ def permute(checkpoint: str | Path, out: str | Path, *, order: str = "frequency"
            "permutation": perm_LxF.tolist()}
     run_cfg = dict(run_cfg, permuted_from={"checkpoint": str(Path(checkpoint).absolute()), "step": step,
                                            "order": order})
-    with files.staged_output(out) as stage:
+    with WorkdirLock(out, "permute"), files.staged_output(out) as stage:
         ckpt.write_params_workdir(stage, mcfg, jax.tree.map(np.asarray, new_params), run_config=run_cfg)
         (stage / "tokenizer.json").write_bytes(tok_path.read_bytes())
         (stage / "permutation.json").write_text(json.dumps(res))

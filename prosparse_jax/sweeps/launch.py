@@ -1,7 +1,9 @@
 """Launching a sweep's runs: locally, several at a time, or as a SLURM array; a run is resumed, never redone.
 
 A run is finished when its latest checkpoint is at ``train.steps`` and ``final_eval.json`` exists; finished runs are
-skipped, the others resume from their latest checkpoint. Logs go to ``<root>/logs/<name>.log``. See docs/sweeps.md.
+skipped, the others resume from their latest checkpoint. A run whose workdir lock a live trainer holds (one left by a
+launcher that died, a SLURM task) is waited for, never started twice. Logs go to ``<root>/logs/<name>.log``. See
+docs/sweeps.md.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from prosparse_jax.errors import TrainError, UsageError
 from prosparse_jax.sweeps.progress import fmt_s, is_finished, running_marker, status_table
 from prosparse_jax.sweeps.spec import LOGS, Sweep, SweepRun, format_value
 from prosparse_jax.training import checkpoint as ckpt
+from prosparse_jax.training import lock as lock_lib
 from prosparse_jax.training.train import check_workdir_config, json_config
 
 
@@ -75,15 +78,33 @@ def _log_tail(path: Path) -> str:
 
 
 class _Launcher:
-    """Starts runs as train subprocesses (own session, output to ``<root>/logs/<run>.log``) and reaps them."""
+    """Starts runs as train subprocesses (own session, output to ``<root>/logs/<run>.log``) and reaps them; a run
+    another process trains (its workdir's lock is held) is watched instead until that process ends."""
 
     def __init__(self, sweep: Sweep, root: Path, echo: Callable[[str], None]) -> None:
         self.sweep, self.root, self.echo = sweep, Path(root), echo
         self.running: dict[str, tuple[SweepRun, subprocess.Popen, Any, float]] = {}
+        self.elsewhere: dict[str, tuple[SweepRun, lock_lib.Holder]] = {}  # runs other processes train
         self.results: dict[str, str] = {}  # run -> state after its process ended: done | failed | stopped
         self.notes: dict[str, str] = {}
 
+    @property
+    def busy(self) -> int:
+        """Runs training now, these and the watched ones (each takes one of the ``parallel`` slots)."""
+        return len(self.running) + len(self.elsewhere)
+
+    def watch_if_held(self, run: SweepRun) -> bool:
+        """Watches ``run`` if a live process holds its workdir's lock; returns whether it does."""
+        holder = lock_lib.live_holder(self.sweep.workdir(self.root, run))
+        if holder is None:
+            return False
+        self.elsewhere[run.name] = (run, holder)
+        self.echo(f"{run.name} is being trained by {holder.describe()}: waiting for it (no second trainer)")
+        return True
+
     def start(self, run: SweepRun) -> None:
+        if self.watch_if_held(run):
+            return
         log_path = self.root / LOGS / f"{run.name}.log"
         cmd = self.sweep.command(self.root, run)
         log = open(log_path, "a")  # noqa: SIM115 (closed when the run ends)
@@ -98,11 +119,26 @@ class _Launcher:
         self.echo(f"started {run.name} (pid {proc.pid}{f', resuming from step {resumed}' if resumed else ''}); "
                   f"log: {log_path}")
 
-    def reap(self) -> None:
+    def reap(self) -> list[SweepRun]:
+        """Reaps the ended runs; returns the watched runs whose trainer ended before finishing (to start them)."""
         for name, (run, proc, log, t0) in list(self.running.items()):
             code = proc.poll()
             if code is not None:
                 self._ended(name, run, code, log, t0)
+        resume = []
+        for name, (run, holder) in list(self.elsewhere.items()):
+            wd = self.sweep.workdir(self.root, run)
+            if lock_lib.live_holder(wd) is not None:
+                continue
+            del self.elsewhere[name]
+            if is_finished(wd, run.steps):
+                self.results[name] = "done"
+                self.echo(f"finished {name} (trained by {holder.describe()})")
+            else:
+                self.echo(f"{name}: {holder.describe()} ended at step {ckpt.latest_step(wd) or 0} of {run.steps}; "
+                          "resuming it")
+                resume.append(run)
+        return resume
 
     def _ended(self, name: str, run: SweepRun, code: int, log: Any, t0: float) -> None:
         del self.running[name]
@@ -123,6 +159,8 @@ class _Launcher:
         for _, proc, _, _ in self.running.values():
             proc.send_signal(signal.SIGTERM)
         self.echo(f"stopping {len(self.running)} run(s): each saves a checkpoint (Ctrl-C again kills them)")
+        if self.elsewhere:
+            self.echo(f"not stopped: {', '.join(self.elsewhere)}, trained by other processes")
         try:
             for _, proc, _, _ in list(self.running.values()):
                 proc.wait(timeout)
@@ -152,7 +190,8 @@ def run_sweep(sweep: Sweep, root: Path, parallel: int = 1, interval: float = 10.
     if done:
         echo(f"skipping {len(done)} finished run(s): {', '.join(done)}")
     launcher, t0, next_table = _Launcher(sweep, root, echo), time.time(), 0.0
-    states = lambda: {**launcher.results, **{n: "running" for n in launcher.running}}  # noqa: E731
+    todo = [r for r in todo if not launcher.watch_if_held(r)]  # trained by others (e.g. a dead launcher's orphans)
+    states = lambda: {**launcher.results, **dict.fromkeys([*launcher.running, *launcher.elsewhere], "running")}  # noqa: E731
 
     def on_term(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt  # SIGTERM (e.g. a scheduler's) stops the sweep like Ctrl-C
@@ -160,10 +199,10 @@ def run_sweep(sweep: Sweep, root: Path, parallel: int = 1, interval: float = 10.
     prev = _set_handlers((signal.SIGTERM,), on_term)
     try:
         prepare_corpora(todo, echo)
-        while todo or launcher.running:
-            while todo and len(launcher.running) < parallel:
+        while todo or launcher.busy:
+            while todo and launcher.busy < parallel:
                 launcher.start(todo.pop(0))
-            launcher.reap()
+            todo[:0] = launcher.reap()
             if time.time() >= next_table:
                 echo(status_table(sweep, root, states(), time.time() - t0))
                 next_table = time.time() + interval
@@ -201,6 +240,7 @@ def run_task(sweep: Sweep, root: Path, index: int, dry_run: bool = False) -> int
     if is_finished(wd, run.steps):
         print(f"task {index}: {run.name} already finished at step {ckpt.latest_step(wd)}; nothing to do", flush=True)
         return 0
+    lock_lib.check_free(wd)  # a trainer still runs it (an earlier task): refused, its marker left alone
     (root / LOGS).mkdir(parents=True, exist_ok=True)
     print(f"task {index}: {run.name}: {shlex.join(cmd)}", flush=True)
     proc = subprocess.Popen(cmd)

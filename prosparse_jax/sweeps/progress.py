@@ -11,6 +11,7 @@ from typing import Any
 
 from prosparse_jax.sweeps.spec import LOGS, Sweep, SweepRun
 from prosparse_jax.training import checkpoint as ckpt
+from prosparse_jax.training import lock as lock_lib
 
 
 @dataclasses.dataclass
@@ -74,13 +75,15 @@ def _marked_running(root: Path, run: SweepRun) -> bool:
 
 
 def progress(sweep: Sweep, root: Path, run: SweepRun, state: str | None = None) -> Progress:
-    """The state, step and ETA of ``run`` (``state``: what the launcher knows, else read from disk)."""
+    """The state, step and ETA of ``run`` (``state``: what the launcher knows, else read from disk: running while a
+    launcher's marker names a live process or a live trainer holds the workdir's lock)."""
     wd = sweep.workdir(root, run)
     latest = ckpt.latest_step(wd)
     if _finished(wd, latest, run.steps):
         state = "done"
     elif state is None:
-        state = "running" if _marked_running(root, run) else "partial" if latest else "pending"
+        running = _marked_running(root, run) or lock_lib.live_holder(wd) is not None
+        state = "running" if running else "partial" if latest else "pending"
     p = Progress(state, latest or 0, run.steps, latest or 0)
     e = last_train_entry(wd / "metrics.jsonl") if state != "pending" else None
     if e is not None:

@@ -12,24 +12,40 @@ from pathlib import Path
 
 from prosparse_jax import files
 from prosparse_jax.config import ModelConfig
-from prosparse_jax.errors import OutputError
+from prosparse_jax.errors import OutputError, UsageError
 from prosparse_jax.hf import io as hf_io
 from prosparse_jax.model.transformer import Params
 from prosparse_jax.training import checkpoint
+from prosparse_jax.training.lock import WorkdirLock, check_free
+
+DEFAULT_MAX_POSITION_EMBEDDINGS = 4096  # what an export records when the source records no context
 
 
 def is_hf_folder(path: str | os.PathLike) -> bool:
-    """Whether ``path`` holds a HuggingFace model: its config.json names a ``model_type`` or ``architectures``."""
-    cfg_file = Path(path) / "config.json"
-    if not cfg_file.is_file():
-        return False
-    raw = files.read_json(cfg_file, "config.json")
-    return isinstance(raw, dict) and ("model_type" in raw or "architectures" in raw)
+    """Whether ``path`` holds a HuggingFace model: its config.json names a ``model_type`` or ``architectures``.
+
+    Raises:
+      InputError: config.json is not valid JSON or not a JSON object.
+    """
+    raw = hf_io.read_config_json(path)
+    return raw is not None and ("model_type" in raw or "architectures" in raw)
+
+
+def model_context(path: str | os.PathLike) -> int | None:
+    """Tokens of context the model at ``path`` was trained or configured for: a workdir's ``data.seq_len`` (for an
+    imported one, its source's ``max_position_embeddings``), an HF folder's ``max_position_embeddings``; None when
+    its config.json records none."""
+    raw = hf_io.read_config_json(path) or {}
+    data, imported = (raw.get(k) if isinstance(raw.get(k), dict) else {} for k in ("data", "imported_from"))
+    for tokens in (data.get("seq_len"), imported.get("max_position_embeddings"), raw.get("max_position_embeddings")):
+        if isinstance(tokens, int) and not isinstance(tokens, bool) and tokens > 0:
+            return tokens
+    return None
 
 
 def load_model(path: str | os.PathLike, step: int | None = None) -> tuple[ModelConfig, Params, Path | None]:
     """(model config, params, tokenizer.json path or None) of a workdir's checkpoint ``step`` (None: the latest) or
-    of a HuggingFace model folder (``step`` does not apply)."""
+    of a HuggingFace model folder (``step`` does not apply; an export's weights are verified against their digests)."""
     if is_hf_folder(path):
         mcfg, params = hf_io.load_hf_folder(path)
         tok = Path(path) / "tokenizer.json"
@@ -39,21 +55,27 @@ def load_model(path: str | os.PathLike, step: int | None = None) -> tuple[ModelC
 
 def export_hf(workdir: str | os.PathLike, out: str | os.PathLike, *, step: int | None = None, fmt: str = "llama",
               dtype: str = "float32", max_shard_size: str | int = "2GB", overwrite: bool = False,
-              max_position_embeddings: int = 4096) -> Path:
+              max_position_embeddings: int | None = None) -> Path:
     """Exports ``workdir`` (or a HF folder; at ``step``, default the latest) to the HF folder ``out``; returns it.
 
-    ``out`` is checked before anything is loaded: a file, or a non-empty folder without ``overwrite``, is refused
-    (``overwrite`` replaces an earlier export's files, keeping the others). A failure leaves ``out`` as it was.
+    ``max_position_embeddings`` (None: :func:`model_context` of ``workdir``, else 4096) goes into config.json, so
+    score / generate on the export use the context the run was trained at. Every safetensors file carries the digests
+    of its tensors. ``out`` is checked before anything is loaded: a file, or a non-empty folder without
+    ``overwrite``, is refused (``overwrite`` replaces an earlier export's files, keeping the others). A failure
+    leaves ``out`` as it was.
     """
+    if max_position_embeddings is not None and max_position_embeddings < 1:
+        raise UsageError(f"max_position_embeddings: must be a positive number of tokens, got {max_position_embeddings}")
     if overwrite:
         out = files.check_output_path(out, "out")
     else:
         out = files.check_empty_dir(out, "out", "set overwrite to replace the export files, or choose an empty folder")
     files.check_model_path(workdir, "workdir")
+    context = max_position_embeddings or model_context(workdir) or DEFAULT_MAX_POSITION_EMBEDDINGS
     mcfg, params, tok = load_model(workdir, step)
-    with files.staged_output(out, replace=hf_io.remove_export_files) as stage:
+    with WorkdirLock(out, "export_hf"), files.staged_output(out, replace=hf_io.remove_export_files) as stage:
         hf_io.save_hf_folder(mcfg, params, stage, fmt=fmt, dtype=dtype, max_shard_size=max_shard_size,
-                             tokenizer_json=tok, max_position_embeddings=max_position_embeddings)
+                             tokenizer_json=tok, max_position_embeddings=context)
     return out
 
 
@@ -61,17 +83,19 @@ def import_hf(hf_path: str | os.PathLike, workdir: str | os.PathLike) -> Path:
     """Converts the HF folder ``hf_path`` into a new workdir (its config.json, a params-only checkpoint at step 0 and
     tokenizer.json when the folder has one); returns the workdir.
 
-    A file or a workdir holding a run is refused before any work; a failure leaves no half-written run behind.
+    A file or a workdir holding a run is refused before any work; so is an export whose weights do not match their
+    digests (a damaged export never becomes a workdir with fresh digests). A failure leaves no half-written run.
     """
     hf_path = files.check_model_path(hf_path, "hf")
     workdir = files.check_output_path(workdir, "workdir")
+    check_free(workdir)  # a train in its set-up holds the lock before it writes a run
     if checkpoint.has_run(workdir):
         raise OutputError(f"workdir: {workdir} already holds a run; choose an empty workdir (nothing was overwritten)")
     mcfg, params = hf_io.load_hf_folder(hf_path)
-    raw = files.read_json(hf_path / "config.json", "config.json")
+    raw = hf_io.read_config_json(hf_path) or {}
     source = {"hf_folder": str(hf_path.absolute()), "model_type": raw.get("model_type"),
-              "architectures": raw.get("architectures")}
-    with files.staged_output(workdir) as stage:
+              "architectures": raw.get("architectures"), "max_position_embeddings": model_context(hf_path)}
+    with WorkdirLock(workdir, "import_hf"), files.staged_output(workdir) as stage:
         checkpoint.write_params_workdir(stage, mcfg, params, run_config={"imported_from": source})
         tok = hf_path / "tokenizer.json"
         if tok.is_file():

@@ -15,6 +15,8 @@ import logging
 import os
 import shutil
 import signal
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +30,7 @@ from prosparse_jax.errors import CheckpointError, ConfigError, TrainError
 from prosparse_jax.model.transformer import Params, abstract_params, init_params
 from prosparse_jax.training import checkpoint as ckpt
 from prosparse_jax.training import distributed
+from prosparse_jax.training import lock as lock_lib
 from prosparse_jax.training import optim as optim_lib
 from prosparse_jax.training import sharding as shard_lib
 from prosparse_jax.training.loop import Loop, RunSetup, final_eval, install_stop_handlers
@@ -256,12 +259,50 @@ def _own_data_state(extra: dict[str, Any]) -> Any:
 # The run
 # ---------------------------------------------------------------------------------------------------------------
 def train(config: ml_collections.ConfigDict, workdir: str | Path) -> TrainResult:
-    """Runs (or resumes) one training run in ``workdir``.
+    """Runs (or resumes) one training run in ``workdir``, holding its lock (:mod:`prosparse_jax.training.lock`).
 
     Raises:
-      UserError: the config, workdir, data or a checkpoint is wrong (the message says what to do), the loss became
-        non-finite (:class:`~prosparse_jax.errors.NonFiniteLossError`), or writing the workdir failed.
+      UserError: the config, workdir, data or a checkpoint is wrong (the message says what to do), another command
+        holds the workdir, the loss became non-finite (:class:`~prosparse_jax.errors.NonFiniteLossError`), or writing
+        the workdir failed.
     """
+    with _hold_workdir(workdir):
+        return _train(config, workdir)
+
+
+@contextlib.contextmanager
+def _hold_workdir(workdir: str | Path) -> Iterator[None]:
+    """The workdir's lock for the whole run, taken once, by process 0: the other processes start after it holds it,
+    and all stop when it cannot. Until the loop installs its own stop handlers, SIGTERM aborts like Ctrl-C, so the
+    lock is released then too."""
+    on_main = threading.current_thread() is threading.main_thread()
+    prev = signal.signal(signal.SIGTERM, _abort) if on_main else None
+    lock, failure = None, None
+    try:
+        if jax.process_index() == 0:
+            try:
+                lock = lock_lib.WorkdirLock(workdir, "train").acquire()
+            except Exception as e:  # told to the other processes first, so that none waits for process 0
+                failure = e
+        if jax.process_count() > 1:
+            told = distributed.allgather_json(str(failure) if failure is not None else "")[0]
+            if told and failure is None:
+                raise TrainError(f"process 0 could not start the run: {told}")
+        if failure is not None:
+            raise failure
+        yield
+    finally:
+        if on_main:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if prev is None else prev)
+        if lock is not None:
+            lock.release()
+
+
+def _abort(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt  # SIGTERM before the loop runs: abort, releasing the workdir's lock
+
+
+def _train(config: ml_collections.ConfigDict, workdir: str | Path) -> TrainResult:
     run = _setup(config, workdir)
     rc, workdir = run.rc, run.workdir
     start = ckpt.latest_step(workdir)

@@ -276,3 +276,41 @@ def test_ctrl_c_stops_every_run_with_a_checkpoint(tmp_path, corpus):
     status = subprocess.run([*cmd[:3], "status", f"--sweep={ref}", f"--root={root}"], capture_output=True,
                             text=True)
     assert [ln.split()[2] for ln in status.stdout.splitlines()[2:]] == ["partial", "partial"], status.stdout
+
+
+@pytest.mark.slow
+def test_a_run_its_trainer_still_holds_is_waited_for_not_started_twice(tmp_path, corpus, capfd):
+    """A trainer left running by a launcher that died holds its workdir's lock: status shows the run running, task
+    refuses it in one line, and run waits for it instead of starting a second trainer on the same workdir."""
+    from prosparse_jax.sweeps.launch import prepare_corpora
+
+    steps = 200
+    ref = write_sweep(tmp_path / "sw.py", corpus, steps=steps,
+                      extra='"train.checkpoint_every": 50, "train.keep_period": 50') + ":1x2"
+    root = tmp_path / "root"
+    s = load(ref)
+    prepare_corpora(s.runs, print)  # before the orphan starts: one process prepares the dataset
+    wd = root / "s16-relu"
+    orphan = subprocess.Popen(s.command(root, s.runs[0]), cwd=Path(__file__).resolve().parents[2],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while not (wd / ".lock").exists() and orphan.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        capfd.readouterr()
+        assert sweep.main(["status", f"--sweep={ref}", f"--root={root}"]) == 0
+        table = {ln.split()[1]: ln.split()[2] for ln in capfd.readouterr().out.splitlines()[2:]}
+        assert table == {"s16-relu": "running", "s16-silu": "pending"}, table
+        assert sweep.main(["task", f"--sweep={ref}", f"--root={root}", "--index=0"]) == 1
+        err = capfd.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"is in use by train (pid {orphan.pid} " in err[0], err
+        assert sweep.main(["run", f"--sweep={ref}", f"--root={root}", "--parallel=2", "--interval=1"]) == 0
+        out = capfd.readouterr().out
+    finally:
+        if orphan.poll() is None:
+            orphan.kill()
+        orphan.wait()
+    assert f"s16-relu is being trained by train (pid {orphan.pid} " in out and "started s16-relu" not in out, out
+    assert "started s16-silu" in out and f"finished s16-relu (trained by train (pid {orphan.pid} " in out, out
+    assert [e["step"] for e in read_metrics(wd, "train")] == list(range(EVERY, steps + 1, EVERY))  # one writer
+    assert orphan.returncode == 0 and sweep_progress.is_finished(wd, steps)
