@@ -8,10 +8,12 @@ flags per call: config_flags registers each parse's overrides there, and tools i
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import re
 import sys
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import ml_collections
@@ -44,8 +46,9 @@ def run(prog: str, flag_values: flags.FlagValues, argv: list[str] | None, body: 
     quiet_orbax_noise()  # a failed restore leaves orbax's reads behind; their tracebacks would bury the error line
     flag_values.unparse_flags()
     try:
-        parse_flags(flag_values, args)
-        out = body()
+        with one_line_warnings(prog):
+            parse_flags(flag_values, args)
+            out = body()
     except (flags.Error, UserError) as e:
         if verbose:
             raise
@@ -54,6 +57,22 @@ def run(prog: str, flag_values: flags.FlagValues, argv: list[str] | None, body: 
     text, exit_code = out if isinstance(out, tuple) else (out, 0)
     print(text)
     return exit_code
+
+
+@contextlib.contextmanager
+def one_line_warnings(prog: str) -> Iterator[None]:
+    """While a tool runs, a :class:`UserWarning` (what the library tells the user) prints as one line
+    ``<prog>: warning: <message>`` on stderr; other categories (deprecations) keep Python's format."""
+    with warnings.catch_warnings():
+        original = warnings.showwarning
+
+        def show(message, category, filename, lineno, file=None, line=None):
+            if not issubclass(category, UserWarning):
+                return original(message, category, filename, lineno, file, line)
+            print(f"{prog}: warning: {' '.join(str(message).split())}", file=sys.stderr)
+
+        warnings.showwarning = show
+        yield
 
 
 def _verbose(args: list[str]) -> bool:
@@ -165,7 +184,8 @@ def call(prog: str, argv: list[str] | None, body: Callable[[], int | None]) -> i
     """Runs ``body`` (which parses ``argv`` itself) with :func:`run`'s error handling; returns the exit code."""
     args = sys.argv[1:] if argv is None else argv
     try:
-        return body() or 0
+        with one_line_warnings(prog):
+            return body() or 0
     except UserError as e:
         if _argparse_verbose(args):
             raise

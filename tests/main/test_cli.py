@@ -7,6 +7,7 @@ import errno
 import importlib
 import json
 import shutil
+import warnings
 from pathlib import Path
 
 import matplotlib.figure
@@ -80,6 +81,17 @@ def test_run_prints_a_user_error_as_one_line_and_lets_a_bug_through(capsys):
         common.run("tool", flags.FlagValues(), ["tool"], _raise(ValueError("a bug")))
     assert common.run("tool", flags.FlagValues(), ["tool"], lambda: ("stopped", 130)) == 130
     assert capsys.readouterr().out == "stopped\n"
+
+
+def test_a_library_warning_is_one_line_naming_the_tool(capsys):
+    def body():
+        warnings.warn("the weights carry no digests;\n  loading them unverified", UserWarning, stacklevel=1)
+        return "done"
+
+    assert common.run("tool", flags.FlagValues(), ["tool"], body) == 0
+    captured = capsys.readouterr()
+    assert captured.out == "done\n"
+    assert captured.err == "tool: warning: the weights carry no digests; loading them unverified\n"
 
 
 def test_call_prints_a_user_error_as_one_line_and_lets_a_bug_through(capsys):
