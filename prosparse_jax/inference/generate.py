@@ -7,11 +7,19 @@ smallest set whose probability reaches top_p (nucleus sampling, Holtzman et al. 
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import functools
+import math
+import os
+import signal
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import partial
-from typing import Any
+from pathlib import Path
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -20,7 +28,7 @@ import numpy as np
 from prosparse_jax import files
 from prosparse_jax.config import ModelConfig
 from prosparse_jax.data.corpus import EOS_TOKEN
-from prosparse_jax.errors import UsageError
+from prosparse_jax.errors import ConfigError, InputError, UsageError
 from prosparse_jax.inference import score
 from prosparse_jax.inference import sparse_ffn as sparse_ffn_lib
 from prosparse_jax.inference.decode import FFNImpl, KVCache, decode_step, dense_ffn, init_cache, prefill
@@ -74,6 +82,23 @@ def left_pad(prompts_ids: list[list[int]], pad_id: int = 0) -> tuple[np.ndarray,
     return ids_BxP, np.asarray([P - len(p) for p in prompts_ids], np.int32)
 
 
+@contextlib.contextmanager
+def _ctrl_c_held() -> Iterator[list[int]]:
+    """Within the block Ctrl-C only appends to the yielded list, which the code checks where it can stop cleanly: a
+    KeyboardInterrupt cuts an XLA compilation (the process then crashes at exit, jax 0.10) and is lost when it lands
+    in a gc callback. Changes nothing off the main thread or where SIGINT has another handler than Python's default."""
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        yield []
+        return
+    got: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: got.append(signum))
+    try:
+        yield got
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def _timed(fn: Any, *args: Any, **kw: Any) -> tuple[Any, Any, float]:
     """(compiled fn, its outputs, run seconds): compiles ahead of time so the timing excludes compilation."""
     compiled = fn.lower(*args, **kw).compile()
@@ -82,9 +107,24 @@ def _timed(fn: Any, *args: Any, **kw: Any) -> tuple[Any, Any, float]:
     return compiled, out, time.perf_counter() - t0
 
 
+def check_sampling(temperature: float, top_k: int, top_p: float) -> None:
+    """A :class:`UsageError` unless temperature is finite and >= 0, top_k >= 0 and 0 < top_p <= 1 (NaN fails)."""
+    if not (math.isfinite(temperature) and temperature >= 0 and top_k >= 0 and 0 < top_p <= 1):
+        raise UsageError(f"sampling needs a finite temperature >= 0, top_k >= 0 and 0 < top_p <= 1; got temperature="
+                         f"{temperature}, top_k={top_k}, top_p={top_p}")
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during :func:`generate`: ``tokens`` of the ``max_new_tokens`` per row were sampled by then (dropped)."""
+
+    def __init__(self, tokens: int, max_new_tokens: int) -> None:
+        super().__init__(f"interrupted after {tokens} of {max_new_tokens} new tokens")
+        self.tokens, self.max_new_tokens = tokens, max_new_tokens
+
+
 def generate(params: model.Params, cfg: ModelConfig, prompts_ids: list[list[int]], *, max_new_tokens: int,
              temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0, eos_id: int | None = None,
-             ffn: FFNImpl | None = None) -> tuple[list[list[int]], GenerateStats]:
+             ffn: FFNImpl | None = None, chunk_tokens: int | None = None) -> tuple[list[list[int]], GenerateStats]:
     """Continues every prompt by up to ``max_new_tokens`` tokens (a row stops after emitting ``eos_id``).
 
     Args:
@@ -94,28 +134,34 @@ def generate(params: model.Params, cfg: ModelConfig, prompts_ids: list[list[int]
       eos_id: a row ends after producing this token (included in its output). None = never.
       ffn: the FFN hook of every layer in the decode steps (:data:`prosparse_jax.inference.decode.FFNImpl`); None =
         :func:`decode.dense_ffn`. The prefill always runs the dense FFN (with the same sparse-mode mask).
+      chunk_tokens: decode steps per on-device loop call (:func:`decode_chunk`); the host checks for Ctrl-C and EOS
+        between calls. None sizes each call to about :data:`CHUNK_SECONDS`: the first from the prefill's time (1 step
+        with a non-default ``ffn``), the next ones from the measured speed. The tokens do not depend on it.
 
     Returns:
       (new tokens per prompt, :class:`GenerateStats`).
+
+    Raises:
+      Interrupted: Ctrl-C (SIGINT, with Python's default handler) in the call: it stops after the compilation or
+        prefill under way, or within two chunks of the decode loop.
     """
     if max_new_tokens < 1:
         raise UsageError(f"max_new_tokens: must be at least 1, got {max_new_tokens}")
-    if temperature < 0 or top_k < 0 or not 0 < top_p <= 1:
-        raise UsageError(f"sampling needs temperature >= 0, top_k >= 0 and 0 < top_p <= 1; got {temperature}, "
-                         f"{top_k}, {top_p}")
+    if chunk_tokens is not None and chunk_tokens < 1:
+        raise UsageError(f"chunk_tokens: must be at least 1 (or None), got {chunk_tokens}")
+    check_sampling(temperature, top_k, top_p)
     ffn = ffn or dense_ffn
     # per-layer layout: the decode step reads each layer's weights in place (a scan over stacked layers copies each
     # layer's slice every step). Params already per-layer (prepare_sparse_params, model.unstack_layers) are not copied.
     params = model.unstack_layers(params)
     ids_BxP, pad_B = left_pad(prompts_ids)
     B, P = ids_BxP.shape
-    cache = init_cache(cfg, B, P + max_new_tokens, pad_B)
-    _, (logits_BxV, cache), t_prefill = _timed(prefill, params, jnp.asarray(ids_BxP), cache, cfg=cfg)
-    loop_args = (params, logits_BxV, cache, jax.random.key(seed))
-    loop_kw = dict(cfg=cfg, ffn_impl=ffn, max_new_tokens=max_new_tokens, eos_id=eos_id, temperature=temperature,
-                   top_k=top_k, top_p=top_p)
-    _, (out_BxN, zeros_L, decoded), t_decode = _timed(decode_loop, *loop_args, **loop_kw)
-    out, zeros_L, decoded = np.asarray(out_BxN), np.asarray(zeros_L), int(decoded)
+    with _ctrl_c_held() as ctrl_c:
+        state, t_prefill, t_decode = _prefill_and_decode(
+            params, jnp.asarray(ids_BxP), init_cache(cfg, B, P + max_new_tokens, pad_B), jax.random.key(seed),
+            max_new_tokens=max_new_tokens, cfg=cfg, ffn_impl=ffn, chunk_tokens=chunk_tokens, ctrl_c=ctrl_c,
+            sampling=dict(eos_id=eos_id, temperature=temperature, top_k=top_k, top_p=top_p))
+    out, zeros_L, decoded = np.asarray(state.out_BxN), np.asarray(state.zeros_L), int(state.decoded)
     news = [list(out[b, :_length(out[b], eos_id)]) for b in range(B)]
     stats = GenerateStats(
         prefill_tokens_per_s=float(B * P / max(t_prefill, 1e-9)),
@@ -125,43 +171,129 @@ def generate(params: model.Params, cfg: ModelConfig, prompts_ids: list[list[int]
     return [[int(t) for t in n] for n in news], stats
 
 
-@partial(jax.jit, static_argnames=("cfg", "ffn_impl", "max_new_tokens", "eos_id", "temperature", "top_k", "top_p"))
-def decode_loop(params: model.Params, logits_BxV: Array, cache: KVCache, key: Array, *, cfg: ModelConfig,
-                ffn_impl: FFNImpl, max_new_tokens: int, eos_id: int | None, temperature: float, top_k: int,
-                top_p: float) -> tuple[Array, Array, Array]:
-    """Samples up to ``max_new_tokens`` tokens per row after the prefill's ``logits_BxV`` in one on-device
-    ``lax.while_loop`` of (:func:`decode_step`, :func:`sample`), until every row has emitted ``eos_id`` (the last
-    sample runs no step).
+CHUNK_SECONDS = 0.1  # target run time of one decode_chunk call when chunk_tokens is None: the Ctrl-C latency
 
-    Returns:
-      (tokens [B, max_new_tokens] int32, untrimmed after a row's EOS; zeros of x1 per layer summed over the active
-      rows of every step [L] float32; decoded tokens (steps x active rows) int32).
+
+def _prefill_and_decode(params: model.Params, ids_BxP: Array, cache: KVCache, key: Array, *, max_new_tokens: int,
+                        cfg: ModelConfig, ffn_impl: FFNImpl, sampling: dict[str, Any], chunk_tokens: int | None,
+                        ctrl_c: list[int]) -> tuple[DecodeState, float, float]:
+    """:func:`prefill`, :func:`decode_start`, then :func:`decode_chunk` until every row has emitted EOS or
+    ``max_new_tokens`` are sampled: (final state, prefill seconds, decode seconds), compilation excluded.
+
+    Two calls are in flight at a time: the host waits for one while the next runs, so the device does not idle
+    between chunks; a non-empty ``ctrl_c`` raises :class:`Interrupted` after the call waited for. Without
+    ``chunk_tokens`` the first call runs alone, its tokens from the prefill's time (a dense decode step runs the
+    prefill's weights and cache for 1 token instead of P; another FFN hook may be far slower, e.g. an interpreted
+    kernel: 1 token), and every later one decodes about :data:`CHUNK_SECONDS` at the mean speed so far (a step costs
+    the same all along: it attends over the whole cache).
     """
-    B = logits_BxV.shape[0]
+    def stop_if_ctrl_c() -> None:  # between compilations: each takes seconds on a large model
+        if ctrl_c:
+            raise Interrupted(0, max_new_tokens)
 
-    def draw(logits: Array, key: Array, i: Array, out: Array, active: Array) -> tuple[Array, ...]:
-        key, sub = jax.random.split(key)
-        tok_B = sample(logits, sub, temperature=temperature, top_k=top_k, top_p=top_p)
-        active = active & (tok_B != eos_id) if eos_id is not None else active
-        return key, tok_B, out.at[:, i].set(tok_B), active
+    _, (logits_BxV, cache), t_prefill = _timed(prefill, params, ids_BxP, cache, cfg=cfg)
+    stop_if_ctrl_c()
+    start = decode_start.lower(logits_BxV, cache, key, max_new_tokens=max_new_tokens, **sampling).compile()
+    stop_if_ctrl_c()
+    state_shapes = jax.eval_shape(functools.partial(decode_start, max_new_tokens=max_new_tokens, **sampling),
+                                  logits_BxV, cache, key)
+    chunk = decode_chunk.lower(params, state_shapes, np.int32(1), cfg=cfg, ffn_impl=ffn_impl, **sampling).compile()
+    stop_if_ctrl_c()
+    adapt = chunk_tokens is None
+    if chunk_tokens is None:
+        chunk_tokens = max(1, min(64, int(CHUNK_SECONDS / max(t_prefill, 1e-9)))) if ffn_impl is dense_ffn else 1
+    t0 = time.perf_counter()
+    state = start(logits_BxV, cache, key)
+    del logits_BxV, cache  # the stacked cache is freed once the state holds its per-layer copy
+    done = end = 1  # tokens per row sampled once the calls waited for / dispatched are done
+    n = chunk_tokens
+    pending: collections.deque[tuple[int, Array]] = collections.deque()  # (end, finished) per call in flight
+    while True:
+        while len(pending) < (1 if adapt and done == 1 else 2) and end < max_new_tokens:
+            end = min(end + n, max_new_tokens)
+            state, finished = chunk(params, state, np.int32(end))
+            pending.append((end, finished))
+        if not pending:
+            break
+        call_end, finished = pending.popleft()
+        if bool(finished):  # every row has emitted EOS: a call still in flight runs no step
+            break
+        done = call_end
+        if ctrl_c:
+            raise Interrupted(done, max_new_tokens)
+        if adapt:  # the mean speed so far (start and dispatch included: never overestimated)
+            n = max(1, int(CHUNK_SECONDS * (done - 1) / max(time.perf_counter() - t0, 1e-9)))
+    state = jax.block_until_ready(state)
+    return state, t_prefill, time.perf_counter() - t0
 
-    key, tok_B, out, active = draw(logits_BxV, key, jnp.int32(0), jnp.zeros((B, max_new_tokens), jnp.int32),
-                                   jnp.ones((B,), bool))
 
-    def cond(c: tuple[Any, ...]) -> Array:
-        i, _, _, _, active, *_ = c
-        return (i < max_new_tokens) & jnp.any(active)
+class DecodeState(NamedTuple):
+    """The carry of the decode loop: ``i`` tokens per row sampled so far (in ``out_BxN[:, :i]``), the last one
+    ``tok_B`` (not yet run through the model), the KV cache, the rows still generating, the zeros of x1 per layer
+    summed over the active rows of every step (float32), the decoded tokens (steps x active rows) and the RNG key.
 
-    def body(c: tuple[Any, ...]) -> tuple[Any, ...]:
-        i, key, tok_B, cache, active, out, zeros_L, decoded = c
-        logits, cache, z_L = decode_step(params, tok_B, cache, active, cfg=cfg, ffn_impl=ffn_impl)
-        decoded = decoded + jnp.sum(active, dtype=jnp.int32)
-        key, tok_B, out, active = draw(logits, key, i, out, active)
-        return i + 1, key, tok_B, cache, active, out, zeros_L + z_L, decoded
+    The cache's k and v are tuples of per-layer [B, S, K, H] arrays: :func:`decode_step` slices a stacked cache per
+    layer and stacks the result, and on a per-layer carry XLA drops that copy of the whole cache in every step.
+    """
 
-    c0 = (jnp.int32(1), key, tok_B, cache, active, out, jnp.zeros((cfg.n_layers,), jnp.float32), jnp.int32(0))
-    _, _, _, _, _, out, zeros_L, decoded = jax.lax.while_loop(cond, body, c0)
-    return out, zeros_L, decoded
+    i: Array
+    key: Array
+    tok_B: Array  # noqa: N815
+    cache: KVCache
+    active_B: Array  # noqa: N815
+    out_BxN: Array  # noqa: N815
+    zeros_L: Array  # noqa: N815
+    decoded: Array
+
+
+def _draw(logits_BxV: Array, state: DecodeState, *, eos_id: int | None, temperature: float, top_k: int,
+          top_p: float) -> DecodeState:
+    """Samples token ``state.i`` of every row from ``logits_BxV`` (a row that emits ``eos_id`` stops)."""
+    # greedy draws no randomness: splitting the key anyway costs a threefry per step (the key leaves every call)
+    key, sub = (state.key, state.key) if temperature == 0.0 else jax.random.split(state.key)
+    tok_B = sample(logits_BxV, sub, temperature=temperature, top_k=top_k, top_p=top_p)
+    active_B = state.active_B & (tok_B != eos_id) if eos_id is not None else state.active_B
+    return state._replace(i=state.i + 1, key=key, tok_B=tok_B, active_B=active_B,
+                          out_BxN=state.out_BxN.at[:, state.i].set(tok_B))
+
+
+@partial(jax.jit, static_argnames=("max_new_tokens", "eos_id", "temperature", "top_k", "top_p"))
+def decode_start(logits_BxV: Array, cache: KVCache, key: Array, *, max_new_tokens: int, eos_id: int | None,
+                 temperature: float, top_k: int, top_p: float) -> DecodeState:
+    """The loop's first state: the first token sampled from the prefill's ``logits_BxV``, room for
+    ``max_new_tokens``."""
+    B, L = logits_BxV.shape[0], cache.k_LxBxSxKxH.shape[0]
+    per_layer = cache._replace(k_LxBxSxKxH=tuple(cache.k_LxBxSxKxH[l] for l in range(L)),
+                               v_LxBxSxKxH=tuple(cache.v_LxBxSxKxH[l] for l in range(L)))
+    empty = DecodeState(jnp.int32(0), key, jnp.zeros((B,), jnp.int32), per_layer, jnp.ones((B,), bool),
+                        jnp.zeros((B, max_new_tokens), jnp.int32), jnp.zeros((L,), jnp.float32), jnp.int32(0))
+    return _draw(logits_BxV, empty, eos_id=eos_id, temperature=temperature, top_k=top_k, top_p=top_p)
+
+
+@partial(jax.jit, static_argnames=("cfg", "ffn_impl", "eos_id", "temperature", "top_k", "top_p"),
+         donate_argnames=("state",))
+def decode_chunk(params: model.Params, state: DecodeState, end: Array, *, cfg: ModelConfig, ffn_impl: FFNImpl,
+                 eos_id: int | None, temperature: float, top_k: int, top_p: float) -> tuple[DecodeState, Array]:
+    """One on-device ``lax.while_loop`` of (:func:`decode_step`, :func:`sample`) from ``state`` until ``end`` tokens
+    per row are sampled or every row has emitted ``eos_id``: (the state, whether every row has).
+
+    Calls ending at e1 < e2 < ... < max_new_tokens sample the same tokens as one call ending at max_new_tokens.
+    """
+    def cond(s: DecodeState) -> Array:
+        return (s.i < end) & jnp.any(s.active_B)
+
+    def body(s: DecodeState) -> DecodeState:
+        stacked = s.cache._replace(k_LxBxSxKxH=jnp.stack(s.cache.k_LxBxSxKxH),
+                                   v_LxBxSxKxH=jnp.stack(s.cache.v_LxBxSxKxH))
+        logits_BxV, cache, z_L = decode_step(params, s.tok_B, stacked, s.active_B, cfg=cfg, ffn_impl=ffn_impl)
+        L = cache.k_LxBxSxKxH.shape[0]
+        cache = cache._replace(k_LxBxSxKxH=tuple(cache.k_LxBxSxKxH[l] for l in range(L)),
+                               v_LxBxSxKxH=tuple(cache.v_LxBxSxKxH[l] for l in range(L)))
+        s = s._replace(cache=cache, zeros_L=s.zeros_L + z_L, decoded=s.decoded + jnp.sum(s.active_B, dtype=jnp.int32))
+        return _draw(logits_BxV, s, eos_id=eos_id, temperature=temperature, top_k=top_k, top_p=top_p)
+
+    state = jax.lax.while_loop(cond, body, state)
+    return state, ~jnp.any(state.active_B)
 
 
 def _length(row: np.ndarray, eos_id: int | None) -> int:
@@ -212,46 +344,104 @@ def sparse_config(cfg: ModelConfig, sparse: bool) -> ModelConfig:
         return cfg.replace(neuron_thresholds=())
     if not cfg.neuron_thresholds and cfg.activation not in RELU_FAMILY:
         raise UsageError(
-            f"sparse: this {cfg.activation} model has no model.neuron_thresholds; get them with `python -m "
-            "prosparse_jax.main.analyze --metric=pplp --value=1` and set model.neuron_thresholds (its "
-            "sparse_mode.json)")
+            f"sparse: this {cfg.activation} model has no sparse-mode thresholds (model.neuron_thresholds); `python -m "
+            "prosparse_jax.main.analyze --checkpoint=<it> --metric=pplp --value=1 --out=<dir>` finds them: pass "
+            "generate --thresholds=<dir>/sparse_mode.json, or set model.neuron_thresholds in its config.json")
     return cfg
 
 
-def generate_text(checkpoint_path: str, prompt: str, *, step: int | None = None, max_new_tokens: int = 64,
+SPARSE_MODE_KEY = "model.neuron_thresholds"  # the thresholds' key in sparse_mode.json (written by analyze)
+
+
+def read_thresholds(path: str | os.PathLike) -> tuple[float, ...]:
+    """The per-layer thresholds of a ``sparse_mode.json`` written by ``analyze`` (or of the folder holding one)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "sparse_mode.json"
+    raw = files.read_json(path, "sparse_mode.json")
+    taus = raw.get(SPARSE_MODE_KEY) if isinstance(raw, dict) else None
+    if not (isinstance(taus, list) and taus and all(isinstance(t, int | float) and not isinstance(t, bool)
+                                                    for t in taus)):
+        raise InputError(f"thresholds: {path} has no {SPARSE_MODE_KEY!r} list of numbers; pass the sparse_mode.json "
+                         "written by `python -m prosparse_jax.main.analyze --metric=pplp` (or cett)")
+    return tuple(float(t) for t in taus)
+
+
+def check_prompt(prompt: str) -> None:
+    """A :class:`UsageError` for an empty prompt or one that is not valid UTF-8 (bytes a command line could not
+    decode reach Python as lone surrogates)."""
+    if not prompt:
+        raise UsageError("prompt: empty; give the text to continue")
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as e:
+        c = ord(prompt[e.start])
+        what = f"byte 0x{c - 0xDC00:02x}" if 0xDC80 <= c <= 0xDCFF else f"U+{c:04X}"
+        raise UsageError(f"prompt: not valid UTF-8 text ({what} at character {e.start}); pass UTF-8 text") from None
+
+
+def check_length(prompt_tokens: int, max_new_tokens: int, context: int, source: str) -> None:
+    """A :class:`UsageError` unless the prompt plus ``max_new_tokens`` fit the model's ``context`` (from
+    ``source``): the KV cache holds them all, and the model has not seen positions past its context."""
+    if prompt_tokens >= context:
+        than = "longer than" if prompt_tokens > context else "as long as"
+        raise UsageError(f"prompt: {prompt_tokens} tokens, {than} the model's context of {context} ({source}); "
+                         "shorten it to leave room for the new tokens")
+    if prompt_tokens + max_new_tokens > context:
+        raise UsageError(f"max_new_tokens: {max_new_tokens} new tokens after a prompt of {prompt_tokens} exceed the "
+                         f"model's context of {context} tokens ({source}); ask for at most {context - prompt_tokens}")
+
+
+DEFAULT_NEW_TOKENS = 64  # generate_text's max_new_tokens when none is given (fewer where the context is full)
+
+
+def generate_text(checkpoint_path: str, prompt: str, *, step: int | None = None, max_new_tokens: int | None = None,
                   sparse: bool = False, implementation: str = "auto", temperature: float = 0.0, top_k: int = 0,
-                  top_p: float = 1.0, seed: int = 0) -> tuple[str, dict[str, Any]]:
+                  top_p: float = 1.0, seed: int = 0, thresholds: str | os.PathLike | None = None,
+                  chunk_tokens: int | None = None) -> tuple[str, dict[str, Any]]:
     """(continuation, stats) of ``prompt`` by the model of a workdir or HF folder (at ``step``, default latest).
 
-    ``sparse`` decodes in the sparse mode with the sparse FFN ``implementation``; sampling as in :func:`generate`.
-    The prompt must fit the model's context (:func:`prosparse_jax.inference.score.context_window`).
+    ``sparse`` decodes in the sparse mode with the sparse FFN ``implementation``, with the model's
+    ``model.neuron_thresholds`` or those of the sparse_mode.json ``thresholds`` (:func:`read_thresholds`); sampling
+    and ``chunk_tokens`` as in :func:`generate`. The prompt plus ``max_new_tokens`` must fit the model's context
+    (:func:`prosparse_jax.inference.score.context_window`): checked, with every argument, before the model is loaded.
+    None: :data:`DEFAULT_NEW_TOKENS`, or as many as the context leaves.
     """
     from tokenizers import Tokenizer
 
-    if max_new_tokens < 1:
+    if max_new_tokens is not None and max_new_tokens < 1:
         raise UsageError(f"max_new_tokens: must be at least 1, got {max_new_tokens}")
-    if not prompt:
-        raise UsageError("prompt: empty; give the text to continue")
+    check_prompt(prompt)
+    check_sampling(temperature, top_k, top_p)
+    if thresholds is not None and not sparse:
+        raise UsageError("thresholds: set the sparse mode, which the dense decode does not use; add --sparse")
     files.check_model_path(checkpoint_path, "checkpoint")
     context, source = score.context_window(checkpoint_path)
-    mcfg, params, tok_path = load_model(checkpoint_path, step)
-    if tok_path is None:
+    tok_path = Path(checkpoint_path) / "tokenizer.json"  # where load_model finds it, in a workdir or HF folder
+    if not tok_path.is_file():
         raise checkpoint.CheckpointError(
             f"{checkpoint_path} has no tokenizer.json; copy the tokenizer used for training next to config.json")
-    mcfg = sparse_config(mcfg, sparse)
     tok = Tokenizer.from_file(str(tok_path))
     ids = tok.encode(prompt).ids
     if not ids:
         raise UsageError("prompt: encodes to zero tokens; give some text")
-    if len(ids) > context:
-        raise UsageError(f"prompt: {len(ids)} tokens, longer than the model's context of {context} ({source});"
-                             " shorten it")
+    if max_new_tokens is None:
+        max_new_tokens = max(1, min(DEFAULT_NEW_TOKENS, context - len(ids)))
+    check_length(len(ids), max_new_tokens, context, source)
+    taus = read_thresholds(thresholds) if thresholds is not None else None
+    mcfg, params, _ = load_model(checkpoint_path, step)
+    if taus is not None:
+        try:
+            mcfg = mcfg.replace(neuron_thresholds=taus)
+        except ConfigError as e:
+            raise UsageError(f"thresholds: {thresholds}: {e} (is it the analysis of another model?)") from None
+    mcfg = sparse_config(mcfg, sparse)
     eos = tok.token_to_id(EOS_TOKEN)
     if sparse:  # the sparse FFN kernel in every decode step, with its per-layer tensors prepared once
         params = prepare_sparse_params(params)
     news, stats = generate(params, mcfg, [ids], max_new_tokens=max_new_tokens, eos_id=eos,
                            ffn=functools.partial(sparse_decode_ffn, implementation=implementation) if sparse else None,
-                           temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+                           temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, chunk_tokens=chunk_tokens)
     return tok.decode(news[0]), {
         "prefill_tokens_per_s": stats.prefill_tokens_per_s, "decode_tokens_per_s": stats.decode_tokens_per_s,
         "sparsity_per_layer": stats.sparsity_per_layer, "prompt_tokens": len(ids),

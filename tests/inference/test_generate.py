@@ -1,10 +1,16 @@
-"""KV-cache generation: cached logits = full forwards, greedy / sampling / EOS, sparse mode, transformers, CLI."""
+"""KV-cache generation: cached logits = full forwards, greedy / sampling / EOS, sparse mode, transformers, chunked
+decode, CLI (errors, context cap, --thresholds, Ctrl-C)."""
 
 from __future__ import annotations
 
 import functools
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import jax
@@ -13,12 +19,15 @@ import numpy as np
 import pytest
 from conftest import tiny_model_config, write_bpe_tokenizer
 
+from prosparse_jax.data.corpus import EOS_TOKEN
+from prosparse_jax.errors import UsageError
 from prosparse_jax.inference import decode, generate, sparse_ffn
 from prosparse_jax.main import generate as generate_main
 from prosparse_jax.model import transformer as model
 from prosparse_jax.training import checkpoint
 from prosparse_jax.training.model_io import load_model
 
+ROOT = Path(__file__).resolve().parents[2]
 VOCAB = 300
 SEQ_LEN = 16
 PROMPTS = [[5, 9, 2, 7, 1, 3], [4, 8], [6, 6, 1, 0, 2, 9, 11, 12, 3]]
@@ -118,6 +127,37 @@ def test_eos_stops_a_row() -> None:
     assert news[0] == free[0][:3]
 
 
+@pytest.mark.parametrize("sampling", [{}, {"temperature": 1.3, "top_p": 0.9, "seed": 5},
+                                      {"temperature": 1.0, "top_k": 5, "seed": 1, "eos": True}],
+                         ids=["greedy", "top_p", "top_k_eos"])
+def test_chunked_decode_equals_one_loop(sampling: dict) -> None:
+    """The decode loop split into on-device calls of any length samples the same tokens, sparsity counts and decoded
+    tokens as one call over all ``max_new_tokens``."""
+    cfg = CFGS["gqa"]
+    params = model.init_params(cfg, jax.random.key(2))
+    kw = {k: v for k, v in sampling.items() if k != "eos"}
+    n = 24
+    one, one_stats = generate.generate(params, cfg, PROMPTS, max_new_tokens=n, chunk_tokens=n, **kw)
+    if sampling.get("eos"):  # a token that ends one row early and leaves the others running
+        kw["eos_id"] = one[1][4]
+        one, one_stats = generate.generate(params, cfg, PROMPTS, max_new_tokens=n, chunk_tokens=n, **kw)
+        assert len(one[1]) == 5 and max(len(r) for r in one) > 5
+    for chunk_tokens in (1, 5, None):
+        got, stats = generate.generate(params, cfg, PROMPTS, max_new_tokens=n, chunk_tokens=chunk_tokens, **kw)
+        assert got == one, chunk_tokens
+        assert stats.decoded_tokens == one_stats.decoded_tokens
+        assert stats.sparsity_per_layer == one_stats.sparsity_per_layer
+
+
+@pytest.mark.parametrize("bad", [{"temperature": float("nan")}, {"temperature": float("inf")}, {"temperature": -1.0},
+                                 {"top_p": 0.0}, {"top_p": float("nan")}, {"top_k": -1}, {"chunk_tokens": 0}])
+def test_bad_sampling_arguments_are_refused(bad: dict) -> None:
+    cfg = CFGS["mha"]
+    params = model.init_params(cfg, jax.random.key(3))
+    with pytest.raises(UsageError):
+        generate.generate(params, cfg, PROMPTS, max_new_tokens=2, **bad)
+
+
 def test_sparse_mode_thresholds_apply_as_in_forward() -> None:
     cfg = CFGS["gqa"]
     params = model.init_params(cfg, jax.random.key(4))
@@ -177,18 +217,129 @@ def test_cli_prints_text_and_stats(workdir: Path, capsys: pytest.CaptureFixture[
     assert stats["new_tokens"] <= 3 and len(stats["sparsity_per_layer"]) == 2 and stats["decode_tokens_per_s"] >= 0
 
 
+def test_cli_default_max_new_tokens_fits_the_context(workdir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Without --max_new_tokens: 64 tokens, or as many as the context leaves (here 16 - the prompt's)."""
+    prompt = "the quick brown fox jumps"
+    assert generate_main.main(["generate", f"--checkpoint={workdir}", f"--prompt={prompt}"]) == 0
+    stats = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert 0 < stats["new_tokens"] <= SEQ_LEN - stats["prompt_tokens"] < generate.DEFAULT_NEW_TOKENS
+
+
 @pytest.mark.parametrize(("args", "needle"), [
     (["--prompt="], "prompt: empty"),
     (["--prompt=" + "the quick brown fox " * 10], "longer than the model's context of 16"),
     (["--prompt=hi", "--max_new_tokens=0"], "max_new_tokens: must be at least 1"),
-    (["--prompt=hi", "--sparse"], "--metric=pplp --value=1"),
+    (["--prompt=hi", "--max_new_tokens=15"], "max_new_tokens: 15 new tokens after a prompt of 2 exceed the model's "
+                                              "context of 16 tokens (the run's data.seq_len); ask for at most 14"),
+    (["--prompt=hi", "--sparse"], "--thresholds=<dir>/sparse_mode.json"),
     (["--prompt=hi", "--checkpoint=/nonexistent/run"], "does not exist"),
+    (["--prompt=abc\udcff\udcfedef"], "prompt: not valid UTF-8 text (byte 0xff at character 3)"),
+    (["--prompt=hi", "--temperature=nan"], "finite temperature >= 0"),
+    (["--prompt=hi", "--temperature=inf"], "finite temperature >= 0"),
+    (["--prompt=hi", "--temperature=1", "--top_p=0"], "0 < top_p <= 1"),
+    (["--prompt=hi", "--thresholds=x.json"], "add --sparse"),
+    (["--prompt=hi", "--sparse", "--thresholds=/nonexistent/sparse_mode.json"], "sparse_mode.json not found"),
 ])
 def test_cli_errors_are_one_line(workdir: Path, capsys: pytest.CaptureFixture[str], args: list[str],
                                  needle: str) -> None:
     assert generate_main.main(["generate", f"--checkpoint={workdir}", *args]) == 1
     err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
     assert len(err) == 1 and err[0].startswith("generate: error: ") and needle in err[0], err
+
+
+def test_past_the_context_is_refused_before_the_model_is_loaded(workdir: Path, tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    """max_new_tokens=1e9 never reaches an allocation: it is refused before the checkpoint is read (this folder has
+    none: a request within the context fails on that)."""
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for f in ("config.json", "tokenizer.json"):
+        shutil.copyfile(workdir / f, bare / f)
+    args = ["generate", f"--checkpoint={bare}", "--prompt=hello world"]
+    assert generate_main.main([*args, "--max_new_tokens=1000000000"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "1000000000 new tokens after a prompt of 2 exceed the model's context of 16" in err and "\n" not in err, err
+    assert generate_main.main([*args, "--max_new_tokens=2"]) == 1
+    assert "no checkpoint under" in capsys.readouterr().err
+
+
+def test_cli_thresholds_file_sets_the_sparse_mode(workdir: Path, tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """The SiLU model that --sparse refuses decodes with the remedy its message names, --thresholds=<the
+    sparse_mode.json analyze writes, or its folder>, as the library does with those thresholds in the config."""
+    from tokenizers import Tokenizer
+
+    cfg, params, tok_path = load_model(workdir)
+    taus = [float(0.05 * n) for n in np.asarray(model.w_down_norms(params)).mean(axis=-1)]
+    (tmp_path / "sparse_mode.json").write_text(json.dumps({"model.neuron_thresholds": taus}))
+    tok = Tokenizer.from_file(str(tok_path))
+    _, want = generate.generate(generate.prepare_sparse_params(params), cfg.replace(neuron_thresholds=tuple(taus)),
+                                [tok.encode("hello world").ids], max_new_tokens=4, eos_id=tok.token_to_id(EOS_TOKEN),
+                                ffn=generate.sparse_decode_ffn)
+    assert min(want.sparsity_per_layer) > 0  # SiLU has no exact zeros without the sparse mode
+    args = ["generate", f"--checkpoint={workdir}", "--prompt=hello world", "--max_new_tokens=4", "--sparse"]
+    for where in (tmp_path / "sparse_mode.json", tmp_path):
+        assert generate_main.main([*args, f"--thresholds={where}"]) == 0
+        stats = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        assert stats["sparsity_per_layer"] == pytest.approx(want.sparsity_per_layer)
+    (tmp_path / "three.json").write_text(json.dumps({"model.neuron_thresholds": [*taus, 0.1]}))
+    assert generate_main.main([*args, f"--thresholds={tmp_path / 'three.json'}"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "needs one value per layer (2), got 3" in err and "\n" not in err, err
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Ctrl-C: a decode of minutes stops within two seconds
+# ---------------------------------------------------------------------------------------------------------------
+LONG_CONTEXT = 65536  # KV cache slots of the long-decode model (16 MB): minutes of decoding on a CPU
+
+
+@pytest.fixture(scope="module")
+def long_workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny model with a context of LONG_CONTEXT tokens and a word-level tokenizer without an EOS token, so a
+    decode runs to max_new_tokens."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    cfg = tiny_model_config(vocab_size=VOCAB)
+    wd = checkpoint.write_params_workdir(tmp_path_factory.mktemp("long") / "wd", cfg,
+                                         model.init_params(cfg, jax.random.key(0)),
+                                         run_config={"data": {"seq_len": LONG_CONTEXT}})
+    tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(VOCAB)}, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.save(str(wd / "tokenizer.json"))
+    return wd
+
+
+def test_ctrl_c_stops_a_long_generate_within_two_seconds(long_workdir: Path) -> None:
+    """SIGINT during a decode of ~60000 tokens: the process exits 130 within 2 s with one line on stderr saying how
+    far it got. (An on-device loop over all the tokens cannot be interrupted: the process ran on for minutes.)"""
+    cmd = [sys.executable, "-m", "prosparse_jax.main.generate", f"--checkpoint={long_workdir}", "--prompt=w1 w2 w3"]
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    t0 = time.monotonic()  # a short run's time: the long run is decoding by then (imports, load, compile)
+    short = subprocess.run([*cmd, "--max_new_tokens=2"], cwd=ROOT, env=env, capture_output=True, text=True,
+                           timeout=300)
+    startup_s = time.monotonic() - t0
+    assert short.returncode == 0, short.stderr
+    proc = subprocess.Popen([*cmd, f"--max_new_tokens={LONG_CONTEXT - 3}"], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(startup_s + 2)
+        assert proc.poll() is None, proc.communicate()
+        proc.send_signal(signal.SIGINT)
+        t_signal = time.monotonic()
+        try:
+            proc.wait(timeout=2)
+        except subprocess.TimeoutExpired:
+            pytest.fail("generate still running 2 s after Ctrl-C")
+        exit_s = time.monotonic() - t_signal
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        out, err = proc.communicate()
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert proc.returncode == 130 and exit_s < 2 and out == "", (proc.returncode, exit_s, err)
+    assert len(lines) == 1 and lines[0].startswith("generate: interrupted (Ctrl-C) after "), err
+    assert int(lines[0].split(" after ")[1].split()[0]) > 0  # it was decoding
 
 
 def test_decode_ffn_hook_is_used() -> None:
