@@ -9,9 +9,11 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
+import logging
 import os
 import re
 import shutil
+import socket
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -122,14 +124,57 @@ def write_error(path: Path | str, e: OSError, kept: str) -> OutputError:
     return OutputError(f"cannot write {path}: {why}{at}; {kept}")
 
 
+def _pid_ns() -> int:
+    try:
+        return os.stat("/proc/self/ns/pid").st_ino  # containers may share a host name, not a pid namespace
+    except OSError:
+        return 0
+
+
+def _pid_gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # another user's process
+        return False
+    return False
+
+
+def remove_stale_stages(dest: str | os.PathLike) -> list[Path]:
+    """Removes the staging folders of :func:`staged_output` for ``dest`` whose writer was killed (a process of this
+    host and pid namespace that no longer runs); a live writer's, another host's or an unnamed one are kept. Logs one
+    line per removal; returns the removed folders."""
+    dest = Path(dest)
+    me = re.compile(rf"\.{re.escape(dest.name)}\.(\d+)\.(\d+)@(.+)\.[a-z0-9_]+\.partial")
+    removed = []
+    with contextlib.suppress(OSError):
+        for p in dest.parent.iterdir():
+            m = me.fullmatch(p.name)
+            if (m and p.is_dir() and m.group(3) == socket.gethostname() and int(m.group(2)) == _pid_ns()
+                    and _pid_gone(int(m.group(1)))):
+                shutil.rmtree(p, ignore_errors=True)
+                if not p.exists():
+                    removed.append(p)
+                    logging.getLogger(__name__).warning(
+                        "removed %s, left by an interrupted write to %s (its writer, pid %s, no longer runs)", p, dest,
+                        m.group(1))
+    return removed
+
+
 @contextlib.contextmanager
 def staged_output(dest: str | os.PathLike, *, replace: Callable[[Path], None] | None = None) -> Iterator[Path]:
     """A staging folder next to ``dest`` for a set of output files: write them all there; when the block succeeds
     they replace their namesakes in ``dest`` (``os.replace`` per file, after ``replace(dest)`` cleans up), when it
-    fails the stage is removed and ``dest`` is untouched. An OSError (disk full) becomes an :class:`OutputError`."""
+    fails the stage is removed and ``dest`` is untouched. An OSError (disk full) becomes an :class:`OutputError`.
+
+    The stage ``.<dest name>.<pid>.<pid namespace>@<host>.<random>.partial`` names its writer, so that the stage
+    of a killed writer is removed by the next one (:func:`remove_stale_stages`)."""
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".partial", dir=dest.parent))
+    remove_stale_stages(dest)
+    stage = Path(tempfile.mkdtemp(prefix=f".{dest.name}.{os.getpid()}.{_pid_ns()}@{socket.gethostname()}.",
+                                  suffix=".partial", dir=dest.parent))
     keep_stage = False
     try:
         try:
@@ -142,8 +187,10 @@ def staged_output(dest: str | os.PathLike, *, replace: Callable[[Path], None] | 
                 replace(dest)
             for f in sorted(stage.iterdir()):
                 os.replace(f, dest / f.name)
-        except OSError as e:  # the new outputs are complete: keep them for the user
+        except OSError as e:  # the new outputs are complete: keep them for the user, under a name no writer removes
             keep_stage = True
+            with contextlib.suppress(OSError):
+                stage = stage.rename(stage.with_name(f".{dest.name}.kept.{stage.name.rsplit('.', 2)[1]}.partial"))
             raise write_error(dest, e, f"the complete new outputs are in {stage}") from e
     finally:
         if not keep_stage:

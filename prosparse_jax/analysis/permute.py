@@ -348,6 +348,8 @@ def permute(checkpoint: str | Path, out: str | Path, *, order: str = "frequency"
     writes the permuted model to ``out``; returns the dict written to ``<out>/permutation.json``."""
     report_batches = num_batches if report_batches is None else report_batches
     out = _check_args(checkpoint, out, order, batch_size, num_batches, report_batches, cluster, window)
+    if step is None and not is_hf_folder(checkpoint):
+        step = ckpt.latest_step(checkpoint)  # the step permuted, recorded in permutation.json and permuted_from
     mcfg, params, tok_path, run_cfg, fit, held = _load(checkpoint, step, data, seq_len, data_dir, batch_size,
                                                        num_batches, report_batches)
     window = cluster if window is None else window

@@ -82,10 +82,9 @@ def _body(argv: Sequence[str] | None) -> int:
     if getattr(args, "max_parallel", 0) < 0:
         raise UsageError(f"--max_parallel: must be >= 0, got {args.max_parallel}")
     if args.command == "slurm":  # refused before any work
-        out = Path(args.out)
+        out = files.check_output_file(args.out, "--out")  # a directory first: --overwrite would not help
         if out.exists() and not args.overwrite:
             raise UsageError(f"--out: {out} exists; pass --overwrite to replace it (nothing was written)")
-        files.check_output_file(out, "--out")
     root = files.check_output_path(args.root, "--root") if args.root else None
     sweep = load_sweep(args.sweep, parse_train_config)
     if args.command == "plan":

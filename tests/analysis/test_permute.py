@@ -1,9 +1,15 @@
 """permute: the neuron permutation is exact (same logits, stacked and per-layer, dense and sparse mode), the orders
 are bijections, block sparsity (hand example, frequency and co-activation orders on constructed activity), and the
-CLI (a loadable workdir with the same logits, refusals before any work)."""
+CLI (a loadable workdir with the same logits and its source step, refusals before any work, the stage of a killed
+write removed)."""
 
 import json
+import os
+import signal
+import subprocess
+import sys
 import tracemalloc
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -16,6 +22,7 @@ from prosparse_jax.main import permute as permute_main
 from prosparse_jax.model import transformer as model
 from prosparse_jax.training import checkpoint
 
+ROOT = Path(__file__).resolve().parents[2]
 RTOL = 1e-5
 _forward = jax.jit(model.forward, static_argnames=("cfg", "capture"))
 
@@ -237,7 +244,7 @@ def test_coactivation_order_memory_is_one_layer_of_counts():
 # ---------------------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
-    """(params-only workdir of a tiny random ReLU model with a tokenizer, its corpus glob)."""
+    """(params-only workdir of a tiny random ReLU model at step 7 with a tokenizer, its corpus glob)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     root = tmp_path_factory.mktemp("permute")
@@ -250,7 +257,7 @@ def workdir(tmp_path_factory):
     cfg = tiny_model_config(vocab_size=300, d_ff=64)
     params = model.init_params(cfg, jax.random.key(0))
     run_cfg = {"data": {"seq_len": 16, "data_dir": str(root / "tfds"), "eval_fraction": 0.25}}
-    wd = checkpoint.write_params_workdir(root / "wd", cfg, params, run_config=run_cfg)
+    wd = checkpoint.write_params_workdir(root / "wd", cfg, params, run_config=run_cfg, step=7)
     tok.save(str(wd / "tokenizer.json"))
     return wd, f"files:{corpus}/*.txt"
 
@@ -276,7 +283,8 @@ def test_cli_writes_a_loadable_permuted_workdir(workdir, tmp_path, capsys, order
                                   np.asarray(pm.permute_neurons(p0, perm)["layers"]["w_down_LxFxD"]))
     ids = _ids(cfg0)
     _assert_close(_forward(p1, ids, cfg=cfg1)[0], _forward(p0, ids, cfg=cfg0)[0])
-    assert json.loads((out / "config.json").read_text())["permuted_from"]["order"] == order
+    src = json.loads((out / "config.json").read_text())["permuted_from"]
+    assert src == {"checkpoint": str(wd.absolute()), "step": 7, "order": order} and res["step"] == 7  # the latest
 
 
 def test_cli_refuses_an_existing_out_before_any_work(workdir, tmp_path, capsys, monkeypatch):
@@ -343,3 +351,43 @@ def test_cli_refuses_bad_report_batches_in_one_line(workdir, tmp_path, capsys):
     err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
     assert len(err) == 1 and err[0].startswith("permute: error: num_batches / report_batches:"), err
     assert "report_batches=0" in err[0] and not (tmp_path / "many").exists()
+
+
+# a writer of <argv[1]> through files.staged_output: "killed" dies mid-write (SIGKILL), "live" writes until stdin closes
+STAGE_WRITER = r"""
+import os, signal, sys
+from prosparse_jax import files
+with files.staged_output(sys.argv[1]) as stage:
+    (stage / "model.safetensors").write_bytes(b"half written")
+    print(stage, flush=True)
+    if sys.argv[2] == "killed":
+        os.kill(os.getpid(), signal.SIGKILL)
+    sys.stdin.read()
+    raise SystemExit(1)
+"""
+
+
+def test_cli_removes_the_stage_a_killed_write_left_and_keeps_a_live_writers(workdir, tmp_path, capsys, caplog):
+    wd, data = workdir
+    out = tmp_path / "permuted"
+    writer = [sys.executable, "-c", STAGE_WRITER, str(out)]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    live = subprocess.Popen([*writer, "live"], cwd=ROOT, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            text=True)
+    try:
+        alive = Path(live.stdout.readline().strip())
+        assert alive.parent == tmp_path and alive.name.startswith(".permuted.") and alive.is_dir()
+        killed = subprocess.run([*writer, "killed"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+        assert killed.returncode == -signal.SIGKILL, killed.stderr
+        dead = Path(killed.stdout.strip())
+        assert dead.parent == tmp_path and dead.name.startswith(".permuted.") and dead.is_dir()
+        argv = ["permute", f"--checkpoint={wd}", f"--out={out}", f"--data={data}", "--num_batches=1",
+                "--batch_size=4"]
+        assert permute_main.main(argv) == 0, capsys.readouterr().err
+        assert not dead.exists() and alive.is_dir()  # the killed writer's stage is gone, the live one's kept
+    finally:
+        live.stdin.close()
+        live.wait(timeout=120)
+    removed = [r.getMessage() for r in caplog.records if "interrupted write" in r.getMessage()]
+    assert len(removed) == 1 and removed[0].startswith(f"removed {dead}, left by an interrupted write to {out}")
+    assert [p.name for p in tmp_path.iterdir()] == ["permuted"] and (out / "permutation.json").is_file()

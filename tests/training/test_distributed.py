@@ -1,4 +1,5 @@
-"""Multi-process runs on jax.distributed: start-up settings, two local processes training like one, input errors."""
+"""Multi-process runs on jax.distributed: start-up settings, a start-up that times out in one line, two local
+processes training like one, input errors."""
 
 import json
 import os
@@ -17,7 +18,7 @@ from conftest import write_corpus
 from prosparse_jax.errors import UsageError
 from prosparse_jax.main import train as train_main
 from prosparse_jax.training import checkpoint as ckpt
-from prosparse_jax.training.distributed import Settings, resolve
+from prosparse_jax.training.distributed import DEFAULT_TIMEOUT_S, Settings, resolve
 from prosparse_jax.training.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -258,6 +259,56 @@ def test_two_processes_train_like_one(tmp_path):
     _, a, _ = ckpt.load_model(wd)  # written by 2 processes, read by 1
     _, b, _ = ckpt.load_model(ref)
     jax.tree.map(lambda x, y: np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=2e-4, atol=2e-6), a, b)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Start-up that cannot complete: said while waiting, one line at the timeout
+# ---------------------------------------------------------------------------------------------------------------
+def test_start_up_timeout_comes_from_the_argument_the_environment_or_the_default():
+    flags = dict(coordinator_address="h:1", num_processes=2, process_id=1)
+    assert resolve(**flags, environ={}).timeout_s == DEFAULT_TIMEOUT_S
+    assert resolve(**flags, environ={"PROSPARSE_DISTRIBUTED_TIMEOUT": "12.5"}).timeout_s == 12.5
+    assert resolve(**flags, timeout_s=7, environ={"PROSPARSE_DISTRIBUTED_TIMEOUT": "12.5"}).timeout_s == 7
+    assert resolve(environ={**SRUN, "PROSPARSE_DISTRIBUTED_TIMEOUT": "60"}).timeout_s == 60
+    for bad in ("0", "-3", "soon", "nan", "inf"):
+        with pytest.raises(UsageError, match=r"--distributed_timeout \(or PROSPARSE_DISTRIBUTED_TIMEOUT\) must be a "
+                                             "positive number of seconds"):
+            resolve(**flags, environ={"PROSPARSE_DISTRIBUTED_TIMEOUT": bad})
+
+
+def test_a_start_up_that_cannot_complete_says_what_it_waits_for_and_fails_in_one_line(tmp_path):
+    """Process 1 of 2 whose coordinator port is closed, and process 0 of 2 whose peer never starts: each says on
+    stderr what it waits for, then exits with the one-line error (code 1) at the timeout, instead of JAX's SIGABRT
+    with a native stack after 5 minutes."""
+    timeout_s = 3
+    env = {**_env(1), "PROSPARSE_DISTRIBUTED_TIMEOUT": str(timeout_s)}
+    closed, lonely = f"localhost:{_free_port()}", f"localhost:{_free_port()}"
+    cases = {"no_coordinator": (1, closed), "no_peer": (0, lonely)}
+    procs = {name: subprocess.Popen(
+        [sys.executable, "-m", "prosparse_jax.main.train", f"--workdir={tmp_path / name}", "--num_processes=2",
+         f"--process_id={pid}", f"--coordinator_address={addr}"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True) for name, (pid, addr) in cases.items()}
+    try:
+        # a hang guard, not a timing: JAX's own start-up gives up after 300 s
+        done = {name: p.communicate(timeout=120) for name, p in procs.items()}
+    finally:
+        for p in procs.values():
+            p.kill()
+    for name, (pid, addr) in cases.items():
+        rc, err = procs[name].returncode, done[name][1]
+        lines = [ln for ln in err.splitlines() if ln.strip()]
+        assert rc == 1, (name, rc, err[-3000:])
+        assert "Check failure" not in err and "Traceback" not in err and len(lines) == 2, (name, err[-3000:])
+        assert lines[0].startswith(f"distributed: process {pid} of 2") and addr in lines[0], lines
+        assert f"at most {timeout_s} s: --distributed_timeout or PROSPARSE_DISTRIBUTED_TIMEOUT" in lines[0], lines
+        assert lines[1].startswith(f"train: error: process {pid} of 2 ") and f"{timeout_s} s" in lines[1], lines
+        assert not (tmp_path / name).exists()
+    no_coordinator, no_peer = (done[n][1].splitlines()[-1] for n in cases)
+    assert f"waited 3 s for the coordinator at {closed}, which does not answer" in no_coordinator
+    assert "start process 0 (--process_id=0) there, or fix --coordinator_address" in no_coordinator
+    assert f"waited 3 s at {lonely} for process 1, which did not join: start it with --coordinator_address=" \
+           f"{lonely} and --num_processes=2" in no_peer
+    assert "or raise --distributed_timeout (or PROSPARSE_DISTRIBUTED_TIMEOUT)" in no_peer
 
 
 # ---------------------------------------------------------------------------------------------------------------
