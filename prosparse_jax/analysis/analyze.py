@@ -1,8 +1,9 @@
 """The ``analyze`` pipeline: activation sparsity of a checkpoint on held-out data, and sparse-mode thresholds.
 
 One jitted dense forward with capture per eval batch feeds the metric's object (:mod:`prosparse_jax.analysis.metrics`),
-which then runs the sparse forwards for the sparse loss. The outputs are written all or none; metrics, values and
-outputs: docs/analysis.md.
+which then runs the sparse forwards for the sparse loss; the headline activation ratio is counted inside the metric's
+sparse forward (Sparsing Law public code), the dense forward's count is kept beside it. The outputs are written all
+or none; metrics, values and outputs: docs/analysis.md.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import jax
 import numpy as np
 
 from prosparse_jax import files
-from prosparse_jax.analysis import measure, sparsity
+from prosparse_jax.analysis import measure, neurons, sparsity
 from prosparse_jax.analysis.measure import Batch, LossSums
 from prosparse_jax.analysis.metrics import METRIC_CLASSES, Measurement, Metric, Outcome, Stats
 from prosparse_jax.config import ModelConfig
@@ -96,23 +97,36 @@ def _capture_pass(meas: Measurement, meter: Metric) -> None:
             del x1_LxBxTxF, act_LxBxTxF
 
 
+COUNTED_IN = {
+    "dense": "dense forward (no thresholds: the dense run is the metric's run)",
+    "sparse": "sparse forward: the metric's thresholds applied layer by layer, so upstream masking changes downstream "
+              "activations; the forward whose loss is sparse_loss (as the Sparsing Law public code counts)",
+}
+
+
 def _summary(srcs: list[str], stats: dict[str, Stats | None], meas: Measurement, sparse: dict[str, LossSums] | None
              ) -> dict[str, Any]:
-    """Activation ratios, dead neurons, heatmap, token counts, dense / sparse loss and PPL ratio of the sources
-    ``srcs`` pooled."""
-    parts, dense = [stats[x] for x in srcs], meas.dense
-    s = sparsity.summarize_stats({k: sum(p[k] for p in parts) for k in parts[0]}, meas.cfg.d_ff)
-    s["distinct_tokens"] = sum(meas.distinct[x] for x in srcs)
-    dense_loss = LossSums.pool(dense[x] for x in srcs).loss
+    """Activation ratios (headline: counted in the metric's own run; also the dense forward's count), dead-neuron
+    tiers, heatmap, token counts, dense / sparse loss and PPL ratio of the sources ``srcs`` pooled."""
+    parts, d_ff = [stats[x] for x in srcs], meas.cfg.d_ff
+    dense_count = sparsity.summarize_stats({k: sum(p[k] for p in parts) for k in parts[0]}, d_ff)
+    dense_loss = LossSums.pool(meas.dense[x] for x in srcs).loss
     if sparse is None:
-        sparse_loss, run_ratio_L = dense_loss, np.asarray(s["activation_ratio_per_layer"])
+        run, sparse_loss = dense_count, dense_loss
     else:
         pooled = LossSums.pool(sparse[x] for x in srcs)
-        sparse_loss, run_ratio_L = pooled.loss, pooled.ratio_sum_L / max(pooled.batches, 1)
-    s.update(dense_loss=dense_loss, sparse_loss=sparse_loss, ppl_ratio=measure.ppl_ratio(sparse_loss, dense_loss),
-             sparse_run_activation_ratio_per_layer=[float(x) for x in run_ratio_L],
-             sparse_run_activation_ratio=float(np.mean(run_ratio_L)))
-    return s
+        run, sparse_loss = sparsity.summarize_stats(pooled.stats, d_ff), pooled.loss
+    freq_LxF = run.pop("freq_LxF")
+    tiers = neurons.dead_neuron_tiers(freq_LxF, run["tokens_measured"])
+    dead = tiers[neurons.DEAD_TIERS[-1][0]]
+    return {
+        **run, "distinct_tokens": sum(meas.distinct[x] for x in srcs),
+        "dense_forward_activation_ratio_per_layer": dense_count["activation_ratio_per_layer"],
+        "dense_forward_activation_ratio": dense_count["activation_ratio"],
+        "dead_neuron_fraction_per_layer": dead["fraction_per_layer"], "dead_neuron_fraction": dead["fraction"],
+        "dead_neuron_tiers": tiers,
+        "dense_loss": dense_loss, "sparse_loss": sparse_loss, "ppl_ratio": measure.ppl_ratio(sparse_loss, dense_loss),
+    }
 
 
 def _result(header: dict[str, Any], sources: list[str], meter: Metric, meas: Measurement, outcome: Outcome
@@ -126,8 +140,10 @@ def _result(header: dict[str, Any], sources: list[str], meter: Metric, meas: Mea
     res: dict[str, Any] = {
         **header, **_token_counts_first(total), "thresholds_per_layer": outcome.thresholds, **outcome.fields,
         "forward_passes": meas.passes["capture"] + meas.passes["sparse"], "forward_passes_detail": meas.passes,
-        "activation_definition": "x1_i non-zero after the metric's sparsification, on the dense run's activations",
-        "dead_neuron_rule": f"active on < {sparsity.DEAD_NEURON_FREQ:.1%} of measured tokens",
+        "activation_definition": "x1_i non-zero after the metric's sparsification",
+        "activation_counted_in": COUNTED_IN["dense" if outcome.sparse is None else "sparse"],
+        "dense_forward_definition": "dense_forward_activation_ratio*: the metric's rule applied to the dense "
+                                    "forward's activations (no masking upstream)",
     }
     if len(sources) > 1:
         res["per_dataset"] = {s: {k: v for k, v in summary([s]).items() if k != "heatmap_LxT"} for s in sources}
@@ -200,7 +216,8 @@ def _per_layer(path: Path, res: dict[str, Any], title: str) -> None:
     ratios = res["activation_ratio_per_layer"]
     fig, ax = plt.subplots(figsize=(max(5, 0.3 * len(ratios) + 2), 3.5))
     ax.bar(range(len(ratios)), ratios, label="activation ratio")
-    ax.bar(range(len(ratios)), res["dead_neuron_fraction_per_layer"], alpha=0.6, label="dead-neuron fraction")
+    ax.bar(range(len(ratios)), res["dead_neuron_fraction_per_layer"], alpha=0.6,
+           label=f"dead-neuron fraction (< {neurons.DEAD_FREQ:g} of tokens)")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("layer")
     ax.set_ylabel("fraction")

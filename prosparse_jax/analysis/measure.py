@@ -1,8 +1,8 @@
-"""Measurement passes shared by analyze, law_inputs and permute, one copy each.
+"""Measurement passes shared by analyze, law_inputs, neurons and permute, one copy each.
 
 Held-out batches, the jitted dense forward with capture, sparse forwards through the model's one x1 hook (CETT taus by
-sparse mode's own rule, Top-k, FAT-eps), loss sums, the perplexity ratio and the bisection on a shared CETT target
-(Sparsing Law, arXiv 2411.02335, Algorithm 1).
+sparse mode's own rule, Top-k, FAT-eps) that count the active neurons inside that forward, loss sums, the perplexity
+ratio and the bisection on a shared CETT target (Sparsing Law, arXiv 2411.02335, Algorithm 1).
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ from prosparse_jax.model import transformer as model
 from prosparse_jax.model.transformer import Params
 
 Batch = dict[str, jax.Array]
-# (params, batch, per-layer parameter p_L) -> (NLL sum, weight sum, sparse-run activation ratio per layer [L])
-SparseForward = Callable[[Params, Batch, jax.Array], tuple[jax.Array, jax.Array, jax.Array]]
+# (params, batch, per-layer parameter p_L) -> (NLL sum, weight sum, sparsity.mask_stats of the x1 != 0 of this forward)
+SparseForward = Callable[[Params, Batch, jax.Array], tuple[jax.Array, jax.Array, dict[str, jax.Array]]]
 # (params, p_L) -> the x1 hook of model.forward for per-layer parameters p_L (taus, k or eps)
 MaskFactory = Callable[[Params, jax.Array], model.X1Mask]
 
@@ -103,15 +103,30 @@ def make_capture(cfg: ModelConfig) -> Callable[[Params, Batch], tuple[jax.Array,
     return jax.jit(f)
 
 
-def make_sparse_forward(cfg: ModelConfig, mask_factory: MaskFactory) -> SparseForward:
-    """Jitted sparse loss of the model run with the x1 hook ``mask_factory(params, p_L)`` (:data:`SparseForward`)."""
+def _counted_forward(params: Params, batch: Batch, cfg: ModelConfig, x1_mask: model.X1Mask | None
+                     ) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
+    """(NLL sum, weight sum, :func:`sparsity.mask_stats` of x1 != 0) of one batch, counted inside this forward: with
+    a hook, upstream layers' masking changes what downstream layers see (the Sparsing Law public code's count)."""
+    logits_BxTxV, st = model.forward(params, batch["inputs"], cfg, segment_ids_BxT=batch["segment_ids"],
+                                     positions_BxT=batch["positions"], x1_mask=x1_mask, capture=True)
+    stats = sparsity.mask_stats(st.x1 != 0, batch["segment_ids"] != 0, batch["positions"])
+    return (*_nll_sums(logits_BxTxV, batch), stats)
 
-    def f(params: Params, batch: Batch, p_L: jax.Array) -> tuple[jax.Array, ...]:
-        logits_BxTxV, st = model.forward(params, batch["inputs"], cfg, segment_ids_BxT=batch["segment_ids"],
-                                         positions_BxT=batch["positions"], x1_mask=mask_factory(params, p_L))
-        return (*_nll_sums(logits_BxTxV, batch), 1.0 - st.zero_frac)
+
+def make_sparse_forward(cfg: ModelConfig, mask_factory: MaskFactory) -> SparseForward:
+    """Jitted sparse loss and activity of the model run with the x1 hook ``mask_factory(params, p_L)``
+    (:data:`SparseForward`)."""
+
+    def f(params: Params, batch: Batch, p_L: jax.Array) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
+        return _counted_forward(params, batch, cfg, mask_factory(params, p_L))
 
     return jax.jit(f)
+
+
+def make_model_forward(cfg: ModelConfig) -> Callable[[Params, Batch], tuple[jax.Array, jax.Array, dict[str, Any]]]:
+    """Jitted (params, batch) -> (NLL sum, weight sum, :func:`sparsity.mask_stats` of x1 != 0) of the model as
+    configured (its activation, and its sparse mode when ``cfg.neuron_thresholds`` is set)."""
+    return jax.jit(lambda params, batch: _counted_forward(params, batch, cfg, None))
 
 
 def make_tau_forward(cfg: ModelConfig) -> SparseForward:
@@ -170,21 +185,20 @@ def ppl_ratio(sparse_loss: float, dense_loss: float) -> float:
 
 @dataclasses.dataclass
 class LossSums:
-    """Sums over eval batches of one (dense or sparse) run; ``ratio_sum_L`` (the sparse run's per-layer activation
-    ratio, summed) is None until one is added."""
+    """Sums over eval batches of one (dense or sparse) run; ``stats`` (the run's :func:`sparsity.mask_stats`,
+    summed) is None until a batch with them is added."""
 
     nll: float = 0.0
     weight: float = 0.0
-    ratio_sum_L: np.ndarray | None = None  # noqa: N815 - shape suffix
+    stats: dict[str, np.ndarray] | None = None
     batches: int = 0
 
-    def add(self, nll: jax.Array | float, weight: jax.Array | float, ratio_L: jax.Array | None = None) -> None:
-        """Adds one batch's sums (and its per-layer activation ratio)."""
+    def add(self, nll: jax.Array | float, weight: jax.Array | float, stats: dict[str, Any] | None = None) -> None:
+        """Adds one batch's sums (and its activity counts)."""
         self.nll += float(nll)
         self.weight += float(weight)
-        if ratio_L is not None:
-            r_L = np.asarray(ratio_L, np.float64)
-            self.ratio_sum_L = r_L if self.ratio_sum_L is None else self.ratio_sum_L + r_L
+        if stats is not None:
+            self.stats = sparsity.add_stats(self.stats, stats)
         self.batches += 1
 
     @property
@@ -192,12 +206,23 @@ class LossSums:
         """Mean NLL per weighted target."""
         return mean_loss(self.nll, self.weight)
 
+    @property
+    def activation_ratio_L(self) -> np.ndarray | None:  # noqa: N802 - shape suffix
+        """Per-layer activation ratio of the run, pooled over its valid tokens x d_ff, [L]; None without stats."""
+        if self.stats is None:
+            return None
+        d_ff = self.stats["neuron_active_LxF"].shape[-1]
+        return self.stats["active_L"] / (max(float(self.stats["tokens"]), 1.0) * d_ff)
+
     @staticmethod
     def pool(parts: Iterable[LossSums]) -> LossSums:
         """The sums of several runs (e.g. data sources) together."""
         parts = list(parts)
-        ratios = [p.ratio_sum_L for p in parts if p.ratio_sum_L is not None]
-        return LossSums(sum(p.nll for p in parts), sum(p.weight for p in parts), sum(ratios) if ratios else None,
+        stats = None
+        for p in parts:
+            if p.stats is not None:
+                stats = sparsity.add_stats(stats, p.stats)
+        return LossSums(sum(p.nll for p in parts), sum(p.weight for p in parts), stats,
                         sum(p.batches for p in parts))
 
 

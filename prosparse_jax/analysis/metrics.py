@@ -1,7 +1,8 @@
 """The metrics of :mod:`prosparse_jax.analysis.analyze`, one object each: exact, topk, fat, cett, pplp.
 
-A :class:`Metric` ``observe``s every batch of the dense capture pass, then ``finish`` finds the per-layer thresholds,
-runs the sparse forwards and returns an :class:`Outcome`. Definitions: docs/analysis.md.
+A :class:`Metric` ``observe``s every batch of the dense capture pass (where it counts its rule on the dense forward's
+activations), then ``finish`` finds the per-layer thresholds, runs the sparse forwards (which count the activity inside
+themselves: the headline) and returns an :class:`Outcome`. Definitions: docs/analysis.md.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from prosparse_jax.analysis.measure import Batch, LossSums
 from prosparse_jax.config import ModelConfig
 from prosparse_jax.model.transformer import Params
 
-Stats = dict[str, np.ndarray]  # accumulated sparsity.mask_stats of one data source
+Stats = dict[str, np.ndarray]  # accumulated sparsity.mask_stats of one data source (dense-forward count)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -70,7 +71,8 @@ class Outcome:
     """What a metric found after the capture pass.
 
     Attributes:
-      sparse: per-source loss sums of the sparse run; None: the dense run is the metric's sparse run (exact).
+      sparse: per-source loss sums and activity counts of the sparse run; None: the dense run is the metric's sparse
+        run (exact).
       fields: extra result fields in output order (threshold_kind, cett_target, ...).
       sparse_mode: the thresholds are CETT taus for ``model.neuron_thresholds`` (written to sparse_mode.json).
     """
@@ -86,7 +88,8 @@ class Outcome:
 # ---------------------------------------------------------------------------------------------------------------
 class Metric:
     """A metric's accumulator: ``observe`` sees each captured batch of the dense pass, ``finish`` finds the
-    thresholds and runs the sparse forwards; ``stats`` holds each source's summed :func:`sparsity.mask_stats`.
+    thresholds and runs the sparse forwards; ``stats`` holds each source's summed :func:`sparsity.mask_stats` of the
+    metric's rule on the dense forward's activations (the dense-forward count).
 
     Args:
       value: the metric's --value (k, eps, CETT target or p).
@@ -210,7 +213,7 @@ class _CETTMetric(Metric):
         raise NotImplementedError
 
     def finish(self, meas: Measurement) -> Outcome:
-        """Taus of the chosen CETT target, their sparse run and the activity n_i > tau."""
+        """Taus of the chosen CETT target, their sparse run and the dense-forward count of n_i > tau."""
         cache = sparsity.CETTCache(meas.params["layers"]["w_down_LxFxD"], [(x1, v) for _, x1, v, _ in self._cached])
         taus_L, cett_L, sparse, target, fields = self.choose(cache, meas)
         taus_dev_L = jnp.asarray(np.asarray(taus_L, np.float32))

@@ -19,7 +19,6 @@ Array = jax.Array
 
 METRICS = ("exact", "topk", "fat", "cett", "pplp")
 TOPK_MODES = ("token", "global")  # the first is the default (the paper's definition)
-DEAD_NEURON_FREQ = 1e-3  # a neuron active on fewer than 0.1% of the measured tokens is dead
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -205,20 +204,19 @@ def mask_stats(active_LxBxTxF: Array, valid_BxT: Array, positions_BxT: Array) ->
 
 
 def summarize_stats(stats: dict[str, np.ndarray], d_ff: int) -> dict[str, Any]:
-    """Activation ratios, dead-neuron fractions and the per-position heatmap from accumulated :func:`mask_stats`."""
+    """Activation ratios, per-neuron firing frequencies and the per-position heatmap from accumulated
+    :func:`mask_stats`."""
     tok = max(float(stats["tokens"]), 1.0)
     ratio_L = stats["active_L"] / (tok * d_ff)
-    dead_L = np.mean(stats["neuron_active_LxF"] / tok < DEAD_NEURON_FREQ, axis=-1)
     pos_tok_T = stats["pos_tokens_T"]
     heat_LxT = np.where(pos_tok_T > 0, stats["pos_active_LxT"] / np.maximum(pos_tok_T, 1.0) / d_ff, np.nan)
     return {
         "activation_ratio_per_layer": [float(x) for x in ratio_L],
         "activation_ratio": float(np.mean(ratio_L)),
         "sparsity": float(1.0 - np.mean(ratio_L)),
-        "dead_neuron_fraction_per_layer": [float(x) for x in dead_L],
-        "dead_neuron_fraction": float(np.mean(dead_L)),
         "tokens_measured": int(round(float(stats["tokens"]))),
         "heatmap_LxT": heat_LxT,
+        "freq_LxF": stats["neuron_active_LxF"] / tok,
     }
 
 

@@ -5,8 +5,9 @@ r"""Measures the activation sparsity of a checkpoint and finds sparse-mode thres
 
 Metrics and their --value: exact (value ignored), topk (k in (0, 1]), fat (eps >= 0), cett (target CETT in [0, 1]),
 pplp (p >= 0, percent). --data is one source or several separated by commas. Writes ``<out>/sparsity.json``, the
-plots and, for cett / pplp, ``<out>/sparse_mode.json``; prints the summary as one JSON line and, for cett / pplp, the
-``--config.model.neuron_thresholds`` override that runs the model in sparse mode. Details:
+plots and, for cett / pplp, ``<out>/sparse_mode.json``; prints the summary as one JSON line (the activation ratio
+counted in the metric's sparse forward, the dense forward's count, dead neurons per layer in tiers) and, for cett /
+pplp, the ``--config.model.neuron_thresholds`` override that runs the model in sparse mode. Details:
 :mod:`prosparse_jax.analysis.analyze`.
 """
 
@@ -18,12 +19,13 @@ from pathlib import Path
 
 from absl import flags
 
-from prosparse_jax.analysis import sparsity
+from prosparse_jax.analysis import neurons, sparsity
 from prosparse_jax.analysis.analyze import analyze
 from prosparse_jax.main import common
 
-SUMMARY_KEYS = ("metric", "value", "activation_ratio", "sparsity", "dense_loss", "sparse_loss", "ppl_ratio",
-                "dead_neuron_fraction", "tokens_measured", "distinct_tokens", "forward_passes")
+SUMMARY_KEYS = ("metric", "value", "activation_ratio", "sparsity", "dense_forward_activation_ratio", "dense_loss",
+                "sparse_loss", "ppl_ratio", "dead_neuron_fraction", "tokens_measured", "distinct_tokens",
+                "forward_passes")
 
 
 def _flags() -> flags.FlagValues:
@@ -61,7 +63,9 @@ def main(argv: list[str] | None = None) -> int:
                       topk_mode=fv.topk_mode, pplp_steps=fv.pplp_steps, overwrite=fv.overwrite, progress=fv.progress)
         for w in res.get("warnings", []):
             print(f"analyze: warning: {w}", file=sys.stderr)
-        lines = [json.dumps({k: res[k] for k in SUMMARY_KEYS})]
+        summary = {k: res[k] for k in SUMMARY_KEYS}
+        summary["dead_neurons_per_layer"] = neurons.tier_counts(res["dead_neuron_tiers"])
+        lines = [json.dumps(summary)]
         if "sparse_mode" in res:
             taus = ", ".join(repr(t) for t in res["sparse_mode"]["model.neuron_thresholds"])
             where = Path(fv.out) / "sparse_mode.json"

@@ -1,18 +1,22 @@
-"""analyze CLI on a trained tiny SiLU model: exact vs PPL-p%, CETT, top-k / FAT, sparse mode, per-dataset, errors."""
+"""analyze CLI on a trained tiny SiLU model: exact vs PPL-p%, CETT, top-k / FAT, sparse mode, per-dataset, errors; the
+headline CETT / PPL-p% ratio (analyze and the law inputs) counted in the sparse forward; dead-neuron tiers."""
 
 import json
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import small_run_config, write_corpus
 
 from prosparse_jax.analysis import analyze as an
-from prosparse_jax.analysis import measure
+from prosparse_jax.analysis import law_inputs, measure, neurons
 from prosparse_jax.config import DataConfig
 from prosparse_jax.data import pipeline
 from prosparse_jax.data.corpus import get_tokenizer, load_tokenizer, open_corpus
 from prosparse_jax.errors import UsageError
 from prosparse_jax.main import analyze as analyze_main
+from prosparse_jax.model import transformer as model
 from prosparse_jax.training import checkpoint as ckpt
 from prosparse_jax.training import step as step_mod
 from prosparse_jax.training import train as train_mod
@@ -55,7 +59,8 @@ def test_pplp_is_within_budget_and_far_sparser_than_exact_for_silu(exact_and_ppl
     assert pplp["forward_passes"] == 2 * (1 + 12)  # capture + one sweep per bisection step, 2 batches each
     assert pplp["dense_loss"] == pytest.approx(exact["dense_loss"], rel=1e-6)
     for k in ("activation_ratio_per_layer", "dead_neuron_fraction_per_layer", "dead_neuron_fraction",
-              "tokens_measured", "sparse_run_activation_ratio", "pplp_search", "cett_achieved_per_layer"):
+              "dead_neuron_tiers", "tokens_measured", "dense_forward_activation_ratio", "pplp_search",
+              "cett_achieved_per_layer"):
         assert k in pplp
     assert pplp["tokens_measured"] == 4 * 32 * 2
     on_disk = json.loads((out / "pplp" / "sparsity.json").read_text())
@@ -78,7 +83,7 @@ def test_sparse_mode_reproduces_the_reported_sparse_loss(run, exact_and_pplp):
     assert sparse["eval_loss"] == pytest.approx(pplp["sparse_loss"], rel=1e-5)
     dense = step_mod.make_evaluate(mcfg)(params, batches)
     assert dense["eval_loss"] == pytest.approx(pplp["dense_loss"], rel=1e-5)
-    assert 1 - sparse["eval_sparsity"] == pytest.approx(pplp["sparse_run_activation_ratio"], abs=1e-6)
+    assert 1 - sparse["eval_sparsity"] == pytest.approx(pplp["activation_ratio"], abs=1e-6)
 
 
 def test_pplp_without_a_feasible_target_falls_back_to_cett_target_zero(run, tmp_path):
@@ -95,7 +100,7 @@ def test_pplp_without_a_feasible_target_falls_back_to_cett_target_zero(run, tmp_
     assert r["ppl_ratio"] == pytest.approx(1.0, rel=1e-5)
     assert r["sparse_loss"] == pytest.approx(r["dense_loss"], rel=1e-5)
     assert r["activation_ratio"] == 1.0 and r["activation_ratio_per_layer"] == [1.0, 1.0]
-    assert r["sparse_run_activation_ratio"] == 1.0
+    assert r["dense_forward_activation_ratio"] == 1.0
     assert r["forward_passes_detail"] == {"capture": 2, "sparse": 2 * (2 + 1)}  # 2 steps + the sweep at target 0
 
 
@@ -117,7 +122,7 @@ def test_topk_and_fat_sparse_loss(run, tmp_path, metric, value, mode):
     if metric == "topk":
         assert r["topk_mode"] == mode
         assert r["activation_ratio_per_layer"] == pytest.approx([value] * 2)
-        assert r["sparse_run_activation_ratio"] == pytest.approx(value)
+        assert r["dense_forward_activation_ratio"] == pytest.approx(value)
         assert all(t > 0 for t in r["thresholds_per_layer"])
     else:
         assert r["topk_mode"] is None and r["thresholds_per_layer"] == [value, value]
@@ -137,6 +142,87 @@ def test_per_dataset_breakdown(run, tmp_path):
     assert r["forward_passes"] == 2 * 2 * 2
 
 
+def _model_and_batches(wd, corpus):
+    """(dense model config, params, the held-out batches analyze measures with EVAL) of the trained run."""
+    mcfg, params, tok_path = ckpt.load_model(wd)
+    held_out = open_corpus(DataConfig(source=f"files:{corpus}/*.txt", data_dir=str(corpus.parent / "tfds"),
+                                      eval_fraction=0.1))
+    batches = pipeline.make_eval_batches(held_out, load_tokenizer(tok_path), seq_len=32, batch_size=4, num_batches=2)
+    return mcfg.replace(neuron_thresholds=()), params, batches
+
+
+def _tau_activity(params, cfg, batches, taus_L):
+    """Per-neuron active-token counts [L, F] under per-layer taus (kept: |x1_i| * ||W_down[i]|| > tau_l), counted
+    inside a forward whose hook (written here) drops the rest layer by layer, and on the dense forward's x1; and the
+    valid tokens."""
+    norms_LxF = jnp.linalg.norm(jnp.asarray(params["layers"]["w_down_LxFxD"], jnp.float32), axis=-1)
+    taus = jnp.asarray(np.asarray(taus_L, np.float32))
+
+    def keep(layer, x1_BxTxF):
+        return jnp.abs(x1_BxTxF.astype(jnp.float32)) * norms_LxF[layer] > taus[layer]
+
+    def hook(layer, x1_BxTxF, act_BxTxF, valid_BxT):
+        return jnp.where(keep(layer, x1_BxTxF), x1_BxTxF, 0.0)
+
+    sparse_LxF, dense_LxF, tokens = 0, 0, 0
+    for b in batches:
+        kw = dict(segment_ids_BxT=b["segment_ids"], positions_BxT=b["positions"], capture=True)
+        valid = np.asarray(b["segment_ids"]) != 0
+        _, st = model.forward(params, b["inputs"], cfg, x1_mask=hook, **kw)
+        sparse_LxF = sparse_LxF + (np.asarray(st.x1) != 0)[:, valid].sum(axis=1)
+        _, st = model.forward(params, b["inputs"], cfg, **kw)
+        kept = np.asarray(jax.vmap(keep)(jnp.arange(cfg.n_layers), st.x1))
+        dense_LxF = dense_LxF + kept[:, valid].sum(axis=1)
+        tokens += int(valid.sum())
+    return sparse_LxF, dense_LxF, tokens
+
+
+def _assert_sparse_forward_count(ratio_L, dense_ratio_L, sparse_LxF, dense_LxF, tokens):
+    """The headline equals the sparse-forward count, the labelled field the dense one; they agree on layer 0 (no
+    masking upstream) and differ on layer 1 (layer 0's masking changes its input)."""
+    units = tokens * sparse_LxF.shape[1]
+    want_L, want_dense_L = sparse_LxF.sum(axis=1) / units, dense_LxF.sum(axis=1) / units
+    np.testing.assert_allclose(ratio_L, want_L, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(dense_ratio_L, want_dense_L, rtol=0, atol=1e-12)
+    assert want_L[0] == want_dense_L[0]
+    assert abs(sparse_LxF[1].sum() - dense_LxF[1].sum()) >= 1  # counts of units: at least one apart
+
+
+@pytest.mark.parametrize("metric", ["pplp", "cett"])
+def test_headline_cett_ratio_is_the_sparse_forward_count(run, exact_and_pplp, tmp_path, metric):
+    wd, corpus = run
+    r = (exact_and_pplp[1] if metric == "pplp"
+         else an.analyze(wd, f"files:{corpus}/*.txt", "cett", 0.2, tmp_path, **EVAL))
+    cfg, params, batches = _model_and_batches(wd, corpus)
+    sparse_LxF, dense_LxF, tokens = _tau_activity(params, cfg, batches, r["thresholds_per_layer"])
+    _assert_sparse_forward_count(r["activation_ratio_per_layer"], r["dense_forward_activation_ratio_per_layer"],
+                                 sparse_LxF, dense_LxF, tokens)
+    assert r["activation_ratio"] == pytest.approx(sparse_LxF.sum() / (tokens * cfg.n_layers * cfg.d_ff), abs=1e-12)
+    assert r["sparsity"] == pytest.approx(1 - r["activation_ratio"], abs=1e-12)
+    assert r["activation_counted_in"].startswith("sparse forward")
+    # the dead-neuron tiers are those of the same (sparse-forward) activity
+    assert r["dead_neuron_tiers"] == neurons.dead_neuron_tiers(sparse_LxF / tokens, tokens)
+    assert r["dead_neuron_fraction_per_layer"] == r["dead_neuron_tiers"]["below_1e-3"]["fraction_per_layer"]
+
+
+def test_law_inputs_count_the_ratio_in_the_sparse_forward(run, tmp_path):
+    wd, corpus = run
+    out, kw = tmp_path / "law.json", dict(min_step=0, n_search=1, num_batches=2, batch_size=4, search_steps=6)
+    res = law_inputs.law_ratios(wd, out, **kw)
+    (row,) = res["checkpoints"]
+    assert 0 < res["cett_target"] < 1 and row["ppl_ratio"] <= 1.01
+    cfg, params, batches = _model_and_batches(wd, corpus)
+    sparse_LxF, dense_LxF, tokens = _tau_activity(params, cfg, batches, row["taus_per_layer"])
+    _assert_sparse_forward_count(row["activation_ratio_per_layer"], row["dense_forward_activation_ratio_per_layer"],
+                                 sparse_LxF, dense_LxF, tokens)
+    assert row["activation_ratio"] == pytest.approx(np.mean(row["activation_ratio_per_layer"]), abs=1e-15)
+    old = json.loads(out.read_text())  # a file of the dense-count format is not reused
+    old["format"] = 1
+    out.write_text(json.dumps(old))
+    with pytest.raises(law_inputs.StaleOutputError, match="format 1"):
+        law_inputs.law_ratios(wd, out, **kw)
+
+
 def test_cli_runs_and_prints_the_override(run, tmp_path, capsys):
     wd, corpus = run
     exit_code = analyze_main.main(["analyze", f"--checkpoint={wd}", f"--data=files:{corpus}/*.txt",
@@ -144,7 +230,13 @@ def test_cli_runs_and_prints_the_override(run, tmp_path, capsys):
                                    "--num_batches=1", "--noprogress"])
     out = capsys.readouterr().out
     assert exit_code == 0 and "--config.model.neuron_thresholds='(" in out
-    assert json.loads(out.splitlines()[0])["metric"] == "cett"
+    printed, res = json.loads(out.splitlines()[0]), json.loads((tmp_path / "sparsity.json").read_text())
+    assert printed["metric"] == "cett" and printed["activation_ratio"] == res["activation_ratio"]
+    assert printed["dense_forward_activation_ratio"] == res["dense_forward_activation_ratio"]
+    tiers = res["dead_neuron_tiers"]
+    assert printed["dead_neurons_per_layer"] == {
+        "never": tiers["never"]["count_per_layer"], "below_1e-4": tiers["below_1e-4"]["count_per_layer"],
+        "below_1e-3": tiers["below_1e-3"]["count_per_layer"], "mostly_dead_layers": tiers["mostly_dead_layers"]}
     before = (tmp_path / "sparsity.json").read_text()
     exit_code = analyze_main.main(["analyze", f"--checkpoint={wd}", "--metric=exact", f"--out={tmp_path}"])
     assert exit_code == 1 and "set overwrite" in capsys.readouterr().err

@@ -122,15 +122,17 @@ def test_cett_bisection_hits_target_per_layer(target):
         assert direct == pytest.approx(achieved[l], abs=1e-5)
 
 
-def test_mask_stats_dead_neurons_and_heatmap():
+def test_mask_stats_firing_frequencies_and_heatmap():
     L, B, T, F = 2, 2, 4, 8
     active = np.zeros((L, B, T, F), bool)
     active[:, :, :, :2] = True  # neurons 0, 1 always active; the rest never
-    active[1, 0, 0, 5] = True  # neuron 5 of layer 1 active on 1/8 tokens (> 0.1%)
+    active[1, 0, 0, 5] = True  # neuron 5 of layer 1 active on 1/8 tokens
     pos = jnp.broadcast_to(jnp.arange(T), (B, T))
     s = sparsity.summarize_stats(sparsity.add_stats(None, sparsity.mask_stats(
         jnp.asarray(active), jnp.ones((B, T), bool), pos)), F)
-    assert s["dead_neuron_fraction_per_layer"] == [6 / 8, 5 / 8]
+    expected = np.zeros((L, F))
+    expected[:, :2], expected[1, 5] = 1.0, 1 / 8
+    np.testing.assert_array_equal(s["freq_LxF"], expected)
     assert s["activation_ratio_per_layer"][0] == 0.25 and s["tokens_measured"] == 8
     assert s["heatmap_LxT"].shape == (L, T) and s["heatmap_LxT"][1, 0] == pytest.approx(2.5 / 8)
 
