@@ -3,11 +3,14 @@
     python -m prosparse_jax.main.sweep run --sweep=configs/sweeps/sparsing_law.py:tiny --root=runs/sweeps/law_tiny
 
 ``full``: the paper's five scales, each run exactly ``configs/sparsing_law.py:<scale>-<act>``, for a cluster
-(``sweep slurm``). ``tiny``: two tiny scales on the built-in corpus with the ``tiny-silu`` recipe (MiniCPM's µP means
-nothing at d_model 64), to check the pipeline on a CPU. Runs: docs/sweeps.md.
+(``sweep slurm``); its law fit stops at each run's LR-decay start (the stable phase, as the paper's law checkpoints).
+``tiny``: two tiny scales on the built-in corpus with the ``tiny-silu`` recipe (MiniCPM's µP means nothing at
+d_model 64), to check the pipeline on a CPU; it fits every kept checkpoint (its stable phase holds only 3 after the
+warm-up, fewer than a law needs). Runs: docs/sweeps.md.
 """
 
 from configs import sparsing_law as law_configs
+from prosparse_jax.analysis.law_fit import DECAY_START
 from prosparse_jax.errors import ConfigError
 from prosparse_jax.sweeps.spec import analysis, config_diff, grid, sweep
 
@@ -35,7 +38,8 @@ def _full():
     base = law_configs.get_config("0.1b-relu")
     scales = {s: config_diff(base, law_configs.get_config(f"{s}-relu")) for s in law_configs.SCALES}
     runs = grid({"scale": scales, "activation": ACTIVATIONS})
-    return sweep("sparsing_law", "configs/sparsing_law.py:0.1b-relu", runs, analysis("cett_ppl"))
+    # max_step: each run's own decay start, read from its config.json (describe's decay_start_step)
+    return sweep("sparsing_law", "configs/sparsing_law.py:0.1b-relu", runs, analysis("cett_ppl", max_step=DECAY_START))
 
 
 SWEEPS = {"tiny": _tiny, "full": _full}

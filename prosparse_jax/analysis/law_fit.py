@@ -7,6 +7,7 @@ Inputs, protocol and the self-test's tolerances: docs/analysis.md.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -17,7 +18,8 @@ from scipy.optimize import least_squares
 
 from prosparse_jax import files
 from prosparse_jax.analysis import law_inputs
-from prosparse_jax.errors import CheckpointError, InputError
+from prosparse_jax.config import wsd_decay_steps
+from prosparse_jax.errors import CheckpointError, InputError, UsageError
 from prosparse_jax.training.metrics import read_metrics
 
 #: Published coefficients (the paper's fits, 0.1B-1.2B): scale -> (alpha, b, c, A0) ReLU, (alpha, c, A0) SiLU.
@@ -109,18 +111,23 @@ FORMS: dict[str, tuple[Callable[..., dict[str, Any]], Callable[..., np.ndarray],
 }
 
 
-def load_run(workdir: str | Path, min_tokens: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
-    """(D in billions of tokens, activation ratio) from the train entries of ``<workdir>/metrics.jsonl``."""
+def _metrics_points(workdir: str | Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(step, training tokens, 1 - exact-zero sparsity) of the train entries of ``<workdir>/metrics.jsonl``."""
     path = Path(workdir) / "metrics.jsonl"
     if not path.is_file():
         raise InputError(f"{path} not found: pass training workdirs")
-    D, A = [], []
-    for r in read_metrics(workdir):  # a line cut by a crash is skipped; a corrupt one is an error naming the file
-        is_train = r.get("kind", "train") == "train" and "tokens_seen" in r and "sparsity" in r
-        if is_train and r["tokens_seen"] > min_tokens:
-            D.append(r["tokens_seen"] / 1e9)
-            A.append(1.0 - r["sparsity"])
-    return np.asarray(D), np.asarray(A)
+    rows = [(int(r.get("step", 0)), float(r["tokens_seen"]), 1.0 - r["sparsity"])
+            for r in read_metrics(workdir)  # a line cut by a crash is skipped; a corrupt one is an error naming it
+            if r.get("kind", "train") == "train" and "tokens_seen" in r and "sparsity" in r]
+    steps, tokens, A = zip(*rows, strict=True) if rows else ((), (), ())
+    return np.asarray(steps, np.int64), np.asarray(tokens, np.float64), np.asarray(A, np.float64)
+
+
+def load_run(workdir: str | Path, min_tokens: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+    """(D in billions of tokens, activation ratio) from the train entries of ``<workdir>/metrics.jsonl``."""
+    _, tokens, A = _metrics_points(workdir)
+    keep = tokens > min_tokens
+    return tokens[keep] / 1e9, A[keep]
 
 
 def format_fit(name: str, fit: dict[str, Any]) -> str:
@@ -211,18 +218,6 @@ def cett_ppl_label(p: float) -> str:
     return f"activation ratio A (CETT-PPL-{p:g}%, validation)"
 
 
-def check_enough_checkpoints(workdir: str | Path, form: str, min_step: int | None) -> None:
-    """Raises :class:`CheckpointError` (one line, with the fix) before any measurement if a fit cannot work."""
-    plan = law_inputs.plan_checkpoints(workdir, min_step)
-    need = len(FORMS[form][2]) + 1
-    if len(plan.kept_steps) < need:
-        raise CheckpointError(
-            f"{workdir}: {len(plan.kept_steps)} checkpoint(s) after the warmup cut (step > {plan.min_step}; kept "
-            f"{list(plan.kept_steps)}, dropped {list(plan.dropped_steps)}), the {form} law needs at least {need}; "
-            "train with --config.train.keep_period=<train.checkpoint_every> so every checkpoint is kept "
-            "(or lower --min_step)")
-
-
 def format_table(res: dict[str, Any]) -> str:
     """The per-checkpoint table of a law_ratios result: step, D, A, PPL ratio."""
     lines = [f"{'step':>9} {'D (B tokens)':>13} {'A':>9} {'PPL ratio':>10}"]
@@ -231,13 +226,114 @@ def format_table(res: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def cett_ppl_points(workdir: str | Path, *, min_tokens: float = 0.0, echo: Callable[[str], None] = print,
-                    **law_kw: Any) -> tuple[np.ndarray, np.ndarray]:
-    """(D, A) of one run from :func:`~prosparse_jax.analysis.law_inputs.law_ratios` (computed, or read from the
-    run's law_ratios.json; ``law_kw``: its settings), with the per-checkpoint table echoed."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Which steps a fit uses
+# ---------------------------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class StepWindow:
+    """The steps of a run a fit uses: ``min_step < step <= max_step`` (``max_step`` None: no upper cut). The warm-up
+    is dropped by default (Sparsing Law App. E); the LR decay only with ``max_step`` (the public code's law checkpoints
+    all precede the decay stage). ``min_source`` says where min_step came from; ``decay_start``: the step after which
+    a ``wsd`` run decays its LR (None: no such phase)."""
+
+    min_step: int
+    max_step: int | None
+    min_source: str
+    decay_start: int | None = None
+
+    def split(self, steps: Sequence[int]) -> tuple[list[int], list[int], list[int]]:
+        """(used, dropped as warm-up, dropped after max_step), each ascending (:func:`law_inputs.split_steps`)."""
+        return law_inputs.split_steps(steps, self.min_step, self.max_step)
+
+    def describe(self, steps: Sequence[int], what: str = "checkpoints") -> str:
+        """One line naming the steps used and those dropped, and any used step inside the LR decay."""
+        used, warm, late = self.split(steps)
+        line = (f"fit on {len(used)} {what}, steps {_steps_text(used)}; dropped: warm-up (step <= {self.min_step}, "
+                f"{self.min_source}) {_steps_text(warm)}")
+        if self.max_step is not None:
+            line += f", after --max_step={self.max_step} {_steps_text(late)}"
+        in_decay = [s for s in used if self.decay_start is not None and s > self.decay_start]
+        if in_decay:
+            line += (f"; steps {_steps_text(in_decay)} are in the run's LR decay (wsd, after step {self.decay_start}): "
+                     f"--max_step={self.decay_start} fits the stable phase only")
+        return line
+
+
+def _steps_text(steps: Sequence[int]) -> str:
+    steps = list(steps)
+    if len(steps) <= 12:
+        return str(steps)
+    return "[" + ", ".join(map(str, steps[:5])) + ", ..., " + ", ".join(map(str, steps[-5:])) + "]"
+
+
+def _run_config(workdir: str | Path, law_input: str) -> dict[str, Any] | None:
+    """The run's config.json (required for ``cett_ppl``; None for an ``exact_zero`` workdir without one)."""
+    if law_input == "cett_ppl":
+        return law_inputs.RunInfo.read(workdir).config
+    path = Path(workdir) / "config.json"
+    return files.read_json(path, "config.json") if path.exists() else None
+
+
+#: ``max_step`` value meaning each run's own LR-decay start (wsd; describe's ``decay_start_step``): the stable phase.
+DECAY_START = "decay_start"
+
+
+def step_window(workdir: str | Path, law_input: str = "cett_ppl", min_step: int | None = None,
+                max_step: int | str | None = None) -> StepWindow:
+    """The :class:`StepWindow` of a run: ``min_step`` None = the run's optim.warmup_steps (0 without one),
+    ``max_step`` None = no upper cut, :data:`DECAY_START` = the run's decay start; the decay start is read from the
+    run's config.json when it has one.
+
+    Raises:
+      UsageError: a negative min_step, max_step <= min_step, or max_step :data:`DECAY_START` for a run without a wsd
+        LR decay.
+    """
+    config = _run_config(workdir, law_input) or {}
+    optim_cfg, train_steps = config.get("optim") or {}, (config.get("train") or {}).get("steps")
+    min_source = "min_step"
+    if min_step is None:
+        min_step = int(optim_cfg.get("warmup_steps", 0))
+        min_source = "the run's optim.warmup_steps" if "warmup_steps" in optim_cfg else "no optim.warmup_steps"
+    decay_start = None
+    if optim_cfg.get("schedule") == "wsd" and train_steps is not None:
+        decay = wsd_decay_steps(int(train_steps), float(optim_cfg.get("decay_fraction", 0.0)))
+        decay_start = int(train_steps) - decay if decay > 0 else None
+    if max_step == DECAY_START:
+        if decay_start is None:
+            raise UsageError(
+                f"{workdir}: max_step {DECAY_START!r} needs a run with a wsd LR decay (this run: optim.schedule "
+                f"{optim_cfg.get('schedule')!r}, decay_fraction {optim_cfg.get('decay_fraction')!r}); give a step "
+                "number or no max_step")
+        max_step = decay_start
+    elif isinstance(max_step, (str, bool)):
+        raise UsageError(f"{workdir}: max_step must be a step number, None or {DECAY_START!r}, got {max_step!r}")
+    law_inputs.check_window(int(min_step), max_step, str(workdir))
+    return StepWindow(int(min_step), None if max_step is None else int(max_step), min_source, decay_start)
+
+
+def check_enough_checkpoints(workdir: str | Path, form: str, window: StepWindow) -> None:
+    """Raises :class:`CheckpointError` (one line, with the fix) before any measurement if a fit cannot work."""
+    used, warm, late = window.split(law_inputs.checkpoint_steps(workdir))
+    need = len(FORMS[form][2]) + 1
+    if len(used) < need:
+        bounds = f"step > {window.min_step}" + ("" if window.max_step is None else f" and <= {window.max_step}")
+        raise CheckpointError(
+            f"{workdir}: {len(used)} checkpoint(s) in the fit window ({bounds}; kept {used}, dropped {warm + late}), "
+            f"the {form} law needs at least {need}; train with --config.train.keep_period=<train.checkpoint_every> so "
+            "every checkpoint is kept (or lower --min_step" + (", raise --max_step)" if late else ")"))
+
+
+def cett_ppl_points(workdir: str | Path, window: StepWindow, *, min_tokens: float = 0.0,
+                    echo: Callable[[str], None] = print, **law_kw: Any) -> tuple[np.ndarray, np.ndarray, list[int]]:
+    """(D, A, steps) of one run's checkpoints in ``window`` from :func:`~prosparse_jax.analysis.law_inputs.law_ratios`
+    (computed on the window's checkpoints, the CETT target searched on its last ones, or read from the run's
+    law_ratios.json; ``law_kw``: its other settings), with the per-checkpoint table and the steps used echoed."""
     target = Path(workdir) / law_inputs.DEFAULT_FILE
     try:
-        res = law_inputs.law_ratios(workdir, verbose=True, **law_kw)
+        res = law_inputs.law_ratios(workdir, verbose=True, min_step=window.min_step, max_step=window.max_step,
+                                    **law_kw)
     except OSError as e:  # law_ratios writes through a temp file + rename: the previous file is intact
         if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES):
             raise files.write_error(target, e, f"the previous {target.name} (if any) was not touched") from e
@@ -245,52 +341,73 @@ def cett_ppl_points(workdir: str | Path, *, min_tokens: float = 0.0, echo: Calla
     p = law_kw.get("p", 1.0)
     echo(f"{workdir}: A = CETT-PPL-{p:g}% activation ratio on validation data (Sparsing Law App. E; "
          f"{'read from' if res['reused'] else 'written to'} {target}): CETT target {res['cett_target']:.6g} "
-         f"searched on steps {res['search_checkpoints']}, dropped warmup steps {res['dropped_steps']}, "
-         f"{res['eval_tokens']} eval tokens")
+         f"searched on steps {res['search_checkpoints']}, {res['eval_tokens']} eval tokens")
     echo(format_table(res))
-    rows = [r for r in res["checkpoints"] if r["tokens"] > min_tokens]
-    return np.array([r["D"] for r in rows]), np.array([r["activation_ratio"] for r in rows])
+    rows = [r for r in res["checkpoints"] if r["tokens"] > min_tokens]  # all in the window (law_ratios' max_step)
+    echo(f"{workdir}: " + window.describe([r["step"] for r in rows] + res["dropped_steps"]
+                                          + res.get("dropped_after_max_step", []))
+         + ("" if len(rows) == len(res["checkpoints"]) else f" (and {len(res['checkpoints']) - len(rows)} at "
+            f"<= --min_tokens={min_tokens:g})"))
+    return (np.array([r["D"] for r in rows]), np.array([r["activation_ratio"] for r in rows]),
+            [r["step"] for r in rows])
 
 
-def check_workdirs(workdirs: Sequence[str | Path], form: str, law_input: str, min_step: int | None) -> None:
+def exact_zero_points(workdir: str | Path, window: StepWindow, *, min_tokens: float = 0.0,
+                      echo: Callable[[str], None] = print) -> tuple[np.ndarray, np.ndarray, list[int]]:
+    """(D, A, steps) of one run's metrics.jsonl train entries in ``window`` (A = 1 - exact-zero sparsity)."""
+    steps, tokens, A = _metrics_points(workdir)
+    keep = tokens > min_tokens
+    used = np.isin(steps, window.split(steps[keep])[0]) & keep
+    echo(f"{workdir}: A = {EXACT_ZERO_LABEL}; " + window.describe(steps[keep].tolist(), "metrics.jsonl train entries"))
+    return tokens[used] / 1e9, A[used], steps[used].tolist()
+
+
+def check_workdirs(workdirs: Sequence[str | Path], form: str, law_input: str, min_step: int | None = None,
+                   max_step: int | None = None) -> dict[str, StepWindow]:
     """Cheap checks of every run before any is measured: it exists, its JSON files parse (errors name the file) and,
-    for ``cett_ppl``, it has enough kept checkpoints."""
+    for ``cett_ppl``, it has enough checkpoints in its window. Returns each workdir's :class:`StepWindow`."""
+    windows = {}
     for wd in workdirs:
         if not Path(wd).is_dir():
             raise InputError(f"{wd}: not a directory; pass training workdirs")
+        for name in ("config.json", law_inputs.DEFAULT_FILE):
+            if (Path(wd) / name).exists():
+                files.read_json(Path(wd) / name, name)
+        windows[str(wd)] = window = step_window(wd, law_input, min_step, max_step)
         if law_input == "cett_ppl":
-            for name in ("config.json", law_inputs.DEFAULT_FILE):
-                if (Path(wd) / name).exists():
-                    files.read_json(Path(wd) / name, name)
-            check_enough_checkpoints(wd, form, min_step)
+            check_enough_checkpoints(wd, form, window)
+    return windows
 
 
-def fit_runs(workdirs: Sequence[str | Path], form: str, law_input: str = "cett_ppl", *, min_tokens: float = 0.0,
-             echo: Callable[[str], None] = print,
+def fit_runs(workdirs: Sequence[str | Path], form: str, law_input: str = "cett_ppl", *, min_step: int | None = None,
+             max_step: int | None = None, min_tokens: float = 0.0, echo: Callable[[str], None] = print,
              **law_kw: Any) -> list[tuple[str, np.ndarray, np.ndarray, dict[str, Any]]]:
-    """One fit of ``form`` per workdir, every run checked before any is measured: ``[(name, D, A, fit)]``.
+    """One fit of ``form`` per workdir, every run checked before any is measured: ``[(name, D, A, fit)]``; ``fit``
+    carries the ``steps`` it used.
 
     Args:
       form: ``relu`` or ``silu`` (:data:`FORMS`).
       law_input: ``cett_ppl``, the paper's A (App. E, :mod:`prosparse_jax.analysis.law_inputs`), or
         ``exact_zero``, 1 - exact-zero training sparsity from metrics.jsonl (not the paper's A: constant 1 for SiLU).
+      min_step, max_step: the fit uses min_step < step <= max_step; None: the run's warm-up, and no upper cut
+        (:func:`step_window`; the output names the steps used inside a wsd LR decay).
       min_tokens: ignore points with training tokens <= this.
-      echo: where the per-run tables and fits are written.
-      **law_kw: ``cett_ppl`` settings of :func:`~prosparse_jax.analysis.law_inputs.law_ratios` (p, n_search,
-        num_batches, batch_size, min_step, search_steps, overwrite).
+      echo: where the per-run tables, the steps used and the fits are written.
+      **law_kw: other ``cett_ppl`` settings of :func:`~prosparse_jax.analysis.law_inputs.law_ratios` (p, n_search,
+        num_batches, batch_size, search_steps, overwrite).
     """
-    check_workdirs(workdirs, form, law_input, law_kw.get("min_step"))
+    windows = check_workdirs(workdirs, form, law_input, min_step, max_step)
     curves = []
     for wd in workdirs:
         if law_input == "cett_ppl":
-            D, A = cett_ppl_points(wd, min_tokens=min_tokens, echo=echo, **law_kw)
+            D, A, steps = cett_ppl_points(wd, windows[str(wd)], min_tokens=min_tokens, echo=echo, **law_kw)
         else:
-            D, A = load_run(wd, min_tokens)
-            echo(f"{wd}: A = {EXACT_ZERO_LABEL}, {len(D)} metrics.jsonl train entries")
+            D, A, steps = exact_zero_points(wd, windows[str(wd)], min_tokens=min_tokens, echo=echo)
         try:
             fit = FORMS[form][0](D, A)
         except InputError as e:
             raise InputError(f"{wd}: {e}") from e
+        fit["steps"] = steps
         echo(format_fit(str(wd), fit))
         curves.append((Path(wd).name, D, A, fit))
     return curves

@@ -4,9 +4,10 @@
     python -m prosparse_jax.main.describe --config=configs/sparsing_law.py:1.2b-relu --mesh=data:2,fsdp:4 \
         --device_memory=80GB
 
-With ``--mesh`` it also compiles the train step for that mesh (abstract devices, nothing allocated) and adds its
-per-device memory as ``memory_plan``; with ``--device_memory``, whether it fits and the smallest ``train.grad_accum``
-that does (:mod:`prosparse_jax.training.memory_plan`).
+The object holds parameter counts, FLOPs, batch, warm-up, LR-decay start and tokens. With ``--mesh`` it also compiles
+the train step for that mesh (abstract devices, nothing allocated) and adds its per-device memory and what fsdp
+shards as ``memory_plan`` (a warning when fsdp shards under half of the parameter bytes); with ``--device_memory``,
+whether it fits and the smallest ``train.grad_accum`` that does (:mod:`prosparse_jax.training.memory_plan`).
 """
 
 from __future__ import annotations

@@ -1,13 +1,15 @@
 """Fits the Sparsing Law curves of activation ratio versus training tokens (arXiv 2411.02335), one per run.
 
     python -m prosparse_jax.main.fit_laws --form=relu|silu --out=fit.png [--p=1 --n_search=5 --num_batches=4 \
-        --batch_size=8 --min_step=N --overwrite] <workdir> [<workdir> ...]
+        --batch_size=8 --min_step=N --max_step=N --overwrite] <workdir> [<workdir> ...]
     python -m prosparse_jax.main.fit_laws --input=exact_zero --form=relu|silu --out=fit.png <workdir> [...]
     python -m prosparse_jax.main.fit_laws --selftest [--out=selftest.png]
 
 ``cett_ppl`` (default) measures the paper's A of every kept checkpoint into ``<workdir>/law_ratios.json`` (or reads
 it when its settings match): a run needs at least (law parameters + 1) kept checkpoints after the warm-up, so train
-with ``train.keep_period`` = ``train.checkpoint_every``. The forms, inputs and self-test:
+with ``train.keep_period`` = ``train.checkpoint_every``. The fit uses the steps in (``--min_step``, ``--max_step``]:
+by default every one after the warm-up; each run's line names the steps used and dropped, and those inside a ``wsd``
+LR decay (``--max_step=<decay start>`` leaves them out). The forms, inputs and self-test:
 :mod:`prosparse_jax.analysis.law_fit`.
 """
 
@@ -36,8 +38,10 @@ def _parser() -> common.ArgumentParser:
                     "last kept checkpoints")
     ap.add_argument("--num_batches", type=int, default=4, help="cett_ppl: validation batches")
     ap.add_argument("--batch_size", type=int, default=8, help="cett_ppl: sequences per validation batch")
-    ap.add_argument("--min_step", type=int, default=None, help="cett_ppl: drop checkpoints with step <= this "
-                    "(default: the run's optim.warmup_steps)")
+    ap.add_argument("--min_step", type=int, default=None, help="drop the warm-up: steps <= this (default: the "
+                    "run's optim.warmup_steps)")
+    ap.add_argument("--max_step", type=int, default=None, help="drop steps > this, e.g. the LR decay of a wsd run "
+                    "(describe prints its decay_start_step; default: no cut, the used steps inside the decay named)")
     ap.add_argument("--search_steps", type=int, default=12, help="cett_ppl: bisection steps on the CETT target")
     ap.add_argument("--overwrite", action="store_true", help="cett_ppl: recompute a law_ratios.json computed with "
                     "other settings")
@@ -60,8 +64,9 @@ def _run(argv: Sequence[str] | None) -> int:
         raise UsageError("give --out=<png> and at least one workdir")
     law_kw = {} if args.input != "cett_ppl" else dict(
         p=args.p, n_search=args.n_search, num_batches=args.num_batches, batch_size=args.batch_size,
-        min_step=args.min_step, search_steps=args.search_steps, overwrite=args.overwrite)
-    curves = law_fit.fit_runs(args.workdirs, args.form, args.input, min_tokens=args.min_tokens, **law_kw)
+        search_steps=args.search_steps, overwrite=args.overwrite)
+    curves = law_fit.fit_runs(args.workdirs, args.form, args.input, min_step=args.min_step, max_step=args.max_step,
+                              min_tokens=args.min_tokens, **law_kw)
     if args.input == "cett_ppl":
         ylabel, title = law_fit.cett_ppl_label(args.p), f"Sparsing Law fit ({args.form}), CETT-PPL-{args.p:g}%"
     else:

@@ -63,30 +63,40 @@ def _train_entries(wd: Path) -> list[dict[str, Any]]:
 
 
 def _law_settings(sweep: Sweep) -> dict[str, Any]:
+    """The CETT-PPL settings of the sweep's analysis section, and its step window (min_step None: each run's
+    warm-up; max_step None: no upper cut, ``decay_start``: each run's LR-decay start)."""
     a = sweep.analysis
     min_step = int(a.get("min_step", -1))
     return {"p": float(a.get("p", 1.0)), "n_search": int(a.get("n_search", 5)),
             "num_batches": int(a.get("num_batches", 4)), "batch_size": int(a.get("batch_size", 8)),
-            "search_steps": int(a.get("search_steps", 12)), "min_step": None if min_step < 0 else min_step}
+            "search_steps": int(a.get("search_steps", 12)), "min_step": None if min_step < 0 else min_step,
+            "max_step": a.get("max_step")}
 
 
-def law_points(sweep: Sweep, root: Path, run: SweepRun, law_input: str, cache_dir: Path) -> tuple[list[dict], Any]:
-    """The law inputs of a finished run: ([{step, tokens, D, A, ppl_ratio}], CETT target or None)."""
+def law_points(sweep: Sweep, root: Path, run: SweepRun, law_input: str, cache_dir: Path,
+               echo: Any = lambda line: None) -> tuple[list[dict], Any, fit_laws.StepWindow]:
+    """The law inputs of a finished run in its step window (:func:`~prosparse_jax.analysis.law_fit.step_window` of
+    the analysis section's min_step / max_step): ([{step, tokens, D, A, ppl_ratio}], CETT target or None, the
+    window); ``echo`` gets one line naming the steps used and dropped."""
     wd = sweep.workdir(root, run)
-    if law_input == "exact_zero":
-        D, A = fit_laws.load_run(wd)
-        return [{"step": round(d * 1e9 / run.tokens_per_step), "tokens": round(d * 1e9), "D": float(d),
-                 "A": float(a), "ppl_ratio": None} for d, a in zip(D, A, strict=True)], None
-    cache = cache_dir / f"{run.name}.json"
     kw = _law_settings(sweep)
+    window = fit_laws.step_window(wd, law_input, kw.pop("min_step"), kw.pop("max_step"))
+    if law_input == "exact_zero":
+        D, A, steps = fit_laws.exact_zero_points(wd, window, echo=echo)
+        return [{"step": s, "tokens": round(d * 1e9), "D": float(d), "A": float(a), "ppl_ratio": None}
+                for s, d, a in zip(steps, D, A, strict=True)], None, window
+    cache = cache_dir / f"{run.name}.json"
+    kw.update(min_step=window.min_step, max_step=window.max_step)
     try:
         res = law_ratios.law_ratios(wd, cache, **kw)
     except law_ratios.StaleOutputError:
         if not cache.exists():
             raise
-        res = law_ratios.law_ratios(wd, cache, overwrite=True, **kw)  # our cache, stale (the run went on): redo
+        res = law_ratios.law_ratios(wd, cache, overwrite=True, **kw)  # our cache, stale (other window, run went on)
+    echo(f"{wd}: " + window.describe([r["step"] for r in res["checkpoints"]] + res["dropped_steps"]
+                                     + res.get("dropped_after_max_step", [])))
     return [{"step": r["step"], "tokens": r["tokens"], "D": r["D"], "A": r["activation_ratio"],
-             "ppl_ratio": r["ppl_ratio"]} for r in res["checkpoints"]], res["cett_target"]
+             "ppl_ratio": r["ppl_ratio"]} for r in res["checkpoints"]], res["cett_target"], window
 
 
 def fit_law(form: str, points: list[dict]) -> dict[str, Any]:
@@ -96,8 +106,11 @@ def fit_law(form: str, points: list[dict]) -> dict[str, Any]:
         return fit_laws.FORMS[form][0]([p["D"] for p in points], [p["A"] for p in points])
 
 
-def _law_columns(form: str, points: list[dict], target: Any, fit: dict | None, error: str) -> dict[str, Any]:
-    cols: dict[str, Any] = {"law_form": form, "law_points": len(points), "cett_target": target,
+def _law_columns(form: str, points: list[dict], target: Any, window: fit_laws.StepWindow | None, fit: dict | None,
+                 error: str) -> dict[str, Any]:
+    cols: dict[str, Any] = {"law_form": form, "law_points": len(points),
+                            "law_min_step": window.min_step if window else None,
+                            "law_max_step": window.max_step if window else None, "cett_target": target,
                             "A_first": points[0]["A"] if points else None,
                             "A_last": points[-1]["A"] if points else None}
     for name in ("A0", "alpha", "c", "b"):
@@ -249,15 +262,15 @@ def aggregate(sweep: Sweep, root: Path, out: Path, *, law_input: str | None = No
     for run in sweep.runs:
         row = run_row(sweep, root, run)
         if law_input and row["state"] == "done":
-            form, pts, target, fit, error = law_form(run.rc.model.activation), [], None, None, ""
+            form, pts, target, window, fit, error = law_form(run.rc.model.activation), [], None, None, None, ""
             try:
                 echo(f"law input of {run.name} ({law_input}) ...")
-                pts, target = law_points(sweep, root, run, law_input, out / "law_ratios")
+                pts, target, window = law_points(sweep, root, run, law_input, out / "law_ratios", echo)
                 fit = fit_law(form, pts)
             except UserError as e:
                 error = " ".join(str(e).split())
                 errors.append(f"{run.name}: {error}")
-            row.update({"law_input": law_input, **_law_columns(form, pts, target, fit, error)})
+            row.update({"law_input": law_input, **_law_columns(form, pts, target, window, fit, error)})
             points[run.name] = pts
             if fit:
                 fits[run.name] = fit

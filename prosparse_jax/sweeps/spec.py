@@ -77,13 +77,15 @@ def grid(axes: Mapping[str, Mapping[str, Overrides]], fixed: Overrides | None = 
 
 
 def analysis(law_input: str = "cett_ppl", *, p: float = 1.0, n_search: int = 5, num_batches: int = 4,
-             batch_size: int = 8, search_steps: int = 12, min_step: int = -1,
+             batch_size: int = 8, search_steps: int = 12, min_step: int = -1, max_step: int | str | None = None,
              group_by: str = "scale") -> ml_collections.ConfigDict:
     """What ``python -m prosparse_jax.main.sweep aggregate`` computes; each field is commented in the body.
 
     Args:
       law_input: ``cett_ppl`` (the Sparsing Law's A, CETT-PPL-p% activation ratio, App. E), ``exact_zero``
         (1 - exact-zero training sparsity; cheap, not the paper's A) or ``""`` (no law fit: a ProSparse ablation).
+      max_step: the fit's last step: None (every kept checkpoint), a step, or ``"decay_start"``
+        (:data:`prosparse_jax.analysis.law_fit.DECAY_START`): each run's own wsd LR-decay start, the stable phase.
     """
     a = ml_collections.ConfigDict()
     a.law_input = law_input  # cett_ppl | exact_zero | '' (no law fit)
@@ -93,6 +95,7 @@ def analysis(law_input: str = "cett_ppl", *, p: float = 1.0, n_search: int = 5, 
     a.batch_size = batch_size  # sequences per validation batch
     a.search_steps = search_steps  # bisection steps on the CETT target
     a.min_step = min_step  # warm-up cut; -1 = the run's optim.warmup_steps
+    a.max_step = max_step  # steps > this are left out; None = none, 'decay_start' = each run's wsd LR-decay start
     a.group_by = group_by  # axis holding the scale of each run
     return a
 

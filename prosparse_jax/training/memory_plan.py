@@ -1,5 +1,6 @@
-"""What a run config costs, without the hardware: size and FLOPs (:func:`describe`) and the per-device memory of its
-train step on a mesh (:func:`plan`; docs/scaling.md).
+"""What a run config costs, without the hardware: size, FLOPs, warm-up and tokens (:func:`describe`), how much of the
+parameters an fsdp axis shards (:func:`fsdp_coverage`) and the per-device memory of its train step on a mesh
+(:func:`plan`; docs/scaling.md).
 
 :func:`plan` compiles the step as training jits it, from abstract shapes (on abstract XLA:CPU devices when this process
 has fewer than the mesh), and reads XLA's ``memory_analysis()``. Temporaries grow linearly with the micro-batch, so two
@@ -11,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -19,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import AxisType, Mesh
 
-from prosparse_jax.config import RunConfig
+from prosparse_jax.config import ModelConfig, RunConfig, wsd_decay_steps
 from prosparse_jax.errors import UsageError
 from prosparse_jax.model.transformer import abstract_params
 from prosparse_jax.training import optim as optim_lib
@@ -84,10 +86,23 @@ def describe(rc: RunConfig) -> dict[str, Any]:
         "tokens_per_step": tokens_per_step,
         "train_steps": rc.train.steps,
         "train_tokens": tokens_per_step * rc.train.steps,
+        **_schedule_summary(rc, tokens_per_step),
         "train_flops": fpt * tokens_per_step * rc.train.steps,
         "param_bytes_fp32": 4 * total,
         "sparsity_stages": [list(s) for s in rc.sparsity.stages],
     }
+
+
+def _schedule_summary(rc: RunConfig, tokens_per_step: int) -> dict[str, Any]:
+    """Warm-up and, for ``wsd``, the stable phase (the steps a law fit should see) in steps and tokens."""
+    o = rc.optim
+    out: dict[str, Any] = {"lr_schedule": o.schedule, "warmup_steps": o.warmup_steps,
+                           "warmup_tokens": o.warmup_steps * tokens_per_step}
+    if o.schedule == "wsd":
+        start = rc.train.steps - wsd_decay_steps(rc.train.steps, o.decay_fraction)
+        out.update(decay_start_step=start, decay_steps=rc.train.steps - start, pre_decay_tokens=start * tokens_per_step)
+    out.update(checkpoint_every=rc.train.checkpoint_every, keep_period=rc.train.keep_period)
+    return out
 
 
 def parse_mesh(text: str, what: str = "mesh") -> dict[str, int]:
@@ -112,6 +127,69 @@ def parse_mesh(text: str, what: str = "mesh") -> dict[str, int]:
 def gb(n: float) -> float:
     """Bytes -> GB (10^9), rounded for printing."""
     return round(n / 1e9, 3)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# What fsdp shards
+# ---------------------------------------------------------------------------------------------------------------
+FSDP_MIN_SHARDED = 0.5  # fsdp > 1 sharding less than this fraction of the parameter bytes gets a note and a warning
+_FSDP_ALTERNATIVES = range(2, 65)  # fsdp sizes the note may suggest
+
+
+def _fsdp_split(params: Any, fsdp: int) -> tuple[int, list[tuple[str, tuple[int, ...], int]]]:
+    """(sharded bytes, replicated leaves as (name, shape, bytes)) of ``params`` under ``FSDP_RULES`` at ``fsdp``."""
+    specs = shard_lib.param_specs(params, fsdp)
+    is_sharded = jax.tree.leaves(jax.tree.map(lambda leaf, spec: "fsdp" in tuple(spec), params, specs))
+    sharded, replicated = 0, []
+    for (path, leaf), split in zip(jax.tree_util.tree_flatten_with_path(params)[0], is_sharded, strict=True):
+        nbytes = math.prod(leaf.shape) * np.dtype(leaf.dtype).itemsize
+        if split:
+            sharded += nbytes
+        else:
+            replicated.append((jax.tree_util.keystr(path, simple=True, separator="/"), tuple(leaf.shape), nbytes))
+    return sharded, replicated
+
+
+def _size(n: float) -> str:
+    return f"{n / 1e9:.3g} GB" if n >= 1e9 else f"{n / 1e6:.3g} MB"
+
+
+def fsdp_coverage(model: ModelConfig, fsdp: int) -> dict[str, Any]:
+    """How many parameter bytes an fsdp axis of ``fsdp`` devices shards (``sharding.FSDP_RULES``) and how many every
+    device holds whole: a leaf is split only where ``fsdp`` divides its rule's dimension; the optimizer state follows
+    the parameters. ``note``: one line when fsdp > 1 shards less than :data:`FSDP_MIN_SHARDED` of the bytes, else
+    None."""
+    params = abstract_params(model)
+    sharded, replicated = _fsdp_split(params, fsdp)
+    rep_bytes = sum(b for *_, b in replicated)
+    total = sharded + rep_bytes
+    per_device = sharded // fsdp + rep_bytes
+    replicated.sort(key=lambda r: -r[2])
+    out: dict[str, Any] = {
+        "fsdp": fsdp, "param_bytes": total, "sharded_bytes": sharded, "replicated_bytes": rep_bytes,
+        "sharded_fraction": round(sharded / total, 4), "per_device_param_bytes": per_device,
+        "replicated_leaves": [f"{name} {list(shape)}" for name, shape, _ in replicated], "note": None}
+    if fsdp > 1 and sharded < FSDP_MIN_SHARDED * total:
+        better = [(k, _fsdp_split(params, k)[0] / total) for k in _FSDP_ALTERNATIVES if k != fsdp]
+        better = sorted((kf for kf in better if kf[1] > sharded / total), key=lambda kf: (-kf[1], kf[0]))[:4]
+        biggest = ", ".join(f"{name} {list(shape)}" for name, shape, _ in replicated[:3])
+        more = f" and {len(replicated) - 3} more leaves" if len(replicated) > 3 else ""
+        out["note"] = (
+            f"fsdp={fsdp} shards {sharded / total:.1%} of the parameter bytes ({_size(sharded)} of {_size(total)}); "
+            f"each device holds {_size(per_device)} of parameters ({per_device / total:.0%} of the model) and the "
+            f"matching optimizer state: {biggest}{more} have no dimension that both FSDP_RULES shards "
+            f"(prosparse_jax/training/sharding.py) and {fsdp} divides"
+            + ("; fsdp sizes that shard more: " + ", ".join(f"{k} ({f:.1%})" for k, f in better) if better else ""))
+    return out
+
+
+def warn_fsdp_coverage(model: ModelConfig, fsdp: int) -> dict[str, Any]:
+    """:func:`fsdp_coverage`, its note (if any) issued as a :class:`UserWarning`: for :func:`plan`, and for a training
+    run on its mesh at start-up."""
+    cov = fsdp_coverage(model, fsdp)
+    if cov["note"]:
+        warnings.warn(cov["note"], UserWarning, stacklevel=2)
+    return cov
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -262,6 +340,7 @@ def plan(rc: RunConfig, mesh_shape: dict[str, int], device_memory_bytes: int | N
         "seq_len": rc.data.seq_len, "per_device_bytes": by_micro[micro]["bytes"],
         "per_device_GB": {k: gb(v) for k, v in by_micro[micro]["bytes"].items()},
         "not_donated": by_micro[micro]["not_donated"],
+        "fsdp_sharding": warn_fsdp_coverage(rc.model, mesh_shape["fsdp"]),
     }
     if device_memory_bytes is not None:
         out.update(_fit(rc, n, device_memory_bytes, by_micro, candidates, compile_for))

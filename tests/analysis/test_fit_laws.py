@@ -108,6 +108,21 @@ def test_warmup_checkpoints_are_dropped_and_tokens_counted(law_run):
 
 
 @pytest.mark.slow
+def test_max_step_leaves_later_checkpoints_out_of_the_search_and_the_measurement(law_run):
+    from prosparse_jax.analysis import law_inputs as law_ratios
+
+    wd, _, every = law_run
+    assert every["search_checkpoints"] == [20, 25, 30, 35, 40] and every["dropped_after_max_step"] == []
+    res = law_ratios.compute_law_ratios(wd, max_step=30, n_search=2, num_batches=1, batch_size=2, search_steps=6)
+    assert res["search_checkpoints"] == [25, 30]  # not the final checkpoint (40)
+    assert [r["step"] for r in res["checkpoints"]] == [15, 20, 25, 30]
+    assert res["dropped_steps"] == [5, 10] and res["dropped_after_max_step"] == [35, 40]
+    assert res["settings"]["max_step"] == 30 and res["settings"]["kept_steps"] == [15, 20, 25, 30]
+    for t in res["search"]:  # no later checkpoint was evaluated in the search either
+        assert set(t["ppl_ratio_per_step"]) <= {"25", "30"}
+
+
+@pytest.mark.slow
 def test_one_target_meets_the_ppl_bound_on_the_search_set_and_matches_analyze(law_run, tmp_path):
     """(b) one shared target, feasible on all of the last 5, target + 2^-12 infeasible on one of them; (c) each
     checkpoint's ratio and PPL ratio equal analyze --metric=cett at that target on the same batches."""
@@ -186,6 +201,11 @@ def test_existing_file_with_other_settings_is_not_overwritten(law_run, tmp_path,
                         str(wd)])
     err = capsys.readouterr().err
     assert rc == 1 and "other settings" in err and "p: file 1.0 vs now 2.0" in err and "--overwrite" in err
+    assert (wd / "law_ratios.json").read_bytes() == before
+    rc = fit_laws.main(["--form=silu", "--max_step=30", "--num_batches=2", "--batch_size=4",
+                        f"--out={tmp_path / 'f.png'}", str(wd)])  # measured on every checkpoint: not reused
+    err = capsys.readouterr().err
+    assert rc == 1 and "max_step: file None vs now 30" in err and "--overwrite" in err
     assert (wd / "law_ratios.json").read_bytes() == before
     out = tmp_path / "copy.json"
     out.write_bytes(before)

@@ -128,6 +128,27 @@ def test_shipped_sweeps_validate_and_match_their_configs():
     assert [r.rc.sparsity.final_threshold for r in thr.runs] == [0.0, 0.01, 0.1, 0.5]
 
 
+def test_full_sweep_fits_each_runs_stable_phase(tmp_path):
+    """The shipped law sweep's max_step is each run's own LR-decay start, read from the run's config (describe's
+    decay_start_step, the stable_steps of configs/sparsing_law.py); the tiny sweep fits every checkpoint."""
+    from configs import sparsing_law as law_configs
+    from prosparse_jax.analysis import law_fit
+    from prosparse_jax.training.memory_plan import describe
+    from prosparse_jax.training.train import json_config
+
+    full = load("configs/sweeps/sparsing_law.py:full")
+    assert full.analysis["max_step"] == law_fit.DECAY_START
+    for r in full.runs:
+        wd = tmp_path / r.name
+        wd.mkdir()
+        (wd / "config.json").write_text(json.dumps(json_config(r.config)))
+        window = law_fit.step_window(wd, full.analysis["law_input"], max_step=full.analysis["max_step"])
+        stable = law_configs.SCALES[r.axes["scale"]].stable_steps
+        assert window.max_step == describe(r.rc)["decay_start_step"] == stable, r.name
+        assert window.min_step == r.rc.optim.warmup_steps
+    assert load("configs/sweeps/sparsing_law.py:tiny").analysis["max_step"] is None
+
+
 def test_slurm_script_has_one_task_per_run_and_each_task_runs_its_run(tmp_path, corpus, capsys):
     ref = write_sweep(tmp_path / "sw.py", corpus) + ":2x2"
     root, out = tmp_path / "root", tmp_path / "sweep.sbatch"
@@ -165,6 +186,17 @@ def test_existing_sbatch_is_refused_without_overwrite(tmp_path, corpus, capsys):
     assert rc == 1 and "exists; pass --overwrite" in err and out.read_text() == "#!/bin/bash\n# mine\n"
     rc, _, _ = main(capsys, "slurm", f"--sweep={ref}", f"--root={tmp_path / 'r'}", f"--out={out}", "--overwrite")
     assert rc == 0 and "#SBATCH --array=0-3" in out.read_text()
+
+
+def test_sbatch_out_that_is_a_directory_is_refused_as_such_at_once(tmp_path, corpus, capsys):
+    """A directory as --out: "give a file name" right away (--overwrite would not help), nothing written into it."""
+    ref = write_sweep(tmp_path / "sw.py", corpus) + ":2x2"
+    out = tmp_path / "a_dir"
+    out.mkdir()
+    for extra in ([], ["--overwrite"]):
+        rc, _, err = main(capsys, "slurm", f"--sweep={ref}", f"--root={tmp_path / 'r'}", f"--out={out}", *extra)
+        assert rc == 1 and f"--out: {out} is a directory; give a file name" in err and "--overwrite" not in err
+        assert list(out.iterdir()) == []
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -220,6 +252,44 @@ def test_aggregate_writes_one_csv_row_per_run_and_both_law_plots(finished_sweep,
     rc, _, _ = main(capsys, "aggregate", f"--sweep={ref}", f"--root={root}", "--input=exact_zero")  # cheap input
     assert rc == 0 and (res / "law_ratios" / "s16-relu.json").read_bytes() == cached
     assert {r["law_input"] for r in csv.DictReader((res / "results.csv").open())} == {"exact_zero"}
+
+
+@pytest.mark.slow
+def test_aggregate_fits_only_the_steps_up_to_the_sweeps_max_step(finished_sweep, tmp_path):
+    import dataclasses
+
+    from prosparse_jax.analysis import law_fit
+    from prosparse_jax.sweeps import aggregate
+    from prosparse_jax.training.memory_plan import describe
+
+    ref, root, rc, _ = finished_sweep
+    assert rc == 0
+    s = load(ref)
+    out, lines = tmp_path / "agg", []
+    # cett_ppl, max_step = 10: checkpoints 4..10 searched and measured, 12 (in the LR decay) left out
+    aggregate.aggregate(dataclasses.replace(s, analysis={**s.analysis, "max_step": 10}), root, out,
+                        echo=lines.append)
+    points = list(csv.DictReader((out / "law_points.csv").open()))
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    for r in rows:
+        assert [int(p["step"]) for p in points if p["run"] == r["run"]] == [4, 6, 8, 10]
+        assert (r["law_min_step"], r["law_max_step"], r["law_points"]) == (str(WARMUP), "10", "4")
+        cache = json.loads((out / "law_ratios" / f"{r['run']}.json").read_text())
+        assert cache["search_checkpoints"] == [4, 6, 8, 10] and cache["dropped_after_max_step"] == [12]
+        # 4 points: the SiLU law (3 parameters) fits, the ReLU law (4) needs more
+        assert (r["law_error"] == "") == (r["activation"] == "silu"), r
+    assert sum("after --max_step=10 [12]" in line for line in lines) == 4
+    # the cache of another window is recomputed, not reused
+    aggregate.aggregate(dataclasses.replace(s, analysis={**s.analysis, "max_step": 8}), root, out, echo=lines.append)
+    assert json.loads((out / "law_ratios" / "s16-relu.json").read_text())["search_checkpoints"] == [4, 6, 8]
+    # decay_start: each run's own (describe's decay_start_step: 12 - round(0.4 * 12) = 7), on the cheap input
+    decay_start = describe(s.runs[0].rc)["decay_start_step"]
+    assert decay_start == 7
+    aggregate.aggregate(dataclasses.replace(s, analysis={**s.analysis, "max_step": law_fit.DECAY_START}), root, out,
+                        law_input="exact_zero", echo=lines.append)
+    points = list(csv.DictReader((out / "law_points.csv").open()))
+    assert [int(p["step"]) for p in points if p["run"] == "s32-silu"] == [4, 6]  # train entries in (2, 7]
+    assert {r["law_max_step"] for r in csv.DictReader((out / "results.csv").open())} == {str(decay_start)}
 
 
 @pytest.mark.slow

@@ -25,7 +25,7 @@ MESH = {"data": 2, "fsdp": 4}
 def tiny_rc(grad_accum: int = 1, batch_size: int = 8, **model):
     """A 2-layer model, 4 sequences of 64 tokens per device on a data:2 mesh at grad_accum=1."""
     c = base_config()
-    c.model.update(dict(vocab_size=320, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64, **model))
+    c.model.update({**dict(vocab_size=320, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64), **model})
     c.data.vocab_size, c.data.seq_len = 320, 64
     c.train.batch_size, c.train.grad_accum = batch_size, grad_accum
     return resolve(c)
@@ -151,3 +151,77 @@ def test_describe_with_mesh_adds_the_plan(capsys):
     out = json.loads(capsys.readouterr().out)
     assert out["n_layers"] == 2 and out["memory_plan"]["fits"] and out["memory_plan"]["devices"] == 2
     assert out["memory_plan"]["device_memory_bytes"] == 2**30 and "estimate" in out["memory_plan"]["note"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# What fsdp shards: stated in the plan, a note and a UserWarning when it is less than half of the parameter bytes
+# ---------------------------------------------------------------------------------------------------------------
+def test_fsdp_coverage_counts_the_bytes_each_device_holds():
+    m = tiny_rc().model  # vocab 320, d_model 32, d_ff 64, 4 heads / 2 kv heads of 8, untied head, fp32
+    total = 4 * m.params_total
+    norms = 4 * (2 * m.n_layers + 1) * m.d_model  # never sharded
+    half = memory_plan.fsdp_coverage(m, 2)  # every matrix splits in two
+    assert (half["sharded_bytes"], half["replicated_bytes"]) == (total - norms, norms)
+    assert half["per_device_param_bytes"] == (total - norms) // 2 + norms and half["note"] is None
+    wide = tiny_rc(d_ff=128).model
+    five = memory_plan.fsdp_coverage(wide, 5)  # only the vocabulary dimension (320) divides by 5
+    vocab, wide_total = 4 * 2 * 320 * 32, 4 * wide.params_total  # embedding + head: 40% of the bytes
+    assert (five["sharded_bytes"], five["replicated_bytes"]) == (vocab, wide_total - vocab)
+    assert five["per_device_param_bytes"] == vocab // 5 + wide_total - vocab
+    assert vocab < wide_total / 2
+    assert five["note"].startswith(f"fsdp=5 shards {vocab / wide_total:.1%} of the parameter bytes")
+    assert "fsdp sizes that shard more: 2 (" in five["note"]
+    none = memory_plan.fsdp_coverage(m, 3)  # nothing divides by 3
+    assert (none["sharded_bytes"], none["per_device_param_bytes"]) == (0, total)
+    assert memory_plan.fsdp_coverage(m, 1)["note"] is None  # no fsdp axis: nothing to say
+    with pytest.warns(UserWarning, match=r"fsdp=3 shards 0.0% of the parameter bytes .* each device holds"):
+        memory_plan.warn_fsdp_coverage(m, 3)
+
+
+def test_plan_states_what_fsdp_shards(compiled):
+    rc = tiny_rc(batch_size=12)
+    with pytest.warns(UserWarning, match="fsdp=3 shards 0.0%"):
+        out = memory_plan.plan(rc, {"fsdp": 3}, compiled=compiled)
+    cov = out["fsdp_sharding"]
+    assert cov["per_device_param_bytes"] == out["per_device_bytes"]["params"] == 4 * rc.model.params_total
+    out = memory_plan.plan(tiny_rc(), {"fsdp": 2}, compiled=compiled)  # the compiled step agrees on a real split
+    assert out["fsdp_sharding"]["per_device_param_bytes"] == out["per_device_bytes"]["params"]
+    assert out["fsdp_sharding"]["note"] is None
+
+
+def test_describe_says_fsdp_3_replicates_the_tiny_model(capsys):
+    """reliability review D7: every leaf of the tiny config stays whole on fsdp=3; describe says so."""
+    argv = ["describe", f"--config={ROOT}/configs/prosparse.py:tiny", "--config.train.batch_size=24", "--mesh=fsdp:3"]
+    assert describe.main(argv) == 0
+    captured = capsys.readouterr()
+    cov = json.loads(captured.out)["memory_plan"]["fsdp_sharding"]
+    params = json.loads(captured.out)["params_total"]
+    assert (cov["sharded_bytes"], cov["replicated_bytes"], cov["sharded_fraction"]) == (0, 4 * params, 0.0)
+    assert cov["note"] and "21.2 MB" in cov["note"]
+    err = [ln for ln in captured.err.splitlines() if ln.strip()]
+    assert err == [f"describe: warning: {cov['note']}"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# describe: warm-up and tokens of the Sparsing Law configs
+# ---------------------------------------------------------------------------------------------------------------
+# thunlp/SparsingLaw (commit a64dfaa): warmup_iters of src/configs/train_configs/<scale>.json; the last pre-decay step
+# of the ReLU law-fit list in scripts/get_ckpt_list.sh; tokens per step of the paper's Table 3
+PUBLIC = {"0.1b": (1325, 130_000, 327_680), "0.2b": (1635, 150_000, 589_824), "0.4b": (2100, 200_000, 786_432),
+          "0.8b": (2576, 480_000, 1_179_648), "1.2b": (1502, 360_000, 1_572_864)}
+
+
+@pytest.mark.parametrize("scale", list(PUBLIC))
+def test_describe_prints_sparsing_law_warmup_and_tokens(scale, capsys):
+    warmup, stable, tokens_per_step = PUBLIC[scale]
+    assert describe.main(["describe", f"--config={ROOT}/configs/sparsing_law.py:{scale}-relu"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert (d["warmup_steps"], d["warmup_tokens"]) == (warmup, warmup * tokens_per_step)
+    assert (d["decay_start_step"], d["pre_decay_tokens"]) == (stable, stable * tokens_per_step)
+    assert d["train_tokens"] == d["train_steps"] * tokens_per_step == (stable + d["decay_steps"]) * tokens_per_step
+    assert stable % d["checkpoint_every"] == 0 and d["keep_period"] == d["checkpoint_every"]  # the last stable step
+    # the decay halves the LR every 560 steps, the public scheduler's rate (WarmupStableExp drop_iter=560)
+    rc = resolve(load_config(f"configs/sparsing_law.py:{scale}-relu"))
+    _, lr = optim_lib.make_optimizer(rc.optim, rc.train.steps, rc.model.d_model)
+    assert float(lr(stable)) == pytest.approx(rc.optim.lr, rel=1e-6)
+    assert float(lr(stable + 560)) / float(lr(stable)) == pytest.approx(0.5, rel=1e-3)
