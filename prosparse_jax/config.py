@@ -25,7 +25,7 @@ Stages = list[tuple[float, int]]
 
 DTYPES = ("float32", "bfloat16")
 LR_SCHEDULES = ("cosine", "wsd", "constant")
-L1_REDUCTIONS = ("sum", "mean")
+L1_REDUCTIONS = ("sum", "mean", "blockffn")  # units of lambda (docs/training.md, "The λ unit")
 
 
 def _positive_int(v: Any) -> bool:
@@ -305,8 +305,9 @@ class SparsityConfig:
     # ((lambda_i, T_i), ...), T_i cumulative optimizer steps: stage 0 and 1 (warm-up) constant, later stages
     # sine-interpolated (docs/training.md).
     stages: tuple[tuple[float, int], ...] = ((0.0, 1000),)
-    # L1 term of a layer: 'sum' = ||x1||_1 per token, averaged over valid tokens (ProSparse Eq. 2; the paper's lambda
-    # units) | 'mean' = 'sum' / d_ff.
+    # L1 term of a layer, i.e. the unit of lambda (ProSparse Eq. 2 leaves how tokens combine unstated): 'sum' =
+    # ||x1||_1 per token (a sum over d_ff), averaged over valid tokens | 'mean' = 'sum' / d_ff | 'blockffn' = 'sum' x
+    # 1e-8 x valid tokens of the micro-batch (1e-8 x the token sum, as thunlp/BlockFFN; micro-batches averaged).
     l1_reduction: str = "sum"
     final_threshold: float = 0.0  # FATReLU threshold t of the evaluation after training; 0 = no shifting
 
@@ -340,7 +341,12 @@ def validate_stages(stages: Sequence[Sequence[float]]) -> Stages:
         return ConfigError(f"sparsity.stages: {msg}")
 
     try:
-        pairs = [tuple(s) for s in stages]
+        items = [stages] if isinstance(stages, str) else list(stages)
+        text = next((s for s in items if isinstance(s, str)), None)
+        if text is not None:  # an override ml_collections could not read as a literal table: never evaluated
+            raise bad(f"{text!r} is a string, not a table of numbers; give (lambda, steps) pairs, e.g. "
+                      "[[0, 100], [5e-5, 200]]")
+        pairs = [tuple(s) for s in items]
     except TypeError:
         raise bad(f"must be a list of (lambda, steps) pairs, got {stages!r}") from None
     if not pairs:
@@ -459,8 +465,22 @@ def build_section(cls: type, section: str, d: Mapping[str, Any] | Any) -> Any:
         raise ConfigError(f"{section}: unknown field(s) {unknown}{did_you_mean(unknown[0], valid)}; valid fields: "
                           f"{valid}")
     if cls is ModelConfig and "neuron_thresholds" in items:
-        items["neuron_thresholds"] = tuple(float(t) for t in (items["neuron_thresholds"] or ()))
+        items["neuron_thresholds"] = _neuron_thresholds(items["neuron_thresholds"])
     return cls(**items)
+
+
+def _neuron_thresholds(v: Any) -> tuple[float, ...]:
+    """``model.neuron_thresholds`` as floats. An override ml_collections could not read as a tuple of numbers arrives
+    as a string: an error (never evaluated), like any value that is not a sequence of numbers."""
+    form = "one number >= 0 per layer, e.g. (0.1, 0.2, 0.3, 0.4) for 4 layers, or () for the dense model"
+    try:
+        values = () if v is None else (v,) if isinstance(v, str) else tuple(v)
+        text = next((t for t in values if isinstance(t, str)), None)
+        if text is not None:
+            raise ConfigError(f"model.neuron_thresholds: {text!r} is a string, not a tuple of numbers; give {form}")
+        return tuple(float(t) for t in values)
+    except (TypeError, ValueError):
+        raise ConfigError(f"model.neuron_thresholds: got {v!r}; give {form}") from None
 
 
 def model_config_from_dict(d: Any) -> ModelConfig:

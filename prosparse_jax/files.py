@@ -69,7 +69,8 @@ def check_model_path(path: str | os.PathLike | None, what: str) -> Path:
     if path.is_file():
         raise UsageError(f"{what}: {path} is a file; give the workdir or HF model folder it is in")
     if (path / "config.json").is_file() and not isinstance(read_json(path / "config.json", "config.json"), dict):
-        raise InputError(f"{path / 'config.json'}: not a JSON object; restore or regenerate it")
+        raise InputError(f"{path / 'config.json'}: not a JSON object; delete it (a workdir's is restored from its "
+                         "latest checkpoint) or regenerate it (an HF folder's: export it again)")
     return path
 
 

@@ -45,6 +45,34 @@ def test_list_fields_are_overridable_on_the_command_line():
     assert rc.model.neuron_thresholds == (0.1, 0.2, 0.3, 0.4)
 
 
+@pytest.mark.parametrize("override,match", [
+    ("--config.model.neuron_thresholds=abc",
+     r"^model\.neuron_thresholds: 'abc' is a string, not a tuple of numbers; give one number >= 0 per layer, e\.g\. "
+     r"\(0\.1, 0\.2, 0\.3, 0\.4\)"),
+    ("--config.model.neuron_thresholds=(0.1, abc, 0.3, 0.4)",
+     r"^model\.neuron_thresholds: '\(0\.1, abc, .*' is a string"),
+    ("--config.model.neuron_thresholds=[[0.1], 0.2, 0.3, 0.4]", r"^model\.neuron_thresholds: got .*; give one number"),
+    ("--config.sparsity.stages=abc",
+     r"^sparsity\.stages: 'abc' is a string, not a table of numbers; give \(lambda, steps\) pairs, e\.g\. "
+     r"\[\[0, 100\], \[5e-5, 200\]\]$"),
+    ("--config.sparsity.stages=[(0, 10), (5e-5, x)]", r"^sparsity\.stages: '\[\(0, 10\), \(5e-5, x\)\]' is a string"),
+])
+def test_override_that_is_not_a_literal_is_one_line_naming_the_field_and_the_form(override, match):
+    """An override ml_collections cannot read as a literal arrives as a string: one ConfigError naming the field and
+    the expected form, never a raw ValueError nor the string split into characters."""
+    with pytest.raises(ConfigError, match=match) as e:
+        resolve(load_config("configs/prosparse.py:tiny", override))
+    assert "\n" not in str(e.value) and "'a', 'b'" not in str(e.value)
+
+
+def test_a_stages_string_carrying_code_is_refused_not_evaluated(tmp_path):
+    marker = tmp_path / "executed"
+    override = f"--config.sparsity.stages=[(0, __import__('pathlib').Path({str(marker)!r}).touch())]"
+    with pytest.raises(ConfigError, match=r"^sparsity\.stages: .* is a string, not a table of numbers"):
+        resolve(load_config("configs/prosparse.py:tiny", override))
+    assert not marker.exists()
+
+
 @pytest.mark.parametrize("ref,key,expected,tol", [
     ("configs/sparsing_law.py:0.1b-relu", "params_non_embedding", 1.085e8, 0.01),
     ("configs/sparsing_law.py:1.2b-silu", "params_non_embedding", 1.182e9, 0.01),

@@ -8,7 +8,6 @@ forward exceeds the context; ``context`` in the result records how.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -19,21 +18,19 @@ from prosparse_jax import files
 from prosparse_jax.config import ModelConfig
 from prosparse_jax.errors import InputError, UsageError
 from prosparse_jax.model import transformer as model
-from prosparse_jax.training import checkpoint
+from prosparse_jax.training import checkpoint, model_io
 from prosparse_jax.training.model_io import load_model
 
 DEFAULT_WINDOW = 2048  # tokens; the context of a model whose config records none
 
 
 def context_window(checkpoint_path: str | os.PathLike) -> tuple[int, str]:
-    """(tokens, where that number comes from) of the context a model was trained / configured for."""
-    cfg_file = Path(checkpoint_path) / "config.json"
-    raw = files.read_json(cfg_file, "config.json") if cfg_file.is_file() else {}
-    seq_len = raw.get("data", {}).get("seq_len") if isinstance(raw.get("data"), dict) else None
-    if isinstance(seq_len, int) and seq_len > 0:
-        return seq_len, "the run's data.seq_len"
-    if isinstance(raw.get("max_position_embeddings"), int) and raw["max_position_embeddings"] > 0:
-        return raw["max_position_embeddings"], "the HF config's max_position_embeddings"
+    """(tokens, where that number comes from) of the context a model was trained / configured for
+    (:func:`prosparse_jax.training.model_io.model_context`; a workdir's lost config.json is restored first)."""
+    tokens = model_io.model_context(checkpoint_path)
+    if tokens is not None:
+        hf = model_io.is_hf_folder(checkpoint_path)
+        return tokens, "the HF config's max_position_embeddings" if hf else "the run's data.seq_len"
     return DEFAULT_WINDOW, "the default: the model's context is not recorded"
 
 

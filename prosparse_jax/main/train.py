@@ -40,6 +40,9 @@ def _flags() -> flags.FlagValues:
                          "srun: $SLURM_PROCID).", flag_values=fv)
     flags.DEFINE_string("local_device_ids", None, "Comma-separated local devices this process uses (default: "
                         "$JAX_LOCAL_DEVICE_IDS; all, or one per task under srun on GPUs).", flag_values=fv)
+    flags.DEFINE_float("distributed_timeout", None, "Seconds a multi-process start waits for every process to join "
+                       "before it fails in one line (default: $PROSPARSE_DISTRIBUTED_TIMEOUT, else 300).",
+                       flag_values=fv)
     return fv
 
 
@@ -51,8 +54,11 @@ def main(argv: list[str] | None = None) -> int:
     def body() -> tuple[str, int]:
         if not fv.workdir:
             raise UsageError("--workdir: required (a directory for checkpoints and metrics)")
-        distributed.initialize(distributed.resolve(fv.coordinator_address, fv.num_processes, fv.process_id,
-                                                   fv.local_device_ids))
+        try:
+            distributed.initialize(distributed.resolve(fv.coordinator_address, fv.num_processes, fv.process_id,
+                                                       fv.local_device_ids, timeout_s=fv.distributed_timeout))
+        except KeyboardInterrupt:
+            return "aborted while waiting for the other processes; nothing was written", EXIT_INTERRUPTED
         try:
             res = train(common.load_config(fv), fv.workdir)
         except KeyboardInterrupt:

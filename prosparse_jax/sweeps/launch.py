@@ -23,7 +23,7 @@ from typing import Any
 
 from prosparse_jax import files
 from prosparse_jax.data.corpus import open_corpus
-from prosparse_jax.errors import TrainError, UsageError
+from prosparse_jax.errors import TrainError, UsageError, UserError
 from prosparse_jax.sweeps.progress import fmt_s, is_finished, running_marker, status_table
 from prosparse_jax.sweeps.spec import LOGS, Sweep, SweepRun, format_value
 from prosparse_jax.training import checkpoint as ckpt
@@ -40,7 +40,7 @@ def check_workdirs(sweep: Sweep, root: Path, runs: Sequence[SweepRun] | None = N
     for r in sweep.runs if runs is None else runs:
         try:
             check_workdir_config(sweep.workdir(root, r), json_config(r.config))
-        except TrainError as e:
+        except UserError as e:  # another config, a params-only workdir, an unreadable config.json
             errors.append(f"run {r.name!r}: {e}")
     if errors:
         raise TrainError(f"{len(errors)} run(s) cannot resume their workdir (nothing was started): "

@@ -3,18 +3,25 @@
 A step is ``<workdir>/checkpoints/<step>/{params, opt_state, extra}``: orbax pytrees, and JSON holding the step, data
 iterator state, model and run config and the :mod:`~prosparse_jax.digest` of every array (an imported model
 has no ``opt_state``). A damaged step raises :class:`CorruptCheckpointError` naming the newest older step that verifies
-(nothing is deleted); stored shapes that differ from the config's are a plain :class:`CheckpointError`.
+(nothing is deleted); stored shapes that differ from the config's are a plain :class:`CheckpointError`, and so is a
+save that fails for a reason the user can fix (disk full, quota, read-only or unwritable directory:
+:func:`save_errors`). A workdir's ``config.json`` lost after its first checkpoint is restored from the latest one
+(:func:`read_run_config`).
 """
 
 from __future__ import annotations
 
 import atexit
+import contextlib
+import errno
 import gc
 import json
 import logging as stdlib_logging
 import os
+import re
 import sys
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +32,7 @@ from absl import logging
 from prosparse_jax import files
 from prosparse_jax.config import ModelConfig, model_config_from_dict, to_dict
 from prosparse_jax.digest import DIGEST_ALGORITHM, digests
-from prosparse_jax.errors import CheckpointError, CorruptCheckpointError
+from prosparse_jax.errors import CheckpointError, CorruptCheckpointError, InputError, OutputError
 from prosparse_jax.model.transformer import Params, abstract_params
 
 CKPT_DIR = "checkpoints"
@@ -123,15 +130,30 @@ class _AbandonedOrbaxTasks(stdlib_logging.Filter):
         return not ("exception was never retrieved" in msg and any(k in msg for k in ("orbax", "OCDBT", "TensorStore")))
 
 
+class _FailedSaveThreads(stdlib_logging.Filter):
+    """Drops the records orbax's background save threads log, with their tracebacks, about a write that failed for a
+    reason the user can fix (:func:`write_failure`): the main thread raises the same failure, which
+    :func:`save_errors` turns into one line."""
+
+    def filter(self, record: stdlib_logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        from_orbax = "/orbax/" in record.pathname.replace("\\", "/")
+        return not (from_orbax and write_failure(exc if exc is not None else Exception(record.getMessage())))
+
+
 def quiet_orbax_noise() -> None:
-    """Drops the noise of a failed orbax restore; for a process's entry point. Idempotent.
+    """Drops the noise of a failed orbax restore or save; for a process's entry point. Idempotent.
 
     When one array cannot be read, orbax raises while its other reads are in flight; they later report tracebacks
-    through ``sys.unraisablehook`` and the ``asyncio`` logger that bury the one-line error. Only those are dropped.
+    through ``sys.unraisablehook`` and the ``asyncio`` logger that bury the one-line error. A save that fails (disk
+    full) is logged with its traceback by each of orbax's save threads before the main thread raises it. Only those
+    are dropped.
     """
-    asyncio_log = stdlib_logging.getLogger("asyncio")
+    asyncio_log, absl_log = stdlib_logging.getLogger("asyncio"), stdlib_logging.getLogger("absl")
     if not any(isinstance(f, _AbandonedOrbaxTasks) for f in asyncio_log.filters):
         asyncio_log.addFilter(_AbandonedOrbaxTasks())
+    if not any(isinstance(f, _FailedSaveThreads) for f in absl_log.filters):
+        absl_log.addFilter(_FailedSaveThreads())
     prev = sys.unraisablehook
     if getattr(prev, "_prosparse_ckpt_quiet", False):
         return
@@ -208,13 +230,15 @@ def manager(workdir: str | os.PathLike, *, keep: int = 3, async_save: bool = Tru
     """A CheckpointManager over ``<workdir>/checkpoints`` with items params / opt_state / extra.
 
     It keeps the newest ``keep`` steps and every multiple of ``keep_period`` (0 = off; the Sparsing Law fit measures
-    every kept step). ``save_interval_steps`` is orbax's (1: every ``save`` call writes).
+    every kept step). ``save_interval_steps`` is orbax's (1: every ``save`` call writes). A step left half-written (a
+    kill or a full disk during its save: ``<step>.orbax-checkpoint-tmp``) is removed when the manager opens; only the
+    holder of the workdir's lock opens one.
     """
     if keep_period < 0:
         raise ValueError(f"keep_period must be >= 0 (0 = off), got {keep_period}")
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, enable_async_checkpointing=async_save, save_interval_steps=save_interval_steps,
-        keep_period=keep_period or None, create=True,
+        keep_period=keep_period or None, create=True, cleanup_tmp_directories=True,
     )
     return ocp.CheckpointManager(Path(workdir).absolute() / CKPT_DIR, options=options)
 
@@ -288,11 +312,69 @@ def read_extra(workdir: str | os.PathLike, step: int) -> dict[str, Any]:
     return extra
 
 
-def read_run_config(workdir: str | os.PathLike) -> dict[str, Any]:
-    path = Path(workdir) / "config.json"
+def params_only(workdir: str | os.PathLike) -> bool:
+    """Whether the latest checkpoint of ``workdir`` holds params but no optimizer state (import_hf, permute): a model
+    to start a run from (``init_from``), not a run to resume."""
+    step = latest_step(workdir)
+    return step is not None and not (Path(workdir) / CKPT_DIR / str(step) / "opt_state").exists()
+
+
+def read_config_json(workdir: str | os.PathLike) -> dict[str, Any] | None:
+    """``<workdir>/config.json`` as a dict, or None when there is none.
+
+    Raises:
+      InputError: it is not valid JSON or not a JSON object (the message says how to get it back).
+    """
+    workdir = Path(workdir)
+    path = workdir / "config.json"
     if not path.is_file():
+        return None
+    step = latest_step(workdir)
+    fix = (f"delete it and rerun: it is restored from checkpoint {step}, which carries the run config"
+           if step is not None else "restore it, or start again in a new workdir")
+    try:
+        raw = files.read_json(path, "config.json")
+    except InputError as e:
+        raise InputError(f"{e}; or {fix}") from None
+    if not isinstance(raw, dict):
+        raise InputError(f"{path}: not a JSON object but {json.dumps(raw)[:40]}; {fix}")
+    return raw
+
+
+def checkpoint_run_config(workdir: str | os.PathLike, step: int) -> dict[str, Any] | None:
+    """The run config that checkpoint ``step`` carries (every checkpoint does), or None (an older version's)."""
+    run_config = read_extra(workdir, step).get("run_config")
+    return run_config if isinstance(run_config, dict) else None
+
+
+def read_run_config(workdir: str | os.PathLike) -> dict[str, Any]:
+    """The run config of a workdir: its ``config.json``; one lost after the first checkpoint is restored from the
+    latest checkpoint (atomically, with one warning), as every checkpoint carries it.
+
+    Raises:
+      InputError: config.json is not valid JSON or not a JSON object.
+      CheckpointError: the workdir has neither config.json nor a checkpoint carrying the run config.
+    """
+    workdir = Path(workdir)
+    path = workdir / "config.json"
+    raw = read_config_json(workdir)
+    if raw is not None:
+        return raw
+    step = latest_step(workdir)
+    if step is None:
         raise CheckpointError(f"{path} not found: {workdir} is not a prosparse_jax workdir (train or import_hf one)")
-    return json.loads(path.read_text())
+    run_config = checkpoint_run_config(workdir, step)
+    if run_config is None:
+        raise CheckpointError(f"{path} is missing and checkpoint {step} carries no run config to restore it from; "
+                              "restore config.json from a copy")
+    try:
+        files.write_text_atomic(path, json.dumps(run_config, indent=2))
+    except OutputError as e:
+        warnings.warn(f"{path} is missing; using the run config that checkpoint {step} carries ({e})", stacklevel=2)
+    else:
+        warnings.warn(f"{path} was missing: restored from checkpoint {step}, which carries the run config",
+                      stacklevel=2)
+    return run_config
 
 
 def load_model(path: str | os.PathLike, step: int | None = None) -> tuple[ModelConfig, Params, Path | None]:
@@ -302,6 +384,9 @@ def load_model(path: str | os.PathLike, step: int | None = None) -> tuple[ModelC
         raise CheckpointError(f"checkpoint path {path} does not exist")
     cfg_file = path / "config.json"
     run_cfg = read_run_config(path)
+    if not isinstance(run_cfg.get("model"), dict):
+        raise CheckpointError(f"{cfg_file} has no model section: {path} is not a prosparse_jax workdir (train or "
+                              "import_hf one)")
     mcfg = model_config_from_dict(run_cfg["model"])
     if step is None:
         step = latest_step(path)
@@ -339,7 +424,65 @@ def write_params_workdir(workdir: str | os.PathLike, mcfg: ModelConfig, params: 
     (workdir / "config.json").write_text(json.dumps(cfg, indent=2))
     mgr = manager(workdir, async_save=False)
     params = jax.tree.map(lambda x: jax.numpy.asarray(x, jax.numpy.float32), params)
-    save(mgr, step, params, None, {"step": step, "model": to_dict(mcfg), "run_config": cfg}, force=True)
-    mgr.wait_until_finished()
-    mgr.close()
+    try:
+        save(mgr, step, params, None, {"step": step, "model": to_dict(mcfg), "run_config": cfg}, force=True)
+        mgr.wait_until_finished()
+    except Exception as e:
+        if (cause := write_failure(e)) is None or cause is e:
+            raise
+        # an OSError, which the caller's staged output reports naming the folder (the previous one is kept)
+        raise OSError(cause.errno, cause.strerror, cause.filename) from e
+    finally:
+        mgr.close()
     return workdir
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A save that fails for a reason the user can fix
+# ---------------------------------------------------------------------------------------------------------------
+# errno -> what to do about it
+_WRITE_FIXES = {
+    errno.ENOSPC: "free space", errno.EDQUOT: "free space (or raise the quota)",
+    errno.EFBIG: "raise the file-size limit (ulimit -f) or use another file system",
+    errno.EROFS: "make the directory writable", errno.EACCES: "make the directory writable",
+    errno.EPERM: "make the directory writable",
+}
+_OS_ERROR_CODE = re.compile(r"os_error_code='?(\d+)")  # tensorstore's status text, which orbax raises as a ValueError
+_FAILED_PATH = re.compile(r'(?:local file|Failed writing:?) "([^"]+)"')
+
+
+def write_failure(e: BaseException | None) -> OSError | None:
+    """The OSError behind a failed write the user can fix (disk full, quota, file-size limit, read-only or
+    unwritable directory) anywhere in the chain of ``e``, else None. Orbax raises tensorstore's failures as a
+    ValueError whose text carries the errno (``[os_error_code='28']``); they are turned back into an OSError."""
+    seen: set[int] = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in _WRITE_FIXES:
+            return e
+        if not isinstance(e, OSError) and (m := _OS_ERROR_CODE.search(str(e))) and int(m.group(1)) in _WRITE_FIXES:
+            code, at = int(m.group(1)), _FAILED_PATH.search(str(e))
+            return OSError(code, os.strerror(code), at.group(1) if at else None)
+        e = e.__cause__ or e.__context__
+    return None
+
+
+@contextlib.contextmanager
+def save_errors(mgr: ocp.CheckpointManager) -> Iterator[None]:
+    """Turns a checkpoint save that failed for a reason the user can fix (:func:`write_failure`), raised by a save or
+    later by the wait for an async one, into one :class:`CheckpointError` naming the checkpoint directory and the
+    last completed step, which is intact (orbax writes a step to a temporary directory and commits it by rename)."""
+    try:
+        yield
+    except Exception as e:
+        if (cause := write_failure(e)) is None:
+            raise
+        ckpt_dir = Path(mgr.directory)
+        why = os.strerror(cause.errno)
+        why = why[:1].lower() + why[1:]
+        at = f" (at {cause.filename})" if cause.filename else ""
+        fix = _WRITE_FIXES[cause.errno]
+        last = latest_step(ckpt_dir.parent)
+        kept = (f"the last completed checkpoint (step {last}) is intact: {fix} and rerun the command to resume from it"
+                if last is not None else f"no checkpoint was completed before it: {fix} and rerun the command")
+        raise CheckpointError(f"cannot save a checkpoint in {ckpt_dir}: {why}{at}; {kept}") from e

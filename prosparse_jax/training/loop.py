@@ -153,12 +153,17 @@ class Loop:
         if sent.any_stop is not None:
             self.stop_agreed = self.stop_agreed or bool(shard_lib.to_host(sent.any_stop))
         if not bool(m["finite"]):
-            self.mgr.wait_until_finished()
+            with ckpt.save_errors(self.mgr):
+                self.mgr.wait_until_finished()
+            wd, last = self.run.workdir, ckpt.latest_step(self.run.workdir)
+            fix = ("No checkpoint was saved, so nothing is lost: rerun with a lower optim.lr (or sparsity lambdas) in "
+                   "the same --workdir, where it starts afresh." if last is None else
+                   f"Last good checkpoint: step {last} in {wd}/checkpoints. A workdir resumes only its own config: "
+                   "lower optim.lr (or the sparsity lambdas) in a new --workdir, with --config.init_from="
+                   f"{wd} to start from that checkpoint's weights.")
             raise NonFiniteLossError(
                 f"non-finite loss/gradient at step {self.step} (loss={float(m['loss'])}, grad_norm="
-                f"{float(m['grad_norm'])}); the update was not applied. Last good checkpoint: "
-                f"{ckpt.latest_step(self.run.workdir)} in {self.run.workdir}/checkpoints. Lower optim.lr or the "
-                "sparsity lambdas.")
+                f"{float(m['grad_norm'])}); the update was not applied. {fix}")
         self.last_data_state = sent.data_state
         self.step += 1
         self.steps_since += 1
@@ -210,7 +215,8 @@ class Loop:
             extra["data_states"] = distributed.allgather_json(self.last_data_state)
         else:
             extra["data_state"] = self.last_data_state
-        ckpt.save(self.mgr, self.step, params, opt_state, extra, force=force)
+        with ckpt.save_errors(self.mgr):  # a full disk: one line; an async save's failure shows at the next save
+            ckpt.save(self.mgr, self.step, params, opt_state, extra, force=force)
 
     def close(self) -> None:
         if self.pbar is not None:

@@ -34,8 +34,11 @@ def is_hf_folder(path: str | os.PathLike) -> bool:
 def model_context(path: str | os.PathLike) -> int | None:
     """Tokens of context the model at ``path`` was trained or configured for: a workdir's ``data.seq_len`` (for an
     imported one, its source's ``max_position_embeddings``), an HF folder's ``max_position_embeddings``; None when
-    its config.json records none."""
-    raw = hf_io.read_config_json(path) or {}
+    its config.json records none. A workdir's lost config.json is restored from its latest checkpoint."""
+    raw = hf_io.read_config_json(path)
+    if raw is None and checkpoint.latest_step(path) is not None:
+        raw = checkpoint.read_run_config(path)
+    raw = raw or {}
     data, imported = (raw.get(k) if isinstance(raw.get(k), dict) else {} for k in ("data", "imported_from"))
     for tokens in (data.get("seq_len"), imported.get("max_position_embeddings"), raw.get("max_position_embeddings")):
         if isinstance(tokens, int) and not isinstance(tokens, bool) and tokens > 0:

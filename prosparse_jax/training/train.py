@@ -16,6 +16,7 @@ import os
 import shutil
 import signal
 import threading
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,13 +24,14 @@ from typing import Any
 import jax
 import ml_collections
 
-from prosparse_jax.config import RunConfig, resolve
+from prosparse_jax import files
+from prosparse_jax.config import SECTIONS, RunConfig, build_section, resolve, to_dict
 from prosparse_jax.data import corpus as corpus_lib
 from prosparse_jax.data import pipeline as data_lib
-from prosparse_jax.errors import CheckpointError, ConfigError, TrainError
+from prosparse_jax.errors import CheckpointError, ConfigError, InputError, TrainError
 from prosparse_jax.model.transformer import Params, abstract_params, init_params
 from prosparse_jax.training import checkpoint as ckpt
-from prosparse_jax.training import distributed
+from prosparse_jax.training import distributed, memory_plan
 from prosparse_jax.training import lock as lock_lib
 from prosparse_jax.training import optim as optim_lib
 from prosparse_jax.training import sharding as shard_lib
@@ -78,47 +80,87 @@ def json_config(config: ml_collections.ConfigDict) -> dict[str, Any]:
 def saved_config(workdir: Path) -> tuple[dict[str, Any] | None, str]:
     """The config a workdir's run was written with, and where it was read: its config.json, else the latest
     checkpoint's (every checkpoint carries the run config). (None, "") if the workdir holds no run."""
-    path = workdir / "config.json"
-    if path.exists():
-        try:
-            return json.loads(path.read_text()), str(path)
-        except ValueError as e:
-            raise TrainError(f"{path} is not valid JSON ({e}); restore it, or choose a new --workdir") from None
+    raw = ckpt.read_config_json(workdir)
+    if raw is not None:
+        return raw, str(workdir / "config.json")
     step = ckpt.latest_step(workdir)
     if step is None:
         return None, ""
-    run_config = ckpt.read_extra(workdir, step).get("run_config")
-    if not isinstance(run_config, dict):
-        raise CheckpointError(f"{path} is missing and checkpoint {step} carries no run config to recover it from; "
-                              "restore config.json, or choose a new --workdir")
+    run_config = ckpt.checkpoint_run_config(workdir, step)
+    if run_config is None:
+        raise CheckpointError(f"{workdir / 'config.json'} is missing and checkpoint {step} carries no run config to "
+                              "recover it from; restore config.json, or choose a new --workdir")
     return run_config, f"{workdir}/{ckpt.CKPT_DIR}/{step} (config.json is missing)"
+
+
+def _resolved(config_json: dict[str, Any]) -> dict[str, Any]:
+    """``config_json`` with each section as its validated dataclass writes it (defaults and auto values such as
+    ``model.head_dim = 0`` filled in), so that two configs of the same run compare equal; a section that does not
+    validate is compared as written."""
+    out = dict(config_json)
+    for name, cls in SECTIONS.items():
+        if isinstance(out.get(name), dict):
+            with contextlib.suppress(ConfigError, TypeError, ValueError):
+                out[name] = to_dict(build_section(cls, name, out[name]))
+    return out
+
+
+def config_changes(saved: dict[str, Any], new: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+    """(dotted field, saved value, new value) of the fields in which two run configs differ once resolved, except
+    :data:`RESUMABLE_CHANGES`."""
+    old, now = flatten(_resolved(saved)), flatten(_resolved(new))
+    return [(k, old.get(k), now.get(k)) for k in sorted(set(old) | set(now))
+            if old.get(k) != now.get(k) and k not in RESUMABLE_CHANGES]
+
+
+def _shown(changes: list[tuple[str, Any, Any]]) -> str:
+    shown = ", ".join(f"{k}: saved {a!r} vs now {b!r}" for k, a, b in changes[:6])
+    return shown + (" ..." if len(changes) > 6 else "")
 
 
 def check_workdir_config(workdir: Path, config_json: dict[str, Any]) -> None:
     """Refuses to resume a workdir written with a different config, naming the differing fields (nothing is
-    overwritten). A lost config.json is recovered from the latest checkpoint."""
-    saved, where = saved_config(workdir)
-    if saved is None:
+    overwritten); a params-only workdir (import_hf, permute) is refused with the way to train from it. A lost
+    config.json is recovered from the latest checkpoint. A workdir without a checkpoint holds nothing to resume:
+    any config starts in it (:func:`write_config` replaces its config.json)."""
+    if ckpt.latest_step(workdir) is None:
         return
-    old, new = flatten(saved), flatten(config_json)
-    diffs = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k) and k not in RESUMABLE_CHANGES)
-    if diffs:
-        shown = ", ".join(f"{k}: saved {old.get(k)!r} vs now {new.get(k)!r}" for k in diffs[:6])
+    saved, where = saved_config(workdir)
+    changes = config_changes(saved, config_json)
+    if not changes:
+        return
+    if ckpt.params_only(workdir):
+        origin = next((f" ({what} {src[key]})" for what, src, key in (
+            ("permuted from", saved.get("permuted_from"), "checkpoint"),
+            ("imported from", saved.get("imported_from"), "hf_folder")) if isinstance(src, dict) and src.get(key)), "")
         raise TrainError(
-            f"workdir {workdir} holds a run with a different config ({shown}{' ...' if len(diffs) > 6 else ''}; "
-            f"saved in {where}). Resume it with its own config or choose a new --workdir; nothing was changed.")
+            f"workdir {workdir} holds a params-only model{origin}, not a run to resume (it has no optimizer state; "
+            f"its config differs in {', '.join(k for k, _, _ in changes[:6])}{' ...' if len(changes) > 6 else ''}). "
+            f"Train from it into a new workdir: --config.init_from={workdir} --workdir=<new dir>; nothing was changed.")
+    raise TrainError(
+        f"workdir {workdir} holds a run with a different config ({_shown(changes)}; saved in {where}). Resume it "
+        "with its own config or choose a new --workdir; nothing was changed.")
 
 
 def write_config(workdir: Path, config_json: dict[str, Any]) -> None:
-    """Writes ``config.json`` once (atomically): the config of the run's first checkpoint, or the one recovered
-    from the latest checkpoint when config.json was lost."""
-    path = workdir / "config.json"
-    if path.exists():
+    """Writes ``config.json`` (atomically) once the run's state is initialised: this run's config while the workdir
+    holds no checkpoint (one left by a start that saved none is replaced, with one warning naming what changed), else
+    the run config of the checkpoints when config.json was lost (restored with one warning)."""
+    if ckpt.latest_step(workdir) is not None:
+        ckpt.read_run_config(workdir)  # restores a lost config.json from the latest checkpoint
         return
-    saved, _ = saved_config(workdir)
-    tmp = path.with_name("config.json.tmp")
-    tmp.write_text(json.dumps(saved if saved is not None else config_json, indent=2))
-    tmp.replace(path)
+    try:
+        old = ckpt.read_config_json(workdir)
+    except InputError:
+        old = {}  # unreadable: replaced as well
+    if old == config_json:
+        return
+    if old is not None:
+        changed = config_changes(old, config_json)
+        warnings.warn(f"{workdir} holds no checkpoint, so nothing to resume: its config.json, left by a start that "
+                      f"saved none, is replaced by this run's config{f' ({_shown(changed)})' if changed else ''}",
+                      stacklevel=2)
+    files.write_text_atomic(workdir / "config.json", json.dumps(config_json, indent=2))
 
 
 def _copy_atomically(src: Path, dst: Path) -> None:
@@ -133,7 +175,7 @@ def prepare_tokenizer(rc: RunConfig, workdir: Path, corpus: corpus_lib.Corpus) -
     """Tokenizer of the run, kept as ``<workdir>/tokenizer.json``: data.tokenizer, else the init_from checkpoint's,
     else a BPE trained on the corpus. The tokenizer of a workdir that holds a run is never replaced by a different
     one; that of a start that failed before its first checkpoint is."""
-    dcfg, local, fresh = rc.data, workdir / "tokenizer.json", not ckpt.has_run(workdir)
+    dcfg, local, fresh = rc.data, workdir / "tokenizer.json", ckpt.latest_step(workdir) is None
     if dcfg.tokenizer and not Path(dcfg.tokenizer).is_file():
         raise TrainError(f"data.tokenizer={dcfg.tokenizer}: no such file (give a tokenizer.json, or '' to train a "
                          "BPE on the corpus)")
@@ -192,6 +234,8 @@ def _setup(config: ml_collections.ConfigDict, workdir: str | Path) -> RunSetup:
     check_workdir_config(workdir, config_json)
     is_main = jax.process_index() == 0
     mesh = shard_lib.make_mesh(rc.train.mesh_data, rc.train.mesh_fsdp)
+    if is_main:
+        memory_plan.warn_fsdp_coverage(rc.model, mesh.shape["fsdp"])
     semantics = _batch_semantics(rc, mesh)  # a batch the devices cannot split fails here, before any work
     with distributed.main_process_first("prosparse: tokenizer and data caches"):
         corpus = corpus_lib.open_corpus(rc.data)
@@ -308,6 +352,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str | Path) -> TrainResul
     start = ckpt.latest_step(workdir)
     if start is not None and start >= rc.train.steps and (workdir / "final_eval.json").exists():
         if run.is_main:
+            write_config(workdir, run.config_json)  # a lost config.json is restored from the checkpoint
             print(f"{workdir} already finished at step {start}; nothing to do", flush=True)
         final = json.loads((workdir / "final_eval.json").read_text())
         return TrainResult(workdir=workdir, step=start, final_eval=final, interrupted=False)
@@ -323,14 +368,16 @@ def _train(config: ml_collections.ConfigDict, workdir: str | Path) -> TrainResul
     try:
         with jax.set_mesh(run.mesh):  # Mosaic kernels (splash attention) are partitioned under the mesh
             interrupted = loop.run_steps()
-        mgr.wait_until_finished()
+        with ckpt.save_errors(mgr):  # a failed save (disk full): one line; the newest committed step is untouched
+            mgr.wait_until_finished()
         final = {} if interrupted else final_eval(loop)
-    except OSError as e:  # disk full, permissions: the newest committed checkpoint is untouched
-        latest = ckpt.latest_step(workdir)
-        raise TrainError(f"writing to {workdir} failed ({e}); the newest complete checkpoint (step {latest}) is "
-                         "intact: free space and rerun the command to resume from it") from e
+    except OSError as e:  # metrics.jsonl, final_eval.json: disk full, permissions
+        last = ckpt.latest_step(workdir)
+        kept = (f"the newest complete checkpoint (step {last}) is intact: rerun the command to resume from it"
+                if last is not None else "no checkpoint was completed: rerun the command")
+        raise files.write_error(e.filename or workdir, e, kept) from e
     finally:
-        with contextlib.suppress(OSError):  # already reported above
+        with contextlib.suppress(OSError, CheckpointError), ckpt.save_errors(mgr):  # already reported above
             mgr.wait_until_finished()
         loop.close()
         for signum, prev in handlers.items():

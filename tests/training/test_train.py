@@ -346,25 +346,6 @@ def test_lost_config_json_refuses_another_config_and_is_recovered(trained, corpu
     assert res.step == 4 and json.loads((wd / "config.json").read_text()) == saved
 
 
-def test_disk_full_during_a_checkpoint_is_one_error_and_keeps_the_older_one(trained, tmp_path, monkeypatch):
-    import errno
-
-    c, wd, _ = trained
-    wd = killed_after(_copy(wd, tmp_path / "run"), 2)
-    real_save = ckpt.save
-
-    def full(mgr, step, *a, **k):
-        if step == 4:
-            raise OSError(errno.ENOSPC, "No space left on device", str(wd / "checkpoints" / "4"))
-        return real_save(mgr, step, *a, **k)
-
-    monkeypatch.setattr(ckpt, "save", full)
-    with pytest.raises(TrainError, match=r"No space left on device.*newest complete checkpoint \(step 2\) is intact"):
-        train_mod.train(c, wd)
-    monkeypatch.setattr(ckpt, "save", real_save)
-    assert ckpt.latest_step(wd) == 2 and train_mod.train(c, wd).step == 4  # rerun after freeing space resumes
-
-
 def test_workdir_that_is_a_file_is_refused_before_any_work(corpus, tmp_path):
     (tmp_path / "f").write_text("x")
     with pytest.raises(TrainError, match="is a file, not a directory"):
