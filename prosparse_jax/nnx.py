@@ -44,6 +44,7 @@ from prosparse_jax.config import L1_REDUCTIONS
 from prosparse_jax.inference.sparse_ffn import GATE_MASK_ACTIVATIONS, prepare_weights, sparse_ffn
 from prosparse_jax.model import transformer as model
 from prosparse_jax.model.activations import check_activation
+from prosparse_jax.training.step import l1_term
 
 Array = jax.Array
 
@@ -265,20 +266,24 @@ def ffn_stats(module: nnx.Module) -> model.FFNStats:
                           zero_frac=jnp.stack([f.zero_frac[...] for f in ffns]))
 
 
-def l1_penalty(module: nnx.Module, *, l1_reduction: str = "sum") -> Array:
+def l1_penalty(module: nnx.Module, *, l1_reduction: str = "sum", valid_tokens: Array | float | None = None) -> Array:
     """The ProSparse L1 term summed over the called GatedFFNs of ``module``, as ``step.loss_fn`` combines layers:
     multiply by λ (``reg_factor``) and add to the task loss inside the function that ran the forward pass.
 
     Args:
-      l1_reduction: ``"sum"`` (ProSparse Eq. 2: ||x1||_1 over d_ff, mean over valid tokens = mean_abs_x1 * d_ff) or
-        ``"mean"`` (mean_abs_x1); see :data:`prosparse_jax.config.L1_REDUCTIONS`.
+      l1_reduction: a reading of λ's unit (:data:`prosparse_jax.config.L1_REDUCTIONS`, formulas in
+        :func:`prosparse_jax.training.step.l1_term`; docs/training.md, "The λ unit").
+      valid_tokens: the micro-batch's non-padding token count; needed by ``"blockffn"`` (a sum over tokens).
 
     Raises:
-      ValueError: unknown ``l1_reduction`` or no GatedFFN in ``module``.
+      ValueError: unknown ``l1_reduction``, ``"blockffn"`` without ``valid_tokens``, or no GatedFFN in ``module``.
     """
     if l1_reduction not in L1_REDUCTIONS:
         raise ValueError(f"l1_reduction {l1_reduction!r}; choose one of: {', '.join(L1_REDUCTIONS)}")
-    terms = [f.mean_abs_x1[...] * (f.d_ff if l1_reduction == "sum" else 1) for f in gated_ffns(module)]
+    if l1_reduction == "blockffn" and valid_tokens is None:
+        raise ValueError("l1_reduction 'blockffn' sums |x1| over the micro-batch's tokens: pass valid_tokens")
+    tokens = jnp.asarray(0.0 if valid_tokens is None else valid_tokens, jnp.float32)
+    terms = [l1_term(f.mean_abs_x1[...][None], f.d_ff, tokens, l1_reduction) for f in gated_ffns(module)]
     return jnp.sum(jnp.stack(terms))
 
 

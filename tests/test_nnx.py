@@ -103,6 +103,10 @@ def test_statistic_and_penalty_equal_the_functional_objective():
     assert abs(float(all_valid.mean_abs_x1[...]) - float(aux["mean_abs_x1_per_layer"][0])) > 1e-4  # mask matters
     _close(psnnx.l1_penalty(stack), aux["reg_loss"], 1e-6)  # "sum": ProSparse Eq. 2, step.loss_fn's default
     _close(psnnx.l1_penalty(stack, l1_reduction="mean"), jnp.sum(aux["mean_abs_x1_per_layer"]), 1e-6)
+    _, aux_b = jax.jit(lambda p, b: step.loss_fn(p, b, cfg, jnp.float32(1.0), "blockffn"))(params, batch)
+    _close(psnnx.l1_penalty(stack, l1_reduction="blockffn", valid_tokens=jnp.sum(seg != 0)), aux_b["reg_loss"], 1e-6)
+    with pytest.raises(ValueError, match="pass valid_tokens"):
+        psnnx.l1_penalty(stack, l1_reduction="blockffn")
     _close(psnnx.activation_sparsity(stack), jnp.mean(aux["sparsity_per_layer"]), 1e-6)
 
 

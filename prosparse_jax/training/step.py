@@ -1,7 +1,8 @@
 """The jitted pieces of ProSparse training: the objective, the train step and its state, and evaluation.
 
-Objective (ProSparse Eq. 2; docs/training.md): loss = CE(next token) + lambda(t) * sum_l L1_l, lambda(t) evaluated
-inside the step from the state's step counter, so a resumed run continues it exactly.
+Objective (ProSparse Eq. 2; docs/training.md): loss = CE(next token) + lambda(t) * sum_l L1_l, the L1 term in the
+unit ``sparsity.l1_reduction`` names; lambda(t) evaluated inside the step from the state's step counter, so a resumed
+run continues it exactly.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
-from prosparse_jax.config import ModelConfig, RunConfig
+from prosparse_jax.config import L1_REDUCTIONS, ModelConfig, RunConfig
 from prosparse_jax.model.transformer import (
     Params,
     abstract_params,
@@ -28,19 +29,39 @@ from prosparse_jax.model.transformer import (
 from prosparse_jax.training import schedules
 from prosparse_jax.training import sharding as shard_lib
 
-
 # ---------------------------------------------------------------------------------------------------------------
 # Objective and step
 # ---------------------------------------------------------------------------------------------------------------
+#: BlockFFN's L1 scale: its term is 1e-8 x the sum of |x1| over every token of a micro-batch, d_ff and layers
+#: (thunlp/BlockFFN ``pretrain/cpm/dragonfly/activation_context.py``, ``l1_regularization``).
+BLOCKFFN_L1_SCALE = 1e-8
+
+
+def l1_term(mean_abs_x1_L: jax.Array, d_ff: int, valid_tokens: jax.Array, l1_reduction: str) -> jax.Array:
+    """The L1 term of one micro-batch, summed over layers, before lambda (docs/training.md, "The λ unit").
+
+    ``mean_abs_x1_L``: mean |x1| per layer over the micro-batch's ``valid_tokens`` x d_ff. ``"sum"``: ||x1||_1 per
+    token, mean over valid tokens; ``"mean"``: that / d_ff; ``"blockffn"``: 1e-8 x ||x1||_1 summed over the valid
+    tokens (= ``"sum"`` x 1e-8 x valid_tokens).
+    """
+    per_element = jnp.sum(mean_abs_x1_L)
+    if l1_reduction == "mean":
+        return per_element
+    if l1_reduction == "sum":
+        return per_element * d_ff
+    if l1_reduction == "blockffn":
+        return BLOCKFFN_L1_SCALE * valid_tokens * (per_element * d_ff)
+    raise ValueError(f"unknown l1_reduction {l1_reduction!r}; choose one of: {', '.join(L1_REDUCTIONS)}")
+
+
 def loss_fn(params: Params, batch: dict[str, jax.Array], cfg: ModelConfig, reg_factor: jax.Array,
             l1_reduction: str = "sum") -> tuple[jax.Array, dict[str, jax.Array]]:
-    """lm_loss + reg_factor * sum over layers of the L1 term of x1: ||x1||_1 averaged over valid tokens (``"sum"``,
-    the paper's) or that / d_ff (``"mean"``)."""
+    """lm_loss + reg_factor * :func:`l1_term` of ``batch`` (one micro-batch) under ``l1_reduction``."""
     logits, stats = forward(params, batch["inputs"], cfg, segment_ids_BxT=batch["segment_ids"],
                             positions_BxT=batch["positions"])
     lm_loss = cross_entropy(logits, batch["targets"], batch["weights"])
-    per_element = jnp.sum(stats.mean_abs_x1)  # stats.mean_abs_x1: mean |x1| over valid tokens x d_ff, per layer
-    reg_loss = reg_factor * (per_element * cfg.d_ff if l1_reduction == "sum" else per_element)
+    valid_tokens = jnp.sum((batch["segment_ids"] != 0).astype(jnp.float32))
+    reg_loss = reg_factor * l1_term(stats.mean_abs_x1, cfg.d_ff, valid_tokens, l1_reduction)
     return lm_loss + reg_loss, {"lm_loss": lm_loss, "reg_loss": reg_loss, "sparsity_per_layer": stats.zero_frac,
                                 "mean_abs_x1_per_layer": stats.mean_abs_x1}
 
@@ -49,9 +70,11 @@ def accumulate_grads(params: Params, batch: dict[str, jax.Array], cfg: ModelConf
                      l1_reduction: str = "sum") -> tuple[dict[str, jax.Array], Params]:
     """Metrics and gradients of the objective over all micro-batches of ``batch`` (leaves [A, micro_batch, T]).
 
-    The objective is the one of a single batch holding every micro-batch's rows: the LM loss is the mean over all
-    target tokens of the step and the L1 term the mean over all its valid tokens -- each micro-batch weighs by its
-    share of the tokens, not 1/A (micro-batches of packed data hold different numbers of valid tokens).
+    The LM loss is the mean over all target tokens of the step, and under ``"sum"`` / ``"mean"`` the L1 term the
+    mean over all its valid tokens: the objective of a single batch holding every micro-batch's rows (each
+    micro-batch weighs by its share of the tokens, not 1/A: micro-batches of packed data hold different numbers of
+    valid tokens). Under ``"blockffn"`` the L1 term is the mean over the A micro-batches of each one's token sum, as
+    BlockFFN divides each micro-batch's term by its accumulation count. Statistics weigh by valid tokens.
     """
     n = batch["inputs"].shape[0]
     if n == 1:  # no accumulation buffers (zeros + g == g): saves a pass over the parameters
@@ -60,22 +83,24 @@ def accumulate_grads(params: Params, batch: dict[str, jax.Array], cfg: ModelConf
         return jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), dict(aux, loss=loss)), grads
     w_A = jnp.sum(batch["weights"].astype(jnp.float32), axis=(1, 2))  # CE target tokens per micro-batch
     v_A = jnp.sum((batch["segment_ids"] != 0).astype(jnp.float32), axis=(1, 2))  # valid tokens (the L1 mean's)
-    shares = (w_A / jnp.maximum(w_A.sum(), 1.0), v_A / jnp.maximum(v_A.sum(), 1.0))
+    stat_share = v_A / jnp.maximum(v_A.sum(), 1.0)
+    reg_share = jnp.full((n,), 1.0 / n, jnp.float32) if l1_reduction == "blockffn" else stat_share
+    shares = (w_A / jnp.maximum(w_A.sum(), 1.0), reg_share, stat_share)
 
-    def weighted(p: Params, mb: dict[str, jax.Array], ce_share: jax.Array, reg_share: jax.Array
-                 ) -> tuple[jax.Array, dict[str, jax.Array]]:
+    def weighted(p: Params, mb: dict[str, jax.Array], ce_share: jax.Array, reg_share: jax.Array,
+                 stat_share: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
         _, aux = loss_fn(p, mb, cfg, reg_factor, l1_reduction)
         out = {"lm_loss": aux["lm_loss"] * ce_share, "reg_loss": aux["reg_loss"] * reg_share,
-               "sparsity_per_layer": aux["sparsity_per_layer"] * reg_share,
-               "mean_abs_x1_per_layer": aux["mean_abs_x1_per_layer"] * reg_share}
+               "sparsity_per_layer": aux["sparsity_per_layer"] * stat_share,
+               "mean_abs_x1_per_layer": aux["mean_abs_x1_per_layer"] * stat_share}
         return out["lm_loss"] + out["reg_loss"], out
 
     grad_fn = jax.value_and_grad(weighted, has_aux=True)
 
     def micro(carry: Any, xs: Any) -> tuple[Any, None]:
         g_acc, aux_acc = carry
-        mb, ce_share, reg_share = xs
-        (loss, aux), g = grad_fn(params, mb, ce_share, reg_share)
+        mb, *mb_shares = xs
+        (loss, aux), g = grad_fn(params, mb, *mb_shares)
         aux = dict(aux, loss=loss)
         return (jax.tree.map(jnp.add, g_acc, g), jax.tree.map(jnp.add, aux_acc, aux)), None
 
