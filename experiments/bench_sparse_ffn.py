@@ -4,7 +4,7 @@
     python experiments/bench_sparse_ffn.py --shapes=4096x11008 --batches=1 --sparsities=0.88 --reps=10
     python experiments/bench_sparse_ffn.py --crossover            # density sweep for DENSE_CROSSOVER
     python experiments/bench_sparse_ffn.py --implementations=cpu_ffi   # dense and one backend
-    python experiments/bench_sparse_ffn.py --checkpoint=runs/miniature/b_prosparse   # real activations, per layer
+    python experiments/bench_sparse_ffn.py --checkpoint=runs/miniature/lambda2e-4_seed1   # real activations, per layer
 
 ReLU FFN, fp32, iid masks with the same active neurons on every batch row, the dense fallback off (``--fallback``
 keeps it); ``--checkpoint`` replays a trained model's recorded FFN inputs per layer instead. Prints medians (ms,

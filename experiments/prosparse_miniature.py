@@ -1,34 +1,40 @@
-"""Main job: a miniature of ProSparse's Table 1 on the built-in corpus (Python stdlib sources), on 2 CPU cores.
+"""Main job: the sparsity-loss frontier of ProSparse's methods in miniature, on the built-in corpus, on 2 CPU cores.
 
     python experiments/prosparse_miniature.py --workdir=runs/miniature
 
-Pretrains a tiny SiLU model, then continues it at equal tokens as SiLU (control), (a) ReLU only and (b) ProSparse
-(ReLU + progressive L1); (c) is (b) with FATReLU thresholds (no retraining). Each row gets held-out sparsity, loss,
-dead neurons and the CETT-PPL-1% ratio (Sparsing Law §4.1). Writes ``<workdir>/results.{json,md}`` and plots; each
-run is an ordinary workdir, so a rerun resumes. Results: docs/results/miniature.md.
+Pretrains a tiny SiLU model, then continues it at equal tokens as SiLU (the dense control) and as ReLU with the
+progressive L1 of ProSparse (arXiv 2402.13516 §3.2) at several final lambdas (lambda = 0 is plain ReLU substitution).
+Each continued run is one *method* with a family of training-free thresholds: FATReLU thresholds relative to the run's
+activation scale (§3.3) for the ReLU runs, CETT targets for the SiLU control (Sparsing Law, arXiv 2411.02335 §4.1).
+Reports each method's frontier (loss gap to the control at 88 / 95 / 98 / 99% sparsity, the largest sparsity within
++1% perplexity), the control, lambda = 0 and the best lambda (lambda*) over several data seeds as paired differences,
+dead neurons in tiers per layer, the split of lambda*'s sparsity gain into neurons that die and survivors that fire
+less, and the loss without each FFN. Writes ``<workdir>/results.{json,md}`` and figures; each run is an ordinary
+workdir, so a rerun resumes. Results: docs/results/miniature.md.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-import jax
 import numpy as np
 from absl import flags, logging
 
-from configs import prosparse as prosparse_configs  # noqa: E402
+from configs import prosparse as prosparse_configs
 from prosparse_jax import files
 from prosparse_jax.analysis import analyze as analyze_lib
+from prosparse_jax.analysis import frontier, neurons
+from prosparse_jax.analysis.law_inputs import checkpoint_steps
 from prosparse_jax.config import DataConfig, build_section
 from prosparse_jax.data import corpus as corpus_lib
 from prosparse_jax.data import pipeline as data_lib
 from prosparse_jax.errors import UsageError
 from prosparse_jax.main import common as cli
-from prosparse_jax.model.transformer import forward
 from prosparse_jax.training import checkpoint as ckpt
 from prosparse_jax.training.metrics import read_metrics
 from prosparse_jax.training.step import make_evaluate
@@ -37,29 +43,47 @@ from prosparse_jax.training.train import train
 FLAGS = flags.FlagValues()  # own flag set, parsed by prosparse_jax.main.common.run (one-line errors, --verbose)
 _WORKDIR = flags.DEFINE_string("workdir", "runs/miniature", "Output directory (one sub-workdir per run).",
                                flag_values=FLAGS)
-_PRETRAIN = flags.DEFINE_integer("pretrain_steps", 180, "SiLU pretraining steps (warm-up, then constant LR).",
+_PRETRAIN = flags.DEFINE_integer("pretrain_steps", 240, "SiLU pretraining steps (warm-up, then constant LR).",
                                  flag_values=FLAGS)
-_STEPS = flags.DEFINE_integer("steps", 90, "Steps of each continued run (control, (a) and (b)): the config's WSD "
-                              "schedule, the LR decaying over the last 40%.", flag_values=FLAGS)
-_REL_THRESHOLDS = flags.DEFINE_list(
-    "relative_thresholds", ["0.25", "1", "2", "4", "8"],
-    "FATReLU thresholds for (c) as fractions of (b)'s mean positive gate pre-activation.", flag_values=FLAGS)
-_ABS_THRESHOLD = flags.DEFINE_float("fatrelu_threshold", 0.01, "Absolute FATReLU threshold of the (c) row (paper).",
-                                    flag_values=FLAGS)
-_FAT_BATCHES = flags.DEFINE_integer("fatrelu_batches", 8, "Held-out batches of the FATReLU threshold table.",
-                                    flag_values=FLAGS)
-_PPLP_BATCHES = flags.DEFINE_integer("pplp_batches", 2, "Held-out batches of the CETT-PPL-1% search.",
+_STEPS = flags.DEFINE_integer("steps", 90, "Steps of each continued run: the config's WSD schedule, the LR decaying "
+                              "over the last 40%.", flag_values=FLAGS)
+_LAMBDAS = flags.DEFINE_list("lambdas", ["0", "2.5e-5", "5e-5", "1e-4", "2e-4", "4e-4"],
+                             "Final L1 factors of the continued ReLU runs (TINY_STAGES' shape scaled to each final "
+                             "value); 0 = plain ReLU substitution.", flag_values=FLAGS)
+_SEEDS = flags.DEFINE_integer("seeds", 3, "Data seeds (row orders of the continued runs) of the control, lambda = 0 "
+                              "and lambda*; the pretrained start and the held-out set are shared.", flag_values=FLAGS)
+_REL = flags.DEFINE_list("relative_thresholds", ["0", "0.25", "0.5", "1", "1.5", "2", "3", "4"],
+                         "FATReLU thresholds of each ReLU run in units of its mean positive gate activation.",
+                         flag_values=FLAGS)
+_CETT = flags.DEFINE_list("cett_targets", ["0", "0.05", "0.1", "0.2", "0.3", "0.4", "0.5", "0.6"],
+                          "CETT targets of the SiLU control's frontier (the training-free baseline).",
+                          flag_values=FLAGS)
+_FRONTIER_BATCHES = flags.DEFINE_integer("frontier_batches", 16, "Held-out batches (8 x 256 tokens) of every "
+                                         "frontier point.", flag_values=FLAGS)
+_NEURON_BATCHES = flags.DEFINE_integer("neuron_batches", 32, "Held-out batches of the dead-neuron counts (32 = "
+                                       "65,536 tokens).", flag_values=FLAGS)
+_PPLP_BATCHES = flags.DEFINE_integer("pplp_batches", 2, "Held-out batches of the control's CETT-PPL-1% search.",
                                      flag_values=FLAGS)
-_QUICK = flags.DEFINE_boolean("quick", False, "CI smoke version: a few steps of each run, tiny eval.",
+_QUICK = flags.DEFINE_boolean("quick", False, "CI smoke version: 6 steps per run, lambda 0 and 2e-4 only, two seeds, "
+                              "tiny eval.",
                               flag_values=FLAGS)
 
-RUNS = ("silu", "control_silu", "a_relu", "b_prosparse")
-LABELS = {
-    "silu": "SiLU pretrained (start of every continued run)",
-    "control_silu": "control: SiLU continued (dense baseline)",
-    "a_relu": "(a) ReLU substitution (lambda = 0)",
-    "b_prosparse": "(b) ProSparse (progressive L1)",
-}
+TARGETS = (0.88, 0.95, 0.98, 0.99)  # sparsity levels of the frontier table
+PAPER_SILU_PPL1_RATIO = 0.40  # Sparsing Law §5: SiLU models' CETT-PPL-1% activation ratio, about 40%
+FINAL_TINY_LAMBDA = prosparse_configs.TINY_STAGES[-1][0]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------------------------------------------
+def lambda_text(lam: float) -> str:
+    """An L1 factor as written in run names and tables: 0, 2.5e-5, 1e-4."""
+    return "0" if lam == 0 else f"{lam:.1e}".replace(".0e", "e").replace("e-0", "e-").replace("e+0", "e")
+
+
+def run_name(lam: float | None, seed: int) -> str:
+    """Workdir name of a continued run: the SiLU control (lam None) or the ReLU run at final L1 factor ``lam``."""
+    return f"control_seed{seed}" if lam is None else f"lambda{lambda_text(lam)}_seed{seed}"
 
 
 def run_config(activation: str, steps: int, stages: list[list[float]] | None, quick: bool):
@@ -71,7 +95,7 @@ def run_config(activation: str, steps: int, stages: list[list[float]] | None, qu
     c.train.checkpoint_every = steps
     c.train.log_every = max(min(10, steps // 4), 1)
     c.sparsity.stages = stages if stages is not None else [[0.0, steps]]
-    c.sparsity.final_threshold = 0.0  # FATReLU is measured here, on every threshold of the table
+    c.sparsity.final_threshold = 0.0  # FATReLU is measured by the frontier, on every threshold of its grid
     if quick:
         c.train.eval_batches = 2
         c.train.progress_bar = False
@@ -79,9 +103,16 @@ def run_config(activation: str, steps: int, stages: list[list[float]] | None, qu
     return c
 
 
+def stages_for(lam: float) -> list[list[float]] | None:
+    """TINY_STAGES' shape (lambda 0, a quarter of the final value, a sine ramp, constant) scaled to final ``lam``."""
+    if lam == 0:
+        return None
+    return [[v * lam / FINAL_TINY_LAMBDA, s] for v, s in prosparse_configs.TINY_STAGES]
+
+
 def run(name: str, c, workdir: Path) -> dict[str, Any]:
     t0 = time.time()
-    print(f"\n=== {name}: activation={c.model.activation} steps={c.train.steps} lr={c.optim.lr} "
+    print(f"\n=== {name}: activation={c.model.activation} steps={c.train.steps} data.seed={c.data.seed} "
           f"init_from={c.init_from or '-'}", flush=True)
     res = train(c, workdir / name)
     final = res.final_eval or json.loads((workdir / name / "final_eval.json").read_text())
@@ -90,107 +121,282 @@ def run(name: str, c, workdir: Path) -> dict[str, Any]:
     return final
 
 
+def pretrain(workdir: Path, steps: int, quick: bool) -> dict[str, Any]:
+    """The SiLU start of every continued run: warm-up, then constant LR (the continued runs decay it)."""
+    pre = run_config("silu", steps, None, quick)
+    pre.optim.schedule = "constant"
+    pre.optim.warmup_steps = 1 if quick else 20
+    return run("silu", pre, workdir)
+
+
+def continued(workdir: Path, lam: float | None, seed: int, steps: int, quick: bool, keep: bool) -> dict[str, Any]:
+    """One continued run from the SiLU start: the control (lam None) or ReLU at final L1 factor ``lam``; data seed
+    ``seed`` orders its training rows (seed 0 is the pretraining's order, so seeds start at 1)."""
+    c = run_config("silu" if lam is None else "relu", steps, stages_for(lam or 0.0), quick)
+    c.init_from = str(workdir / "silu")
+    c.data.seed = seed
+    if keep:  # 6 checkpoints: the Sparsing Law fit's inputs (control, lambda 0) and the dead-neuron-vs-step figure
+        c.train.checkpoint_every = c.train.keep_period = max(steps // 6, 1)
+    return run(run_name(lam, seed), c, workdir)
+
+
 def train_loss(workdir: Path) -> float:
     """Mean training LM loss of the last logged interval (the logged entries are interval means)."""
     return float(read_metrics(workdir, "train")[-1]["lm_loss"])
 
 
-def sparsity_measures(workdir: Path, out: Path, pplp_batches: int, quick: bool) -> dict[str, float]:
-    """Dead-neuron fraction and CETT-PPL-1% activation ratio of a run's final checkpoint."""
-    kw = dict(batch_size=8, progress=False, overwrite=True)
-    exact = analyze_lib.analyze(workdir, "stdlib", "exact", None, out / "exact",
-                                num_batches=2 if quick else 4, **kw)
-    pplp = analyze_lib.analyze(workdir, "stdlib", "pplp", 1.0, out / "pplp_1",
-                               num_batches=1 if quick else pplp_batches, pplp_steps=3 if quick else 8, **kw)
-    return {"dead_neurons": exact["dead_neuron_fraction"], "cett_ppl1_ratio": pplp["activation_ratio"],
-            "cett_ppl1_ppl_ratio": pplp["ppl_ratio"]}
+# ---------------------------------------------------------------------------------------------------------------
+# Measuring
+# ---------------------------------------------------------------------------------------------------------------
+class HeldOut:
+    """The shared held-out batches (the tokenizer and corpus of the SiLU start, which every continued run keeps)."""
 
-
-def gate_scale(params: Any, cfg: Any, batches: list[dict[str, np.ndarray]]) -> float:
-    """Mean positive gate pre-activation of a ReLU model on held-out batches (its activation scale)."""
-    fwd = jax.jit(lambda p, b: forward(p, b["inputs"], cfg, segment_ids_BxT=b["segment_ids"],
-                                       positions_BxT=b["positions"], capture=True)[1].act_gate)
-    total, count = 0.0, 0
-    for b in batches:
-        act = np.asarray(fwd(params, b), np.float64)
-        total += float(act[act > 0].sum())
-        count += int((act > 0).sum())
-    return total / max(count, 1)
-
-
-class FinishedRun:
-    """A finished run's model and its held-out batches, loaded once for every measurement made on it."""
-
-    def __init__(self, workdir: Path) -> None:
-        self.cfg, self.params, tok_path = ckpt.load_model(workdir)
-        self.run_config = json.loads((workdir / "config.json").read_text())
-        self._data = build_section(DataConfig, "data", self.run_config["data"])
+    def __init__(self, start: Path) -> None:
+        run_config = json.loads((start / "config.json").read_text())
+        self._data = build_section(DataConfig, "data", run_config["data"])
         self._corpus = corpus_lib.open_corpus(self._data)
-        self._tokenizer = corpus_lib.load_tokenizer(tok_path)
+        self._tokenizer = corpus_lib.load_tokenizer(start / "tokenizer.json")
 
-    def eval_batches(self, num_batches: int) -> list[dict[str, np.ndarray]]:
+    def batches(self, num_batches: int) -> list[dict[str, np.ndarray]]:
         return data_lib.make_eval_batches(self._corpus, self._tokenizer, seq_len=self._data.seq_len, batch_size=8,
                                           num_batches=num_batches)
 
 
-def threshold_table(run: FinishedRun, abs_t: float, rel: list[float], n_batches: int, quick: bool) -> dict[str, Any]:
-    """FATReLU threshold shifting of a ReLU run (no retraining): sparsity and held-out loss per threshold."""
-    mcfg, params = run.cfg, run.params
-    batches = run.eval_batches(1 if quick else n_batches)
-    scale = gate_scale(params, mcfg, batches)
-    rows = [{"threshold": 0.0, "relative": 0.0, **make_evaluate(mcfg)(params, batches)}]
-    for t, r in [(abs_t, abs_t / scale)] + [(f * scale, f) for f in rel]:
-        cfg = mcfg.replace(activation="fatrelu", activation_threshold=float(t))
-        rows.append({"threshold": float(t), "relative": float(r), **make_evaluate(cfg)(params, batches)})
-    return {"gate_scale": scale, "eval_tokens": rows[0]["eval_tokens"], "rows": rows}
+def method_points(workdir: Path, batches: list[dict[str, Any]], control_loss: float, rel: list[float],
+                  cett_targets: list[float]) -> dict[str, Any]:
+    """A run's frontier points: CETT targets for the SiLU control, FATReLU thresholds (relative to the run's mean
+    positive gate activation) for a ReLU run; ``dloss`` against ``control_loss`` on the same batches."""
+    cfg, params, _ = ckpt.load_model(workdir)
+    if cfg.activation == "silu":
+        return {"kind": "cett", "rows": frontier.cett_points(params, cfg, batches, cett_targets, control_loss)}
+    scale = frontier.positive_gate_mean(params, cfg, batches[:4])
+    rows = frontier.fatrelu_points(params, cfg, batches, [r * scale for r in rel], control_loss)
+    for r, x in zip(rows, rel, strict=True):
+        r["relative"] = x
+    return {"kind": "fatrelu", "gate_scale": scale, "rows": rows}
 
 
-def plot(workdir: Path, results: dict[str, Any], pretrain_steps: int) -> list[Path]:
+def read_front(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Best loss gap at each target sparsity and the largest sparsity within +1% perplexity, with their kinds."""
+    pts = [frontier.Point(r["sparsity"], r["dloss"]) for r in rows]
+    at = {f"{t:g}": vars(frontier.best_dloss_at(pts, t)) for t in TARGETS}
+    within = frontier.max_sparsity_within(pts, frontier.loss_budget())
+    return {"dloss_at": at, "max_sparsity_1pct": vars(within), "as_trained": rows[0]}
+
+
+def firing_rates(workdir: Path, batches: list[dict[str, Any]], step: int | None = None) -> np.ndarray:
+    """Per-neuron fraction of held-out tokens with a positive gate, [L, d_ff]: the firing frequencies of the model run
+    with ReLU (for a ReLU run its own; for a SiLU model where it would fire after ReLU substitution)."""
+    cfg, params, _ = ckpt.load_model(workdir, step)
+    return neurons.firing_frequencies(params, cfg.replace(activation="relu"), batches)[0]
+
+
+def ffn_removed(workdir: Path, batches: list[dict[str, Any]]) -> dict[str, Any]:
+    """Held-out loss with the FFN output removed (W_down zeroed): in every layer, and in each layer alone."""
+    cfg, params, _ = ckpt.load_model(workdir)
+    evaluate = make_evaluate(cfg)
+    w = params["layers"]["w_down_LxFxD"]
+
+    def without(layers: list[int]) -> float:
+        p = {**params, "layers": {**params["layers"], "w_down_LxFxD": w.at[np.asarray(layers)].set(0.0)}}
+        return evaluate(p, batches)["eval_loss"]
+
+    base = evaluate(params, batches)["eval_loss"]
+    return {"loss": base, "all_removed": without(list(range(cfg.n_layers))) - base,
+            "per_layer_removed": [without([i]) - base for i in range(cfg.n_layers)]}
+
+
+def dead_vs_step(workdir: Path, batches: list[dict[str, Any]], start_rates: np.ndarray) -> list[dict[str, Any]]:
+    """Dead fraction (rate < :data:`neurons.DEAD_FREQ`) per layer and mean firing rate of the live neurons at each
+    kept checkpoint of a run, from its start (the SiLU start's positive-gate rates) on."""
+    rows = []
+    reg = {r["step"]: r["reg_factor"] for r in read_metrics(workdir, "train")}
+    for step in [0] + checkpoint_steps(workdir):
+        rates = start_rates if step == 0 else firing_rates(workdir, batches, step)
+        live = rates >= neurons.DEAD_FREQ
+        rows.append({"step": step, "dead": float((~live).mean()),
+                     "dead_per_layer": [float(x) for x in (~live).mean(axis=1)],
+                     "live_rate": float(rates[live].mean()) if live.any() else 0.0,
+                     "reg_factor": reg.get(step, 0.0)})
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Choosing lambda*, the seed statistics
+# ---------------------------------------------------------------------------------------------------------------
+def choose_lambda_star(fronts: dict[float, dict[str, Any]]) -> float:
+    """The L1 factor > 0 whose front reaches the highest sparsity within +1% perplexity (ties and unreached budgets:
+    the lower loss gap as trained)."""
+    def key(lam: float) -> tuple[float, float]:
+        v = fronts[lam]["max_sparsity_1pct"]["value"]
+        return (-1.0 if v is None else v, -fronts[lam]["as_trained"]["dloss"])
+
+    return max((lam for lam in fronts if lam > 0), key=key)
+
+
+def seed_stats(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
+    """Mean ± sd over seeds of each per-seed number (paired differences are computed per seed first)."""
+    keys = [k for k in per_seed[0] if isinstance(per_seed[0][k], float)]
+    out = {}
+    for k in keys:
+        vals = [s[k] for s in per_seed if s.get(k) is not None]
+        if len(vals) == len(per_seed):
+            m, sd = frontier.mean_sd(vals)
+            out[k] = {"values": vals, "mean": m, "sd": sd}
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Tables
+# ---------------------------------------------------------------------------------------------------------------
+def _reading(r: dict[str, Any], scale: float, fmt: str, unit: str = "") -> str:
+    if r["value"] is None:
+        return "not reached"
+    return format(r["value"] * scale, fmt) + unit + (" (interp.)" if r["kind"] == "interpolated" else "")
+
+
+def method_label(lam: float | None, lam_star: float) -> str:
+    if lam is None:
+        return "control (SiLU) + CETT"
+    if lam == 0:
+        return "(a) ReLU, λ = 0 + FATReLU"
+    return f"ProSparse λ = {lambda_text(lam)} + FATReLU" + (" **(λ\\*)**" if lam == lam_star else "")
+
+
+def tables(res: dict[str, Any]) -> str:
+    lam_star = res["lambda_star"]
+    md = ["Runs (held-out: the run's final evaluation, 65,536 tokens; train loss: mean of the last logged interval):",
+          "", "| run | activation | final λ | data seed | steps | activation sparsity | train loss | held-out loss |",
+          "|---|---|---|---|---|---|---|---|"]
+    for name, r in res["runs"].items():
+        lam = "–" if r["lambda"] is None else lambda_text(r['lambda'])
+        md.append(f"| {name} | {r['activation']} | {lam} | {r['seed']} | {r['steps_total']} | "
+                  f"{100 * r['sparsity']:.2f}% | {r['train_loss']:.4f} | {r['eval_loss']:.4f} |")
+    fr = res["frontier"]
+    md += ["", f"Frontier, data seed {res['seeds'][0]} ({fr['tokens']:,} held-out tokens; Δloss in nats against the "
+           "control's dense loss on the same tokens; each method's thresholds: FATReLU at "
+           f"{', '.join(f'{x:g}' for x in res['relative_thresholds'])} × the run's mean positive gate activation, CETT "
+           f"targets {', '.join(f'{x:g}' for x in res['cett_targets'])} for the control; 'interp.' = read between two "
+           "measured points of the front):", "",
+           "| method | sparsity as trained | Δloss as trained | "
+           + " | ".join(f"Δloss at {100 * t:g}%" for t in TARGETS) + " | max sparsity within +1% PPL |",
+           "|---|---|---|" + "---|" * (len(TARGETS) + 1)]
+    for key, f in fr["methods"].items():
+        lam = None if key == "control" else float(key)
+        a = f["as_trained"]
+        md.append(f"| {method_label(lam, lam_star)} | {100 * a['sparsity']:.2f}% | {a['dloss']:+.4f} | "
+                  + " | ".join(_reading(f["dloss_at"][f"{t:g}"], 1, "+.4f") for t in TARGETS)
+                  + f" | {_reading(f['max_sparsity_1pct'], 100, '.1f', '%')} |")
+    s = res["seed_table"]
+    md += ["", f"Seeds: data seeds {', '.join(str(x) for x in res['seeds'])} (the continued runs' row order; same "
+           "start and held-out tokens); differences are paired per seed, then mean ± sd (sd to its first significant "
+           "digit):", "", "| quantity | " + " | ".join(f"seed {x}" for x in res["seeds"]) + " | mean ± sd |",
+           "|---|" + "---|" * (len(res["seeds"]) + 1)]
+    for key, label, scale, fmt in SEED_ROWS:
+        if key in s:
+            vals = s[key]["values"]
+            md.append(f"| {label.replace('λ*', f'λ* = {lambda_text(lam_star)}')} | "
+                      + " | ".join(format(v * scale, fmt) for v in vals)
+                      + f" | {frontier.format_mean_sd(vals, scale)} |")
+    n = res["neurons"]
+    tier_names = [name for name, _ in neurons.DEAD_TIERS]
+    md += ["", f"Dead neurons per layer, layers 0 / 1 / ... ({n['tokens']:,} held-out tokens; a neuron's rate = the "
+           "fraction of tokens with a positive gate; '!' = over half the layer active on < 1e-3 of tokens):", "",
+           "| model | never active | active on < 1e-4 of tokens | active on < 1e-3 of tokens (dead) |",
+           "|---|---|---|---|"]
+    for name, tiers in n["tiers"].items():
+        cells = []
+        for tier in tier_names:
+            cells.append(" / ".join(f"{100 * x:.0f}%" + ("!" if tier == tier_names[-1] and i in
+                                                         tiers["mostly_dead_layers"] else "")
+                                    for i, x in enumerate(tiers[tier]["fraction_per_layer"])))
+        md.append(f"| {name} | " + " | ".join(cells) + " |")
+    g = n["gain_split"]
+    share = "–" if g["share_from_newly_dead"] is None else f"{100 * g['share_from_newly_dead']:.0f}%"
+    md += ["", f"λ* = {lambda_text(lam_star)} against λ = 0 (same seed): activation ratio down "
+           f"{100 * g['gain']:.1f} points, {100 * g['from_newly_dead']:.1f} of them ({share}) from the "
+           f"{100 * g['newly_dead_fraction']:.1f}% of neurons that die (median rate before "
+           + ("–" if g["newly_dead_median_freq_a"] is None else f"{100 * g['newly_dead_median_freq_a']:.1f}%")
+           + f"), {100 * g['from_the_rest']:.1f} from the rest (survivors firing less); of λ*'s {g['dead_in_b']} "
+           f"dead neurons, {g['dead_in_b_dead_at_start']} had a gate positive on < 1e-3 of tokens at the SiLU "
+           "start already.", "", "Loss without the FFN (W_down zeroed; Δ nats against the model's own loss):", "",
+           "| model | held-out loss | all FFNs removed | " + " | ".join(
+               f"layer {i} removed" for i in range(len(next(iter(n["ffn_removed"].values()))["per_layer_removed"])))
+           + " |", "|---|---|---|" + "---|" * len(next(iter(n["ffn_removed"].values()))["per_layer_removed"])]
+    for name, f in n["ffn_removed"].items():
+        md.append(f"| {name} | {f['loss']:.4f} | {f['all_removed']:+.3f} | "
+                  + " | ".join(f"{x:+.3f}" for x in f["per_layer_removed"]) + " |")
+    reg = res["regime"]
+    md += ["", f"Regime: the control's CETT-PPL-1% activation ratio (counted in the sparse forward) is "
+           f"{100 * reg['control_cett_ppl1_ratio']:.1f}% (PPL ratio {reg['control_cett_ppl1_ppl_ratio']:.4f}); the "
+           f"Sparsing Law's SiLU models sit near {100 * PAPER_SILU_PPL1_RATIO:.0f}%."]
+    return "\n".join(md)
+
+
+SEED_ROWS = (  # (key, label, scale, format)
+    ("control_loss", "control held-out loss", 1, ".4f"),
+    ("a_minus_control", "(a) − control, Δloss as trained", 1, "+.4f"),
+    ("star_minus_control", "λ* − control, Δloss as trained", 1, "+.4f"),
+    ("a_sparsity", "(a) sparsity as trained (%)", 100, ".2f"),
+    ("star_sparsity", "λ* sparsity as trained (%)", 100, ".2f"),
+    ("control_max_1pct", "control + CETT: max sparsity within +1% PPL (%)", 100, ".1f"),
+    ("a_max_1pct", "(a) + FATReLU: max sparsity within +1% PPL (%)", 100, ".1f"),
+    ("star_max_1pct", "λ* + FATReLU: max sparsity within +1% PPL (%)", 100, ".1f"),
+    ("star_minus_a_max_1pct", "λ* − (a): max sparsity within +1% PPL (points)", 100, "+.1f"),
+)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Figures
+# ---------------------------------------------------------------------------------------------------------------
+def plot(workdir: Path, res: dict[str, Any]) -> list[Path]:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
 
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.6))
-    for i, name in enumerate(RUNS):
-        rows = read_metrics(workdir / name, "train")
-        offset = 0 if name == "silu" else pretrain_steps
-        steps = [r["step"] + offset for r in rows]
-        col = f"C{i}"
-        axes[0].plot(steps, [r["lm_loss"] for r in rows], color=col, lw=1, label=f"{name} train")
-        r = results["rows"][name]
-        axes[0].plot([offset + r["steps"]], [r["eval_loss"]], "o", color=col, ms=7, mec="k",
-                     label=f"{name} held-out")
-        axes[1].plot(steps, [r["reg_factor"] for r in rows], color=col, label=name)
-        axes[2].plot(steps, [r["sparsity"] for r in rows], color=col, label=name)
-    losses = [r["lm_loss"] for n in RUNS for r in read_metrics(workdir / n, "train")]
-    losses += [r["eval_loss"] for r in results["rows"].values()]
-    axes[0].set_ylim(min(losses) - 0.1, min(losses) + 2.5)
-    for ax, title in zip(axes, ["LM loss: training (lines), held-out (dots)", "lambda (reg factor)",
-                                "activation sparsity (training batches)"], strict=True):
-        ax.set_title(title)
-        ax.set_xlabel("step (continued runs start after the SiLU pretraining)")
-        ax.axvline(pretrain_steps, color="0.7", ls=":", lw=1)
-    axes[0].legend(fontsize=7, ncol=2, loc="upper right")
-    axes[1].legend(fontsize=8, loc="upper left")
-    axes[2].legend(fontsize=8, loc="center right")
-    p1 = _save(fig, workdir / "curves.png")
+    lam_star = res["lambda_star"]
+    fig, ax = plt.subplots(figsize=(9, 5.5))
+    for i, (key, f) in enumerate(res["frontier"]["methods"].items()):
+        lam = None if key == "control" else float(key)
+        seeded = res["seed_points"].get(key)
+        if seeded:  # mean and sd over seeds of each threshold's point
+            xs, ys = np.asarray(seeded["sparsity"]), np.asarray(seeded["dloss"])
+            ax.errorbar(xs.mean(0), ys.mean(0), xerr=xs.std(0, ddof=1), yerr=ys.std(0, ddof=1), marker="o",
+                        ms=4, lw=1.8, capsize=2, color=f"C{i}", label=method_label(lam, lam_star).replace("\\*", "*")
+                        .replace("**", "") + f" ({len(xs)} seeds)")
+        else:
+            rows = f["rows"]
+            ax.plot([r["sparsity"] for r in rows], [r["dloss"] for r in rows], marker=".", lw=1, color=f"C{i}",
+                    label=method_label(lam, lam_star).replace("\\*", "*").replace("**", ""))
+    ax.axhline(frontier.loss_budget(), color="k", ls="--", lw=0.8, label="+1% perplexity")
+    ax.axhline(0.0, color="0.6", lw=0.6)
+    for t in TARGETS:
+        ax.axvline(t, color="0.8", ls=":", lw=0.8)
+    ax.set_xlim(0.6, 1.0)
+    ax.set_ylim(-0.01, 0.06)
+    ax.set_xlabel("activation sparsity (held-out, sparse forward)")
+    ax.set_ylabel("Δ held-out loss vs the dense control (nats)")
+    ax.set_title("Sparsity-loss frontier per method (FATReLU / CETT thresholds, no retraining)")
+    ax.legend(fontsize=7, loc="upper left")
+    p1 = _save(fig, workdir / "frontier.png")
 
-    fig, ax = plt.subplots(figsize=(8, 4))
-    shown = [r for k, r in results["rows"].items() if k != "silu"]
-    width = 0.8 / len(shown)
-    for i, r in enumerate(shown):
-        per_layer = r["per_layer"]
-        ax.bar([x + (i - (len(shown) - 1) / 2) * width for x in range(len(per_layer))], per_layer, width,
-               label=r["label"])
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_xlabel("layer")
-    ax.set_ylabel("sparsity (fraction of zeros in x1)")
-    ax.set_ylim(0, 1.0)
-    ax.set_title("Activation sparsity per layer (held-out)")
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    return [p1, _save(fig, workdir / "sparsity_per_layer.png")]
+    rows = res["neurons"]["dead_vs_step"]
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.3))
+    steps = [r["step"] for r in rows]
+    axes[0].plot(steps, [r["dead"] for r in rows], "k-o", lw=2, label="all layers")
+    for li in range(len(rows[0]["dead_per_layer"])):
+        axes[0].plot(steps, [r["dead_per_layer"][li] for r in rows], "--", lw=1, label=f"layer {li}")
+    axes[0].set_ylabel(f"dead fraction (rate < {neurons.DEAD_FREQ:g})")
+    axes[1].plot(steps, [r["live_rate"] for r in rows], "k-o", lw=2)
+    axes[1].set_ylabel("mean firing rate of the live neurons")
+    for ax in axes:
+        ax.set_xlabel(f"step of the λ* = {lambda_text(lam_star)} run (seed {res['seeds'][0]})")
+        twin = ax.twinx()
+        twin.plot(steps, [r["reg_factor"] for r in rows], color="C3", alpha=0.5, lw=1)
+        twin.set_ylabel("λ (red)", color="C3")
+    axes[0].legend(fontsize=7)
+    return [p1, _save(fig, workdir / "dead_vs_step.png")]
 
 
 def _save(fig, path: Path) -> Path:
@@ -203,99 +409,145 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-def table(results: dict[str, Any]) -> str:
-    """The results as markdown: the main table and the FATReLU threshold table."""
-    lines = ["| setting | steps | activation sparsity | train loss | held-out loss | held-out PPL | dead neurons "
-             "| CETT-PPL-1% activation ratio |", "|---|---|---|---|---|---|---|---|"]
-    for r in results["rows"].values():
-        lines.append(
-            f"| {r['label']} | {r['steps_total']} | {100 * r['sparsity']:.2f}% | "
-            + (f"{r['train_loss']:.4f}" if r.get("train_loss") is not None else "–")
-            + f" | {r['eval_loss']:.4f} | {r['ppl']:.2f} | "
-            + (f"{100 * r['dead_neurons']:.1f}%" if r.get("dead_neurons") is not None else "–") + " | "
-            + (f"{100 * r['cett_ppl1_ratio']:.2f}%" if r.get("cett_ppl1_ratio") is not None else "–") + " |")
-    fat = results["fatrelu"]
-    lines += ["", f"FATReLU threshold shifting of (b), no retraining ({fat['eval_tokens']} held-out tokens; "
-              f"activation scale = mean positive gate pre-activation = {fat['gate_scale']:.4f}):", "",
-              "| threshold t | t / scale | activation sparsity | held-out loss | Δ loss vs t = 0 |",
-              "|---|---|---|---|---|"]
-    base = fat["rows"][0]["eval_loss"]
-    for r in fat["rows"]:
-        lines.append(f"| {r['threshold']:.4g} | {r['relative']:.3g} | {100 * r['eval_sparsity']:.2f}% | "
-                     f"{r['eval_loss']:.4f} | {r['eval_loss'] - base:+.4f} |")
-    return "\n".join(lines)
+# ---------------------------------------------------------------------------------------------------------------
+# The job
+# ---------------------------------------------------------------------------------------------------------------
+def _floats(holder: flags.FlagHolder) -> list[float]:
+    try:
+        vals = [float(x) for x in holder.value]
+    except ValueError:
+        raise UsageError(f"--{holder.name}: numbers expected, got {','.join(holder.value)}") from None
+    if not vals or any(not math.isfinite(v) or v < 0 for v in vals):
+        raise UsageError(f"--{holder.name}: finite numbers >= 0 expected, got {','.join(holder.value)}")
+    return vals
 
 
-def train_runs(workdir: Path, pre_steps: int, steps: int, quick: bool) -> dict[str, dict[str, Any]]:
-    """Pretrains the SiLU model, then the three continued runs from it; their final evaluations by run name."""
-    finals: dict[str, dict[str, Any]] = {}
-    pre = run_config("silu", pre_steps, None, quick)
-    pre.optim.schedule = "constant"  # the stable phase; every continued run then decays the LR the same way
-    pre.optim.warmup_steps = 1 if quick else 20
-    finals["silu"] = run("silu", pre, workdir)
-    tiny_stages = [list(s) for s in prosparse_configs.TINY_STAGES]
-    for name, act, stages in (("control_silu", "silu", None), ("a_relu", "relu", None),
-                              ("b_prosparse", "relu", tiny_stages)):
-        c = run_config(act, steps, stages, quick)
-        c.init_from = str(workdir / "silu")
-        c.data.seed = 1  # fresh training rows, not a replay of the pretraining's (the same for every continued run)
-        if name != "b_prosparse":  # keep 6 checkpoints: inputs of the Sparsing Law fit (prosparse_jax.main.fit_laws)
-            c.train.checkpoint_every = c.train.keep_period = max(steps // 6, 1)
-        finals[name] = run(name, c, workdir)
-    return finals
+def _check_flags() -> tuple[list[float], list[float], list[float]]:
+    for holder in (_PRETRAIN, _STEPS, _SEEDS, _FRONTIER_BATCHES, _NEURON_BATCHES, _PPLP_BATCHES):
+        if holder.value <= 0:
+            raise UsageError(f"--{holder.name}: must be a positive integer, got {holder.value}")
+    lams, rel, cett = _floats(_LAMBDAS), sorted(_floats(_REL)), sorted(_floats(_CETT))
+    if 0.0 not in lams or not any(v > 0 for v in lams):
+        raise UsageError(f"--lambdas: needs 0 (plain ReLU substitution) and at least one L1 factor > 0, got "
+                         f"{','.join(_LAMBDAS.value)}")
+    if rel[0] != 0.0 or cett[0] != 0.0:
+        raise UsageError("--relative_thresholds / --cett_targets: start the grid at 0 (the model as trained)")
+    return sorted(set(lams)), rel, cett
 
 
 def _run() -> str:
     """The job (flags parsed); returns the closing line."""
     logging.set_verbosity(logging.WARNING)  # orbax / tfds INFO lines would drown the progress bars
     workdir = files.check_output_path(_WORKDIR.value, "--workdir")  # a file in the way: refused before any training
-    for holder in (_PRETRAIN, _STEPS, _FAT_BATCHES, _PPLP_BATCHES):
-        if holder.value <= 0:
-            raise UsageError(f"--{holder.name}: must be a positive integer, got {holder.value}")
-    try:
-        rel = [float(x) for x in _REL_THRESHOLDS.value]
-    except ValueError:
-        raise UsageError(f"--relative_thresholds: numbers expected, got {_REL_THRESHOLDS.value}") from None
+    lams, rel, cett_targets = _check_flags()
     quick = _QUICK.value
     pre_steps, steps = (6, 6) if quick else (_PRETRAIN.value, _STEPS.value)
+    n_seeds = min(_SEEDS.value, 2) if quick else _SEEDS.value
+    if quick:  # lambda 0 and one L1 factor (2e-4 when given: the one the README's commands use)
+        positive = [v for v in lams if v > 0]
+        lams = [0.0, 2e-4 if 2e-4 in positive else positive[0]]
+    seeds = list(range(1, n_seeds + 1))
+    nf, nn = (2, 2) if quick else (_FRONTIER_BATCHES.value, _NEURON_BATCHES.value)
     t_start = time.time()
-    finals = train_runs(workdir, pre_steps, steps, quick)
-    t_train = time.time() - t_start
+    finals = {"silu": pretrain(workdir, pre_steps, quick)}
+    held = HeldOut(workdir / "silu")
+    front_batches = held.batches(nf)
+    first = seeds[0]
+    for lam in [None] + lams:  # the first seed: every method
+        finals[run_name(lam, first)] = continued(workdir, lam, first, steps, quick, keep=True)
 
-    print("\n=== measuring: dead neurons, CETT-PPL-1% activation ratio, FATReLU thresholds", flush=True)
-    rows: dict[str, dict[str, Any]] = {}
-    for name in RUNS:
-        f = finals[name]
-        rows[name] = {"label": LABELS[name], "steps": pre_steps if name == "silu" else steps,
-                      "steps_total": pre_steps + (0 if name == "silu" else steps),
-                      "sparsity": f["eval_sparsity"], "eval_loss": f["eval_loss"], "ppl": f["eval_ppl"],
-                      "per_layer": f["eval_sparsity_per_layer"], "train_loss": train_loss(workdir / name),
-                      "eval_tokens": f["eval_tokens"]}
-        if name != "silu":  # the pretrained start point is not a row of the comparison: spare its analysis
-            rows[name].update(sparsity_measures(workdir / name, workdir / "analysis" / name, _PPLP_BATCHES.value,
-                                                quick))
-    b_run = FinishedRun(workdir / "b_prosparse")
-    fat = threshold_table(b_run, _ABS_THRESHOLD.value, rel, _FAT_BATCHES.value, quick)
-    b_cfg, b_params = b_run.cfg, b_run.params
-    eval_b = b_run.eval_batches(b_run.run_config["train"]["eval_batches"])
-    # (c) on the full held-out set: the paper's absolute threshold (the relative ones are in the threshold table)
-    picks = [(f"(c) (b) + FATReLU t = {_ABS_THRESHOLD.value:g} (paper's)", _ABS_THRESHOLD.value)]
-    for i, (label, t) in enumerate(picks):
-        e = make_evaluate(b_cfg.replace(activation="fatrelu", activation_threshold=float(t)))(b_params, eval_b)
-        rows[f"c{i}"] = {"label": label, "steps": steps, "steps_total": pre_steps + steps, "threshold": t,
-                         "sparsity": e["eval_sparsity"], "eval_loss": e["eval_loss"], "ppl": e["eval_ppl"],
-                         "per_layer": e["eval_sparsity_per_layer"], "eval_tokens": e["eval_tokens"]}
-    results = {"rows": rows, "fatrelu": fat, "pretrain_steps": pre_steps, "steps": steps,
-               "train_seconds": t_train, "total_seconds": time.time() - t_start,
-               "stages": prosparse_configs.TINY_STAGES, "quick": quick}
-    md = table(results)
+    print("\n=== measuring the frontier of every method", flush=True)
+
+    def control_loss(seed: int) -> float:
+        cfg, params, _ = ckpt.load_model(workdir / run_name(None, seed))
+        return make_evaluate(cfg)(params, front_batches)["eval_loss"]
+
+    points: dict[str, dict[str, dict[str, Any]]] = {}  # run name -> method points
+    base = {s: None for s in seeds}
+
+    def measure_run(lam: float | None, seed: int) -> dict[str, Any]:
+        if base[seed] is None:
+            base[seed] = control_loss(seed)
+        name = run_name(lam, seed)
+        points[name] = method_points(workdir / name, front_batches, base[seed], rel, cett_targets)
+        return points[name]
+
+    fronts: dict[str, dict[str, Any]] = {}
+    for lam in [None] + lams:
+        fronts["control" if lam is None else lambda_text(lam)] = {**read_front(measure_run(lam, first)["rows"]),
+                                                            "rows": points[run_name(lam, first)]["rows"]}
+    lam_star = choose_lambda_star({float(k): v for k, v in fronts.items() if k != "control"})
+    print(f"=== lambda* = {lambda_text(lam_star)} (highest sparsity within +1% perplexity)", flush=True)
+    for seed in seeds[1:]:
+        for lam in (None, 0.0, lam_star):
+            finals[run_name(lam, seed)] = continued(workdir, lam, seed, steps, quick, keep=False)
+            measure_run(lam, seed)
+    t_train_and_front = time.time() - t_start
+
+    per_seed = []
+    for seed in seeds:
+        c, a, s = (read_front(points[run_name(lam, seed)]["rows"]) for lam in (None, 0.0, lam_star))
+
+        def v(f: dict[str, Any]) -> float | None:
+            return f["max_sparsity_1pct"]["value"]
+
+        per_seed.append({"control_loss": base[seed], "a_minus_control": a["as_trained"]["dloss"],
+                         "star_minus_control": s["as_trained"]["dloss"], "a_sparsity": a["as_trained"]["sparsity"],
+                         "star_sparsity": s["as_trained"]["sparsity"], "control_max_1pct": v(c),
+                         "a_max_1pct": v(a), "star_max_1pct": v(s),
+                         "star_minus_a_max_1pct": None if v(s) is None or v(a) is None else v(s) - v(a)})
+    seed_points = {}
+    for key, lam in (("control", None), ("0", 0.0), (lambda_text(lam_star), lam_star)):
+        rows = [points[run_name(lam, seed)]["rows"] for seed in seeds]
+        if len(rows) > 1:
+            seed_points[key] = {"sparsity": [[r["sparsity"] for r in rr] for rr in rows],
+                                "dloss": [[r["dloss"] for r in rr] for rr in rows]}
+
+    print("\n=== dead neurons, FFN removal, regime", flush=True)
+    neuron_batches = held.batches(nn)
+    start_rates = firing_rates(workdir / "silu", neuron_batches)
+    rates = {"SiLU start (gate > 0)": start_rates}
+    for lam in [None] + lams:
+        rates[run_name(lam, first)] = firing_rates(workdir / run_name(lam, first), neuron_batches)
+    star, a_name = run_name(lam_star, first), run_name(0.0, first)
+    tokens = int(sum(float((np.asarray(b["segment_ids"]) != 0).sum()) for b in neuron_batches))
+    neurons_res = {"tokens": tokens, "tiers": {n: neurons.dead_neuron_tiers(r, tokens) for n, r in rates.items()},
+               "gain_split": neurons.sparsity_gain_split(rates[a_name], rates[star], start_rates),
+               "gain_split_per_lambda": {lambda_text(lam): neurons.sparsity_gain_split(
+                   rates[a_name], rates[run_name(lam, first)], start_rates) for lam in lams if lam > 0},
+               "ffn_removed": {n: ffn_removed(workdir / n, front_batches)
+                               for n in (run_name(None, first), a_name, star)},
+               "dead_vs_step": dead_vs_step(workdir / star, front_batches, start_rates)}
+    kw = dict(batch_size=8, progress=False, overwrite=True)
+    pplp = analyze_lib.analyze(workdir / run_name(None, first), "stdlib", "pplp", 1.0,
+                               workdir / "analysis" / "control_pplp_1", num_batches=1 if quick else _PPLP_BATCHES.value,
+                               pplp_steps=3 if quick else 8, **kw)
+    regime = {"control_cett_ppl1_ratio": pplp["activation_ratio"], "control_cett_ppl1_ppl_ratio": pplp["ppl_ratio"],
+              "paper_silu_ratio": PAPER_SILU_PPL1_RATIO}
+
+    runs = {}
+    for name, f in finals.items():
+        lam = None if name.startswith(("silu", "control")) else float(name[len("lambda"):].split("_")[0])
+        seed = 0 if name == "silu" else int(name.rsplit("seed", 1)[1])
+        runs[name] = {"activation": "relu" if lam is not None else "silu", "lambda": lam, "seed": seed,
+                      "steps_total": pre_steps + (0 if name == "silu" else steps), "sparsity": f["eval_sparsity"],
+                      "eval_loss": f["eval_loss"], "train_loss": train_loss(workdir / name),
+                      "per_layer": f["eval_sparsity_per_layer"]}
+    res = {"runs": runs, "seeds": seeds, "lambdas": lams, "lambda_star": lam_star, "relative_thresholds": rel,
+           "cett_targets": cett_targets, "points": points, "seed_points": seed_points,
+           "frontier": {"tokens": int(sum(float(np.asarray(b["weights"]).sum()) for b in front_batches)),
+                        "methods": fronts},
+           "seed_table": seed_stats(per_seed), "per_seed": per_seed, "neurons": neurons_res, "regime": regime,
+           "pretrain_steps": pre_steps, "steps": steps, "stages": prosparse_configs.TINY_STAGES, "quick": quick,
+           "train_and_frontier_seconds": t_train_and_front}
+    md = tables(res)
     print("\n" + md)
-    plots = plot(workdir, results, pre_steps)
-    results["total_seconds"] = time.time() - t_start
-    files.write_text_atomic(workdir / "results.json", json.dumps(results, indent=2))
+    plots = plot(workdir, res)
+    res["total_seconds"] = time.time() - t_start
+    files.write_text_atomic(workdir / "results.json", json.dumps(res, indent=2))
     files.write_text_atomic(workdir / "results.md", md + "\n")
-    return (f"\nresults: {workdir / 'results.json'}, {workdir / 'results.md'}; plots: "
-            f"{', '.join(str(p) for p in plots)}; training {t_train:.0f}s, total {results['total_seconds']:.0f}s")
+    return (f"\nresults: {workdir / 'results.json'}, {workdir / 'results.md'}; figures: "
+            f"{', '.join(str(p) for p in plots)}; total {res['total_seconds']:.0f}s")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -327,3 +327,19 @@ def test_score_warns_when_the_text_is_scored_in_windows(model_files, capsys):
     err = [ln for ln in captured.err.splitlines() if ln.strip()]
     assert len(err) == 1 and err[0].startswith("score: warning:") and f"{n} tokens" in err[0]
     assert f"context of {SEQ_LEN} tokens" in err[0] and "--window" in err[0]
+
+
+def test_main_job_refuses_a_grid_it_cannot_read_before_training(tmp_path, monkeypatch, capsys):
+    mini = _experiment("prosparse_miniature")
+
+    def boom(*a, **k):
+        raise AssertionError("trained before the flags were checked")
+
+    monkeypatch.setattr(mini, "train", boom)
+    for args, named in ((["--lambdas=1e-4,2e-4"], "--lambdas"), (["--lambdas=0"], "--lambdas"),
+                        (["--relative_thresholds=0.5,1"], "start the grid at 0"),
+                        (["--cett_targets=0,abc"], "--cett_targets"), (["--seeds=0"], "--seeds"),
+                        (["--lambdas=0,-1e-4"], "--lambdas")):
+        assert mini.main(["prosparse_miniature", f"--workdir={tmp_path / 'mj'}", *args]) == 1
+        assert named in one_error_line(capsys, "prosparse_miniature")
+    assert not (tmp_path / "mj").exists()
