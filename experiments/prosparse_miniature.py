@@ -235,15 +235,33 @@ def choose_lambda_star(fronts: dict[float, dict[str, Any]]) -> float:
 
 
 def seed_stats(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
-    """Mean ± sd over seeds of each per-seed number (paired differences are computed per seed first)."""
-    keys = [k for k in per_seed[0] if isinstance(per_seed[0][k], float)]
+    """Per quantity: the per-seed values (None where a front does not get there) and, when every seed has one, their
+    mean and sd (paired differences are computed per seed first)."""
     out = {}
-    for k in keys:
-        vals = [s[k] for s in per_seed if s.get(k) is not None]
-        if len(vals) == len(per_seed):
-            m, sd = frontier.mean_sd(vals)
-            out[k] = {"values": vals, "mean": m, "sd": sd}
+    for k in per_seed[0]:
+        vals = [s[k] for s in per_seed]
+        out[k] = {"values": vals}
+        if all(v is not None for v in vals):
+            out[k]["mean"], out[k]["sd"] = frontier.mean_sd(vals)
     return out
+
+
+def per_seed_row(c: dict[str, Any], a: dict[str, Any], s: dict[str, Any]) -> dict[str, float | None]:
+    """One seed's numbers from the fronts of the control (c), lambda = 0 (a) and lambda* (s)."""
+    def diff(x: float | None, y: float | None) -> float | None:
+        return None if x is None or y is None else x - y
+
+    row: dict[str, float | None] = {
+        "a_minus_control": a["as_trained"]["dloss"], "star_minus_control": s["as_trained"]["dloss"],
+        "a_sparsity": a["as_trained"]["sparsity"], "star_sparsity": s["as_trained"]["sparsity"]}
+    for key, f in (("control", c), ("a", a), ("star", s)):
+        row[f"{key}_max_1pct"] = f["max_sparsity_1pct"]["value"]
+    row["star_minus_a_max_1pct"] = diff(row["star_max_1pct"], row["a_max_1pct"])
+    for t in (0.95, 0.98):
+        for key, f in (("a", a), ("star", s)):
+            row[f"{key}_dloss_at_{t:g}"] = f["dloss_at"][f"{t:g}"]["value"]
+        row[f"star_minus_a_dloss_at_{t:g}"] = diff(row[f"star_dloss_at_{t:g}"], row[f"a_dloss_at_{t:g}"])
+    return row
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -295,9 +313,12 @@ def tables(res: dict[str, Any]) -> str:
     for key, label, scale, fmt in SEED_ROWS:
         if key in s:
             vals = s[key]["values"]
+            missing = sum(v is None for v in vals)
+            summary = (frontier.format_mean_sd(vals, scale) if not missing
+                       else f"– ({missing} of {len(vals)} not reached)")
             md.append(f"| {label.replace('λ*', f'λ* = {lambda_text(lam_star)}')} | "
-                      + " | ".join(format(v * scale, fmt) for v in vals)
-                      + f" | {frontier.format_mean_sd(vals, scale)} |")
+                      + " | ".join("not reached" if v is None else format(v * scale, fmt) for v in vals)
+                      + f" | {summary} |")
     n = res["neurons"]
     tier_names = [name for name, _ in neurons.DEAD_TIERS]
     md += ["", f"Dead neurons per layer, layers 0 / 1 / ... ({n['tokens']:,} held-out tokens; a neuron's rate = the "
@@ -334,7 +355,7 @@ def tables(res: dict[str, Any]) -> str:
 
 
 SEED_ROWS = (  # (key, label, scale, format)
-    ("control_loss", "control held-out loss", 1, ".4f"),
+    ("control_loss", "control held-out loss (frontier tokens)", 1, ".4f"),
     ("a_minus_control", "(a) − control, Δloss as trained", 1, "+.4f"),
     ("star_minus_control", "λ* − control, Δloss as trained", 1, "+.4f"),
     ("a_sparsity", "(a) sparsity as trained (%)", 100, ".2f"),
@@ -343,6 +364,12 @@ SEED_ROWS = (  # (key, label, scale, format)
     ("a_max_1pct", "(a) + FATReLU: max sparsity within +1% PPL (%)", 100, ".1f"),
     ("star_max_1pct", "λ* + FATReLU: max sparsity within +1% PPL (%)", 100, ".1f"),
     ("star_minus_a_max_1pct", "λ* − (a): max sparsity within +1% PPL (points)", 100, "+.1f"),
+    ("a_dloss_at_0.95", "(a) + FATReLU: Δloss at 95%", 1, "+.4f"),
+    ("star_dloss_at_0.95", "λ* + FATReLU: Δloss at 95%", 1, "+.4f"),
+    ("star_minus_a_dloss_at_0.95", "λ* − (a): Δloss at 95%", 1, "+.4f"),
+    ("a_dloss_at_0.98", "(a) + FATReLU: Δloss at 98%", 1, "+.4f"),
+    ("star_dloss_at_0.98", "λ* + FATReLU: Δloss at 98%", 1, "+.4f"),
+    ("star_minus_a_dloss_at_0.98", "λ* − (a): Δloss at 98%", 1, "+.4f"),
 )
 
 
@@ -486,16 +513,8 @@ def _run() -> str:
 
     per_seed = []
     for seed in seeds:
-        c, a, s = (read_front(points[run_name(lam, seed)]["rows"]) for lam in (None, 0.0, lam_star))
-
-        def v(f: dict[str, Any]) -> float | None:
-            return f["max_sparsity_1pct"]["value"]
-
-        per_seed.append({"control_loss": base[seed], "a_minus_control": a["as_trained"]["dloss"],
-                         "star_minus_control": s["as_trained"]["dloss"], "a_sparsity": a["as_trained"]["sparsity"],
-                         "star_sparsity": s["as_trained"]["sparsity"], "control_max_1pct": v(c),
-                         "a_max_1pct": v(a), "star_max_1pct": v(s),
-                         "star_minus_a_max_1pct": None if v(s) is None or v(a) is None else v(s) - v(a)})
+        fronts_s = [read_front(points[run_name(lam, seed)]["rows"]) for lam in (None, 0.0, lam_star)]
+        per_seed.append({"control_loss": base[seed], **per_seed_row(*fronts_s)})
     seed_points = {}
     for key, lam in (("control", None), ("0", 0.0), (lambda_text(lam_star), lam_star)):
         rows = [points[run_name(lam, seed)]["rows"] for seed in seeds]

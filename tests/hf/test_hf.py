@@ -388,7 +388,11 @@ def test_cli_mains(tmp_path: Path, tokenizer_file: Path, capsys: pytest.CaptureF
     # score prints, as JSON, what score.score returns (here for the imported copy of the same model).
     assert score_main.main(["score", f"--checkpoint={wd2}", "--text=hello world"]) == 0
     res = json.loads(capsys.readouterr().out)
-    assert res == score.score(wd, "hello world")
+    ref = score.score(wd, "hello world")
+    assert {k: v for k, v in res.items() if k != "context"} == {k: v for k, v in ref.items() if k != "context"}
+    # the imported copy knows the context its export recorded (the source workdir here records none: the default)
+    exported_ctx = json.loads((out / "config.json").read_text())["max_position_embeddings"]
+    assert res["context"]["window"] == exported_ctx and ref["context"]["window"] == score.DEFAULT_WINDOW
     assert score_main.main(["score", f"--checkpoint={wd}"]) == 1  # neither --text nor --input
 
 
