@@ -12,6 +12,7 @@ prosparse_miniature.py; docs/results/miniature.md).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -130,10 +131,16 @@ def format_mean_sd(values: Sequence[float], scale: float = 1.0, *, min_decimals:
 # ---------------------------------------------------------------------------------------------------------------
 # Measuring a method's points on held-out batches (sparse forward: thresholds applied layer by layer)
 # ---------------------------------------------------------------------------------------------------------------
+# One compiled forward per model config, shared by every run of that shape (a config is a frozen dataclass).
+_capture = functools.lru_cache(maxsize=8)(measure.make_capture)
+_fat_forward = functools.lru_cache(maxsize=8)(measure.make_fat_forward)
+_tau_forward = functools.lru_cache(maxsize=8)(measure.make_tau_forward)
+
+
 def positive_gate_mean(params: Params, cfg: ModelConfig, batches: list[dict[str, Any]]) -> float:
     """Mean positive gate activation act(gate) > 0 of a model on ``batches`` (valid tokens): its activation scale,
     the unit of relative FATReLU thresholds."""
-    capture = measure.make_capture(cfg)
+    capture = _capture(cfg)
     total, count = 0.0, 0.0
     for b in batches:
         act_LxBxTxF = capture(params, b)[3]
@@ -148,7 +155,7 @@ def fatrelu_points(params: Params, cfg: ModelConfig, batches: list[dict[str, Any
                    control_loss: float) -> list[dict[str, Any]]:
     """FATReLU at each absolute threshold t (x1 kept where act(gate) >= t, every layer; t = 0 is the model as
     trained): activation sparsity counted in that sparse forward, loss and its gap to ``control_loss``."""
-    forward = measure.make_fat_forward(cfg)
+    forward = _fat_forward(cfg)
     rows = []
     for t in thresholds:
         sums = measure.sparse_pass(forward, params, batches, [float(t)] * cfg.n_layers)
@@ -162,13 +169,13 @@ def cett_points(params: Params, cfg: ModelConfig, batches: list[dict[str, Any]],
                 control_loss: float) -> list[dict[str, Any]]:
     """CETT truncation at each shared target (per-layer taus bisected on the dense forward's x1, Sparsing Law §4.1;
     neurons with |x1_i| * ||W_down[i]|| <= tau_l dropped): sparsity counted in the sparse forward, loss and gap."""
-    capture = measure.make_capture(cfg)
+    capture = _capture(cfg)
     cached = []
     for b in batches:
         x1_LxBxTxF = capture(params, b)[2]
         cached.append((x1_LxBxTxF, b["segment_ids"] != 0))
     cache = sparsity.CETTCache(params["layers"]["w_down_LxFxD"], cached)
-    forward = measure.make_tau_forward(cfg)
+    forward = _tau_forward(cfg)
     rows = []
     for target in targets:
         taus_L, _ = cache.bisect(float(target))

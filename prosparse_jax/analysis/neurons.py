@@ -8,6 +8,7 @@ source of counts; :func:`firing_frequencies` measures them with the counting for
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable
 from typing import Any
 
@@ -24,6 +25,7 @@ from prosparse_jax.model.transformer import Params
 DEAD_TIERS: tuple[tuple[str, float], ...] = (("never", 0.0), ("below_1e-4", 1e-4), ("below_1e-3", 1e-3))
 DEAD_FREQ = DEAD_TIERS[-1][1]  # dead: active on fewer than 0.1% of the measured tokens
 MOSTLY_DEAD = 0.5  # a layer with more than this fraction of dead neurons is flagged
+_model_forward = functools.lru_cache(maxsize=8)(measure.make_model_forward)  # compiled once per model config
 
 
 def firing_frequencies(params: Params, cfg: ModelConfig, batches: Iterable[Batch]) -> tuple[np.ndarray, int]:
@@ -39,7 +41,7 @@ def firing_frequencies(params: Params, cfg: ModelConfig, batches: Iterable[Batch
     Returns:
       (freq_LxF float64, valid tokens counted).
     """
-    forward = measure.make_model_forward(cfg)
+    forward = _model_forward(cfg)
     acc = None
     for b in batches:
         acc = sparsity.add_stats(acc, forward(params, b)[2])
