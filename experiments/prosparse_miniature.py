@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import jax
 import numpy as np
 from absl import flags, logging
 
@@ -89,8 +90,9 @@ def run_name(lam: float | None, seed: int) -> str:
     return f"control_seed{seed}" if lam is None else f"lambda{lambda_text(lam)}_seed{seed}"
 
 
-def run_config(activation: str, steps: int, stages: list[list[float]] | None, quick: bool):
-    """The tiny config for one run of the job (equal schedule for every continued run)."""
+def run_config(activation: str, steps: int, stages: list[list[float]] | None, quick: bool, eval_batches: int):
+    """The tiny config for one run of the job (equal schedule for every continued run); its final evaluation runs on
+    the frontier's held-out batches (the same ``eval_batches`` windows)."""
     c = prosparse_configs.get_config("tiny")
     c.model.activation = activation
     c.train.steps = steps
@@ -99,8 +101,8 @@ def run_config(activation: str, steps: int, stages: list[list[float]] | None, qu
     c.train.log_every = max(min(10, steps // 4), 1)
     c.sparsity.stages = stages if stages is not None else [[0.0, steps]]
     c.sparsity.final_threshold = 0.0  # FATReLU is measured by the frontier, on every threshold of its grid
+    c.train.eval_batches = eval_batches
     if quick:
-        c.train.eval_batches = 2
         c.train.progress_bar = False
         c.optim.warmup_steps = 1
     return c
@@ -124,18 +126,19 @@ def run(name: str, c, workdir: Path) -> dict[str, Any]:
     return final
 
 
-def pretrain(workdir: Path, steps: int, quick: bool) -> dict[str, Any]:
+def pretrain(workdir: Path, steps: int, quick: bool, eval_batches: int) -> dict[str, Any]:
     """The SiLU start of every continued run: warm-up, then constant LR (the continued runs decay it)."""
-    pre = run_config("silu", steps, None, quick)
+    pre = run_config("silu", steps, None, quick, eval_batches)
     pre.optim.schedule = "constant"
     pre.optim.warmup_steps = 1 if quick else 20
     return run("silu", pre, workdir)
 
 
-def continued(workdir: Path, lam: float | None, seed: int, steps: int, quick: bool, keep: bool) -> dict[str, Any]:
+def continued(workdir: Path, lam: float | None, seed: int, steps: int, quick: bool, keep: bool, eval_batches: int
+              ) -> dict[str, Any]:
     """One continued run from the SiLU start: the control (lam None) or ReLU at final L1 factor ``lam``; data seed
     ``seed`` orders its training rows (seed 0 is the pretraining's order, so seeds start at 1)."""
-    c = run_config("silu" if lam is None else "relu", steps, stages_for(lam or 0.0), quick)
+    c = run_config("silu" if lam is None else "relu", steps, stages_for(lam or 0.0), quick, eval_batches)
     c.init_from = str(workdir / "silu")
     c.data.seed = seed
     if keep:  # 6 checkpoints: the Sparsing Law fit's inputs (control, lambda 0) and the dead-neuron-vs-step figure
@@ -286,7 +289,8 @@ def method_label(lam: float | None, lam_star: float) -> str:
 
 def tables(res: dict[str, Any]) -> str:
     lam_star = res["lambda_star"]
-    md = ["Runs (held-out: the run's final evaluation, 65,536 tokens; train loss: mean of the last logged interval):",
+    md = [f"Runs (held-out: the run's final evaluation on the frontier's {res['frontier']['tokens']:,} tokens; train "
+          "loss: mean of the last logged interval):",
           "", "| run | activation | final λ | data seed | steps | activation sparsity | train loss | held-out loss |",
           "|---|---|---|---|---|---|---|---|"]
     for name, r in res["runs"].items():
@@ -479,12 +483,14 @@ def _run() -> str:
     seeds = list(range(1, n_seeds + 1))
     nf, nn = (2, 2) if quick else (_FRONTIER_BATCHES.value, _NEURON_BATCHES.value)
     t_start = time.time()
-    finals = {"silu": pretrain(workdir, pre_steps, quick)}
+    # Runs of one shape (the seeds' repeats, every evaluation) reuse their compiled programs from the workdir's cache
+    jax.config.update("jax_compilation_cache_dir", str(workdir.absolute() / ".jax_cache"))
+    finals = {"silu": pretrain(workdir, pre_steps, quick, nf)}
     held = HeldOut(workdir / "silu")
     front_batches = held.batches(nf)
     first = seeds[0]
     for lam in [None] + lams:  # the first seed: every method
-        finals[run_name(lam, first)] = continued(workdir, lam, first, steps, quick, keep=True)
+        finals[run_name(lam, first)] = continued(workdir, lam, first, steps, quick, True, nf)
 
     print("\n=== measuring the frontier of every method", flush=True)
 
@@ -510,7 +516,7 @@ def _run() -> str:
     print(f"=== lambda* = {lambda_text(lam_star)} (highest sparsity within +1% perplexity)", flush=True)
     for seed in seeds[1:]:
         for lam in (None, 0.0, lam_star):
-            finals[run_name(lam, seed)] = continued(workdir, lam, seed, steps, quick, keep=False)
+            finals[run_name(lam, seed)] = continued(workdir, lam, seed, steps, quick, False, nf)
             measure_run(lam, seed)
     t_train_and_front = time.time() - t_start
 
