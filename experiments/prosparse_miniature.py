@@ -216,14 +216,12 @@ def dead_vs_step(workdir: Path, batches: list[dict[str, Any]], start_rates: np.n
     """Dead fraction (rate < :data:`neurons.DEAD_FREQ`) per layer and mean firing rate of the live neurons at each
     kept checkpoint of a run, from its start (the SiLU start's positive-gate rates) on."""
     rows = []
-    reg = {r["step"]: r["reg_factor"] for r in read_metrics(workdir, "train")}
     for step in [0] + checkpoint_steps(workdir):
         rates = start_rates if step == 0 else firing_rates(workdir, batches, step)
         live = rates >= neurons.DEAD_FREQ
         rows.append({"step": step, "dead": float((~live).mean()),
                      "dead_per_layer": [float(x) for x in (~live).mean(axis=1)],
-                     "live_rate": float(rates[live].mean()) if live.any() else 0.0,
-                     "reg_factor": reg.get(step, 0.0)})
+                     "live_rate": float(rates[live].mean()) if live.any() else 0.0})
     return rows
 
 
@@ -424,10 +422,11 @@ def plot(workdir: Path, res: dict[str, Any]) -> list[Path]:
     axes[0].set_ylabel(f"dead fraction (rate < {neurons.DEAD_FREQ:g})")
     axes[1].plot(steps, [r["live_rate"] for r in rows], "k-o", lw=2)
     axes[1].set_ylabel("mean firing rate of the live neurons")
+    logged = read_metrics(workdir / run_name(lam_star, res["seeds"][0]), "train")
     for ax in axes:
         ax.set_xlabel(f"step of the λ* = {lambda_text(lam_star)} run (seed {res['seeds'][0]})")
         twin = ax.twinx()
-        twin.plot(steps, [r["reg_factor"] for r in rows], color="C3", alpha=0.5, lw=1)
+        twin.plot([r["step"] for r in logged], [r["reg_factor"] for r in logged], color="C3", alpha=0.5, lw=1)
         twin.set_ylabel("λ (red)", color="C3")
     axes[0].legend(fontsize=7)
     return [p1, _save(fig, workdir / "dead_vs_step.png")]
