@@ -285,6 +285,28 @@ def method_label(lam: float | None, lam_star: float) -> str:
     return f"ProSparse λ = {lambda_text(lam)} + FATReLU" + (" **(λ\\*)**" if lam == lam_star else "")
 
 
+def summary_rows(res: dict[str, Any]) -> list[str]:
+    """Markdown rows of the seeded methods (control + CETT, (a), lambda*): mean ± sd over seeds of the sparsity and
+    loss gap as trained, the loss gap at 95% and 98% and the largest sparsity within +1% PPL."""
+    lam_star, rows = res["lambda_star"], []
+    for lam in (None, 0.0, lam_star):
+        fronts = [read_front(res["points"][run_name(lam, seed)]["rows"]) for seed in res["seeds"]]
+        sparsity = [f["as_trained"]["sparsity"] for f in fronts]
+        cells = ["0% (dense)" if max(sparsity) == 0 else frontier.format_mean_sd(sparsity, 100) + "%",
+                 "0 (the reference)" if lam is None else frontier.format_mean_sd([f["as_trained"]["dloss"]
+                                                                                  for f in fronts])]
+        for vals, scale, unit in ([[f["dloss_at"]["0.95"]["value"] for f in fronts], 1, ""],
+                                  [[f["dloss_at"]["0.98"]["value"] for f in fronts], 1, ""],
+                                  [[f["max_sparsity_1pct"]["value"] for f in fronts], 100, "%"]):
+            missing = sum(v is None for v in vals)
+            cells.append(frontier.format_mean_sd(vals, scale) + unit if not missing else
+                         f"{missing} of {len(vals)} not reached"
+                         + "".join(f"; {v * scale:.1f}{unit}" for v in vals if v is not None))
+        label = method_label(lam, lam_star).replace(" **(λ\\*)**", "")
+        rows.append(f"| {label}{' (λ*)' if lam == lam_star and lam else ''} | " + " | ".join(cells) + " |")
+    return rows
+
+
 def tables(res: dict[str, Any]) -> str:
     lam_star = res["lambda_star"]
     md = [f"Runs (held-out: the run's final evaluation on the frontier's {res['frontier']['tokens']:,} tokens; train "
@@ -310,6 +332,10 @@ def tables(res: dict[str, Any]) -> str:
         md.append(f"| {method_label(lam, lam_star)} | {100 * a['sparsity']:.2f}% | {a['dloss']:+.4f} | "
                   + " | ".join(_reading(f["dloss_at"][f"{t:g}"], 1, "+.4f") for t in TARGETS)
                   + f" | {_reading(f['max_sparsity_1pct'], 100, '.1f', '%')} |")
+    md += ["", f"The seeded methods over data seeds {', '.join(str(x) for x in res['seeds'])} (mean ± sd; Δloss in "
+           "nats against the control on the same tokens, paired per seed):", "",
+           "| method | sparsity as trained | Δloss as trained | Δloss at 95% | Δloss at 98% | max sparsity within +1% "
+           "PPL |", "|---|---|---|---|---|---|", *summary_rows(res)]
     s = res["seed_table"]
     md += ["", f"Seeds: data seeds {', '.join(str(x) for x in res['seeds'])} (the continued runs' row order; same "
            "start and held-out tokens); differences are paired per seed, then mean ± sd (sd to its first significant "
