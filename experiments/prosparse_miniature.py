@@ -15,11 +15,17 @@ workdir, so a rerun resumes. Results: docs/results/miniature.md.
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
+import dataclasses
 import functools
 import json
 import math
+import multiprocessing
+import os
 import sys
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +73,12 @@ _NEURON_BATCHES = flags.DEFINE_integer("neuron_batches", 32, "Held-out batches o
                                        "65,536 tokens).", flag_values=FLAGS)
 _PPLP_BATCHES = flags.DEFINE_integer("pplp_batches", 2, "Held-out batches of the control's CETT-PPL-1% search.",
                                      flag_values=FLAGS)
+_CETT_CALIBRATION = flags.DEFINE_integer("cett_calibration_batches", 2, "Frontier batches (the first ones) the "
+                                         "control's CETT taus are bisected on; its points are measured on all of them.",
+                                         flag_values=FLAGS)
+_PARALLEL = flags.DEFINE_integer("parallel", min(2, len(os.sched_getaffinity(0))), "Continued runs (and measurements) "
+                                 "at once, in worker processes pinned to an equal share of the cores; 1 = one after "
+                                 "the other in this process.", flag_values=FLAGS)
 _QUICK = flags.DEFINE_boolean("quick", False, "CI smoke version: 6 steps per run, lambda 0 and 2e-4 only, two seeds, "
                               "tiny eval.",
                               flag_values=FLAGS)
@@ -116,6 +128,7 @@ def stages_for(lam: float) -> list[list[float]] | None:
 
 
 def run(name: str, c, workdir: Path) -> dict[str, Any]:
+    """Trains (or resumes, or finds finished) one run; returns its final evaluation."""
     t0 = time.time()
     print(f"\n=== {name}: activation={c.model.activation} steps={c.train.steps} data.seed={c.data.seed} "
           f"init_from={c.init_from or '-'}", flush=True)
@@ -126,24 +139,44 @@ def run(name: str, c, workdir: Path) -> dict[str, Any]:
     return final
 
 
-def pretrain(workdir: Path, steps: int, quick: bool, eval_batches: int) -> dict[str, Any]:
+@dataclasses.dataclass(frozen=True)
+class Job:
+    """What every task of the job needs (tasks run in worker processes, so this is all they get)."""
+
+    workdir: Path
+    pre_steps: int
+    steps: int
+    quick: bool
+    frontier_batches: int
+    neuron_batches: int
+    rel: tuple[float, ...]
+    cett_targets: tuple[float, ...]
+    cett_calibration_batches: int
+    pplp_batches: int
+
+    @property
+    def start(self) -> Path:
+        return self.workdir / "silu"
+
+
+def pretrain(job: Job) -> dict[str, Any]:
     """The SiLU start of every continued run: warm-up, then constant LR (the continued runs decay it)."""
-    pre = run_config("silu", steps, None, quick, eval_batches)
+    pre = run_config("silu", job.pre_steps, None, job.quick, job.frontier_batches)
     pre.optim.schedule = "constant"
-    pre.optim.warmup_steps = 1 if quick else 20
-    return run("silu", pre, workdir)
+    pre.optim.warmup_steps = 1 if job.quick else 20
+    return run("silu", pre, job.workdir)
 
 
-def continued(workdir: Path, lam: float | None, seed: int, steps: int, quick: bool, keep: bool, eval_batches: int
-              ) -> dict[str, Any]:
+def continued(job: Job, lam: float | None, seed: int, keep: bool) -> dict[str, Any]:
     """One continued run from the SiLU start: the control (lam None) or ReLU at final L1 factor ``lam``; data seed
     ``seed`` orders its training rows (seed 0 is the pretraining's order, so seeds start at 1)."""
-    c = run_config("silu" if lam is None else "relu", steps, stages_for(lam or 0.0), quick, eval_batches)
-    c.init_from = str(workdir / "silu")
+    c = run_config("silu" if lam is None else "relu", job.steps, stages_for(lam or 0.0), job.quick,
+                   job.frontier_batches)
+    c.init_from = str(job.start)
     c.data.seed = seed
     if keep:  # 6 checkpoints: the Sparsing Law fit's inputs (control, lambda 0) and the dead-neuron-vs-step figure
-        c.train.checkpoint_every = c.train.keep_period = max(steps // 6, 1)
-    return run(run_name(lam, seed), c, workdir)
+        c.train.checkpoint_every = c.train.keep_period = max(job.steps // 6, 1)
+    return run(run_name(lam, seed), c, job.workdir)
 
 
 def train_loss(workdir: Path) -> float:
@@ -163,21 +196,30 @@ class HeldOut:
         self._corpus = corpus_lib.open_corpus(self._data)
         self._tokenizer = corpus_lib.load_tokenizer(start / "tokenizer.json")
 
+    @functools.lru_cache(maxsize=4)  # noqa: B019 (one HeldOut per process, kept for the process's life)
     def batches(self, num_batches: int) -> list[dict[str, np.ndarray]]:
         return data_lib.make_eval_batches(self._corpus, self._tokenizer, seq_len=self._data.seq_len, batch_size=8,
                                           num_batches=num_batches)
 
 
-def method_points(workdir: Path, batches: list[dict[str, Any]], control_loss: float, rel: list[float],
-                  cett_targets: list[float]) -> dict[str, Any]:
-    """A run's frontier points: CETT targets for the SiLU control, FATReLU thresholds (relative to the run's mean
-    positive gate activation) for a ReLU run; ``dloss`` against ``control_loss`` on the same batches."""
+held_out = functools.lru_cache(maxsize=2)(HeldOut)  # one per process and start
+
+
+def method_points(job: Job, workdir: Path, final: dict[str, Any]) -> dict[str, Any]:
+    """A run's frontier points without their gaps (:func:`frontier.with_gaps` adds them once the seed's control is
+    known): CETT targets for the SiLU control (taus bisected on the first ``cett_calibration_batches``), FATReLU
+    thresholds relative to the run's mean positive gate activation for a ReLU run, whose point 0 (the run as trained)
+    is its final evaluation on the same batches."""
+    batches = held_out(job.start).batches(job.frontier_batches)
     cfg, params, _ = ckpt.load_model(workdir)
     if cfg.activation == "silu":
-        return {"kind": "cett", "rows": frontier.cett_points(params, cfg, batches, cett_targets, control_loss)}
+        return {"kind": "cett", "rows": frontier.cett_points(
+            params, cfg, batches, job.cett_targets, calibration=batches[:job.cett_calibration_batches])}
     scale = frontier.positive_gate_mean(params, cfg, batches[:4])
-    rows = frontier.fatrelu_points(params, cfg, batches, [r * scale for r in rel], control_loss)
-    for r, x in zip(rows, rel, strict=True):
+    as_trained = {"threshold": 0.0, "sparsity": final["eval_sparsity"], "loss": final["eval_loss"],
+                  "sparsity_per_layer": final["eval_sparsity_per_layer"]}
+    rows = [as_trained] + frontier.fatrelu_points(params, cfg, batches, [r * scale for r in job.rel[1:]])
+    for r, x in zip(rows, job.rel, strict=True):
         r["relative"] = x
     return {"kind": "fatrelu", "gate_scale": scale, "rows": rows}
 
@@ -212,17 +254,141 @@ def ffn_removed(workdir: Path, batches: list[dict[str, Any]]) -> dict[str, Any]:
             "per_layer_removed": [without([i]) - base for i in range(cfg.n_layers)]}
 
 
-def dead_vs_step(workdir: Path, batches: list[dict[str, Any]], start_rates: np.ndarray) -> list[dict[str, Any]]:
+def dead_vs_step(rates_by_step: dict[int, np.ndarray]) -> list[dict[str, Any]]:
     """Dead fraction (rate < :data:`neurons.DEAD_FREQ`) per layer and mean firing rate of the live neurons at each
-    kept checkpoint of a run, from its start (the SiLU start's positive-gate rates) on."""
+    step of ``{step: [L, d_ff] firing rates}``."""
     rows = []
-    for step in [0] + checkpoint_steps(workdir):
-        rates = start_rates if step == 0 else firing_rates(workdir, batches, step)
+    for step, rates in sorted(rates_by_step.items()):
         live = rates >= neurons.DEAD_FREQ
         rows.append({"step": step, "dead": float((~live).mean()),
                      "dead_per_layer": [float(x) for x in (~live).mean(axis=1)],
                      "live_rate": float(rates[live].mean()) if live.any() else 0.0})
     return rows
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Tasks: each a worker process's unit of work (module-level functions of picklable arguments)
+# ---------------------------------------------------------------------------------------------------------------
+def task_continued(job: Job, lam: float | None, seed: int, first_seed: bool) -> dict[str, Any]:
+    """A continued run and what is measured on it: its final evaluation, its frontier points (no gaps), and on the
+    first seed (every method) its firing rates on the neuron batches and, for the control and lambda = 0, the loss
+    without each FFN."""
+    held = held_out(job.start)
+    final = continued(job, lam, seed, keep=first_seed)
+    wd = job.workdir / run_name(lam, seed)
+    out = {"final": final, "points": method_points(job, wd, final)}
+    if first_seed:
+        out["rates"] = firing_rates(wd, held.batches(job.neuron_batches))
+        if lam is None or lam == 0:
+            out["ffn_removed"] = ffn_removed(wd, held.batches(job.frontier_batches))
+    return out
+
+
+def task_start_rates(job: Job) -> np.ndarray:
+    """The SiLU start's positive-gate firing rates on the neuron batches."""
+    return firing_rates(job.start, held_out(job.start).batches(job.neuron_batches))
+
+
+def task_star(job: Job, lam_star: float, first_seed: int) -> dict[str, Any]:
+    """lambda*'s loss without each FFN and its firing rates (frontier batches) at every kept checkpoint."""
+    wd, batches = job.workdir / run_name(lam_star, first_seed), held_out(job.start).batches(job.frontier_batches)
+    return {"ffn_removed": ffn_removed(wd, batches),
+            "rates_per_step": {s: firing_rates(wd, batches, s) for s in checkpoint_steps(wd)}}
+
+
+def task_regime(job: Job, first_seed: int) -> dict[str, Any]:
+    """The control's CETT-PPL-1% activation ratio (sparse-forward count): how far the miniature is from the papers'
+    regime."""
+    pplp = analyze_lib.analyze(job.workdir / run_name(None, first_seed), "stdlib", "pplp", 1.0,
+                               job.workdir / "analysis" / "control_pplp_1", num_batches=1 if job.quick
+                               else job.pplp_batches, pplp_steps=3 if job.quick else 8, batch_size=8,
+                               progress=False, overwrite=True)
+    return {"control_cett_ppl1_ratio": pplp["activation_ratio"], "control_cett_ppl1_ppl_ratio": pplp["ppl_ratio"],
+            "paper_silu_ratio": PAPER_SILU_PPL1_RATIO}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Workers: ``parallel`` processes, each pinned to its share of the cores (two one-thread runs at once train 1.22x
+# faster than one two-thread run after the other on 2 cores: docs/benchmarks.md), output to <workdir>/logs/
+# ---------------------------------------------------------------------------------------------------------------
+_worker_log_dir: Path | None = None  # set in worker processes only
+
+
+def _init_worker(cache_dir: str, log_dir: str, cores: Any) -> None:
+    global _worker_log_dir
+    os.sched_setaffinity(0, cores.get())
+    logging.set_verbosity(logging.WARNING)
+    jax.config.update("jax_compilation_cache_dir", cache_dir)
+    _worker_log_dir = Path(log_dir)
+
+
+def _logged(name: str, fn: Callable[..., Any], *args: Any) -> Any:
+    """Runs ``fn(*args)``; in a worker with its stdout and stderr appended to ``<workdir>/logs/<name>.log``."""
+    if _worker_log_dir is None:
+        return fn(*args)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    with open(_worker_log_dir / f"{name}.log", "a") as log:
+        os.dup2(log.fileno(), 1)
+        os.dup2(log.fileno(), 2)
+        try:
+            return fn(*args)
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            os.close(saved[0])
+            os.close(saved[1])
+
+
+class _Inline(concurrent.futures.Executor):
+    """``--parallel=1``: every task runs in this process when submitted (its output on this terminal)."""
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> concurrent.futures.Future:
+        f: concurrent.futures.Future = concurrent.futures.Future()
+        try:
+            f.set_result(fn(*args, **kwargs))
+        except Exception as e:  # noqa: BLE001 (re-raised by result(), as a worker's would be)
+            f.set_exception(e)
+        return f
+
+
+@contextlib.contextmanager
+def workers(job: Job, parallel: int) -> Iterator[concurrent.futures.Executor]:
+    """``parallel`` worker processes, each pinned to ``cores // parallel`` cores (one thread each when that is 1);
+    ``parallel`` 1: this process."""
+    if parallel == 1:
+        yield _Inline()
+        return
+    cores = sorted(os.sched_getaffinity(0))
+    share = len(cores) // parallel
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    for i in range(parallel):
+        queue.put(set(cores[i * share:(i + 1) * share]))
+    log_dir = job.workdir / "logs"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    saved = os.environ.get("XLA_FLAGS")
+    if share == 1:  # XLA:CPU's own thread pools off: one thread per worker
+        os.environ["XLA_FLAGS"] = (saved or "") + " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+    try:
+        with concurrent.futures.ProcessPoolExecutor(
+                parallel, mp_context=ctx, initializer=_init_worker,
+                initargs=(str(job.workdir.absolute() / ".jax_cache"), str(log_dir), queue)) as pool:
+            for _ in range(parallel):  # start them all now, under this environment
+                pool.submit(int)
+            try:
+                yield pool
+            except BaseException:
+                pool.shutdown(wait=True, cancel_futures=True)
+                raise
+    finally:
+        if saved is None:
+            os.environ.pop("XLA_FLAGS", None)
+        else:
+            os.environ["XLA_FLAGS"] = saved
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -321,7 +487,8 @@ def tables(res: dict[str, Any]) -> str:
     md += ["", f"Frontier, data seed {res['seeds'][0]} ({fr['tokens']:,} held-out tokens; Δloss in nats against the "
            "control's dense loss on the same tokens; each method's thresholds: FATReLU at "
            f"{', '.join(f'{x:g}' for x in res['relative_thresholds'])} × the run's mean positive gate activation, CETT "
-           f"targets {', '.join(f'{x:g}' for x in res['cett_targets'])} for the control; 'interp.' = read between two "
+           f"targets {', '.join(f'{x:g}' for x in res['cett_targets'])} for the control (taus bisected on the first "
+           f"{res['cett_calibration_tokens']:,} tokens); 'interp.' = read between two "
            "measured points of the front):", "",
            "| method | sparsity as trained | Δloss as trained | "
            + " | ".join(f"Δloss at {100 * t:g}%" for t in TARGETS) + " | max sparsity within +1% PPL |",
@@ -482,7 +649,8 @@ def _floats(holder: flags.FlagHolder) -> list[float]:
 
 
 def _check_flags() -> tuple[list[float], list[float], list[float]]:
-    for holder in (_PRETRAIN, _STEPS, _SEEDS, _FRONTIER_BATCHES, _NEURON_BATCHES, _PPLP_BATCHES):
+    for holder in (_PRETRAIN, _STEPS, _SEEDS, _FRONTIER_BATCHES, _NEURON_BATCHES, _PPLP_BATCHES, _CETT_CALIBRATION,
+                   _PARALLEL):
         if holder.value <= 0:
             raise UsageError(f"--{holder.name}: must be a positive integer, got {holder.value}")
     lams, rel, cett = _floats(_LAMBDAS), sorted(_floats(_REL)), sorted(_floats(_CETT))
@@ -494,57 +662,80 @@ def _check_flags() -> tuple[list[float], list[float], list[float]]:
     return sorted(set(lams)), rel, cett
 
 
-def _run() -> str:
-    """The job (flags parsed); returns the closing line."""
-    logging.set_verbosity(logging.WARNING)  # orbax / tfds INFO lines would drown the progress bars
+def _job() -> tuple[Job, list[float], list[int]]:
+    """The job's settings from the flags (checked): (job, lambdas, seeds)."""
     workdir = files.check_output_path(_WORKDIR.value, "--workdir")  # a file in the way: refused before any training
     lams, rel, cett_targets = _check_flags()
     quick = _QUICK.value
-    pre_steps, steps = (6, 6) if quick else (_PRETRAIN.value, _STEPS.value)
     n_seeds = min(_SEEDS.value, 2) if quick else _SEEDS.value
     if quick:  # lambda 0 and one L1 factor (2e-4 when given: the one the README's commands use)
         positive = [v for v in lams if v > 0]
         lams = [0.0, 2e-4 if 2e-4 in positive else positive[0]]
-    seeds = list(range(1, n_seeds + 1))
+    pre_steps, steps = (6, 6) if quick else (_PRETRAIN.value, _STEPS.value)
     nf, nn = (2, 2) if quick else (_FRONTIER_BATCHES.value, _NEURON_BATCHES.value)
-    t_start = time.time()
-    # Runs of one shape (the seeds' repeats, every evaluation) reuse their compiled programs from the workdir's cache
-    jax.config.update("jax_compilation_cache_dir", str(workdir.absolute() / ".jax_cache"))
-    finals = {"silu": pretrain(workdir, pre_steps, quick, nf)}
-    held = HeldOut(workdir / "silu")
-    front_batches = held.batches(nf)
+    job = Job(workdir=workdir, pre_steps=pre_steps, steps=steps, quick=quick, frontier_batches=nf,
+              neuron_batches=nn, rel=tuple(rel), cett_targets=tuple(cett_targets),
+              cett_calibration_batches=min(_CETT_CALIBRATION.value, nf), pplp_batches=_PPLP_BATCHES.value)
+    return job, lams, list(range(1, n_seeds + 1))
+
+
+def schedule(job: Job, lams: list[float], seeds: list[int], pool: concurrent.futures.Executor
+             ) -> tuple[dict[tuple, Any], float]:
+    """Runs every task on ``pool``, each as soon as what it needs exists: the first seed's runs (every method), the
+    SiLU start's rates, the other seeds' control and lambda = 0; lambda*'s seeds and checkpoints once the first seed's
+    fronts choose it; the regime once the control is trained. Returns ({task key: result}, lambda*)."""
     first = seeds[0]
-    for lam in [None] + lams:  # the first seed: every method
-        finals[run_name(lam, first)] = continued(workdir, lam, first, steps, quick, True, nf)
+    pending: dict[concurrent.futures.Future, tuple] = {}
+    results: dict[tuple, Any] = {}
+    t0 = time.time()
 
-    print("\n=== measuring the frontier of every method", flush=True)
+    def submit(key: tuple, name: str, fn: Callable[..., Any], *args: Any) -> None:
+        pending[pool.submit(_logged, name, fn, *args)] = key
 
-    def control_loss(seed: int) -> float:
-        cfg, params, _ = ckpt.load_model(workdir / run_name(None, seed))
-        return evaluator(cfg)(params, front_batches)["eval_loss"]
-
-    points: dict[str, dict[str, dict[str, Any]]] = {}  # run name -> method points
-    base = {s: None for s in seeds}
-
-    def measure_run(lam: float | None, seed: int) -> dict[str, Any]:
-        if base[seed] is None:
-            base[seed] = control_loss(seed)
-        name = run_name(lam, seed)
-        points[name] = method_points(workdir / name, front_batches, base[seed], rel, cett_targets)
-        return points[name]
-
-    fronts: dict[str, dict[str, Any]] = {}
     for lam in [None] + lams:
-        fronts["control" if lam is None else lambda_text(lam)] = {**read_front(measure_run(lam, first)["rows"]),
-                                                            "rows": points[run_name(lam, first)]["rows"]}
-    lam_star = choose_lambda_star({float(k): v for k, v in fronts.items() if k != "control"})
-    print(f"=== lambda* = {lambda_text(lam_star)} (highest sparsity within +1% perplexity)", flush=True)
+        submit(("run", lam, first), run_name(lam, first), task_continued, job, lam, first, True)
+    submit(("start_rates",), "silu_rates", task_start_rates, job)
     for seed in seeds[1:]:
-        for lam in (None, 0.0, lam_star):
-            finals[run_name(lam, seed)] = continued(workdir, lam, seed, steps, quick, False, nf)
-            measure_run(lam, seed)
-    t_train_and_front = time.time() - t_start
+        for lam in (None, 0.0):
+            submit(("run", lam, seed), run_name(lam, seed), task_continued, job, lam, seed, False)
+    lam_star = None
+    while pending:
+        done, _ = concurrent.futures.wait(pending, return_when=concurrent.futures.FIRST_COMPLETED)
+        for f in done:
+            key = pending.pop(f)
+            results[key] = f.result()
+            if key[0] == "run":
+                final = results[key]["final"]
+                print(f"=== {run_name(key[1], key[2])} trained and measured ({time.time() - t0:.0f}s into the runs): "
+                      f"eval_loss={final['eval_loss']:.4f} sparsity={final['eval_sparsity']:.4f}", flush=True)
+            if key == ("run", None, first):
+                submit(("regime",), "regime", task_regime, job, first)
+        if lam_star is None and all(("run", lam, first) in results for lam in [None] + lams):
+            base = results[("run", None, first)]["final"]["eval_loss"]
+            lam_star = choose_lambda_star({lam: read_front(frontier.with_gaps(
+                results[("run", lam, first)]["points"]["rows"], base)) for lam in lams if lam > 0})
+            print(f"=== lambda* = {lambda_text(lam_star)} (highest sparsity within +1% perplexity)", flush=True)
+            for seed in seeds[1:]:
+                submit(("run", lam_star, seed), run_name(lam_star, seed), task_continued, job, lam_star, seed, False)
+            submit(("star",), "lambda_star_checkpoints", task_star, job, lam_star, first)
+    assert lam_star is not None
+    return results, lam_star
 
+
+def assemble(job: Job, lams: list[float], seeds: list[int], lam_star: float, results: dict[tuple, Any],
+             finals: dict[str, Any]) -> dict[str, Any]:
+    """The job's results (``results.json``) from its tasks' results."""
+    first = seeds[0]
+    base = {s: results[("run", None, s)]["final"]["eval_loss"] for s in seeds}
+    points = {}
+    for (kind, *rest), r in results.items():
+        if kind == "run":
+            lam, seed = rest
+            points[run_name(lam, seed)] = {**r["points"], "rows": frontier.with_gaps(r["points"]["rows"], base[seed])}
+            finals[run_name(lam, seed)] = r["final"]
+    fronts = {("control" if lam is None else lambda_text(lam)): {**read_front(points[run_name(lam, first)]["rows"]),
+                                                                 "rows": points[run_name(lam, first)]["rows"]}
+              for lam in [None] + lams}
     per_seed = []
     for seed in seeds:
         fronts_s = [read_front(points[run_name(lam, seed)]["rows"]) for lam in (None, 0.0, lam_star)]
@@ -555,51 +746,64 @@ def _run() -> str:
         if len(rows) > 1:
             seed_points[key] = {"sparsity": [[r["sparsity"] for r in rr] for rr in rows],
                                 "dloss": [[r["dloss"] for r in rr] for rr in rows]}
-
-    print("\n=== dead neurons, FFN removal, regime", flush=True)
-    neuron_batches = held.batches(nn)
-    start_rates = firing_rates(workdir / "silu", neuron_batches)
-    rates = {"SiLU start (gate > 0)": start_rates}
-    for lam in [None] + lams:
-        rates[run_name(lam, first)] = firing_rates(workdir / run_name(lam, first), neuron_batches)
+    start_rates = results[("start_rates",)]
+    rates = {"SiLU start (gate > 0)": start_rates} | {run_name(lam, first): results[("run", lam, first)]["rates"]
+                                                       for lam in [None] + lams}
     star, a_name = run_name(lam_star, first), run_name(0.0, first)
+    neuron_batches = held_out(job.start).batches(job.neuron_batches)
     tokens = int(sum(float((np.asarray(b["segment_ids"]) != 0).sum()) for b in neuron_batches))
-    neurons_res = {"tokens": tokens, "tiers": {n: neurons.dead_neuron_tiers(r, tokens) for n, r in rates.items()},
-               "gain_split": neurons.sparsity_gain_split(rates[a_name], rates[star], start_rates),
-               "gain_split_per_lambda": {lambda_text(lam): neurons.sparsity_gain_split(
-                   rates[a_name], rates[run_name(lam, first)], start_rates) for lam in lams if lam > 0},
-               "ffn_removed": {n: ffn_removed(workdir / n, front_batches)
-                               for n in (run_name(None, first), a_name, star)},
-               "dead_vs_step": dead_vs_step(workdir / star, front_batches, start_rates)}
-    kw = dict(batch_size=8, progress=False, overwrite=True)
-    pplp = analyze_lib.analyze(workdir / run_name(None, first), "stdlib", "pplp", 1.0,
-                               workdir / "analysis" / "control_pplp_1", num_batches=1 if quick else _PPLP_BATCHES.value,
-                               pplp_steps=3 if quick else 8, **kw)
-    regime = {"control_cett_ppl1_ratio": pplp["activation_ratio"], "control_cett_ppl1_ppl_ratio": pplp["ppl_ratio"],
-              "paper_silu_ratio": PAPER_SILU_PPL1_RATIO}
-
+    front_batches = held_out(job.start).batches(job.frontier_batches)
+    neurons_res = {
+        "tokens": tokens, "tiers": {n: neurons.dead_neuron_tiers(r, tokens) for n, r in rates.items()},
+        "gain_split": neurons.sparsity_gain_split(rates[a_name], rates[star], start_rates),
+        "gain_split_per_lambda": {lambda_text(lam): neurons.sparsity_gain_split(
+            rates[a_name], rates[run_name(lam, first)], start_rates) for lam in lams if lam > 0},
+        "ffn_removed": {run_name(None, first): results[("run", None, first)]["ffn_removed"],
+                        a_name: results[("run", 0.0, first)]["ffn_removed"], star: results[("star",)]["ffn_removed"]},
+        "dead_vs_step": dead_vs_step({0: start_rates} | results[("star",)]["rates_per_step"])}
     runs = {}
     for name, f in finals.items():
         lam = None if name.startswith(("silu", "control")) else float(name[len("lambda"):].split("_")[0])
         seed = 0 if name == "silu" else int(name.rsplit("seed", 1)[1])
         runs[name] = {"activation": "relu" if lam is not None else "silu", "lambda": lam, "seed": seed,
-                      "steps_total": pre_steps + (0 if name == "silu" else steps), "sparsity": f["eval_sparsity"],
-                      "eval_loss": f["eval_loss"], "train_loss": train_loss(workdir / name),
-                      "per_layer": f["eval_sparsity_per_layer"]}
-    res = {"runs": runs, "seeds": seeds, "lambdas": lams, "lambda_star": lam_star, "relative_thresholds": rel,
-           "cett_targets": cett_targets, "points": points, "seed_points": seed_points,
-           "frontier": {"tokens": int(sum(float(np.asarray(b["weights"]).sum()) for b in front_batches)),
-                        "methods": fronts},
-           "seed_table": seed_stats(per_seed), "per_seed": per_seed, "neurons": neurons_res, "regime": regime,
-           "pretrain_steps": pre_steps, "steps": steps, "stages": prosparse_configs.TINY_STAGES, "quick": quick,
-           "train_and_frontier_seconds": t_train_and_front}
+                      "steps_total": job.pre_steps + (0 if name == "silu" else job.steps),
+                      "sparsity": f["eval_sparsity"], "eval_loss": f["eval_loss"],
+                      "train_loss": train_loss(job.workdir / name), "per_layer": f["eval_sparsity_per_layer"]}
+    return {"runs": runs, "seeds": seeds, "lambdas": lams, "lambda_star": lam_star,
+            "relative_thresholds": list(job.rel), "cett_targets": list(job.cett_targets),
+            "cett_calibration_tokens": int(sum(float(np.asarray(b["weights"]).sum())
+                                               for b in front_batches[:job.cett_calibration_batches])),
+            "points": points, "seed_points": seed_points,
+            "frontier": {"tokens": int(sum(float(np.asarray(b["weights"]).sum()) for b in front_batches)),
+                         "methods": fronts},
+            "seed_table": seed_stats(per_seed), "per_seed": per_seed, "neurons": neurons_res,
+            "regime": results[("regime",)], "pretrain_steps": job.pre_steps, "steps": job.steps,
+            "stages": prosparse_configs.TINY_STAGES, "quick": job.quick}
+
+
+def _run() -> str:
+    """The job (flags parsed); returns the closing line."""
+    logging.set_verbosity(logging.WARNING)  # orbax / tfds INFO lines would drown the progress bars
+    job, lams, seeds = _job()
+    parallel = _PARALLEL.value
+    t_start = time.time()
+    # Runs of one shape (the seeds' repeats, every evaluation) reuse their compiled programs from the workdir's cache
+    jax.config.update("jax_compilation_cache_dir", str(job.workdir.absolute() / ".jax_cache"))
+    finals = {"silu": pretrain(job)}
+    held_out(job.start).batches(job.frontier_batches)  # the held-out split prepared before the workers read it
+    print(f"\n=== {1 + len(lams) + 3 * (len(seeds) - 1)} continued runs and their measurements, {parallel} at a time"
+          + (f" (logs: {job.workdir / 'logs'})" if parallel > 1 else ""), flush=True)
+    with workers(job, parallel) as pool:
+        results, lam_star = schedule(job, lams, seeds, pool)
+    res = assemble(job, lams, seeds, lam_star, results, finals)
+    res["parallel"] = parallel
     md = tables(res)
     print("\n" + md)
-    plots = plot(workdir, res)
+    plots = plot(job.workdir, res)
     res["total_seconds"] = time.time() - t_start
-    files.write_text_atomic(workdir / "results.json", json.dumps(res, indent=2))
-    files.write_text_atomic(workdir / "results.md", md + "\n")
-    return (f"\nresults: {workdir / 'results.json'}, {workdir / 'results.md'}; figures: "
+    files.write_text_atomic(job.workdir / "results.json", json.dumps(res, indent=2))
+    files.write_text_atomic(job.workdir / "results.md", md + "\n")
+    return (f"\nresults: {job.workdir / 'results.json'}, {job.workdir / 'results.md'}; figures: "
             f"{', '.join(str(p) for p in plots)}; total {res['total_seconds']:.0f}s")
 
 

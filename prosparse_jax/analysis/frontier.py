@@ -151,39 +151,48 @@ def positive_gate_mean(params: Params, cfg: ModelConfig, batches: list[dict[str,
     return total / max(count, 1.0)
 
 
-def fatrelu_points(params: Params, cfg: ModelConfig, batches: list[dict[str, Any]], thresholds: Sequence[float],
-                   control_loss: float) -> list[dict[str, Any]]:
+def fatrelu_points(params: Params, cfg: ModelConfig, batches: list[dict[str, Any]], thresholds: Sequence[float]
+                   ) -> list[dict[str, Any]]:
     """FATReLU at each absolute threshold t (x1 kept where act(gate) >= t, every layer; t = 0 is the model as
-    trained): activation sparsity counted in that sparse forward, loss and its gap to ``control_loss``."""
+    trained): activation sparsity counted in that sparse forward and the loss (:func:`with_gaps` adds the gap)."""
     forward = _fat_forward(cfg)
     rows = []
     for t in thresholds:
         sums = measure.sparse_pass(forward, params, batches, [float(t)] * cfg.n_layers)
         ratio_L = sums.activation_ratio_L
         rows.append({"threshold": float(t), "sparsity": float(1.0 - ratio_L.mean()), "loss": sums.loss,
-                     "dloss": sums.loss - control_loss, "sparsity_per_layer": [float(1 - r) for r in ratio_L]})
+                     "sparsity_per_layer": [float(1 - r) for r in ratio_L]})
     return rows
 
 
-def cett_points(params: Params, cfg: ModelConfig, batches: list[dict[str, Any]], targets: Sequence[float],
-                control_loss: float) -> list[dict[str, Any]]:
-    """CETT truncation at each shared target (per-layer taus bisected on the dense forward's x1, Sparsing Law §4.1;
-    neurons with |x1_i| * ||W_down[i]|| <= tau_l dropped): sparsity counted in the sparse forward, loss and gap."""
+def cett_points(params: Params, cfg: ModelConfig, batches: list[dict[str, Any]], targets: Sequence[float], *,
+                calibration: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+    """CETT truncation at each shared target (per-layer taus bisected on the dense forward's x1 of ``calibration``,
+    default ``batches``; Sparsing Law §4.1; neurons with |x1_i| * ||W_down[i]|| <= tau_l dropped): sparsity counted
+    in the sparse forward on ``batches`` and the loss (:func:`with_gaps` adds the gap). The CETT reached on the
+    calibration batches is recorded as ``cett``."""
     capture = _capture(cfg)
     cached = []
-    for b in batches:
+    for b in batches if calibration is None else calibration:
         x1_LxBxTxF = capture(params, b)[2]
         cached.append((x1_LxBxTxF, b["segment_ids"] != 0))
     cache = sparsity.CETTCache(params["layers"]["w_down_LxFxD"], cached)
     forward = _tau_forward(cfg)
     rows = []
     for target in targets:
-        taus_L, _ = cache.bisect(float(target))
+        taus_L, cett_L = cache.bisect(float(target))
         sums = measure.sparse_pass(forward, params, batches, taus_L)
         ratio_L = sums.activation_ratio_L
-        rows.append({"cett_target": float(target), "sparsity": float(1.0 - ratio_L.mean()), "loss": sums.loss,
-                     "dloss": sums.loss - control_loss, "sparsity_per_layer": [float(1 - r) for r in ratio_L]})
+        rows.append({"cett_target": float(target), "cett": float(np.mean(cett_L)),
+                     "sparsity": float(1.0 - ratio_L.mean()), "loss": sums.loss,
+                     "sparsity_per_layer": [float(1 - r) for r in ratio_L]})
     return rows
+
+
+def with_gaps(rows: Iterable[dict[str, Any]], control_loss: float) -> list[dict[str, Any]]:
+    """``rows`` (from :func:`fatrelu_points` / :func:`cett_points`) with ``dloss`` = loss - ``control_loss`` (the
+    control measured on the same batches)."""
+    return [{**r, "dloss": r["loss"] - control_loss} for r in rows]
 
 
 def points(rows: Iterable[dict[str, Any]], setting_key: str) -> list[Point]:

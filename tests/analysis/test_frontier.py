@@ -86,7 +86,7 @@ def test_fatrelu_points_match_the_models_own_fatrelu(model_and_batches):
     scale = frontier.positive_gate_mean(params, cfg, batches)
     assert scale > 0
     control = 1.5
-    rows = frontier.fatrelu_points(params, cfg, batches, [0.0, 0.5 * scale, 2 * scale], control)
+    rows = frontier.with_gaps(frontier.fatrelu_points(params, cfg, batches, [0.0, 0.5 * scale, 2 * scale]), control)
     dense = make_evaluate(cfg)(params, batches)
     assert rows[0]["loss"] == pytest.approx(dense["eval_loss"], rel=1e-5)
     assert rows[0]["sparsity"] == pytest.approx(dense["eval_sparsity"], rel=1e-6)
@@ -101,7 +101,21 @@ def test_fatrelu_points_match_the_models_own_fatrelu(model_and_batches):
 def test_cett_points_drop_more_neurons_as_the_target_grows(model_and_batches):
     cfg, params, batches = model_and_batches
     cfg = cfg.replace(activation="silu")
-    rows = frontier.cett_points(params, cfg, batches, [0.0, 0.05, 0.3], control_loss=0.0)
+    rows = frontier.cett_points(params, cfg, batches, [0.0, 0.05, 0.3])
     assert rows[0]["sparsity"] == pytest.approx(0.0, abs=1e-6)  # SiLU: no exact zeros, target 0 drops nothing
     assert rows[0]["sparsity"] < rows[1]["sparsity"] < rows[2]["sparsity"] < 1
     assert jax.numpy.isfinite(rows[2]["loss"])
+    assert all(r["cett"] <= t for r, t in zip(rows, [0.0, 0.05, 0.3], strict=True))  # bisection ends below
+    assert rows[2]["cett"] > 0.25
+
+
+def test_cett_points_calibrated_on_other_batches_measure_on_their_own(model_and_batches):
+    """Taus bisected on a calibration subset, measured on every batch: the same taus as bisecting on that subset."""
+    cfg, params, batches = model_and_batches
+    cfg = cfg.replace(activation="silu")
+    sub = frontier.cett_points(params, cfg, batches[:1], [0.2])[0]
+    calibrated = frontier.cett_points(params, cfg, batches, [0.2], calibration=batches[:1])[0]
+    full = frontier.cett_points(params, cfg, batches, [0.2])[0]
+    assert calibrated["cett"] == sub["cett"]  # same calibration data, same taus
+    assert calibrated["loss"] != sub["loss"]  # measured on both batches
+    assert calibrated["cett"] != full["cett"]
