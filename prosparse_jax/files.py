@@ -38,8 +38,13 @@ def parse_size(text: str, what: str = "size") -> int:
 # ---------------------------------------------------------------------------------------------------------------
 # Inputs
 # ---------------------------------------------------------------------------------------------------------------
-def read_json(path: str | os.PathLike, what: str = "file") -> Any:
-    """``json.loads`` of a file; a missing or corrupt file is an :class:`InputError` naming it."""
+RESTORE = "restore or regenerate it"
+_JSON_KINDS = {list: "an array", str: "a string", int: "a number", float: "a number", bool: "true/false",
+               type(None): "null"}
+
+
+def read_json(path: str | os.PathLike, what: str = "file", fix: str = RESTORE) -> Any:
+    """``json.loads`` of a file; a missing or corrupt file is an :class:`InputError` naming it (and ``fix``)."""
     path = Path(path)
     try:
         return json.loads(path.read_text())
@@ -47,7 +52,17 @@ def read_json(path: str | os.PathLike, what: str = "file") -> Any:
         raise InputError(f"{path}: {what} not found") from None
     except (ValueError, OSError) as e:
         detail = f"line {e.lineno} column {e.colno}: {e.msg}" if isinstance(e, json.JSONDecodeError) else str(e)
-        raise InputError(f"{path}: not valid JSON ({detail}); restore or regenerate it") from None
+        raise InputError(f"{path}: not valid JSON ({detail}); {fix}") from None
+
+
+def read_json_object(path: str | os.PathLike, what: str = "file", fix: str = RESTORE) -> dict[str, Any]:
+    """:func:`read_json` of a file that must hold a JSON object (a config.json, a manifest); anything else is an
+    :class:`InputError` naming what it holds and ``fix``."""
+    raw = read_json(path, what, fix)
+    if not isinstance(raw, dict):
+        kind = _JSON_KINDS.get(type(raw), type(raw).__name__)
+        raise InputError(f"{path}: not a JSON object but {kind} {json.dumps(raw)[:40]}; {fix}")
+    return raw
 
 
 def read_text(path: str | os.PathLike, what: str = "file") -> str:
@@ -68,9 +83,9 @@ def check_model_path(path: str | os.PathLike | None, what: str) -> Path:
         raise UsageError(f"{what}: {path} does not exist")
     if path.is_file():
         raise UsageError(f"{what}: {path} is a file; give the workdir or HF model folder it is in")
-    if (path / "config.json").is_file() and not isinstance(read_json(path / "config.json", "config.json"), dict):
-        raise InputError(f"{path / 'config.json'}: not a JSON object; delete it (a workdir's is restored from its "
-                         "latest checkpoint) or regenerate it (an HF folder's: export it again)")
+    if (path / "config.json").is_file():
+        read_json_object(path / "config.json", "config.json", "delete it (a workdir's is restored from its latest "
+                         "checkpoint) or regenerate it (an HF folder's: export it again)")
     return path
 
 

@@ -50,8 +50,6 @@ _EXPORT_FILE_RE = re.compile(
     r"pytorch_model\.bin\.index\.json|config\.json|generation_config\.json|tokenizer\.json|tokenizer_config\.json|"
     r"special_tokens_map\.json|configuration_prosparse\.py|modeling_prosparse\.py)$"
 )
-_JSON_TYPES = {list: "an array", str: "a string", int: "a number", float: "a number", bool: "true/false",
-               type(None): "null"}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -66,11 +64,7 @@ def read_config_json(folder: str | os.PathLike) -> dict[str, Any] | None:
     path = Path(folder) / "config.json"
     if not path.is_file():
         return None
-    raw = files.read_json(path, "config.json")
-    if not isinstance(raw, dict):
-        raise InputError(f"{path}: not a JSON object but {_JSON_TYPES.get(type(raw), type(raw).__name__)}; restore "
-                         "or regenerate it")
-    return raw
+    return files.read_json_object(path, "config.json")
 
 
 def tensor_digests(tensors: Mapping[str, np.ndarray]) -> dict[str, str]:

@@ -32,7 +32,7 @@ from absl import logging
 from prosparse_jax import files
 from prosparse_jax.config import ModelConfig, model_config_from_dict, to_dict
 from prosparse_jax.digest import DIGEST_ALGORITHM, digests
-from prosparse_jax.errors import CheckpointError, CorruptCheckpointError, InputError, OutputError
+from prosparse_jax.errors import CheckpointError, CorruptCheckpointError, OutputError
 from prosparse_jax.model.transformer import Params, abstract_params
 
 CKPT_DIR = "checkpoints"
@@ -332,13 +332,7 @@ def read_config_json(workdir: str | os.PathLike) -> dict[str, Any] | None:
     step = latest_step(workdir)
     fix = (f"delete it and rerun: it is restored from checkpoint {step}, which carries the run config"
            if step is not None else "restore it, or start again in a new workdir")
-    try:
-        raw = files.read_json(path, "config.json")
-    except InputError as e:
-        raise InputError(f"{e}; or {fix}") from None
-    if not isinstance(raw, dict):
-        raise InputError(f"{path}: not a JSON object but {json.dumps(raw)[:40]}; {fix}")
-    return raw
+    return files.read_json_object(path, "config.json", fix)
 
 
 def checkpoint_run_config(workdir: str | os.PathLike, step: int) -> dict[str, Any] | None:
