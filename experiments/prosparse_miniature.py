@@ -474,7 +474,12 @@ def summary_rows(res: dict[str, Any]) -> list[str]:
 
 
 def tables(res: dict[str, Any]) -> str:
-    lam_star = res["lambda_star"]
+    """The job's tables (``results.md``)."""
+    return "\n".join([*runs_table(res), "", *frontier_table(res), "", *seed_tables(res), "", *neuron_tables(res), "",
+                      regime_line(res["regime"])])
+
+
+def runs_table(res: dict[str, Any]) -> list[str]:
     md = [f"Runs (held-out: the run's final evaluation on the frontier's {res['frontier']['tokens']:,} tokens; train "
           "loss: mean of the last logged interval):",
           "", "| run | activation | final λ | data seed | steps | activation sparsity | train loss | held-out loss |",
@@ -483,30 +488,40 @@ def tables(res: dict[str, Any]) -> str:
         lam = "–" if r["lambda"] is None else lambda_text(r['lambda'])
         md.append(f"| {name} | {r['activation']} | {lam} | {r['seed']} | {r['steps_total']} | "
                   f"{100 * r['sparsity']:.2f}% | {r['train_loss']:.4f} | {r['eval_loss']:.4f} |")
+    return md
+
+
+def frontier_table(res: dict[str, Any]) -> list[str]:
     fr = res["frontier"]
-    md += ["", f"Frontier, data seed {res['seeds'][0]} ({fr['tokens']:,} held-out tokens; Δloss in nats against the "
-           "control's dense loss on the same tokens; each method's thresholds: FATReLU at "
-           f"{', '.join(f'{x:g}' for x in res['relative_thresholds'])} × the run's mean positive gate activation, CETT "
-           f"targets {', '.join(f'{x:g}' for x in res['cett_targets'])} for the control (taus bisected on the first "
-           f"{res['cett_calibration_tokens']:,} tokens); 'interp.' = read between two "
-           "measured points of the front):", "",
-           "| method | sparsity as trained | Δloss as trained | "
-           + " | ".join(f"Δloss at {100 * t:g}%" for t in TARGETS) + " | max sparsity within +1% PPL |",
-           "|---|---|---|" + "---|" * (len(TARGETS) + 1)]
+    md = [f"Frontier, data seed {res['seeds'][0]} ({fr['tokens']:,} held-out tokens; Δloss in nats against the "
+          "control's dense loss on the same tokens; each method's thresholds: FATReLU at "
+          f"{', '.join(f'{x:g}' for x in res['relative_thresholds'])} × the run's mean positive gate activation, CETT "
+          f"targets {', '.join(f'{x:g}' for x in res['cett_targets'])} for the control (taus bisected on the first "
+          f"{res['cett_calibration_tokens']:,} tokens); 'interp.' = read between two "
+          "measured points of the front):", "",
+          "| method | sparsity as trained | Δloss as trained | "
+          + " | ".join(f"Δloss at {100 * t:g}%" for t in TARGETS) + " | max sparsity within +1% PPL |",
+          "|---|---|---|" + "---|" * (len(TARGETS) + 1)]
     for key, f in fr["methods"].items():
         lam = None if key == "control" else float(key)
         a = f["as_trained"]
-        md.append(f"| {method_label(lam, lam_star)} | {100 * a['sparsity']:.2f}% | {a['dloss']:+.4f} | "
+        md.append(f"| {method_label(lam, res['lambda_star'])} | {100 * a['sparsity']:.2f}% | {a['dloss']:+.4f} | "
                   + " | ".join(_reading(f["dloss_at"][f"{t:g}"], 1, "+.4f") for t in TARGETS)
                   + f" | {_reading(f['max_sparsity_1pct'], 100, '.1f', '%')} |")
-    md += ["", f"The seeded methods over data seeds {', '.join(str(x) for x in res['seeds'])} (mean ± sd; Δloss in "
-           "nats against the control on the same tokens, paired per seed):", "",
-           "| method | sparsity as trained | Δloss as trained | Δloss at 95% | Δloss at 98% | max sparsity within +1% "
-           "PPL |", "|---|---|---|---|---|---|", *summary_rows(res)]
-    s = res["seed_table"]
-    md += ["", f"Seeds: data seeds {', '.join(str(x) for x in res['seeds'])} (the continued runs' row order; same "
-           "start and held-out tokens); differences are paired per seed, then mean ± sd (sd to its first significant "
-           "digit):", "", "| quantity | " + " | ".join(f"seed {x}" for x in res["seeds"]) + " | mean ± sd |",
+    return md
+
+
+def seed_tables(res: dict[str, Any]) -> list[str]:
+    """The seeded methods' summary (mean ± sd) and every per-seed quantity."""
+    seeds = ", ".join(str(x) for x in res["seeds"])
+    md = [f"The seeded methods over data seeds {seeds} (mean ± sd; Δloss in nats against the control on the same "
+          "tokens, paired per seed):", "",
+          "| method | sparsity as trained | Δloss as trained | Δloss at 95% | Δloss at 98% | max sparsity within +1% "
+          "PPL |", "|---|---|---|---|---|---|", *summary_rows(res)]
+    s, star = res["seed_table"], f"λ* = {lambda_text(res['lambda_star'])}"
+    md += ["", f"Seeds: data seeds {seeds} (the continued runs' row order; same start and held-out tokens); "
+           "differences are paired per seed, then mean ± sd (sd to its first significant digit):", "",
+           "| quantity | " + " | ".join(f"seed {x}" for x in res["seeds"]) + " | mean ± sd |",
            "|---|" + "---|" * (len(res["seeds"]) + 1)]
     for key, label, scale, fmt in SEED_ROWS:
         if key in s:
@@ -514,15 +529,20 @@ def tables(res: dict[str, Any]) -> str:
             missing = sum(v is None for v in vals)
             summary = (frontier.format_mean_sd(vals, scale) if not missing
                        else f"– ({missing} of {len(vals)} not reached)")
-            md.append(f"| {label.replace('λ*', f'λ* = {lambda_text(lam_star)}')} | "
+            md.append(f"| {label.replace('λ*', star)} | "
                       + " | ".join("not reached" if v is None else format(v * scale, fmt) for v in vals)
                       + f" | {summary} |")
-    n = res["neurons"]
+    return md
+
+
+def neuron_tables(res: dict[str, Any]) -> list[str]:
+    """Dead-neuron tiers per layer, lambda*'s gain split, the loss without each FFN."""
+    n, lam_star = res["neurons"], res["lambda_star"]
     tier_names = [name for name, _ in neurons.DEAD_TIERS]
-    md += ["", f"Dead neurons per layer, layers 0 / 1 / ... ({n['tokens']:,} held-out tokens; a neuron's rate = the "
-           "fraction of tokens with a positive gate; '!' = over half the layer active on < 1e-3 of tokens):", "",
-           "| model | never active | active on < 1e-4 of tokens | active on < 1e-3 of tokens (dead) |",
-           "|---|---|---|---|"]
+    md = [f"Dead neurons per layer, layers 0 / 1 / ... ({n['tokens']:,} held-out tokens; a neuron's rate = the "
+          "fraction of tokens with a positive gate; '!' = over half the layer active on < 1e-3 of tokens):", "",
+          "| model | never active | active on < 1e-4 of tokens | active on < 1e-3 of tokens (dead) |",
+          "|---|---|---|---|"]
     for name, tiers in n["tiers"].items():
         cells = []
         for tier in tier_names:
@@ -532,6 +552,7 @@ def tables(res: dict[str, Any]) -> str:
         md.append(f"| {name} | " + " | ".join(cells) + " |")
     g = n["gain_split"]
     share = "–" if g["share_from_newly_dead"] is None else f"{100 * g['share_from_newly_dead']:.0f}%"
+    n_layers = len(next(iter(n["ffn_removed"].values()))["per_layer_removed"])
     md += ["", f"λ* = {lambda_text(lam_star)} against λ = 0 (same seed): activation ratio down "
            f"{100 * g['gain']:.1f} points, {100 * g['from_newly_dead']:.1f} of them ({share}) from the "
            f"{100 * g['newly_dead_fraction']:.1f}% of neurons that die (median rate before "
@@ -539,17 +560,18 @@ def tables(res: dict[str, Any]) -> str:
            + f"), {100 * g['from_the_rest']:.1f} from the rest (survivors firing less); of λ*'s {g['dead_in_b']} "
            f"dead neurons, {g['dead_in_b_dead_at_start']} had a gate positive on < 1e-3 of tokens at the SiLU "
            "start already.", "", "Loss without the FFN (W_down zeroed; Δ nats against the model's own loss):", "",
-           "| model | held-out loss | all FFNs removed | " + " | ".join(
-               f"layer {i} removed" for i in range(len(next(iter(n["ffn_removed"].values()))["per_layer_removed"])))
-           + " |", "|---|---|---|" + "---|" * len(next(iter(n["ffn_removed"].values()))["per_layer_removed"])]
+           "| model | held-out loss | all FFNs removed | " + " | ".join(f"layer {i} removed" for i in range(n_layers))
+           + " |", "|---|---|---|" + "---|" * n_layers]
     for name, f in n["ffn_removed"].items():
         md.append(f"| {name} | {f['loss']:.4f} | {f['all_removed']:+.3f} | "
                   + " | ".join(f"{x:+.3f}" for x in f["per_layer_removed"]) + " |")
-    reg = res["regime"]
-    md += ["", f"Regime: the control's CETT-PPL-1% activation ratio (counted in the sparse forward) is "
-           f"{100 * reg['control_cett_ppl1_ratio']:.1f}% (PPL ratio {reg['control_cett_ppl1_ppl_ratio']:.4f}); the "
-           f"Sparsing Law's SiLU models sit near {100 * PAPER_SILU_PPL1_RATIO:.0f}%."]
-    return "\n".join(md)
+    return md
+
+
+def regime_line(reg: dict[str, Any]) -> str:
+    return (f"Regime: the control's CETT-PPL-1% activation ratio (counted in the sparse forward) is "
+            f"{100 * reg['control_cett_ppl1_ratio']:.1f}% (PPL ratio {reg['control_cett_ppl1_ppl_ratio']:.4f}); the "
+            f"Sparsing Law's SiLU models sit near {100 * PAPER_SILU_PPL1_RATIO:.0f}%.")
 
 
 SEED_ROWS = (  # (key, label, scale, format)
