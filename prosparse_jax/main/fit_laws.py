@@ -1,7 +1,7 @@
 """Fits the Sparsing Law curves of activation ratio versus training tokens (arXiv 2411.02335), one per run.
 
     python -m prosparse_jax.main.fit_laws --form=relu|silu --out=fit.png [--p=1 --n_search=5 --num_batches=4 \
-        --batch_size=8 --min_step=N --max_step=N --overwrite] <workdir> [<workdir> ...]
+        --batch_size=8 --min_step=N --max_step=N|decay_start --overwrite] <workdir> [<workdir> ...]
     python -m prosparse_jax.main.fit_laws --input=exact_zero --form=relu|silu --out=fit.png <workdir> [...]
     python -m prosparse_jax.main.fit_laws --selftest [--out=selftest.png]
 
@@ -9,12 +9,13 @@
 it when its settings match): a run needs at least (law parameters + 1) kept checkpoints after the warm-up, so train
 with ``train.keep_period`` = ``train.checkpoint_every``. The fit uses the steps in (``--min_step``, ``--max_step``]:
 by default every one after the warm-up; each run's line names the steps used and dropped, and those inside a ``wsd``
-LR decay (``--max_step=<decay start>`` leaves them out). The forms, inputs and self-test:
+LR decay (``--max_step=decay_start`` leaves them out). The forms, inputs and self-test:
 :mod:`prosparse_jax.analysis.law_fit`.
 """
 
 from __future__ import annotations
 
+import argparse
 import sys
 from collections.abc import Sequence
 
@@ -40,14 +41,24 @@ def _parser() -> common.ArgumentParser:
     ap.add_argument("--batch_size", type=int, default=8, help="cett_ppl: sequences per validation batch")
     ap.add_argument("--min_step", type=int, default=None, help="drop the warm-up: steps <= this (default: the "
                     "run's optim.warmup_steps)")
-    ap.add_argument("--max_step", type=int, default=None, help="drop steps > this, e.g. the LR decay of a wsd run "
-                    "(describe prints its decay_start_step; default: no cut, the used steps inside the decay named)")
+    ap.add_argument("--max_step", type=_max_step, default=None, help="drop steps > this: a step, or "
+                    f"{law_fit.DECAY_START!r} = each run's own wsd LR-decay start (describe prints it as "
+                    "decay_start_step); default: no cut, the used steps inside the decay named")
     ap.add_argument("--search_steps", type=int, default=12, help="cett_ppl: bisection steps on the CETT target")
     ap.add_argument("--overwrite", action="store_true", help="cett_ppl: recompute a law_ratios.json computed with "
                     "other settings")
     ap.add_argument("--selftest", action="store_true", help="recover the published coefficients from noisy samples")
     ap.add_argument("--noise", type=float, default=0.005, help="selftest: relative noise")
     return ap
+
+
+def _max_step(text: str) -> int | str:
+    if text == law_fit.DECAY_START:
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a step number or {law_fit.DECAY_START!r}, got {text!r}") from None
 
 
 def _run(argv: Sequence[str] | None) -> int:

@@ -80,6 +80,16 @@ def test_max_step_decay_start_is_the_runs_own_decay_start(tmp_path):
         law_fit.step_window(wd, "exact_zero", max_step="end")
 
 
+def test_fit_laws_cli_takes_max_step_decay_start(tmp_path, capsys):
+    wd = _metrics_run(tmp_path)
+    out = tmp_path / "fit.png"
+    assert fit_laws.main(["--form=silu", "--input=exact_zero", "--max_step=decay_start", f"--out={out}", str(wd)]) == 0
+    text = capsys.readouterr().out
+    assert "after --max_step=80 [85, 90, 95, 100]" in text and out.is_file()
+    assert fit_laws.main(["--form=silu", "--input=exact_zero", "--max_step=end", f"--out={out}", str(wd)]) != 0
+    assert "a step number or 'decay_start', got 'end'" in capsys.readouterr().err
+
+
 def _checkpoint_dirs(tmp_path, steps):
     """A workdir as law_inputs plans it: config.json and checkpoints/<step>/params (nothing in them)."""
     wd = tmp_path / "ckpts"
