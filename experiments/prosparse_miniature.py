@@ -803,6 +803,15 @@ def assemble(job: Job, lams: list[float], seeds: list[int], lam_star: float, res
             "stages": prosparse_configs.TINY_STAGES, "quick": job.quick}
 
 
+def link_lambda_star(workdir: Path, name: str) -> None:
+    """``<workdir>/lambda_star``: a link to lambda*'s first-seed run, the model later commands start from (its
+    predictor, its evaluation), replaced atomically."""
+    tmp = workdir / f".lambda_star.{os.getpid()}"
+    tmp.unlink(missing_ok=True)
+    tmp.symlink_to(name, target_is_directory=True)
+    os.replace(tmp, workdir / "lambda_star")
+
+
 def _run() -> str:
     """The job (flags parsed); returns the closing line."""
     logging.set_verbosity(logging.WARNING)  # orbax / tfds INFO lines would drown the progress bars
@@ -819,6 +828,7 @@ def _run() -> str:
         results, lam_star = schedule(job, lams, seeds, pool)
     res = assemble(job, lams, seeds, lam_star, results, finals)
     res["parallel"] = parallel
+    link_lambda_star(job.workdir, run_name(lam_star, seeds[0]))
     md = tables(res)
     print("\n" + md)
     plots = plot(job.workdir, res)
