@@ -24,6 +24,8 @@ from prosparse_jax.analysis.metrics import METRIC_CLASSES, Measurement, Metric, 
 from prosparse_jax.config import ModelConfig
 from prosparse_jax.errors import InputError, OutputError, UsageError
 from prosparse_jax.model.transformer import Params
+from prosparse_jax.predictor import io as predictor_io
+from prosparse_jax.predictor import measure as predictor_measure
 from prosparse_jax.training.model_io import load_model
 
 METRIC_VALUE_RULES = {
@@ -82,6 +84,14 @@ def _load(checkpoint: str | Path, step: int | None, sources: list[str], seq_len:
     by_src, distinct = measure.load_eval(sources, tok_path, run_data, seq_len, data_dir, batch_size, num_batches,
                                          cfg.vocab_size)
     return cfg, params, by_src, distinct
+
+
+def _load_predictor(path: str | Path, cfg: ModelConfig) -> tuple[Any, ModelConfig, Path]:
+    """(predictor, the model config it predicts for, its folder): ``cfg`` with the sparse mode the predictor was
+    trained on (its ``neuron_thresholds``), refused for another model or when damaged (before any measurement)."""
+    pred, meta = predictor_io.load_predictor(Path(path), cfg)
+    taus = meta.get("neuron_thresholds") or ()
+    return pred, cfg.replace(neuron_thresholds=tuple(float(t) for t in taus)), Path(path)
 
 
 def _capture_pass(meas: Measurement, meter: Metric) -> None:
@@ -231,7 +241,7 @@ def _per_layer(path: Path, res: dict[str, Any], title: str) -> None:
 def analyze(checkpoint: str | Path, data: str, metric: str, value: float | None, out: str | Path, *,
             step: int | None = None, seq_len: int | None = None, batch_size: int = 8, num_batches: int = 4,
             data_dir: str | None = None, topk_mode: str = "token", pplp_steps: int = 12, overwrite: bool = False,
-            progress: bool = True) -> dict[str, Any]:
+            progress: bool = True, predictor: str | Path | None = None) -> dict[str, Any]:
     """Measures ``metric`` on held-out batches of ``data`` and writes the results to ``out``.
 
     Args:
@@ -245,6 +255,8 @@ def analyze(checkpoint: str | Path, data: str, metric: str, value: float | None,
       data_dir: TFDS data dir; None = the run's.
       topk_mode: 'token' (the paper's per-token rule) or 'global' (the public code's per-layer rule).
       pplp_steps: bisection steps on the shared CETT target (pplp).
+      predictor: an activation predictor folder (``python -m prosparse_jax.main.predictor train``): its recall,
+        predicted sparsity, ratio and PPL ratio in the loop on the same batches go to ``predictor`` in the result.
 
     Returns:
       The dict written to sparsity.json.
@@ -254,18 +266,30 @@ def analyze(checkpoint: str | Path, data: str, metric: str, value: float | None,
     value = validate_args(metric, value, topk_mode, batch_size, num_batches, pplp_steps)
     sources, out = _sources_and_out(data, out, overwrite, checkpoint)
     cfg, params, by_src, distinct = _load(checkpoint, step, sources, seq_len, data_dir, batch_size, num_batches)
+    pred = _load_predictor(predictor, cfg) if predictor else None
     meter = METRIC_CLASSES[metric](value, sources, topk_mode, pplp_steps)
     n_batches = sum(len(b) for b in by_src.values())
-    pbar = tqdm(total=n_batches * (1 + meter.sweeps), desc=f"analyze {metric}", disable=not progress,
-                file=sys.stderr)
+    pbar = tqdm(total=n_batches * (1 + meter.sweeps + (pred is not None)), desc=f"analyze {metric}",
+                disable=not progress, file=sys.stderr)
     meas = Measurement(cfg, params, by_src, pbar, dense={s: LossSums() for s in sources}, distinct=distinct)
     _capture_pass(meas, meter)
     outcome = meter.finish(meas)
+    pred_res = None
+    if pred is not None:
+        p, pcfg, pdir = pred
+        batches = [b for bs in by_src.values() for b in bs]
+        pred_res = {"predictor": str(pdir), **predictor_measure.report(p, params, pcfg, batches, pbar.update),
+                    "model_sparse_mode": bool(pcfg.neuron_thresholds),
+                    "definition": "recall, predicted_sparsity, ratio (predicted / truly active), true_sparsity per "
+                                  "layer and their mean over layers; loss / ppl_ratio: the model as the predictor was "
+                                  "trained for, without and with the predictor in the loop (docs/predictors.md)"}
     pbar.close()
     header = {"metric": metric, "value": value, "topk_mode": meter.topk_mode_field, "checkpoint": str(checkpoint),
               "step": step, "data": sources, "model_activation": cfg.activation,
               "seq_len": int(next(iter(by_src.values()))[0]["inputs"].shape[1]), "batch_size": batch_size,
               "num_batches": num_batches}
     res, heat_LxT = _result(header, sources, meter, meas, outcome)
+    if pred_res is not None:
+        res["predictor"] = pred_res
     write_outputs(out, res, heat_LxT)
     return res

@@ -234,8 +234,9 @@ def fat_x1_mask(eps_L: Array) -> X1Mask:
     """FAT-eps in the model: x1_i zeroed where |act(gate_i)| < eps_l (layer l's eps from ``eps_L``)."""
     eps_L = jnp.asarray(eps_L, jnp.float32)
 
-    def mask(layer: Array, x1_BxTxF: Array, act_gate_BxTxF: Array, valid_BxT: Array) -> Array:
-        del valid_BxT
+    def mask(layer: Array, x1_BxTxF: Array, act_gate_BxTxF: Array, valid_BxT: Array, x_BxTxD: Array | None = None
+             ) -> Array:
+        del valid_BxT, x_BxTxD
         return jnp.where(fat_mask(act_gate_BxTxF, eps_L[layer]), x1_BxTxF, jnp.zeros_like(x1_BxTxF))
 
     return mask
@@ -245,7 +246,9 @@ def topk_x1_mask(k_L: Array, mode: str) -> X1Mask:
     """Top-k in the model: x1 kept on the k-fraction of largest |act(gate)| (:func:`topk_mask` in ``mode``)."""
     k_L = jnp.asarray(k_L, jnp.float32)
 
-    def mask(layer: Array, x1_BxTxF: Array, act_gate_BxTxF: Array, valid_BxT: Array) -> Array:
+    def mask(layer: Array, x1_BxTxF: Array, act_gate_BxTxF: Array, valid_BxT: Array, x_BxTxD: Array | None = None
+             ) -> Array:
+        del x_BxTxD
         keep_BxTxF = topk_mask(act_gate_BxTxF, k_L[layer], mode, valid_BxT)
         return jnp.where(keep_BxTxF, x1_BxTxF, jnp.zeros_like(x1_BxTxF))
 

@@ -1,13 +1,16 @@
 r"""Measures the activation sparsity of a checkpoint and finds sparse-mode thresholds.
 
     python -m prosparse_jax.main.analyze --checkpoint=<workdir or HF folder> --data=stdlib --metric=pplp --value=1 \
-        --out=<dir> [--step=N --seq_len=256 --batch_size=8 --num_batches=4 --data_dir=... --topk_mode=token]
+        --out=<dir> [--step=N --seq_len=256 --batch_size=8 --num_batches=4 --data_dir=... --topk_mode=token] \
+        [--predictor=<dir>]
 
 Metrics and their --value: exact (value ignored), topk (k in (0, 1]), fat (eps >= 0), cett (target CETT in [0, 1]),
 pplp (p >= 0, percent). --data is one source or several separated by commas. Writes ``<out>/sparsity.json``, the
 plots and, for cett / pplp, ``<out>/sparse_mode.json``; prints the summary as one JSON line (the activation ratio
 counted in the metric's sparse forward, the dense forward's count, dead neurons per layer in tiers) and, for cett /
-pplp, the ``--config.model.neuron_thresholds`` override that runs the model in sparse mode. Details:
+pplp, the ``--config.model.neuron_thresholds`` override that runs the model in sparse mode. ``--predictor`` (an
+activation predictor folder, docs/predictors.md) adds its recall, predicted sparsity, predicted/true ratio and PPL
+ratio in the loop on the same batches (``predictor`` in sparsity.json and the summary). Details:
 :mod:`prosparse_jax.analysis.analyze`.
 """
 
@@ -49,6 +52,8 @@ def _flags() -> flags.FlagValues:
     flags.DEFINE_integer("pplp_steps", 12, "pplp: bisection steps on the shared CETT target.", flag_values=fv)
     flags.DEFINE_bool("overwrite", False, "Replace an existing <out>/sparsity.json.", flag_values=fv)
     flags.DEFINE_bool("progress", True, "Show a progress bar.", flag_values=fv)
+    flags.DEFINE_string("predictor", None, "Activation predictor folder to measure on the same batches.",
+                        flag_values=fv)
     flags.mark_flags_as_required(["checkpoint", "out"], flag_values=fv)
     return fv
 
@@ -60,11 +65,16 @@ def main(argv: list[str] | None = None) -> int:
     def body() -> str:
         res = analyze(fv.checkpoint, fv.data, fv.metric, fv.value, fv.out, step=fv.step, seq_len=fv.seq_len,
                       batch_size=fv.batch_size, num_batches=fv.num_batches, data_dir=fv.data_dir,
-                      topk_mode=fv.topk_mode, pplp_steps=fv.pplp_steps, overwrite=fv.overwrite, progress=fv.progress)
+                      topk_mode=fv.topk_mode, pplp_steps=fv.pplp_steps, overwrite=fv.overwrite, progress=fv.progress,
+                      predictor=fv.predictor)
         for w in res.get("warnings", []):
             print(f"analyze: warning: {w}", file=sys.stderr)
         summary = {k: res[k] for k in SUMMARY_KEYS}
         summary["dead_neurons_per_layer"] = neurons.tier_counts(res["dead_neuron_tiers"])
+        if "predictor" in res:
+            p = res["predictor"]
+            summary["predictor"] = {"rank": p["rank"], **{k: p["mean"][k] for k in (
+                "recall", "predicted_sparsity", "ratio", "true_sparsity")}, "ppl_ratio": p["ppl_ratio"]}
         lines = [json.dumps(summary)]
         if "sparse_mode" in res:
             taus = ", ".join(repr(t) for t in res["sparse_mode"]["model.neuron_thresholds"])

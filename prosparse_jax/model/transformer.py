@@ -12,6 +12,7 @@ V vocab, L layers.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -183,9 +184,21 @@ def attention_output(o_BxTxNxH: Array, lp: Params) -> Array:
 
 
 # The x1 hook (x1 = act(x W_gate) * (x W_up), ProSparse Eq. 1): ``x1_mask(layer, x1_BxTxF, act_gate_BxTxF,
-# valid_BxT) -> x1_BxTxF`` returns x1 with the dropped neurons zeroed. ``layer`` is an int32 scalar, traced under
-# ``lax.scan`` (index per-layer parameters with it); ``valid_BxT`` is False on padding.
-X1Mask = Callable[[Array, Array, Array, Array], Array]
+# valid_BxT[, x_BxTxD]) -> x1_BxTxF`` returns x1 with the dropped neurons zeroed. ``layer`` is an int32 scalar, traced
+# under ``lax.scan`` (index per-layer parameters with it); ``valid_BxT`` is False on padding; a hook with a fifth
+# positional parameter also gets ``x_BxTxD``, the FFN's input after its RMSNorm (what the gate projection reads: an
+# activation predictor's input, :mod:`prosparse_jax.predictor`).
+X1Mask = Callable[..., Array]
+
+
+def takes_ffn_input(x1_mask: X1Mask) -> bool:
+    """Whether the x1 hook ``x1_mask`` takes the FFN input ``x_BxTxD`` (a fifth positional parameter, or ``*args``)."""
+    try:
+        params = inspect.signature(x1_mask).parameters.values()
+    except (TypeError, ValueError):  # a builtin without a signature: the four-argument form
+        return False
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return len(positional) >= 5 or any(p.kind == p.VAR_POSITIONAL for p in params)
 
 
 def ffn_hidden(x_BxTxD: Array, lp: Params, activation: str, threshold: float = 0.0) -> tuple[Array, Array]:
@@ -209,7 +222,8 @@ def gated_ffn(x_BxTxD: Array, lp: Params, layer: Array, valid_BxT: Array, cfg: M
     """The model's FFN of one layer with the x1 hook applied: (output [B, T, D], x1 [B, T, F], act(gate) [B, T, F])."""
     x1_BxTxF, act_BxTxF = ffn_hidden(x_BxTxD, lp, cfg.activation, cfg.activation_threshold)
     if x1_mask is not None:
-        x1_BxTxF = x1_mask(layer, x1_BxTxF, act_BxTxF, valid_BxT)
+        ffn_input = (x_BxTxD,) if takes_ffn_input(x1_mask) else ()
+        x1_BxTxF = x1_mask(layer, x1_BxTxF, act_BxTxF, valid_BxT, *ffn_input)
     return ffn_down(x1_BxTxF, lp), x1_BxTxF, act_BxTxF
 
 
@@ -229,8 +243,9 @@ def neuron_norm_mask(params: Params, taus_L: Any) -> X1Mask:
     norms_LxF = w_down_norms(params)
     taus = jnp.asarray(taus_L, jnp.float32)
 
-    def mask(layer: Array, x1_BxTxF: Array, act_gate_BxTxF: Array, valid_BxT: Array) -> Array:
-        del act_gate_BxTxF, valid_BxT
+    def mask(layer: Array, x1_BxTxF: Array, act_gate_BxTxF: Array, valid_BxT: Array, x_BxTxD: Array | None = None
+             ) -> Array:
+        del act_gate_BxTxF, valid_BxT, x_BxTxD
         dropped_BxTxF = neuron_output_norms(x1_BxTxF, norms_LxF[layer]) <= taus[layer]
         return jnp.where(dropped_BxTxF, jnp.zeros_like(x1_BxTxF), x1_BxTxF)
 

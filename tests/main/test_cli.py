@@ -18,12 +18,13 @@ from conftest import one_error_line, random_params, tiny_model_config, write_bpe
 from prosparse_jax.errors import DataError, InputError
 from prosparse_jax.hf import io as hf
 from prosparse_jax.main import analyze, common, describe, export_hf, generate, import_hf, permute, score, train
+from prosparse_jax.main import predictor as predictor_cli
 from prosparse_jax.training import checkpoint
 
 ROOT = Path(__file__).resolve().parents[2]
 CLIS = {"analyze": (analyze, "--metric"), "describe": (describe, "--config"), "export_hf": (export_hf, "--format"),
         "generate": (generate, "--prompt"), "import_hf": (import_hf, "--hf"), "permute": (permute, "--order"),
-        "score": (score, "--text"), "train": (train, "--workdir")}
+        "predictor": (predictor_cli, "--rank"), "score": (score, "--text"), "train": (train, "--workdir")}
 VOCAB = 300
 SEQ_LEN = 16  # the params-only workdir's data.seq_len: score's context window
 

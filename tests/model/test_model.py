@@ -233,6 +233,19 @@ def test_x1_mask_hook_and_sparse_mode():
     np.testing.assert_array_equal(s1.zero_frac, [0.0, 1.0])
     _, s1u = forward(unstack_layers(params), ids, cfg, x1_mask=drop_layer1)  # per-layer layout: same layer index
     np.testing.assert_array_equal(s1u.zero_frac, [0.0, 1.0])
+    # a hook with a fifth parameter gets the FFN input after its norm: x1 recomputed from it is the model's x1
+    assert not model_lib.takes_ffn_input(identity) and model_lib.takes_ffn_input(lambda a, b, c, d, x: b)
+    w_gate_LxDxF, w_up_LxDxF = layer_param(params, "w_gate_LxDxF"), layer_param(params, "w_up_LxDxF")
+
+    def from_input(layer, x1, act, valid, x_BxTxD):
+        return jax.nn.silu(x_BxTxD @ w_gate_LxDxF[layer]) * (x_BxTxD @ w_up_LxDxF[layer])
+
+    again, s_again = forward(params, ids, cfg, x1_mask=from_input)
+    np.testing.assert_allclose(again, dense, rtol=1e-5, atol=1e-5 * float(jnp.abs(dense).max()))
+    np.testing.assert_allclose(s_again.mean_abs_x1, sd.mean_abs_x1, rtol=1e-5)
+    wrong_input = lambda layer, x1, act, valid, x: jax.nn.silu(x @ w_gate_LxDxF[0]) * (x @ w_up_LxDxF[0])  # noqa: E731
+    other, _ = forward(params, ids, cfg, x1_mask=wrong_input)  # layer 0's weights in layer 1: another model
+    assert not np.allclose(np.asarray(other), np.asarray(dense), rtol=1e-3, atol=1e-3)
     # sparse mode from the config is the neuron-norm hook
     taus = (1e-3, 2e-3)
     a, sa = forward(params, ids, cfg.replace(neuron_thresholds=taus))
