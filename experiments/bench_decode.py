@@ -1,23 +1,35 @@
 """End-to-end decode speed: our sparse vs dense decode, and our dense decode vs HF transformers ``generate``.
 
     python experiments/bench_decode.py --d_model=4096 --d_ff=11008 --n_layers=2 --sparsity=0.88 --new_tokens=32
+    python experiments/bench_decode.py --rank=1024 --predictor_ratio=1.3 --busy   # + predictor row, one core busy
     python experiments/bench_decode.py --checkpoint=<workdir or HF folder> --new_tokens=32   # a trained model
+    python experiments/bench_decode.py --checkpoint=<workdir> --predictor=<its predictor folder>
 
 A random FATReLU model at the given FFN width (threshold set to the ``--sparsity`` quantile of the prompt's gates), or
 a trained one, batch 1, fp32, greedy; every sparse backend must emit the dense decode's tokens. ``--torch`` adds
 transformers' ``LlamaForCausalLM`` (ReLU) with the prefill subtracted. Prints median decode tokens/s per backend and
 the ratio to dense (compile excluded). Results: docs/benchmarks.md.
+
+Predictor row (``cpu_ffi+predictor``): with ``--rank=R`` the random model's W_gate is made of rank R/2 (W_gate = P Q,
+same bytes as a full-rank one) and its predictor is exact: w1 = [P, -P], w2 = [Q; -Q], so relu(x w1) w2 = x W_gate
+(half of the hidden units are zero on every token, as in a ReLU hidden layer), and the predictor's threshold is the
+quantile of the prompt's gates that predicts ``--predictor_ratio`` times the true active set: a superset of it on every
+token (the tokens must equal the dense decode's). ``--predictor=<dir>`` decodes a trained model with its trained
+predictor instead. ``--busy`` keeps a background process spinning on one core while timing.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import os
 import statistics
+import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -49,16 +61,51 @@ def load_trained(path: str, prompt_len: int) -> tuple[ModelConfig, model.Params,
     return generate.sparse_config(cfg, sparse=True), params, ids
 
 
-def build(args: argparse.Namespace) -> tuple[ModelConfig, model.Params, list[int]]:
-    """Random ReLU model, FATReLU threshold at the requested sparsity of the prompt's gates, and the prompt."""
+def build(args: argparse.Namespace) -> tuple[ModelConfig, model.Params, list[int], dict | None]:
+    """Random ReLU model, FATReLU threshold at the requested sparsity of the prompt's gates, the prompt, and with
+    ``args.rank`` an exact predictor of a superset of ``args.predictor_ratio`` times the active set (module doc)."""
     cfg = ModelConfig(vocab_size=args.vocab, d_model=args.d_model, n_layers=args.n_layers, n_heads=args.n_heads,
                       n_kv_heads=args.n_heads, d_ff=args.d_ff, activation="relu", init_std=0.02)
     params = jax.jit(lambda k: model.init_params(cfg, k))(jax.random.key(0))
+    factors = None
+    if args.rank:
+        params, factors = _low_rank_gates(params, cfg, args.rank // 2)
     prompt = np.random.default_rng(0).integers(1, cfg.vocab_size, size=args.prompt_len).tolist()
     _, st = model.forward(params, jnp.asarray([prompt]), cfg, capture=True)
-    gates = np.asarray(st.act_gate).ravel()  # relu(gate): the quantile above 0 is the one of the gate itself
-    t = float(np.quantile(gates, args.sparsity)) if args.sparsity > 0 else 0.0
-    return cfg.replace(activation="fatrelu", activation_threshold=t), params, prompt
+    gates = np.asarray(st.act_gate)  # relu(gate): the quantile above 0 is the one of the gate itself
+    t = float(np.quantile(gates.ravel(), args.sparsity)) if args.sparsity > 0 else 0.0
+    pred = None
+    if factors is not None:
+        q = 1.0 - args.predictor_ratio * (1.0 - args.sparsity)  # the predicted fraction: ratio x the active one
+        thr_L = [min(float(np.quantile(g.ravel(), q)), t) for g in gates]  # never above t: a superset
+        P_LxDxK, Q_LxKxF = factors
+        pred = {"w1_LxDxR": jnp.concatenate([P_LxDxK, -P_LxDxK], axis=2),
+                "w2_LxRxF": jnp.concatenate([Q_LxKxF, -Q_LxKxF], axis=1),
+                "b2_LxF": jnp.zeros((cfg.n_layers, cfg.d_ff), jnp.float32),
+                "threshold_L": jnp.asarray(thr_L, jnp.float32)}
+    return cfg.replace(activation="fatrelu", activation_threshold=t), params, prompt, pred
+
+
+def _low_rank_gates(params: model.Params, cfg: ModelConfig, k: int) -> tuple[model.Params, tuple]:
+    """``params`` with every W_gate replaced by P Q of rank k (entries of the init's scale), and (P [L, D, k],
+    Q [L, k, F])."""
+    kp, kq = jax.random.split(jax.random.key(1))
+    L, D, F = cfg.n_layers, cfg.d_model, cfg.d_ff
+    P = jax.random.normal(kp, (L, D, k), jnp.float32) / np.sqrt(D)
+    Q = jax.random.normal(kq, (L, k, F), jnp.float32) * (cfg.init_std * np.sqrt(D / k))
+    layers = dict(params["layers"], w_gate_LxDxF=jnp.einsum("ldk,lkf->ldf", P, Q))
+    return dict(params, layers=layers), (P, Q)
+
+
+def predicted_over_true(params: model.Params, cfg: ModelConfig, pred: dict, ids: list[int]) -> list[float]:
+    """Per layer, the size of the synthetic predictor's set over the true active set's, summed over the tokens ``ids``
+    (its logits are the gates: one forward of the ReLU model counts both)."""
+    relu = cfg.replace(activation="relu", activation_threshold=0.0)
+    _, st = model.forward(params, jnp.asarray([ids]), relu, capture=True)
+    gates_L = np.asarray(st.act_gate)  # relu(gate); both cuts are > 0
+    thr_L = np.asarray(pred["threshold_L"])
+    return [float(np.sum(g > thr) / max(np.sum(g >= cfg.activation_threshold), 1)) for g, thr in zip(gates_L, thr_L,
+                                                                                                        strict=True)]
 
 
 def time_ours(params: model.Params, cfg: ModelConfig, prompt: list[int], n: int, implementation: str = "dense"
@@ -117,6 +164,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--implementations", default="dense,cpu_gather,cpu_ffi",
                    help="sparse FFN backends to time (prosparse_jax.inference.sparse_ffn); the dense decode is "
                         "always timed")
+    p.add_argument("--rank", type=int, default=1024, help="random model: the synthetic predictor's rank (0: no "
+                   "predictor row)")
+    p.add_argument("--predictor_ratio", type=float, default=1.3,
+                   help="random model: the predicted set's size over the true active set's (>= 1: a superset)")
+    p.add_argument("--predictor", default="", help="with --checkpoint: a trained predictor folder of that model")
+    p.add_argument("--busy", action="store_true", help="a background process spins on one core while timing")
     p.add_argument("--torch", action="store_true", help="also time transformers generate (dense ReLU model)")
     p.add_argument("--out", default="", help="write the results JSON here")
     return p
@@ -133,27 +186,37 @@ def _check(args: argparse.Namespace) -> list[str]:
     impls = list(dict.fromkeys(n for n in names if n != "dense"))
     if args.checkpoint and args.torch:
         raise UsageError("--torch compares random ReLU models; drop it with --checkpoint")
+    if args.rank < 0 or args.rank % 2 or args.predictor_ratio < 1:
+        raise UsageError("--rank must be even and >= 0 (0: no predictor row), --predictor_ratio >= 1")
+    if args.predictor and not args.checkpoint:
+        raise UsageError("--predictor is a trained model's predictor; give its --checkpoint (the random model gets "
+                         "a synthetic one from --rank)")
     return impls
 
 
-def _alternate(cfg: ModelConfig, params: Any, sparse_params: Any, prompt: list[int], impls: list[str], tm: Any,
-               args: argparse.Namespace) -> tuple[dict[str, list[float]], list[float]]:
-    """``args.reps`` alternating rounds of every decoder; returns (tok/s per round per name, sparsity per layer).
+PREDICTOR_ROW = "cpu_ffi+predictor"
+
+
+def _alternate(cfg: ModelConfig, params: Any, decoders: dict[str, tuple[Any, str]], prompt: list[int], tm: Any,
+               args: argparse.Namespace) -> tuple[dict[str, list[float]], list[float], list[int]]:
+    """``args.reps`` alternating rounds of the dense decode and every ``decoders`` row (name -> (params, sparse FFN
+    backend)); returns (tok/s per round per name, sparsity per layer, the dense decode's tokens).
 
     Raises:
-      AssertionError: a sparse backend's tokens differ from the dense decode's (a bug).
+      AssertionError: a sparse decode's tokens differ from the dense decode's (a bug).
     """
     relu = cfg.replace(activation="relu", activation_threshold=0.0)
-    rows: dict[str, list[float]] = {"dense": [], **{n: [] for n in impls}, "relu_dense": [], "torch_relu": []}
+    rows: dict[str, list[float]] = {"dense": [], **{n: [] for n in decoders}, "relu_dense": [], "torch_relu": []}
     time_ours(params, cfg, prompt, args.new_tokens)  # warm-up (first-call allocations)
-    for name in impls:
-        time_ours(sparse_params, cfg, prompt, args.new_tokens, name)
+    for p, impl in decoders.values():
+        time_ours(p, cfg, prompt, args.new_tokens, impl)
     sp: list[float] = []
+    toks_d: list[int] = []
     for _ in range(args.reps):
         d, toks_d, sp = time_ours(params, cfg, prompt, args.new_tokens)
         rows["dense"].append(d)
-        for name in impls:
-            s, toks_s, _ = time_ours(sparse_params, cfg, prompt, args.new_tokens, name)
+        for name, (p, impl) in decoders.items():
+            s, toks_s, _ = time_ours(p, cfg, prompt, args.new_tokens, impl)
             if toks_s != toks_d:
                 raise AssertionError(f"sparse decode ({name}) emitted other tokens than dense decode")
             rows[name].append(s)
@@ -163,32 +226,70 @@ def _alternate(cfg: ModelConfig, params: Any, sparse_params: Any, prompt: list[i
             rows["relu_dense"].append(r)
             rows["torch_relu"].append(t)
             rows.setdefault("same_tokens_as_torch", []).append(float(toks_r == toks_t))
-    return rows, sp
+    return rows, sp, toks_d
+
+
+BUSY_LOOP = "while True: pass"
+
+
+@contextlib.contextmanager
+def busy_core(on: bool) -> Iterator[None]:
+    """With ``on``: a background process spinning on one core (another job on the machine) for the block."""
+    if not on:
+        yield
+        return
+    proc = subprocess.Popen([sys.executable, "-c", BUSY_LOOP])
+    try:
+        time.sleep(0.5)  # running before the timing starts
+        yield
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def _without_predictor(sparse_params: model.Params) -> model.Params:
+    """The same per-layer arrays less the predictor's (and W_gate^T): the sparse decode without a predictor."""
+    drop = {"w_gate_t_LxFxD", "pred_threshold_Lx1", *generate.PREDICTOR_KEYS.values()}
+    return dict(sparse_params, layers=[{k: v for k, v in g.items() if k not in drop} for g in sparse_params["layers"]])
 
 
 def _run(argv: list[str] | None) -> int:
     args = _parser().parse_args(argv)
     impls = _check(args)
+    pred = None
     if args.checkpoint:
         files.check_model_path(args.checkpoint, "--checkpoint")
         cfg, params, prompt = load_trained(args.checkpoint, args.prompt_len)
+        if args.predictor:
+            from prosparse_jax.predictor import io as predictor_io
+
+            pred, _ = predictor_io.load_predictor(Path(args.predictor), cfg)
     else:
-        cfg, params, prompt = build(args)
-    sparse_params = generate.prepare_sparse_params(params)  # per-layer layout, prepared once
+        cfg, params, prompt, pred = build(args)
+    pred_params = generate.prepare_sparse_params(params, pred)  # per-layer layout, prepared once
+    decoders = {n: (_without_predictor(pred_params), n) for n in impls}
+    if pred is not None:
+        decoders[PREDICTOR_ROW] = (pred_params, "cpu_ffi")
     tm = None
     if args.torch:
         import torch
 
         torch.set_num_threads(os.cpu_count() or 1)
         tm = torch_model(cfg.replace(activation="relu", activation_threshold=0.0), params)
+    stacked = params
     params = model.unstack_layers(params)  # generate() decodes in the per-layer layout: split the layers once
-    rows, sp = _alternate(cfg, params, sparse_params, prompt, impls, tm, args)
+    with busy_core(args.busy):
+        rows, sp, toks = _alternate(cfg, params, decoders, prompt, tm, args)
     med = {k: statistics.median(v) for k, v in rows.items() if v}
     res = {"model": args.checkpoint or "random", "shape": f"{cfg.d_model}x{cfg.d_ff}", "layers": cfg.n_layers,
            "activation": cfg.activation, "threshold": cfg.activation_threshold,
            "measured_sparsity_per_layer": sp, "decode_tokens_per_s": med,
-           "over_dense": {n: med[n] / med["dense"] for n in impls}, "devices": str(jax.devices()),
-           "cpus": os.cpu_count()}
+           "over_dense": {n: med[n] / med["dense"] for n in decoders}, "busy": args.busy,
+           "devices": str(jax.devices()), "cpus": os.cpu_count()}
+    if pred is not None:
+        res["predictor_rank"] = int(pred["w1_LxDxR"].shape[-1])
+        if not args.checkpoint:
+            res["predicted_over_true_per_layer"] = predicted_over_true(stacked, cfg, pred, prompt + toks)
     if tm is not None:
         res["ours_over_torch_dense_relu"] = med["relu_dense"] / med["torch_relu"]
     print(json.dumps(res))

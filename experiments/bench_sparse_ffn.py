@@ -5,10 +5,18 @@
     python experiments/bench_sparse_ffn.py --crossover            # density sweep for DENSE_CROSSOVER
     python experiments/bench_sparse_ffn.py --implementations=cpu_ffi   # dense and one backend
     python experiments/bench_sparse_ffn.py --checkpoint=runs/miniature/lambda2e-4_seed1   # real activations, per layer
+    python experiments/bench_sparse_ffn.py --shapes=4096x11008 --batches=1 --sparsities=0.88 --rank=1024 \
+        --predictor_ratio=1.3                                      # + the predictor row (cpu_ffi+predictor)
 
 ReLU FFN, fp32, iid masks with the same active neurons on every batch row, the dense fallback off (``--fallback``
 keeps it); ``--checkpoint`` replays a trained model's recorded FFN inputs per layer instead. Prints medians (ms,
 speedup over dense, share of the bound 3 / (1 + 2 (1 - s)), tok/s) and min/min. Results: docs/benchmarks.md.
+
+The predictor row (``--rank`` > 0) runs ``cpu_ffi`` with a rank-``--rank`` predictor whose set is the true active set
+plus ``--predictor_ratio`` - 1 times as many inactive neurons (iid): random w1, w2 with each column's sign chosen so
+that relu(x0 w1) . w2[:, i] is positive iff i is in that set, b2 = 0, threshold 0 (every batch row is a positive
+multiple of x0: the same set). About half of relu(x0 w1) is zero, so the kernel reads about half of W2's rows. Its
+bound is 3 D F over the bytes it reads: D R + (non-zero hidden units) F + (predicted + 2 active) D.
 """
 
 from __future__ import annotations
@@ -23,7 +31,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from prosparse_jax.errors import UsageError
-from prosparse_jax.inference.sparse_ffn import DEFAULT_CHUNK, prepare_weights, resolve_implementation, sparse_ffn
+from prosparse_jax.inference.sparse_ffn import (
+    DEFAULT_CHUNK,
+    LayerPredictor,
+    prepare_weights,
+    resolve_implementation,
+    sparse_ffn,
+)
 
 
 @functools.cache
@@ -69,21 +83,52 @@ def _sparse_fn(implementation: str, F: int, chunk: int, fallback: bool):
         x, wg, wu, wd, activation="relu", w_up_FxD=wut, implementation=implementation, chunk=chunk, buckets=buckets))
 
 
+PREDICTOR_ROW = "cpu_ffi+predictor"
+
+
+def make_predictor(x0_D: np.ndarray, on_F: np.ndarray, ratio: float, rank: int, seed: int = 0
+                   ) -> tuple[LayerPredictor, np.ndarray, float]:
+    """(predictor, its set, the fraction of non-zero hidden units): the set is ``on_F`` plus round((ratio - 1) |on|)
+    iid inactive neurons (module doc)."""
+    rng = np.random.default_rng(seed + 2)
+    D, F = x0_D.shape[0], on_F.shape[0]
+    pred_F = on_F.copy()
+    off = np.flatnonzero(~on_F)
+    pred_F[rng.permutation(off)[:min(len(off), round((ratio - 1.0) * on_F.sum()))]] = True
+    w1 = rng.standard_normal((D, rank), np.float32) / np.float32(np.sqrt(D))
+    w2 = rng.standard_normal((rank, F), np.float32) / np.float32(np.sqrt(rank))
+    h0 = np.maximum(x0_D @ w1, 0.0)
+    w2 *= np.where((h0 @ w2 > 0) == pred_F, 1.0, -1.0).astype(np.float32)
+    pred = LayerPredictor(jnp.asarray(w1), jnp.asarray(w2), jnp.zeros((F,), jnp.float32), jnp.float32(0.0))
+    return pred, pred_F, float(np.mean(h0 > 0))
+
+
 def bench_one(D: int, F: int, B: int, s: float, reps: int, chunk: int, implementations: list[str],
-              fallback: bool = False) -> list[dict]:
-    """Alternating timings of dense and each sparse backend at one shape, batch and sparsity (one row each)."""
+              fallback: bool = False, rank: int = 0, ratio: float = 1.3) -> list[dict]:
+    """Alternating timings of dense and each sparse backend at one shape, batch and sparsity (one row each), and of
+    ``cpu_ffi`` with a predictor of rank ``rank`` (> 0) whose set is ``ratio`` times the active one."""
     x, wg, wu, wd = make_inputs(D, F, B, s)
-    prep = prepare_weights(wu, wd)
+    prep = prepare_weights(wu, wd, wg if rank else None)
     w_up_FxD = jax.block_until_ready(prep["w_up_FxD"])
     dense = jax.jit(lambda x, wg, wu, wd, wut: sparse_ffn(x, wg, wu, wd, activation="relu", implementation="dense"))
     fns = {"dense": dense, **{name: _sparse_fn(name, F, chunk, fallback) for name in implementations}}
-    args = (x, wg, wu, wd, w_up_FxD)
-    outs = {name: fn(*args) for name, fn in fns.items()}
+    args = {name: (x, wg, wu, wd, w_up_FxD) for name in fns}
+    bytes_read: dict[str, float] = {}
+    if rank:
+        on_F = np.asarray(x[0] @ wg) > 0
+        pred, pred_F, hidden = make_predictor(np.asarray(x[0]), on_F, ratio, rank)
+        buckets = None if fallback else (-(-F // chunk) * chunk,)
+        fns[PREDICTOR_ROW] = jax.jit(lambda x, wg, wu, wd, wut, wgt, pred: sparse_ffn(
+            x, wg, wu, wd, activation="relu", w_up_FxD=wut, w_gate_FxD=wgt, predictor=pred, implementation="cpu_ffi",
+            buckets=buckets))
+        args[PREDICTOR_ROW] = (x, wg, wu, wd, w_up_FxD, jax.block_until_ready(prep["w_gate_FxD"]), pred)
+        bytes_read[PREDICTOR_ROW] = D * rank + hidden * rank * F + (pred_F.mean() + 2 * on_F.mean()) * D * F
+    outs = {name: fn(*args[name]) for name, fn in fns.items()}
     ref = outs["dense"][0]
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(reps):
         for name, fn in fns.items():
-            times[name] += timed(fn, args, 1)
+            times[name] += timed(fn, args[name], 1)
     md, best_d = statistics.median(times["dense"]), min(times["dense"])
     rows = []
     for name, (got, count) in outs.items():
@@ -91,6 +136,8 @@ def bench_one(D: int, F: int, B: int, s: float, reps: int, chunk: int, implement
         ms = statistics.median(times[name])
         s_real = 1.0 - int(count) / F
         bound = 3.0 / (1.0 + 2.0 * (1.0 - s_real))
+        if name in bytes_read:
+            bound = 3.0 * D * F / bytes_read[name]
         rows.append(dict(D=D, F=F, B=B, s=s_real, implementation=name, ms=ms, speedup=md / ms, bound=bound,
                          pct_bound=100 * md / ms / bound, tok_s=B * 1e3 / ms, rel_err=err,
                          best=best_d / min(times[name])))  # min/min: robust to other processes on the cores
@@ -186,6 +233,9 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=64, help="with --checkpoint: recorded tokens per layer")
     ap.add_argument("--implementations", default="dense,cpu_gather,cpu_ffi",
                     help="backends of prosparse_jax.inference.sparse_ffn to time (dense: always, the reference)")
+    ap.add_argument("--rank", type=int, default=0, help="> 0: add the cpu_ffi row with a predictor of this rank")
+    ap.add_argument("--predictor_ratio", type=float, default=1.3,
+                    help="the predictor's set over the true active set (>= 1: a superset, iid extra neurons)")
     a = ap.parse_args()
     impls = parse_implementations(a.implementations)
     if a.checkpoint:
@@ -195,14 +245,14 @@ def main() -> None:
     sps = [0.7, 0.65, 0.6, 0.55, 0.5, 0.45, 0.4, 0.3] if a.crossover else [float(v) for v in a.sparsities.split(",")]
     print(f"jax {jax.__version__}, backend {jax.default_backend()}, chunk {a.chunk} (cpu_gather), reps {a.reps}, "
           f"fallback {a.fallback}")
-    print(f"{'shape':>11} {'B':>2} {'sparsity':>8} {'implementation':>14} {'ms':>8} {'vs dense':>8} {'bound':>6} "
+    print(f"{'shape':>11} {'B':>2} {'sparsity':>8} {'implementation':>17} {'ms':>8} {'vs dense':>8} {'bound':>6} "
           f"{'%bound':>6} {'tok/s':>8} {'rel err':>8} {'min/min':>7}")
     for shape in a.shapes.split(","):
         D, F = (int(v) for v in shape.split("x"))
         for B in (int(v) for v in a.batches.split(",")):
             for s in sps:
-                for r in bench_one(D, F, B, s, a.reps, a.chunk, impls[1:], a.fallback):
-                    print(f"{shape:>11} {B:>2} {r['s']:>8.3f} {r['implementation']:>14} {r['ms']:>8.2f} "
+                for r in bench_one(D, F, B, s, a.reps, a.chunk, impls[1:], a.fallback, a.rank, a.predictor_ratio):
+                    print(f"{shape:>11} {B:>2} {r['s']:>8.3f} {r['implementation']:>17} {r['ms']:>8.2f} "
                           f"{r['speedup']:>7.2f}x {r['bound']:>5.2f}x {r['pct_bound']:>5.0f}% {r['tok_s']:>8.1f} "
                           f"{r['rel_err']:>8.1e} {r['best']:>6.2f}x", flush=True)
 

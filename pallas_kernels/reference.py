@@ -5,6 +5,10 @@ neuron-norm mode of Sparsing Law §4.1 keeps i iff ``|x1_i| * ||W_down[i, :]|| >
 ``out = x1 @ W_down`` over the rows whose x1 column is non-zero. ``w_up_FxD`` / ``w_down_FxD`` hold one contiguous row
 per neuron; a batch of 1..``MAX_BATCH`` tokens shares the union active set; float32 accumulation; a dropped neuron's
 weights are never read, so it contributes exactly zero.
+
+With an activation predictor, S2 also takes ``predicted_F`` (bool [F], the union over the batch of the predictor's
+set): a neuron outside it is dropped whatever its gate, so a truly active neuron the predictor misses contributes
+nothing (the kernel may then skip its gate as well as its up row).
 """
 
 from __future__ import annotations
@@ -93,12 +97,13 @@ def _check_nonneg(name: str, value: Any) -> None:
 
 
 def check_s2_inputs(x_BxD: Array, w_gate_DxF: Array, w_up_FxD: Array, *, activation: GatedActivation,
-                    threshold: Any = 0.0, tau: Any = None, w_down_norms_F: Array | None = None) -> None:
+                    threshold: Any = 0.0, tau: Any = None, w_down_norms_F: Array | None = None,
+                    predicted_F: Array | None = None) -> None:
     """Raises :class:`KernelInputError` naming the problem and the fix; returns None when S2 can run."""
     if not isinstance(activation, GatedActivation):
         raise KernelInputError(f"activation={activation!r}: pass a GatedActivation "
                                "(prosparse_jax.inference.sparse_ffn.kernel_activation(name))")
-    if tau is None and not activation.gate_mask:
+    if tau is None and not activation.gate_mask and predicted_F is None:
         raise KernelInputError(
             f"activation {activation.name!r} has no exact zeros, so the gate cannot decide which neurons to skip; "
             "pass tau and w_down_norms_F (the neuron-norm sparse mode, from `python -m prosparse_jax.main.analyze "
@@ -127,6 +132,9 @@ def check_s2_inputs(x_BxD: Array, w_gate_DxF: Array, w_up_FxD: Array, *, activat
                                    "(sparse_ffn.prepare_weights)")
         if w_down_norms_F.shape != (F,):
             raise KernelInputError(f"w_down_norms_F: shape {w_down_norms_F.shape}, expected ({F},)")
+    if predicted_F is not None and (predicted_F.shape != (F,) or jnp.dtype(predicted_F.dtype) != jnp.bool_):
+        raise KernelInputError(f"predicted_F: shape {predicted_F.shape} dtype {jnp.dtype(predicted_F.dtype)}, expected "
+                               f"bool ({F},) (the union over the batch of the predictor's active set)")
 
 
 def check_s3_inputs(x1_BxF: Array, w_down_FxD: Array) -> None:
@@ -144,10 +152,12 @@ def check_s3_inputs(x1_BxF: Array, w_down_FxD: Array) -> None:
 
 
 def s2_reference(x_BxD: Array, w_gate_DxF: Array, w_up_FxD: Array, *, activation: GatedActivation,
-                 threshold: Any = 0.0, tau: Any = None, w_down_norms_F: Array | None = None) -> Array:
-    """x1_BxF of S2 in plain jnp (float32 accumulation), zero for every dropped neuron."""
+                 threshold: Any = 0.0, tau: Any = None, w_down_norms_F: Array | None = None,
+                 predicted_F: Array | None = None) -> Array:
+    """x1_BxF of S2 in plain jnp (float32 accumulation), zero for every dropped neuron (and every neuron outside
+    ``predicted_F`` when given)."""
     check_s2_inputs(x_BxD, w_gate_DxF, w_up_FxD, activation=activation, threshold=threshold, tau=tau,
-                    w_down_norms_F=w_down_norms_F)
+                    w_down_norms_F=w_down_norms_F, predicted_F=predicted_F)
     hi = jax.lax.Precision.HIGHEST
     x = x_BxD.astype(jnp.float32)
     gate_BxF = jnp.dot(x, w_gate_DxF.astype(jnp.float32), precision=hi)
@@ -159,6 +169,8 @@ def s2_reference(x_BxD: Array, w_gate_DxF: Array, w_up_FxD: Array, *, activation
     else:
         norms_BxF = jnp.abs(x1_BxF) * w_down_norms_F.astype(jnp.float32)
         x1_BxF = jnp.where(norms_BxF > jnp.asarray(tau, jnp.float32), x1_BxF, 0.0)
+    if predicted_F is not None:
+        x1_BxF = jnp.where(predicted_F, x1_BxF, 0.0)
     return x1_BxF.astype(x_BxD.dtype)
 
 

@@ -192,8 +192,8 @@ def _s2_gathered(x_BxD: Array, w_up_FxD: Array, act_BxF: Array, active_F: Array,
 
 
 @functools.partial(jax.jit, static_argnames=("activation", "chunk", "interpret"))
-def _s2_impl(x_BxD: Array, w_gate_DxF: Array, w_up_FxD: Array, threshold: Any, tau: Any, w_down_norms_F: Any, *,
-             activation: GatedActivation, chunk: int, interpret: Any) -> Array:
+def _s2_impl(x_BxD: Array, w_gate_DxF: Array, w_up_FxD: Array, threshold: Any, tau: Any, w_down_norms_F: Any,
+             predicted_F: Any, *, activation: GatedActivation, chunk: int, interpret: Any) -> Array:
     prec = _precision(x_BxD.dtype)
     gate_BxF = lax.dot(x_BxD, w_gate_DxF, precision=prec, preferred_element_type=jnp.float32)
     if tau is not None:  # neuron-norm mode: dense up projection, S2 skips nothing
@@ -201,9 +201,14 @@ def _s2_impl(x_BxD: Array, w_gate_DxF: Array, w_up_FxD: Array, threshold: Any, t
                                  preferred_element_type=jnp.float32)
         x1_BxF, _ = gated_product(activation, gate_BxF, up_BxF, threshold)
         norms_BxF = jnp.abs(x1_BxF) * w_down_norms_F.astype(jnp.float32)
-        x1_BxF = jnp.where(norms_BxF > jnp.asarray(tau, jnp.float32), x1_BxF, 0.0)
+        keep_BxF = norms_BxF > jnp.asarray(tau, jnp.float32)
+        if predicted_F is not None:
+            keep_BxF = keep_BxF & predicted_F
+        x1_BxF = jnp.where(keep_BxF, x1_BxF, 0.0)
         return x1_BxF.astype(x_BxD.dtype)
     act_BxF = activation.act(gate_BxF, threshold)
+    if predicted_F is not None:  # the rows gathered below are the predicted active ones only
+        act_BxF = jnp.where(predicted_F, act_BxF, 0.0)
     active_F = jnp.any(act_BxF != 0, axis=0)
     caps = capacity_buckets(act_BxF.shape[1], chunk)
     branch = jnp.searchsorted(jnp.asarray(caps, jnp.int32), jnp.sum(active_F, dtype=jnp.int32), side="left")
@@ -213,8 +218,8 @@ def _s2_impl(x_BxD: Array, w_gate_DxF: Array, w_up_FxD: Array, threshold: Any, t
 
 
 def s2(x_BxD: Array, w_gate_DxF: Array, w_up_FxD: Array, *, activation: GatedActivation, threshold: Any = 0.0,
-       tau: Any = None, w_down_norms_F: Array | None = None, chunk: int | None = None,
-       interpret: bool = False) -> Array:
+       tau: Any = None, w_down_norms_F: Array | None = None, predicted_F: Array | None = None,
+       chunk: int | None = None, interpret: bool = False) -> Array:
     """ProSparse S2 on TPU: ``x1 = act(x W_gate) * (x W_up)`` reading only the active neurons' rows of ``w_up_FxD``.
 
     Equals :func:`pallas_kernels.reference.s2_reference` up to float32 summation order.
@@ -224,6 +229,7 @@ def s2(x_BxD: Array, w_gate_DxF: Array, w_up_FxD: Array, *, activation: GatedAct
       activation: from ``sparse_ffn.kernel_activation``; a gate-mask one, or any with ``tau``.
       threshold: FATReLU threshold t (gate >= t kept); may be traced.
       tau: neuron-norm mode (i kept iff ``|x1_i| * w_down_norms_F[i] > tau``; W_up read densely); may be traced.
+      predicted_F: bool [F], an activation predictor's set (batch union): neurons outside it are dropped.
       chunk: active neurons per grid step (a multiple of 128; default :data:`DEFAULT_CHUNK`).
       interpret: ``True`` runs Pallas' TPU interpret mode on CPU (tests); a ``pltpu.InterpretParams`` is passed on.
 
@@ -231,10 +237,10 @@ def s2(x_BxD: Array, w_gate_DxF: Array, w_up_FxD: Array, *, activation: GatedAct
       KernelInputError: bad shapes, dtypes, thresholds or chunk (before anything is traced).
     """
     check_s2_inputs(x_BxD, w_gate_DxF, w_up_FxD, activation=activation, threshold=threshold, tau=tau,
-                    w_down_norms_F=w_down_norms_F)
+                    w_down_norms_F=w_down_norms_F, predicted_F=predicted_F)
     chunk = _check_chunk(chunk)
-    return _s2_impl(x_BxD, w_gate_DxF, w_up_FxD, threshold, tau, w_down_norms_F, activation=activation, chunk=chunk,
-                    interpret=_interpret_arg(interpret))
+    return _s2_impl(x_BxD, w_gate_DxF, w_up_FxD, threshold, tau, w_down_norms_F, predicted_F, activation=activation,
+                    chunk=chunk, interpret=_interpret_arg(interpret))
 
 
 # ---------------------------------------------------------------------------------------------------------------

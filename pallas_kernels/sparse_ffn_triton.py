@@ -147,10 +147,12 @@ def _any_nonzero(rows: list[Array]) -> Array:
 # ---------------------------------------------------------------------------------------------------------------
 # S2
 # ---------------------------------------------------------------------------------------------------------------
-def _s2_kernel(params_ref, x_ref, w_gate_ref, w_up_ref, norms_ref, x1_ref, *, activation: GatedActivation,
-               norm_mode: bool, B: int, n_d: int, block_f: int, block_d: int, gate_given: bool):
+def _s2_kernel(params_ref, x_ref, w_gate_ref, w_up_ref, norms_ref, pred_ref, x1_ref, *, activation: GatedActivation,
+               norm_mode: bool, B: int, n_d: int, block_f: int, block_d: int, gate_given: bool, predicted: bool):
     """One program: neurons [i * block_f, (i + 1) * block_f) of x1 for every batch row. ``gate_given``:
-    ``w_gate_ref`` holds the gate pre-activations [B, F] (computed outside), else the gate weights [D, F]."""
+    ``w_gate_ref`` holds the gate pre-activations [B, F] (computed outside), else the gate weights [D, F].
+    ``predicted``: ``pred_ref`` [F] (int32 1 / 0) is an activation predictor's set; neurons outside it are dropped
+    and their up rows not loaded."""
     f0 = pl.multiple_of(pl.program_id(0) * block_f, block_f)
     f_slice = pl.ds(f0, block_f)
     threshold = params_ref[0]
@@ -170,21 +172,23 @@ def _s2_kernel(params_ref, x_ref, w_gate_ref, w_up_ref, norms_ref, x1_ref, *, ac
     else:
         gate = lax.fori_loop(0, n_d, gate_body, zeros)
 
+    pred_f = plgpu.load(pred_ref.at[f_slice]) > 0 if predicted else None
     if norm_mode:
-        active_f = jnp.full((block_f,), True)
-        n_up = n_d
+        active_f = jnp.full((block_f,), True) if pred_f is None else pred_f
+        n_up = n_d if pred_f is None else n_d * jnp.max(active_f.astype(jnp.int32))
     else:
         act = [activation.act(g, threshold) for g in gate]
-        active_f = _any_nonzero(act)
+        active_f = _any_nonzero(act) if pred_f is None else _any_nonzero(act) & pred_f
         # An all-inactive block reads no W_up. (A jnp.where here lowers to an i1 select that Triton's verifier
         # rejects as a loop bound; the product stays int32.)
         n_up = n_d * jnp.max(active_f.astype(jnp.int32))
     mask_FxD = jnp.broadcast_to(active_f[:, None], (block_f, block_d))
+    masked_up = not norm_mode or predicted
 
     def up_body(k, acc):
         d0 = pl.multiple_of(k * block_d, block_d)
         w_ref = w_up_ref.at[f_slice, pl.ds(d0, block_d)]
-        w_FxD = (plgpu.load(w_ref) if norm_mode else plgpu.load(w_ref, mask=mask_FxD, other=0.0)).astype(f32)
+        w_FxD = (plgpu.load(w_ref, mask=mask_FxD, other=0.0) if masked_up else plgpu.load(w_ref)).astype(f32)
         return tuple(a + jnp.sum(w_FxD * xb[None, :], axis=1) for a, xb in zip(acc, x_rows(d0), strict=True))
 
     up = lax.fori_loop(0, n_up, up_body, zeros)
@@ -197,13 +201,16 @@ def _s2_kernel(params_ref, x_ref, w_gate_ref, w_up_ref, norms_ref, x1_ref, *, ac
         x1 = gated_product(activation, gate[b], up[b], threshold)[0]
         if norm_mode:
             x1 = jnp.where(jnp.abs(x1) * norms > tau, x1, 0.0)
+        if predicted:  # act(gate) of a neuron outside the set may be non-zero; its up row was not loaded (0)
+            x1 = jnp.where(pred_f, x1, 0.0)
         plgpu.store(x1_ref.at[_row(b), f_slice], x1.astype(x1_ref.dtype))
 
 
 @functools.partial(jax.jit, static_argnames=("activation", "norm_mode", "block_f", "block_d", "interpret",
-                                             "num_warps", "gate"))
-def _s2_call(params_2, x_BxD, w_gate_DxF, w_up_FxD, norms_F, *, activation: GatedActivation, norm_mode: bool,
-             block_f: int, block_d: int, interpret: bool, num_warps: int | None = None, gate: str = "xla") -> Array:
+                                             "num_warps", "gate", "predicted"))
+def _s2_call(params_2, x_BxD, w_gate_DxF, w_up_FxD, norms_F, pred_F, *, activation: GatedActivation, norm_mode: bool,
+             block_f: int, block_d: int, interpret: bool, num_warps: int | None = None, gate: str = "xla",
+             predicted: bool = False) -> Array:
     B, D = x_BxD.shape
     F = w_gate_DxF.shape[1]
     Fp, Dp = _round_up(F, block_f), _round_up(D, block_d)
@@ -216,8 +223,9 @@ def _s2_call(params_2, x_BxD, w_gate_DxF, w_up_FxD, norms_F, *, activation: Gate
     x_BxD = _pad2(x_BxD, B, Dp)
     w_up_FxD = _pad2(w_up_FxD, Fp, Dp)
     norms_F = jnp.pad(norms_F.astype(jnp.float32), (0, Fp - F))
+    pred_F = jnp.pad(pred_F.astype(jnp.int32), (0, Fp - F))  # padded neurons: not predicted
     kernel = functools.partial(_s2_kernel, activation=activation, norm_mode=norm_mode, B=B, n_d=Dp // block_d,
-                               block_f=block_f, block_d=block_d, gate_given=gate == "xla")
+                               block_f=block_f, block_d=block_d, gate_given=gate == "xla", predicted=predicted)
     x1_BxF = pl.pallas_call(
         kernel,
         grid=(Fp // block_f,),
@@ -225,13 +233,13 @@ def _s2_call(params_2, x_BxD, w_gate_DxF, w_up_FxD, norms_F, *, activation: Gate
         compiler_params=_compiler_params(num_warps),
         interpret=interpret,
         name="prosparse_s2",
-    )(params_2, x_BxD, w_gate_DxF, w_up_FxD, norms_F)
+    )(params_2, x_BxD, w_gate_DxF, w_up_FxD, norms_F, pred_F)
     return x1_BxF[:, :F]
 
 
 def s2(x_BxD: Array, w_gate_DxF: Array, w_up_FxD: Array, *, activation: GatedActivation, threshold: Any = 0.0,
-       tau: Any = None, w_down_norms_F: Array | None = None, block_f: int | None = None,
-       block_d: int | None = None, num_warps: int | None = None, gate: str | None = None,
+       tau: Any = None, w_down_norms_F: Array | None = None, predicted_F: Array | None = None,
+       block_f: int | None = None, block_d: int | None = None, num_warps: int | None = None, gate: str | None = None,
        interpret: bool = False) -> Array:
     """ProSparse S2: ``x1 = act(x W_gate) * (x W_up)``, reading W_up rows only for the batch's active neurons.
 
@@ -243,6 +251,8 @@ def s2(x_BxD: Array, w_gate_DxF: Array, w_up_FxD: Array, *, activation: GatedAct
       threshold: FATReLU threshold t (gate >= t kept); a Python float or a traced scalar.
       tau: neuron-norm mode (i kept iff ``|x1_i| * w_down_norms_F[i] > tau``; W_up then read in full); may be traced.
       w_down_norms_F: ``||W_down[i, :]||``, required with ``tau``.
+      predicted_F: bool [F], an activation predictor's set (batch union): neurons outside it are dropped and their
+        up rows not loaded (the gate is still read densely: W_gate's [D, F] layout has no per-neuron rows).
       block_f, block_d: neurons per program / d_model columns per loop step (powers of two); default
         :func:`default_blocks`.
       num_warps: Triton warps per program (power of two); default :data:`NUM_WARPS`.
@@ -256,7 +266,7 @@ def s2(x_BxD: Array, w_gate_DxF: Array, w_up_FxD: Array, *, activation: GatedAct
       KernelInputError: inputs the kernel cannot run on (checked before anything is traced).
     """
     check_s2_inputs(x_BxD, w_gate_DxF, w_up_FxD, activation=activation, threshold=threshold, tau=tau,
-                    w_down_norms_F=w_down_norms_F)
+                    w_down_norms_F=w_down_norms_F, predicted_F=predicted_F)
     _check_num_warps(num_warps)
     gate = DEFAULT_GATE if gate is None else gate
     if gate not in ("xla", "fused"):
@@ -273,8 +283,10 @@ def s2(x_BxD: Array, w_gate_DxF: Array, w_up_FxD: Array, *, activation: GatedAct
     params_2 = jnp.stack([jnp.asarray(threshold, jnp.float32).reshape(()),
                           jnp.asarray(0.0 if tau is None else tau, jnp.float32).reshape(())])
     norms_F = w_down_norms_F if norm_mode else jnp.zeros((F,), jnp.float32)
-    return _s2_call(params_2, x_BxD, w_gate_DxF, w_up_FxD, norms_F, activation=activation, norm_mode=norm_mode,
-                    block_f=bf, block_d=bd, interpret=interpret, num_warps=num_warps, gate=gate)
+    pred_F = jnp.ones((F,), bool) if predicted_F is None else predicted_F
+    return _s2_call(params_2, x_BxD, w_gate_DxF, w_up_FxD, norms_F, pred_F, activation=activation,
+                    norm_mode=norm_mode, block_f=bf, block_d=bd, interpret=interpret, num_warps=num_warps, gate=gate,
+                    predicted=predicted_F is not None)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -1,11 +1,14 @@
-"""Build, load and call the C++ sparse FFN kernel for XLA:CPU (``csrc/sparse_ffn_cpu.cc``, an XLA FFI custom call).
+"""Build, load and call the C++ sparse FFN kernel for XLA:CPU (``csrc/sparse_ffn_cpu.cc``, two XLA FFI custom calls).
 
-Given the active neurons' mask, the kernel reads their rows of W_up^T and W_down in place on XLA's intra-op thread pool:
-ProSparse (arXiv 2402.13516) §4.3 S2 + S3 after the dense gate projection. It is compiled on first use with ``$CXX``
-into :func:`cache_dir`, under a hash of the source, compiler, flags, jaxlib and CPU (``-march=native``), so a changed
-source or jaxlib rebuilds and a cache shared between machines never loads a foreign build. A sha256 written with each
-build is checked before loading: a damaged or truncated library is rebuilt, never mapped; where the kernel cannot be
-built or loaded, :class:`KernelUnavailableError` says why in one line (``auto`` then runs ``cpu_gather``).
+Given the active neurons' mask, :func:`gather_down` reads their rows of W_up^T and W_down in place on XLA's intra-op
+thread pool: ProSparse (arXiv 2402.13516) §4.3 S2 + S3 after the gate. With an activation predictor,
+:func:`predict_gate` computes its logits (the W2 rows of the non-zero hidden units) and the gate of the predicted
+neurons only (their rows of W_gate^T), so the gate projection is no longer read densely. It is compiled on first use
+with ``$CXX`` into :func:`cache_dir`, under a hash of the source, compiler, flags, jaxlib and CPU (``-march=native``),
+so a changed source or jaxlib rebuilds and a cache shared between machines never loads a foreign build. A sha256
+written with each build is checked before loading: a damaged or truncated library is rebuilt, never mapped; where the
+kernel cannot be built or loaded, :class:`KernelUnavailableError` says why in one line (``auto`` then runs
+``cpu_gather``).
 """
 
 from __future__ import annotations
@@ -33,9 +36,10 @@ from prosparse_jax.errors import KernelUnavailableError
 Array = jax.Array
 
 SOURCE = Path(__file__).parent / "csrc" / "sparse_ffn_cpu.cc"
-#: The FFI target name and the exported handler symbol.
+#: The FFI target names and their exported handler symbols.
 TARGET = "prosparse_sparse_ffn_down"
-SYMBOL = "ProsparseSparseFfnDown"
+PREDICT_TARGET = "prosparse_predict_gate"
+SYMBOLS = {TARGET: "ProsparseSparseFfnDown", PREDICT_TARGET: "ProsparsePredictGate"}
 #: Compiler options besides the include directory (-ffp-contract=fast: fused multiply-adds; no -ffast-math).
 CXXFLAGS = ("-O3", "-march=native", "-ffp-contract=fast", "-shared", "-fPIC", "-std=c++17")
 FIX = "install g++ (Debian: apt-get install g++) or use implementation='cpu_gather'"
@@ -240,12 +244,13 @@ def _load(path: Path, cxx: str) -> ctypes.CDLL | KernelUnavailableError:
         return e
     try:
         lib = ctypes.cdll.LoadLibrary(str(path))
-        handler = getattr(lib, SYMBOL)
+        handlers = {target: getattr(lib, symbol) for target, symbol in SYMBOLS.items()}
     except (OSError, AttributeError) as e:
         return KernelUnavailableError(f"cpu_ffi: cannot load {path} ({e}); {CACHE_FIX}")
     if not _REGISTERED:
         try:
-            jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(handler), platform="cpu")
+            for target, handler in handlers.items():
+                jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(handler), platform="cpu")
         except (RuntimeError, ValueError) as e:  # JaxRuntimeError is a RuntimeError
             return KernelUnavailableError(f"cpu_ffi: cannot register {path} with XLA ({e}); use "
                                           f"implementation='cpu_gather'")
@@ -277,6 +282,12 @@ def unavailable_reason() -> str:
     return str(lib) if isinstance(lib, KernelUnavailableError) else ""
 
 
+def _require_kernel() -> None:
+    lib = _kernel()
+    if isinstance(lib, KernelUnavailableError):
+        raise KernelUnavailableError(str(lib))
+
+
 def gather_down(x_BxD: Array, coeff_BxF: Array, active_F: Array, w_up_FxD: Array, w_down_FxD: Array, *,
                 read_up: bool, drelu: bool) -> Array:
     """out_BxD = sum over the neurons i with active_F[i] of x1[:, i] * W_down[i, :], on all cores (float32 only).
@@ -290,10 +301,28 @@ def gather_down(x_BxD: Array, coeff_BxF: Array, active_F: Array, w_up_FxD: Array
     Raises:
       KernelUnavailableError: the kernel cannot be built here.
     """
-    lib = _kernel()
-    if isinstance(lib, KernelUnavailableError):
-        raise KernelUnavailableError(str(lib))
+    _require_kernel()
     # under jax.vmap the call loops over the mapped axis (weights unbatched: no copies)
     call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct(x_BxD.shape, jnp.float32), vmap_method="sequential")
     return call(x_BxD, coeff_BxF, jnp.asarray(active_F, jnp.bool_), w_up_FxD, w_down_FxD, read_up=np.bool_(read_up),
                 drelu=np.bool_(drelu))
+
+
+def predict_gate(x_BxD: Array, h_BxR: Array, w2_RxF: Array, b2_F: Array, threshold: Array,
+                 w_gate_FxD: Array) -> tuple[Array, Array]:
+    """(gate_BxF, predicted_F): the predictor's set, any row's ``h W2 + b2 > threshold`` (reading the W2 rows whose
+    ``h_BxR`` is non-zero on some row), and ``x . W_gate^T[i]`` for the predicted neurons i, 0 elsewhere (float32).
+
+    Args:
+      h_BxR: the predictor's hidden layer relu(x W1) (:func:`prosparse_jax.predictor.core.layer_logits`' first half).
+      threshold: the layer's decision threshold, one float32 (may be traced).
+      w_gate_FxD: W_gate^T, one row per neuron (``sparse_ffn.prepare_weights``).
+
+    Raises:
+      KernelUnavailableError: the kernel cannot be built here.
+    """
+    _require_kernel()
+    B, F = x_BxD.shape[0], w2_RxF.shape[1]
+    call = jax.ffi.ffi_call(PREDICT_TARGET, (jax.ShapeDtypeStruct((B, F), jnp.float32),
+                                             jax.ShapeDtypeStruct((F,), jnp.bool_)), vmap_method="sequential")
+    return call(x_BxD, h_BxR, w2_RxF, b2_F, jnp.asarray(threshold, jnp.float32).reshape(1), w_gate_FxD)

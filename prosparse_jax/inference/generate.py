@@ -34,6 +34,8 @@ from prosparse_jax.inference import sparse_ffn as sparse_ffn_lib
 from prosparse_jax.inference.decode import FFNImpl, KVCache, decode_step, dense_ffn, init_cache, prefill
 from prosparse_jax.model import transformer as model
 from prosparse_jax.model.activations import RELU_FAMILY
+from prosparse_jax.predictor import core as predictor_core
+from prosparse_jax.predictor import io as predictor_io
 from prosparse_jax.training import checkpoint
 from prosparse_jax.training.model_io import load_model
 
@@ -304,20 +306,41 @@ def _length(row: np.ndarray, eos_id: int | None) -> int:
     return int(hits[0]) + 1 if len(hits) else len(row)
 
 
-def prepare_sparse_params(params: model.Params) -> model.Params:
+#: The keys :func:`prepare_sparse_params` stores a predictor under in the layers (``pred_threshold_Lx1``: [L, 1], so
+#: one layer's slice is a [1] array), from the predictor's own names (:mod:`prosparse_jax.predictor.core`).
+PREDICTOR_KEYS = {"w1_LxDxR": "pred_w1_LxDxR", "w2_LxRxF": "pred_w2_LxRxF", "b2_LxF": "pred_b2_LxF"}
+
+
+def prepare_sparse_params(params: model.Params, predictor: predictor_core.Predictor | None = None) -> model.Params:
     """``params`` plus W_up^T (``w_up_t_LxFxD``) and ||W_down[i, :]|| (``w_down_norms_LxF``), computed once instead of
-    in every decode step, in the per-layer layout :func:`generate` decodes with."""
+    in every decode step, in the per-layer layout :func:`generate` decodes with. With ``predictor`` (stacked over
+    layers, checked against the model by the caller), also W_gate^T (``w_gate_t_LxFxD``) and the predictor's arrays,
+    so :func:`sparse_decode_ffn` decodes with it in every layer."""
     params = model.stack_layers(params)
     layers = dict(params["layers"])
     layers["w_up_t_LxFxD"] = jnp.swapaxes(layers["w_up_LxDxF"], 1, 2)
     layers["w_down_norms_LxF"] = model.w_down_norms(params)
+    if predictor is not None:
+        layers["w_gate_t_LxFxD"] = jnp.swapaxes(layers["w_gate_LxDxF"], 1, 2)
+        for name, key in PREDICTOR_KEYS.items():
+            layers[key] = jnp.asarray(predictor[name], jnp.float32)
+        layers["pred_threshold_Lx1"] = jnp.asarray(predictor["threshold_L"], jnp.float32)[:, None]
     return model.unstack_layers(dict(params, layers=layers))
+
+
+def _layer_predictor(lp: model.Params) -> sparse_ffn_lib.LayerPredictor | None:
+    """The predictor :func:`prepare_sparse_params` stored in one layer's params (in-layer names), or None."""
+    if "pred_w1_DxR" not in lp:
+        return None
+    return sparse_ffn_lib.LayerPredictor(lp["pred_w1_DxR"], lp["pred_w2_RxF"], lp["pred_b2_F"],
+                                         lp["pred_threshold_1"][0])
 
 
 def sparse_decode_ffn(params: model.Params, cfg: ModelConfig, implementation: str = "auto") -> Any:
     """The decode FFN hook (:data:`prosparse_jax.inference.decode.FFNImpl`) running the sparse FFN backend
-    ``implementation`` (bind it with ``functools.partial``). Its zeros per token are d_ff minus the size of the batch's
-    union active set (a lower bound of each row's own count when B > 1)."""
+    ``implementation`` (bind it with ``functools.partial``), with the layer's activation predictor where
+    :func:`prepare_sparse_params` stored one. Its zeros per token are d_ff minus the size of the batch's union active
+    set (a lower bound of each row's own count when B > 1)."""
     del params
     taus_L = jnp.asarray(cfg.neuron_thresholds, jnp.float32) if cfg.neuron_thresholds else None
 
@@ -331,22 +354,24 @@ def sparse_decode_ffn(params: model.Params, cfg: ModelConfig, implementation: st
             x_BxTxD.reshape(B * T, -1), lp["w_gate_DxF"], lp["w_up_DxF"], lp["w_down_FxD"],
             activation=cfg.activation, threshold=cfg.activation_threshold,
             taus=None if taus_L is None else taus_L[layer], w_down_norms_F=norms_F, w_up_FxD=lp.get("w_up_t_FxD"),
-            implementation=implementation)
+            predictor=_layer_predictor(lp), w_gate_FxD=lp.get("w_gate_t_FxD"), implementation=implementation)
         zeros_BxT = jnp.broadcast_to((cfg.d_ff - count).astype(jnp.float32), (B, T))
         return out_BxD.reshape(B, T, -1).astype(x_BxTxD.dtype), zeros_BxT
 
     return ffn
 
 
-def sparse_config(cfg: ModelConfig, sparse: bool) -> ModelConfig:
-    """The config :func:`generate_text` decodes with: the sparse mode's thresholds with ``sparse``, else a dense FFN."""
+def sparse_config(cfg: ModelConfig, sparse: bool, predictor: bool = False) -> ModelConfig:
+    """The config :func:`generate_text` decodes with: the sparse mode's thresholds with ``sparse``, else a dense FFN.
+    With a ``predictor`` a model without exact zeros needs no thresholds (the predictor's set is its sparse mode)."""
     if not sparse:
         return cfg.replace(neuron_thresholds=())
-    if not cfg.neuron_thresholds and cfg.activation not in RELU_FAMILY:
+    if not cfg.neuron_thresholds and cfg.activation not in RELU_FAMILY and not predictor:
         raise UsageError(
             f"sparse: this {cfg.activation} model has no sparse-mode thresholds (model.neuron_thresholds); `python -m "
             "prosparse_jax.main.analyze --checkpoint=<it> --metric=pplp --value=1 --out=<dir>` finds them: pass "
-            "generate --thresholds=<dir>/sparse_mode.json, or set model.neuron_thresholds in its config.json")
+            "generate --thresholds=<dir>/sparse_mode.json, or set model.neuron_thresholds in its config.json (or "
+            "decode with an activation predictor: --predictor=<dir>)")
     return cfg
 
 
@@ -398,13 +423,16 @@ DEFAULT_NEW_TOKENS = 64  # generate_text's max_new_tokens when none is given (fe
 def generate_text(checkpoint_path: str, prompt: str, *, step: int | None = None, max_new_tokens: int | None = None,
                   sparse: bool = False, implementation: str = "auto", temperature: float = 0.0, top_k: int = 0,
                   top_p: float = 1.0, seed: int = 0, thresholds: str | os.PathLike | None = None,
+                  predictor: str | os.PathLike | None = None,
                   chunk_tokens: int | None = None) -> tuple[str, dict[str, Any]]:
     """(continuation, stats) of ``prompt`` by the model of a workdir or HF folder (at ``step``, default latest).
 
     ``sparse`` decodes in the sparse mode with the sparse FFN ``implementation``, with the model's
     ``model.neuron_thresholds`` or those of the sparse_mode.json ``thresholds`` (:func:`read_thresholds`); sampling
-    and ``chunk_tokens`` as in :func:`generate`. The prompt plus ``max_new_tokens`` must fit the model's context
-    (:func:`prosparse_jax.inference.score.context_window`): checked, with every argument, before the model is loaded.
+    and ``chunk_tokens`` as in :func:`generate`. ``predictor``: a saved activation predictor of this model
+    (:func:`prosparse_jax.predictor.io.load_predictor`), used in every layer's decode FFN; it implies ``sparse``. The
+    prompt plus ``max_new_tokens`` must fit the model's context (:func:`prosparse_jax.inference.score.context_window`):
+    checked, with every argument, before the model is loaded.
     None: :data:`DEFAULT_NEW_TOKENS`, or as many as the context leaves.
     """
     from tokenizers import Tokenizer
@@ -413,8 +441,11 @@ def generate_text(checkpoint_path: str, prompt: str, *, step: int | None = None,
         raise UsageError(f"max_new_tokens: must be at least 1, got {max_new_tokens}")
     check_prompt(prompt)
     check_sampling(temperature, top_k, top_p)
+    sparse = sparse or predictor is not None
     if thresholds is not None and not sparse:
         raise UsageError("thresholds: set the sparse mode, which the dense decode does not use; add --sparse")
+    if predictor is not None:
+        predictor_io.read_record(predictor)  # no predictor there: refused before the model is loaded
     files.check_model_path(checkpoint_path, "checkpoint")
     context, source = score.context_window(checkpoint_path)
     tok_path = Path(checkpoint_path) / "tokenizer.json"  # where load_model finds it, in a workdir or HF folder
@@ -435,15 +466,18 @@ def generate_text(checkpoint_path: str, prompt: str, *, step: int | None = None,
             mcfg = mcfg.replace(neuron_thresholds=taus)
         except ConfigError as e:
             raise UsageError(f"thresholds: {thresholds}: {e} (is it the analysis of another model?)") from None
-    mcfg = sparse_config(mcfg, sparse)
+    mcfg = sparse_config(mcfg, sparse, predictor is not None)
+    pred = None
+    if predictor is not None:
+        pred, _ = predictor_io.load_predictor(Path(predictor), mcfg)  # another model's: refused, naming the mismatch
     eos = tok.token_to_id(EOS_TOKEN)
     if sparse:  # the sparse FFN kernel in every decode step, with its per-layer tensors prepared once
-        params = prepare_sparse_params(params)
+        params = prepare_sparse_params(params, pred)
     news, stats = generate(params, mcfg, [ids], max_new_tokens=max_new_tokens, eos_id=eos,
                            ffn=functools.partial(sparse_decode_ffn, implementation=implementation) if sparse else None,
                            temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, chunk_tokens=chunk_tokens)
     return tok.decode(news[0]), {
         "prefill_tokens_per_s": stats.prefill_tokens_per_s, "decode_tokens_per_s": stats.decode_tokens_per_s,
         "sparsity_per_layer": stats.sparsity_per_layer, "prompt_tokens": len(ids),
-        "new_tokens": len(news[0]), "sparse": sparse,
+        "new_tokens": len(news[0]), "sparse": sparse, "predictor": None if predictor is None else str(predictor),
         "implementation": sparse_ffn_lib.resolve_implementation(implementation) if sparse else None}

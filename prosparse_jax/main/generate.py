@@ -2,12 +2,14 @@ r"""Continues a prompt with a model (KV cache; greedy or sampled) and reports sp
 
     python -m prosparse_jax.main.generate --checkpoint=<workdir or HF folder> --prompt="..." [--max_new_tokens=N] \
         [--temperature=T --top_k=K --top_p=P --seed=S] [--sparse [--implementation=...] [--thresholds=...]] \
-        [--step=N]
+        [--predictor=<dir>] [--step=N]
 
 Prints the continuation, then one JSON line: prefill and decode tokens/s (compile excluded) and the fraction of
 exact zeros of x1 per layer during decoding. ``--sparse`` decodes in the sparse mode (the model's
 ``model.neuron_thresholds``, or ``--thresholds``: the sparse_mode.json of ``python -m prosparse_jax.main.analyze
---metric=pplp --value=1``) with a sparse FFN kernel. The prompt plus ``--max_new_tokens`` must fit the model's
+--metric=pplp --value=1``) with a sparse FFN kernel; ``--predictor`` adds an activation predictor (``python -m
+prosparse_jax.main.predictor train``'s output) to every layer's sparse FFN, so only its predicted neurons are computed
+(it implies ``--sparse``). The prompt plus ``--max_new_tokens`` must fit the model's
 context. Ctrl-C stops within a second or so and exits 130. Details: :mod:`prosparse_jax.inference.generate`.
 """
 
@@ -42,6 +44,9 @@ def _flags() -> flags.FlagValues:
                       "on TPU); a Pallas backend on a CPU runs interpreted (slow: for checks).", flag_values=fv)
     flags.DEFINE_string("thresholds", None, "With --sparse: the sparse_mode.json written by analyze (or its --out "
                         "folder); its thresholds replace the model's model.neuron_thresholds.", flag_values=fv)
+    flags.DEFINE_string("predictor", None, "An activation predictor of this model (the --out folder of `python -m "
+                        "prosparse_jax.main.predictor train`): every layer's sparse FFN computes only the neurons it "
+                        "predicts (gate rows included). Implies --sparse.", flag_values=fv)
     flags.mark_flags_as_required(["checkpoint", "prompt"], flag_values=fv)
     return fv
 
@@ -54,7 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     def body() -> str:
         text, stats = generate_text(fv.checkpoint, fv.prompt, step=fv.step, max_new_tokens=fv.max_new_tokens,
                                     sparse=fv.sparse, implementation=fv.implementation, temperature=fv.temperature,
-                                    top_k=fv.top_k, top_p=fv.top_p, seed=fv.seed, thresholds=fv.thresholds)
+                                    top_k=fv.top_k, top_p=fv.top_p, seed=fv.seed, thresholds=fv.thresholds,
+                                    predictor=fv.predictor)
         return f"{text}\n{json.dumps(stats)}"
 
     try:

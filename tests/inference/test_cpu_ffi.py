@@ -26,6 +26,8 @@ from conftest import gated_ffn_weights
 from prosparse_jax import errors
 from prosparse_jax.inference import cpu_ffi, sparse_ffn
 from prosparse_jax.inference.sparse_ffn import prepare_weights
+from prosparse_jax.model import transformer as model
+from prosparse_jax.predictor import core as predictor_core
 
 D, F = 100, 333  # neither a multiple of the kernel's 16-float vectors nor of its chunk of neurons
 SPARSITIES = (0.0, 0.5, 0.88, 0.99, 1.0)
@@ -192,6 +194,165 @@ def test_bad_shapes_error():
 
 def test_no_active_neuron_gives_zeros():
     np.testing.assert_array_equal(_call(active=()), 0.0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The predictor path: the predictor's logits and the gate rows of its set in C++ (predict_gate), then gather_down
+# ---------------------------------------------------------------------------------------------------------------
+PRED_RANK = 24
+
+
+def predictor_for(x0_D, predicted_F, rank: int = PRED_RANK, seed: int = 0, margin: float = 0.5):
+    """A LayerPredictor whose set on every positive multiple of ``x0_D`` is exactly ``predicted_F``: random w1 and
+    w2, the sign of w2's column i chosen so that h0 . w2[:, i] (h0 = relu(x0 w1)) is positive iff i is predicted, and
+    b2 = +-margin with that sign, so every logit is at least ``margin`` away from the threshold 0."""
+    rng = np.random.default_rng(seed)
+    x0_D = np.asarray(x0_D, np.float32)
+    D, F = x0_D.shape[0], predicted_F.shape[0]
+    w1 = rng.normal(size=(D, rank)).astype(np.float32) / np.sqrt(D)
+    w2 = rng.normal(size=(rank, F)).astype(np.float32) / np.sqrt(rank)
+    h0 = np.maximum(x0_D @ w1, 0.0)
+    w2 = w2 * np.where((h0 @ w2 > 0) == predicted_F, 1.0, -1.0).astype(np.float32)
+    b2 = np.where(predicted_F, margin, -margin).astype(np.float32)
+    return sparse_ffn.LayerPredictor(jnp.asarray(w1), jnp.asarray(w2), jnp.asarray(b2), jnp.float32(0.0))
+
+
+def _predicted_case(sparsity: float, B: int, D: int = D, F: int = F, extra: float = 0.3, drop: int = 0,
+                    rank: int = PRED_RANK):
+    """(x, wg, wu, wd, the true active set, the predicted set, its predictor): the predicted set is the true one plus
+    ``extra`` of its size (and 3) inactive neurons, less its first ``drop`` active ones."""
+    x, wg, wu, wd = _weights(sparsity, B, D=D, F=F)
+    on_F = np.asarray(x[0] @ wg) > 0
+    off = np.flatnonzero(~on_F)
+    pred_F = on_F.copy()
+    pred_F[np.random.default_rng(7).choice(off, min(len(off), round(extra * on_F.sum()) + 3), replace=False)] = True
+    pred_F[np.flatnonzero(on_F)[:drop]] = False
+    return x, wg, wu, wd, on_F, pred_F, predictor_for(x[0], pred_F, rank)
+
+
+def _reference_on_set(x, wg, wu, wd, activation, threshold, pred):
+    """The model's dense FFN with x1 zeroed outside the predictor's set (the set from predictor.core's formula)."""
+    logits = predictor_core.layer_logits(pred.w1_DxR, pred.w2_RxF, pred.b2_F, x)
+    keep_F = np.any(np.asarray(logits) > float(pred.threshold), axis=0)
+    x1, _ = model.ffn_hidden(x[:, None, :], {"w_gate_DxF": wg, "w_up_DxF": wu}, activation, threshold)
+    x1 = np.where(keep_F, np.asarray(x1)[:, 0], 0.0)
+    return model.ffn_down(jnp.asarray(x1)[:, None], {"w_down_FxD": wd})[:, 0], keep_F
+
+
+@functools.cache
+def _pred_jitted(activation: str, threshold: float, implementation: str = "cpu_ffi", buckets=(F,)):
+    def f(x, wg, wu, wd, wut, wgt, pred):
+        return sparse_ffn.sparse_ffn(x, wg, wu, wd, activation=activation, threshold=threshold, w_up_FxD=wut,
+                                     w_gate_FxD=wgt, predictor=pred, implementation=implementation, buckets=buckets)
+    return jax.jit(f)
+
+
+def _with_threshold(pred, t):
+    return pred._replace(threshold=jnp.float32(t))
+
+
+@pytest.mark.parametrize("B", [1, 4])
+@pytest.mark.parametrize("activation,threshold", [("relu", 0.0), ("fatrelu", FAT_T), ("drelu", 0.0)])
+def test_predictor_path_equals_the_reference_on_the_predicted_set(activation, threshold, B):
+    """At every sparsity (the predicted set 1.3x the true one, plus 3): the FFN computed on the predicted set only,
+    and the active count is that of the predicted active neurons."""
+    f = _pred_jitted(activation, threshold)
+    for s in SPARSITIES:
+        x, wg, wu, wd, on_F, pred_F, pred = _predicted_case(s, B)
+        prep = prepare_weights(wu, wd, wg)
+        out, count = f(x, wg, wu, wd, prep["w_up_FxD"], prep["w_gate_FxD"], pred)
+        ref, keep_F = _reference_on_set(x, wg, wu, wd, activation, threshold, pred)
+        np.testing.assert_array_equal(keep_F, pred_F)  # the construction gives the intended set
+        _check(out, ref)
+        assert int(count) == int(np.sum(on_F & pred_F))
+
+
+@pytest.mark.parametrize("B", [1, 4])
+def test_a_truly_active_neuron_the_predictor_misses_is_dropped_exactly(B):
+    """The predicted set lacks one active neuron j: the output differs from the dense FFN by exactly j's term
+    x1_j * W_down[j] (and by nothing else)."""
+    x, wg, wu, wd, on_F, pred_F, pred = _predicted_case(0.88, B, drop=1)
+    j = int(np.flatnonzero(on_F & ~pred_F)[0])
+    prep = prepare_weights(wu, wd, wg)
+    out, count = _pred_jitted("relu", 0.0)(x, wg, wu, wd, prep["w_up_FxD"], prep["w_gate_FxD"], pred)
+    dense, dense_count = sparse_ffn.sparse_ffn(x, wg, wu, wd, activation="relu", implementation="dense")
+    x1_j = np.maximum(np.asarray(x @ wg)[:, j], 0.0) * np.asarray(x @ wu)[:, j]
+    term = x1_j[:, None] * np.asarray(wd)[j][None, :]
+    assert np.max(np.abs(term)) > 1e-2 * np.max(np.abs(np.asarray(dense)))  # the lost term is visible
+    _check(np.asarray(dense) - np.asarray(out), term)
+    assert int(count) == int(dense_count) - 1
+
+
+@pytest.mark.parametrize("B", [1, 4])
+def test_a_predictor_of_threshold_minus_inf_is_the_sparse_ffn_without_one(B):
+    f = _pred_jitted("fatrelu", FAT_T)
+    g = _jitted("fatrelu", FAT_T, False, "cpu_ffi", (F,))
+    for s in SPARSITIES:
+        x, wg, wu, wd, _, _, pred = _predicted_case(s, B)
+        prep = prepare_weights(wu, wd, wg)
+        out, count = f(x, wg, wu, wd, prep["w_up_FxD"], prep["w_gate_FxD"], _with_threshold(pred, -np.inf))
+        ref, ref_count = g(x, wg, wu, wd, 0.0, prep["w_down_norms_F"], prep["w_up_FxD"])
+        _check(out, ref)
+        assert int(count) == int(ref_count)
+
+
+def test_predictor_path_when_the_work_is_split_over_threads():
+    """Megabytes of W2 and gate rows: both passes of predict_gate and gather_down run on the pool."""
+    for s in (0.0, 0.5):
+        x, wg, wu, wd, on_F, pred_F, pred = _predicted_case(s, 5, D=1000, F=1500, rank=512)
+        prep = prepare_weights(wu, wd, wg)
+        out, count = _pred_jitted("relu", 0.0, buckets=(1500,))(x, wg, wu, wd, prep["w_up_FxD"], prep["w_gate_FxD"],
+                                                                 pred)
+        _check(out, _reference_on_set(x, wg, wu, wd, "relu", 0.0, pred)[0])
+        assert int(count) == int(np.sum(on_F & pred_F))
+
+
+def test_predict_gate_returns_the_set_and_its_gates_only():
+    x, wg, _, _, _, pred_F, pred = _predicted_case(0.5, 3)
+    h = jax.nn.relu(x @ pred.w1_DxR)
+    gate, got_F = cpu_ffi.predict_gate(x, h, pred.w2_RxF, pred.b2_F, pred.threshold, jnp.asarray(wg.T))
+    np.testing.assert_array_equal(np.asarray(got_F), pred_F)
+    want = np.where(pred_F, np.asarray(x @ wg), 0.0)
+    _check(gate, want)
+    assert np.all(np.asarray(gate)[:, ~pred_F] == 0.0)
+
+
+def test_silu_with_a_predictor_computes_its_set_exactly():
+    """A model without exact zeros (SiLU) decodes with a predictor alone: its set is the sparse mode."""
+    x, wg, wu, wd, _, pred_F, pred = _predicted_case(0.88, 2)
+    prep = prepare_weights(wu, wd, wg)
+    out, count = _pred_jitted("silu", 0.0)(x, wg, wu, wd, prep["w_up_FxD"], prep["w_gate_FxD"], pred)
+    _check(out, _reference_on_set(x, wg, wu, wd, "silu", 0.0, pred)[0])
+    assert int(count) == int(pred_F.sum())
+
+
+BUSY_CORE = "import time\nend = time.time() + 60\nwhile time.time() < end: pass\n"
+
+
+def test_results_stay_exact_while_another_process_is_busy_on_a_core():
+    """With a process spinning on a core, a pool task may be preempted holding a chunk; the caller then computes the
+    chunk itself and the task's late result is dropped: every call still equals the reference (no chunk lost or
+    counted twice)."""
+    x, wg, wu, wd, on_F, pred_F, pred = _predicted_case(0.5, 2, D=1000, F=1500, rank=512)
+    prep = prepare_weights(wu, wd, wg)
+    f = _pred_jitted("relu", 0.0, buckets=(1500,))
+    ref = _reference_on_set(x, wg, wu, wd, "relu", 0.0, pred)[0]
+    busy = subprocess.Popen([sys.executable, "-c", BUSY_CORE])
+    try:
+        for _ in range(150):
+            out, count = f(x, wg, wu, wd, prep["w_up_FxD"], prep["w_gate_FxD"], pred)
+            _check(out, ref)
+            assert int(count) == int(np.sum(on_F & pred_F))
+    finally:
+        busy.kill()
+        busy.wait()
+
+
+def test_a_predictor_of_another_shape_is_refused():
+    x, wg, wu, wd, _, _, pred = _predicted_case(0.5, 1)
+    bad = pred._replace(b2_F=pred.b2_F[:-1])
+    with pytest.raises(errors.UsageError, match=r"predictor b2_F has shape \(332,\), expected \(333,\)"):
+        sparse_ffn.sparse_ffn(x, wg, wu, wd, activation="relu", predictor=bad, implementation="cpu_ffi")
 
 
 def test_build_is_cached(built):

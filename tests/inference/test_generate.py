@@ -427,3 +427,72 @@ def test_sparse_decode_check_catches_a_kernel_that_skips_one_active_neuron(monke
     wrong = _decode_logits(params, cfg, functools.partial(generate.sparse_decode_ffn, implementation="broken"))
     assert np.max(np.abs(right - dense)) <= 1e-5 * scale
     assert np.max(np.abs(wrong - dense)) > 1e-3 * scale
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Decoding with an activation predictor
+# ---------------------------------------------------------------------------------------------------------------
+def _with_thresholds(pred: dict, t: float) -> dict:
+    return dict(pred, threshold_L=jnp.full_like(pred["threshold_L"], t))
+
+
+@pytest.mark.parametrize("implementation", ["cpu_ffi", "cpu_gather"])
+def test_a_predictor_of_recall_one_decodes_the_sparse_models_tokens(implementation: str) -> None:
+    """Threshold -inf predicts every neuron: the predictor path emits the dense tokens; a threshold above every logit
+    predicts none, so the FFN is empty (sparsity 1 in every layer) and the tokens change: the predictor is in the
+    loop of every layer."""
+    from prosparse_jax.predictor import core as predictor_core
+
+    cfg = tiny_model_config(activation="relu", d_ff=256).replace(activation="fatrelu", activation_threshold=0.15)
+    params = model.init_params(cfg, jax.random.key(7))
+    pred = predictor_core.init_predictor(cfg, 8, jax.random.key(3))
+    ffn = functools.partial(generate.sparse_decode_ffn, implementation=implementation)
+    dense, _ = generate.generate(params, cfg, PROMPTS[:1], max_new_tokens=6)
+    got, stats = generate.generate(generate.prepare_sparse_params(params, _with_thresholds(pred, -np.inf)), cfg,
+                                   PROMPTS[:1], max_new_tokens=6, ffn=ffn)
+    assert got == dense and min(stats.sparsity_per_layer) > 0.5
+    _, none = generate.generate(generate.prepare_sparse_params(params, _with_thresholds(pred, 1e9)), cfg,
+                                PROMPTS[:1], max_new_tokens=6, ffn=ffn)
+    assert none.sparsity_per_layer == [1.0] * cfg.n_layers
+
+
+@pytest.fixture(scope="module")
+def saved_predictor(workdir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A predictor of the CLI's (SiLU) model, saved as ``predictor train`` saves one, threshold -inf (recall 1)."""
+    from prosparse_jax.predictor import core as predictor_core
+    from prosparse_jax.predictor import io as predictor_io
+
+    cfg, _, _ = load_model(workdir)
+    path = tmp_path_factory.mktemp("pred") / "predictor"
+    pred = _with_thresholds(predictor_core.init_predictor(cfg, 8, jax.random.key(0)), -np.inf)
+    predictor_io.save_predictor(path, pred, {"rank": 8})
+    return path
+
+
+def test_cli_predictor_decodes_a_silu_model_with_its_set(workdir: Path, saved_predictor: Path,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    """--predictor implies the sparse decode; a SiLU model needs no thresholds with it, and a predictor of recall 1
+    gives the dense decode's text."""
+    args = ["generate", f"--checkpoint={workdir}", "--prompt=hello world", "--max_new_tokens=4"]
+    assert generate_main.main(args) == 0
+    dense = capsys.readouterr().out.strip().splitlines()
+    assert generate_main.main([*args, f"--predictor={saved_predictor}"]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    stats = json.loads(out[-1])
+    assert out[:-1] == dense[:-1] and stats["sparse"] and stats["predictor"] == str(saved_predictor)
+
+
+def test_cli_refuses_a_missing_predictor_or_one_of_another_model(workdir: Path, saved_predictor: Path,
+                                                                 tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    from prosparse_jax.predictor import core as predictor_core
+    from prosparse_jax.predictor import io as predictor_io
+
+    other = tmp_path / "other"
+    cfg = tiny_model_config(vocab_size=VOCAB, activation="silu", d_ff=64)
+    predictor_io.save_predictor(other, predictor_core.init_predictor(cfg, 8, jax.random.key(0)), {})
+    args = ["generate", f"--checkpoint={workdir}", "--prompt=hi", "--max_new_tokens=2"]
+    for path, needle in ((tmp_path / "none", "does not exist"), (other, "trained for another model")):
+        assert generate_main.main([*args, f"--predictor={path}"]) == 1
+        err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+        assert len(err) == 1 and err[0].startswith("generate: error: ") and needle in err[0], err

@@ -1,4 +1,5 @@
-"""The sparse FFN equals the model's dense FFN (ffn_hidden + ffn_down) at every sparsity, activation and batch."""
+"""The sparse FFN equals the model's dense FFN (ffn_hidden + ffn_down) at every sparsity, activation and batch; with an
+activation predictor, the dense FFN with x1 zeroed outside the predicted set."""
 
 import functools
 
@@ -12,12 +13,16 @@ from prosparse_jax import errors
 from prosparse_jax.inference import cpu_ffi
 from prosparse_jax.inference.sparse_ffn import (
     IMPLEMENTATIONS,
+    LayerPredictor,
     default_buckets,
+    layer_predictor,
+    predicted_set,
     prepare_weights,
     resolve_implementation,
     sparse_ffn,
 )
 from prosparse_jax.model import transformer as model
+from prosparse_jax.predictor import core as predictor_core
 
 D, F, CHUNK = 37, 203, 16  # F, D not multiples of any chunk or bucket
 SPARSITIES = (0.0, 0.5, 0.88, 0.99, 1.0)
@@ -162,3 +167,102 @@ def test_pallas_backends_behind_the_interface_equal_dense(implementation, activa
         if norm_mode:
             x1_ref = np.where(np.abs(x1_ref) * np.asarray(prep["w_down_norms_F"]) > tau, x1_ref, 0.0)
         assert int(count) == int(np.sum(np.any(x1_ref != 0, axis=0)))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# With an activation predictor: every backend computes the FFN on the predicted set
+# ---------------------------------------------------------------------------------------------------------------
+def _predicted_case(sparsity: float, B: int, rank: int = 16, extra: float = 0.3, margin: float = 0.5):
+    """(x, wg, wu, wd, true set, predicted set, LayerPredictor): the predicted set is the true one plus ``extra`` of its
+    size (and 3) inactive neurons. The predictor has random w1 / w2, w2's column signs set from h0 = relu(x0 w1) and
+    b2 = +-margin, so its set on every row (1 + b / 4) x0 is exactly the chosen one."""
+    x, wg, wu, wd = _weights(sparsity, B)
+    x0 = np.asarray(x[0])
+    on_F = x0 @ np.asarray(wg) > 0
+    rng = np.random.default_rng(11)
+    pred_F = on_F.copy()
+    off = np.flatnonzero(~on_F)
+    pred_F[rng.choice(off, min(len(off), round(extra * on_F.sum()) + 3), replace=False)] = True
+    w1 = rng.normal(size=(D, rank)).astype(np.float32) / np.sqrt(D)
+    w2 = rng.normal(size=(rank, F)).astype(np.float32) / np.sqrt(rank)
+    w2 = w2 * np.where((np.maximum(x0 @ w1, 0) @ w2 > 0) == pred_F, 1.0, -1.0).astype(np.float32)
+    b2 = np.where(pred_F, margin, -margin).astype(np.float32)
+    pred = LayerPredictor(jnp.asarray(w1), jnp.asarray(w2), jnp.asarray(b2), jnp.float32(0.0))
+    return x, wg, wu, wd, on_F, pred_F, pred
+
+
+def _dense_ref_on_set(x, wg, wu, wd, activation, pred_F, threshold=0.0, tau=None):
+    """The model's dense FFN (with the sparse-mode mask when tau is given), x1 zeroed outside ``pred_F``."""
+    lp = {"w_gate_DxF": wg, "w_up_DxF": wu, "w_down_FxD": wd}
+    x1, act = model.ffn_hidden(x[:, None, :], lp, activation, threshold)
+    if tau is not None:
+        mask = model.neuron_norm_mask({"layers": {"w_down_LxFxD": wd[None]}}, [tau])
+        x1 = mask(jnp.int32(0), x1, act, jnp.ones(x1.shape[:2], bool))
+    return model.ffn_down(jnp.where(jnp.asarray(pred_F), x1, 0.0), lp)[:, 0, :]
+
+
+def _midway_tau(x, wg, wu, norms) -> float:
+    """A SiLU neuron-norm threshold near the median of |x1| * ||W_down[i]|| over every row, midway between two of
+    those values (no neuron sits on the cut)."""
+    x1, _ = model.ffn_hidden(x[:, None, :], {"w_gate_DxF": wg, "w_up_DxF": wu}, "silu")
+    n = np.sort((np.abs(np.asarray(x1)[:, 0]) * np.asarray(norms)).ravel())
+    return float(n[len(n) // 2] + n[len(n) // 2 + 1]) / 2
+
+
+def test_predicted_set_is_the_predictor_formula():
+    x, _, _, _, _, pred_F, pred = _predicted_case(0.5, 3)
+    got = predicted_set(x, pred)
+    stacked = {"w1_LxDxR": pred.w1_DxR[None], "w2_LxRxF": pred.w2_RxF[None], "b2_LxF": pred.b2_F[None],
+               "threshold_L": jnp.zeros((1,), jnp.float32)}
+    want = np.any(np.asarray(predictor_core.predicted_mask(stacked, 0, x[:, None, :]))[:, 0], axis=0)
+    np.testing.assert_array_equal(np.asarray(got), want)
+    np.testing.assert_array_equal(want, pred_F)
+    assert layer_predictor(stacked, 0)._replace(threshold=0.0).b2_F.shape == (F,)
+
+
+@pytest.mark.parametrize("implementation", ["dense", "cpu_gather"])
+@pytest.mark.parametrize("B", [1, 4])
+@pytest.mark.parametrize("activation,threshold", [("relu", 0.0), ("fatrelu", FAT_T), ("drelu", 0.0)])
+def test_xla_backends_with_a_predictor_equal_the_dense_ffn_on_its_set(activation, threshold, B, implementation):
+    for s in SPARSITIES:
+        x, wg, wu, wd, on_F, pred_F, pred = _predicted_case(s, B)
+        out, count = sparse_ffn(x, wg, wu, wd, activation=activation, threshold=threshold, predictor=pred,
+                                implementation=implementation, chunk=CHUNK, buckets=FULL)
+        _check(out, _dense_ref_on_set(x, wg, wu, wd, activation, pred_F, threshold))
+        assert int(count) == int(np.sum(on_F & pred_F))
+
+
+def test_neuron_norm_mode_with_a_predictor_keeps_both_rules():
+    x, wg, wu, wd, _, pred_F, pred = _predicted_case(0.5, 2)
+    norms = prepare_weights(wu, wd)["w_down_norms_F"]
+    tau = _midway_tau(x, wg, wu, norms)
+    for implementation in ("dense", "cpu_gather", "cpu_ffi"):
+        out, _ = sparse_ffn(x, wg, wu, wd, activation="silu", taus=tau, w_down_norms_F=norms, predictor=pred,
+                            implementation=implementation, chunk=CHUNK, buckets=FULL)
+        _check(out, _dense_ref_on_set(x, wg, wu, wd, "silu", pred_F, tau=tau))
+
+
+@pytest.mark.parametrize("implementation", ["pallas_triton", "pallas_mosaic"])
+@pytest.mark.parametrize("activation,threshold,norm_mode", [("relu", 0.0, False), ("silu", 0.0, False),
+                                                            ("silu", 0.0, True)])
+def test_pallas_backends_with_a_predictor_equal_the_dense_ffn_on_its_set(implementation, activation, threshold,
+                                                                         norm_mode):
+    """The GPU / TPU kernels (interpreted) take the predictor's set through S2's ``predicted_F``; SiLU without taus
+    is decoded with the predictor alone."""
+    x, wg, wu, wd, on_F, pred_F, pred = _predicted_case(0.88, 2)
+    prep = prepare_weights(wu, wd)
+    tau = None
+    if norm_mode:
+        tau = _midway_tau(x, wg, wu, prep["w_down_norms_F"])
+    out, count = sparse_ffn(x, wg, wu, wd, activation=activation, threshold=threshold, taus=tau,
+                            w_down_norms_F=prep["w_down_norms_F"], w_up_FxD=prep["w_up_FxD"], predictor=pred,
+                            implementation=implementation)
+    _check(out, _dense_ref_on_set(x, wg, wu, wd, activation, pred_F, threshold, tau=tau))
+    if activation == "relu":
+        assert int(count) == int(np.sum(on_F & pred_F))
+
+
+def test_silu_without_taus_or_predictor_is_refused_with_both_remedies():
+    x, wg, wu, wd = _weights(0.5, 1)
+    with pytest.raises(errors.UsageError, match="pass taus .* or a predictor"):
+        sparse_ffn(x, wg, wu, wd, activation="silu", implementation="dense")

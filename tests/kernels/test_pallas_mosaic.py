@@ -254,3 +254,25 @@ def test_lowers_for_tpu_at_llama2_7b_shape(dtype):
     text = lowered(lambda x, g, u, n, t: s2(x, g, u, activation="silu", tau=t, w_down_norms_F=n),
                    x, w_gate, w_up, S((F,), jnp.float32), S((), jnp.float32))
     assert "tpu_custom_call" not in text
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# S2 with an activation predictor's set (predicted_F)
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("activation,tau", [("relu", None), ("silu", None), ("silu", 0.05)])
+def test_s2_with_a_predicted_set_matches_reference(activation, tau):
+    """Neurons outside predicted_F are zero in x1 (SiLU without tau: the set is the sparse mode; with tau: both
+    rules); inside it, x1 as without a predictor."""
+    B, D, F = 2, 128, 300
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(B, D)).astype(np.float32))
+    wg = rng.normal(size=(D, F)).astype(np.float32) / np.sqrt(D)
+    wg = wg * np.maximum(1.0, 0.1 / np.maximum(np.abs(np.asarray(x) @ wg).min(axis=0), 1e-6)).astype(np.float32)
+    wu = jnp.asarray(rng.normal(size=(F, D)).astype(np.float32) / np.sqrt(D))
+    wg = jnp.asarray(wg)
+    pred_F = jnp.asarray(rng.random(F) < 0.4)
+    norms = jnp.asarray(rng.uniform(0.5, 1.5, F).astype(np.float32)) if tau is not None else None
+    kw = dict(activation=activation, tau=tau, w_down_norms_F=norms, predicted_F=pred_F)
+    out = s2(x, wg, wu, interpret=True, **kw)
+    _assert_close(out, s2_reference(x, wg, wu, **kw), F32_TOL)
+    assert np.all(np.asarray(out)[:, ~np.asarray(pred_F)] == 0.0)

@@ -384,3 +384,48 @@ def test_compiled_kernels_equal_reference_at_model_shapes(B, D, F, dtype):
     ref_x1 = s2_reference(x, wg, wu, activation="relu", **kw)
     _assert_close(s2(x, wg, wu, activation="relu", **kw), ref_x1, dtype)
     _assert_close(s3(ref_x1, wd), s3_reference(ref_x1, wd), dtype)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# S2 with an activation predictor's set (predicted_F)
+# ---------------------------------------------------------------------------------------------------------------
+def _predicted_inputs(B: int = 2, D: int = 64, F: int = 200, seed: int = 0):
+    """Inputs with gates at least 0.1 away from 0, and a predicted set holding half the positive gates (one dropped
+    on purpose) and a quarter of the others."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(B, D)).astype(np.float32)
+    wg = rng.normal(size=(D, F)).astype(np.float32) / np.sqrt(D)
+    gate = x @ wg
+    wg = wg * np.maximum(1.0, 0.1 / np.maximum(np.abs(gate).min(axis=0), 1e-6)).astype(np.float32)
+    wu = rng.normal(size=(F, D)).astype(np.float32) / np.sqrt(D)
+    pred_F = rng.random(F) < np.where(np.any(x @ wg > 0, axis=0), 0.5, 0.25)
+    return jnp.asarray(x), jnp.asarray(wg), jnp.asarray(wu), jnp.asarray(pred_F)
+
+
+@pytest.mark.parametrize("gate", ["xla", "fused"])
+@pytest.mark.parametrize("activation", ["relu", "drelu", "silu"])
+def test_s2_with_a_predicted_set_matches_reference(activation, gate):
+    """Neurons outside predicted_F are zero in x1 whatever their gate (SiLU without tau: the set is the sparse mode);
+    inside it, x1 as without a predictor."""
+    x, wg, wu, pred_F = _predicted_inputs()
+    out = s2(x, wg, wu, activation=activation, predicted_F=pred_F, gate=gate, interpret=INTERPRET)
+    want = s2_reference(x, wg, wu, activation=activation, predicted_F=pred_F)
+    _assert_close(out, want, jnp.float32)
+    assert np.all(np.asarray(out)[:, ~np.asarray(pred_F)] == 0.0)
+    full = s2_reference(x, wg, wu, activation="relu")
+    assert np.any(np.asarray(full)[:, ~np.asarray(pred_F)] != 0.0)  # the set drops neurons that were active
+
+
+def test_s2_with_a_predicted_set_in_the_neuron_norm_mode():
+    x, wg, wu, pred_F = _predicted_inputs(seed=1)
+    norms = jnp.asarray(np.random.default_rng(2).uniform(0.5, 1.5, wg.shape[1]).astype(np.float32))
+    kw = dict(activation="silu", tau=0.05, w_down_norms_F=norms, predicted_F=pred_F)
+    _assert_close(s2(x, wg, wu, interpret=INTERPRET, **kw), s2_reference(x, wg, wu, **kw), jnp.float32)
+
+
+def test_s2_refuses_a_predicted_set_of_another_shape():
+    x, wg, wu, pred_F = _predicted_inputs()
+    with pytest.raises(KernelInputError, match="predicted_F"):
+        s2(x, wg, wu, activation="relu", predicted_F=pred_F[:-1], interpret=INTERPRET)
+    with pytest.raises(KernelInputError, match="predicted_F"):
+        s2(x, wg, wu, activation="relu", predicted_F=pred_F.astype(jnp.float32), interpret=INTERPRET)
