@@ -301,12 +301,10 @@ class ProsparseLM(TemplateLM):
         return out
 
     def generate_until(self, requests: list[Any], disable_tqdm: bool = False) -> list[str]:
-        """Continuations through the KV-cache :func:`inference.generate.generate`, cut at the first stop sequence
-        (the task's ``until`` and the EOS token) and at ``max_gen_toks`` tokens."""
+        """Continuations through the KV-cache :func:`inference.generate.generate` in the current mode (its x1 hook
+        in the prefill and every step, as in scoring), cut at the first stop sequence (the task's ``until`` and the
+        EOS token) and at ``max_gen_toks`` tokens; a batch stops decoding once every row holds a stop sequence."""
         self._check_requests(requests, "generate_until")
-        if not self.mode.generates:
-            raise UsageError(f"mode {self.mode.name!r}: generate_until tasks run in the dense, fatrelu and thresholds "
-                             "modes (the KV-cache decoder takes no x1 hook); evaluate loglikelihood tasks in this one")
         groups: dict[tuple[str, str], list[int]] = defaultdict(list)
         for i, r in enumerate(requests):
             groups[(r.task_name or UNTASKED, json.dumps(r.args[1], sort_keys=True, default=str))].append(i)
@@ -416,8 +414,9 @@ class ProsparseLM(TemplateLM):
             batch = [prompts[i] for i in chunk]
             batch += [batch[-1]] * (B - len(batch))  # a full batch: one shape per prompt length
             t0 = time.perf_counter()
-            news, stats = generate_lib.generate(self.params, cfg, batch, max_new_tokens=max_gen,
-                                                eos_id=self.eot_token_id, **sampling)
+            news, stats = generate_lib.generate(
+                self.params, cfg, batch, max_new_tokens=max_gen, eos_id=self.eot_token_id, x1_hook=self.mode.hook,
+                x1_hook_aux=self.mode.aux, stop=lambda rows: all(self._stopped(r, until) for r in rows), **sampling)
             self.timing["seconds"] += time.perf_counter() - t0
             self.timing["tokens"] += stats.prefill_tokens + stats.decoded_tokens
             if stats.decoded_tokens:
@@ -426,6 +425,12 @@ class ProsparseLM(TemplateLM):
             for i, new in zip(chunk, news, strict=False):
                 out[i] = postprocess_generated_text(self.tok_decode(new), until, None)
         return out
+
+    def _stopped(self, tokens: list[int], until: list[str]) -> bool:
+        """Whether a generated row already holds one of the stop sequences (lm-eval's ``hf`` stopping rule: on the
+        decoded continuation)."""
+        text = self.tok_decode(tokens)
+        return any(u in text for u in until)
 
 
 def _score_batch(params: model.Params, aux: Any, ids_BxT: jax.Array, targets_BxT: jax.Array, seg_BxT: jax.Array, *,

@@ -63,8 +63,6 @@ class SparseMode:
       hook: x1 hook factory for what the config cannot express (topk, predictor), else None.
       aux: the arrays the hook reads (passed to the jitted forward as an argument, not baked in).
       settings: what the mode resolved to (absolute threshold, scale, k, file), recorded with the results.
-      generates: whether ``generate_until`` can run it through the KV-cache :func:`inference.generate.generate`
-        (which takes a config, not an x1 hook).
     """
 
     name: str
@@ -72,7 +70,6 @@ class SparseMode:
     hook: HookFactory | None = None
     aux: Any = None
     settings: dict[str, Any] = dataclasses.field(default_factory=dict)
-    generates: bool = True
 
 
 def _number(text: str, what: str, raw: str) -> float:
@@ -181,7 +178,7 @@ def _topk(spec: ModeSpec, cfg: ModelConfig) -> SparseMode:
     dense = cfg.replace(neuron_thresholds=())
     return SparseMode(spec.text, dense, hook=lambda params, k_L: sparsity.topk_x1_mask(k_L, "token"),
                       aux=jnp.full((cfg.n_layers,), frac, jnp.float32),
-                      settings={"kind": "topk", "k_fraction": frac, "topk_mode": "token"}, generates=False)
+                      settings={"kind": "topk", "k_fraction": frac, "topk_mode": "token"})
 
 
 def _predictor(spec: ModeSpec, cfg: ModelConfig) -> SparseMode:
@@ -196,7 +193,7 @@ def _predictor(spec: ModeSpec, cfg: ModelConfig) -> SparseMode:
         raise UsageError(f"mode {spec.text!r}: {e}") from None
     return SparseMode(spec.text, pcfg, hook=lambda params, p: predictor_measure.predictor_hook(p, params, pcfg),
                       aux=pred, settings={"kind": "predictor", "path": str(spec.path),
-                                          "model_sparse_mode": bool(taus)}, generates=False)
+                                          "model_sparse_mode": bool(taus)})
 
 
 def resolve_mode(spec: ModeSpec | str, cfg: ModelConfig, *, checkpoint: Any = None,

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from prosparse_jax import files
-from prosparse_jax.errors import OutputError, UsageError
+from prosparse_jax.errors import OutputError
 from prosparse_jax.evaluation import modes as modes_lib
 from prosparse_jax.evaluation import tasks as tasks_lib
 
@@ -81,18 +81,8 @@ def evaluate_modes(checkpoint: str | os.PathLike, tasks: list[str], modes: str |
     tm = tasks_lib.task_manager(tasks, include)
     lm = ProsparseLM(pretrained=str(checkpoint), step=step, mode=specs[0].text, add_bos=add_bos,
                      batch_size=batch_size, max_length=max_length, scale_data=scale_data)
-    resolved = [lm.mode] + [  # every mode the model cannot run is refused before any evaluation
+    for spec in specs[1:]:  # every mode the model cannot run is refused before any evaluation
         modes_lib.resolve_mode(spec, lm.model_cfg, checkpoint=lm.path, scale=lm.positive_gate_mean)
-        for spec in specs[1:]]
-    no_gen = [m.name for m in resolved if not m.generates]
-    if no_gen:
-        # the task configs as indexed (a group's generation tasks are refused by the backend when they run)
-        gen = sorted(t for t in tasks if (entry := tm.task_index.get(t)) is not None
-                     and isinstance(entry.cfg, dict) and entry.cfg.get("output_type") == "generate_until")
-        if gen:
-            raise UsageError(f"mode {no_gen[0]!r} cannot run the generate_until task(s) {', '.join(gen)}: generation "
-                             "runs in the dense, fatrelu and thresholds modes (the KV-cache decoder takes no x1 "
-                             "hook); evaluate them in separate commands")
     if not progress:
         logging.getLogger("lm_eval").setLevel(logging.WARNING)
     written, by_mode = [], {}

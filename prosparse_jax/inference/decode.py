@@ -13,7 +13,7 @@ under in-layer names) and the number of exact zeros of x1 per token.
 from __future__ import annotations
 
 from collections.abc import Callable
-from functools import partial
+from functools import cache, partial
 from typing import Any, NamedTuple
 
 import jax
@@ -47,15 +47,37 @@ def init_cache(cfg: ModelConfig, batch: int, max_len: int, pad_B: Array) -> KVCa
                    jnp.zeros((), jnp.int32))
 
 
-def dense_ffn(params: Params, cfg: ModelConfig) -> FFN:
-    """The default FFN hook: the model's FFN with the config's sparse mode (as :func:`model.forward`)."""
-    x1_mask = model.sparse_mode_mask(params, cfg)
+def _model_ffn(cfg: ModelConfig, x1_mask: model.X1Mask | None) -> FFN:
+    """The model's FFN with the x1 hook ``x1_mask`` (as :func:`model.forward` runs it) and x1's zeros per token."""
 
     def ffn(layer: Array, x_BxTxD: Array, lp: Params, valid_BxT: Array) -> tuple[Array, Array]:
         out_BxTxD, x1_BxTxF, _ = model.gated_ffn(x_BxTxD, lp, layer, valid_BxT, cfg, x1_mask)
         return out_BxTxD, jnp.sum((x1_BxTxF == 0).astype(jnp.float32), axis=-1)
 
     return ffn
+
+
+def dense_ffn(params: Params, cfg: ModelConfig) -> FFN:
+    """The default FFN hook: the model's FFN with the config's sparse mode (as :func:`model.forward`)."""
+    return _model_ffn(cfg, model.sparse_mode_mask(params, cfg))
+
+
+#: The params key under which :func:`hooked_ffn` finds its x1 hook's arrays (traced with the params, not baked into
+#: the program).
+HOOK_AUX = "x1_hook_aux"
+
+
+@cache
+def hooked_ffn(x1_hook: Callable[[Params, Any], model.X1Mask]) -> FFNImpl:
+    """The FFN hook running the model's FFN with the x1 hook ``x1_hook(params, params[HOOK_AUX])`` in every layer: a
+    sparse mode the config cannot express (Top-k, an activation predictor), computed as :func:`model.forward` computes
+    it, token by token. One FFN hook per ``x1_hook`` (a static argument of the jitted steps: cached, so a second
+    generation with the same hook compiles nothing)."""
+
+    def impl(params: Params, cfg: ModelConfig) -> FFN:
+        return _model_ffn(cfg, x1_hook(params, params[HOOK_AUX]))
+
+    return impl
 
 
 def _layers(params: Params, h_BxTxD: Array, cache: KVCache, slot0: Array, pos_BxT: Array,

@@ -15,7 +15,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -31,7 +31,16 @@ from prosparse_jax.data.corpus import EOS_TOKEN
 from prosparse_jax.errors import ConfigError, InputError, UsageError
 from prosparse_jax.inference import score
 from prosparse_jax.inference import sparse_ffn as sparse_ffn_lib
-from prosparse_jax.inference.decode import FFNImpl, KVCache, decode_step, dense_ffn, init_cache, prefill
+from prosparse_jax.inference.decode import (
+    HOOK_AUX,
+    FFNImpl,
+    KVCache,
+    decode_step,
+    dense_ffn,
+    hooked_ffn,
+    init_cache,
+    prefill,
+)
 from prosparse_jax.model import transformer as model
 from prosparse_jax.model.activations import RELU_FAMILY
 from prosparse_jax.predictor import core as predictor_core
@@ -126,7 +135,9 @@ class Interrupted(KeyboardInterrupt):
 
 def generate(params: model.Params, cfg: ModelConfig, prompts_ids: list[list[int]], *, max_new_tokens: int,
              temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0, eos_id: int | None = None,
-             ffn: FFNImpl | None = None, chunk_tokens: int | None = None) -> tuple[list[list[int]], GenerateStats]:
+             ffn: FFNImpl | None = None, chunk_tokens: int | None = None,
+             x1_hook: Callable[[model.Params, Any], model.X1Mask] | None = None, x1_hook_aux: Any = None,
+             stop: Callable[[list[list[int]]], bool] | None = None) -> tuple[list[list[int]], GenerateStats]:
     """Continues every prompt by up to ``max_new_tokens`` tokens (a row stops after emitting ``eos_id``).
 
     Args:
@@ -139,6 +150,12 @@ def generate(params: model.Params, cfg: ModelConfig, prompts_ids: list[list[int]
       chunk_tokens: decode steps per on-device loop call (:func:`decode_chunk`); the host checks for Ctrl-C and EOS
         between calls. None sizes each call to about :data:`CHUNK_SECONDS`: the first from the prefill's time (1 step
         with a non-default ``ffn``), the next ones from the measured speed. The tokens do not depend on it.
+      x1_hook, x1_hook_aux: a sparse mode the config cannot express, as :func:`model.forward`'s x1 hook
+        ``x1_hook(params, x1_hook_aux)`` (:func:`decode.hooked_ffn`), in the prefill and every decode step; not with
+        ``ffn``. ``x1_hook_aux`` (its arrays) travels with the params, so another value of it compiles nothing.
+      stop: called with every row's new tokens so far after each decode call; True ends the generation there (e.g.
+        every row has produced a stop sequence). Rows may then hold tokens past their stop (cut them); the tokens
+        before it are those of a generation without ``stop``. With ``stop`` one call is in flight at a time.
 
     Returns:
       (new tokens per prompt, :class:`GenerateStats`).
@@ -152,6 +169,12 @@ def generate(params: model.Params, cfg: ModelConfig, prompts_ids: list[list[int]
     if chunk_tokens is not None and chunk_tokens < 1:
         raise UsageError(f"chunk_tokens: must be at least 1 (or None), got {chunk_tokens}")
     check_sampling(temperature, top_k, top_p)
+    prefill_ffn = dense_ffn
+    if x1_hook is not None:
+        if ffn is not None:
+            raise UsageError("generate: pass an FFN hook (ffn) or an x1 hook (x1_hook), not both")
+        params = dict(params, **{HOOK_AUX: x1_hook_aux})
+        ffn = prefill_ffn = hooked_ffn(x1_hook)
     ffn = ffn or dense_ffn
     # per-layer layout: the decode step reads each layer's weights in place (a scan over stacked layers copies each
     # layer's slice every step). Params already per-layer (prepare_sparse_params, model.unstack_layers) are not copied.
@@ -161,9 +184,10 @@ def generate(params: model.Params, cfg: ModelConfig, prompts_ids: list[list[int]
     with _ctrl_c_held() as ctrl_c:
         state, t_prefill, t_decode = _prefill_and_decode(
             params, jnp.asarray(ids_BxP), init_cache(cfg, B, P + max_new_tokens, pad_B), jax.random.key(seed),
-            max_new_tokens=max_new_tokens, cfg=cfg, ffn_impl=ffn, chunk_tokens=chunk_tokens, ctrl_c=ctrl_c,
-            sampling=dict(eos_id=eos_id, temperature=temperature, top_k=top_k, top_p=top_p))
+            max_new_tokens=max_new_tokens, cfg=cfg, ffn_impl=ffn, prefill_ffn=prefill_ffn, chunk_tokens=chunk_tokens,
+            ctrl_c=ctrl_c, stop=stop, sampling=dict(eos_id=eos_id, temperature=temperature, top_k=top_k, top_p=top_p))
     out, zeros_L, decoded = np.asarray(state.out_BxN), np.asarray(state.zeros_L), int(state.decoded)
+    out = out[:, :int(state.i)]  # the tokens sampled (fewer than max_new_tokens when stop ended the loop)
     news = [list(out[b, :_length(out[b], eos_id)]) for b in range(B)]
     stats = GenerateStats(
         prefill_tokens_per_s=float(B * P / max(t_prefill, 1e-9)),
@@ -177,10 +201,11 @@ CHUNK_SECONDS = 0.1  # target run time of one decode_chunk call when chunk_token
 
 
 def _prefill_and_decode(params: model.Params, ids_BxP: Array, cache: KVCache, key: Array, *, max_new_tokens: int,
-                        cfg: ModelConfig, ffn_impl: FFNImpl, sampling: dict[str, Any], chunk_tokens: int | None,
-                        ctrl_c: list[int]) -> tuple[DecodeState, float, float]:
-    """:func:`prefill`, :func:`decode_start`, then :func:`decode_chunk` until every row has emitted EOS or
-    ``max_new_tokens`` are sampled: (final state, prefill seconds, decode seconds), compilation excluded.
+                        cfg: ModelConfig, ffn_impl: FFNImpl, prefill_ffn: FFNImpl, sampling: dict[str, Any],
+                        chunk_tokens: int | None, ctrl_c: list[int], stop: Callable[[list[list[int]]], bool] | None
+                        ) -> tuple[DecodeState, float, float]:
+    """:func:`prefill`, :func:`decode_start`, then :func:`decode_chunk` until every row has emitted EOS, ``stop``
+    says so or ``max_new_tokens`` are sampled: (final state, prefill seconds, decode seconds), compilation excluded.
 
     Two calls are in flight at a time: the host waits for one while the next runs, so the device does not idle
     between chunks; a non-empty ``ctrl_c`` raises :class:`Interrupted` after the call waited for. Without
@@ -193,7 +218,7 @@ def _prefill_and_decode(params: model.Params, ids_BxP: Array, cache: KVCache, ke
         if ctrl_c:
             raise Interrupted(0, max_new_tokens)
 
-    _, (logits_BxV, cache), t_prefill = _timed(prefill, params, ids_BxP, cache, cfg=cfg)
+    _, (logits_BxV, cache), t_prefill = _timed(prefill, params, ids_BxP, cache, cfg=cfg, ffn_impl=prefill_ffn)
     stop_if_ctrl_c()
     start = decode_start.lower(logits_BxV, cache, key, max_new_tokens=max_new_tokens, **sampling).compile()
     stop_if_ctrl_c()
@@ -211,7 +236,7 @@ def _prefill_and_decode(params: model.Params, ids_BxP: Array, cache: KVCache, ke
     n = chunk_tokens
     pending: collections.deque[tuple[int, Array]] = collections.deque()  # (end, finished) per call in flight
     while True:
-        while len(pending) < (1 if adapt and done == 1 else 2) and end < max_new_tokens:
+        while len(pending) < (1 if stop is not None or (adapt and done == 1) else 2) and end < max_new_tokens:
             end = min(end + n, max_new_tokens)
             state, finished = chunk(params, state, np.int32(end))
             pending.append((end, finished))
@@ -223,6 +248,8 @@ def _prefill_and_decode(params: model.Params, ids_BxP: Array, cache: KVCache, ke
         done = call_end
         if ctrl_c:
             raise Interrupted(done, max_new_tokens)
+        if stop is not None and stop([list(row) for row in np.asarray(state.out_BxN[:, :done])]):
+            break
         if adapt:  # the mean speed so far (start and dispatch included: never overestimated)
             n = max(1, int(CHUNK_SECONDS * (done - 1) / max(time.perf_counter() - t0, 1e-9)))
     state = jax.block_until_ready(state)

@@ -146,8 +146,34 @@ def test_bad_model_arguments_are_one_clear_error(model) -> None:
         ProsparseLM(pretrained=str(model[0]), mode="topk:0")
     lm = ProsparseLM.create_from_arg_string(f"pretrained={model[0]},mode=topk:0.5,add_bos=False,batch_size=2")
     assert (lm.mode.name, lm.add_bos, lm.batch_size) == ("topk:0.5", False, 2)
-    with pytest.raises(UsageError, match="generate_until tasks run in the dense, fatrelu and thresholds modes"):
-        lm.generate_until(instances("generate_until", GEN[:1]))
+
+
+def test_generation_in_a_hooked_mode_is_greedy_decoding_by_full_forwards(model) -> None:
+    """A mode the config cannot express (Top-k: an x1 hook) generates as it scores: each token is the argmax of a full
+    forward (no KV cache) with the mode's hook over the prompt and the tokens before it, cut at the first stop
+    sequence; the sparsity counted is the mode's (Top-k 25%: at least 75% zeros)."""
+    import jax.numpy as jnp
+    from lm_eval.models.utils import handle_stop_sequences, postprocess_generated_text
+
+    from prosparse_jax.evaluation import modes
+    from prosparse_jax.model import transformer
+
+    lm = ProsparseLM(pretrained=str(model[0]), mode="topk:0.25", batch_size=2)
+    reqs = instances("generate_until", GEN)
+    for r in reqs:
+        r.task_name = "gen"
+    got = lm.generate_until(reqs)
+    hook = modes.x1_hook(lm.mode, lm.params, lm.mode.aux)
+    for (context, kw), text in zip(GEN, got, strict=True):
+        max_gen = kw["max_gen_toks"]
+        ids, new = lm.tok_encode(context)[-(CONTEXT - max_gen):], []
+        while len(new) < max_gen and (not new or new[-1] != lm.eot_token_id):
+            logits, _ = transformer.forward(lm.params, jnp.asarray([ids + new]), lm.mode.cfg, x1_mask=hook)
+            new.append(int(jnp.argmax(logits[0, -1])))
+        until = handle_stop_sequences(kw["until"], eos=lm.eos_token)
+        assert text == postprocess_generated_text(lm.tok_decode(new), until, None)
+    assert any(got)
+    assert lm.sparsity.result("gen")["sparsity"] >= 0.75
 
 
 def test_registered_as_prosparse() -> None:

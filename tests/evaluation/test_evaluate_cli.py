@@ -68,7 +68,6 @@ def local_task(d, data: str) -> None:
 @pytest.mark.parametrize(("args", "expected"), [
     (["--modes=dense,topk:2.5"], "mode 'topk:2.5': k must be a fraction"),
     (["--modes=thresholds"], "prosparse_jax.main.analyze --checkpoint="),
-    (["--tasks=stdlib_next_line_gen", "--modes=dense,topk:0.5"], "cannot run the generate_until task(s) stdlib_next"),
     (["--tasks=mine", "--include_path={tmp}/empty"], "no documents"),
     (["--tasks=mine", "--include_path={tmp}/broken"], "d.jsonl line 2: not valid JSON"),
 ])

@@ -152,6 +152,6 @@ def test_thresholds_of_another_model_are_refused(tmp_path) -> None:
 
 def test_topk_as_a_neuron_count() -> None:
     mode = modes.resolve_mode("topk:12", tiny_model_config())  # d_ff = 48
-    assert mode.settings["k_fraction"] == 0.25 and not mode.generates
+    assert mode.settings["k_fraction"] == 0.25
     with pytest.raises(UsageError, match="exceeds d_ff"):
         modes.resolve_mode("topk:64", tiny_model_config())

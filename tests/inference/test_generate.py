@@ -149,6 +149,49 @@ def test_chunked_decode_equals_one_loop(sampling: dict) -> None:
         assert stats.sparsity_per_layer == one_stats.sparsity_per_layer
 
 
+def test_stop_ends_the_generation_early_with_the_same_tokens() -> None:
+    """``stop`` (checked between decode calls) ends the generation once it says so: every row's tokens are a prefix of
+    the generation without it, at least as long as where it first held, and fewer steps are decoded."""
+    cfg = CFGS["gqa"]
+    params = model.init_params(cfg, jax.random.key(2))
+    n = 24
+    full, full_stats = generate.generate(params, cfg, PROMPTS, max_new_tokens=n, chunk_tokens=n)
+    seen: list[int] = []
+
+    def stop(rows: list[list[int]]) -> bool:
+        seen.append(len(rows[0]))
+        return len(rows[0]) >= 6
+
+    got, stats = generate.generate(params, cfg, PROMPTS, max_new_tokens=n, chunk_tokens=4, stop=stop)
+    assert seen == [5, 9]  # the first call samples 1 + 4 tokens per row, then 4 per call
+    assert all(len(g) == 9 and g == f[:9] for g, f in zip(got, full, strict=True))
+    assert stats.decoded_tokens < full_stats.decoded_tokens
+
+
+def test_an_x1_hook_generates_as_a_forward_with_it_and_takes_no_ffn() -> None:
+    """``x1_hook`` (a mode the config cannot express) runs in the prefill and every step: greedy tokens are the argmax
+    of full forwards with the same hook; its arrays travel as ``x1_hook_aux``."""
+    cfg = CFGS["gqa"]
+    params = model.init_params(cfg, jax.random.key(4))
+
+    def hook_of(params: dict, keep_LxF: jax.Array):
+        return lambda layer, x1, act, valid: jnp.where(keep_LxF[layer], x1, 0.0)
+
+    keep = jax.random.bernoulli(jax.random.key(5), 0.5, (cfg.n_layers, cfg.d_ff)).at[1:].set(False)  # the last FFNs off
+    got, stats = generate.generate(params, cfg, PROMPTS[:1], max_new_tokens=6, x1_hook=hook_of, x1_hook_aux=keep)
+    seq = list(PROMPTS[0])
+    for _ in range(6):
+        logits, _ = model.forward(params, jnp.asarray([seq]), cfg, x1_mask=hook_of(params, keep))
+        seq.append(int(jnp.argmax(logits[0, -1])))
+    assert got[0] == seq[len(PROMPTS[0]):]
+    # the hook ran in the decode steps: x1 is zero where it drops neurons (SiLU has no zeros of its own)
+    assert stats.sparsity_per_layer[1] == 1.0
+    assert stats.sparsity_per_layer[0] == pytest.approx(1.0 - float(keep[0].mean()), abs=1e-6)
+    with pytest.raises(UsageError, match="not both"):
+        generate.generate(params, cfg, PROMPTS, max_new_tokens=2, x1_hook=hook_of, x1_hook_aux=keep,
+                          ffn=decode.dense_ffn)
+
+
 @pytest.mark.parametrize("bad", [{"temperature": float("nan")}, {"temperature": float("inf")}, {"temperature": -1.0},
                                  {"top_p": 0.0}, {"top_p": float("nan")}, {"top_k": -1}, {"chunk_tokens": 0}])
 def test_bad_sampling_arguments_are_refused(bad: dict) -> None:
