@@ -14,6 +14,7 @@ tokens (:class:`prosparse_jax.inference.generate.GenerateStats`).
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import time
@@ -380,14 +381,13 @@ class ProsparseLM(TemplateLM):
 
     def _scorer(self) -> Callable[..., Any]:
         """The jitted forward of the current mode: (params, aux, ids, targets, segment ids) -> (log p(target) per
-        token, argmax == target per token, zero fraction of x1 per layer over valid tokens, valid tokens)."""
-        mode = self.mode
-        key = f"{mode.name}|{mode.cfg}"
+        token, argmax == target per token, zero fraction of x1 per layer over valid tokens, valid tokens). Modes of
+        one program (the same hook and config: e.g. dense and every fatrelu threshold) share it, and so its
+        compilations: their settings are in ``aux``."""
+        key = (self.mode.hook, self.mode.cfg)
         if key not in self._scorers:
-            def score(params: model.Params, aux: Any, ids_BxT: Any, targets_BxT: Any, seg_BxT: Any) -> Any:
-                return _score_batch(params, aux, ids_BxT, targets_BxT, seg_BxT, mode=mode)
-
-            self._scorers[key] = jax.jit(score)
+            hook, cfg = key
+            self._scorers[key] = jax.jit(functools.partial(_score_batch, hook=hook, cfg=cfg))
         return self._scorers[key]
 
     # ------------------------------------------------------------------------------------------------- generation
@@ -434,11 +434,10 @@ class ProsparseLM(TemplateLM):
 
 
 def _score_batch(params: model.Params, aux: Any, ids_BxT: jax.Array, targets_BxT: jax.Array, seg_BxT: jax.Array, *,
-                 mode: modes_lib.SparseMode) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
-    """One padded batch in ``mode``: log p(target) and argmax == target per token, x1's zero fraction per layer over
-    the valid tokens (``seg_BxT != 0``) and their number."""
-    logits_BxTxV, stats = model.forward(params, ids_BxT, mode.cfg, segment_ids_BxT=seg_BxT,
-                                        x1_mask=modes_lib.x1_hook(mode, params, aux))
+                 hook: modes_lib.HookFactory, cfg: Any) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """One padded batch with the x1 hook ``hook(params, aux)``: log p(target) and argmax == target per token, x1's zero
+    fraction per layer over the valid tokens (``seg_BxT != 0``) and their number."""
+    logits_BxTxV, stats = model.forward(params, ids_BxT, cfg, segment_ids_BxT=seg_BxT, x1_mask=hook(params, aux))
     logp_BxTxV = jax.nn.log_softmax(logits_BxTxV.astype(jnp.float32), axis=-1)
     lp_BxT = jnp.take_along_axis(logp_BxTxV, targets_BxT[..., None], axis=-1)[..., 0]
     greedy_BxT = jnp.argmax(logits_BxTxV, axis=-1) == targets_BxT

@@ -13,8 +13,12 @@
                     the sparse mode it was trained for
 =================== ========================================================================================
 
-A new mode is one more branch of :func:`resolve_mode` returning a :class:`SparseMode` (a config and, if the config
-cannot express it, an x1 hook factory with its arrays).
+``dense``, ``fatrelu`` and ``thresholds`` are one program: the model's FFN (a FATReLU model's gate through ReLU) with
+:func:`threshold_hook`, whose thresholds are arrays passed to the jitted forward. Every such mode of a model runs the
+same compiled forward (compiled once per shape, not per mode), so a sparse mode costs exactly what the dense run does.
+
+A new mode is one more branch of :func:`resolve_mode` returning a :class:`SparseMode` (the config it runs with, its
+x1 hook factory and the hook's arrays).
 """
 
 from __future__ import annotations
@@ -22,9 +26,9 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax.numpy as jnp
 
@@ -40,6 +44,46 @@ _REL = re.compile(r"^(?P<x>[^a-z]+)rel$")
 
 # (params, aux) -> the x1 hook of model.forward; traced inside jit (aux: the mode's arrays, a jit argument)
 HookFactory = Callable[[Params, Any], X1Mask]
+
+
+class Thresholds(NamedTuple):
+    """The arrays of :func:`threshold_hook`: a gate threshold (FATReLU's t; -inf: none) and per-layer neuron-norm
+    thresholds (the CETT sparse mode's tau; -inf: none)."""
+
+    gate_t: Any
+    taus_L: Any  # noqa: N815
+
+
+def threshold_hook(params: Params, aux: Thresholds) -> X1Mask:
+    """The x1 hook of the ``dense``, ``fatrelu`` and ``thresholds`` modes: neuron i is kept iff act(gate_i) >= t
+    (on a ReLU gate: FATReLU(t), ProSparse Eq. 3; t = 0 keeps ReLU's own output) and |x1_i| * ||W_down[i]|| > tau_l
+    (:func:`model.neuron_norm_mask`'s rule, Sparsing Law §4.1)."""
+    norms_LxF = model.w_down_norms(params)
+    gate_t = jnp.asarray(aux.gate_t, jnp.float32)
+    taus_L = jnp.asarray(aux.taus_L, jnp.float32)
+
+    def mask(layer: Any, x1_BxTxF: Any, act_BxTxF: Any, valid_BxT: Any) -> Any:
+        del valid_BxT
+        keep = (act_BxTxF.astype(jnp.float32) >= gate_t) & (
+            model.neuron_output_norms(x1_BxTxF, norms_LxF[layer]) > taus_L[layer])
+        return jnp.where(keep, x1_BxTxF, jnp.zeros_like(x1_BxTxF))
+
+    return mask
+
+
+def _threshold_mode(text: str, cfg: ModelConfig, gate_t: float | None, taus: Sequence[float] | None,
+                    settings: dict[str, Any]) -> SparseMode:
+    """A mode of :func:`threshold_hook` on a model of config ``cfg`` (as loaded): ``gate_t`` None keeps the model's
+    own activation (a FATReLU model: its threshold), ``taus`` None no neuron-norm thresholds."""
+    run = cfg.replace(neuron_thresholds=())
+    if cfg.activation in FATRELU_GATES:  # ReLU's gate, the threshold as an array: one program for every t
+        t = cfg.activation_threshold if cfg.activation == "fatrelu" and gate_t is None else (gate_t or 0.0)
+        run = run.replace(activation="relu", activation_threshold=0.0)
+    else:
+        t = -math.inf
+    taus_L = [-math.inf] * cfg.n_layers if taus is None else [float(v) for v in taus]
+    aux = Thresholds(jnp.float32(t), jnp.asarray(taus_L, jnp.float32))
+    return SparseMode(text, run, hook=threshold_hook, aux=aux, settings=settings)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,16 +103,17 @@ class SparseMode:
 
     Attributes:
       name: the mode string as given.
-      cfg: the model config the mode runs with (activation, threshold, ``neuron_thresholds``).
-      hook: x1 hook factory for what the config cannot express (topk, predictor), else None.
+      cfg: the model config the mode runs with (a FATReLU model's gate as ReLU: the threshold is in ``aux``).
+      hook: the x1 hook factory (a module-level function per program: modes with the same hook and config share
+        one compiled forward).
       aux: the arrays the hook reads (passed to the jitted forward as an argument, not baked in).
       settings: what the mode resolved to (absolute threshold, scale, k, file), recorded with the results.
     """
 
     name: str
     cfg: ModelConfig
-    hook: HookFactory | None = None
-    aux: Any = None
+    hook: HookFactory
+    aux: Any
     settings: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
@@ -140,15 +185,14 @@ def _fatrelu(spec: ModeSpec, cfg: ModelConfig, checkpoint: Any, scale: Callable[
             f"mode {spec.text!r}: FATReLU shifts the threshold of a ReLU gate and this is a {cfg.activation} model; "
             f"its sparse mode comes from {analyze_command(checkpoint)}: evaluate it with "
             "mode thresholds:<dir>/sparse_mode.json")
-    dense = cfg.replace(neuron_thresholds=())
     settings: dict[str, Any] = {"kind": "fatrelu"}
     t = float(spec.value)
     if spec.relative:
-        gate_mean = float(scale(dense))
+        gate_mean = float(scale(cfg.replace(neuron_thresholds=())))
         settings.update(relative=t, positive_gate_mean=gate_mean)
         t = t * gate_mean
     settings["threshold"] = t
-    return SparseMode(spec.text, dense.replace(activation="fatrelu", activation_threshold=t), settings=settings)
+    return _threshold_mode(spec.text, cfg, t, None, settings)
 
 
 def _thresholds(spec: ModeSpec, cfg: ModelConfig, checkpoint: Any) -> SparseMode:
@@ -163,11 +207,11 @@ def _thresholds(spec: ModeSpec, cfg: ModelConfig, checkpoint: Any) -> SparseMode
     else:
         taus, source = read_thresholds(spec.path), str(spec.path)
     try:
-        run = cfg.replace(neuron_thresholds=tuple(taus))
+        cfg.replace(neuron_thresholds=tuple(taus))  # the config's own checks (the layer count)
     except ConfigError as e:
         raise UsageError(f"mode {spec.text!r}: {e} (is it the analysis of another model?)") from None
-    return SparseMode(spec.text, run, settings={"kind": "thresholds", "source": source,
-                                                 "thresholds_per_layer": [float(t) for t in taus]})
+    return _threshold_mode(spec.text, cfg, None, taus, {"kind": "thresholds", "source": source,
+                                                        "thresholds_per_layer": [float(t) for t in taus]})
 
 
 def _topk(spec: ModeSpec, cfg: ModelConfig) -> SparseMode:
@@ -175,10 +219,15 @@ def _topk(spec: ModeSpec, cfg: ModelConfig) -> SparseMode:
     frac = k if k <= 1 else k / cfg.d_ff
     if frac > 1:
         raise UsageError(f"mode {spec.text!r}: k = {int(k)} neurons exceeds d_ff = {cfg.d_ff}")
-    dense = cfg.replace(neuron_thresholds=())
-    return SparseMode(spec.text, dense, hook=lambda params, k_L: sparsity.topk_x1_mask(k_L, "token"),
+    return SparseMode(spec.text, cfg.replace(neuron_thresholds=()), hook=topk_hook,
                       aux=jnp.full((cfg.n_layers,), frac, jnp.float32),
                       settings={"kind": "topk", "k_fraction": frac, "topk_mode": "token"})
+
+
+def topk_hook(params: Params, k_L: Any) -> X1Mask:
+    """The x1 hook of the ``topk`` modes (one program for every k: ``k_L`` is an array)."""
+    del params
+    return sparsity.topk_x1_mask(k_L, "token")
 
 
 def _predictor(spec: ModeSpec, cfg: ModelConfig) -> SparseMode:
@@ -205,7 +254,7 @@ def resolve_mode(spec: ModeSpec | str, cfg: ModelConfig, *, checkpoint: Any = No
     """
     spec = parse_mode(spec) if isinstance(spec, str) else spec
     if spec.kind == "dense":
-        return SparseMode(spec.text, cfg.replace(neuron_thresholds=()), settings={"kind": "dense"})
+        return _threshold_mode(spec.text, cfg, None, None, {"kind": "dense"})
     if spec.kind == "fatrelu":
         if scale is None and spec.relative:
             raise UsageError(f"mode {spec.text!r}: a relative threshold needs held-out data for the activation scale")
@@ -216,7 +265,3 @@ def resolve_mode(spec: ModeSpec | str, cfg: ModelConfig, *, checkpoint: Any = No
         return _topk(spec, cfg)
     return _predictor(spec, cfg)
 
-
-def x1_hook(mode: SparseMode, params: Params, aux: Any) -> X1Mask | None:
-    """The x1 hook ``mode`` runs ``model.forward`` with (None: the config's own, :func:`model.sparse_mode_mask`)."""
-    return mode.hook(params, aux) if mode.hook is not None else model.sparse_mode_mask(params, mode.cfg)

@@ -155,7 +155,6 @@ def test_generation_in_a_hooked_mode_is_greedy_decoding_by_full_forwards(model) 
     import jax.numpy as jnp
     from lm_eval.models.utils import handle_stop_sequences, postprocess_generated_text
 
-    from prosparse_jax.evaluation import modes
     from prosparse_jax.model import transformer
 
     lm = ProsparseLM(pretrained=str(model[0]), mode="topk:0.25", batch_size=2)
@@ -163,7 +162,7 @@ def test_generation_in_a_hooked_mode_is_greedy_decoding_by_full_forwards(model) 
     for r in reqs:
         r.task_name = "gen"
     got = lm.generate_until(reqs)
-    hook = modes.x1_hook(lm.mode, lm.params, lm.mode.aux)
+    hook = lm.mode.hook(lm.params, lm.mode.aux)
     for (context, kw), text in zip(GEN, got, strict=True):
         max_gen = kw["max_gen_toks"]
         ids, new = lm.tok_encode(context)[-(CONTEXT - max_gen):], []

@@ -119,7 +119,7 @@ def test_relative_fatrelu_is_scaled_by_the_positive_gate_mean(setup) -> None:
     mcfg, params, _ = checkpoint.load_model(wd)
     scale = frontier.positive_gate_mean(params, mcfg, by_src[src])
     assert mode.settings["positive_gate_mean"] == pytest.approx(scale, rel=1e-6)
-    assert mode.cfg.activation_threshold == pytest.approx(0.5 * scale, rel=1e-6)
+    assert mode.settings["threshold"] == pytest.approx(0.5 * scale, rel=1e-6)
 
 
 @pytest.mark.parametrize(("text", "match"), [
@@ -141,7 +141,52 @@ def test_a_silu_model_without_thresholds_names_the_command_that_gives_them() -> 
         with pytest.raises(UsageError, match=r"prosparse_jax\.main\.analyze --checkpoint=runs/x .*--metric=pplp"):
             modes.resolve_mode(text, cfg, checkpoint="runs/x")
     taus = (0.1, 0.2)
-    assert modes.resolve_mode("thresholds", cfg.replace(neuron_thresholds=taus)).cfg.neuron_thresholds == taus
+    mode = modes.resolve_mode("thresholds", cfg.replace(neuron_thresholds=taus))
+    np.testing.assert_array_equal(mode.aux.taus_L, np.float32(taus))
+
+
+@pytest.mark.parametrize(("activation", "t0", "mode", "want"), [
+    ("fatrelu", 0.05, "dense", ("fatrelu", 0.05)),  # a FATReLU model's dense run keeps its own threshold
+    ("fatrelu", 0.05, "fatrelu:0.01", ("fatrelu", 0.01)),  # below the model's own: the gate is ReLU underneath
+    ("relu", 0.0, "fatrelu:0.03", ("fatrelu", 0.03)),
+    ("relu", 0.0, "dense", ("relu", 0.0)),
+    ("silu", 0.0, "dense", ("silu", 0.0)),
+])
+def test_threshold_modes_run_what_the_model_config_runs(activation: str, t0: float, mode: str, want: tuple) -> None:
+    """dense / fatrelu (one program, thresholds as arrays) equal the forward of the model configured that way:
+    the same logits and the same exact zeros."""
+    import jax
+
+    from prosparse_jax.model import transformer as model
+
+    cfg = tiny_model_config(activation=activation, activation_threshold=t0)
+    params = random_params(cfg, seed=4)
+    ids = jax.random.randint(jax.random.key(1), (2, 16), 0, cfg.vocab_size)
+    m = modes.resolve_mode(mode, cfg)
+    got, got_stats = model.forward(params, ids, m.cfg, x1_mask=m.hook(params, m.aux))
+    ref, ref_stats = model.forward(params, ids, cfg.replace(activation=want[0], activation_threshold=want[1]))
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(ref))
+    np.testing.assert_array_equal(np.asarray(got_stats.zero_frac), np.asarray(ref_stats.zero_frac))
+
+
+def test_modes_of_one_program_compile_once(setup) -> None:
+    """dense and any fatrelu threshold share one compiled forward: switching between them compiles nothing."""
+    import jax
+
+    wd, src, run_data, lm = setup
+    seqs = analyze_sequences(wd, src, run_data)[:4]
+    backend_sparsity(lm, "dense", seqs)
+    lm.set_mode("fatrelu:0.5rel")  # its activation scale (a forward of its own) computed before counting
+    compiles: list[str] = []
+    listening = [True]
+    jax.monitoring.register_event_duration_secs_listener(
+        lambda event, secs, **kw: compiles.append(event)
+        if listening[0] and event == "/jax/compilation/backend_compile_duration" else None)
+    sparse = backend_sparsity(lm, "fatrelu:0.02", seqs)
+    backend_sparsity(lm, "fatrelu:0.5rel", seqs)
+    listening[0] = False
+    assert compiles == []
+    assert np.mean(sparse) > np.mean(backend_sparsity(lm, "dense", seqs))  # the threshold acts
 
 
 def test_thresholds_of_another_model_are_refused(tmp_path) -> None:
