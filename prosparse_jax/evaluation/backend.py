@@ -416,7 +416,8 @@ class ProsparseLM(TemplateLM):
             t0 = time.perf_counter()
             news, stats = generate_lib.generate(
                 self.params, cfg, batch, max_new_tokens=max_gen, eos_id=self.eot_token_id, x1_hook=self.mode.hook,
-                x1_hook_aux=self.mode.aux, stop=lambda rows: all(self._stopped(r, until) for r in rows), **sampling)
+                x1_hook_aux=self.mode.aux, stop=lambda rows: all(self._stopped(r, until) for r in rows),
+                pad_to=bucket(len(batch[0]), self.max_length - max_gen), **sampling)
             self.timing["seconds"] += time.perf_counter() - t0
             self.timing["tokens"] += stats.prefill_tokens + stats.decoded_tokens
             if stats.decoded_tokens:

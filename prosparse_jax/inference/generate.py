@@ -82,11 +82,12 @@ def sample(logits_BxV: Array, key: Array, *, temperature: float = 0.0, top_k: in
     return jax.random.categorical(key, z_BxV, axis=-1).astype(jnp.int32)
 
 
-def left_pad(prompts_ids: list[list[int]], pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """(ids [B, P] int32 left-padded with ``pad_id``, padding count per row [B] int32); P = the longest prompt."""
+def left_pad(prompts_ids: list[list[int]], pad_id: int = 0, pad_to: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(ids [B, P] int32 left-padded with ``pad_id``, padding count per row [B] int32); P = the longest prompt, or
+    ``pad_to`` if longer."""
     if not prompts_ids or any(len(p) == 0 for p in prompts_ids):
         raise ValueError("every prompt needs at least one token")
-    P = max(len(p) for p in prompts_ids)
+    P = max(pad_to, *(len(p) for p in prompts_ids))
     ids_BxP = np.full((len(prompts_ids), P), pad_id, np.int32)
     for b, p in enumerate(prompts_ids):
         ids_BxP[b, P - len(p):] = p
@@ -137,7 +138,8 @@ def generate(params: model.Params, cfg: ModelConfig, prompts_ids: list[list[int]
              temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0, eos_id: int | None = None,
              ffn: FFNImpl | None = None, chunk_tokens: int | None = None,
              x1_hook: Callable[[model.Params, Any], model.X1Mask] | None = None, x1_hook_aux: Any = None,
-             stop: Callable[[list[list[int]]], bool] | None = None) -> tuple[list[list[int]], GenerateStats]:
+             stop: Callable[[list[list[int]]], bool] | None = None, pad_to: int = 0
+             ) -> tuple[list[list[int]], GenerateStats]:
     """Continues every prompt by up to ``max_new_tokens`` tokens (a row stops after emitting ``eos_id``).
 
     Args:
@@ -156,6 +158,8 @@ def generate(params: model.Params, cfg: ModelConfig, prompts_ids: list[list[int]
       stop: called with every row's new tokens so far after each decode call; True ends the generation there (e.g.
         every row has produced a stop sequence). Rows may then hold tokens past their stop (cut them); the tokens
         before it are those of a generation without ``stop``. With ``stop`` one call is in flight at a time.
+      pad_to: left-pad the prompts to at least this many tokens (the same tokens: padding is masked), so calls with
+        prompts of different lengths share compiled shapes.
 
     Returns:
       (new tokens per prompt, :class:`GenerateStats`).
@@ -179,7 +183,7 @@ def generate(params: model.Params, cfg: ModelConfig, prompts_ids: list[list[int]
     # per-layer layout: the decode step reads each layer's weights in place (a scan over stacked layers copies each
     # layer's slice every step). Params already per-layer (prepare_sparse_params, model.unstack_layers) are not copied.
     params = model.unstack_layers(params)
-    ids_BxP, pad_B = left_pad(prompts_ids)
+    ids_BxP, pad_B = left_pad(prompts_ids, pad_to=pad_to)
     B, P = ids_BxP.shape
     with _ctrl_c_held() as ctrl_c:
         state, t_prefill, t_decode = _prefill_and_decode(

@@ -168,6 +168,15 @@ def test_stop_ends_the_generation_early_with_the_same_tokens() -> None:
     assert stats.decoded_tokens < full_stats.decoded_tokens
 
 
+def test_padding_the_prompts_further_gives_the_same_tokens() -> None:
+    """``pad_to`` (shared shapes across calls) left-pads past the longest prompt: masked, so the same tokens."""
+    cfg = CFGS["gqa"]
+    params = model.init_params(cfg, jax.random.key(2))
+    want, _ = generate.generate(params, cfg, PROMPTS, max_new_tokens=5)
+    got, stats = generate.generate(params, cfg, PROMPTS, max_new_tokens=5, pad_to=14)
+    assert got == want and stats.prefill_tokens == len(PROMPTS) * 14
+
+
 def test_an_x1_hook_generates_as_a_forward_with_it_and_takes_no_ffn() -> None:
     """``x1_hook`` (a mode the config cannot express) runs in the prefill and every step: greedy tokens are the argmax
     of full forwards with the same hook; its arrays travel as ``x1_hook_aux``."""
