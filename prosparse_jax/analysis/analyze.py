@@ -23,9 +23,10 @@ from prosparse_jax.analysis.measure import Batch, LossSums
 from prosparse_jax.analysis.metrics import METRIC_CLASSES, Measurement, Metric, Outcome, Stats
 from prosparse_jax.config import ModelConfig
 from prosparse_jax.errors import InputError, OutputError, UsageError
-from prosparse_jax.model.transformer import Params
+from prosparse_jax.model.transformer import Params, ppl_ratio
 from prosparse_jax.predictor import io as predictor_io
 from prosparse_jax.predictor import measure as predictor_measure
+from prosparse_jax.training import model_io
 from prosparse_jax.training.model_io import load_model
 
 METRIC_VALUE_RULES = {
@@ -135,7 +136,7 @@ def _summary(srcs: list[str], stats: dict[str, Stats | None], meas: Measurement,
         "dense_forward_activation_ratio": dense_count["activation_ratio"],
         "dead_neuron_fraction_per_layer": dead["fraction_per_layer"], "dead_neuron_fraction": dead["fraction"],
         "dead_neuron_tiers": tiers,
-        "dense_loss": dense_loss, "sparse_loss": sparse_loss, "ppl_ratio": measure.ppl_ratio(sparse_loss, dense_loss),
+        "dense_loss": dense_loss, "sparse_loss": sparse_loss, "ppl_ratio": ppl_ratio(sparse_loss, dense_loss),
     }
 
 
@@ -158,7 +159,7 @@ def _result(header: dict[str, Any], sources: list[str], meter: Metric, meas: Mea
     if len(sources) > 1:
         res["per_dataset"] = {s: {k: v for k, v in summary([s]).items() if k != "heatmap_LxT"} for s in sources}
     if outcome.sparse_mode:
-        res["sparse_mode"] = {"model.neuron_thresholds": outcome.thresholds}
+        res["sparse_mode"] = model_io.sparse_mode_record(outcome.thresholds)
     if res["tokens_measured"] > res["distinct_tokens"]:
         res["warnings"] = [
             f"the held-out split was cycled: {res['tokens_measured']} tokens measured, only {res['distinct_tokens']} "
@@ -183,12 +184,12 @@ def write_outputs(out: Path, res: dict[str, Any], heat_LxT: np.ndarray) -> None:
     (disk full) leaves the previous outputs untouched; a stale sparse_mode.json is removed when this run has none."""
     def clean(d: Path) -> None:
         if "sparse_mode" not in res:
-            (d / "sparse_mode.json").unlink(missing_ok=True)
+            (d / model_io.SPARSE_MODE_FILE).unlink(missing_ok=True)
 
     with files.staged_output(out, replace=clean) as stage:
         (stage / "sparsity.json").write_text(json.dumps(res, indent=2))
         if "sparse_mode" in res:
-            (stage / "sparse_mode.json").write_text(json.dumps(res["sparse_mode"], indent=2))
+            (stage / model_io.SPARSE_MODE_FILE).write_text(json.dumps(res["sparse_mode"], indent=2))
         write_plots(stage, heat_LxT, res)
 
 

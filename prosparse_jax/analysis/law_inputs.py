@@ -24,7 +24,7 @@ from prosparse_jax.analysis import measure, sparsity
 from prosparse_jax.analysis.measure import Batch, LossSums
 from prosparse_jax.config import model_config_from_dict
 from prosparse_jax.errors import CheckpointError, InputError, OutputError, UsageError
-from prosparse_jax.model.transformer import Params
+from prosparse_jax.model.transformer import Params, ppl_ratio
 from prosparse_jax.training import checkpoint as ckpt
 
 DEFAULT_FILE = "law_ratios.json"
@@ -219,7 +219,7 @@ class _Measured:
                 "activation_ratio_per_layer": [float(x) for x in ratio_L],
                 "dense_forward_activation_ratio": float(np.mean(dense_ratio_L)),
                 "dense_forward_activation_ratio_per_layer": [float(x) for x in dense_ratio_L],
-                "ppl_ratio": measure.ppl_ratio(sparse.loss, self.dense_loss), "dense_loss": float(self.dense_loss),
+                "ppl_ratio": ppl_ratio(sparse.loss, self.dense_loss), "dense_loss": float(self.dense_loss),
                 "sparse_loss": float(sparse.loss),
                 "taus_per_layer": [float(t) for t in np.asarray(taus_L, np.float32)],
                 "cett_achieved_per_layer": [float(c) for c in cett_L]}
@@ -245,7 +245,7 @@ class _JointSearch:
         ok = True
         for s in list(self.order):
             m = self.meas[s]
-            r = measure.ppl_ratio(m.at(target)[2].loss, m.dense_loss)
+            r = ppl_ratio(m.at(target)[2].loss, m.dense_loss)
             ratios[str(s)] = r
             if r > self.limit:  # one checkpoint over the bound decides: skip the others
                 ok = False

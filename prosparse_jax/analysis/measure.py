@@ -8,7 +8,6 @@ ratio and the bisection on a shared CETT target (Sparsing Law, arXiv 2411.02335,
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -177,10 +176,6 @@ def mean_loss(nll_sum: float, weight_sum: float) -> float:
     """Mean NLL per weighted target."""
     return nll_sum / max(weight_sum, 1.0)
 
-
-def ppl_ratio(sparse_loss: float, dense_loss: float) -> float:
-    """Perplexity ratio exp(sparse_loss - dense_loss) (exponent capped at 50)."""
-    return float(math.exp(min(sparse_loss - dense_loss, 50.0)))
 
 
 @dataclasses.dataclass

@@ -18,7 +18,7 @@ import numpy as np
 from prosparse_jax.analysis import measure, sparsity
 from prosparse_jax.analysis.measure import Batch, LossSums
 from prosparse_jax.config import ModelConfig
-from prosparse_jax.model.transformer import Params
+from prosparse_jax.model.transformer import Params, ppl_ratio
 
 Stats = dict[str, np.ndarray]  # accumulated sparsity.mask_stats of one data source (dense-forward count)
 
@@ -255,7 +255,7 @@ class PPLp(_CETTMetric):
             taus_L, cett_L = cache.bisect(target)
             tried[target] = (taus_L, cett_L, meas.sparse_pass(tau_forward, taus_L))
             sparse_loss = LossSums.pool(tried[target][2].values()).loss
-            ratio = measure.ppl_ratio(sparse_loss, dense_loss)
+            ratio = ppl_ratio(sparse_loss, dense_loss)
             search.append({"cett_target": target, "ppl_ratio": ratio, "sparse_loss": sparse_loss,
                            "feasible": bool(ratio <= limit), "mean_tau": float(np.mean(taus_L))})
             return ratio <= limit

@@ -37,6 +37,7 @@ from prosparse_jax.config import ModelConfig
 from prosparse_jax.errors import ConfigError, UsageError, did_you_mean
 from prosparse_jax.model import transformer as model
 from prosparse_jax.model.transformer import Params, X1Mask
+from prosparse_jax.training.model_io import read_thresholds
 
 KINDS = ("dense", "fatrelu", "thresholds", "topk", "predictor")
 FATRELU_GATES = ("relu", "fatrelu")  # activations whose gate FATReLU's threshold shifts
@@ -196,8 +197,6 @@ def _fatrelu(spec: ModeSpec, cfg: ModelConfig, checkpoint: Any, scale: Callable[
 
 
 def _thresholds(spec: ModeSpec, cfg: ModelConfig, checkpoint: Any) -> SparseMode:
-    from prosparse_jax.inference.generate import read_thresholds
-
     if spec.path is None:
         taus, source = cfg.neuron_thresholds, "the model's config"
         if not taus:

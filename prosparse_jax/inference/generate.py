@@ -28,7 +28,7 @@ import numpy as np
 from prosparse_jax import files
 from prosparse_jax.config import ModelConfig
 from prosparse_jax.data.corpus import EOS_TOKEN
-from prosparse_jax.errors import ConfigError, InputError, UsageError
+from prosparse_jax.errors import ConfigError, UsageError
 from prosparse_jax.inference import score
 from prosparse_jax.inference import sparse_ffn as sparse_ffn_lib
 from prosparse_jax.inference.decode import (
@@ -46,7 +46,7 @@ from prosparse_jax.model.activations import RELU_FAMILY
 from prosparse_jax.predictor import core as predictor_core
 from prosparse_jax.predictor import io as predictor_io
 from prosparse_jax.training import checkpoint
-from prosparse_jax.training.model_io import load_model
+from prosparse_jax.training.model_io import load_model, read_thresholds
 
 Array = jax.Array
 
@@ -404,23 +404,6 @@ def sparse_config(cfg: ModelConfig, sparse: bool, predictor: bool = False) -> Mo
             "generate --thresholds=<dir>/sparse_mode.json, or set model.neuron_thresholds in its config.json (or "
             "decode with an activation predictor: --predictor=<dir>)")
     return cfg
-
-
-SPARSE_MODE_KEY = "model.neuron_thresholds"  # the thresholds' key in sparse_mode.json (written by analyze)
-
-
-def read_thresholds(path: str | os.PathLike) -> tuple[float, ...]:
-    """The per-layer thresholds of a ``sparse_mode.json`` written by ``analyze`` (or of the folder holding one)."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / "sparse_mode.json"
-    raw = files.read_json(path, "sparse_mode.json")
-    taus = raw.get(SPARSE_MODE_KEY) if isinstance(raw, dict) else None
-    if not (isinstance(taus, list) and taus and all(isinstance(t, int | float) and not isinstance(t, bool)
-                                                    for t in taus)):
-        raise InputError(f"thresholds: {path} has no {SPARSE_MODE_KEY!r} list of numbers; pass the sparse_mode.json "
-                         "written by `python -m prosparse_jax.main.analyze --metric=pplp` (or cett)")
-    return tuple(float(t) for t in taus)
 
 
 def check_prompt(prompt: str) -> None:

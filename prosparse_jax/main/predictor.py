@@ -29,6 +29,7 @@ from absl import flags
 from prosparse_jax.errors import UsageError
 from prosparse_jax.main import common
 from prosparse_jax.predictor.train import Settings, evaluate, train_predictor
+from prosparse_jax.training import model_io
 
 COMMANDS = ("train", "eval")
 
@@ -89,11 +90,7 @@ def main(argv: list[str] | None = None) -> int:
             raise UsageError(f"command: expected one of {', '.join(COMMANDS)} as the first argument ({got}), e.g. "
                              "`python -m prosparse_jax.main.predictor train --checkpoint=<workdir>`")
         if command == "train":
-            taus = None
-            if fv.thresholds:
-                from prosparse_jax.inference.generate import read_thresholds
-
-                taus = read_thresholds(fv.thresholds)
+            taus = model_io.read_thresholds(fv.thresholds) if fv.thresholds else None
             settings = Settings(rank=fv.rank, steps=fv.steps, batch_size=fv.batch_size, lr=fv.lr, seed=fv.seed,
                                 pos_weight=fv.pos_weight, checkpoint_every=fv.checkpoint_every,
                                 target_recall=fv.target_recall, calib_batches=fv.calib_batches,

@@ -13,6 +13,7 @@ V vocab, L layers.
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -384,6 +385,19 @@ def cross_entropy(
         return nll_BxT.mean()
     w = weights_BxT.astype(jnp.float32)
     return jnp.sum(nll_BxT * w) / jnp.maximum(w.sum(), 1.0)
+
+
+MAX_LOG_PPL = 50.0  # perplexities are reported as exp(min(loss, 50)): a diverged loss stays a finite number
+
+
+def perplexity(loss: float) -> float:
+    """exp(loss) of a mean next-token cross-entropy (exponent capped at :data:`MAX_LOG_PPL`)."""
+    return float(math.exp(min(float(loss), MAX_LOG_PPL)))
+
+
+def ppl_ratio(loss: float, ref_loss: float) -> float:
+    """The perplexity ratio exp(loss - ref_loss) of a model run against a reference run of it (capped likewise)."""
+    return float(math.exp(min(float(loss) - float(ref_loss), MAX_LOG_PPL)))
 
 
 def fold_minicpm_scales(params: Params, cfg: ModelConfig) -> tuple[Params, ModelConfig]:

@@ -170,10 +170,6 @@ def make_loss_forward(cfg: ModelConfig, which: str):
     return jax.jit(f)
 
 
-def ppl_ratio(loss: float, ref_loss: float) -> float:
-    """exp(loss - ref_loss), the perplexity ratio (exponent capped at 50)."""
-    return float(math.exp(min(loss - ref_loss, 50.0)))
-
 
 def report(pred: Predictor, params: Params, cfg: ModelConfig, batches: list[dict[str, jax.Array]],
            on_batch: Any = None) -> dict[str, Any]:
@@ -193,4 +189,4 @@ def report(pred: Predictor, params: Params, cfg: ModelConfig, batches: list[dict
     loss = {k: v[0] / max(v[1], 1.0) for k, v in sums.items()}
     return {**summarize(counts, cfg.d_ff), "rank": int(pred["w1_LxDxR"].shape[-1]),
             "threshold_L": [_num(t) for t in np.asarray(pred["threshold_L"])], "loss_model": loss["model"],
-            "loss_with_predictor": loss["predictor"], "ppl_ratio": ppl_ratio(loss["predictor"], loss["model"])}
+            "loss_with_predictor": loss["predictor"], "ppl_ratio": model.ppl_ratio(loss["predictor"], loss["model"])}

@@ -37,7 +37,7 @@ import optax
 from prosparse_jax import files
 from prosparse_jax.config import ModelConfig, to_dict
 from prosparse_jax.errors import OutputError, UsageError
-from prosparse_jax.model.transformer import Params
+from prosparse_jax.model.transformer import Params, ppl_ratio
 from prosparse_jax.predictor import calibrate as calib_lib
 from prosparse_jax.predictor import collect as collect_lib
 from prosparse_jax.predictor import io as io_lib
@@ -383,8 +383,8 @@ def evaluate(checkpoint_path: str | Path, predictor: str | Path | None = None, o
         "frequency_baseline": {**measure_lib.summarize(base_counts, m.cfg.d_ff), "budget_L": budget_L.tolist(),
                                "train_tokens": freq_tokens},
         "loss": {"model": loss["model"], "with_predictor": loss["predictor"], "with_frequency_baseline": loss["keep"]},
-        "ppl_ratio": {"predictor": measure_lib.ppl_ratio(loss["predictor"], loss["model"]),
-                      "frequency_baseline": measure_lib.ppl_ratio(loss["keep"], loss["model"])},
+        "ppl_ratio": {"predictor": ppl_ratio(loss["predictor"], loss["model"]),
+                      "frequency_baseline": ppl_ratio(loss["keep"], loss["model"])},
         "computed_fraction_in_loop": {"model": computed["model"], "predictor": computed["predictor"],
                                       "frequency_baseline": computed["keep"]},
         "machine": {"backend": jax.default_backend(), "device": jax.devices()[0].device_kind, "jax": jax.__version__},

@@ -1,5 +1,6 @@
 """Models in and out of training workdirs: load a workdir or a HuggingFace folder (converted on the fly) to run or
-measure it, export a workdir to a HuggingFace folder and import one as a workdir; a failure leaves no half output.
+measure it, export a workdir to a HuggingFace folder and import one as a workdir (a failure leaves no half output);
+a model's sparse mode file (``sparse_mode.json``, written by ``analyze``).
 
 The formats are in docs/hf.md; the mappings in :mod:`prosparse_jax.hf.config` and :mod:`prosparse_jax.hf.weights`.
 """
@@ -12,13 +13,34 @@ from pathlib import Path
 
 from prosparse_jax import files
 from prosparse_jax.config import ModelConfig
-from prosparse_jax.errors import OutputError, UsageError
+from prosparse_jax.errors import InputError, OutputError, UsageError
 from prosparse_jax.hf import io as hf_io
 from prosparse_jax.model.transformer import Params
 from prosparse_jax.training import checkpoint
 from prosparse_jax.training.lock import WorkdirLock, check_free
 
 DEFAULT_MAX_POSITION_EMBEDDINGS = 4096  # what an export records when the source records no context
+SPARSE_MODE_FILE = "sparse_mode.json"
+SPARSE_MODE_KEY = "model.neuron_thresholds"  # the thresholds' key in sparse_mode.json: a config override
+
+
+def sparse_mode_record(thresholds: list[float] | tuple[float, ...]) -> dict[str, list[float]]:
+    """The contents of a ``sparse_mode.json``: the per-layer CETT thresholds as the config field they set."""
+    return {SPARSE_MODE_KEY: [float(t) for t in thresholds]}
+
+
+def read_thresholds(path: str | os.PathLike) -> tuple[float, ...]:
+    """The per-layer thresholds of a ``sparse_mode.json`` written by ``analyze`` (or of the folder holding one)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / SPARSE_MODE_FILE
+    raw = files.read_json(path, SPARSE_MODE_FILE)
+    taus = raw.get(SPARSE_MODE_KEY) if isinstance(raw, dict) else None
+    if not (isinstance(taus, list) and taus and all(isinstance(t, int | float) and not isinstance(t, bool)
+                                                    for t in taus)):
+        raise InputError(f"thresholds: {path} has no {SPARSE_MODE_KEY!r} list of numbers; pass the sparse_mode.json "
+                         "written by `python -m prosparse_jax.main.analyze --metric=pplp` (or cett)")
+    return tuple(float(t) for t in taus)
 
 
 def is_hf_folder(path: str | os.PathLike) -> bool:

@@ -7,7 +7,6 @@ run continues it exactly.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import Any
 
@@ -23,6 +22,7 @@ from prosparse_jax.model.transformer import (
     abstract_params,
     cross_entropy,
     forward,
+    perplexity,
     stack_layers,
     unstack_layers,
 )
@@ -227,7 +227,7 @@ def make_evaluate(cfg: ModelConfig) -> Callable[[Params, list[dict[str, Any]]], 
             zf += np.asarray(out["zero_frac"])
         zf /= max(len(batches), 1)
         loss = nll / max(tok, 1.0)
-        return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0)), "eval_sparsity": float(zf.mean()),
+        return {"eval_loss": loss, "eval_ppl": perplexity(loss), "eval_sparsity": float(zf.mean()),
                 "eval_sparsity_per_layer": [float(x) for x in zf], "eval_tokens": int(tok)}
 
     return evaluate
