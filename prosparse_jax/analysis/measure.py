@@ -17,10 +17,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from prosparse_jax.analysis import sparsity
-from prosparse_jax.config import DataConfig, ModelConfig
+from prosparse_jax.config import ModelConfig
 from prosparse_jax.data import corpus as corpus_lib
 from prosparse_jax.data import pipeline as data_lib
-from prosparse_jax.errors import ConfigError, InputError, UsageError
 from prosparse_jax.model import transformer as model
 from prosparse_jax.model.transformer import Params
 
@@ -61,18 +60,10 @@ def load_eval(sources: list[str], tok_path: Path, run_data: dict[str, Any], seq_
       UsageError: a bad source or sequence length.
       InputError: a tokenizer larger than the model's vocabulary ``vocab``.
     """
-    tok = corpus_lib.load_tokenizer(tok_path)
-    if tok.get_vocab_size() > vocab:
-        raise InputError(f"checkpoint: tokenizer has {tok.get_vocab_size()} tokens > model vocab {vocab}")
+    tok = corpus_lib.load_model_tokenizer(tok_path, vocab)
     out, distinct = {}, {}
     for src in sources:
-        try:
-            dcfg = DataConfig(
-                source=src, data_dir=data_dir if data_dir is not None else run_data.get("data_dir", ""),
-                text_key=run_data.get("text_key", "text"), seq_len=seq_len or run_data.get("seq_len", 256),
-                eval_fraction=float(run_data.get("eval_fraction", DataConfig.eval_fraction)))
-        except ConfigError as e:
-            raise UsageError(f"data / seq_len: {e}") from e
+        dcfg = corpus_lib.run_data_config(run_data, src, data_dir, seq_len)
         corpus = corpus_lib.open_corpus(dcfg)
         batches = data_lib.make_eval_batches(corpus, tok, seq_len=dcfg.seq_len, batch_size=batch_size,
                                              num_batches=num_batches)

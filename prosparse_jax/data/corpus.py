@@ -28,7 +28,7 @@ import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from prosparse_jax.config import DataConfig
-from prosparse_jax.errors import DataError
+from prosparse_jax.errors import ConfigError, DataError, InputError, UsageError
 
 TRAIN_SPLIT = "train"
 EVAL_SPLIT = "validation"
@@ -388,6 +388,35 @@ def load_tokenizer(path: str | os.PathLike) -> tokenizers.Tokenizer:
     tok = tokenizers.Tokenizer.from_file(str(path))
     eos_id(tok)
     return tok
+
+
+def load_model_tokenizer(path: str | os.PathLike, vocab: int) -> tokenizers.Tokenizer:
+    """A trained model's tokenizer.json, refused (:class:`InputError`) when larger than the model's vocabulary."""
+    tok = load_tokenizer(path)
+    if tok.get_vocab_size() > vocab:
+        raise InputError(f"checkpoint: tokenizer has {tok.get_vocab_size()} tokens > model vocab {vocab}")
+    return tok
+
+
+def run_data_config(run_data: Mapping[str, Any], source: str | None = None, data_dir: str | None = None,
+                    seq_len: int | None = None) -> DataConfig:
+    """The DataConfig of a trained model's run: its ``data`` section (``{}`` for an HF folder) with the overrides
+    given (``source``, ``data_dir``, ``seq_len``).
+
+    Raises:
+      UsageError: no data source (an HF folder records none: pass --data), or a bad override.
+    """
+    src = source or run_data.get("source")
+    if not src:
+        raise UsageError("data: the checkpoint records no data source (an HF folder?); pass --data=<source> "
+                         "(stdlib, files:<glob>, tfds:<name>)")
+    try:
+        return DataConfig(
+            source=src, data_dir=data_dir if data_dir is not None else run_data.get("data_dir", ""),
+            text_key=run_data.get("text_key", "text"), seq_len=seq_len or run_data.get("seq_len", 256),
+            eval_fraction=float(run_data.get("eval_fraction", DataConfig.eval_fraction)))
+    except ConfigError as e:
+        raise UsageError(f"data / seq_len: {e}") from e
 
 
 def get_tokenizer(cfg: DataConfig, corpus: Corpus, cache_dir: str | Path) -> tokenizers.Tokenizer:

@@ -33,6 +33,7 @@ from lm_eval.api.registry import register_model
 from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
 
 from prosparse_jax import files
+from prosparse_jax.data import corpus as corpus_lib
 from prosparse_jax.data.corpus import EOS_TOKEN
 from prosparse_jax.errors import CheckpointError, InputError, UsageError, did_you_mean
 from prosparse_jax.evaluation import modes as modes_lib
@@ -153,8 +154,6 @@ class ProsparseLM(TemplateLM):
                  max_length: int | None = None, max_gen_toks: int = DEFAULT_MAX_GEN_TOKS, scale_data: str = "stdlib",
                  device: str | None = None, max_batch_size: int | None = None, **unknown: Any) -> None:
         super().__init__()
-        from tokenizers import Tokenizer
-
         if unknown:
             name = sorted(unknown)[0]
             raise UsageError(f"prosparse model: unknown argument {name!r}"
@@ -178,10 +177,7 @@ class ProsparseLM(TemplateLM):
             raise CheckpointError(f"{self.path} has no tokenizer.json; copy the tokenizer used for training next to "
                                   "config.json")
         self.tokenizer_json = tok_path
-        self.tok = Tokenizer.from_file(str(tok_path))
-        if self.tok.get_vocab_size() > self.model_cfg.vocab_size:
-            raise CheckpointError(f"{self.path}: tokenizer has {self.tok.get_vocab_size()} tokens > model vocab "
-                                  f"{self.model_cfg.vocab_size}: tokenizer and model differ")
+        self.tok = corpus_lib.load_model_tokenizer(tok_path, self.model_cfg.vocab_size)
         self.bos_token, self.eos_token = _special_tokens(self.path, self.tok)
         self.params = jax.device_put(params)
         self.sparsity = SparsityMeter()

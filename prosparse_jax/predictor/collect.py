@@ -23,7 +23,7 @@ import numpy as np
 from prosparse_jax.config import DataConfig, ModelConfig
 from prosparse_jax.data import corpus as corpus_lib
 from prosparse_jax.data import pipeline as data_lib
-from prosparse_jax.errors import ConfigError, InputError, UsageError
+from prosparse_jax.errors import InputError
 from prosparse_jax.model import attention as attention_lib
 from prosparse_jax.model import transformer as model
 from prosparse_jax.model.transformer import Params
@@ -69,26 +69,6 @@ def bytes_per_token(cfg: ModelConfig) -> int:
 # ---------------------------------------------------------------------------------------------------------------
 # The run's data
 # ---------------------------------------------------------------------------------------------------------------
-def data_config(run_data: dict[str, Any], source: str | None = None, data_dir: str | None = None,
-                seq_len: int | None = None) -> DataConfig:
-    """The DataConfig of a run's ``data`` section (``{}`` for an HF folder), with optional overrides.
-
-    Raises:
-      UsageError: no data source (an HF folder: pass --data), or a bad override.
-    """
-    src = source or run_data.get("source")
-    if not src:
-        raise UsageError("data: the checkpoint records no data source (an HF folder?); pass --data=<source> "
-                         "(stdlib, files:<glob>, tfds:<name>)")
-    try:
-        return DataConfig(
-            source=src, data_dir=data_dir if data_dir is not None else run_data.get("data_dir", ""),
-            text_key=run_data.get("text_key", "text"), seq_len=seq_len or run_data.get("seq_len", 256),
-            eval_fraction=float(run_data.get("eval_fraction", DataConfig.eval_fraction)))
-    except ConfigError as e:
-        raise UsageError(f"data / seq_len: {e}") from e
-
-
 def open_data(dcfg: DataConfig, tok_path: Path | None, vocab: int) -> tuple[corpus_lib.Corpus, Any]:
     """(corpus, tokenizer) of ``dcfg`` with the model's tokenizer.json ``tok_path``.
 
@@ -98,10 +78,7 @@ def open_data(dcfg: DataConfig, tok_path: Path | None, vocab: int) -> tuple[corp
     if tok_path is None:
         raise InputError("checkpoint: no tokenizer.json next to its config.json; the predictor needs the model's "
                          "tokenizer to read the training data")
-    tok = corpus_lib.load_tokenizer(tok_path)
-    if tok.get_vocab_size() > vocab:
-        raise InputError(f"checkpoint: tokenizer has {tok.get_vocab_size()} tokens > model vocab {vocab}")
-    return corpus_lib.open_corpus(dcfg), tok
+    return corpus_lib.open_corpus(dcfg), corpus_lib.load_model_tokenizer(tok_path, vocab)
 
 
 def train_iterator(corpus: corpus_lib.Corpus, tok: Any, dcfg: DataConfig, *, batch_size: int, seed: int

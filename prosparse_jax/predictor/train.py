@@ -36,6 +36,7 @@ import optax
 
 from prosparse_jax import files
 from prosparse_jax.config import ModelConfig, to_dict
+from prosparse_jax.data import corpus as corpus_lib
 from prosparse_jax.errors import OutputError, UsageError
 from prosparse_jax.model.transformer import Params, ppl_ratio
 from prosparse_jax.predictor import calibrate as calib_lib
@@ -201,7 +202,7 @@ def train_predictor(checkpoint_path: str | Path, out: str | Path | None = None, 
                           "another --out (nothing was done)")
     m = load(ckpt_path, step, neuron_thresholds)
     s = (settings or Settings()).resolved(m.cfg)
-    dcfg = collect_lib.data_config(m.run_data, data, data_dir)
+    dcfg = corpus_lib.run_data_config(m.run_data, data, data_dir)
     corpus, tok = collect_lib.open_data(dcfg, m.tok_path, m.cfg.vocab_size)
     with WorkdirLock(out, "predictor train"):
         if overwrite:
@@ -329,7 +330,7 @@ def evaluate(checkpoint_path: str | Path, predictor: str | Path | None = None, o
         warnings.warn(f"predictor {pdir} was trained on another model's weights (digest "
                       f"{meta['model']['digest']}, this one {m.digest}); its numbers are for this model", stacklevel=2)
     s = Settings(**{k: v for k, v in meta.get("settings", {}).items() if k in Settings.__dataclass_fields__})
-    dcfg = collect_lib.data_config(m.run_data, data, data_dir,
+    dcfg = corpus_lib.run_data_config(m.run_data, data, data_dir,
                                    seq_len=(meta.get("data") or {}).get("seq_len"))
     corpus, tok = collect_lib.open_data(dcfg, m.tok_path, m.cfg.vocab_size)
     _, batches = collect_lib.split_held_out(collect_lib.eval_batches(

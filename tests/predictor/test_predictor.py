@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from conftest import one_error_line, random_params, tiny_model_config, write_bpe_tokenizer, write_corpus
 
+from prosparse_jax.data import corpus as corpus_lib
 from prosparse_jax.errors import CorruptCheckpointError, InputError, OutputError, UsageError
 from prosparse_jax.main import export_hf as export_hf_cli
 from prosparse_jax.main import predictor as cli
@@ -209,7 +210,7 @@ def test_silu_model_in_the_cett_sparse_mode_gets_a_working_predictor(data_root, 
                     "checkpoint_every": 60})
     out, pred, meta = train_predictor(wd, tmp_path / "pred", s, neuron_thresholds=taus, progress_bar=False)
     assert "CETT" in meta["predicts"] and meta["neuron_thresholds"] == list(taus)
-    dcfg = collect.data_config(checkpoint.read_run_config(wd)["data"])
+    dcfg = corpus_lib.run_data_config(checkpoint.read_run_config(wd)["data"])
     corpus, tok = collect.open_data(dcfg, wd / "tokenizer.json", cfg.vocab_size)
     calib, _ = collect.split_held_out(collect.eval_batches(corpus, tok, dcfg, batch_size=4, num_batches=4))
     on_calib = measure.summarize(_sum(pred, collect.make_collect(cfg.replace(neuron_thresholds=taus)), params, calib),
