@@ -21,6 +21,16 @@ from typing import Any
 
 from prosparse_jax.errors import InputError, OutputError, UsageError
 
+
+def cache_dir() -> Path:
+    """The project's cache (compiled kernels, XLA executables): ``$PROSPARSE_CACHE_DIR``, else
+    ``$XDG_CACHE_HOME/prosparse_jax``, else ``~/.cache/prosparse_jax``."""
+    if os.environ.get("PROSPARSE_CACHE_DIR"):
+        return Path(os.environ["PROSPARSE_CACHE_DIR"])
+    xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(xdg) / "prosparse_jax"
+
+
 _SIZE_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
                "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 

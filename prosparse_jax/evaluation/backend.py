@@ -355,29 +355,35 @@ class ProsparseLM(TemplateLM):
             for c in range(0, len(idx), B):
                 chunk = idx[c:c + B]
                 T = bucket(len(rows[chunk[0]][0]), L)
+                K = bucket(max(rows[r][2] for r in chunk), T)  # the scored positions: the last K of each row
                 ids_BxT = np.zeros((B, T), np.int32)
-                tgt_BxT = np.zeros((B, T), np.int32)
                 seg_BxT = np.zeros((B, T), np.int32)
+                at_BxK = np.zeros((B, K), np.int32)
+                tgt_BxK = np.zeros((B, K), np.int32)
                 for bi, r in enumerate(chunk):
                     inp, tgt = rows[r][:2]
-                    ids_BxT[bi, :len(inp)], tgt_BxT[bi, :len(inp)], seg_BxT[bi, :len(inp)] = inp, tgt, 1
-                lp_BxT, greedy_BxT, zero_frac_L, n_valid = scorer(self.params, self.mode.aux, ids_BxT, tgt_BxT,
-                                                                  seg_BxT)
-                lp_BxT, greedy_BxT = np.asarray(lp_BxT, np.float64), np.asarray(greedy_BxT)
+                    n = len(inp)
+                    ids_BxT[bi, :n], seg_BxT[bi, :n] = inp, 1
+                    at_BxK[bi] = np.maximum(np.arange(n - K, n), 0)
+                    tgt_BxK[bi] = np.asarray(tgt, np.int32)[at_BxK[bi]]
+                lp_BxK, greedy_BxK, zero_frac_L, n_valid = scorer(self.params, self.mode.aux, ids_BxT, seg_BxT,
+                                                                  at_BxK, tgt_BxK)
+                lp_BxK, greedy_BxK = np.asarray(lp_BxK, np.float64), np.asarray(greedy_BxK)
                 n_valid = int(n_valid)
                 self.sparsity.add(task, np.asarray(zero_frac_L, np.float64) * n_valid * self.model_cfg.d_ff,
                                   n_valid, self.model_cfg.d_ff)
                 self.timing["tokens"] += n_valid
                 for bi, r in enumerate(chunk):
-                    n, k, j = len(rows[r][0]), rows[r][2], rows[r][3]
-                    sums[j] += lp_BxT[bi, n - k:n].sum()
-                    greedy[j] &= bool(greedy_BxT[bi, n - k:n].all())
+                    k, j = rows[r][2], rows[r][3]
+                    sums[j] += lp_BxK[bi, K - k:].sum()
+                    greedy[j] &= bool(greedy_BxK[bi, K - k:].all())
         self.timing["seconds"] += time.perf_counter() - t0
         return [(float(s), bool(g)) for s, g in zip(sums, greedy, strict=True)]
 
     def _scorer(self) -> Callable[..., Any]:
-        """The jitted forward of the current mode: (params, aux, ids, targets, segment ids) -> (log p(target) per
-        token, argmax == target per token, zero fraction of x1 per layer over valid tokens, valid tokens). Modes of
+        """The jitted forward of the current mode: (params, aux, ids, segment ids, scored positions, their targets)
+        -> (log p(target) and argmax == target per scored position, zero fraction of x1 per layer over the valid
+        tokens, valid tokens). Modes of
         one program (the same hook and config: e.g. dense and every fatrelu threshold) share it, and so its
         compilations: their settings are in ``aux``."""
         key = (self.mode.hook, self.mode.cfg)
@@ -430,12 +436,15 @@ class ProsparseLM(TemplateLM):
         return any(u in text for u in until)
 
 
-def _score_batch(params: model.Params, aux: Any, ids_BxT: jax.Array, targets_BxT: jax.Array, seg_BxT: jax.Array, *,
-                 hook: modes_lib.HookFactory, cfg: Any) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
-    """One padded batch with the x1 hook ``hook(params, aux)``: log p(target) and argmax == target per token, x1's zero
-    fraction per layer over the valid tokens (``seg_BxT != 0``) and their number."""
-    logits_BxTxV, stats = model.forward(params, ids_BxT, cfg, segment_ids_BxT=seg_BxT, x1_mask=hook(params, aux))
-    logp_BxTxV = jax.nn.log_softmax(logits_BxTxV.astype(jnp.float32), axis=-1)
-    lp_BxT = jnp.take_along_axis(logp_BxTxV, targets_BxT[..., None], axis=-1)[..., 0]
-    greedy_BxT = jnp.argmax(logits_BxTxV, axis=-1) == targets_BxT
-    return lp_BxT, greedy_BxT, stats.zero_frac, jnp.sum(seg_BxT != 0)
+def _score_batch(params: model.Params, aux: Any, ids_BxT: jax.Array, seg_BxT: jax.Array, at_BxK: jax.Array,
+                 targets_BxK: jax.Array, *, hook: modes_lib.HookFactory, cfg: Any
+                 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """One padded batch with the x1 hook ``hook(params, aux)``: log p(target) and argmax == target at the positions
+    ``at_BxK`` (the LM head runs there only), x1's zero fraction per layer over the valid tokens (``seg_BxT != 0``)
+    and their number."""
+    logits_BxKxV, stats = model.forward(params, ids_BxT, cfg, segment_ids_BxT=seg_BxT, x1_mask=hook(params, aux),
+                                        logits_at_BxK=at_BxK)
+    logp_BxKxV = jax.nn.log_softmax(logits_BxKxV.astype(jnp.float32), axis=-1)
+    lp_BxK = jnp.take_along_axis(logp_BxKxV, targets_BxK[..., None], axis=-1)[..., 0]
+    greedy_BxK = jnp.argmax(logits_BxKxV, axis=-1) == targets_BxK
+    return lp_BxK, greedy_BxK, stats.zero_frac, jnp.sum(seg_BxT != 0)

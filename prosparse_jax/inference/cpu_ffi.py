@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import jaxlib
 import numpy as np
 
+from prosparse_jax import files
 from prosparse_jax.errors import KernelUnavailableError
 
 Array = jax.Array
@@ -48,14 +49,6 @@ CACHE_FIX = "set PROSPARSE_CACHE_DIR to a writable directory, or use implementat
 LIBRARY_MODE, DIGEST_MODE = 0o755, 0o644
 #: Age after which a builder's temporary file is taken for a killed build's and removed.
 STALE_TMP_S = 3600
-
-
-def cache_dir() -> Path:
-    """``$PROSPARSE_CACHE_DIR``, else ``$XDG_CACHE_HOME/prosparse_jax``, else ``~/.cache/prosparse_jax``."""
-    if os.environ.get("PROSPARSE_CACHE_DIR"):
-        return Path(os.environ["PROSPARSE_CACHE_DIR"])
-    xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(xdg) / "prosparse_jax"
 
 
 def compiler() -> str:
@@ -89,7 +82,7 @@ def library_path(source: str | None = None, cxx: str | None = None) -> Path:
     """Where the build of ``source`` (default: the kernel's) with ``cxx`` lives in :func:`cache_dir`."""
     source = _source() if source is None else source
     key = "\n".join([source, cxx or compiler(), *CXXFLAGS, jaxlib.__version__, platform.machine(), _cpu_id()])
-    return cache_dir() / f"sparse_ffn_cpu-{hashlib.sha256(key.encode()).hexdigest()[:16]}.so"
+    return files.cache_dir() / f"sparse_ffn_cpu-{hashlib.sha256(key.encode()).hexdigest()[:16]}.so"
 
 
 def digest_path(library: Path) -> Path:

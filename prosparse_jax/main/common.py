@@ -26,6 +26,25 @@ from prosparse_jax.training.checkpoint import quiet_orbax_noise
 _VERBOSE_HELP = "On an error, show the Python traceback too."
 
 
+def compilation_cache_default() -> str:
+    """Where a tool keeps XLA's compiled programs between runs by default: ``<files.cache_dir()>/xla``."""
+    from prosparse_jax import files
+
+    return str(files.cache_dir() / "xla")
+
+
+def use_compilation_cache(path: str) -> None:
+    """Keeps XLA's compiled programs in ``path`` (JAX's persistent compilation cache), so the same command run again
+    loads them instead of compiling; "" turns it off. Every program is kept, whatever its compile time."""
+    if not path:
+        return
+    import jax
+
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # absl tools: run() parses, calls, prints one error line
 # ---------------------------------------------------------------------------------------------------------------

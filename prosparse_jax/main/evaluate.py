@@ -2,7 +2,8 @@ r"""Evaluates a model on lm-evaluation-harness tasks in several sparse modes, th
 
     python -m prosparse_jax.main.evaluate --checkpoint=<workdir or HF folder> --tasks=stdlib_next_line,stdlib_ppl \
         --modes=dense,fatrelu:0.01 --out=<dir> [--include_path=<dir of task YAML> --limit=N --add_bos=true \
-        --batch_size=8 --num_fewshot=N --step=N --max_length=N --scale_data=stdlib --log_samples --overwrite]
+        --batch_size=8 --num_fewshot=N --step=N --max_length=N --scale_data=stdlib --log_samples --overwrite \
+        --compilation_cache=<dir>]
 
 Modes: dense, fatrelu:<t>, fatrelu:<x>rel, thresholds[:<sparse_mode.json>], topk:<k>, predictor:<dir>
 (:mod:`prosparse_jax.evaluation.modes`). Tasks are lm-eval's names, the offline tasks stdlib_next_line,
@@ -44,6 +45,9 @@ def _flags() -> flags.FlagValues:
                       flag_values=fv)
     flags.DEFINE_bool("overwrite", False, "Replace the results of an earlier evaluation in --out.", flag_values=fv)
     flags.DEFINE_bool("progress", True, "Show lm-eval's progress and log lines.", flag_values=fv)
+    flags.DEFINE_string("compilation_cache", common.compilation_cache_default(),
+                        "Keep XLA's compiled forwards here between runs (the same command again compiles nothing); "
+                        "empty: off.", flag_values=fv)
     flags.mark_flags_as_required(["checkpoint", "tasks", "out"], flag_values=fv)
     return fv
 
@@ -61,6 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         if fv.batch_size < 1:
             raise UsageError(f"--batch_size: must be at least 1, got {fv.batch_size}")
         limit = int(fv.limit) if fv.limit is not None and fv.limit >= 1 else fv.limit
+        common.use_compilation_cache(fv.compilation_cache)
         res = report.evaluate_modes(
             fv.checkpoint, [t.strip() for t in fv.tasks if t.strip()], fv.modes, fv.out,
             include_paths=fv.include_path, limit=limit, num_fewshot=fv.num_fewshot, batch_size=fv.batch_size,

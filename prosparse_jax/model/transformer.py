@@ -318,7 +318,7 @@ def run_layers(params: Params, h_BxTxD: Array, layer_fn: LayerFn, per_layer_inpu
 def forward(
     params: Params, ids_BxT: Array, cfg: ModelConfig, *, segment_ids_BxT: Array | None = None,
     positions_BxT: Array | None = None, x1_mask: X1Mask | None = None, capture: bool = False,
-    attn_block: int = attention_lib.ATTN_BLOCK,
+    attn_block: int = attention_lib.ATTN_BLOCK, logits_at_BxK: Array | None = None,
 ) -> tuple[Array, FFNStats]:
     """Runs the decoder.
 
@@ -331,9 +331,11 @@ def forward(
         (:func:`sparse_mode_mask`) when set, else dense; a given hook replaces it.
       capture: also return the full x1 and act(gate) tensors in the stats.
       attn_block: query rows per block of the ``xla_blocks`` attention.
+      logits_at_BxK: int32 indices into T per row: the LM head runs on those positions only (scoring a few tokens
+        of long rows skips the head, the largest matmul of a small model, elsewhere). None = every position.
 
     Returns:
-      (float32 logits_BxTxV, :class:`FFNStats`).
+      (float32 logits_BxTxV, or logits_BxKxV at ``logits_at_BxK``; :class:`FFNStats`).
     """
     B, T = ids_BxT.shape
     if positions_BxT is None:
@@ -358,6 +360,8 @@ def forward(
     if cfg.remat:
         layer = jax.checkpoint(layer, prevent_cse=False)
     h_BxTxD, stats = run_layers(params, embed(params, ids_BxT, cfg), layer)
+    if logits_at_BxK is not None:
+        h_BxTxD = jnp.take_along_axis(h_BxTxD, logits_at_BxK[..., None], axis=1)
     return head_logits(params, h_BxTxD, cfg), FFNStats(*stats)
 
 

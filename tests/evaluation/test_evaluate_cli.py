@@ -34,7 +34,8 @@ def workdir(tmp_path_factory: pytest.TempPathFactory):
 def test_offline_tasks_in_dense_and_fatrelu(workdir, tmp_path, capsys) -> None:
     out = tmp_path / "eval"
     rc = evaluate.main(["evaluate", f"--checkpoint={workdir}", "--tasks=stdlib_next_line,stdlib_ppl",
-                        "--modes=dense,fatrelu:0.02", f"--out={out}", "--limit=3", "--progress=false"])
+                        "--modes=dense,fatrelu:0.02", f"--out={out}", "--limit=3", "--progress=false",
+                        "--compilation_cache="])  # on, it would hold the test process's every later compilation
     printed = capsys.readouterr().out
     assert rc == 0
     assert "| stdlib_next_line | acc |" in printed and "| stdlib_ppl | word_perplexity |" in printed
@@ -52,7 +53,8 @@ def test_offline_tasks_in_dense_and_fatrelu(workdir, tmp_path, capsys) -> None:
     assert json.loads((out / "fatrelu_0.02.json").read_text())["prosparse"]["settings"]["threshold"] == 0.02
     assert (out / "accuracy_vs_sparsity.png").stat().st_size > 0 and (out / "tasks" / "manifest.json").is_file()
     # a second run into the same folder is refused before any work
-    assert evaluate.main(["evaluate", f"--checkpoint={workdir}", "--tasks=stdlib_ppl", f"--out={out}"]) == 1
+    assert evaluate.main(["evaluate", f"--checkpoint={workdir}", "--tasks=stdlib_ppl", f"--out={out}",
+                          "--compilation_cache="]) == 1
     assert "already holds evaluation results" in one_error_line(capsys, "evaluate")
 
 
@@ -78,7 +80,7 @@ def test_bad_input_is_one_line(tmp_path, capsys, args: list[str], expected: str)
     base = {"--tasks": "--tasks=stdlib_ppl", "--modes": "--modes=dense"}
     argv = [a.format(tmp=tmp_path) for a in args]
     argv += [v for k, v in base.items() if not any(a.startswith(k + "=") for a in argv)]
-    rc = evaluate.main(["evaluate", f"--checkpoint={wd}", f"--out={tmp_path}/out", *argv])
+    rc = evaluate.main(["evaluate", f"--checkpoint={wd}", f"--out={tmp_path}/out", "--compilation_cache=", *argv])
     assert rc == 1
     assert expected in one_error_line(capsys, "evaluate")
     assert not (tmp_path / "out" / "table.md").exists()

@@ -214,6 +214,20 @@ def test_stats_match_captured_x1_and_ignore_padding():
     assert float(st_silu.zero_frac.max()) == 0.0
 
 
+def test_logits_at_some_positions_equal_those_of_the_full_head():
+    """logits_at_BxK runs the LM head on the given positions of each row only: the logits there, the same stats."""
+    cfg = tiny_model_config(activation="relu")
+    params = init_params(cfg, jax.random.key(3))
+    ids = _ids(cfg, T=10)
+    at = jnp.array([[9, 4, 4], [0, 7, 8]], jnp.int32)
+    full, st_full = forward(params, ids, cfg)
+    some, st_some = forward(params, ids, cfg, logits_at_BxK=at)
+    assert some.shape == (2, 3, cfg.vocab_size)
+    want = np.take_along_axis(np.asarray(full), np.asarray(at)[..., None], axis=1)
+    np.testing.assert_allclose(np.asarray(some), want, rtol=1e-5, atol=1e-5 * float(np.abs(want).max()))
+    np.testing.assert_array_equal(np.asarray(st_some.zero_frac), np.asarray(st_full.zero_frac))
+
+
 def test_x1_mask_hook_and_sparse_mode():
     cfg = tiny_model_config(activation="silu")
     params = init_params(cfg, jax.random.key(9))
