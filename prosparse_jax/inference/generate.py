@@ -182,7 +182,7 @@ def generate(params: model.Params, cfg: ModelConfig, prompts_ids: list[list[int]
     ffn = ffn or dense_ffn
     # per-layer layout: the decode step reads each layer's weights in place (a scan over stacked layers copies each
     # layer's slice every step). Params already per-layer (prepare_sparse_params, model.unstack_layers) are not copied.
-    params = model.unstack_layers(params)
+    params = cast_weights(model.unstack_layers(params), cfg)
     ids_BxP, pad_B = left_pad(prompts_ids, pad_to=pad_to)
     B, P = ids_BxP.shape
     with _ctrl_c_held() as ctrl_c:
@@ -199,6 +199,32 @@ def generate(params: model.Params, cfg: ModelConfig, prompts_ids: list[list[int]
         sparsity_per_layer=[float(z / max(decoded * cfg.d_ff, 1)) for z in zeros_L],
         prefill_tokens=int(B * P), decoded_tokens=decoded)
     return [[int(t) for t in n] for n in news], stats
+
+
+#: Parameters decode reads only through matmuls in the compute dtype (attention, the FFN, the LM head, and the
+#: transposed copies of :func:`prepare_sparse_params`): :func:`cast_weights` casts them once. Norm weights and
+#: embeddings (used in float32) and the float32 neuron norms and predictor arrays keep their dtype.
+MATMUL_WEIGHTS = ("wq_", "wk_", "wv_", "wo_", "w_gate_", "w_up_", "w_down_", "lm_head_")
+KEEP_FLOAT32 = ("w_down_norms_",)
+
+
+def cast_weights(params: model.Params, cfg: ModelConfig) -> model.Params:
+    """``params`` with the matmul weights (:data:`MATMUL_WEIGHTS`) in the compute dtype ``cfg.dtype``, cast once
+    before decoding: the model casts them at every use (``x @ w.astype(dt)``), which inside the decode loop converts
+    every weight of a float32 checkpoint in every step. The same numbers: a cast of an already cast weight is
+    exact."""
+    dt = jnp.dtype(cfg.dtype)
+    if dt == jnp.float32:
+        return params
+
+    def cast(path: tuple[Any, ...], v: Any) -> Any:
+        name = str(getattr(path[-1], "key", ""))
+        if name.startswith(MATMUL_WEIGHTS) and not name.startswith(KEEP_FLOAT32) and jnp.issubdtype(v.dtype,
+                                                                                                    jnp.floating):
+            return v.astype(dt)
+        return v
+
+    return jax.tree_util.tree_map_with_path(cast, params)
 
 
 CHUNK_SECONDS = 0.1  # target run time of one decode_chunk call when chunk_tokens is None: the Ctrl-C latency

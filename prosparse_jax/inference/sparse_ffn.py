@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from pallas_kernels import sparse_ffn_mosaic, sparse_ffn_triton
+from pallas_kernels import sparse_ffn_compact, sparse_ffn_mosaic, sparse_ffn_triton
 from pallas_kernels.reference import GatedActivation, KernelInputError, capacity_buckets, gated_product
 from prosparse_jax import errors
 from prosparse_jax.inference import cpu_ffi
@@ -278,13 +278,14 @@ def _cpu_ffi_impl(x_BxD: Array, w: FFNWeights, mode: Mode) -> tuple[Array, Array
     return lax.cond(count <= cap, sparse, lambda: _dense_down(x_BxD, w, act_BxF, x1_BxF, mode)), count
 
 
-def _pallas_impl(name: str, kernels: Any) -> Callable[[Array, FFNWeights, Mode], tuple[Array, Array]]:
+def _pallas_impl(name: str, kernels: Any, native: str | None = None
+                 ) -> Callable[[Array, FFNWeights, Mode], tuple[Array, Array]]:
     """A backend from a ``pallas_kernels`` module's ``s2`` (up rows of the active neurons -> x1; a predictor's set as
-    ``predicted_F``) and ``s3`` (W_down rows of x1's non-zero columns: the active count), interpreted off ``name``'s
-    platform in :data:`AUTO` (tests)."""
+    ``predicted_F``) and ``s3`` (W_down rows of x1's non-zero columns: the active count), compiled on the platforms
+    whose :data:`AUTO` backend is ``native`` (default ``name``: the same lowering) and interpreted elsewhere (tests)."""
 
     def impl(x_BxD: Array, w: FFNWeights, mode: Mode) -> tuple[Array, Array]:
-        interpret = AUTO.get(jax.default_backend()) != name
+        interpret = AUTO.get(jax.default_backend()) != (native or name)
         predicted_F = None if mode.predictor is None else predicted_set(x_BxD, mode.predictor)
         # An interpreted kernel dispatches JAX ops from io_callbacks on an XLA thread: an eager op dispatched by the
         # caller meanwhile can deadlock on the runtime's limit of in-flight computations, so concrete results are
@@ -310,6 +311,7 @@ def _pallas_impl(name: str, kernels: Any) -> Callable[[Array, FFNWeights, Mode],
 IMPLEMENTATIONS: dict[str, Callable[[Array, FFNWeights, Mode], tuple[Array, Array]]] = {
     "dense": _dense_impl, "cpu_gather": _cpu_gather_impl, "cpu_ffi": _cpu_ffi_impl,
     "pallas_triton": _pallas_impl("pallas_triton", sparse_ffn_triton),
+    "pallas_compact": _pallas_impl("pallas_compact", sparse_ffn_compact, native="pallas_triton"),
     "pallas_mosaic": _pallas_impl("pallas_mosaic", sparse_ffn_mosaic)}
 
 #: What ``implementation="auto"`` runs on each platform (anything else: ``dense``). Where the ``cpu_ffi`` kernel

@@ -177,6 +177,29 @@ def test_padding_the_prompts_further_gives_the_same_tokens() -> None:
     assert got == want and stats.prefill_tokens == len(PROMPTS) * 14
 
 
+def test_bf16_decode_casts_the_weights_once_not_in_every_step() -> None:
+    """A float32 checkpoint decoded in bfloat16: the decode step's program reads bf16 weights (no float32 weight, so
+    no per-step convert of one), and the tokens are those of the model casting at every use."""
+    cfg = CFGS["gqa"].replace(dtype="bfloat16")
+    params = model.init_params(cfg, jax.random.key(6))
+    cast = generate.cast_weights(model.unstack_layers(params), cfg)
+    lp = cast["layers"][0]
+    assert lp["w_gate_LxDxF"].dtype == jnp.bfloat16 and lp["ffn_norm_LxD"].dtype == jnp.float32
+    assert cast["embed_VxD"].dtype == jnp.float32
+    logits_BxV, cache = decode.prefill(cast, jnp.asarray([PROMPTS[0]]), decode.init_cache(cfg, 1, 16, np.zeros(1)),
+                                       cfg=cfg)
+    step = decode.decode_step.lower(cast, jnp.zeros((1,), jnp.int32), cache, jnp.ones((1,), bool), cfg=cfg)
+    hlo = step.as_text()
+    D, F = cfg.d_model, cfg.d_ff
+    assert f"tensor<1x{D}x{F}xbf16>" in hlo and f"tensor<1x{D}x{F}xf32>" not in hlo
+    got, _ = generate.generate(params, cfg, PROMPTS[:1], max_new_tokens=4)
+    seq = list(PROMPTS[0])
+    for _ in range(4):
+        logits, _ = model.forward(params, jnp.asarray([seq]), cfg)
+        seq.append(int(jnp.argmax(logits[0, -1])))
+    assert got[0] == seq[len(PROMPTS[0]):]
+
+
 def test_an_x1_hook_generates_as_a_forward_with_it_and_takes_no_ffn() -> None:
     """``x1_hook`` (a mode the config cannot express) runs in the prefill and every step: greedy tokens are the argmax
     of full forwards with the same hook; its arrays travel as ``x1_hook_aux``."""

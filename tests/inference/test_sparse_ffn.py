@@ -128,7 +128,8 @@ def test_bad_names_error():
         sparse_ffn(jnp.ones((9, D)), wg, wu, wd, activation="relu", implementation="pallas_triton")
     with pytest.raises(errors.UsageError, match="multiples of chunk"):
         sparse_ffn(x, wg, wu, wd, activation="relu", implementation="cpu_gather", chunk=16, buckets=(24,))
-    assert set(IMPLEMENTATIONS) == {"dense", "cpu_gather", "cpu_ffi", "pallas_triton", "pallas_mosaic"}
+    assert set(IMPLEMENTATIONS) == {"dense", "cpu_gather", "cpu_ffi", "pallas_triton", "pallas_compact",
+                                   "pallas_mosaic"}
 
 
 def test_auto_picks_the_platform_backend():
@@ -146,7 +147,7 @@ def test_default_buckets():
     assert default_buckets(10, 16, 0.4) == (16,)
 
 
-@pytest.mark.parametrize("implementation", ["pallas_triton", "pallas_mosaic"])
+@pytest.mark.parametrize("implementation", ["pallas_triton", "pallas_compact", "pallas_mosaic"])
 @pytest.mark.parametrize("activation,threshold,norm_mode", [("relu", 0.0, False), ("fatrelu", FAT_T, False),
                                                             ("drelu", 0.0, False), ("silu", 0.0, True)])
 def test_pallas_backends_behind_the_interface_equal_dense(implementation, activation, threshold, norm_mode):
@@ -242,7 +243,7 @@ def test_neuron_norm_mode_with_a_predictor_keeps_both_rules():
         _check(out, _dense_ref_on_set(x, wg, wu, wd, "silu", pred_F, tau=tau))
 
 
-@pytest.mark.parametrize("implementation", ["pallas_triton", "pallas_mosaic"])
+@pytest.mark.parametrize("implementation", ["pallas_triton", "pallas_compact", "pallas_mosaic"])
 @pytest.mark.parametrize("activation,threshold,norm_mode", [("relu", 0.0, False), ("silu", 0.0, False),
                                                             ("silu", 0.0, True)])
 def test_pallas_backends_with_a_predictor_equal_the_dense_ffn_on_its_set(implementation, activation, threshold,
